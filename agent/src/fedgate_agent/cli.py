@@ -1,0 +1,343 @@
+"""Command line of fedgate-agent.
+
+Exit codes (also in ``fedgate-agent --help``):
+
+    0  success
+    1  unexpected failure (see the log)
+    2  bad command line
+    3  configuration missing or invalid (the message says what to fix)
+    4  local training data unusable
+    5  conflict: an identity key exists already
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+from fedgate_common.errors import InvalidIdentifier
+from fedgate_common.identifiers import validate_identifier
+from fedgate_common.keys import public_key_text
+from fedgate_common.logs import configure_logging
+
+from fedgate_agent import __version__
+from fedgate_agent.config import (
+    DEFAULT_CONFIG_PATH,
+    AgentConfig,
+    BrokerConfig,
+    config_as_dict,
+    config_keys,
+    load_config,
+    set_config_value,
+    write_config,
+)
+from fedgate_agent.errors import ConfigError, LocalDataError
+from fedgate_agent.identity import create_identity, identity_path, load_identity
+from fedgate_agent.state import read_status
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    DATA = 4
+    CONFLICT = 5
+
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0 success            1 unexpected failure     2 bad command line
+  3 config invalid     4 local data unusable    5 identity exists already"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(int(code))
+
+
+def _guard(func: F) -> F:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LocalDataError as exc:
+            _fail(str(exc), ExitCode.DATA)
+        except ConfigError as exc:
+            code = ExitCode.CONFLICT if "exists" in str(exc) else ExitCode.CONFIG
+            _fail(str(exc), code)
+        except InvalidIdentifier as exc:
+            _fail(str(exc), ExitCode.CONFIG)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    envvar="FEDGATE_CONFIG",
+    show_default=True,
+    help="Agent configuration file (TOML).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="fedgate-agent")
+def main() -> None:
+    """fedgate agent for an industrial gateway: trains locally, sends signed updates.
+
+    \b
+    Example (first install):
+      fedgate-agent init --agent-id site-1 --deployment plant-a --cloud cloud-1
+      # enroll the printed key at the coordinator, then:
+      fedgate-agent config set coordinator_public_key ed25519:9f2c...
+      fedgate-agent run
+
+    Settings come from the TOML file, overridden by FEDGATE_<KEY> environment variables
+    (e.g. FEDGATE_BROKER_PORT=8883).
+    """
+
+
+@main.command()
+@config_option
+@click.option("--agent-id", default=None, help="Id of this gateway (default: host name).")
+@click.option("--deployment", default="fedgate", show_default=True)
+@click.option("--cloud", default="cloud-1", show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/var/lib/fedgate-agent"),
+    show_default=True,
+)
+@click.option("--broker-host", default="127.0.0.1", show_default=True)
+@click.option("--broker-port", default=1883, show_default=True, type=int)
+@click.option("--coordinator-key", default="", help="Coordinator public key, if known.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_guard
+def init(
+    config_path: Path,
+    agent_id: str | None,
+    deployment: str,
+    cloud: str,
+    state_dir: Path,
+    broker_host: str,
+    broker_port: int,
+    coordinator_key: str,
+    as_json: bool,
+) -> None:
+    """Create the identity key (and a config file if none exists); print what to enroll.
+
+    \b
+    Example:
+      fedgate-agent --help
+      fedgate-agent init --config /etc/fedgate/agent.toml --agent-id press-line-3 \\
+          --deployment plant-a --cloud cloud-1 --broker-host 10.0.0.5
+    """
+    if config_path.exists():
+        config = load_config(config_path, require_complete=False)
+    else:
+        name = agent_id or socket.gethostname().split(".")[0]
+        config = AgentConfig(
+            agent_id=validate_identifier(name, what="agent id"),
+            deployment=deployment,
+            cloud=cloud,
+            state_dir=str(state_dir.absolute()),
+            coordinator_public_key=coordinator_key,
+            broker=BrokerConfig(host=broker_host, port=broker_port),
+        )
+        write_config(config_path, config)
+    key = create_identity(config.state_path)
+    public = public_key_text(key.verify_key)
+    if as_json:
+        _echo_json(
+            {
+                "agent_id": config.agent_id,
+                "public_key": public,
+                "config": str(config_path),
+                "identity": str(identity_path(config.state_path)),
+            }
+        )
+        return
+    click.echo(f"agent id:    {config.agent_id}")
+    click.echo(f"public key:  {public}")
+    click.echo(f"config:      {config_path}")
+    click.echo("Enroll it at the coordinator of its cloud:")
+    click.echo(f"  fedgate-coordinator enroll {config.agent_id} {public}")
+
+
+@main.group()
+def config() -> None:
+    """Show, change or check the configuration.
+
+    \b
+    Example:
+      fedgate-agent config show --json
+      fedgate-agent config set broker.port 8883
+      fedgate-agent config validate
+    """
+
+
+@config.command("show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_guard
+def config_show(config_path: Path, as_json: bool) -> None:
+    """Print the effective configuration (file plus FEDGATE_* overrides).
+
+    \b
+    Example:
+      fedgate-agent config show --config ./agent.toml
+    """
+    cfg = load_config(config_path, require_complete=False)
+    data = config_as_dict(cfg)
+    if as_json:
+        _echo_json(data)
+        return
+    for key in config_keys():
+        value: Any = data
+        for part in key.split("."):
+            value = value[part] if isinstance(value, dict) else None
+        click.echo(f"{key} = {json.dumps(value)}")
+
+
+@config.command("set")
+@config_option
+@click.argument("key")
+@click.argument("value")
+@_guard
+def config_set(config_path: Path, key: str, value: str) -> None:
+    """Set KEY to VALUE in the file, after validating the whole result.
+
+    \b
+    Example:
+      fedgate-agent config set broker.host 10.0.0.5
+      fedgate-agent config set coordinator_public_key ed25519:9f2c...
+    """
+    set_config_value(config_path, key, value)
+    click.echo(f"{key} set in {config_path}")
+
+
+@config.command("validate")
+@config_option
+@_guard
+def config_validate(config_path: Path) -> None:
+    """Check the configuration is complete and valid to run (exit 0) or say what to fix (3).
+
+    \b
+    Example:
+      fedgate-agent config validate && systemctl restart fedgate-agent
+    """
+    cfg = load_config(config_path)
+    load_identity(cfg.state_path)
+    click.echo(f"{config_path}: valid")
+
+
+@main.command()
+@config_option
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@_guard
+def run(config_path: Path, log_json: bool) -> None:
+    """Run the agent in the foreground until stopped (systemd runs this).
+
+    \b
+    Example:
+      fedgate-agent run --config /etc/fedgate/agent.toml
+    """
+    cfg = load_config(config_path)
+    configure_logging(cfg.log_level, as_json=log_json)
+    identity = load_identity(cfg.state_path)
+    if not cfg.data_path.exists():
+        raise LocalDataError(
+            f"training data {cfg.data_path} not found: import data or set training.data_file",
+            path=cfg.data_path,
+        )
+    from fedgate_agent.service import AgentService  # torch loads only for `run`
+
+    service = AgentService(config=cfg, identity=identity)
+
+    async def main_task() -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        await service.run()
+
+    try:
+        asyncio.run(main_task())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        click.echo("stopped", err=True)
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_guard
+def status(config_path: Path, as_json: bool) -> None:
+    """Show the agent's state, model, rounds, traffic and rejected messages.
+
+    \b
+    Example:
+      fedgate-agent status --json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    state = read_status(cfg.state_path)
+    running = state.state != "stopped" and _process_alive(state.pid)
+    data = msgspec.to_builtins(state)
+    data.update(
+        {
+            "running": running,
+            "agent_id": cfg.agent_id,
+            "enrolled_key_configured": bool(cfg.coordinator_public_key),
+            "identity_present": identity_path(cfg.state_path).exists(),
+            "broker": f"{cfg.broker.host}:{cfg.broker.port}",
+        }
+    )
+    if not running:
+        data["state"] = "stopped"
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(
+        f"agent      {cfg.agent_id} ({'running' if running else 'stopped'}, {data['state']})"
+    )
+    click.echo(f"broker     {data['broker']}")
+    click.echo(f"model      round {state.model_round} {state.model_digest or '-'}")
+    click.echo(
+        f"rounds     answered up to {state.last_answered_round}, trained "
+        f"{state.rounds_trained}, last loss {state.last_train_loss}"
+    )
+    click.echo(f"traffic    up {state.bytes_up} B, down {state.bytes_down} B")
+    rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"
+    click.echo(f"rejected   {rejected}")
+    if state.last_error:
+        click.echo(f"last error {state.last_error}")

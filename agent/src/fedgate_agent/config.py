@@ -1,0 +1,546 @@
+"""Agent configuration: TOML file, then ``FEDGATE_*`` environment overrides, then validation.
+
+Everything here runs before any network IO, and every problem is reported at once with the
+key, the bad value and what is allowed, so an operator can fix the file in one pass.
+
+Order of precedence (last wins): built-in defaults → TOML file → environment.
+
+Environment overrides are named ``FEDGATE_`` + the dotted key upper-cased with ``.`` → ``_``
+(``broker.port`` → ``FEDGATE_BROKER_PORT``). Values are parsed to the key's type; a value
+that does not parse is an error naming the variable. Other ``FEDGATE_*`` variables are
+ignored (other fedgate programs share the prefix); one that looks like a misspelt config key
+(``FEDGATE_BROKR_PORT``) is logged as a warning with the likely intended name.
+
+Paths: ``state_dir`` must be absolute (systemd services run with ``/`` as working
+directory). ``training.data_file`` empty means ``<state_dir>/data/train.npz``; a relative
+``data_file`` is taken relative to ``state_dir``.
+
+TOML has no null, so ``training.seed = ""`` stands for "no seed" (``None``).
+
+Writing (:func:`write_config`, :func:`set_config_value`) replaces the file atomically
+(temporary file in the same directory, fsync, rename) and writes every key, defaults
+included; comments in a hand-edited file are not preserved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import stat
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import tomli_w
+from fedgate_agent.errors import ConfigError
+from fedgate_common.errors import InvalidIdentifier
+from fedgate_common.identifiers import validate_identifier
+from fedgate_common.keys import InvalidKey, parse_public_key
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "AgentConfig",
+    "BrokerConfig",
+    "TrainingConfig",
+    "config_as_dict",
+    "config_keys",
+    "env_variable_name",
+    "load_config",
+    "set_config_value",
+    "validate_config",
+    "write_config",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_PATH = Path("/etc/fedgate/agent.toml")
+ENV_PREFIX = "FEDGATE_"
+
+#: Mode of a newly created config file: owner read/write, group (the service) read.
+NEW_FILE_MODE: Final = 0o640
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+BROKER_PROTOCOLS: Final = ("auto", "5", "3.1.1")
+PORT_RANGE: Final = (1, 65535)
+KEEPALIVE_RANGE: Final = (1, 65535)
+QUEUE_SIZE_RANGE: Final = (1, 10000)
+THREADS_RANGE: Final = (1, 64)
+SEED_RANGE: Final = (0, 2**63 - 1)
+
+
+class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The MQTT broker of this agent's cloud."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "auto"  # "auto" (MQTT 5, falling back to 3.1.1) | "5" | "3.1.1"
+    keepalive_s: int = 30
+    queue_size: int = 64  # bounded inbound message queue
+
+
+class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Local training on the gateway."""
+
+    data_file: str = ""  # "" → <state_dir>/data/train.npz; relative → under state_dir
+    threads: int = 1  # torch intra-op threads
+    seed: int | None = None  # tests only; None → fresh randomness
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Complete agent configuration (one TOML file)."""
+
+    agent_id: str
+    deployment: str
+    cloud: str
+    state_dir: str = "/var/lib/fedgate-agent"
+    coordinator_public_key: str = ""  # "ed25519:<64 hex>"; empty only before enrollment
+    log_level: str = "info"
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
+
+    @property
+    def state_path(self) -> Path:
+        """Directory holding the identity key, models and data."""
+        return Path(self.state_dir)
+
+    @property
+    def data_path(self) -> Path:
+        """Training data file (``.npz``)."""
+        if not self.training.data_file:
+            return self.state_path / "data" / "train.npz"
+        return self.state_path / self.training.data_file  # absolute data_file wins
+
+
+def _config_error(message: str, problems: list[str] | None = None) -> ConfigError:
+    """A :class:`ConfigError` with ``problems``: every problem found, one message each.
+
+    ``fedgate_agent.errors.ConfigError`` has no ``problems`` parameter (yet), so the
+    attribute is attached here; callers read ``error.problems``.
+    """
+    error = ConfigError(message)
+    setattr(error, "problems", [message] if problems is None else list(problems))  # noqa: B010
+    return error
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Key(msgspec.Struct, frozen=True):
+    """One dotted key of the schema."""
+
+    dotted: str
+    kind: str  # "str" | "int" | "optional_int"
+    required: bool
+    allowed: str  # human description of valid values, used in messages
+
+
+_SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
+    "broker": BrokerConfig,
+    "training": TrainingConfig,
+}
+
+_ALLOWED: Final[dict[str, str]] = {
+    "agent_id": "1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit",
+    "deployment": "1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit",
+    "cloud": "1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit",
+    "state_dir": "an absolute directory path",
+    "coordinator_public_key": 'the coordinator key as "ed25519:<64 hex digits>"',
+    "log_level": " | ".join(LOG_LEVELS),
+    "broker.host": "a host name or IP address, without scheme or port",
+    "broker.port": f"an integer {PORT_RANGE[0]}..{PORT_RANGE[1]}",
+    "broker.protocol": '"auto" (MQTT 5, falling back to 3.1.1) | "5" | "3.1.1"',
+    "broker.keepalive_s": f"an integer {KEEPALIVE_RANGE[0]}..{KEEPALIVE_RANGE[1]} (seconds)",
+    "broker.queue_size": f"an integer {QUEUE_SIZE_RANGE[0]}..{QUEUE_SIZE_RANGE[1]}",
+    "training.data_file": 'a path (absolute, or relative to state_dir); "" for the default',
+    "training.threads": f"an integer {THREADS_RANGE[0]}..{THREADS_RANGE[1]}",
+    "training.seed": f'an integer {SEED_RANGE[0]}..{SEED_RANGE[1]}, or "" for random',
+}
+
+
+def _kind_of(annotation: object) -> str:
+    if annotation is str:
+        return "str"
+    if annotation is int:
+        return "int"
+    if annotation == (int | None):
+        return "optional_int"
+    raise TypeError(f"unsupported config field type {annotation!r}")  # pragma: no cover
+
+
+def _build_schema() -> dict[str, _Key]:
+    schema: dict[str, _Key] = {}
+    for field in msgspec.structs.fields(AgentConfig):
+        if field.name in _SECTIONS:
+            for sub in msgspec.structs.fields(_SECTIONS[field.name]):
+                dotted = f"{field.name}.{sub.name}"
+                schema[dotted] = _Key(dotted, _kind_of(sub.type), sub.required, _ALLOWED[dotted])
+        else:
+            schema[field.name] = _Key(
+                field.name, _kind_of(field.type), field.required, _ALLOWED[field.name]
+            )
+    return schema
+
+
+_SCHEMA: Final = _build_schema()
+
+
+def config_keys() -> list[str]:
+    """Every dotted key in file order: ``agent_id``, …, ``broker.port``, …"""
+    return list(_SCHEMA)
+
+
+def env_variable_name(key: str) -> str:
+    """``broker.port`` → ``FEDGATE_BROKER_PORT``."""
+    return ENV_PREFIX + key.upper().replace(".", "_")
+
+
+_ENV_TO_KEY: Final = {env_variable_name(key): key for key in _SCHEMA}
+
+
+def _unknown_key_problem(dotted: str, where: str) -> str:
+    close = difflib.get_close_matches(dotted, list(_SCHEMA) + list(_SECTIONS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {dotted!r} in {where}{hint} (valid keys: {', '.join(_SCHEMA)})"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _describe(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", dict: "table"}
+    return f"{names.get(type(value), type(value).__name__)} {value!r}"
+
+
+def _parse_text(key: str, text: str, *, source: str) -> object:
+    """Parse a string from the environment or the CLI into the key's TOML value."""
+    spec = _SCHEMA[key]
+    if spec.kind == "str":
+        return text
+    stripped = text.strip()
+    if spec.kind == "optional_int" and stripped == "":
+        return ""
+    try:
+        return int(stripped, 10)
+    except ValueError:
+        raise _config_error(
+            f"{source}={text!r} is not an integer; {key} must be {spec.allowed}"
+        ) from None
+
+
+def _type_problem(key: str, value: object) -> str | None:
+    spec = _SCHEMA[key]
+    if spec.kind == "str":
+        ok = isinstance(value, str)
+    elif spec.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = value == "" or (isinstance(value, int) and not isinstance(value, bool))
+    if ok:
+        return None
+    return f"{key} = {_describe(value)} has the wrong type; use {spec.allowed}"
+
+
+def _shape_problems(raw: Mapping[str, Any], where: str) -> list[str]:
+    """Unknown keys, non-table sections, missing required keys, wrong value types."""
+    problems: list[str] = []
+    for name, value in raw.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{name} must be a table ([{name}]), got {_describe(value)}")
+                continue
+            for sub, sub_value in value.items():
+                dotted = f"{name}.{sub}"
+                if dotted not in _SCHEMA:
+                    problems.append(_unknown_key_problem(dotted, where))
+                elif (problem := _type_problem(dotted, sub_value)) is not None:
+                    problems.append(problem)
+        elif name not in _SCHEMA:
+            problems.append(_unknown_key_problem(name, where))
+        elif (problem := _type_problem(name, value)) is not None:
+            problems.append(problem)
+    for key, spec in _SCHEMA.items():
+        if spec.required and "." not in key and key not in raw:
+            problems.append(f"missing required key {key!r} in {where}; set it to {spec.allowed}")
+    return problems
+
+
+def _set_raw(raw: dict[str, Any], key: str, value: object) -> None:
+    section, _, name = key.rpartition(".")
+    if not section:
+        raw[key] = value
+        return
+    table = raw.setdefault(section, {})
+    if isinstance(table, dict):  # a non-table section is reported by _shape_problems
+        table[name] = value
+
+
+def _from_raw(raw: Mapping[str, Any]) -> AgentConfig:
+    """Convert a shape-checked TOML dict; ``training.seed = ""`` becomes ``None``."""
+    data = {name: dict(value) if name in _SECTIONS else value for name, value in raw.items()}
+    training = data.get("training")
+    if isinstance(training, dict) and training.get("seed") == "":
+        training["seed"] = None
+    try:
+        return msgspec.convert(data, AgentConfig, strict=True)
+    except msgspec.ValidationError as exc:  # pragma: no cover - _shape_problems catches these
+        raise _config_error(f"invalid configuration: {exc}") from None
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        message = (
+            f"config file {path} does not exist; run `fedgate-agent init` to create it "
+            "or pass --config PATH"
+        )
+        raise _config_error(message) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        message = f"cannot read config file {path}: {exc}"
+        raise _config_error(message) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = f"config file {path} is not valid TOML: {exc}"
+        raise _config_error(message) from None
+
+
+def _raise_problems(problems: list[str], where: str) -> None:
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise _config_error(f"invalid configuration in {where}:\n{listing}", problems)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, tuple[str, object]]:
+    """``{dotted key: (variable name, parsed value)}``; warns about likely misspellings."""
+    overrides: dict[str, tuple[str, object]] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = _ENV_TO_KEY.get(name)
+        if key is not None:
+            overrides[key] = (name, _parse_text(key, env[name], source=name))
+            continue
+        close = difflib.get_close_matches(name, list(_ENV_TO_KEY), n=1, cutoff=0.85)
+        if close:
+            logger.warning(
+                "ignoring environment variable %s: not a config key; did you mean %s?",
+                name,
+                close[0],
+                extra={"fields": {"variable": name, "suggestion": close[0]}},
+            )
+    return overrides
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_config(
+    path: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    require_complete: bool = True,
+) -> AgentConfig:
+    """Read ``path``, apply ``FEDGATE_*`` overrides from ``env`` (default ``os.environ``),
+    validate, and return the configuration.
+
+    ``require_complete=False`` accepts an empty ``coordinator_public_key`` (before
+    enrollment). Raises :class:`ConfigError` listing every problem found.
+    """
+    raw = _read_raw(path)
+    where = str(path)
+    overrides = _env_overrides(os.environ if env is None else env)
+    for key, (_, value) in overrides.items():
+        _set_raw(raw, key, value)
+    _raise_problems(_shape_problems(raw, where), where)
+    config = _from_raw(raw)
+    sources = {key: variable for key, (variable, _) in overrides.items()}
+    problems = [
+        f"{message} (set by {sources[key]})" if key in sources else message
+        for key, message in _key_problems(config, require_complete=require_complete)
+    ]
+    _raise_problems(problems, where)
+    return config
+
+
+def _check_range(key: str, value: int, bounds: tuple[int, int]) -> tuple[str, str] | None:
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    return key, f"{key} = {value} is out of range; use {_SCHEMA[key].allowed}"
+
+
+def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for key in ("agent_id", "deployment", "cloud"):
+        try:
+            validate_identifier(getattr(config, key), what=key)
+        except InvalidIdentifier as exc:
+            problems.append((key, str(exc)))
+
+    if not config.state_dir or not Path(config.state_dir).is_absolute():
+        problems.append(
+            ("state_dir", f"state_dir = {config.state_dir!r} is not {_ALLOWED['state_dir']}")
+        )
+
+    key_text = config.coordinator_public_key
+    if key_text == "":
+        if require_complete:
+            problems.append(
+                (
+                    "coordinator_public_key",
+                    "coordinator_public_key is empty; set it to the key printed by "
+                    '`fedgate-coordinator` at enrollment ("ed25519:<64 hex digits>")',
+                )
+            )
+    else:
+        try:
+            parse_public_key(key_text)
+        except InvalidKey as exc:
+            problems.append(("coordinator_public_key", f"coordinator_public_key: {exc}"))
+
+    if config.log_level not in LOG_LEVELS:
+        problems.append(
+            ("log_level", f"log_level = {config.log_level!r} is not one of {_ALLOWED['log_level']}")
+        )
+
+    broker = config.broker
+    host = broker.host
+    if (
+        not host
+        or any(c.isspace() for c in host)
+        or "://" in host
+        or "/" in host
+        or host.count(":") == 1  # host:port; IPv6 addresses have two or more colons
+    ):
+        problems.append(("broker.host", f"broker.host = {host!r} is not {_ALLOWED['broker.host']}"))
+    if broker.protocol not in BROKER_PROTOCOLS:
+        problems.append(
+            (
+                "broker.protocol",
+                f"broker.protocol = {broker.protocol!r} is not {_ALLOWED['broker.protocol']}",
+            )
+        )
+    ranged = [
+        _check_range("broker.port", broker.port, PORT_RANGE),
+        _check_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE),
+        _check_range("broker.queue_size", broker.queue_size, QUEUE_SIZE_RANGE),
+        _check_range("training.threads", config.training.threads, THREADS_RANGE),
+    ]
+    if config.training.seed is not None:
+        ranged.append(_check_range("training.seed", config.training.seed, SEED_RANGE))
+    problems.extend(problem for problem in ranged if problem is not None)
+    return problems
+
+
+def validate_config(config: AgentConfig, *, require_complete: bool = True) -> list[str]:
+    """Every problem with ``config`` as a message naming key, value and what is allowed.
+
+    Empty when the configuration is fine. With ``require_complete=False`` an empty
+    ``coordinator_public_key`` is accepted (a non-empty one must still parse).
+    """
+    return [message for _, message in _key_problems(config, require_complete=require_complete)]
+
+
+def config_as_dict(config: AgentConfig) -> dict[str, object]:
+    """The configuration as nested TOML-ready data (what :func:`write_config` writes).
+
+    ``training.seed = None`` appears as ``""`` because TOML has no null.
+    """
+    data: dict[str, object] = {}
+    for field in msgspec.structs.fields(AgentConfig):
+        value = getattr(config, field.name)
+        if isinstance(value, msgspec.Struct):
+            data[field.name] = {
+                sub.name: "" if getattr(value, sub.name) is None else getattr(value, sub.name)
+                for sub in msgspec.structs.fields(value)
+            }
+        else:
+            data[field.name] = value
+    return data
+
+
+_FILE_HEADER: Final = (
+    "# fedgate-agent configuration (written by fedgate-agent).\n"
+    "# Keys: `fedgate-agent config keys`; FEDGATE_<KEY> environment variables override.\n\n"
+)
+
+
+def write_config(path: Path, config: AgentConfig) -> None:
+    """Write ``config`` to ``path`` atomically, creating parent directories.
+
+    The configuration is validated first (an empty ``coordinator_public_key`` is allowed,
+    so a not-yet-enrolled agent can be written). An existing file keeps its mode and, where
+    permitted, its owner; a new file gets mode 0640. If anything fails, the old file is left
+    untouched and no temporary file remains.
+    """
+    _raise_problems(validate_config(config, require_complete=False), str(path))
+    text = _FILE_HEADER + tomli_w.dumps(config_as_dict(config))
+    _atomic_write(path, text.encode("utf-8"))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        existing: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        existing = None
+    mode = NEW_FILE_MODE if existing is None else stat.S_IMODE(existing.st_mode)
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fchmod(tmp.fileno(), mode)
+            if existing is not None:
+                # Only root may give a file away; other users keep their own ownership.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(tmp.fileno(), existing.st_uid, existing.st_gid)
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (best effort on file systems that refuse it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_config_value(path: Path, key: str, value: str) -> AgentConfig:
+    """Set one dotted ``key`` in the file at ``path`` to ``value`` (parsed to its type).
+
+    The whole resulting configuration is validated (as for an agent not yet enrolled:
+    an empty ``coordinator_public_key`` is fine) before anything is written; on any error
+    the file is unchanged. Environment overrides are not applied: only the file's own
+    content is written back. Returns the new configuration.
+    """
+    if key not in _SCHEMA:
+        message = _unknown_key_problem(key, "the agent configuration")
+        raise _config_error(message)
+    raw = _read_raw(path)
+    where = str(path)
+    _set_raw(raw, key, _parse_text(key, value, source=key))
+    _raise_problems(_shape_problems(raw, where), where)
+    config = _from_raw(raw)
+    _raise_problems(validate_config(config, require_complete=False), where)
+    _atomic_write(path, (_FILE_HEADER + tomli_w.dumps(config_as_dict(config))).encode("utf-8"))
+    return config

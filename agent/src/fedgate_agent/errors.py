@@ -1,0 +1,48 @@
+"""Exceptions of fedgate-agent.
+
+Tree::
+
+    FedgateError                 root of every fedgate exception (fedgate_common.errors)
+     └── AgentError              root of every exception raised by the agent
+          ├── ConfigError        the agent's configuration is missing or invalid
+          ├── LocalDataError     the local training data cannot be used as it is
+          ├── PlanRejected       a training plan from the coordinator is outside safe bounds
+          └── ModelRejected      a model from the federation is refused (shape, digest, cert)
+
+Messages say what to fix; details a caller may act on are attributes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedgate_common.errors import FedgateError
+
+__all__ = ["AgentError", "ConfigError", "LocalDataError", "ModelRejected", "PlanRejected"]
+
+
+class AgentError(FedgateError):
+    """Root of every exception raised by fedgate-agent."""
+
+
+class ConfigError(AgentError):
+    """The agent's configuration is missing or invalid."""
+
+
+class LocalDataError(AgentError):
+    """Local training data is unreadable or does not fit the model.
+
+    ``path`` is the offending file when there is one.
+    """
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class PlanRejected(AgentError):
+    """A training plan from the coordinator is outside the bounds the agent accepts."""
+
+
+class ModelRejected(AgentError):
+    """A model received from the federation is refused and is not loaded."""

@@ -1,0 +1,145 @@
+"""The agent's MQTT connection: reconnects with backoff, QoS 1, bounded queues.
+
+MQTT 5 is tried first when ``protocol="auto"``; a broker that refuses it (for example an
+MQTT 3.1.1-only embedded broker) gets 3.1.1 from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+
+import aiomqtt
+import msgspec
+from fedgate_common.backoff import Backoff
+from fedgate_common.logs import log_event
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedgate_agent.config import BrokerConfig
+
+log = logging.getLogger("fedgate.agent.mqtt")
+
+# CONNACK codes meaning "this protocol version is not spoken here" (3.1.1 rc 1, MQTT 5 rc 132).
+_UNSUPPORTED_PROTOCOL = {1, 132}
+
+
+class InboundMessage(msgspec.Struct, frozen=True):
+    topic: str
+    payload: bytes
+
+
+class MqttLink:
+    """One reconnecting broker connection; inbound messages go to a bounded queue."""
+
+    def __init__(
+        self,
+        *,
+        settings: BrokerConfig,
+        client_id: str,
+        subscriptions: Sequence[str],
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.subscriptions = tuple(subscriptions)
+        self.inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.queue_size)
+        self.connected = asyncio.Event()
+        self._backoff = backoff or Backoff()
+        self._client: aiomqtt.Client | None = None
+        self._use_v5 = settings.protocol in ("auto", "5")
+        self.bytes_published = 0
+
+    def _make_client(self) -> aiomqtt.Client:
+        common = {
+            "hostname": self.settings.host,
+            "port": self.settings.port,
+            "identifier": self.client_id,
+            "keepalive": self.settings.keepalive_s,
+            "max_queued_incoming_messages": self.settings.queue_size,
+            "logger": log,
+        }
+        if self._use_v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 300
+            return aiomqtt.Client(
+                protocol=aiomqtt.ProtocolVersion.V5,
+                properties=properties,
+                **common,  # type: ignore[arg-type]
+            )
+        return aiomqtt.Client(protocol=aiomqtt.ProtocolVersion.V311, clean_session=True, **common)  # type: ignore[arg-type]
+
+    async def run(self) -> None:
+        """Connect, subscribe and pump messages forever; reconnect after any broker error."""
+        attempt = 0
+        while True:
+            try:
+                async with self._make_client() as client:
+                    for topic_filter in self.subscriptions:
+                        await client.subscribe(topic_filter, qos=1)
+                    self._client = client
+                    self.connected.set()
+                    log_event(
+                        log,
+                        logging.INFO,
+                        "connected to broker",
+                        host=self.settings.host,
+                        port=self.settings.port,
+                        mqtt5=self._use_v5,
+                    )
+                    attempt = 0
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes | bytearray):
+                            payload = str(payload).encode()
+                        await self.inbound.put(InboundMessage(str(message.topic), bytes(payload)))
+            except aiomqtt.MqttCodeError as exc:
+                if (
+                    self.settings.protocol == "auto"
+                    and self._use_v5
+                    and _reason_value(exc.rc) in _UNSUPPORTED_PROTOCOL
+                ):
+                    log_event(log, logging.INFO, "broker refuses MQTT 5; using 3.1.1")
+                    self._use_v5 = False
+                    continue
+                self._lost(exc, attempt)
+            except aiomqtt.MqttError as exc:
+                self._lost(exc, attempt)
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(self._backoff.delay(attempt, random.random()))
+            attempt += 1
+
+    def _lost(self, exc: Exception, attempt: int) -> None:
+        log_event(
+            log,
+            logging.WARNING,
+            "broker connection lost; reconnecting",
+            error=str(exc),
+            attempt=attempt,
+        )
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish with QoS 1, waiting for a connection; retried once after a reconnect."""
+        for _ in range(2):
+            await self.connected.wait()
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(topic, payload, qos=1, retain=retain)
+            except aiomqtt.MqttError as exc:
+                log_event(log, logging.WARNING, "publish failed", topic=topic, error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            self.bytes_published += len(payload)
+            return
+        raise aiomqtt.MqttError(f"could not publish to {topic}")
+
+
+def _reason_value(rc: object) -> int | None:
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None

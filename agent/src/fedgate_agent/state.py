@@ -1,0 +1,85 @@
+"""What the agent keeps in its state directory besides the key and data.
+
+``status.json``  counters and progress, rewritten atomically (read by ``fedgate-agent status``)
+``models/``      the signed global-model messages as received (re-verified when loaded)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+STATUS_FILE = "status.json"
+MODELS_DIR = "models"
+CURRENT_MODEL = "current.fgm"
+KEEP_MODELS = 5
+
+
+class AgentStatus(msgspec.Struct, kw_only=True):
+    agent_id: str = ""
+    state: str = "stopped"  # stopped | connecting | idle | training
+    pid: int | None = None
+    updated_at: float = 0.0
+    last_answered_round: int = 0
+    model_round: int | None = None
+    model_digest: str | None = None
+    rounds_trained: int = 0
+    last_train_loss: float | None = None
+    last_num_samples: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    last_error: str | None = None
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write via a temp file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_status(state_dir: Path) -> AgentStatus:
+    path = state_dir / STATUS_FILE
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=AgentStatus)
+    except FileNotFoundError:
+        return AgentStatus()
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return AgentStatus(last_error=f"{path} is unreadable; it will be rewritten")
+
+
+def write_status(state_dir: Path, status: AgentStatus) -> None:
+    status.updated_at = time.time()
+    atomic_write(state_dir / STATUS_FILE, msgspec.json.encode(status))
+
+
+def save_model_message(state_dir: Path, round: int, digest: str, raw: bytes) -> Path:
+    """Keep the signed model message; ``current.fgm`` always names the newest."""
+    directory = state_dir / MODELS_DIR
+    path = directory / f"{round:06d}-{digest[:16]}.fgm"
+    atomic_write(path, raw)
+    atomic_write(directory / CURRENT_MODEL, raw)
+    for old in sorted(directory.glob("[0-9]*.fgm"))[:-KEEP_MODELS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_current_model_message(state_dir: Path) -> bytes | None:
+    try:
+        return (state_dir / MODELS_DIR / CURRENT_MODEL).read_bytes()
+    except FileNotFoundError:
+        return None

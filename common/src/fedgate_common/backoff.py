@@ -1,0 +1,16 @@
+"""Reconnect delays: capped exponential backoff with full jitter (pure computation)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Backoff(msgspec.Struct, frozen=True, kw_only=True):
+    initial_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 30.0
+
+    def delay(self, attempt: int, jitter: float) -> float:
+        """Delay before reconnect ``attempt`` (0-based); ``jitter`` in [0, 1) from the caller."""
+        ceiling = min(self.max_s, self.initial_s * self.factor ** min(attempt, 64))
+        return ceiling * (0.5 + 0.5 * jitter)

@@ -1,0 +1,71 @@
+"""Exceptions of fedgate-common.
+
+Tree::
+
+    FedgateError                 root of every fedgate exception (all distributions)
+     ├── ProtocolError           bytes from the wire that must be rejected
+     │    ├── MalformedMessage   not decodable, wrong type, wrong field values
+     │    ├── LimitExceeded      a declared or actual size is above the configured limit
+     │    ├── BadSignature       the envelope signature does not verify
+     │    ├── UnknownSender      the sender is not enrolled / not a known coordinator
+     │    ├── EnvelopeMismatch   envelope fields disagree with topic, deployment or cloud
+     │    ├── WrongRound         message for a past or future round
+     │    ├── ReplayedMessage    a message already accepted arrives again
+     │    └── NonFiniteValues    NaN or Inf inside an array
+     └── InvalidIdentifier       an id that is not safe inside an MQTT topic
+
+Every ProtocolError carries ``kind``: the short name stored in the events table and
+used as a counter label.
+"""
+
+from __future__ import annotations
+
+
+class FedgateError(Exception):
+    """Root of every fedgate exception."""
+
+
+class ProtocolError(FedgateError):
+    """A message received from the network was rejected."""
+
+    kind = "protocol_error"
+
+    def __init__(self, message: str, *, sender: str | None = None) -> None:
+        super().__init__(message)
+        self.sender = sender
+
+
+class MalformedMessage(ProtocolError):
+    kind = "malformed"
+
+
+class LimitExceeded(ProtocolError):
+    kind = "limit_exceeded"
+
+
+class BadSignature(ProtocolError):
+    kind = "bad_signature"
+
+
+class UnknownSender(ProtocolError):
+    kind = "unknown_sender"
+
+
+class EnvelopeMismatch(ProtocolError):
+    kind = "envelope_mismatch"
+
+
+class WrongRound(ProtocolError):
+    kind = "wrong_round"
+
+
+class ReplayedMessage(ProtocolError):
+    kind = "replay"
+
+
+class NonFiniteValues(ProtocolError):
+    kind = "non_finite"
+
+
+class InvalidIdentifier(FedgateError, ValueError):
+    """An agent, cloud or deployment id that cannot be used in a topic."""

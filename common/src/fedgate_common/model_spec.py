@@ -1,0 +1,83 @@
+"""Model architecture descriptions shared by agents (torch) and coordinators (numpy only).
+
+The coordinator never imports torch, yet it creates the genesis model and checks update
+shapes; both come from :func:`parameter_shapes`, which agents' tests check against the
+torch module built from the same spec.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from fedgate_common.errors import MalformedMessage
+
+Architecture = Literal["cnn1d-v1"]
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A 1-D CNN over windows of ``window`` samples of ``n_features`` sensor channels.
+
+    ``feature_mean``/``feature_scale`` standardise inputs inside the model (fixed, not
+    trained), so an exported model scores raw sensor values. Empty means identity.
+    """
+
+    architecture: Architecture = "cnn1d-v1"
+    n_features: int
+    window: int
+    n_classes: int
+    channels: int = 64
+    kernel_size: int = 3
+    feature_mean: tuple[float, ...] = ()
+    feature_scale: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("n_features", "window", "n_classes", "channels", "kernel_size"):
+            value = getattr(self, name)
+            if not 1 <= value <= 100_000:
+                raise MalformedMessage(f"model spec: {name}={value} out of range 1..100000")
+        if self.window < 2 * self.kernel_size - 1:
+            raise MalformedMessage("model spec: window too short for two convolutions")
+        for name in ("feature_mean", "feature_scale"):
+            values = getattr(self, name)
+            if values and len(values) != self.n_features:
+                raise MalformedMessage(f"model spec: {name} needs {self.n_features} values")
+            if not all(math.isfinite(v) for v in values):
+                raise MalformedMessage(f"model spec: {name} has NaN/Inf")
+        if any(v <= 0 for v in self.feature_scale):
+            raise MalformedMessage("model spec: feature_scale must be positive")
+
+
+def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the trainable parameters, in state-dict order."""
+    c, k = spec.channels, spec.kernel_size
+    return [
+        ("conv1.weight", (c, spec.n_features, k)),
+        ("conv1.bias", (c,)),
+        ("conv2.weight", (c, c, k)),
+        ("conv2.bias", (c,)),
+        ("head.weight", (spec.n_classes, c)),
+        ("head.bias", (spec.n_classes,)),
+    ]
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+
+
+def initial_weights(
+    spec: ModelSpec, rng: np.random.Generator
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Genesis weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the PyTorch default for
+    Conv1d/Linear; a bias uses the fan-in of its layer's weight."""
+    shapes = parameter_shapes(spec)
+    weights: dict[str, npt.NDArray[np.float32]] = {}
+    for index, (name, shape) in enumerate(shapes):
+        weight_shape = shape if name.endswith(".weight") else shapes[index - 1][1]
+        bound = 1.0 / math.sqrt(_fan_in(weight_shape))
+        weights[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return weights

@@ -1,0 +1,37 @@
+"""Plaintext federated averaging (secure aggregation replaces the encoding later)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+Weights = Mapping[str, npt.NDArray[np.float32]]
+
+
+def weighted_mean_delta(
+    contributions: Sequence[tuple[int, Weights]],
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Mean of the deltas weighted by each contributor's number of samples.
+
+    Accumulates in float64 so the result does not depend on the order of arrival beyond
+    float64 rounding.
+    """
+    if not contributions:
+        raise ValueError("no contributions to average")
+    total = float(sum(weight for weight, _ in contributions))
+    if total <= 0:
+        raise ValueError("total weight must be positive")
+    names = list(contributions[0][1])
+    mean: dict[str, npt.NDArray[np.float32]] = {}
+    for name in names:
+        acc = np.zeros(contributions[0][1][name].shape, dtype=np.float64)
+        for weight, delta in contributions:
+            acc += (weight / total) * delta[name].astype(np.float64)
+        mean[name] = acc.astype(np.float32)
+    return mean
+
+
+def apply_delta(base: Weights, delta: Weights) -> dict[str, npt.NDArray[np.float32]]:
+    return {name: (base[name] + delta[name]).astype(np.float32) for name in base}

@@ -1,0 +1,524 @@
+"""Command line of fedgate-coordinator.
+
+Exit codes (also in ``fedgate-coordinator --help``):
+
+    0  success
+    1  unexpected failure (see the log)
+    2  bad command line
+    3  configuration or signing key missing or invalid
+    4  the store cannot be opened or written
+    5  conflict: the agent id is enrolled with another key, or init would overwrite
+    6  the model hash chain does not verify
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+from fedgate_common.errors import FedgateError, InvalidIdentifier
+from fedgate_common.identifiers import validate_identifier
+from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
+from fedgate_common.logs import configure_logging
+from fedgate_common.model_spec import ModelSpec
+from fedgate_common.text_table import format_table
+
+from fedgate_coordinator import __version__
+from fedgate_coordinator.config import (
+    CONFIG_NAME,
+    DEFAULT_MODEL,
+    DEFAULT_STATE_DIR,
+    KEY_NAME,
+    CoordinatorConfig,
+    load_config,
+    validate,
+    write_config,
+)
+from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
+from fedgate_coordinator.mqtt_link import MqttSettings
+from fedgate_coordinator.service import CoordinatorService, ensure_genesis
+from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
+from fedgate_coordinator.store import Store
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    STORE = 4
+    CONFLICT = 5
+    CHAIN = 6
+
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0 success          1 unexpected failure   2 bad command line
+  3 config/key error 4 store error          5 conflict (enrollment, init)
+  6 model hash chain does not verify"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(int(code))
+
+
+def _guard(func: F) -> F:
+    """Map fedgate errors to documented exit codes with a one-line message."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(str(exc), ExitCode.CONFIG)
+        except (AgentConflict, FileExistsError) as exc:
+            _fail(str(exc), ExitCode.CONFLICT)
+        except ChainBroken as exc:
+            _fail(str(exc), ExitCode.CHAIN)
+        except StoreError as exc:
+            _fail(str(exc), ExitCode.STORE)
+        except (InvalidKey, InvalidIdentifier) as exc:
+            _fail(str(exc), ExitCode.USAGE)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+class Context(msgspec.Struct):
+    state_dir: Path
+
+    def config(self) -> CoordinatorConfig:
+        return load_config(self.state_dir)
+
+    def store(self, config: CoordinatorConfig | None = None) -> Store:
+        config = config or self.config()
+        try:
+            return Store.open(config.database_url)
+        except StoreError:
+            raise
+        except Exception as exc:  # driver errors: unreachable server, bad file path
+            raise StoreError(f"cannot open store {_redact(config.database_url)}: {exc}") from exc
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="fedgate-coordinator")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    envvar="FEDGATE_COORDINATOR_STATE_DIR",
+    show_default=True,
+    help="Directory with coordinator.toml and the signing key.",
+)
+@click.pass_context
+def main(ctx: click.Context, state_dir: Path) -> None:
+    """Coordinator of one fedgate cloud: runs rounds, aggregates, keeps history.
+
+    \b
+    Example:
+      fedgate-coordinator --state-dir ./coord init --cloud cloud-1 \\
+          --deployment plant-a --db sqlite:///coord/coordinator.db
+      fedgate-coordinator --state-dir ./coord enroll site-1 ed25519:3b6a...
+      fedgate-coordinator --state-dir ./coord serve
+    """
+    ctx.obj = Context(state_dir=state_dir)
+
+
+@main.command()
+@click.option("--cloud", required=True, help="Id of this cloud (letters, digits, _ . -).")
+@click.option("--deployment", default="fedgate", show_default=True, help="Deployment id.")
+@click.option(
+    "--db",
+    "database_url",
+    default=None,
+    help="SQLAlchemy URL; default sqlite:///<state-dir>/coordinator.db. "
+    "PostgreSQL: postgresql+psycopg://USER@HOST:5432/DB",
+)
+@click.option("--broker-host", default="127.0.0.1", show_default=True)
+@click.option("--broker-port", default=1883, show_default=True, type=int)
+@click.option("--min-participants", default=2, show_default=True, type=int)
+@click.option(
+    "--update-timeout",
+    default=120.0,
+    show_default=True,
+    type=float,
+    help="Seconds agents have to send their update.",
+)
+@click.option(
+    "--model-spec",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON file with the model spec (default: TEP 1-D CNN, 52 tags x 20 samples).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+@_guard
+def init(
+    obj: Context,
+    cloud: str,
+    deployment: str,
+    database_url: str | None,
+    broker_host: str,
+    broker_port: int,
+    min_participants: int,
+    update_timeout: float,
+    model_spec: Path | None,
+    as_json: bool,
+) -> None:
+    """Create the signing key, coordinator.toml and the store schema.
+
+    \b
+    Example:
+      fedgate-coordinator --state-dir /var/lib/fedgate-coordinator init \\
+          --cloud cloud-1 --deployment plant-a \\
+          --db postgresql+psycopg://fedgate@127.0.0.1:5432/fedgate
+    """
+    state_dir = obj.state_dir.absolute()
+    if (state_dir / CONFIG_NAME).exists():
+        raise ConfigError(f"{state_dir / CONFIG_NAME} exists: this coordinator is initialised")
+    spec = DEFAULT_MODEL
+    if model_spec is not None:
+        try:
+            spec = msgspec.json.decode(model_spec.read_bytes(), type=ModelSpec)
+        except (msgspec.DecodeError, FedgateError) as exc:
+            raise ConfigError(f"{model_spec}: not a valid model spec: {exc}") from None
+    config = CoordinatorConfig(
+        deployment=deployment,
+        cloud=cloud,
+        database_url=database_url or f"sqlite:///{state_dir / 'coordinator.db'}",
+        broker=MqttSettings(host=broker_host, port=broker_port),
+        rounds=msgspec.structs.replace(
+            CoordinatorConfig(deployment=deployment, cloud=cloud, database_url="sqlite://").rounds,
+            min_participants=min_participants,
+            update_timeout_s=update_timeout,
+        ),
+        model=spec,
+    )
+    problems = validate(config)
+    if problems:
+        raise ConfigError("; ".join(problems), problems=problems)
+    key = create_signing_key(state_dir / KEY_NAME)
+    store = obj.store(config)
+    try:
+        genesis = ensure_genesis(store, config)
+    finally:
+        store.close()
+    path = write_config(state_dir, config)
+    result = {
+        "cloud": cloud,
+        "deployment": deployment,
+        "config": str(path),
+        "coordinator_public_key": public_key_text(key.verify_key),
+        "database_url": _redact(config.database_url),
+        "genesis_model": genesis.digest,
+    }
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"initialised cloud {cloud!r} of deployment {deployment!r}")
+    click.echo(f"  config:      {path}")
+    click.echo(f"  store:       {_redact(config.database_url)}")
+    click.echo(f"  genesis:     {genesis.digest}")
+    click.echo(f"  public key:  {public_key_text(key.verify_key)}")
+    click.echo("Give the public key to agents (coordinator_public_key in agent.toml).")
+
+
+@main.command()
+@click.argument("agent_id")
+@click.argument("public_key")
+@click.option("--json", "as_json", is_flag=True, help="Print the enrollment as JSON.")
+@click.pass_obj
+@_guard
+def enroll(obj: Context, agent_id: str, public_key: str, as_json: bool) -> None:
+    """Enroll an agent: AGENT_ID and PUBLIC_KEY come from `fedgate-agent init`.
+
+    \b
+    Example:
+      fedgate-coordinator enroll site-1 ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73...
+    """
+    validate_identifier(agent_id, what="agent id")
+    key_text = public_key_text(parse_public_key(public_key))
+    store = obj.store()
+    try:
+        record = store.enroll_agent(agent_id, key_text)
+    finally:
+        store.close()
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(f"enrolled {record.agent_id} ({record.public_key})")
+
+
+@main.command()
+@click.option(
+    "--rounds",
+    "max_rounds",
+    type=int,
+    default=None,
+    help="Stop after this many rounds (default: run until stopped).",
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
+@click.pass_obj
+@_guard
+def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
+    """Connect to the broker and run rounds (foreground; systemd runs this).
+
+    \b
+    Example:
+      fedgate-coordinator --state-dir /var/lib/fedgate-coordinator serve
+      fedgate-coordinator serve --rounds 20
+    """
+    config = obj.config()
+    configure_logging(config.log_level, as_json=log_json)
+    key = load_signing_key(obj.state_dir / KEY_NAME)
+    store = obj.store(config)
+    service = CoordinatorService(config=config, store=store, signing_key=key)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        await service.run(max_rounds=max_rounds)
+
+    try:
+        asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        click.echo("stopped", err=True)
+    finally:
+        store.close()
+    summary = service.summary
+    click.echo(
+        f"rounds completed={summary.rounds_completed} aborted={summary.rounds_aborted}"
+        f" rejected={sum(service.rejected.values())}",
+        err=True,
+    )
+
+
+def _status_data(obj: Context) -> dict[str, Any]:
+    config = obj.config()
+    store = obj.store(config)
+    try:
+        rounds = store.list_rounds()
+        head = store.head_model()
+        last = rounds[0] if rounds else None
+        agents = store.list_agents()
+        return {
+            "deployment": config.deployment,
+            "cloud": config.cloud,
+            "database_url": _redact(config.database_url),
+            "schema_revision": store.schema_revision(),
+            "head_model": None if head is None else {"digest": head.digest, "round": head.round},
+            "rounds": {
+                status: sum(1 for r in rounds if r.status == status)
+                for status in ("completed", "aborted", "running")
+            },
+            "last_round": None if last is None else msgspec.to_builtins(last),
+            "agents_enrolled": sum(1 for a in agents if a.status == "active"),
+            "rejected_messages": {
+                k: v for k, v in store.event_counts().items() if k != "round_recovered"
+            },
+            "events": store.event_counts(),
+        }
+    finally:
+        store.close()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def status(obj: Context, as_json: bool) -> None:
+    """Show the head model, round counts, the last round and rejected messages.
+
+    \b
+    Example:
+      fedgate-coordinator --state-dir /var/lib/fedgate-coordinator status --json
+    """
+    data = _status_data(obj)
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"deployment {data['deployment']}  cloud {data['cloud']}")
+    click.echo(f"store      {data['database_url']} (schema {data['schema_revision']})")
+    head = data["head_model"]
+    click.echo(
+        f"head model {head['digest'] if head else '-'} (round {head['round'] if head else '-'})"
+    )
+    counts = data["rounds"]
+    click.echo(
+        f"rounds     {counts['completed']} completed, {counts['aborted']} aborted,"
+        f" {counts['running']} running"
+    )
+    last = data["last_round"]
+    if last:
+        click.echo(
+            f"last round {last['round']}: {last['status']}, participants "
+            f"{last['participants']}/{last['selected']}"
+            + (f", reason: {last['abort_reason']}" if last["abort_reason"] else "")
+        )
+    click.echo(f"agents     {data['agents_enrolled']} enrolled")
+    rejected = data["rejected_messages"]
+    click.echo(
+        "rejected   " + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none")
+    )
+
+
+@main.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def rounds(obj: Context, limit: int, as_json: bool) -> None:
+    """List rounds, newest first.
+
+    \b
+    Example:
+      fedgate-coordinator rounds --limit 5
+    """
+    store = obj.store()
+    try:
+        records = store.list_rounds(limit)
+    finally:
+        store.close()
+    if as_json:
+        _echo_json(records)
+        return
+    click.echo(
+        format_table(
+            ["round", "status", "participants", "selected", "train_loss", "model", "reason"],
+            [
+                [
+                    r.round,
+                    r.status,
+                    r.participants,
+                    r.selected,
+                    r.mean_train_loss,
+                    (r.model_digest or "")[:12],
+                    r.abort_reason or "",
+                ]
+                for r in records
+            ],
+        )
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def agents(obj: Context, as_json: bool) -> None:
+    """List enrolled agents.
+
+    \b
+    Example:
+      fedgate-coordinator agents --json
+    """
+    store = obj.store()
+    try:
+        records = store.list_agents()
+    finally:
+        store.close()
+    if as_json:
+        _echo_json(records)
+        return
+    click.echo(
+        format_table(
+            ["agent", "status", "enrolled", "last_seen", "public_key"],
+            [
+                [a.agent_id, a.status, a.enrolled_at, a.last_seen_at, a.public_key[:24] + "..."]
+                for a in records
+            ],
+        )
+    )
+
+
+@main.command()
+@click.option("--verify", is_flag=True, help="Recompute every digest along the chain.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def models(obj: Context, verify: bool, as_json: bool) -> None:
+    """List the global-model hash chain (genesis = round 0).
+
+    \b
+    Example:
+      fedgate-coordinator models --verify
+    """
+    store = obj.store()
+    try:
+        chain_length = store.verify_chain() if verify else None
+        records = store.list_models()
+    finally:
+        store.close()
+    if as_json:
+        _echo_json({"verified_length": chain_length, "models": records})
+        return
+    click.echo(
+        format_table(
+            ["round", "digest", "parent", "parameters", "created"],
+            [
+                [
+                    m.round,
+                    m.digest[:16],
+                    m.parent_digest[:16] or "(genesis)",
+                    m.num_parameters,
+                    m.created_at,
+                ]
+                for m in records
+            ],
+        )
+    )
+    if chain_length is not None:
+        click.echo(f"chain verified: {chain_length} models")
+
+
+@main.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def events(obj: Context, limit: int, as_json: bool) -> None:
+    """List recent events (rejected messages, recovered rounds), newest first.
+
+    \b
+    Example:
+      fedgate-coordinator events --limit 20
+    """
+    store = obj.store()
+    try:
+        records = store.list_events(limit)
+    finally:
+        store.close()
+    if as_json:
+        _echo_json(records)
+        return
+    click.echo(
+        format_table(
+            ["at", "kind", "round", "agent", "detail"],
+            [[e.at, e.kind, e.round, e.agent_id, e.detail[:80]] for e in records],
+        )
+    )

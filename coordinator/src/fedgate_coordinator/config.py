@@ -1,0 +1,112 @@
+"""coordinator.toml: what a coordinator serves and how (read and validated before any IO)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import tomli_w
+from fedgate_common.errors import FedgateError
+from fedgate_common.identifiers import validate_identifier
+from fedgate_common.model_spec import ModelSpec
+
+from fedgate_coordinator.errors import ConfigError
+from fedgate_coordinator.mqtt_link import MqttSettings
+from fedgate_coordinator.rounds import RoundSettings
+
+CONFIG_NAME = "coordinator.toml"
+KEY_NAME = "coordinator.key"
+DEFAULT_STATE_DIR = Path("/var/lib/fedgate-coordinator")
+DEFAULT_MODEL = ModelSpec(n_features=52, window=20, n_classes=22)
+
+
+class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    deployment: str
+    cloud: str
+    database_url: str
+    log_level: str = "info"
+    broker: MqttSettings = MqttSettings()
+    rounds: RoundSettings = RoundSettings()
+    model: ModelSpec = DEFAULT_MODEL
+
+
+def validate(config: CoordinatorConfig) -> list[str]:
+    """Every problem with ``config``, phrased as what to fix."""
+    problems: list[str] = []
+    for name in ("deployment", "cloud"):
+        try:
+            validate_identifier(getattr(config, name), what=name)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        problems.append(f"log_level={config.log_level!r}: use debug, info, warning or error")
+    if not 1 <= config.broker.port <= 65535:
+        problems.append(f"broker.port={config.broker.port}: use 1..65535")
+    if config.broker.protocol not in ("auto", "5", "3.1.1"):
+        problems.append(f"broker.protocol={config.broker.protocol!r}: use auto, 5 or 3.1.1")
+    if not 1 <= config.broker.queue_size <= 100_000:
+        problems.append("broker.queue_size: use 1..100000")
+    r = config.rounds
+    if r.min_participants < 1:
+        problems.append("rounds.min_participants must be at least 1")
+    if not 0 < r.update_timeout_s <= 86_400:
+        problems.append("rounds.update_timeout_s must be in (0, 86400]")
+    if not 0 < r.learning_rate <= 10 or not 0 < r.lr_decay <= 1:
+        problems.append("rounds.learning_rate must be in (0, 10] and rounds.lr_decay in (0, 1]")
+    if not 0 <= r.momentum < 1:
+        problems.append("rounds.momentum must be in [0, 1)")
+    if not 1 <= r.local_epochs <= 1000 or not 1 <= r.batch_size <= 65536:
+        problems.append("rounds.local_epochs must be 1..1000 and rounds.batch_size 1..65536")
+    if not config.database_url.startswith(("sqlite:", "postgresql")):
+        problems.append(
+            f"database_url={config.database_url!r}: use sqlite:///FILE or "
+            "postgresql+psycopg://USER@HOST/DB"
+        )
+    return problems
+
+
+def load_config(state_dir: Path) -> CoordinatorConfig:
+    path = state_dir / CONFIG_NAME
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} not found: run `fedgate-coordinator init` first or pass --state-dir"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, CoordinatorConfig)
+    except (msgspec.ValidationError, FedgateError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    problems = validate(config)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems), problems=problems)
+    return config
+
+
+def config_as_dict(config: CoordinatorConfig) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    return data
+
+
+def write_config(state_dir: Path, config: CoordinatorConfig) -> Path:
+    """Write atomically (temp file, fsync, rename)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / CONFIG_NAME
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".coordinator.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            tomli_w.dump(config_as_dict(config), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,622 @@
+"""The coordinator store: agents, rounds, the model hash chain and events in one database.
+
+Works the same on a SQLite file (the embedded default), in-memory SQLite (tests) and
+PostgreSQL. Every public method is one transaction; multi-row changes such as
+:meth:`Store.complete_round` are recorded entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import msgspec
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import URL, Connection, Engine, create_engine, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from fedgate_common.digests import GENESIS_PARENT, model_digest
+from fedgate_common.errors import FedgateError
+from fedgate_common.identifiers import validate_identifier
+from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
+from fedgate_coordinator.store.records import (
+    AgentRecord,
+    AgentStatus,
+    EventRecord,
+    ModelRecord,
+    ModelSummary,
+    ParticipantRecord,
+    RoundRecord,
+    RoundStatus,
+)
+from fedgate_coordinator.store.schema import (
+    AgentRow,
+    EventRow,
+    ModelRow,
+    RoundParticipantRow,
+    RoundRow,
+)
+
+__all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "head_revision", "normalize_url"]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 5000
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url``; plain ``postgresql://`` (or ``postgres://``) selects psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid database URL {url!r}: {exc}") from exc
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic configuration for the store's migrations, built in code (no ``.ini``)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        rendered = normalize_url(url).render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration revision shipped with this version of the coordinator."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise StoreError(f"no migrations found in {MIGRATIONS_DIR}")
+    return head
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _create_engine(url: URL) -> Engine:
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    memory = _is_sqlite_memory(url)
+    if memory:
+        # One connection for every session, so all of them see the same in-memory database.
+        engine = create_engine(
+            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        engine = create_engine(url)
+
+    def configure_connection(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        # Let SQLAlchemy emit BEGIN itself (see "begin" below): the sqlite3 driver's legacy
+        # mode would not start a transaction before SELECT or DDL.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    def begin_transaction(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    event.listen(engine, "connect", configure_connection)
+    event.listen(engine, "begin", begin_transaction)
+    return engine
+
+
+class Store:
+    """Persistent state of one coordinator. Create with :meth:`open`; close with :meth:`close`.
+
+    Safe to share between threads, except an in-memory SQLite store (one shared connection),
+    which is meant for tests.
+    """
+
+    def __init__(self, *, engine: Engine) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> Store:
+        """Connect to ``url`` and, when ``migrate``, upgrade the schema to the newest revision.
+
+        ``sqlite:///path/file.db``, ``sqlite://`` (memory) and ``postgresql://...`` URLs are
+        accepted. Raises :class:`StoreError` if the database cannot be reached or migrated.
+        """
+        parsed = normalize_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+        try:
+            engine = _create_engine(parsed)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StoreError(f"cannot use database {shown}: {exc}") from exc
+        store = cls(engine=engine)
+        try:
+            with engine.connect():
+                pass
+            if migrate:
+                store.upgrade_schema()
+        except (SQLAlchemyError, CommandError) as exc:
+            engine.dispose()
+            raise StoreError(f"cannot open store at {shown}: {exc}") from exc
+        except BaseException:
+            engine.dispose()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Release every database connection (an in-memory database is gone afterwards)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for maintenance tools and tests)."""
+        return self._engine
+
+    def upgrade_schema(self, revision: str = "head") -> None:
+        """Run the Alembic migrations up to ``revision`` in one transaction."""
+        config = alembic_config(self._engine.url)
+        with self._engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision of the database, ``None`` if it was never migrated."""
+        with self._engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A session in one transaction; database failures become :class:`StoreError`."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {exc}") from exc
+
+    # -- agents ------------------------------------------------------------------------
+
+    def enroll_agent(self, agent_id: str, public_key: str) -> AgentRecord:
+        """Enroll an agent; enrolling the same id with the same key again changes nothing.
+
+        Raises :class:`AgentConflict` if ``agent_id`` is enrolled with another key, and
+        ``InvalidIdentifier`` if it cannot be used in a topic.
+        """
+        validate_identifier(agent_id, what="agent id")
+        if not public_key:
+            raise StoreError(f"agent {agent_id!r}: empty public key")
+        with self._transaction() as session:
+            row = session.get(AgentRow, agent_id)
+            if row is None:
+                row = AgentRow(
+                    agent_id=agent_id,
+                    public_key=public_key,
+                    enrolled_at=_now(),
+                    last_seen_at=None,
+                    status=AgentStatus.ACTIVE.value,
+                )
+                session.add(row)
+                session.flush()
+            elif row.public_key != public_key:
+                raise AgentConflict(agent_id)
+            return _agent_record(row)
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
+        with self._transaction() as session:
+            row = session.get(AgentRow, agent_id)
+            return None if row is None else _agent_record(row)
+
+    def list_agents(self) -> list[AgentRecord]:
+        """Every enrolled agent (active and revoked), by id."""
+        with self._transaction() as session:
+            rows = session.scalars(select(AgentRow).order_by(AgentRow.agent_id))
+            return [_agent_record(row) for row in rows]
+
+    def touch_agent(self, agent_id: str) -> None:
+        """Set the agent's ``last_seen_at`` to now."""
+        with self._transaction() as session:
+            self._agent_row(session, agent_id).last_seen_at = _now()
+
+    def revoke_agent(self, agent_id: str) -> None:
+        """Mark an agent revoked; its row (and key) is kept for the audit trail."""
+        with self._transaction() as session:
+            self._agent_row(session, agent_id).status = AgentStatus.REVOKED.value
+
+    @staticmethod
+    def _agent_row(session: Session, agent_id: str) -> AgentRow:
+        row = session.get(AgentRow, agent_id)
+        if row is None:
+            raise StoreError(f"agent {agent_id!r} is not enrolled")
+        return row
+
+    # -- models ------------------------------------------------------------------------
+
+    def add_model(self, model: ModelRecord) -> None:
+        """Append ``model`` to the hash chain (see :meth:`_append_model` for the checks)."""
+        with self._transaction() as session:
+            self._append_model(session, model)
+
+    def head_model(self) -> ModelRecord | None:
+        """The newest model (highest round), ``None`` before the genesis model exists."""
+        with self._transaction() as session:
+            row = session.scalars(select(ModelRow).order_by(ModelRow.round.desc()).limit(1)).first()
+            return None if row is None else _model_record(row)
+
+    def get_model(self, digest: str) -> ModelRecord | None:
+        with self._transaction() as session:
+            row = session.get(ModelRow, digest)
+            return None if row is None else _model_record(row)
+
+    def list_models(self) -> list[ModelSummary]:
+        """Every model without its weights, in chain order (genesis first)."""
+        query = select(
+            ModelRow.digest,
+            ModelRow.parent_digest,
+            ModelRow.round,
+            ModelRow.created_at,
+            ModelRow.num_parameters,
+        ).order_by(ModelRow.round)
+        with self._transaction() as session:
+            return [
+                ModelSummary(
+                    digest=digest,
+                    parent_digest=parent,
+                    round=round,
+                    created_at=created_at,
+                    num_parameters=num_parameters,
+                )
+                for digest, parent, round, created_at, num_parameters in session.execute(query)
+            ]
+
+    def verify_chain(self) -> int:
+        """Recompute every digest from genesis to head and check every parent link.
+
+        Returns the chain length (0 when empty); raises :class:`ChainBroken` naming the
+        first round whose model does not verify.
+        """
+        length = 0
+        previous: ModelRecord | None = None
+        query = select(ModelRow).order_by(ModelRow.round).execution_options(yield_per=4)
+        with self._transaction() as session:
+            for row in session.scalars(query):
+                model = _model_record(row)
+                expected_parent = GENESIS_PARENT if previous is None else previous.digest
+                if model.parent_digest != expected_parent:
+                    raise ChainBroken(
+                        f"parent is {model.parent_digest!r}, expected {expected_parent!r}",
+                        round=model.round,
+                    )
+                _check_contents(model)
+                session.expunge(row)
+                previous = model
+                length += 1
+        return length
+
+    def _append_model(self, session: Session, model: ModelRecord) -> None:
+        """Check ``model`` against the chain head and its own contents, then insert it.
+
+        The genesis model has parent ``""`` and is allowed only while no model exists; every
+        other model names the current head as parent, has a higher round, and its digest
+        is :func:`fedgate_common.digests.model_digest` over its parent, round, spec and
+        weights. The unique ``parent_digest`` column stops two writers forking the chain.
+        """
+        head = session.scalars(select(ModelRow).order_by(ModelRow.round.desc()).limit(1)).first()
+        if head is None:
+            if model.parent_digest != GENESIS_PARENT:
+                raise ChainBroken(
+                    "the store has no models yet, so this must be a genesis model "
+                    f"(parent ''), not a child of {model.parent_digest!r}",
+                    round=model.round,
+                )
+        else:
+            if model.parent_digest != head.digest:
+                raise ChainBroken(
+                    f"parent {model.parent_digest!r} is not the head {head.digest!r} "
+                    f"(round {head.round})",
+                    round=model.round,
+                )
+            if model.round <= head.round:
+                raise ChainBroken(
+                    f"round {model.round} is not after the head's round {head.round}",
+                    round=model.round,
+                )
+        _check_contents(model)
+        session.add(
+            ModelRow(
+                digest=model.digest,
+                parent_digest=model.parent_digest,
+                round=model.round,
+                created_at=model.created_at or _now(),
+                spec=model.spec,
+                weights=model.weights,
+                num_parameters=model.num_parameters,
+            )
+        )
+        session.flush()
+
+    # -- rounds ------------------------------------------------------------------------
+
+    def next_round_number(self) -> int:
+        """One more than any round ever begun (any status) or modelled; 1 when none.
+
+        Round numbers are never reused, even after an abort.
+        """
+        with self._transaction() as session:
+            last_round = session.scalar(select(func.max(RoundRow.round)))
+            last_model = session.scalar(select(func.max(ModelRow.round)))
+        return max(last_round or 0, last_model or 0) + 1
+
+    def begin_round(
+        self, *, round: int, base_digest: str, selected: int, min_participants: int
+    ) -> None:
+        """Record round ``round`` as running; :class:`RoundStateError` if it is not new."""
+        with self._transaction() as session:
+            if session.get(RoundRow, round) is not None:
+                raise RoundStateError(f"round {round} already exists", round=round)
+            last = session.scalar(select(func.max(RoundRow.round)))
+            if last is not None and round <= last:
+                raise RoundStateError(
+                    f"round {round} is not after round {last}: round numbers are never reused",
+                    round=round,
+                )
+            session.add(
+                RoundRow(
+                    round=round,
+                    status=RoundStatus.RUNNING.value,
+                    base_digest=base_digest,
+                    started_at=_now(),
+                    selected=selected,
+                    min_participants=min_participants,
+                )
+            )
+            session.flush()
+
+    def complete_round(
+        self,
+        *,
+        round: int,
+        participants: Sequence[ParticipantRecord],
+        model: ModelRecord,
+        mean_train_loss: float,
+        bytes_down_per_agent: int,
+    ) -> None:
+        """Record the participants, append the aggregated model and mark the round completed.
+
+        One transaction: if any part fails (for example :class:`ChainBroken`), nothing of it
+        is recorded and the round stays running.
+        """
+        with self._transaction() as session:
+            row = self._running_round(session, round)
+            self._add_participants(session, round, participants)
+            if model.round != round:
+                raise ChainBroken(f"the model is for round {model.round}", round=round)
+            if model.parent_digest != row.base_digest:
+                raise ChainBroken(
+                    f"parent {model.parent_digest!r} is not the round's base model "
+                    f"{row.base_digest!r}",
+                    round=round,
+                )
+            self._append_model(session, model)
+            row.status = RoundStatus.COMPLETED.value
+            row.model_digest = model.digest
+            row.participants = len(participants)
+            row.mean_train_loss = mean_train_loss
+            row.bytes_down_per_agent = bytes_down_per_agent
+            row.ended_at = _now()
+
+    def abort_round(
+        self, *, round: int, reason: str, participants: Sequence[ParticipantRecord] = ()
+    ) -> None:
+        """Mark a running round aborted, recording who had contributed (one transaction).
+
+        ``participants`` of the round row becomes ``len(participants)``.
+        """
+        with self._transaction() as session:
+            row = self._running_round(session, round)
+            self._add_participants(session, round, participants)
+            row.status = RoundStatus.ABORTED.value
+            row.abort_reason = reason
+            row.participants = len(participants)
+            row.ended_at = _now()
+
+    def running_rounds(self) -> list[int]:
+        """Rounds begun and neither completed nor aborted, oldest first."""
+        query = (
+            select(RoundRow.round)
+            .where(RoundRow.status == RoundStatus.RUNNING.value)
+            .order_by(RoundRow.round)
+        )
+        with self._transaction() as session:
+            return list(session.scalars(query))
+
+    def get_round(self, round: int) -> RoundRecord | None:
+        with self._transaction() as session:
+            row = session.get(RoundRow, round)
+            return None if row is None else _round_record(row)
+
+    def list_rounds(self, limit: int | None = None) -> list[RoundRecord]:
+        """Rounds, newest first; at most ``limit`` of them."""
+        query = select(RoundRow).order_by(RoundRow.round.desc()).limit(limit)
+        with self._transaction() as session:
+            return [_round_record(row) for row in session.scalars(query)]
+
+    def participants(self, round: int) -> list[ParticipantRecord]:
+        """What each agent contributed to ``round``, by agent id then stage."""
+        query = (
+            select(RoundParticipantRow)
+            .where(RoundParticipantRow.round == round)
+            .order_by(RoundParticipantRow.agent_id, RoundParticipantRow.stage)
+        )
+        with self._transaction() as session:
+            return [_participant_record(row) for row in session.scalars(query)]
+
+    @staticmethod
+    def _running_round(session: Session, round: int) -> RoundRow:
+        row = session.get(RoundRow, round, with_for_update=True)
+        if row is None:
+            raise RoundStateError(f"round {round} was never begun", round=round)
+        if row.status != RoundStatus.RUNNING.value:
+            raise RoundStateError(f"round {round} is {row.status}, not running", round=round)
+        return row
+
+    @staticmethod
+    def _add_participants(
+        session: Session, round: int, participants: Sequence[ParticipantRecord]
+    ) -> None:
+        now = _now()
+        session.add_all(
+            RoundParticipantRow(
+                round=round,
+                agent_id=participant.agent_id,
+                stage=participant.stage,
+                num_samples=participant.num_samples,
+                train_loss=participant.train_loss,
+                bytes_up=participant.bytes_up,
+                received_at=participant.received_at or now,
+            )
+            for participant in participants
+        )
+        session.flush()
+
+    # -- events ------------------------------------------------------------------------
+
+    def record_event(
+        self, kind: str, *, detail: str, round: int | None = None, agent_id: str | None = None
+    ) -> None:
+        """Record a notable event; ``kind`` is the counter label (e.g. ``bad_signature``)."""
+        with self._transaction() as session:
+            session.add(EventRow(at=_now(), kind=kind, round=round, agent_id=agent_id, detail=detail))
+
+    def event_counts(self) -> dict[str, int]:
+        """Number of events per kind."""
+        query = select(EventRow.kind, func.count()).group_by(EventRow.kind).order_by(EventRow.kind)
+        with self._transaction() as session:
+            return {kind: count for kind, count in session.execute(query)}
+
+    def list_events(self, limit: int = 50) -> list[EventRecord]:
+        """The latest ``limit`` events, newest first."""
+        query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+        with self._transaction() as session:
+            return [_event_record(row) for row in session.scalars(query)]
+
+
+def _check_contents(model: ModelRecord) -> None:
+    """Raise :class:`ChainBroken` unless the digest and size match the model's bytes."""
+    if _DIGEST.fullmatch(model.digest) is None:
+        raise ChainBroken(
+            f"digest {model.digest!r} is not 64 lowercase hex characters", round=model.round
+        )
+    try:
+        spec = model.decode_spec()
+        weights = model.decode_wire_weights()
+    except (msgspec.DecodeError, FedgateError) as exc:
+        raise ChainBroken(f"stored spec or weights do not decode: {exc}", round=model.round) from exc
+    computed = model_digest(
+        parent_digest=model.parent_digest, round=model.round, spec=spec, weights=weights
+    )
+    if computed != model.digest:
+        raise ChainBroken("digest does not match the model's contents", round=model.round)
+    declared = sum(math.prod(item.shape) for item in weights)
+    if declared != model.num_parameters:
+        raise ChainBroken(
+            f"num_parameters is {model.num_parameters}, the weights hold {declared}",
+            round=model.round,
+        )
+
+
+def _agent_record(row: AgentRow) -> AgentRecord:
+    return AgentRecord(
+        agent_id=row.agent_id,
+        public_key=row.public_key,
+        enrolled_at=row.enrolled_at,
+        last_seen_at=row.last_seen_at,
+        status=AgentStatus(row.status),
+    )
+
+
+def _model_record(row: ModelRow) -> ModelRecord:
+    return ModelRecord(
+        digest=row.digest,
+        parent_digest=row.parent_digest,
+        round=row.round,
+        spec=row.spec,
+        weights=row.weights,
+        num_parameters=row.num_parameters,
+        created_at=row.created_at,
+    )
+
+
+def _round_record(row: RoundRow) -> RoundRecord:
+    return RoundRecord(
+        round=row.round,
+        status=RoundStatus(row.status),
+        base_digest=row.base_digest,
+        model_digest=row.model_digest,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        selected=row.selected,
+        min_participants=row.min_participants,
+        participants=row.participants,
+        abort_reason=row.abort_reason,
+        mean_train_loss=row.mean_train_loss,
+        bytes_down_per_agent=row.bytes_down_per_agent,
+    )
+
+
+def _participant_record(row: RoundParticipantRow) -> ParticipantRecord:
+    return ParticipantRecord(
+        agent_id=row.agent_id,
+        num_samples=row.num_samples,
+        train_loss=row.train_loss,
+        bytes_up=row.bytes_up,
+        stage=row.stage,
+        received_at=row.received_at,
+    )
+
+
+def _event_record(row: EventRow) -> EventRecord:
+    return EventRecord(
+        id=row.id,
+        at=row.at,
+        kind=row.kind,
+        round=row.round,
+        agent_id=row.agent_id,
+        detail=row.detail,
+    )
+
