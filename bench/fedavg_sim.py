@@ -78,7 +78,9 @@ def row_for(
 def train_centralized(
     split: FederatedSplit, *, lr: float, epochs: int, batch_size: int, seed: int
 ) -> tuple[Weights | None, float]:
-    model = build_model(split.spec, weights=initial_weights(split.spec, np.random.default_rng(seed)))
+    model = build_model(
+        split.spec, weights=initial_weights(split.spec, np.random.default_rng(seed))
+    )
     plan = TrainingPlan(learning_rate=lr, momentum=0.9, local_epochs=epochs, batch_size=batch_size)
     started = time.perf_counter()
     train_locally(model, centralized_dataset(split), plan, seed=seed)
@@ -110,7 +112,9 @@ def train_fedavg(
             local_epochs=local_epochs,
             batch_size=batch_size,
         )
-        weighted_sum = {name: np.zeros_like(w, dtype=np.float64) for name, w in global_weights.items()}
+        weighted_sum = {
+            name: np.zeros_like(w, dtype=np.float64) for name, w in global_weights.items()
+        }
         total = 0
         for site_index, site in enumerate(split.sites):
             try:
@@ -174,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows: list[Row] = []
     if args.grid:
-        for window, channels, lr in itertools.product((10, 20, 30), (32, 64), (0.01, 0.03, 0.05, 0.1)):
+        for window, channels, lr in itertools.product(
+            (10, 20, 30), (32, 64), (0.01, 0.03, 0.05, 0.1)
+        ):
             split = federated_split(
                 args.sites,
                 window=window,
@@ -220,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         verbose=args.verbose,
     )
-    rows.append(row_for(f"fedavg/{args.rounds}x{args.local_epochs}", split, args.lr, weights, seconds))
+    rows.append(
+        row_for(f"fedavg/{args.rounds}x{args.local_epochs}", split, args.lr, weights, seconds)
+    )
     print_table(rows)
 
 

@@ -59,7 +59,7 @@ def test_make_windows_keeps_only_single_label_windows() -> None:
     labels = np.array([0] * 5 + [4] * 7)
     data = make_windows(samples, labels, window=3, stride=2)
     # starts 0,2,4,6,8: the window at 4 holds labels 0,4,4 and is dropped
-    assert data.y.tolist() == [0, 4, 4, 4]
+    assert data.y.tolist() == [0, 0, 4, 4]
     assert data.x.shape == (4, 3, 2)
     assert data.x.dtype == np.float32
     np.testing.assert_array_equal(data.x[1], samples[2:5])
@@ -77,7 +77,8 @@ def test_labels_switch_at_the_fault_onset() -> None:
 
 
 def test_split_shapes_and_classes(split: FederatedSplit) -> None:
-    assert split.spec.n_features == 52 and split.spec.n_classes == 22
+    assert split.spec.n_features == 52
+    assert split.spec.n_classes == 22
     for site in [*split.sites, split.test]:
         check_dataset(site, split.spec)
     assert set(split.test.y.tolist()) == set(range(22))

@@ -208,7 +208,7 @@ def test_float64_and_int32_inputs_are_converted(tmp_path: Path) -> None:
 
 def test_dataset_checks_its_own_arrays() -> None:
     with pytest.raises(LocalDataError):
-        LocalDataset(x=np.zeros((2, 8, 3), dtype=np.float64), y=np.zeros(2, dtype=np.int64))  # type: ignore[arg-type]
+        LocalDataset(x=np.zeros((2, 8, 3), dtype=np.float64), y=np.zeros(2, dtype=np.int64))
     with pytest.raises(LocalDataError, match="labels"):
         LocalDataset(x=np.zeros((2, 8, 3), dtype=np.float32), y=np.zeros(3, dtype=np.int64))
 

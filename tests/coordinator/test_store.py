@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, update
-
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
@@ -23,7 +21,9 @@ from fedgate_coordinator.store import (
     Store,
     head_revision,
 )
-from fedgate_coordinator.store.schema import Base, ModelRow
+from fedgate_coordinator.store.schema import AgentRow, Base, ModelRow, RoundParticipantRow
+from sqlalchemy import Insert, insert, inspect, update
+from sqlalchemy.exc import IntegrityError
 
 if TYPE_CHECKING:
     from tests.coordinator.conftest import StoreBackend
@@ -74,6 +74,47 @@ def test_migrations_match_the_schema_module(store: Store) -> None:
     with store.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def _inconsistent_row(case: str, genesis: ModelRecord) -> Insert:
+    now = datetime.now(UTC)
+    if case == "participant_of_unknown_round":
+        return insert(RoundParticipantRow).values(
+            round=7,
+            agent_id="plant-1",
+            stage="update",
+            num_samples=1,
+            train_loss=0.1,
+            bytes_up=1,
+            received_at=now,
+        )
+    if case == "forked_chain":
+        fork = make_model(5, genesis.digest, seed=5)
+        return insert(ModelRow).values(
+            digest=fork.digest,
+            parent_digest=fork.parent_digest,
+            round=fork.round,
+            created_at=now,
+            spec=fork.spec,
+            weights=fork.weights,
+            num_parameters=fork.num_parameters,
+        )
+    return insert(AgentRow).values(
+        agent_id="plant-1", public_key=KEY_A, enrolled_at=now, status="suspended"
+    )
+
+
+@pytest.mark.parametrize(
+    "case", ["participant_of_unknown_round", "forked_chain", "unknown_agent_status"]
+)
+def test_database_refuses_inconsistent_rows_written_around_the_store(
+    store: Store, case: str
+) -> None:
+    genesis, _ = make_chain(store, 2)
+    with pytest.raises(IntegrityError), store.engine.begin() as connection:
+        connection.execute(_inconsistent_row(case, genesis))
+    assert store.verify_chain() == 2
+    assert store.list_agents() == []
 
 
 def test_open_without_migrate_leaves_database_unversioned(store_backend: StoreBackend) -> None:

@@ -37,10 +37,11 @@ from typing import Any, Final
 
 import msgspec
 import tomli_w
-from fedgate_agent.errors import ConfigError
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
+
+from fedgate_agent.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

@@ -28,7 +28,11 @@ __all__ = ["WindowCnn", "build_model", "load_weights", "weights_of"]
 
 
 class WindowCnn(nn.Module):
-    """``cnn1d-v1``: two valid 1-D convolutions over time, global average pool, linear head."""
+    """``cnn1d-v1``: two valid 1-D convolutions over time, global average pool, linear head.
+
+    A bare ``WindowCnn(spec)`` has torch's default random weights and leaves torch's global
+    random state as it found it; :func:`build_model` is the usual way in.
+    """
 
     feature_mean: torch.Tensor
     feature_scale: torch.Tensor
@@ -38,9 +42,11 @@ class WindowCnn(nn.Module):
         if spec.architecture != "cnn1d-v1":
             raise ValueError(f"unsupported architecture {spec.architecture!r}")
         self.spec = spec
-        self.conv1 = nn.Conv1d(spec.n_features, spec.channels, spec.kernel_size)
-        self.conv2 = nn.Conv1d(spec.channels, spec.channels, spec.kernel_size)
-        self.head = nn.Linear(spec.channels, spec.n_classes)
+        # torch's default initialisation draws from the global generator; restore it after.
+        with torch.random.fork_rng(devices=[]):
+            self.conv1 = nn.Conv1d(spec.n_features, spec.channels, spec.kernel_size)
+            self.conv2 = nn.Conv1d(spec.channels, spec.channels, spec.kernel_size)
+            self.head = nn.Linear(spec.channels, spec.n_classes)
         mean = spec.feature_mean or (0.0,) * spec.n_features
         scale = spec.feature_scale or (1.0,) * spec.n_features
         self.register_buffer(

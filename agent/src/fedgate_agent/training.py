@@ -62,7 +62,8 @@ class LocalDataset:
             )
         if self.y.dtype != np.int64 or self.y.ndim != 1:
             raise LocalDataError(
-                f"y must be int64 with 1 dimension (n,); got {self.y.dtype} with shape {self.y.shape}"
+                f"y must be int64 with 1 dimension (n,); "
+                f"got {self.y.dtype} with shape {self.y.shape}"
             )
         if len(self.x) != len(self.y):
             raise LocalDataError(f"x has {len(self.x)} windows but y has {len(self.y)} labels")
@@ -147,8 +148,7 @@ def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
         raise LocalDataError(f"{path}: y has dtype {y.dtype}; store int64 labels", path=path)
     if x.ndim != 3 or y.ndim != 1:
         raise LocalDataError(
-            f"{path}: x must be (n, window, n_features) and y (n,); "
-            f"got x{x.shape} and y{y.shape}",
+            f"{path}: x must be (n, window, n_features) and y (n,); got x{x.shape} and y{y.shape}",
             path=path,
         )
     try:
@@ -215,9 +215,7 @@ def train_locally(
     x = torch.from_numpy(np.ascontiguousarray(dataset.x))
     y = torch.from_numpy(np.ascontiguousarray(dataset.y))
     n = len(dataset)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=plan.learning_rate, momentum=plan.momentum
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate, momentum=plan.momentum)
     loss_fn = nn.CrossEntropyLoss(reduction="mean")
     was_training = model.training
     model.train()
@@ -230,7 +228,7 @@ def train_locally(
                 batch = order[start : start + plan.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x[batch]), y[batch])
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 optimizer.step()
                 epoch_loss += float(loss.detach()) * len(batch)
     finally:
@@ -254,9 +252,7 @@ def evaluate(model: nn.Module, dataset: LocalDataset, batch_size: int = 512) -> 
             for start in range(0, len(dataset), batch_size):
                 logits = model(x[start : start + batch_size])
                 labels = y[start : start + batch_size]
-                total_loss += float(
-                    nn.functional.cross_entropy(logits, labels, reduction="sum")
-                )
+                total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == labels).sum())
     finally:
         model.train(was_training)

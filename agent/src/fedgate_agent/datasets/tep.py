@@ -24,13 +24,13 @@ check it by construction):
   it ends two hours (40 samples) before the first test sample of the same run:
   per fault k, ``dNN.dat[0:480]`` and ``dNN_te.dat[0:440]`` (the latter holds 160 normal
   samples, then the early fault); for class 0, ``d00.dat[0:500]`` and ``d00_te.dat[0:440]``.
-- **Non-IID over sites**: the 21 faults are put in a seeded random order; fault number i
-  in that order goes to ``sites_per_fault`` consecutive sites (mod ``n_sites``) starting at
-  a seeded offset + i. Each of those sites receives a different contiguous time part of that
-  fault's two runs (equal parts, in site order). The normal runs ``d00``/``d00_te[0:440]``
-  are cut in time into ``n_sites`` parts, one per site. So every site has class 0 and about
-  ``21 * sites_per_fault / n_sites`` faults, every fault is on some site, and no site sees
-  every class (as long as ``sites_per_fault < n_sites``).
+- **Non-IID over sites** (:func:`fault_assignment`): the 21 faults are taken in a seeded
+  random order, and each goes to the ``sites_per_fault`` sites holding the fewest faults so
+  far (seeded random tie-break). Each of those sites receives a different contiguous time
+  part of that fault's two runs (equal parts, in holder order). The normal runs
+  ``d00.dat``/``d00_te.dat[0:440]`` are cut in time into ``n_sites`` parts, one per site.
+  So every site has class 0 and ``21 * sites_per_fault / n_sites`` faults give or take one,
+  every fault is on some site, and no site sees every class (``sites_per_fault < n_sites``).
 
 Standardisation constants (:func:`feature_statistics`) come from ``d00.dat`` alone: a
 public reference operating point, not any site's private data.
@@ -241,7 +241,9 @@ def _concatenate(parts: Sequence[LocalDataset], window: int) -> LocalDataset:
     )
 
 
-def _windows_of(runs: TepRuns, segments: Sequence[Segment], window: int, stride: int) -> LocalDataset:
+def _windows_of(
+    runs: TepRuns, segments: Sequence[Segment], window: int, stride: int
+) -> LocalDataset:
     parts = [make_windows(runs.samples(s), runs.labels(s), window, stride) for s in segments]
     return _concatenate(parts, window)
 
@@ -260,12 +262,14 @@ def fault_assignment(n_sites: int, sites_per_fault: int, seed: int) -> dict[int,
             f"sites_per_fault must be in 1..{n_sites - 1} so that no site sees every fault"
         )
     rng = np.random.default_rng(seed)
-    order = rng.permutation(np.arange(1, N_CLASSES))
-    offset = int(rng.integers(n_sites))
-    return {
-        int(fault): tuple((offset + i + j) % n_sites for j in range(sites_per_fault))
-        for i, fault in enumerate(order)
-    }
+    faults_held = np.zeros(n_sites, dtype=np.int64)
+    assignment: dict[int, tuple[int, ...]] = {}
+    for fault in rng.permutation(np.arange(1, N_CLASSES)):
+        tie_break = rng.random(n_sites)
+        holders = np.lexsort((tie_break, faults_held))[:sites_per_fault]
+        faults_held[holders] += 1
+        assignment[int(fault)] = tuple(int(site) for site in holders)
+    return dict(sorted(assignment.items()))
 
 
 def federated_split(
@@ -294,9 +298,7 @@ def federated_split(
         te_parts = _time_parts(fault, True, TRAIN_STOP, len(holders))
         for site, train_part, te_part in zip(holders, train_parts, te_parts, strict=True):
             segments[site].extend((train_part, te_part))
-    test_segments = tuple(
-        Segment(k, True, TEST_START, _TEST_RUN_LENGTH) for k in range(N_CLASSES)
-    )
+    test_segments = tuple(Segment(k, True, TEST_START, _TEST_RUN_LENGTH) for k in range(N_CLASSES))
     site_faults = tuple(
         frozenset(f for f, holders in assignment.items() if site in holders)
         for site in range(n_sites)

@@ -8,10 +8,9 @@ command line also works with ``-x url=...`` or ``sqlalchemy.url`` set in a confi
 from __future__ import annotations
 
 from alembic import context
+from fedgate_coordinator.store.schema import Base
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
-
-from fedgate_coordinator.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -14,7 +14,6 @@ from datetime import datetime
 import msgspec
 import numpy as np
 import numpy.typing as npt
-
 from fedgate_common.arrays import WireArray, decode_arrays, encode_arrays
 from fedgate_common.digests import model_digest
 from fedgate_common.model_spec import ModelSpec

@@ -23,15 +23,15 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from fedgate_common.digests import GENESIS_PARENT, model_digest
+from fedgate_common.errors import FedgateError
+from fedgate_common.identifiers import validate_identifier
 from sqlalchemy import URL, Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from fedgate_common.digests import GENESIS_PARENT, model_digest
-from fedgate_common.errors import FedgateError
-from fedgate_common.identifiers import validate_identifier
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
 from fedgate_coordinator.store.records import (
     AgentRecord,
@@ -102,9 +102,7 @@ def _create_engine(url: URL) -> Engine:
     memory = _is_sqlite_memory(url)
     if memory:
         # One connection for every session, so all of them see the same in-memory database.
-        engine = create_engine(
-            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
-        )
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:
         engine = create_engine(url)
 
@@ -311,12 +309,12 @@ class Store:
         first round whose model does not verify.
         """
         length = 0
-        previous: ModelRecord | None = None
+        expected_parent = GENESIS_PARENT
+        # Stream a few rows at a time: a long chain of large models need not fit in memory.
         query = select(ModelRow).order_by(ModelRow.round).execution_options(yield_per=4)
-        with self._transaction() as session:
-            for row in session.scalars(query):
+        with self._transaction() as session, session.scalars(query) as rows:
+            for row in rows:
                 model = _model_record(row)
-                expected_parent = GENESIS_PARENT if previous is None else previous.digest
                 if model.parent_digest != expected_parent:
                     raise ChainBroken(
                         f"parent is {model.parent_digest!r}, expected {expected_parent!r}",
@@ -324,7 +322,7 @@ class Store:
                     )
                 _check_contents(model)
                 session.expunge(row)
-                previous = model
+                expected_parent = model.digest
                 length += 1
         return length
 
@@ -378,21 +376,30 @@ class Store:
         Round numbers are never reused, even after an abort.
         """
         with self._transaction() as session:
-            last_round = session.scalar(select(func.max(RoundRow.round)))
-            last_model = session.scalar(select(func.max(ModelRow.round)))
+            return self._next_round_number(session)
+
+    @staticmethod
+    def _next_round_number(session: Session) -> int:
+        last_round = session.scalar(select(func.max(RoundRow.round)))
+        last_model = session.scalar(select(func.max(ModelRow.round)))
         return max(last_round or 0, last_model or 0) + 1
 
     def begin_round(
         self, *, round: int, base_digest: str, selected: int, min_participants: int
     ) -> None:
-        """Record round ``round`` as running; :class:`RoundStateError` if it is not new."""
+        """Record round ``round`` as running.
+
+        Raises :class:`RoundStateError` unless ``round`` is at least
+        :meth:`next_round_number`: a number is never reused, whatever became of its round.
+        """
         with self._transaction() as session:
             if session.get(RoundRow, round) is not None:
                 raise RoundStateError(f"round {round} already exists", round=round)
-            last = session.scalar(select(func.max(RoundRow.round)))
-            if last is not None and round <= last:
+            next_round = self._next_round_number(session)
+            if round < next_round:
                 raise RoundStateError(
-                    f"round {round} is not after round {last}: round numbers are never reused",
+                    f"round {round} is below the next round number {next_round}: "
+                    "round numbers are never reused",
                     round=round,
                 )
             session.add(
@@ -521,7 +528,9 @@ class Store:
     ) -> None:
         """Record a notable event; ``kind`` is the counter label (e.g. ``bad_signature``)."""
         with self._transaction() as session:
-            session.add(EventRow(at=_now(), kind=kind, round=round, agent_id=agent_id, detail=detail))
+            session.add(
+                EventRow(at=_now(), kind=kind, round=round, agent_id=agent_id, detail=detail)
+            )
 
     def event_counts(self) -> dict[str, int]:
         """Number of events per kind."""
@@ -546,7 +555,9 @@ def _check_contents(model: ModelRecord) -> None:
         spec = model.decode_spec()
         weights = model.decode_wire_weights()
     except (msgspec.DecodeError, FedgateError) as exc:
-        raise ChainBroken(f"stored spec or weights do not decode: {exc}", round=model.round) from exc
+        raise ChainBroken(
+            f"stored spec or weights do not decode: {exc}", round=model.round
+        ) from exc
     computed = model_digest(
         parent_digest=model.parent_digest, round=model.round, spec=spec, weights=weights
     )
@@ -619,4 +630,3 @@ def _event_record(row: EventRow) -> EventRecord:
         agent_id=row.agent_id,
         detail=row.detail,
     )
-
