@@ -22,16 +22,13 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-
+from demo_broker import demo_broker  # this script's directory is on sys.path
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
 from fedgate_agent.model import build_model
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.store import Store
-
-sys.path.insert(0, str(Path(__file__).parent))
-from broker import demo_broker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,8 +39,9 @@ BATCH_SIZE = 32
 
 
 def run_cli(*args: str) -> dict[str, Any]:
-    result = subprocess.run([str(BIN / args[0]), *args[1:], "--json"], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:], "--json"], check=False, capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(args[:3])} failed ({result.returncode}): {result.stderr}")
     data: dict[str, Any] = json.loads(result.stdout)
@@ -62,8 +60,12 @@ def centralized(train: LocalDataset, test: LocalDataset, spec: Any, rounds: int)
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
     model = build_model(spec)
     for number in range(1, rounds + 1):
-        plan = TrainingPlan(learning_rate=LEARNING_RATE * LR_DECAY ** (number - 1),
-                            momentum=0.9, local_epochs=LOCAL_EPOCHS, batch_size=BATCH_SIZE)
+        plan = TrainingPlan(
+            learning_rate=LEARNING_RATE * LR_DECAY ** (number - 1),
+            momentum=0.9,
+            local_epochs=LOCAL_EPOCHS,
+            batch_size=BATCH_SIZE,
+        )
         train_locally(model, train, plan, seed=number)
     return evaluate(model, test).accuracy
 
@@ -93,43 +95,103 @@ def main() -> int:
         coord_dir = out / "coordinator"
         spec_file = out / "model-spec.json"
         spec_file.write_bytes(msgspec.json.encode(split.spec))
-        init = run_cli("fedgate-coordinator", "--state-dir", str(coord_dir), "init",
-                       "--cloud", "cloud-1", "--deployment", deployment,
-                       "--broker-host", broker.host, "--broker-port", str(broker.port),
-                       "--min-participants", str(max(2, args.sites - 2)),
-                       "--update-timeout", "300", "--model-spec", str(spec_file))
+        init = run_cli(
+            "fedgate-coordinator",
+            "--state-dir",
+            str(coord_dir),
+            "init",
+            "--cloud",
+            "cloud-1",
+            "--deployment",
+            deployment,
+            "--broker-host",
+            broker.host,
+            "--broker-port",
+            str(broker.port),
+            "--min-participants",
+            str(max(2, args.sites - 2)),
+            "--update-timeout",
+            "300",
+            "--model-spec",
+            str(spec_file),
+        )
         agent_configs: list[Path] = []
         for index in range(args.sites):
             name = f"site-{index + 1}"
             state = out / "agents" / name
             config = state / "agent.toml"
-            agent = run_cli("fedgate-agent", "init", "--config", str(config), "--agent-id", name,
-                            "--deployment", deployment, "--cloud", "cloud-1",
-                            "--state-dir", str(state), "--broker-host", broker.host,
-                            "--broker-port", str(broker.port),
-                            "--coordinator-key", init["coordinator_public_key"])
-            run_cli("fedgate-coordinator", "--state-dir", str(coord_dir), "enroll", name,
-                    agent["public_key"])
+            agent = run_cli(
+                "fedgate-agent",
+                "init",
+                "--config",
+                str(config),
+                "--agent-id",
+                name,
+                "--deployment",
+                deployment,
+                "--cloud",
+                "cloud-1",
+                "--state-dir",
+                str(state),
+                "--broker-host",
+                broker.host,
+                "--broker-port",
+                str(broker.port),
+                "--coordinator-key",
+                init["coordinator_public_key"],
+            )
+            run_cli(
+                "fedgate-coordinator",
+                "--state-dir",
+                str(coord_dir),
+                "enroll",
+                name,
+                agent["public_key"],
+            )
             agent_configs.append(config)
         write_site_files(split, [config.parent for config in agent_configs])
 
-        print(f"[3/5] starting 1 coordinator and {args.sites} agents; {args.rounds} rounds",
-              flush=True)
+        print(
+            f"[3/5] starting 1 coordinator and {args.sites} agents; {args.rounds} rounds",
+            flush=True,
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for config in agent_configs:
             log = (out / "logs" / f"{config.parent.name}.log").open("wb")
-            processes.append(subprocess.Popen(
-                [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, env=env))
+            processes.append(
+                subprocess.Popen(
+                    [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
         coord_log = (out / "logs" / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(
-            [str(BIN / "fedgate-coordinator"), "--state-dir", str(coord_dir), "serve",
-             "--rounds", str(args.rounds)], stdout=coord_log, stderr=subprocess.STDOUT, env=env)
+            [
+                str(BIN / "fedgate-coordinator"),
+                "--state-dir",
+                str(coord_dir),
+                "serve",
+                "--rounds",
+                str(args.rounds),
+            ],
+            stdout=coord_log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         processes.append(coordinator)
 
         store = Store.open(init["database_url"], migrate=False)
-        headers = ["round", "status", "participants", "train_loss", "test_acc",
-                   "bytes_up/agent", "bytes_down/agent"]
+        headers = [
+            "round",
+            "status",
+            "participants",
+            "train_loss",
+            "test_acc",
+            "bytes_up/agent",
+            "bytes_down/agent",
+        ]
         print(format_table(headers, []), flush=True)
         rows: list[list[Any]] = []
         seen: set[int] = set()
@@ -143,10 +205,20 @@ def main() -> int:
                     seen.add(record.round)
                     parts = store.participants(record.round)
                     up = int(np.mean([p.bytes_up for p in parts])) if parts else 0
-                    acc = (accuracy_of(store, record.model_digest, split.test)
-                           if record.model_digest else None)
-                    row = [record.round, record.status, record.participants or 0,
-                           record.mean_train_loss, acc, up, record.bytes_down_per_agent or 0]
+                    acc = (
+                        accuracy_of(store, record.model_digest, split.test)
+                        if record.model_digest
+                        else None
+                    )
+                    row = [
+                        record.round,
+                        record.status,
+                        record.participants or 0,
+                        record.mean_train_loss,
+                        acc,
+                        up,
+                        record.bytes_down_per_agent or 0,
+                    ]
                     rows.append(row)
                     print(format_table(headers, [row]).splitlines()[-1], flush=True)
                 if finished:
@@ -164,21 +236,27 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
         if coordinator.returncode != 0:
-            raise SystemExit(f"coordinator exited with {coordinator.returncode}; "
-                             "see out/demo/logs/coordinator.log")
+            raise SystemExit(
+                f"coordinator exited with {coordinator.returncode}; "
+                "see out/demo/logs/coordinator.log"
+            )
         fed_seconds = time.monotonic() - started
 
     completed = [row for row in rows if row[1] == "completed"]
     fedavg_accuracy = float(completed[-1][4]) if completed else 0.0
-    print(f"[4/5] centralized training of the same model on the union "
-          f"({len(centralized_dataset(split))} windows)", flush=True)
+    print(
+        f"[4/5] centralized training of the same model on the union "
+        f"({len(centralized_dataset(split))} windows)",
+        flush=True,
+    )
     central_started = time.monotonic()
     central_accuracy = centralized(centralized_dataset(split), split.test, split.spec, args.rounds)
     central_seconds = time.monotonic() - central_started
     bytes_up = int(np.mean([row[5] for row in completed])) if completed else 0
     bytes_down = int(np.mean([row[6] for row in completed])) if completed else 0
-    float32_model = sum(int(np.prod(s)) for s in
-                        [p.shape for p in build_model(split.spec).parameters()]) * 4
+    float32_model = (
+        sum(int(np.prod(s)) for s in [p.shape for p in build_model(split.spec).parameters()]) * 4
+    )
     summary = {
         "deployment": deployment,
         "sites": args.sites,
@@ -198,11 +276,19 @@ def main() -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[5/5] result")
-    print(format_table(["training", "test accuracy", "seconds"], [
-        ["fedgate FedAvg (6 sites, signed MQTT)", fedavg_accuracy, round(fed_seconds, 1)],
-        ["centralized (union of sites)", central_accuracy, round(central_seconds, 1)]]))
-    print(f"gap: {summary['accuracy_gap_points']} points; bytes per agent per round: "
-          f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model})")
+    print(
+        format_table(
+            ["training", "test accuracy", "seconds"],
+            [
+                ["fedgate FedAvg (6 sites, signed MQTT)", fedavg_accuracy, round(fed_seconds, 1)],
+                ["centralized (union of sites)", central_accuracy, round(central_seconds, 1)],
+            ],
+        )
+    )
+    print(
+        f"gap: {summary['accuracy_gap_points']} points; bytes per agent per round: "
+        f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model})"
+    )
     print(f"summary: {out / 'summary.json'}")
     print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {coord_dir} status")
     return 0

@@ -41,7 +41,7 @@ from fedgate_agent.config import (
     set_config_value,
     write_config,
 )
-from fedgate_agent.errors import ConfigError, LocalDataError
+from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
 from fedgate_agent.identity import create_identity, identity_path, load_identity
 from fedgate_agent.state import read_status
 
@@ -74,9 +74,10 @@ def _guard(func: F) -> F:
             return func(*args, **kwargs)
         except LocalDataError as exc:
             _fail(str(exc), ExitCode.DATA)
+        except IdentityExists as exc:
+            _fail(str(exc), ExitCode.CONFLICT)
         except ConfigError as exc:
-            code = ExitCode.CONFLICT if "exists" in str(exc) else ExitCode.CONFIG
-            _fail(str(exc), code)
+            _fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:
             _fail(str(exc), ExitCode.CONFIG)
 

@@ -119,14 +119,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 def _config_error(message: str, problems: list[str] | None = None) -> ConfigError:
-    """A :class:`ConfigError` with ``problems``: every problem found, one message each.
-
-    ``fedgate_agent.errors.ConfigError`` has no ``problems`` parameter (yet), so the
-    attribute is attached here; callers read ``error.problems``.
-    """
-    error = ConfigError(message)
-    setattr(error, "problems", [message] if problems is None else list(problems))  # noqa: B010
-    return error
+    """A :class:`ConfigError` listing every problem found, one message each."""
+    return ConfigError(message, problems=problems)
 
 
 # --------------------------------------------------------------------------- schema

@@ -5,7 +5,9 @@ Tree::
     FedgateError                 root of every fedgate exception (fedgate_common.errors)
      └── AgentError              root of every exception raised by the agent
           ├── ConfigError        the agent's configuration is missing or invalid
+          │    └── IdentityExists  ``init`` would replace an existing identity key
           ├── LocalDataError     the local training data cannot be used as it is
+          ├── TrainingDiverged   local training produced NaN/Inf; the update is not sent
           ├── PlanRejected       a training plan from the coordinator is outside safe bounds
           └── ModelRejected      a model from the federation is refused (shape, digest, cert)
 
@@ -18,7 +20,15 @@ from pathlib import Path
 
 from fedgate_common.errors import FedgateError
 
-__all__ = ["AgentError", "ConfigError", "LocalDataError", "ModelRejected", "PlanRejected"]
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "IdentityExists",
+    "LocalDataError",
+    "ModelRejected",
+    "PlanRejected",
+    "TrainingDiverged",
+]
 
 
 class AgentError(FedgateError):
@@ -26,7 +36,18 @@ class AgentError(FedgateError):
 
 
 class ConfigError(AgentError):
-    """The agent's configuration is missing or invalid."""
+    """The agent's configuration is missing or invalid.
+
+    ``problems`` lists every problem found, each phrased as what to fix.
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = [message] if problems is None else list(problems)
+
+
+class IdentityExists(ConfigError):
+    """``init`` would replace an existing identity key."""
 
 
 class LocalDataError(AgentError):
@@ -38,6 +59,10 @@ class LocalDataError(AgentError):
     def __init__(self, message: str, *, path: Path | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class TrainingDiverged(AgentError):
+    """Local training produced NaN/Inf; nothing is sent for the round."""
 
 
 class PlanRejected(AgentError):

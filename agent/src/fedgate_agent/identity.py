@@ -8,7 +8,7 @@ from pathlib import Path
 import nacl.signing
 from fedgate_common.keys import InvalidKey, parse_signing_key, signing_key_text
 
-from fedgate_agent.errors import ConfigError
+from fedgate_agent.errors import ConfigError, IdentityExists
 
 IDENTITY_FILE = "identity.key"
 
@@ -25,7 +25,7 @@ def create_identity(state_dir: Path) -> nacl.signing.SigningKey:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise ConfigError(
+        raise IdentityExists(
             f"{path} exists: this agent already has an identity "
             "(delete it only to re-enroll under a new key)"
         ) from None

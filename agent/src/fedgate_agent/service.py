@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections import Counter
 
@@ -27,7 +28,7 @@ from fedgate_common.topics import (
 )
 
 from fedgate_agent.config import AgentConfig
-from fedgate_agent.errors import AgentError
+from fedgate_agent.errors import AgentError, TrainingDiverged
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.mqtt_link import InboundMessage, MqttLink
 from fedgate_agent.round_logic import (
@@ -167,6 +168,13 @@ class AgentService:
         )
         trained = weights_of(net)
         delta = {name: trained[name] - base[name] for name in base}
+        if not math.isfinite(result.mean_loss) or not all(
+            np.isfinite(d).all() for d in delta.values()
+        ):
+            raise TrainingDiverged(
+                f"round {work.start.round}: training diverged (loss {result.mean_loss}); "
+                "the update is not sent"
+            )
         return ModelUpdate(
             round=work.start.round,
             base_digest=model_msg.digest,

@@ -72,12 +72,15 @@ def demo_broker() -> Iterator[BrokerEndpoint]:
         return
     port = free_port()
     mosquitto = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if mosquitto:
             conf = Path(tmp) / "mosquitto.conf"
-            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                            "persistence false\nmessage_size_limit 0\n")
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                "persistence false\nmessage_size_limit 0\n"
+            )
             command = [mosquitto, "-c", str(conf)]
             kind = "private mosquitto"
         else:
