@@ -161,6 +161,7 @@ def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
 
 def save_local_dataset(path: Path, dataset: LocalDataset) -> None:
     """Write ``dataset`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:

@@ -56,6 +56,12 @@ def declared_elements(item: WireArray, limits: Limits = DEFAULT_LIMITS) -> int:
         raise LimitExceeded(
             f"array {item.name!r}: {count} elements > limit {limits.max_array_elements}"
         )
+    # An empty array may still declare huge other dimensions, e.g. (0, 2**63 - 1), which
+    # numpy refuses with ValueError; bound the product of the non-zero dimensions too.
+    if math.prod(d for d in item.shape if d) > limits.max_array_elements:
+        raise LimitExceeded(
+            f"array {item.name!r}: shape {item.shape} > limit {limits.max_array_elements}"
+        )
     itemsize = np.dtype(item.dtype).itemsize
     if len(item.data) != count * itemsize:
         raise MalformedMessage(

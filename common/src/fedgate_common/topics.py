@@ -58,7 +58,8 @@ def parse_round_topic(topic: str) -> RoundTopic:
     parts = topic.split("/")
     if len(parts) not in (6, 7) or parts[0] != ROOT or parts[3] != "round":
         raise MalformedMessage(f"not a round topic: {topic!r}")
-    if not parts[4].isdigit() or len(parts[4]) > 18:
+    # isascii: str.isdigit() also accepts '²' (int() fails) and '١٢' (int() gives 12).
+    if not (parts[4].isascii() and parts[4].isdigit()) or len(parts[4]) > 18:
         raise MalformedMessage(f"bad round number in topic {topic!r}")
     if parts[5] not in STAGES:
         raise MalformedMessage(f"unknown stage in topic {topic!r}")

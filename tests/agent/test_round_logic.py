@@ -1,0 +1,152 @@
+"""The agent's IO-free message handling: what it adopts, trains on, and refuses."""
+
+from __future__ import annotations
+
+import msgspec
+import nacl.signing
+import numpy as np
+import pytest
+from fedgate_agent.errors import ModelRejected
+from fedgate_agent.round_logic import AdoptModel, AgentRoundLogic, RoundEnded, TrainForRound
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.digests import GENESIS_PARENT, model_digest
+from fedgate_common.envelope import seal
+from fedgate_common.errors import BadSignature, EnvelopeMismatch, MalformedMessage, ReplayedMessage
+from fedgate_common.messages import GlobalModel, Payload, RoundEnd, RoundStart, TrainingPlan
+from fedgate_common.model_spec import ModelSpec, initial_weights
+from fedgate_common.topics import model_topic, round_topic
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+DEPLOYMENT, CLOUD, AGENT = "plant", "cloud-1", "site-1"
+COORDINATOR = nacl.signing.SigningKey(b"\x01" * 32)
+
+
+def sealed(
+    payload: Payload, key: nacl.signing.SigningKey = COORDINATOR, cloud: str = CLOUD
+) -> bytes:
+    return seal(payload, signing_key=key, deployment=DEPLOYMENT, cloud=cloud, sender=cloud)
+
+
+def global_model(round: int = 0, parent: str = GENESIS_PARENT, seed: int = 0) -> GlobalModel:
+    weights = encode_arrays(initial_weights(SPEC, np.random.default_rng(seed)))
+    digest = model_digest(parent_digest=parent, round=round, spec=SPEC, weights=weights)
+    return GlobalModel(round=round, digest=digest, parent_digest=parent, spec=SPEC, weights=weights)
+
+
+def start(round: int, base: str, selected: tuple[str, ...] = (AGENT, "site-2")) -> RoundStart:
+    return RoundStart(
+        round=round,
+        base_digest=base,
+        selected=selected,
+        plan=TrainingPlan(learning_rate=0.01),
+        update_timeout_s=60,
+        min_participants=1,
+    )
+
+
+@pytest.fixture
+def logic() -> AgentRoundLogic:
+    return AgentRoundLogic(
+        agent_id=AGENT, deployment=DEPLOYMENT, cloud=CLOUD, coordinator_key=COORDINATOR.verify_key
+    )
+
+
+MODEL_TOPIC = model_topic(DEPLOYMENT, CLOUD)
+
+
+def start_topic(round: int) -> str:
+    return round_topic(DEPLOYMENT, CLOUD, round, "start")
+
+
+def test_model_then_start_trains_on_that_model(logic: AgentRoundLogic) -> None:
+    model = global_model()
+    action = logic.on_message(MODEL_TOPIC, sealed(model))
+    assert isinstance(action, AdoptModel)
+    assert action.model == model
+    assert logic.adopt(model) is None
+    work = logic.on_message(start_topic(1), sealed(start(1, model.digest)))
+    assert isinstance(work, TrainForRound)
+    assert work.model.digest == model.digest
+    assert work.start.round == 1
+
+
+def test_start_before_its_model_waits_for_the_model(logic: AgentRoundLogic) -> None:
+    model = global_model()
+    assert logic.on_message(start_topic(1), sealed(start(1, model.digest))) is None
+    action = logic.on_message(MODEL_TOPIC, sealed(model))
+    assert isinstance(action, AdoptModel)
+    work = logic.adopt(action.model)
+    assert isinstance(work, TrainForRound)
+    assert work.start.round == 1
+
+
+def test_agent_not_selected_does_not_train(logic: AgentRoundLogic) -> None:
+    model = global_model()
+    logic.adopt(model)
+    assert logic.on_message(start_topic(1), sealed(start(1, model.digest, ("other",)))) is None
+
+
+def test_round_already_answered_is_refused_as_replay(logic: AgentRoundLogic) -> None:
+    model = global_model()
+    logic.adopt(model)
+    logic.answered(3)
+    with pytest.raises(ReplayedMessage):
+        logic.on_message(start_topic(3), sealed(start(3, model.digest)))
+    with pytest.raises(ReplayedMessage):
+        logic.on_message(start_topic(2), sealed(start(2, model.digest)))
+
+
+def test_model_signed_by_another_key_is_refused(logic: AgentRoundLogic) -> None:
+    forged = sealed(global_model(), key=nacl.signing.SigningKey.generate())
+    with pytest.raises(BadSignature):
+        logic.on_message(MODEL_TOPIC, forged)
+    assert logic.current_model is None
+
+
+def test_model_whose_digest_does_not_match_its_weights_is_refused(
+    logic: AgentRoundLogic,
+) -> None:
+    honest = global_model()
+    swapped = msgspec.structs.replace(honest, weights=global_model(seed=1).weights)
+    with pytest.raises(ModelRejected):
+        logic.on_message(MODEL_TOPIC, sealed(swapped))
+
+
+def test_message_of_another_cloud_is_refused(logic: AgentRoundLogic) -> None:
+    other = sealed(start(1, "x" * 64), cloud="cloud-2")
+    with pytest.raises(EnvelopeMismatch):
+        logic.on_message(start_topic(1), other)
+
+
+def test_start_on_the_topic_of_another_round_is_refused(logic: AgentRoundLogic) -> None:
+    with pytest.raises(EnvelopeMismatch):
+        logic.on_message(start_topic(9), sealed(start(1, "x" * 64)))
+
+
+def test_model_message_on_a_round_topic_is_refused(logic: AgentRoundLogic) -> None:
+    with pytest.raises(MalformedMessage):
+        logic.on_message(
+            MODEL_TOPIC,
+            sealed(
+                RoundEnd(round=1, outcome="aborted", reason="x", participants=(), model_digest="")
+            ),
+        )
+
+
+def test_older_model_is_ignored_and_cleared_retained_message_is_nothing(
+    logic: AgentRoundLogic,
+) -> None:
+    genesis = global_model()
+    newer = global_model(round=1, parent=genesis.digest, seed=2)
+    logic.adopt(newer)
+    assert logic.on_message(MODEL_TOPIC, sealed(genesis)) is None
+    assert logic.on_message(start_topic(1), b"") is None
+
+
+def test_round_end_is_reported(logic: AgentRoundLogic) -> None:
+    end = RoundEnd(
+        round=4, outcome="completed", reason="", participants=(AGENT,), model_digest="ab" * 32
+    )
+    action = logic.on_message(round_topic(DEPLOYMENT, CLOUD, 4, "end"), sealed(end))
+    assert isinstance(action, RoundEnded)
+    assert action.end == end
