@@ -171,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", action="store_true", help="centralized grid, no FedAvg")
+    parser.add_argument("--grid-windows", type=int, nargs="+", default=[10, 20, 30])
+    parser.add_argument("--grid-channels", type=int, nargs="+", default=[32, 64])
+    parser.add_argument(
+        "--grid-lrs", type=float, nargs="+", default=[0.001, 0.003, 0.01, 0.03, 0.05, 0.1]
+    )
     parser.add_argument("--skip-centralized", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="FedAvg accuracy per round")
     args = parser.parse_args(argv)
@@ -178,9 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     rows: list[Row] = []
     if args.grid:
-        for window, channels, lr in itertools.product(
-            (10, 20, 30), (32, 64), (0.01, 0.03, 0.05, 0.1)
-        ):
+        grid = itertools.product(args.grid_windows, args.grid_channels, args.grid_lrs)
+        for window, channels, lr in grid:
             split = federated_split(
                 args.sites,
                 window=window,

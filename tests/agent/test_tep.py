@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from fedgate_agent.datasets.tep import (
 )
 from fedgate_agent.training import check_dataset, load_local_dataset
 
-pytest.importorskip("bibmon")
+# find_spec, not importorskip: importing bibmon itself takes seconds and is not needed.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("bibmon") is None, reason="needs the datasets extra (bibmon)"
+)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,9 @@ def _through_msgpack_all(items: tuple[WireArray, ...]) -> tuple[WireArray, ...]:
     return tuple(_through_msgpack(item) for item in items)
 
 
-@pytest.mark.parametrize(("big", "little"), [(">f4", "<f4"), (">f8", "<f8"), (">u2", "<u2"), (">i8", "<i8")])
+@pytest.mark.parametrize(
+    ("big", "little"), [(">f4", "<f4"), (">f8", "<f8"), (">u2", "<u2"), (">i8", "<i8")]
+)
 def test_big_endian_input_travels_little_endian(big: str, little: str) -> None:
     values = [1, 2, 300, 4000]
     wire = encode_array("w", np.array(values, dtype=big))
@@ -253,7 +255,11 @@ def test_check_shapes_reports_missing_extra_and_wrong(
 
 
 NAMES = st.text(max_size=4)
-DIMS = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.integers(0, 5)
+DIMS = (
+    st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.integers(0, 5)
+    | st.sampled_from([0, 2**31, 2**40, 2**63 - 1, 2**64 - 1])
+)
 
 
 @given(
@@ -263,7 +269,7 @@ DIMS = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.integers(0, 5)
             name=NAMES,
             dtype=st.sampled_from([*sorted(WIRE_DTYPES), "|O", ">f4", "<c16", "|u1", "x"]),
             shape=st.lists(DIMS, max_size=8).map(tuple),
-            data=st.binary(max_size=80),
+            data=st.just(b"") | st.binary(max_size=80),
         ),
         max_size=4,
     ),

@@ -58,7 +58,7 @@ def read_status(state_dir: Path) -> AgentStatus:
         return msgspec.json.decode(path.read_bytes(), type=AgentStatus)
     except FileNotFoundError:
         return AgentStatus()
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8
         return AgentStatus(last_error=f"{path} is unreadable; it will be rewritten")
 
 

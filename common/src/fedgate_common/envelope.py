@@ -74,7 +74,7 @@ def open_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         raise LimitExceeded(f"message of {len(raw)} bytes > limit {limits.max_message_bytes}")
     try:
         envelope = _envelope_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # invalid UTF-8: UnicodeDecodeError
         raise MalformedMessage(f"undecodable envelope: {exc}") from None
     if envelope.version != PROTOCOL_VERSION:
         raise MalformedMessage(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from fedgate_common.errors import MalformedMessage
+from fedgate_common.errors import InvalidIdentifier, MalformedMessage
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.messages import STAGES
 
@@ -33,6 +33,8 @@ def cloud_prefix(deployment: str, cloud: str) -> str:
 def round_topic(
     deployment: str, cloud: str, round: int, stage: str, agent: str | None = None
 ) -> str:
+    if stage not in STAGES or isinstance(round, bool) or round < 0:
+        raise InvalidIdentifier(f"no round topic for stage {stage!r} and round {round!r}")
     topic = f"{cloud_prefix(deployment, cloud)}/round/{round}/{stage}"
     if agent is not None:
         topic += "/" + validate_identifier(agent, what="agent id")

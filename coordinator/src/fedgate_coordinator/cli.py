@@ -203,7 +203,7 @@ def init(
     if model_spec is not None:
         try:
             spec = msgspec.json.decode(model_spec.read_bytes(), type=ModelSpec)
-        except (msgspec.DecodeError, FedgateError) as exc:
+        except (msgspec.DecodeError, ValueError, FedgateError) as exc:
             raise ConfigError(f"{model_spec}: not a valid model spec: {exc}") from None
     config = CoordinatorConfig(
         deployment=deployment,

@@ -554,7 +554,7 @@ def _check_contents(model: ModelRecord) -> None:
     try:
         spec = model.decode_spec()
         weights = model.decode_wire_weights()
-    except (msgspec.DecodeError, FedgateError) as exc:
+    except (msgspec.DecodeError, ValueError, FedgateError) as exc:
         raise ChainBroken(
             f"stored spec or weights do not decode: {exc}", round=model.round
         ) from exc
