@@ -86,14 +86,18 @@ def test_agent_not_selected_does_not_train(logic: AgentRoundLogic) -> None:
     assert logic.on_message(start_topic(1), sealed(start(1, model.digest, ("other",)))) is None
 
 
-def test_round_already_answered_is_refused_as_replay(logic: AgentRoundLogic) -> None:
+def test_answered_round_is_never_trained_again(logic: AgentRoundLogic) -> None:
+    """The retained start of the round just answered is redelivered on reconnect: ignored.
+    A start for an older round can only be a replay: refused."""
     model = global_model()
     logic.adopt(model)
     logic.answered(3)
-    with pytest.raises(ReplayedMessage):
-        logic.on_message(start_topic(3), sealed(start(3, model.digest)))
+    assert logic.on_message(start_topic(3), sealed(start(3, model.digest))) is None
     with pytest.raises(ReplayedMessage):
         logic.on_message(start_topic(2), sealed(start(2, model.digest)))
+    assert isinstance(
+        logic.on_message(start_topic(4), sealed(start(4, model.digest))), TrainForRound
+    )
 
 
 def test_model_signed_by_another_key_is_refused(logic: AgentRoundLogic) -> None:

@@ -390,8 +390,8 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
             problems.append(
                 (
                     "coordinator_public_key",
-                    "coordinator_public_key is empty; set it to the key printed by "
-                    '`fedgate-coordinator` at enrollment ("ed25519:<64 hex digits>")',
+                    "coordinator_public_key is empty; set it to the key shown by "
+                    '`fedgate-coordinator status` ("ed25519:<64 hex digits>")',
                 )
             )
     else:
@@ -463,7 +463,7 @@ def config_as_dict(config: AgentConfig) -> dict[str, object]:
 
 _FILE_HEADER: Final = (
     "# fedgate-agent configuration (written by fedgate-agent).\n"
-    "# Keys: `fedgate-agent config keys`; FEDGATE_<KEY> environment variables override.\n\n"
+    "# All keys: `fedgate-agent config show`; FEDGATE_<KEY> environment variables override.\n\n"
 )
 
 

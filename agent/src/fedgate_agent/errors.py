@@ -71,3 +71,5 @@ class PlanRejected(AgentError):
 
 class ModelRejected(AgentError):
     """A model received from the federation is refused and is not loaded."""
+
+    kind = "model_rejected"

@@ -20,6 +20,7 @@ def identity_path(state_dir: Path) -> Path:
 def create_identity(state_dir: Path) -> nacl.signing.SigningKey:
     """Generate and store a new identity key; refuses to replace an existing one."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    state_dir.chmod(0o750)  # may exist already, created by writing the config file
     path = identity_path(state_dir)
     key = nacl.signing.SigningKey.generate()
     try:

@@ -24,6 +24,7 @@ log = logging.getLogger("fedgate.agent.mqtt")
 
 # CONNACK codes meaning "this protocol version is not spoken here" (3.1.1 rc 1, MQTT 5 rc 132).
 _UNSUPPORTED_PROTOCOL = {1, 132}
+SESSION_EXPIRY_S = 300
 
 
 class InboundMessage(msgspec.Struct, frozen=True):
@@ -51,6 +52,7 @@ class MqttLink:
         self._client: aiomqtt.Client | None = None
         self._use_v5 = settings.protocol in ("auto", "5")
         self.bytes_published = 0
+        self._connected_once = False
 
     def _make_client(self) -> aiomqtt.Client:
         common = {
@@ -61,15 +63,19 @@ class MqttLink:
             "max_queued_incoming_messages": self.settings.queue_size,
             "logger": log,
         }
+        # The first connection of this process starts a clean session; reconnections resume
+        # it, so QoS 1 messages sent while the link was down are delivered afterwards.
+        fresh = not self._connected_once
         if self._use_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 300
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
             return aiomqtt.Client(
                 protocol=aiomqtt.ProtocolVersion.V5,
                 properties=properties,
+                clean_start=fresh,
                 **common,  # type: ignore[arg-type]
             )
-        return aiomqtt.Client(protocol=aiomqtt.ProtocolVersion.V311, clean_session=True, **common)  # type: ignore[arg-type]
+        return aiomqtt.Client(protocol=aiomqtt.ProtocolVersion.V311, clean_session=fresh, **common)  # type: ignore[arg-type]
 
     async def run(self) -> None:
         """Connect, subscribe and pump messages forever; reconnect after any broker error."""
@@ -80,6 +86,7 @@ class MqttLink:
                     for topic_filter in self.subscriptions:
                         await client.subscribe(topic_filter, qos=1)
                     self._client = client
+                    self._connected_once = True
                     self.connected.set()
                     log_event(
                         log,

@@ -113,7 +113,9 @@ class AgentRoundLogic:
     def _on_start(self, start: RoundStart) -> TrainForRound | None:
         if self.agent_id not in start.selected:
             return None
-        if start.round <= self.last_answered_round:
+        if start.round == self.last_answered_round:
+            return None  # the retained start of the round just answered, seen again
+        if start.round < self.last_answered_round:
             raise ReplayedMessage(
                 f"round {start.round} announced again; this agent already answered up to "
                 f"round {self.last_answered_round}"

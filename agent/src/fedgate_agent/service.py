@@ -28,7 +28,7 @@ from fedgate_common.topics import (
 )
 
 from fedgate_agent.config import AgentConfig
-from fedgate_agent.errors import AgentError, TrainingDiverged
+from fedgate_agent.errors import TrainingDiverged
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.mqtt_link import InboundMessage, MqttLink
 from fedgate_agent.round_logic import (
@@ -72,6 +72,7 @@ class AgentService:
         )
         self._dataset: LocalDataset | None = None
         self.rejected: Counter[str] = Counter(self.status.rejected)
+        self._bytes_up_before = self.status.bytes_up  # cumulative across restarts
         self._restore_model()
 
     def _fields(self, **extra: object) -> dict[str, object]:
@@ -101,7 +102,7 @@ class AgentService:
         if state is not None:
             self.status.state = state
         self.status.rejected = dict(self.rejected)
-        self.status.bytes_up = self.link.bytes_published
+        self.status.bytes_up = self._bytes_up_before + self.link.bytes_published
         write_status(self.config.state_path, self.status)
 
     # -- message handling ----------------------------------------------------------------
@@ -198,7 +199,7 @@ class AgentService:
         self._save_status("training")
         try:
             update = await asyncio.to_thread(self._train, work)
-        except AgentError as exc:
+        except FedgateError as exc:  # bad local data, divergence, or a model we cannot use
             self.status.last_error = str(exc)
             log_event(
                 log, logging.ERROR, "training failed", **self._fields(round=number, error=str(exc))

@@ -13,7 +13,6 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_array_elements: int = 16 * 1024 * 1024
     max_total_elements: int = 20 * 1024 * 1024
     max_ndim: int = 6
-    max_list_items: int = 100_000
 
 
 DEFAULT_LIMITS = Limits()

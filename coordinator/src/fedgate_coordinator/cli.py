@@ -7,7 +7,7 @@ Exit codes (also in ``fedgate-coordinator --help``):
     2  bad command line
     3  configuration or signing key missing or invalid
     4  the store cannot be opened or written
-    5  conflict: the agent id is enrolled with another key, or init would overwrite
+    5  conflict: the agent id is enrolled with another key
     6  the model hash chain does not verify
 """
 
@@ -62,7 +62,7 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success          1 unexpected failure   2 bad command line
-  3 config/key error 4 store error          5 conflict (enrollment, init)
+  3 config/key error 4 store error          5 enrollment conflict
   6 model hash chain does not verify"""
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,7 +81,7 @@ def _guard(func: F) -> F:
             return func(*args, **kwargs)
         except ConfigError as exc:
             _fail(str(exc), ExitCode.CONFIG)
-        except (AgentConflict, FileExistsError) as exc:
+        except AgentConflict as exc:
             _fail(str(exc), ExitCode.CONFLICT)
         except ChainBroken as exc:
             _fail(str(exc), ExitCode.CHAIN)
@@ -118,6 +118,13 @@ def _redact(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user}:***@{host}" if ":" in creds else url
     return url
+
+
+def _restrict_sqlite_file(url: str) -> None:
+    """The store holds agent keys and history: readable by the service group only."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and len(url) > len(prefix):
+        Path(url[len(prefix) :]).chmod(0o640)
 
 
 def _echo_json(data: object) -> None:
@@ -220,12 +227,16 @@ def init(
     problems = validate(config)
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
-    key = create_signing_key(state_dir / KEY_NAME)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     store = obj.store(config)
     try:
         genesis = ensure_genesis(store, config)
     finally:
         store.close()
+    _restrict_sqlite_file(config.database_url)
+    key_path = state_dir / KEY_NAME
+    # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
+    key = load_signing_key(key_path) if key_path.exists() else create_signing_key(key_path)
     path = write_config(state_dir, config)
     result = {
         "cloud": cloud,
@@ -270,6 +281,32 @@ def enroll(obj: Context, agent_id: str, public_key: str, as_json: bool) -> None:
         _echo_json(record)
     else:
         click.echo(f"enrolled {record.agent_id} ({record.public_key})")
+
+
+@main.command()
+@click.argument("agent_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the agent record as JSON.")
+@click.pass_obj
+@_guard
+def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
+    """Revoke an agent: from the next round on, its messages are rejected as unknown_sender.
+
+    The row and its key stay in the store for the audit trail.
+
+    \b
+    Example:
+      fedgate-coordinator revoke site-1
+    """
+    store = obj.store()
+    try:
+        store.revoke_agent(agent_id)
+        record = store.get_agent(agent_id)
+    finally:
+        store.close()
+    if as_json:
+        _echo_json(record)
+    else:
+        click.echo(f"revoked {agent_id}")
 
 
 @main.command()
@@ -329,6 +366,9 @@ def _status_data(obj: Context) -> dict[str, Any]:
         return {
             "deployment": config.deployment,
             "cloud": config.cloud,
+            "coordinator_public_key": public_key_text(
+                load_signing_key(obj.state_dir / KEY_NAME).verify_key
+            ),
             "database_url": _redact(config.database_url),
             "schema_revision": store.schema_revision(),
             "head_model": None if head is None else {"digest": head.digest, "round": head.round},
@@ -363,6 +403,7 @@ def status(obj: Context, as_json: bool) -> None:
         _echo_json(data)
         return
     click.echo(f"deployment {data['deployment']}  cloud {data['cloud']}")
+    click.echo(f"public key {data['coordinator_public_key']}")
     click.echo(f"store      {data['database_url']} (schema {data['schema_revision']})")
     head = data["head_model"]
     click.echo(

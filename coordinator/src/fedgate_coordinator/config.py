@@ -59,6 +59,8 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append("rounds.learning_rate must be in (0, 10] and rounds.lr_decay in (0, 1]")
     if not 0 <= r.momentum < 1:
         problems.append("rounds.momentum must be in [0, 1)")
+    if not 1 <= r.max_weight <= 10**9 or not 0 < r.max_update_norm <= 1e12:
+        problems.append("rounds.max_weight must be 1..1e9 and rounds.max_update_norm in (0, 1e12]")
     if not 1 <= r.local_epochs <= 1000 or not 1 <= r.batch_size <= 65536:
         problems.append("rounds.local_epochs must be 1..1000 and rounds.batch_size 1..65536")
     if not config.database_url.startswith(("sqlite:", "postgresql")):

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_common.arrays import check_shapes, decode_arrays
 from fedgate_common.errors import (
+    LimitExceeded,
     MalformedMessage,
     NonFiniteValues,
     ReplayedMessage,
@@ -42,6 +43,8 @@ class RoundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     local_epochs: int = 5
     batch_size: int = 32
     pause_between_rounds_s: float = 0.0
+    max_weight: int = 100_000
+    max_update_norm: float = 1_000.0
 
     def plan_for(self, round: int) -> TrainingPlan:
         """Learning rate decays by ``lr_decay`` per round (round 1 uses ``learning_rate``)."""
@@ -145,6 +148,14 @@ class RoundInProgress:
         delta = decode_arrays(update.delta, self._limits, require_finite=True)
         check_shapes(delta, self._shapes)
         typed = {name: np.asarray(value, dtype=np.float32) for name, value in delta.items()}
+        norm = float(
+            np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in typed.values()))
+        )
+        if norm > self.settings.max_update_norm:
+            raise LimitExceeded(
+                f"update L2 norm {norm:.3g} > limit {self.settings.max_update_norm}",
+                sender=sender,
+            )
         contribution = Contribution(
             agent_id=sender,
             num_samples=update.num_samples,
@@ -166,12 +177,24 @@ class RoundInProgress:
                 ),
                 contributions=contributions,
             )
-        delta = weighted_mean_delta([(c.num_samples, d) for c, d in self._received.values()])
-        total = sum(c.num_samples for c in contributions)
-        mean_loss = sum(c.train_loss * c.num_samples for c in contributions) / total
+        # An agent's weight is its claimed sample count, capped: no agent can outweigh the
+        # others by claiming a huge data set.
+        cap = self.settings.max_weight
+        delta = weighted_mean_delta(
+            [(min(c.num_samples, cap), d) for c, d in self._received.values()]
+        )
+        total = sum(min(c.num_samples, cap) for c in contributions)
+        mean_loss = sum(c.train_loss * min(c.num_samples, cap) for c in contributions) / total
+        weights = apply_delta(self._base_weights, delta)
+        if not all(np.isfinite(w).all() for w in weights.values()):
+            return RoundAborted(
+                round=self.round,
+                reason="the aggregated model is not finite; nothing is released",
+                contributions=contributions,
+            )
         return RoundCompleted(
             round=self.round,
             contributions=contributions,
-            weights=apply_delta(self._base_weights, delta),
+            weights=weights,
             mean_train_loss=mean_loss,
         )

@@ -229,8 +229,9 @@ class CoordinatorService:
             min_participants=self.config.rounds.min_participants,
         )
         self._all_in = asyncio.Event()
+        self._agent_keys.clear()  # enrollments and revocations take effect each round
         self.current = current
-        start_topic = round_topic(self.config.deployment, self.config.cloud, number, "start")
+        start_topic = self._round_topic(number, "start")
         closed = False
         try:
             start = self._seal(current.start_message())
@@ -316,9 +317,7 @@ class CoordinatorService:
                     "round aborted",
                     **self._fields(round=number, reason=result.reason),
                 )
-            await self.link.publish(
-                round_topic(self.config.deployment, self.config.cloud, number, "end"), end
-            )
+            await self.link.publish(self._round_topic(number, "end"), end)
             await self.link.publish(start_topic, b"", retain=True)
             return result if isinstance(result, RoundCompleted) else None
         finally:
@@ -326,9 +325,26 @@ class CoordinatorService:
             if not closed:
                 self.store.abort_round(round=number, reason=STOP_REASON)
 
+    async def _announce_recovered(self, numbers: list[int]) -> None:
+        """Tell agents the interrupted rounds ended and clear their retained starts."""
+        for number in numbers:
+            end = RoundEnd(
+                round=number,
+                outcome="aborted",
+                reason=RESTART_REASON,
+                participants=(),
+                model_digest="",
+            )
+            await self.link.publish(self._round_topic(number, "end"), self._seal(end))
+            await self.link.publish(self._round_topic(number, "start"), b"", retain=True)
+
+    def _round_topic(self, number: int, stage: str) -> str:
+        return round_topic(self.config.deployment, self.config.cloud, number, stage)
+
     async def run(self, *, max_rounds: int | None = None) -> ServeSummary:
         """Recover, connect, publish the head model, then run rounds until ``max_rounds``."""
-        for number in recover_interrupted_rounds(self.store):
+        recovered = recover_interrupted_rounds(self.store)
+        for number in recovered:
             log_event(
                 log,
                 logging.WARNING,
@@ -340,6 +356,7 @@ class CoordinatorService:
             link_task = group.create_task(self.link.run())
             intake_task = group.create_task(self._intake_loop())
             await self.link.connected.wait()
+            await self._announce_recovered(recovered)
             await self.link.publish(
                 model_topic(self.config.deployment, self.config.cloud),
                 self._global_model_message(head),
