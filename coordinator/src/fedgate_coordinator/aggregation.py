@@ -34,4 +34,5 @@ def weighted_mean_delta(
 
 
 def apply_delta(base: Weights, delta: Weights) -> dict[str, npt.NDArray[np.float32]]:
-    return {name: (base[name] + delta[name]).astype(np.float32) for name in base}
+    with np.errstate(over="ignore"):  # overflow shows up as Inf; the caller checks
+        return {name: (base[name] + delta[name]).astype(np.float32) for name in base}

@@ -107,23 +107,35 @@ class MqttLink:
                         if not isinstance(payload, bytes | bytearray):
                             payload = str(payload).encode()
                         await self.inbound.put(InboundMessage(str(message.topic), bytes(payload)))
-            except aiomqtt.MqttCodeError as exc:
-                if (
-                    self.settings.protocol == "auto"
-                    and self._use_v5
-                    and _reason_value(exc.rc) in _UNSUPPORTED_PROTOCOL
-                ):
-                    log_event(log, logging.INFO, "broker refuses MQTT 5; using 3.1.1")
-                    self._use_v5 = False
-                    continue
-                self._lost(exc, attempt)
             except aiomqtt.MqttError as exc:
+                if self._switch_protocol(exc):
+                    continue
                 self._lost(exc, attempt)
             finally:
                 self._client = None
                 self.connected.clear()
             await asyncio.sleep(self._backoff.delay(attempt, random.random()))
             attempt += 1
+
+    def _switch_protocol(self, exc: aiomqtt.MqttError) -> bool:
+        """With ``protocol = "auto"``, move to MQTT 3.1.1 when the broker refuses MQTT 5.
+
+        Brokers refuse either with a CONNACK code or by closing the connection; until an
+        MQTT 5 session has succeeded once, a failed attempt alternates the version.
+        """
+        if self.settings.protocol != "auto" or self._connected_once:
+            return False
+        refused = isinstance(exc, aiomqtt.MqttCodeError) and (
+            _reason_value(exc.rc) in _UNSUPPORTED_PROTOCOL
+        )
+        if refused or self._use_v5:
+            self._use_v5 = not self._use_v5
+            log_event(
+                log, logging.INFO, "trying another MQTT version", mqtt5=self._use_v5, error=str(exc)
+            )
+            return refused
+        self._use_v5 = True
+        return False
 
     def _lost(self, exc: Exception, attempt: int) -> None:
         log_event(

@@ -1,0 +1,122 @@
+"""What operators rely on in both command lines: help with examples, exit codes, --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from fedgate_agent.cli import ExitCode as AgentExit
+from fedgate_agent.cli import main as agent_main
+from fedgate_common.keys import public_key_text
+from fedgate_coordinator.cli import ExitCode as CoordinatorExit
+from fedgate_coordinator.cli import main as coordinator_main
+from nacl.signing import SigningKey
+
+
+def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths: list[tuple[str, ...]] = []
+    for name, command in group.commands.items():
+        paths.append((*prefix, name))
+        if isinstance(command, click.Group):
+            paths.extend(command_paths(command, (*prefix, name)))
+    return paths
+
+
+@pytest.mark.parametrize("main", [agent_main, coordinator_main], ids=["agent", "coordinator"])
+def test_every_command_has_help_with_an_example(main: click.Group) -> None:
+    runner = CliRunner()
+    paths = command_paths(main)
+    assert len(paths) >= 6
+    for path in [(), *paths]:
+        result = runner.invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Example" in result.output, f"{' '.join(path) or 'main'} --help has no example"
+    assert "Exit codes" in runner.invoke(main, ["--help"]).output
+
+
+def test_coordinator_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    state = ["--state-dir", str(tmp_path / "c")]
+    missing = runner.invoke(coordinator_main, [*state, "status"])
+    assert missing.exit_code == CoordinatorExit.CONFIG
+    assert "fedgate-coordinator init" in missing.output
+    init = runner.invoke(coordinator_main, [*state, "init", "--cloud", "c1", "--json"])
+    assert init.exit_code == 0, init.output
+    assert json.loads(init.output)["coordinator_public_key"].startswith("ed25519:")
+    again = runner.invoke(coordinator_main, [*state, "init", "--cloud", "c1"])
+    assert again.exit_code == CoordinatorExit.CONFIG
+    key = public_key_text(SigningKey.generate().verify_key)
+    assert runner.invoke(coordinator_main, [*state, "enroll", "gw-1", key]).exit_code == 0
+    other = public_key_text(SigningKey.generate().verify_key)
+    conflict = runner.invoke(coordinator_main, [*state, "enroll", "gw-1", other])
+    assert conflict.exit_code == CoordinatorExit.CONFLICT
+    bad_key = runner.invoke(coordinator_main, [*state, "enroll", "gw-2", "ed25519:zz"])
+    assert bad_key.exit_code == CoordinatorExit.USAGE
+    bad_id = runner.invoke(coordinator_main, [*state, "enroll", "gw/+", key])
+    assert bad_id.exit_code == CoordinatorExit.USAGE
+    agents = json.loads(runner.invoke(coordinator_main, [*state, "agents", "--json"]).output)
+    assert [a["agent_id"] for a in agents] == ["gw-1"]
+    assert runner.invoke(coordinator_main, [*state, "revoke", "gw-1"]).exit_code == 0
+    agents = json.loads(runner.invoke(coordinator_main, [*state, "agents", "--json"]).output)
+    assert agents[0]["status"] == "revoked"
+    status = json.loads(runner.invoke(coordinator_main, [*state, "status", "--json"]).output)
+    assert status["head_model"]["round"] == 0
+    assert status["coordinator_public_key"] == json.loads(init.output)["coordinator_public_key"]
+    models = json.loads(
+        runner.invoke(coordinator_main, [*state, "models", "--verify", "--json"]).output
+    )
+    assert models["verified_length"] == 1
+
+
+def test_agent_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    config = str(tmp_path / "agent.toml")
+    missing = runner.invoke(agent_main, ["status", "--config", config])
+    assert missing.exit_code == AgentExit.CONFIG
+    init = runner.invoke(
+        agent_main,
+        [
+            "init",
+            "--config",
+            config,
+            "--agent-id",
+            "gw-1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--json",
+        ],
+    )
+    assert init.exit_code == 0, init.output
+    assert json.loads(init.output)["agent_id"] == "gw-1"
+    assert (tmp_path / "state" / "identity.key").stat().st_mode & 0o777 == 0o600
+    again = runner.invoke(agent_main, ["init", "--config", config])
+    assert again.exit_code == AgentExit.CONFLICT
+    bad = runner.invoke(agent_main, ["config", "set", "--config", config, "broker.port", "0"])
+    assert bad.exit_code == AgentExit.CONFIG
+    assert "broker.port" in bad.output
+    key = public_key_text(SigningKey.generate().verify_key)
+    assert (
+        runner.invoke(
+            agent_main, ["config", "set", "--config", config, "coordinator_public_key", key]
+        ).exit_code
+        == 0
+    )
+    no_data = runner.invoke(agent_main, ["run", "--config", config])
+    assert no_data.exit_code == AgentExit.DATA
+    assert "train.npz" in no_data.output
+    shown = json.loads(
+        runner.invoke(agent_main, ["config", "show", "--config", config, "--json"]).output
+    )
+    assert shown["coordinator_public_key"] == key
+    env = runner.invoke(
+        agent_main,
+        ["config", "show", "--config", config, "--json"],
+        env={"FEDGATE_BROKER_PORT": "8883"},
+    )
+    assert json.loads(env.output)["broker"]["port"] == 8883
+    status = json.loads(runner.invoke(agent_main, ["status", "--config", config, "--json"]).output)
+    assert status["running"] is False
+    assert status["identity_present"] is True

@@ -1,0 +1,124 @@
+"""The reconnecting MQTT link against real brokers on free loopback ports:
+an MQTT 3.1.1-only embedded broker (amqtt) and a private Mosquitto that is restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedgate_common.backoff import Backoff
+from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
+
+AMQTT_BROKER = """
+import asyncio, sys
+from amqtt.broker import Broker
+
+async def main() -> None:
+    broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{sys.argv[1]}"}},
+                     "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                                 {"allow_anonymous": True}}})
+    await broker.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "broker exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"broker did not listen on {port}")
+
+
+@contextlib.contextmanager
+def broker(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def mosquitto_command(tmp_path: Path, port: int) -> list[str]:
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    return [MOSQUITTO, "-c", str(conf)]
+
+
+async def round_trip(link: MqttLink, topic: str, payload: bytes) -> InboundMessage:
+    await link.publish(topic, payload)
+    return await asyncio.wait_for(link.inbound.get(), 10)
+
+
+def new_link(port: int) -> MqttLink:
+    return MqttLink(
+        settings=MqttSettings(port=port, client_id=f"link-test-{port}"),
+        subscriptions=["fedgate/t/c/round/+/+/+"],
+        backoff=Backoff(initial_s=0.05, max_s=0.5),
+    )
+
+
+async def test_auto_protocol_falls_back_to_mqtt_311() -> None:
+    port = free_port()
+    with broker([sys.executable, "-c", AMQTT_BROKER, str(port)], port):
+        link = new_link(port)
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 15)
+            assert link._use_v5 is False  # the broker refused MQTT 5
+            message = await round_trip(link, "fedgate/t/c/round/1/update/a", b"hello")
+            assert message == InboundMessage("fedgate/t/c/round/1/update/a", b"hello")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary")
+async def test_link_reconnects_after_the_broker_restarts(tmp_path: Path) -> None:
+    port = free_port()
+    command = mosquitto_command(tmp_path, port)
+    link = new_link(port)
+    task = asyncio.create_task(link.run())
+    try:
+        with broker(command, port):
+            await asyncio.wait_for(link.connected.wait(), 15)
+            assert link._use_v5 is True
+            first = await round_trip(link, "fedgate/t/c/round/1/update/a", b"before")
+            assert first.payload == b"before"
+        # broker gone: the link notices and keeps trying with backoff
+        await asyncio.wait_for(_until_disconnected(link), 15)
+        with broker(command, port):
+            await asyncio.wait_for(link.connected.wait(), 15)
+            second = await round_trip(link, "fedgate/t/c/round/2/update/a", b"after")
+            assert second.payload == b"after"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _until_disconnected(link: MqttLink) -> None:
+    while link.connected.is_set():  # noqa: ASYNC110 - the link exposes no "lost" event
+        await asyncio.sleep(0.05)
