@@ -9,6 +9,7 @@ accuracies are printed and written to ``out/demo/summary.json``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import msgspec
 import numpy as np
 import torch
@@ -26,16 +28,14 @@ from demo_broker import demo_broker  # this script's directory is on sys.path
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
 from fedgate_agent.model import build_model
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
-from fedgate_common.messages import TrainingPlan
 from fedgate_common.text_table import format_table
+from fedgate_common.topics import model_topic
+from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LEARNING_RATE = 0.05
-LR_DECAY = 0.98
-LOCAL_EPOCHS = 5
-BATCH_SIZE = 32
+ROUND_DEFAULTS = RoundSettings()  # the coordinator's defaults; the baseline uses the same
 
 
 def run_cli(*args: str) -> dict[str, Any]:
@@ -46,6 +46,11 @@ def run_cli(*args: str) -> dict[str, Any]:
         raise SystemExit(f"{' '.join(args[:3])} failed ({result.returncode}): {result.stderr}")
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+async def clear_retained(host: str, port: int, topic: str) -> None:
+    async with aiomqtt.Client(host, port) as client:
+        await client.publish(topic, b"", qos=1, retain=True)
 
 
 def accuracy_of(store: Store, digest: str, test: LocalDataset) -> float:
@@ -60,13 +65,7 @@ def centralized(train: LocalDataset, test: LocalDataset, spec: Any, rounds: int)
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
     model = build_model(spec)
     for number in range(1, rounds + 1):
-        plan = TrainingPlan(
-            learning_rate=LEARNING_RATE * LR_DECAY ** (number - 1),
-            momentum=0.9,
-            local_epochs=LOCAL_EPOCHS,
-            batch_size=BATCH_SIZE,
-        )
-        train_locally(model, train, plan, seed=number)
+        train_locally(model, train, ROUND_DEFAULTS.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
 
 
@@ -111,7 +110,7 @@ def main() -> int:
             "--min-participants",
             str(max(2, args.sites - 2)),
             "--update-timeout",
-            "300",
+            "120",
             "--model-spec",
             str(spec_file),
         )
@@ -241,6 +240,8 @@ def main() -> int:
                 "see out/demo/logs/coordinator.log"
             )
         fed_seconds = time.monotonic() - started
+        # Leave nothing behind on a shared broker: clear the retained latest model.
+        asyncio.run(clear_retained(broker.host, broker.port, model_topic(deployment, "cloud-1")))
 
     completed = [row for row in rows if row[1] == "completed"]
     fedavg_accuracy = float(completed[-1][4]) if completed else 0.0

@@ -37,7 +37,7 @@ class RoundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     min_participants: int = 2
     update_timeout_s: float = 120.0
-    learning_rate: float = 0.05
+    learning_rate: float = 0.01
     lr_decay: float = 0.98
     momentum: float = 0.9
     local_epochs: int = 5

@@ -278,7 +278,7 @@ def federated_split(
     window: int = 20,
     stride: int = 2,
     seed: int = 0,
-    sites_per_fault: int = 2,
+    sites_per_fault: int = 3,
     channels: int = 64,
 ) -> FederatedSplit:
     """Non-IID per-site training sets and a held-out test set (see the module docstring).
