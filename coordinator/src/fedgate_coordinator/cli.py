@@ -228,11 +228,8 @@ def init(
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    store = obj.store(config)
-    try:
+    with obj.store(config) as store:
         genesis = ensure_genesis(store, config)
-    finally:
-        store.close()
     _restrict_sqlite_file(config.database_url)
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
@@ -272,11 +269,8 @@ def enroll(obj: Context, agent_id: str, public_key: str, as_json: bool) -> None:
     """
     validate_identifier(agent_id, what="agent id")
     key_text = public_key_text(parse_public_key(public_key))
-    store = obj.store()
-    try:
+    with obj.store() as store:
         record = store.enroll_agent(agent_id, key_text)
-    finally:
-        store.close()
     if as_json:
         _echo_json(record)
     else:
@@ -297,12 +291,9 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
     Example:
       fedgate-coordinator revoke site-1
     """
-    store = obj.store()
-    try:
+    with obj.store() as store:
         store.revoke_agent(agent_id)
         record = store.get_agent(agent_id)
-    finally:
-        store.close()
     if as_json:
         _echo_json(record)
     else:
@@ -357,8 +348,7 @@ def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
 
 def _status_data(obj: Context) -> dict[str, Any]:
     config = obj.config()
-    store = obj.store(config)
-    try:
+    with obj.store(config) as store:
         rounds = store.list_rounds()
         head = store.head_model()
         last = rounds[0] if rounds else None
@@ -383,8 +373,6 @@ def _status_data(obj: Context) -> dict[str, Any]:
             },
             "events": store.event_counts(),
         }
-    finally:
-        store.close()
 
 
 @main.command()
@@ -440,11 +428,8 @@ def rounds(obj: Context, limit: int, as_json: bool) -> None:
     Example:
       fedgate-coordinator rounds --limit 5
     """
-    store = obj.store()
-    try:
+    with obj.store() as store:
         records = store.list_rounds(limit)
-    finally:
-        store.close()
     if as_json:
         _echo_json(records)
         return
@@ -478,11 +463,8 @@ def agents(obj: Context, as_json: bool) -> None:
     Example:
       fedgate-coordinator agents --json
     """
-    store = obj.store()
-    try:
+    with obj.store() as store:
         records = store.list_agents()
-    finally:
-        store.close()
     if as_json:
         _echo_json(records)
         return
@@ -509,12 +491,9 @@ def models(obj: Context, verify: bool, as_json: bool) -> None:
     Example:
       fedgate-coordinator models --verify
     """
-    store = obj.store()
-    try:
+    with obj.store() as store:
         chain_length = store.verify_chain() if verify else None
         records = store.list_models()
-    finally:
-        store.close()
     if as_json:
         _echo_json({"verified_length": chain_length, "models": records})
         return
@@ -549,11 +528,8 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
     Example:
       fedgate-coordinator events --limit 20
     """
-    store = obj.store()
-    try:
+    with obj.store() as store:
         records = store.list_events(limit)
-    finally:
-        store.close()
     if as_json:
         _echo_json(records)
         return

@@ -357,6 +357,9 @@ class CoordinatorService:
             intake_task = group.create_task(self._intake_loop())
             await self.link.connected.wait()
             await self._announce_recovered(recovered)
+            last = self.store.next_round_number() - 1
+            if last >= 1:  # a round stopped by SIGTERM may have left its start retained
+                await self.link.publish(self._round_topic(last, "start"), b"", retain=True)
             await self.link.publish(
                 model_topic(self.config.deployment, self.config.cloud),
                 self._global_model_message(head),
