@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=100, help="centralized epochs")
     parser.add_argument("--rounds", type=int, default=20)

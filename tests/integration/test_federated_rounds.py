@@ -3,6 +3,7 @@ configured with the CLIs exactly as an operator would, over the machine's Mosqui
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import signal
@@ -11,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import msgspec
 import numpy as np
 import pytest
 from fedgate_agent.training import LocalDataset, save_local_dataset
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.topics import model_topic
 
 BIN = Path(sys.executable).parent
 SPEC = ModelSpec(n_features=4, window=8, n_classes=2, channels=8)
@@ -32,6 +35,12 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def as_json(*args: str) -> Any:
     return json.loads(run(*args, "--json").stdout)
+
+
+async def clear_retained_model(deployment: str) -> None:
+    """Leave the shared broker as it was."""
+    async with aiomqtt.Client("127.0.0.1", 1883) as client:
+        await client.publish(model_topic(deployment, "c1"), b"", qos=1, retain=True)
 
 
 def learnable_dataset(seed: int, n: int = 120) -> LocalDataset:
@@ -126,6 +135,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
             process.send_signal(signal.SIGTERM)
         for process in agents:
             process.wait(timeout=30)
+        asyncio.run(clear_retained_model(deployment))
 
     rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
     assert [(r["round"], r["status"], r["participants"]) for r in rounds] == [
