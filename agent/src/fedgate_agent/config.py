@@ -24,12 +24,9 @@ included; comments in a hand-edited file are not preserved.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import os
-import stat
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +38,7 @@ from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
 
+from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import ConfigError
 
 __all__ = [
@@ -64,7 +62,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/fedgate/agent.toml")
 ENV_PREFIX = "FEDGATE_"
 
 #: Mode of a newly created config file: owner read/write, group (the service) read.
-NEW_FILE_MODE: Final = 0o640
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 BROKER_PROTOCOLS: Final = ("auto", "5", "3.1.1")
@@ -477,47 +474,7 @@ def write_config(path: Path, config: AgentConfig) -> None:
     """
     _raise_problems(validate_config(config, require_complete=False), str(path))
     text = _FILE_HEADER + tomli_w.dumps(config_as_dict(config))
-    _atomic_write(path, text.encode("utf-8"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        existing: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        existing = None
-    mode = NEW_FILE_MODE if existing is None else stat.S_IMODE(existing.st_mode)
-
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            if existing is not None:
-                # Only root may give a file away; other users keep their own ownership.
-                with contextlib.suppress(PermissionError):
-                    os.fchown(tmp.fileno(), existing.st_uid, existing.st_gid)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (best effort on file systems that refuse it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def set_config_value(path: Path, key: str, value: str) -> AgentConfig:
@@ -537,5 +494,5 @@ def set_config_value(path: Path, key: str, value: str) -> AgentConfig:
     _raise_problems(_shape_problems(raw, where), where)
     config = _from_raw(raw)
     _raise_problems(validate_config(config, require_complete=False), where)
-    _atomic_write(path, (_FILE_HEADER + tomli_w.dumps(config_as_dict(config))).encode("utf-8"))
+    atomic_write(path, (_FILE_HEADER + tomli_w.dumps(config_as_dict(config))).encode("utf-8"))
     return config

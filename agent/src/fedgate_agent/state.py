@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import msgspec
+
+from fedgate_agent.atomic_files import atomic_write
 
 STATUS_FILE = "status.json"
 MODELS_DIR = "models"
@@ -36,22 +36,6 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     last_error: str | None = None
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write via a temp file in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_status(state_dir: Path) -> AgentStatus:
     path = state_dir / STATUS_FILE
     try:
@@ -64,15 +48,15 @@ def read_status(state_dir: Path) -> AgentStatus:
 
 def write_status(state_dir: Path, status: AgentStatus) -> None:
     status.updated_at = time.time()
-    atomic_write(state_dir / STATUS_FILE, msgspec.json.encode(status))
+    atomic_write(state_dir / STATUS_FILE, msgspec.json.encode(status), mode=0o640)
 
 
 def save_model_message(state_dir: Path, round: int, digest: str, raw: bytes) -> Path:
     """Keep the signed model message; ``current.fgm`` always names the newest."""
     directory = state_dir / MODELS_DIR
     path = directory / f"{round:06d}-{digest[:16]}.fgm"
-    atomic_write(path, raw)
-    atomic_write(directory / CURRENT_MODEL, raw)
+    atomic_write(path, raw, mode=0o640)
+    atomic_write(directory / CURRENT_MODEL, raw, mode=0o640)
     for old in sorted(directory.glob("[0-9]*.fgm"))[:-KEEP_MODELS]:
         old.unlink(missing_ok=True)
     return path

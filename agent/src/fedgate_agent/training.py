@@ -12,10 +12,8 @@ a local :class:`torch.Generator`; nothing here changes torch's global state.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from fedgate_common.messages import TrainingPlan
 from fedgate_common.model_spec import ModelSpec
 from torch import nn
 
+from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import LocalDataError, PlanRejected
 from fedgate_agent.model import WindowCnn
 
@@ -160,24 +159,10 @@ def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
 
 
 def save_local_dataset(path: Path, dataset: LocalDataset) -> None:
-    """Write ``dataset`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, x=dataset.x, y=dataset.y)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Write ``dataset`` to ``path`` atomically (mode 0600: it is the site's private data)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=dataset.x, y=dataset.y)
+    atomic_write(path, buffer.getvalue(), mode=0o600)
 
 
 def _check_plan(plan: TrainingPlan) -> None:
