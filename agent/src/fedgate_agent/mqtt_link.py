@@ -120,17 +120,14 @@ class MqttLink:
         """
         if self.settings.protocol != "auto" or self._connected_once:
             return False
-        refused = isinstance(exc, aiomqtt.MqttCodeError) and (
+        self._use_v5 = not self._use_v5
+        log_event(
+            log, logging.INFO, "trying another MQTT version", mqtt5=self._use_v5, error=str(exc)
+        )
+        # An explicit refusal is retried at once; a closed connection waits for the backoff.
+        return isinstance(exc, aiomqtt.MqttCodeError) and (
             _reason_value(exc.rc) in _UNSUPPORTED_PROTOCOL
         )
-        if refused or self._use_v5:
-            self._use_v5 = not self._use_v5
-            log_event(
-                log, logging.INFO, "trying another MQTT version", mqtt5=self._use_v5, error=str(exc)
-            )
-            return refused
-        self._use_v5 = True
-        return False
 
     def _lost(self, exc: Exception, attempt: int) -> None:
         log_event(

@@ -341,7 +341,7 @@ def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
     summary = service.summary
     click.echo(
         f"rounds completed={summary.rounds_completed} aborted={summary.rounds_aborted}"
-        f" rejected={sum(service.rejected.values())}",
+        f" rejected={sum(summary.rejected.values())}",
         err=True,
     )
 

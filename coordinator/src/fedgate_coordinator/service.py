@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import Counter
 from collections.abc import Mapping
 
 import msgspec
@@ -94,7 +93,6 @@ class CoordinatorService:
         self._all_in = asyncio.Event()
         self._agent_keys: dict[str, nacl.signing.VerifyKey] = {}
         self.summary = ServeSummary()
-        self.rejected: Counter[str] = Counter()
 
     # -- wire helpers -------------------------------------------------------------------
     def _seal(self, payload: Payload) -> bytes:
@@ -172,7 +170,7 @@ class CoordinatorService:
             self._all_in.set()
 
     def _reject(self, exc: ProtocolError, topic: str) -> None:
-        self.rejected[exc.kind] += 1
+        self.summary.rejected[exc.kind] = self.summary.rejected.get(exc.kind, 0) + 1
         current = self.current
         round_number = current.round if current is not None else None
         detail = f"{exc} (topic {topic[:200]})"
@@ -326,7 +324,14 @@ class CoordinatorService:
                 self.store.abort_round(round=number, reason=STOP_REASON)
 
     async def _announce_recovered(self, numbers: list[int]) -> None:
-        """Tell agents the interrupted rounds ended and clear their retained starts."""
+        """Tell agents the interrupted rounds ended; clear every start a past run left retained.
+
+        A crash leaves its rounds ``running`` (recovered, announced here); a SIGTERM leaves
+        the last round aborted in the store but its start possibly still retained.
+        """
+        last = self.store.next_round_number() - 1
+        for number in sorted(set(numbers) | ({last} if last >= 1 else set())):
+            await self.link.publish(self._round_topic(number, "start"), b"", retain=True)
         for number in numbers:
             end = RoundEnd(
                 round=number,
@@ -336,7 +341,6 @@ class CoordinatorService:
                 model_digest="",
             )
             await self.link.publish(self._round_topic(number, "end"), self._seal(end))
-            await self.link.publish(self._round_topic(number, "start"), b"", retain=True)
 
     def _round_topic(self, number: int, stage: str) -> str:
         return round_topic(self.config.deployment, self.config.cloud, number, stage)
@@ -357,9 +361,6 @@ class CoordinatorService:
             intake_task = group.create_task(self._intake_loop())
             await self.link.connected.wait()
             await self._announce_recovered(recovered)
-            last = self.store.next_round_number() - 1
-            if last >= 1:  # a round stopped by SIGTERM may have left its start retained
-                await self.link.publish(self._round_topic(last, "start"), b"", retain=True)
             await self.link.publish(
                 model_topic(self.config.deployment, self.config.cloud),
                 self._global_model_message(head),
@@ -373,7 +374,6 @@ class CoordinatorService:
                     await asyncio.sleep(self.config.rounds.pause_between_rounds_s)
             intake_task.cancel()
             link_task.cancel()
-        self.summary.rejected = dict(self.rejected)
         return self.summary
 
 
