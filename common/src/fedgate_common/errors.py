@@ -11,7 +11,16 @@ Tree::
      │    ├── EnvelopeMismatch   envelope fields disagree with topic, deployment or cloud
      │    ├── WrongRound         message for a past or future round
      │    ├── ReplayedMessage    a message already accepted arrives again
-     │    └── NonFiniteValues    NaN or Inf inside an array
+     │    ├── NonFiniteValues    NaN or Inf inside an array
+     │    ├── ShareRejected      a sealed secure-aggregation share does not open
+     │    └── SecAggRefusal      an agent refuses a secure-aggregation request; nothing is revealed
+     │         ├── ThresholdTooLow          threshold below the agent's floor or not a majority
+     │         ├── DuplicateKeys            two roster entries share an id or a key
+     │         ├── KeySignatureInvalid      a roster entry is unsigned or wrongly signed
+     │         ├── KeySubstituted           an identity or round key differs from the known one
+     │         ├── TooFewNeighbours         fewer holders than the threshold
+     │         ├── ConflictingUnmaskRequest an agent listed as survivor and as dropped
+     │         └── ConsistencyCheckFailed   fewer than t signatures on this agent's survivor set
      └── InvalidIdentifier       an id that is not safe inside an MQTT topic
 
 Every ProtocolError carries ``kind``: the short name stored in the events table and
@@ -65,6 +74,42 @@ class ReplayedMessage(ProtocolError):
 
 class NonFiniteValues(ProtocolError):
     kind = "non_finite"
+
+
+class ShareRejected(ProtocolError):
+    kind = "share_rejected"
+
+
+class SecAggRefusal(ProtocolError):
+    kind = "secagg_refusal"
+
+
+class ThresholdTooLow(SecAggRefusal):
+    kind = "threshold_too_low"
+
+
+class DuplicateKeys(SecAggRefusal):
+    kind = "duplicate_keys"
+
+
+class KeySignatureInvalid(SecAggRefusal):
+    kind = "bad_key_signature"
+
+
+class KeySubstituted(SecAggRefusal):
+    kind = "key_substitution"
+
+
+class TooFewNeighbours(SecAggRefusal):
+    kind = "too_few_neighbours"
+
+
+class ConflictingUnmaskRequest(SecAggRefusal):
+    kind = "conflicting_unmask"
+
+
+class ConsistencyCheckFailed(SecAggRefusal):
+    kind = "consistency_failed"
 
 
 class InvalidIdentifier(FedgateError, ValueError):

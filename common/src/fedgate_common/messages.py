@@ -24,10 +24,31 @@ class TrainingPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_size: int = 32
 
 
+class SecAggParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How this round's updates are encoded and masked (docs/protocol.md, secure aggregation).
+
+    ``degree`` is the requested number of neighbours (fewer when the roster is small);
+    ``threshold`` is t, the number of shares that reconstruct a secret, out of the agent
+    and its neighbours. ``max_inputs`` bounds how many inputs are summed, so encoded
+    inputs are sized to never wrap.
+    """
+
+    word_bits: int
+    clip_norm: float
+    weight_cap: int
+    max_inputs: int
+    degree: int
+    threshold: int
+
+
 class RoundStart(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="start"
 ):
-    """Coordinator → agents: train on the model ``base_digest`` and send an update."""
+    """Coordinator → agents: train on the model ``base_digest`` and send an update.
+
+    With ``secagg`` set the update travels masked (stages ``keys`` … ``reveal``);
+    without it, in plaintext as one ``update`` message.
+    """
 
     round: int
     base_digest: str
@@ -35,6 +56,129 @@ class RoundStart(
     plan: TrainingPlan
     update_timeout_s: float
     min_participants: int
+    secagg: SecAggParams | None = None
+
+
+# -- secure aggregation: agent → coordinator ----------------------------------------------
+
+
+class AdvertiseKeys(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="keys"
+):
+    """Agent → coordinator: fresh X25519 public keys for this round, signed by the
+    envelope. ``seed_commitment`` = SHA-256 of the agent's self-mask seed, checked when
+    the seed is reconstructed."""
+
+    round: int
+    base_digest: str
+    share_key: bytes
+    mask_key: bytes
+    seed_commitment: bytes
+
+
+class SealedShare(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Shares of ``owner``'s secrets for ``holder``, encrypted so only ``holder`` opens them."""
+
+    owner: str
+    holder: str
+    sealed: bytes
+
+
+class ShareBundle(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="shares"
+):
+    """Agent → coordinator: one sealed share per holder (each neighbour and itself)."""
+
+    round: int
+    roster_digest: bytes
+    shares: tuple[SealedShare, ...]
+
+
+class MaskedInput(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="masked"
+):
+    """Agent → coordinator: encoded update plus masks, mod 2^b (uint16 or uint32 words)."""
+
+    round: int
+    roster_digest: bytes
+    words: WireArray
+
+
+class SurvivorConfirmation(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="confirm"
+):
+    """Agent → coordinator (forwarded to agents): the envelope signature over this is the
+    agent's statement "the round's survivor set is exactly ``survivors``"."""
+
+    round: int
+    roster_digest: bytes
+    survivors: tuple[str, ...]
+
+
+class RevealedShare(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    owner: str
+    x: int
+    y: bytes
+
+
+class Reveal(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="reveal"):
+    """Agent → coordinator: self-seed shares of survivors, mask-key shares of dropouts."""
+
+    round: int
+    roster_digest: bytes
+    seed_shares: tuple[RevealedShare, ...]
+    mask_key_shares: tuple[RevealedShare, ...]
+
+
+# -- secure aggregation: coordinator → agents ---------------------------------------------
+
+
+class RosterEntry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """An agent's identity key and its signed ``keys`` envelope, forwarded unchanged."""
+
+    agent_id: str
+    identity_key: bytes
+    keys_envelope: bytes
+
+
+class KeyRoster(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="roster"
+):
+    round: int
+    entries: tuple[RosterEntry, ...]
+
+
+class ShareDelivery(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="deliver"
+):
+    """Coordinator → one agent: the sealed shares other agents made for it."""
+
+    round: int
+    roster_digest: bytes
+    shares: tuple[SealedShare, ...]
+
+
+class SurvivorCheck(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="check"
+):
+    """Coordinator → agents: the agents whose masked inputs it holds (U3)."""
+
+    round: int
+    roster_digest: bytes
+    survivors: tuple[str, ...]
+
+
+class UnmaskRequest(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="unmask"
+):
+    """Coordinator → agents: reveal for ``survivors`` and ``dropped``; ``confirmations`` are
+    the signed ``confirm`` envelopes that vouch for ``survivors``."""
+
+    round: int
+    roster_digest: bytes
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    confirmations: tuple[bytes, ...]
 
 
 class ModelUpdate(
@@ -74,5 +218,25 @@ class RoundEnd(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_digest: str
 
 
-Payload = RoundStart | ModelUpdate | GlobalModel | RoundEnd
-STAGES: frozenset[str] = frozenset({"start", "update", "model", "end"})
+Payload = (
+    RoundStart
+    | ModelUpdate
+    | GlobalModel
+    | RoundEnd
+    | AdvertiseKeys
+    | ShareBundle
+    | MaskedInput
+    | SurvivorConfirmation
+    | Reveal
+    | KeyRoster
+    | ShareDelivery
+    | SurvivorCheck
+    | UnmaskRequest
+)
+AGENT_STAGES: frozenset[str] = frozenset(
+    {"update", "keys", "shares", "masked", "confirm", "reveal"}
+)
+COORDINATOR_STAGES: frozenset[str] = frozenset(
+    {"start", "model", "end", "roster", "deliver", "check", "unmask"}
+)
+STAGES: frozenset[str] = AGENT_STAGES | COORDINATOR_STAGES

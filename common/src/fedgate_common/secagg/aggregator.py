@@ -1,0 +1,413 @@
+"""Coordinator side of one secure-aggregation round, as an IO-free state machine.
+
+Stages: ``keys`` → roster, ``shares`` → deliveries, ``masked`` → survivor check,
+``confirm`` → unmask request, ``reveal`` → the unmasked sum. The driver feeds each verified
+agent message to ``add`` and calls ``close`` when the stage's agents have all answered or
+its deadline has passed. ``close`` returns the next outbound message(s) or an
+:class:`Aborted` (fewer than ``needed`` agents left, or reconstruction impossible); nothing
+partial is ever returned. Key shares and individual inputs are held only in memory for the
+round and never leave this object except as the final sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedgate_common.arrays import decode_array
+from fedgate_common.errors import (
+    MalformedMessage,
+    ProtocolError,
+    ReplayedMessage,
+    UnknownSender,
+    WrongRound,
+)
+from fedgate_common.limits import DEFAULT_LIMITS, Limits
+from fedgate_common.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    Payload,
+    Reveal,
+    RosterEntry,
+    SealedShare,
+    SecAggParams,
+    ShareBundle,
+    ShareDelivery,
+    SurvivorCheck,
+    SurvivorConfirmation,
+    UnmaskRequest,
+)
+from fedgate_common.secagg.context import RoundContext, sha256
+from fedgate_common.secagg.encoding import DecodedSum, decode_sum
+from fedgate_common.secagg.graph import effective_degree, graph_seed, neighbour_graph
+from fedgate_common.secagg.keystream import Words, expand_mask, word_dtype
+from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
+from fedgate_common.secagg.participant import encoding_params, public_bytes
+from fedgate_common.secagg.roster import Roster, make_roster
+from fedgate_common.secagg.shamir import Share, reconstruct_secret
+
+Stage = Literal["keys", "shares", "masked", "confirm", "reveal", "done"]
+STAGE_ORDER: tuple[Stage, ...] = ("keys", "shares", "masked", "confirm", "reveal")
+_EXPECTED_PAYLOAD: dict[Stage, type] = {
+    "keys": AdvertiseKeys,
+    "shares": ShareBundle,
+    "masked": MaskedInput,
+    "confirm": SurvivorConfirmation,
+    "reveal": Reveal,
+}
+
+
+class StageRecord(msgspec.Struct, kw_only=True):
+    stage: str
+    expected: int
+    received: int = 0
+    bytes_in: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.expected - self.received
+
+
+class Aborted(msgspec.Struct, frozen=True, kw_only=True):
+    stage: str
+    reason: str
+
+
+class Unmasked(msgspec.Struct, frozen=True, kw_only=True):
+    """The only thing a round releases: the decoded sum over ``survivors``."""
+
+    decoded: DecodedSum
+    words: Words  # the sum of the survivors' encoded inputs, mod 2^b
+    survivors: tuple[str, ...]
+
+
+class Aggregator:
+    def __init__(
+        self,
+        *,
+        deployment: str,
+        cloud: str,
+        round: int,
+        base_digest: str,
+        base_certificate: bytes,
+        selected: Sequence[str],
+        params: SecAggParams,
+        dimension: int,
+        min_participants: int,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.deployment = deployment
+        self.cloud = cloud
+        self.round = round
+        self.base_digest = base_digest
+        self._certificate = base_certificate
+        self.selected = tuple(sorted(selected))
+        self.params = params
+        self.dimension = dimension
+        self.needed = max(params.threshold, min_participants)
+        self._limits = limits
+        self._encoding = encoding_params(params)
+        self.stage: Stage = "keys"
+        self.records: dict[str, StageRecord] = {
+            "keys": StageRecord(stage="keys", expected=len(self.selected))
+        }
+        self._keys: dict[str, tuple[bytes, AdvertiseKeys, bytes]] = {}
+        self.roster: Roster | None = None
+        self.context: RoundContext | None = None
+        self.graph: dict[str, tuple[str, ...]] = {}
+        self._bundles: dict[str, ShareBundle] = {}
+        self._delivered: dict[str, tuple[str, ...]] = {}  # holder → owners delivered to it
+        self._masked: dict[str, Words] = {}
+        self._confirmations: dict[str, bytes] = {}
+        self._reveals: dict[str, Reveal] = {}
+        self.survivors: tuple[str, ...] = ()
+        self.dropped: tuple[str, ...] = ()
+
+    # -- bookkeeping --------------------------------------------------------------------
+    @property
+    def expected(self) -> tuple[str, ...]:
+        """Agents that may still answer the current stage."""
+        if self.stage == "keys":
+            return self.selected
+        if self.stage == "shares":
+            return tuple(sorted(self._keys))
+        if self.stage == "masked":
+            return tuple(sorted(self._delivered))
+        if self.stage in ("confirm",):
+            return self.survivors
+        if self.stage == "reveal":
+            return tuple(sorted(self._confirmations))
+        return ()
+
+    def _received(self) -> Mapping[str, object]:
+        by_stage: dict[str, Mapping[str, object]] = {
+            "keys": self._keys,
+            "shares": self._bundles,
+            "masked": self._masked,
+            "confirm": self._confirmations,
+            "reveal": self._reveals,
+        }
+        return by_stage.get(self.stage, {})
+
+    @property
+    def all_in(self) -> bool:
+        return len(self._received()) == len(self.expected)
+
+    def _open_stage(self, stage: Stage, expected: int) -> None:
+        self.stage = stage
+        self.records[stage] = StageRecord(stage=stage, expected=expected)
+
+    def _abort(self, reason: str) -> Aborted:
+        stage = self.stage
+        self.stage = "done"
+        return Aborted(stage=stage, reason=reason)
+
+    def _count_check(self, stage: str, count: int) -> Aborted | None:
+        if count < self.needed:
+            return self._abort(
+                f"{count} agents left after the {stage} stage; at least {self.needed} needed"
+            )
+        return None
+
+    # -- intake -------------------------------------------------------------------------
+    def add(self, sender: str, payload: Payload, *, raw: bytes, identity_key: bytes) -> None:
+        """Accept one verified agent message for the current stage or raise a ProtocolError."""
+        if payload.round != self.round:
+            raise WrongRound(
+                f"message for round {payload.round}, round is {self.round}", sender=sender
+            )
+        stage = payload.__struct_config__.tag
+        if self.stage == "done" or stage != self.stage:
+            raise WrongRound(
+                f"{stage!r} message while round {self.round} is at stage {self.stage!r}",
+                sender=sender,
+            )
+        if sender not in self.expected:
+            raise UnknownSender(
+                f"{sender!r} is not expected at stage {self.stage!r} of round {self.round}",
+                sender=sender,
+            )
+        if sender in self._received():
+            raise ReplayedMessage(f"second {stage!r} message from {sender!r}", sender=sender)
+        if not isinstance(payload, _EXPECTED_PAYLOAD[self.stage]):
+            raise MalformedMessage(f"unexpected payload at stage {self.stage!r}", sender=sender)
+        if isinstance(payload, AdvertiseKeys):
+            self._add_keys(sender, payload, raw, identity_key)
+        elif isinstance(payload, ShareBundle):
+            self._add_shares(sender, payload)
+        elif isinstance(payload, MaskedInput):
+            self._add_masked(sender, payload)
+        elif isinstance(payload, SurvivorConfirmation):
+            self._add_confirmation(sender, payload, raw)
+        elif isinstance(payload, Reveal):
+            self._add_reveal(sender, payload)
+        record = self.records[self.stage]
+        record.received += 1
+        record.bytes_in += len(raw)
+
+    def _check_digest(self, sender: str, digest: bytes) -> None:
+        assert self.context is not None
+        if digest != self.context.roster_digest:
+            raise MalformedMessage("message names another key roster", sender=sender)
+
+    def _add_keys(self, sender: str, keys: AdvertiseKeys, raw: bytes, identity: bytes) -> None:
+        if keys.base_digest != self.base_digest:
+            raise MalformedMessage("keys for another base model", sender=sender)
+        if len(keys.share_key) != 32 or len(keys.mask_key) != 32 or len(keys.seed_commitment) != 32:
+            raise MalformedMessage("round keys must be 32 bytes each", sender=sender)
+        taken = {
+            k for _, other, _ in self._keys.values() for k in (other.share_key, other.mask_key)
+        }
+        if keys.share_key in taken or keys.mask_key in taken or keys.share_key == keys.mask_key:
+            raise MalformedMessage("round keys already used by another agent", sender=sender)
+        self._keys[sender] = (identity, keys, raw)
+
+    def _add_shares(self, sender: str, bundle: ShareBundle) -> None:
+        self._check_digest(sender, bundle.roster_digest)
+        holders = sorted((*self.graph[sender], sender))
+        if [s.holder for s in bundle.shares] != holders or any(
+            s.owner != sender for s in bundle.shares
+        ):
+            raise MalformedMessage(
+                "share bundle must hold one share per holder of the derived graph", sender=sender
+            )
+        if any(len(s.sealed) > 1024 for s in bundle.shares):
+            raise MalformedMessage("sealed share larger than 1 KiB", sender=sender)
+        self._bundles[sender] = bundle
+
+    def _add_masked(self, sender: str, masked: MaskedInput) -> None:
+        self._check_digest(sender, masked.roster_digest)
+        dtype = word_dtype(self.params.word_bits)
+        length = self._encoding.vector_length(self.dimension)
+        if masked.words.dtype != dtype.str or masked.words.shape != (length,):
+            raise MalformedMessage(
+                f"masked input must be {length} words of {dtype.str}", sender=sender
+            )
+        words = decode_array(masked.words, self._limits, require_finite=False)
+        self._masked[sender] = words.astype(dtype, copy=False)
+
+    def _add_confirmation(self, sender: str, confirm: SurvivorConfirmation, raw: bytes) -> None:
+        self._check_digest(sender, confirm.roster_digest)
+        if confirm.survivors != self.survivors:
+            raise MalformedMessage("confirmation of another survivor set", sender=sender)
+        self._confirmations[sender] = raw
+
+    def _add_reveal(self, sender: str, reveal: Reveal) -> None:
+        self._check_digest(sender, reveal.roster_digest)
+        assert self.roster is not None
+        x = self.roster.members[sender].x
+        held = set(self._delivered.get(sender, ()))
+        for share, allowed in (
+            *((s, set(self.survivors)) for s in reveal.seed_shares),
+            *((s, set(self.dropped)) for s in reveal.mask_key_shares),
+        ):
+            if share.owner not in allowed or share.owner not in held or share.x != x:
+                raise MalformedMessage(
+                    f"revealed share of {share.owner!r} was not asked for", sender=sender
+                )
+        self._reveals[sender] = reveal
+
+    # -- stage transitions --------------------------------------------------------------
+    def close_keys(self) -> KeyRoster | Aborted:
+        aborted = self._count_check("keys", len(self._keys))
+        if aborted:
+            return aborted
+        try:
+            roster = make_roster({a: (ident, keys) for a, (ident, keys, _) in self._keys.items()})
+        except ProtocolError as exc:
+            return self._abort(f"unusable key roster: {exc}")
+        group = effective_degree(len(roster.members), self.params.degree) + 1
+        if group < self.params.threshold:
+            return self._abort(
+                f"{len(roster.members)} agents give {group} share holders each; "
+                f"threshold is {self.params.threshold}"
+            )
+        self.roster = roster
+        self.context = RoundContext(
+            deployment=self.deployment,
+            cloud=self.cloud,
+            round=self.round,
+            roster_digest=roster.digest,
+        )
+        seed = graph_seed(
+            deployment=self.deployment,
+            cloud=self.cloud,
+            round=self.round,
+            base_certificate=self._certificate,
+        )
+        self.graph = neighbour_graph(roster.ids, self.params.degree, seed)
+        self._open_stage("shares", len(roster.members))
+        return KeyRoster(
+            round=self.round,
+            entries=tuple(
+                RosterEntry(agent_id=a, identity_key=ident, keys_envelope=raw)
+                for a, (ident, _, raw) in sorted(self._keys.items())
+            ),
+        )
+
+    def close_shares(self) -> dict[str, ShareDelivery] | Aborted:
+        aborted = self._count_check("shares", len(self._bundles))
+        if aborted:
+            return aborted
+        assert self.context is not None
+        inbox: dict[str, list[SealedShare]] = {holder: [] for holder in self._bundles}
+        for bundle in self._bundles.values():
+            for share in bundle.shares:
+                if share.holder in inbox:
+                    inbox[share.holder].append(share)
+        deliveries = {}
+        for holder, shares in sorted(inbox.items()):
+            self._delivered[holder] = tuple(sorted(s.owner for s in shares))
+            deliveries[holder] = ShareDelivery(
+                round=self.round, roster_digest=self.context.roster_digest, shares=tuple(shares)
+            )
+        self._open_stage("masked", len(deliveries))
+        return deliveries
+
+    def close_masked(self) -> SurvivorCheck | Aborted:
+        aborted = self._count_check("masked", len(self._masked))
+        if aborted:
+            return aborted
+        assert self.context is not None
+        self.survivors = tuple(sorted(self._masked))
+        self._open_stage("confirm", len(self.survivors))
+        return SurvivorCheck(
+            round=self.round, roster_digest=self.context.roster_digest, survivors=self.survivors
+        )
+
+    def close_confirmations(self) -> UnmaskRequest | Aborted:
+        if len(self._confirmations) < self.params.threshold:
+            return self._abort(
+                f"{len(self._confirmations)} agents confirmed the survivor set; "
+                f"{self.params.threshold} needed"
+            )
+        assert self.context is not None
+        self.dropped = tuple(sorted(set(self._bundles) - set(self.survivors)))
+        self._open_stage("reveal", len(self._confirmations))
+        return UnmaskRequest(
+            round=self.round,
+            roster_digest=self.context.roster_digest,
+            survivors=self.survivors,
+            dropped=self.dropped,
+            confirmations=tuple(raw for _, raw in sorted(self._confirmations.items())),
+        )
+
+    def close_reveals(self) -> Unmasked | Aborted:
+        """Reconstruct every needed secret, remove all masks and decode the sum."""
+        assert self.context is not None
+        assert self.roster is not None
+        context, roster, t = self.context, self.roster, self.params.threshold
+        seed_shares: dict[str, list[Share]] = {a: [] for a in self.survivors}
+        key_shares: dict[str, list[Share]] = {a: [] for a in self.dropped}
+        for reveal in self._reveals.values():
+            for item in reveal.seed_shares:
+                seed_shares[item.owner].append(Share(x=item.x, y=item.y))
+            for item in reveal.mask_key_shares:
+                key_shares[item.owner].append(Share(x=item.x, y=item.y))
+        short = [a for a, s in (*seed_shares.items(), *key_shares.items()) if len(s) < t]
+        if short:
+            return self._abort(
+                f"fewer than {t} shares revealed for {len(short)} agents (e.g. {short[0]!r})"
+            )
+        count, bits = self._encoding.vector_length(self.dimension), self.params.word_bits
+        total = np.zeros(count, dtype=word_dtype(bits))
+        for words in self._masked.values():
+            total += words
+        try:
+            for owner, shares in seed_shares.items():
+                seed = reconstruct_secret(shares, threshold=t)
+                if sha256(seed) != roster.members[owner].seed_commitment:
+                    return self._abort(f"reconstructed seed of {owner!r} fails its commitment")
+                total -= expand_mask(self_mask_key(seed, context, owner), count, bits)
+            for dropped, shares in key_shares.items():
+                secret = reconstruct_secret(shares, threshold=t)
+                private = X25519PrivateKey.from_private_bytes(secret)
+                if public_bytes(private) != roster.members[dropped].mask_key:
+                    return self._abort(f"reconstructed mask key of {dropped!r} is wrong")
+                for survivor in self.survivors:
+                    if dropped not in self._delivered.get(survivor, ()):
+                        continue  # the survivor never masked with this agent
+                    key = pairwise_mask_key(
+                        private, roster.members[survivor].mask_key, context, dropped, survivor
+                    )
+                    # The survivor applied sign(survivor, dropped); take it back out.
+                    if pairwise_sign(survivor, dropped) > 0:
+                        total -= expand_mask(key, count, bits)
+                    else:
+                        total += expand_mask(key, count, bits)
+        except ProtocolError as exc:
+            return self._abort(f"reconstruction failed: {exc}")
+        self.stage = "done"
+        decoded = decode_sum(total, self._encoding)
+        self._masked.clear()  # individual inputs are not kept beyond the round
+        return Unmasked(decoded=decoded, words=total, survivors=self.survivors)
+
+
+def flat_update(arrays: Sequence[npt.NDArray[np.floating]]) -> npt.NDArray[np.float64]:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])

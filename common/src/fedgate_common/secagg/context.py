@@ -1,0 +1,35 @@
+"""What every secure-aggregation key and signature is bound to."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+
+
+class RoundContext(msgspec.Struct, frozen=True, kw_only=True):
+    """One round of one cloud, fixed once the key roster is known.
+
+    ``roster_digest`` pins the exact set of advertised keys, so material made for one view
+    of the roster is useless under another.
+    """
+
+    deployment: str
+    cloud: str
+    round: int
+    roster_digest: bytes
+
+    def label(self, purpose: bytes, *parts: str) -> bytes:
+        """Unambiguous bytes naming ``purpose`` in this round (msgpack, not concatenation)."""
+        return msgspec.msgpack.encode(
+            [purpose, self.deployment, self.cloud, self.round, self.roster_digest, *parts]
+        )
+
+
+def sha256(*parts: bytes) -> bytes:
+    """SHA-256 over length-prefixed parts (so no two part lists collide)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()

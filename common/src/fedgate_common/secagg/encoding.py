@@ -1,0 +1,128 @@
+"""Fixed-point encoding of weighted updates into unsigned words that add without wrapping.
+
+``encode_update``: clip the update to L2 norm ``clip_norm``, scale it by ``w / weight_cap``
+(``w`` = the agent's sample count, capped), multiply by ``scale``, round stochastically
+(unbiased) with CSPRNG randomness, and wrap into Z_{2^b}. The capped weight follows as a few
+base-B digits ("limbs"). ``scale`` and B are chosen so that the sum of ``max_inputs``
+encoded inputs never wraps: every coordinate of an input is at most ``clip_norm`` in
+magnitude, so it encodes to at most ``level`` = floor((2^(b-1) - 1) / max_inputs).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from fedgate_common.secagg.keystream import Words, random_unit_floats, word_dtype
+
+
+class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    word_bits: int
+    clip_norm: float
+    weight_cap: int
+    max_inputs: int
+
+    def check(self) -> None:
+        word_dtype(self.word_bits)
+        if not (self.clip_norm > 0 and np.isfinite(self.clip_norm)):
+            raise ValueError("clip_norm must be a positive number")
+        if self.weight_cap < 1:
+            raise ValueError("weight_cap must be at least 1")
+        if not 1 <= self.max_inputs <= (2 ** (self.word_bits - 1) - 1) // 2:
+            raise ValueError(
+                f"max_inputs {self.max_inputs} leaves no room in {self.word_bits} bits"
+            )
+
+    @property
+    def level(self) -> int:
+        """Largest magnitude one encoded coordinate can have."""
+        return int((2 ** (self.word_bits - 1) - 1) // self.max_inputs)
+
+    @property
+    def scale(self) -> float:
+        return self.level / self.clip_norm
+
+    @property
+    def limb_base(self) -> int:
+        return int((2**self.word_bits - 1) // self.max_inputs + 1)
+
+    @property
+    def weight_limbs(self) -> int:
+        limbs, capacity = 1, self.limb_base
+        while capacity <= self.weight_cap:
+            limbs, capacity = limbs + 1, capacity * self.limb_base
+        return limbs
+
+    def vector_length(self, dimension: int) -> int:
+        return dimension + self.weight_limbs
+
+
+def clip_to_norm(update: npt.NDArray[np.floating], clip_norm: float) -> npt.NDArray[np.float64]:
+    values = np.asarray(update, dtype=np.float64)
+    norm = float(np.sqrt(np.dot(values, values)))
+    if norm > clip_norm:
+        values = values * (clip_norm / norm)
+    return values
+
+
+def stochastic_round(
+    values: npt.NDArray[np.float64], random_bytes: Callable[[int], bytes] = secrets.token_bytes
+) -> npt.NDArray[np.int64]:
+    """Round each value down or up with probabilities that make the result unbiased."""
+    floor = np.floor(values)
+    up = random_unit_floats(values.size, random_bytes) < (values - floor)
+    return floor.astype(np.int64) + up
+
+
+def encode_update(
+    update: npt.NDArray[np.floating],
+    num_samples: int,
+    params: EncodingParams,
+    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+) -> Words:
+    """The words one agent contributes: encoded weighted update, then weight limbs."""
+    if update.ndim != 1:
+        raise ValueError("encode a flat update vector")
+    if not np.isfinite(update).all():
+        raise ValueError("update contains NaN or Inf")
+    weight = min(max(num_samples, 0), params.weight_cap)
+    scaled = clip_to_norm(update, params.clip_norm) * (weight / params.weight_cap * params.scale)
+    # Clipping bounds every coordinate by clip_norm; the clip guards float rounding.
+    integers = np.clip(stochastic_round(scaled, random_bytes), -params.level, params.level)
+    limbs = []
+    for _ in range(params.weight_limbs):
+        weight, digit = divmod(weight, params.limb_base)
+        limbs.append(digit)
+    modulus = 2**params.word_bits
+    words = np.concatenate([integers % modulus, np.array(limbs, dtype=np.int64)])
+    return words.astype(word_dtype(params.word_bits))
+
+
+class DecodedSum(msgspec.Struct, frozen=True, kw_only=True):
+    weighted_sum: npt.NDArray[np.float64]  # sum of (w_i / weight_cap) * clipped update_i
+    total_weight: int
+
+    def mean_update(self, weight_cap: int) -> npt.NDArray[np.float64]:
+        """The weighted mean of the clipped updates: Σ w_i u_i / Σ w_i."""
+        if self.total_weight <= 0:
+            raise ValueError("total weight is zero; there is no mean")
+        return self.weighted_sum * (weight_cap / self.total_weight)
+
+
+def decode_sum(words: Words, params: EncodingParams) -> DecodedSum:
+    """Decode the (unmasked) sum of at most ``max_inputs`` encoded inputs."""
+    dimension = words.size - params.weight_limbs
+    if dimension < 0:
+        raise ValueError("vector shorter than its weight limbs")
+    modulus = 2**params.word_bits
+    body = words[:dimension].astype(np.int64)
+    body = np.where(body >= modulus // 2, body - modulus, body)
+    total, place = 0, 1
+    for digit in words[dimension:]:
+        total += int(digit) * place
+        place *= params.limb_base
+    return DecodedSum(weighted_sum=body / params.scale, total_weight=total)

@@ -1,0 +1,412 @@
+"""Agent side of one secure-aggregation round, as an IO-free state machine.
+
+The driver calls, in order: :meth:`Participant.advertise_keys` (after the round start),
+:meth:`on_roster`, :meth:`on_delivery`, :meth:`mask_input` (once training is done),
+:meth:`on_check`, :meth:`on_unmask`. Each returns the payload to sign and send, or raises a
+:class:`~fedgate_common.errors.ProtocolError`; after a refusal the agent sends nothing more
+for the round, so a refusal never reveals anything.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedgate_common.arrays import encode_array
+from fedgate_common.errors import (
+    ConflictingUnmaskRequest,
+    ConsistencyCheckFailed,
+    EnvelopeMismatch,
+    KeySubstituted,
+    MalformedMessage,
+    ReplayedMessage,
+    ShareRejected,
+    ThresholdTooLow,
+    TooFewNeighbours,
+    WrongRound,
+)
+from fedgate_common.limits import DEFAULT_LIMITS, Limits
+from fedgate_common.messages import (
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    Reveal,
+    RevealedShare,
+    RoundStart,
+    SealedShare,
+    SecAggParams,
+    ShareBundle,
+    ShareDelivery,
+    SurvivorCheck,
+    SurvivorConfirmation,
+    UnmaskRequest,
+)
+from fedgate_common.secagg.confirmations import count_confirmations
+from fedgate_common.secagg.context import RoundContext, sha256
+from fedgate_common.secagg.encoding import EncodingParams, encode_update
+from fedgate_common.secagg.graph import graph_seed, neighbour_graph
+from fedgate_common.secagg.keystream import Words, expand_mask, word_dtype
+from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
+from fedgate_common.secagg.roster import Roster, verify_roster
+from fedgate_common.secagg.shamir import Share, split_secret
+from fedgate_common.secagg.share_box import open_share, seal_share
+
+Stage = Literal["keys", "shares", "delivery", "masked", "check", "unmask", "done"]
+
+
+class SharePlaintext(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    owner: str
+    holder: str
+    x: int
+    mask_key_share: bytes
+    seed_share: bytes
+
+
+_plaintext_decoder = msgspec.msgpack.Decoder(SharePlaintext)
+
+
+def encoding_params(params: SecAggParams) -> EncodingParams:
+    return EncodingParams(
+        word_bits=params.word_bits,
+        clip_norm=params.clip_norm,
+        weight_cap=params.weight_cap,
+        max_inputs=params.max_inputs,
+    )
+
+
+def check_params(params: SecAggParams, *, selected: int, min_threshold: int) -> None:
+    """The refusals an agent applies to a round's parameters before making any keys."""
+    try:
+        encoding_params(params).check()
+    except ValueError as exc:
+        raise MalformedMessage(f"unusable secure-aggregation parameters: {exc}") from None
+    if selected > params.max_inputs:
+        raise MalformedMessage(
+            f"{selected} agents selected but inputs sized for {params.max_inputs}"
+        )
+    if params.threshold < min_threshold:
+        raise ThresholdTooLow(
+            f"threshold {params.threshold} is below this agent's floor of {min_threshold}"
+        )
+    group = min(params.degree, selected - 1) + 1
+    if 2 * params.threshold <= group:
+        raise ThresholdTooLow(
+            f"threshold {params.threshold} is not a majority of the {group} share holders"
+        )
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+class Participant:
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        deployment: str,
+        cloud: str,
+        start: RoundStart,
+        base_certificate: bytes,
+        pinned_identities: Mapping[str, bytes],
+        min_threshold: int = 2,
+        limits: Limits = DEFAULT_LIMITS,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        if start.secagg is None:
+            raise MalformedMessage(f"round {start.round} does not use secure aggregation")
+        check_params(start.secagg, selected=len(start.selected), min_threshold=min_threshold)
+        self.agent_id = agent_id
+        self.deployment = deployment
+        self.cloud = cloud
+        self.start = start
+        self.params: SecAggParams = start.secagg
+        self.round = start.round
+        self._certificate = base_certificate
+        self._pinned = dict(pinned_identities)
+        self._limits = limits
+        self._random_bytes = random_bytes
+        self.stage: Stage = "keys"
+        self._share_key = X25519PrivateKey.from_private_bytes(random_bytes(32))
+        self._mask_secret = random_bytes(32)
+        self._mask_key = X25519PrivateKey.from_private_bytes(self._mask_secret)
+        self._seed = random_bytes(32)
+        self.roster: Roster | None = None
+        self.context: RoundContext | None = None
+        self.neighbours: tuple[str, ...] = ()
+        self._held: dict[str, SharePlaintext] = {}  # owner → the shares this agent holds
+        self._confirmed: tuple[str, ...] | None = None
+
+    def _expect(self, stage: Stage, what: str) -> None:
+        if self.stage != stage:
+            raise ReplayedMessage(f"{what} arrived at stage {self.stage!r} of round {self.round}")
+
+    def _check_round(self, round: int) -> None:
+        if round != self.round:
+            raise WrongRound(f"message for round {round}, this agent is in round {self.round}")
+
+    def _check_digest(self, digest: bytes) -> RoundContext:
+        assert self.context is not None  # stage order guarantees it; not input validation
+        if digest != self.context.roster_digest:
+            raise EnvelopeMismatch("message names another key roster than the one verified")
+        return self.context
+
+    # -- stage 1 ------------------------------------------------------------------------
+    def advertise_keys(self) -> AdvertiseKeys:
+        self._expect("keys", "key advertisement")
+        return AdvertiseKeys(
+            round=self.round,
+            base_digest=self.start.base_digest,
+            share_key=public_bytes(self._share_key),
+            mask_key=public_bytes(self._mask_key),
+            seed_commitment=sha256(self._seed),
+        )
+
+    # -- stages 2 and 3 -----------------------------------------------------------------
+    def on_roster(self, message: KeyRoster) -> ShareBundle:
+        self._check_round(message.round)
+        self._expect("keys", "key roster")
+        roster = verify_roster(
+            message,
+            deployment=self.deployment,
+            cloud=self.cloud,
+            base_digest=self.start.base_digest,
+            selected=self.start.selected,
+            pinned_identities=self._pinned,
+            limits=self._limits,
+        )
+        own = roster.members.get(self.agent_id)
+        if own is None:
+            raise MalformedMessage("the key roster leaves this agent out")
+        mine = self.advertise_keys()
+        if (own.share_key, own.mask_key, own.seed_commitment) != (
+            mine.share_key,
+            mine.mask_key,
+            mine.seed_commitment,
+        ):
+            raise KeySubstituted("the key roster carries other round keys for this agent")
+        graph = neighbour_graph(
+            roster.ids,
+            self.params.degree,
+            graph_seed(
+                deployment=self.deployment,
+                cloud=self.cloud,
+                round=self.round,
+                base_certificate=self._certificate,
+            ),
+        )
+        self.neighbours = graph[self.agent_id]
+        holders = sorted((*self.neighbours, self.agent_id))
+        if len(holders) < self.params.threshold:
+            raise TooFewNeighbours(
+                f"{len(holders)} share holders in the graph, threshold is {self.params.threshold}"
+            )
+        context = RoundContext(
+            deployment=self.deployment,
+            cloud=self.cloud,
+            round=self.round,
+            roster_digest=roster.digest,
+        )
+        xs = [roster.members[h].x for h in holders]
+        t = self.params.threshold
+        rb = self._random_bytes
+        mask_shares = split_secret(self._mask_secret, threshold=t, xs=xs, random_bytes=rb)
+        seed_shares = split_secret(self._seed, threshold=t, xs=xs, random_bytes=rb)
+        sealed = []
+        for holder, mask_share, seed_share in zip(holders, mask_shares, seed_shares, strict=True):
+            plaintext = SharePlaintext(
+                owner=self.agent_id,
+                holder=holder,
+                x=mask_share.x,
+                mask_key_share=mask_share.y,
+                seed_share=seed_share.y,
+            )
+            sealed.append(
+                SealedShare(
+                    owner=self.agent_id,
+                    holder=holder,
+                    sealed=seal_share(
+                        msgspec.msgpack.encode(plaintext),
+                        private=self._share_key,
+                        peer_public=roster.members[holder].share_key,
+                        context=context,
+                        sender=self.agent_id,
+                        receiver=holder,
+                        random_bytes=rb,
+                    ),
+                )
+            )
+        self.roster, self.context = roster, context
+        self._pinned.update({a: m.identity_key for a, m in roster.members.items()})
+        self.stage = "delivery"
+        return ShareBundle(round=self.round, roster_digest=roster.digest, shares=tuple(sealed))
+
+    @property
+    def pinned_identities(self) -> dict[str, bytes]:
+        """Identity keys known after this round's roster (the driver persists them)."""
+        return dict(self._pinned)
+
+    def on_delivery(self, message: ShareDelivery) -> None:
+        self._check_round(message.round)
+        self._expect("delivery", "share delivery")
+        context = self._check_digest(message.roster_digest)
+        assert self.roster is not None
+        allowed = {*self.neighbours, self.agent_id}
+        held: dict[str, SharePlaintext] = {}
+        for item in message.shares:
+            if item.holder != self.agent_id:
+                raise ShareRejected(f"delivery holds a share meant for {item.holder!r}")
+            if item.owner not in allowed:
+                raise TooFewNeighbours(
+                    f"share from {item.owner!r}, who is not a neighbour in the derived graph"
+                )
+            if item.owner in held:
+                raise ReplayedMessage(f"two shares from {item.owner!r} in one delivery")
+            raw = open_share(
+                item.sealed,
+                private=self._share_key,
+                peer_public=self.roster.members[item.owner].share_key,
+                context=context,
+                sender=item.owner,
+                receiver=self.agent_id,
+            )
+            try:
+                plaintext = _plaintext_decoder.decode(raw)
+            except (msgspec.DecodeError, ValueError):
+                raise ShareRejected(f"share from {item.owner!r} is undecodable") from None
+            own_x = self.roster.members[self.agent_id].x
+            if (plaintext.owner, plaintext.holder, plaintext.x) != (
+                item.owner,
+                self.agent_id,
+                own_x,
+            ):
+                raise ShareRejected(f"share from {item.owner!r} names another owner or holder")
+            held[item.owner] = plaintext
+        if len(held) < self.params.threshold:
+            raise TooFewNeighbours(
+                f"shares from {len(held)} holders delivered, threshold is {self.params.threshold}"
+            )
+        self._held = held
+        self.stage = "masked"
+
+    @property
+    def ready_to_mask(self) -> bool:
+        return self.stage == "masked"
+
+    # -- stage 4 ------------------------------------------------------------------------
+    def encode(self, update: npt.NDArray[np.floating], num_samples: int) -> Words:
+        """Clip, weight, quantize and wrap the flat update (see :mod:`.encoding`)."""
+        return encode_update(
+            update, num_samples, encoding_params(self.params), random_bytes=self._random_bytes
+        )
+
+    def mask_input(self, encoded: Words) -> MaskedInput:
+        """Add the self mask and every pairwise mask to ``encoded``, mod 2^b."""
+        self._expect("masked", "masking")
+        context, roster = self.context, self.roster
+        assert context is not None  # set with the stage
+        assert roster is not None
+        dtype = word_dtype(self.params.word_bits)
+        if encoded.dtype != dtype or encoded.ndim != 1:
+            raise ValueError(f"encoded input must be a flat {dtype} array")
+        words = encoded.copy()
+        count, bits = words.size, self.params.word_bits
+        words += expand_mask(self_mask_key(self._seed, context, self.agent_id), count, bits)
+        for peer in self._held:
+            if peer == self.agent_id:
+                continue
+            key = pairwise_mask_key(
+                self._mask_key, roster.members[peer].mask_key, context, self.agent_id, peer
+            )
+            if pairwise_sign(self.agent_id, peer) > 0:
+                words += expand_mask(key, count, bits)
+            else:
+                words -= expand_mask(key, count, bits)
+        self.stage = "check"
+        return MaskedInput(
+            round=self.round,
+            roster_digest=context.roster_digest,
+            words=encode_array("masked", words),
+        )
+
+    # -- stages 5 and 6 -----------------------------------------------------------------
+    def on_check(self, message: SurvivorCheck) -> SurvivorConfirmation:
+        self._check_round(message.round)
+        self._expect("check", "survivor check")
+        context = self._check_digest(message.roster_digest)
+        survivors = self._check_survivors(message.survivors)
+        self._confirmed = survivors
+        self.stage = "unmask"
+        return SurvivorConfirmation(
+            round=self.round, roster_digest=context.roster_digest, survivors=survivors
+        )
+
+    def _check_survivors(self, survivors: tuple[str, ...]) -> tuple[str, ...]:
+        assert self.roster is not None
+        if list(survivors) != sorted(set(survivors)):
+            raise MalformedMessage("the survivor set must be sorted and without repeats")
+        if not set(survivors) <= set(self.roster.members):
+            raise MalformedMessage("the survivor set names agents outside the key roster")
+        if self.agent_id not in survivors:
+            raise ConsistencyCheckFailed("the survivor set leaves out this agent's own input")
+        if len(survivors) < self.params.threshold:
+            raise ConsistencyCheckFailed(
+                f"{len(survivors)} survivors, fewer than the threshold {self.params.threshold}"
+            )
+        return survivors
+
+    def on_unmask(self, message: UnmaskRequest) -> Reveal:
+        self._check_round(message.round)
+        self._expect("unmask", "unmask request")
+        context = self._check_digest(message.roster_digest)
+        assert self.roster is not None
+        both = set(message.survivors) & set(message.dropped)
+        if both:
+            raise ConflictingUnmaskRequest(
+                f"unmask request lists {sorted(both)[:5]} as both survivor and dropped"
+            )
+        if message.survivors != self._confirmed:
+            raise ConsistencyCheckFailed(
+                "unmask request names a survivor set other than the one this agent confirmed"
+            )
+        if self.agent_id in message.dropped or not set(message.dropped) <= set(self.roster.members):
+            raise MalformedMessage("dropped set names this agent or agents outside the roster")
+        signers = count_confirmations(
+            message.confirmations,
+            roster=self.roster,
+            context=context,
+            survivors=message.survivors,
+            limits=self._limits,
+        )
+        if signers < self.params.threshold:
+            raise ConsistencyCheckFailed(
+                f"{signers} valid signatures on the survivor set, {self.params.threshold} needed"
+            )
+        self.stage = "done"  # one unmask request per round: never reveal twice
+        survivors, dropped = set(message.survivors), set(message.dropped)
+        own_x = self.roster.members[self.agent_id].x
+        return Reveal(
+            round=self.round,
+            roster_digest=context.roster_digest,
+            seed_shares=tuple(
+                RevealedShare(owner=owner, x=own_x, y=share.seed_share)
+                for owner, share in sorted(self._held.items())
+                if owner in survivors
+            ),
+            mask_key_shares=tuple(
+                RevealedShare(owner=owner, x=own_x, y=share.mask_key_share)
+                for owner, share in sorted(self._held.items())
+                if owner in dropped
+            ),
+        )
+
+
+def revealed_as_share(item: RevealedShare) -> Share:
+    return Share(x=item.x, y=item.y)
