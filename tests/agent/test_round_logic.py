@@ -7,12 +7,33 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_agent.errors import ModelRejected
-from fedgate_agent.round_logic import AdoptModel, AgentRoundLogic, RoundEnded, TrainForRound
+from fedgate_agent.round_logic import (
+    AdoptModel,
+    AgentRoundLogic,
+    RoundEnded,
+    SecAggStep,
+    TrainForRound,
+)
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.digests import GENESIS_PARENT, model_digest
-from fedgate_common.envelope import seal
-from fedgate_common.errors import BadSignature, EnvelopeMismatch, MalformedMessage, ReplayedMessage
-from fedgate_common.messages import GlobalModel, Payload, RoundEnd, RoundStart, TrainingPlan
+from fedgate_common.envelope import open_envelope, seal
+from fedgate_common.errors import (
+    BadSignature,
+    EnvelopeMismatch,
+    MalformedMessage,
+    PlaintextRefused,
+    ReplayedMessage,
+)
+from fedgate_common.messages import (
+    GlobalModel,
+    KeyRoster,
+    Payload,
+    RoundEnd,
+    RoundStart,
+    SecAggParams,
+    ShareDelivery,
+    TrainingPlan,
+)
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_common.topics import model_topic, round_topic
 
@@ -47,7 +68,11 @@ def start(round: int, base: str, selected: tuple[str, ...] = (AGENT, "site-2")) 
 @pytest.fixture
 def logic() -> AgentRoundLogic:
     return AgentRoundLogic(
-        agent_id=AGENT, deployment=DEPLOYMENT, cloud=CLOUD, coordinator_key=COORDINATOR.verify_key
+        agent_id=AGENT,
+        deployment=DEPLOYMENT,
+        cloud=CLOUD,
+        coordinator_key=COORDINATOR.verify_key,
+        allow_plaintext=True,
     )
 
 
@@ -63,7 +88,7 @@ def test_model_then_start_trains_on_that_model(logic: AgentRoundLogic) -> None:
     action = logic.on_message(MODEL_TOPIC, sealed(model))
     assert isinstance(action, AdoptModel)
     assert action.model == model
-    assert logic.adopt(model) is None
+    assert logic.adopt(model, sealed(model)) is None
     work = logic.on_message(start_topic(1), sealed(start(1, model.digest)))
     assert isinstance(work, TrainForRound)
     assert work.model.digest == model.digest
@@ -75,14 +100,14 @@ def test_start_before_its_model_waits_for_the_model(logic: AgentRoundLogic) -> N
     assert logic.on_message(start_topic(1), sealed(start(1, model.digest))) is None
     action = logic.on_message(MODEL_TOPIC, sealed(model))
     assert isinstance(action, AdoptModel)
-    work = logic.adopt(action.model)
+    work = logic.adopt(action.model, sealed(action.model))
     assert isinstance(work, TrainForRound)
     assert work.start.round == 1
 
 
 def test_agent_not_selected_does_not_train(logic: AgentRoundLogic) -> None:
     model = global_model()
-    logic.adopt(model)
+    logic.adopt(model, sealed(model))
     assert logic.on_message(start_topic(1), sealed(start(1, model.digest, ("other",)))) is None
 
 
@@ -90,7 +115,7 @@ def test_answered_round_is_never_trained_again(logic: AgentRoundLogic) -> None:
     """The retained start of the round just answered is redelivered on reconnect: ignored.
     A start for an older round can only be a replay: refused."""
     model = global_model()
-    logic.adopt(model)
+    logic.adopt(model, sealed(model))
     logic.answered(3)
     assert logic.on_message(start_topic(3), sealed(start(3, model.digest))) is None
     with pytest.raises(ReplayedMessage):
@@ -142,7 +167,7 @@ def test_older_model_is_ignored_and_cleared_retained_message_is_nothing(
 ) -> None:
     genesis = global_model()
     newer = global_model(round=1, parent=genesis.digest, seed=2)
-    logic.adopt(newer)
+    logic.adopt(newer, sealed(newer))
     assert logic.on_message(MODEL_TOPIC, sealed(genesis)) is None
     assert logic.on_message(start_topic(1), b"") is None
 
@@ -154,3 +179,39 @@ def test_round_end_is_reported(logic: AgentRoundLogic) -> None:
     action = logic.on_message(round_topic(DEPLOYMENT, CLOUD, 4, "end"), sealed(end))
     assert isinstance(action, RoundEnded)
     assert action.end == end
+
+
+SECAGG = SecAggParams(
+    word_bits=16, clip_norm=10.0, weight_cap=2000, max_inputs=2, degree=1, threshold=2
+)
+
+
+def test_plaintext_round_is_refused_unless_allowed() -> None:
+    strict = AgentRoundLogic(
+        agent_id=AGENT, deployment=DEPLOYMENT, cloud=CLOUD, coordinator_key=COORDINATOR.verify_key
+    )
+    model = global_model()
+    strict.adopt(model, sealed(model))
+    with pytest.raises(PlaintextRefused):
+        strict.on_message(start_topic(1), sealed(start(1, model.digest)))
+    secure = msgspec.structs.replace(start(2, model.digest), secagg=SECAGG)
+    work = strict.on_message(start_topic(2), sealed(secure))
+    assert isinstance(work, TrainForRound)
+    # The graph seed commits to the coordinator's signature over the base model's message.
+    assert work.certificate == open_envelope(sealed(model)).signature
+
+
+def test_secure_aggregation_messages_are_routed_only_to_their_agent(
+    logic: AgentRoundLogic,
+) -> None:
+    roster = KeyRoster(round=5, entries=())
+    step = logic.on_message(round_topic(DEPLOYMENT, CLOUD, 5, "roster"), sealed(roster))
+    assert isinstance(step, SecAggStep)
+    assert step.message == roster
+    delivery = ShareDelivery(round=5, roster_digest=b"d" * 32, shares=())
+    mine = round_topic(DEPLOYMENT, CLOUD, 5, "deliver", AGENT)
+    assert isinstance(logic.on_message(mine, sealed(delivery)), SecAggStep)
+    with pytest.raises(EnvelopeMismatch):
+        logic.on_message(round_topic(DEPLOYMENT, CLOUD, 5, "deliver", "site-2"), sealed(delivery))
+    with pytest.raises(MalformedMessage):  # a delivery must be addressed to one agent
+        logic.on_message(round_topic(DEPLOYMENT, CLOUD, 5, "deliver"), sealed(delivery))

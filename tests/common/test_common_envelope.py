@@ -29,12 +29,25 @@ from fedgate_common.limits import Limits
 from fedgate_common.messages import (
     PROTOCOL_VERSION,
     STAGES,
+    AdvertiseKeys,
     GlobalModel,
+    KeyRoster,
+    MaskedInput,
     ModelUpdate,
     Payload,
+    Reveal,
+    RevealedShare,
+    RosterEntry,
     RoundEnd,
     RoundStart,
+    SealedShare,
+    SecAggParams,
+    ShareBundle,
+    ShareDelivery,
+    SurvivorCheck,
+    SurvivorConfirmation,
     TrainingPlan,
+    UnmaskRequest,
 )
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from hypothesis import HealthCheck, given, settings
@@ -78,6 +91,53 @@ def _payloads() -> list[Payload]:
             reason="too few updates",
             participants=("agent-07",),
             model_digest="",
+        ),
+        *_secagg_payloads(),
+    ]
+
+
+def _secagg_payloads() -> list[Payload]:
+    digest = bytes(range(32))
+    share = SealedShare(owner="agent-07", holder="agent-08", sealed=b"\x01" * 60)
+    words = encode_arrays({"masked": np.arange(5, dtype=np.uint16)})[0]
+    revealed = RevealedShare(owner="agent-08", x=2, y=b"\x02" * 66)
+    return [
+        RoundStart(
+            round=4,
+            base_digest="cd" * 32,
+            selected=("agent-07", "agent-08", "agent-09"),
+            plan=TrainingPlan(learning_rate=0.01),
+            update_timeout_s=30.0,
+            min_participants=2,
+            secagg=SecAggParams(
+                word_bits=16, clip_norm=10.0, weight_cap=2000, max_inputs=3, degree=2, threshold=2
+            ),
+        ),
+        AdvertiseKeys(
+            round=4,
+            base_digest="cd" * 32,
+            share_key=b"\x03" * 32,
+            mask_key=b"\x04" * 32,
+            seed_commitment=digest,
+        ),
+        ShareBundle(round=4, roster_digest=digest, shares=(share,)),
+        MaskedInput(round=4, roster_digest=digest, words=words),
+        SurvivorConfirmation(round=4, roster_digest=digest, survivors=("agent-07", "agent-08")),
+        Reveal(round=4, roster_digest=digest, seed_shares=(revealed,), mask_key_shares=()),
+        KeyRoster(
+            round=4,
+            entries=(
+                RosterEntry(agent_id="agent-07", identity_key=b"\x05" * 32, keys_envelope=b"e"),
+            ),
+        ),
+        ShareDelivery(round=4, roster_digest=digest, shares=(share,)),
+        SurvivorCheck(round=4, roster_digest=digest, survivors=("agent-07", "agent-08")),
+        UnmaskRequest(
+            round=4,
+            roster_digest=digest,
+            survivors=("agent-07", "agent-08"),
+            dropped=("agent-09",),
+            confirmations=(b"c1", b"c2"),
         ),
     ]
 

@@ -70,6 +70,8 @@ KEEPALIVE_RANGE: Final = (1, 65535)
 QUEUE_SIZE_RANGE: Final = (1, 10000)
 THREADS_RANGE: Final = (1, 64)
 SEED_RANGE: Final = (0, 2**63 - 1)
+MIN_THRESHOLD_RANGE: Final = (2, 10_000)
+PLAINTEXT_POLICIES: Final = ("refuse", "allow")
 
 
 class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -90,6 +92,13 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     seed: int | None = None  # tests only; None → fresh randomness
 
 
+class SecAggConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What this agent accepts from its coordinator for secure aggregation."""
+
+    min_threshold: int = 2  # refuse rounds whose Shamir threshold t is lower
+    plaintext_rounds: str = "refuse"  # "refuse" | "allow": rounds without secure aggregation
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete agent configuration (one TOML file)."""
 
@@ -101,6 +110,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     log_level: str = "info"
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
+    secagg: SecAggConfig = msgspec.field(default_factory=SecAggConfig)
 
     @property
     def state_path(self) -> Path:
@@ -135,6 +145,7 @@ class _Key(msgspec.Struct, frozen=True):
 _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "broker": BrokerConfig,
     "training": TrainingConfig,
+    "secagg": SecAggConfig,
 }
 
 _ALLOWED: Final[dict[str, str]] = {
@@ -152,6 +163,11 @@ _ALLOWED: Final[dict[str, str]] = {
     "training.data_file": 'a path (absolute, or relative to state_dir); "" for the default',
     "training.threads": f"an integer {THREADS_RANGE[0]}..{THREADS_RANGE[1]}",
     "training.seed": f'an integer {SEED_RANGE[0]}..{SEED_RANGE[1]}, or "" for random',
+    "secagg.min_threshold": (
+        f"an integer {MIN_THRESHOLD_RANGE[0]}..{MIN_THRESHOLD_RANGE[1]}: the lowest Shamir "
+        "threshold this agent accepts"
+    ),
+    "secagg.plaintext_rounds": '"refuse" (default) | "allow": rounds without secure aggregation',
 }
 
 
@@ -424,7 +440,16 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         _check_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE),
         _check_range("broker.queue_size", broker.queue_size, QUEUE_SIZE_RANGE),
         _check_range("training.threads", config.training.threads, THREADS_RANGE),
+        _check_range("secagg.min_threshold", config.secagg.min_threshold, MIN_THRESHOLD_RANGE),
     ]
+    if config.secagg.plaintext_rounds not in PLAINTEXT_POLICIES:
+        problems.append(
+            (
+                "secagg.plaintext_rounds",
+                f"secagg.plaintext_rounds = {config.secagg.plaintext_rounds!r} is not "
+                f"{_ALLOWED['secagg.plaintext_rounds']}",
+            )
+        )
     if config.training.seed is not None:
         ranged.append(_check_range("training.seed", config.training.seed, SEED_RANGE))
     problems.extend(problem for problem in ranged if problem is not None)

@@ -11,9 +11,22 @@ import msgspec
 import nacl.signing
 from fedgate_common.digests import model_digest
 from fedgate_common.envelope import Envelope, decode_payload, open_envelope, verify_envelope
-from fedgate_common.errors import EnvelopeMismatch, MalformedMessage, ReplayedMessage
+from fedgate_common.errors import (
+    EnvelopeMismatch,
+    MalformedMessage,
+    PlaintextRefused,
+    ReplayedMessage,
+)
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
-from fedgate_common.messages import GlobalModel, RoundEnd, RoundStart
+from fedgate_common.messages import (
+    GlobalModel,
+    KeyRoster,
+    RoundEnd,
+    RoundStart,
+    ShareDelivery,
+    SurvivorCheck,
+    UnmaskRequest,
+)
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.topics import model_topic, parse_round_topic
 
@@ -28,13 +41,20 @@ class AdoptModel(msgspec.Struct, frozen=True):
 class TrainForRound(msgspec.Struct, frozen=True):
     start: RoundStart
     model: GlobalModel
+    certificate: bytes  # the coordinator's signature over the base model's message
 
 
 class RoundEnded(msgspec.Struct, frozen=True):
     end: RoundEnd
 
 
-Action = AdoptModel | TrainForRound | RoundEnded
+class SecAggStep(msgspec.Struct, frozen=True):
+    """A verified coordinator message for the running secure-aggregation round."""
+
+    message: KeyRoster | ShareDelivery | SurvivorCheck | UnmaskRequest
+
+
+Action = AdoptModel | TrainForRound | RoundEnded | SecAggStep
 
 
 class AgentRoundLogic:
@@ -49,6 +69,7 @@ class AgentRoundLogic:
         coordinator_key: nacl.signing.VerifyKey,
         last_answered_round: int = 0,
         current_model: GlobalModel | None = None,
+        allow_plaintext: bool = False,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.agent_id = agent_id
@@ -57,6 +78,8 @@ class AgentRoundLogic:
         self._coordinator_key = coordinator_key
         self.last_answered_round = last_answered_round
         self.current_model = current_model
+        self.current_certificate = b""
+        self.allow_plaintext = allow_plaintext
         self.pending_start: RoundStart | None = None
         self._limits = limits
         self._model_topic = model_topic(deployment, cloud)
@@ -89,11 +112,17 @@ class AgentRoundLogic:
         envelope = self._open(raw)
         if (where.round, where.stage) != (envelope.round, envelope.stage):
             raise EnvelopeMismatch(f"envelope header does not match topic {topic!r}")
+        if where.agent is not None and where.agent != self.agent_id:
+            raise EnvelopeMismatch(f"message for {where.agent!r} reached {self.agent_id!r}")
         payload = decode_payload(envelope)
         if isinstance(payload, RoundStart):
             return self._on_start(payload)
         if isinstance(payload, RoundEnd):
             return RoundEnded(payload)
+        if isinstance(payload, ShareDelivery) and where.agent == self.agent_id:
+            return SecAggStep(payload)
+        if isinstance(payload, KeyRoster | SurvivorCheck | UnmaskRequest) and where.agent is None:
+            return SecAggStep(payload)
         raise MalformedMessage(f"unexpected {envelope.stage!r} message on {topic!r}")
 
     def _on_model(self, model: GlobalModel, raw: bytes) -> Action | None:
@@ -102,12 +131,17 @@ class AgentRoundLogic:
             return None  # the same or an older model (retained redelivery)
         return AdoptModel(model, raw)
 
-    def adopt(self, model: GlobalModel) -> TrainForRound | None:
-        """Make ``model`` current; returns the round to train if a start was waiting for it."""
+    def adopt(self, model: GlobalModel, raw: bytes) -> TrainForRound | None:
+        """Make ``model`` current; returns the round to train if a start was waiting for it.
+
+        ``raw`` is the model's signed message; its signature is the interim certificate the
+        secure-aggregation graph seed commits to (consensus certificates replace it).
+        """
         self.current_model = model
+        self.current_certificate = open_envelope(raw, self._limits).signature
         pending, self.pending_start = self.pending_start, None
         if pending is not None and pending.base_digest == model.digest:
-            return TrainForRound(pending, model)
+            return TrainForRound(pending, model, self.current_certificate)
         return None
 
     def _on_start(self, start: RoundStart) -> TrainForRound | None:
@@ -120,11 +154,16 @@ class AgentRoundLogic:
                 f"round {start.round} announced again; this agent already answered up to "
                 f"round {self.last_answered_round}"
             )
+        if start.secagg is None and not self.allow_plaintext:
+            raise PlaintextRefused(
+                f"round {start.round} has no secure aggregation; this agent sends updates only "
+                "masked (secagg.plaintext_rounds = refuse)"
+            )
         model = self.current_model
         if model is None or model.digest != start.base_digest:
             self.pending_start = start  # its base model is on its way (retained topic)
             return None
-        return TrainForRound(start, model)
+        return TrainForRound(start, model, self.current_certificate)
 
     def answered(self, round: int) -> None:
         self.last_answered_round = max(self.last_answered_round, round)

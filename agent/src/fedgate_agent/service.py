@@ -14,15 +14,26 @@ from collections import Counter
 
 import nacl.signing
 import numpy as np
+import numpy.typing as npt
 import torch
 from fedgate_common.arrays import decode_arrays, encode_arrays
 from fedgate_common.envelope import seal
 from fedgate_common.errors import FedgateError
 from fedgate_common.keys import parse_public_key
 from fedgate_common.logs import log_event
-from fedgate_common.messages import GlobalModel, ModelUpdate
+from fedgate_common.messages import (
+    GlobalModel,
+    KeyRoster,
+    ModelUpdate,
+    Payload,
+    ShareDelivery,
+    SurvivorCheck,
+)
+from fedgate_common.model_spec import flatten_parameters
+from fedgate_common.secagg.participant import Participant
 from fedgate_common.topics import (
     coordinator_broadcast_filter,
+    coordinator_direct_filter,
     model_topic,
     round_topic,
 )
@@ -35,12 +46,15 @@ from fedgate_agent.round_logic import (
     AdoptModel,
     AgentRoundLogic,
     RoundEnded,
+    SecAggStep,
     TrainForRound,
 )
 from fedgate_agent.state import (
     load_current_model_message,
+    read_pinned_peers,
     read_status,
     save_model_message,
+    write_pinned_peers,
     write_status,
 )
 from fedgate_agent.training import LocalDataset, load_local_dataset, train_locally
@@ -61,16 +75,21 @@ class AgentService:
             cloud=config.cloud,
             coordinator_key=parse_public_key(config.coordinator_public_key),
             last_answered_round=self.status.last_answered_round,
+            allow_plaintext=config.secagg.plaintext_rounds == "allow",
         )
         self.link = MqttLink(
             settings=config.broker,
             client_id=f"fedgate-agent-{config.deployment}-{config.cloud}-{config.agent_id}",
             subscriptions=[
                 coordinator_broadcast_filter(config.deployment, config.cloud),
+                coordinator_direct_filter(config.deployment, config.cloud, config.agent_id),
                 model_topic(config.deployment, config.cloud),
             ],
         )
         self._dataset: LocalDataset | None = None
+        self.secure: Participant | None = None  # this round's secure-aggregation state
+        self._masked_update: tuple[npt.NDArray[np.float64], int] | None = None
+        self._training: asyncio.Task[None] | None = None
         self.rejected: Counter[str] = Counter(self.status.rejected)
         self._bytes_up_before = self.status.bytes_up  # cumulative across restarts
         self._restore_model()
@@ -96,7 +115,7 @@ class AgentService:
             log_event(log, logging.WARNING, "stored model ignored", **self._fields(error=str(exc)))
             return
         if isinstance(action, AdoptModel):
-            self.logic.adopt(action.model)
+            self.logic.adopt(action.model, raw)
 
     def _save_status(self, state: str | None = None) -> None:
         if state is not None:
@@ -106,21 +125,19 @@ class AgentService:
         write_status(self.config.state_path, self.status)
 
     # -- message handling ----------------------------------------------------------------
+    def _count_rejection(self, exc: FedgateError, what: str, **fields: object) -> None:
+        kind = getattr(exc, "kind", type(exc).__name__)
+        self.rejected[kind] += 1
+        self.status.last_error = str(exc)
+        log_event(log, logging.WARNING, what, **self._fields(kind=kind, error=str(exc), **fields))
+        self._save_status()
+
     async def handle(self, message: InboundMessage) -> None:
         self.status.bytes_down += len(message.payload)
         try:
             action = self.logic.on_message(message.topic, message.payload)
         except FedgateError as exc:
-            kind = getattr(exc, "kind", type(exc).__name__)
-            self.rejected[kind] += 1
-            self.status.last_error = str(exc)
-            log_event(
-                log,
-                logging.WARNING,
-                "message rejected",
-                **self._fields(kind=kind, topic=message.topic, error=str(exc)),
-            )
-            self._save_status()
+            self._count_rejection(exc, "message rejected", topic=message.topic)
             return
         if isinstance(action, AdoptModel):
             save_model_message(
@@ -134,13 +151,17 @@ class AgentService:
                 "global model stored",
                 **self._fields(round=action.model.round, model=action.model.digest[:12]),
             )
-            follow_up = self.logic.adopt(action.model)
+            follow_up = self.logic.adopt(action.model, action.raw)
             self._save_status()
             if follow_up is not None:
-                await self.train_and_send(follow_up)
+                await self.begin_round(follow_up)
         elif isinstance(action, TrainForRound):
-            await self.train_and_send(action)
+            await self.begin_round(action)
+        elif isinstance(action, SecAggStep):
+            await self.secure_step(action)
         elif isinstance(action, RoundEnded):
+            if self.secure is not None and self.secure.round == action.end.round:
+                self.secure, self._masked_update = None, None  # secrets of the round go
             log_event(
                 log,
                 logging.INFO,
@@ -151,6 +172,100 @@ class AgentService:
                     participated=self.config.agent_id in action.end.participants,
                 ),
             )
+
+    async def _send(self, payload: Payload, agent_topic_stage: str) -> int:
+        raw = seal(
+            payload,
+            signing_key=self._identity,
+            deployment=self.config.deployment,
+            cloud=self.config.cloud,
+            sender=self.config.agent_id,
+        )
+        await self.link.publish(
+            round_topic(
+                self.config.deployment,
+                self.config.cloud,
+                payload.round,
+                agent_topic_stage,
+                self.config.agent_id,
+            ),
+            raw,
+        )
+        return len(raw)
+
+    async def begin_round(self, work: TrainForRound) -> None:
+        """Join the round: with secure aggregation advertise keys first, then train."""
+        number = work.start.round
+        if work.start.secagg is not None:
+            try:
+                participant = Participant(
+                    agent_id=self.config.agent_id,
+                    deployment=self.config.deployment,
+                    cloud=self.config.cloud,
+                    start=work.start,
+                    base_certificate=work.certificate,
+                    pinned_identities=read_pinned_peers(self.config.state_path),
+                    min_threshold=self.config.secagg.min_threshold,
+                )
+            except FedgateError as exc:
+                self.logic.answered(number)
+                self._count_rejection(exc, "secure aggregation refused", round=number)
+                return
+            self.secure, self._masked_update = participant, None
+            await self._send(participant.advertise_keys(), "keys")
+        # Record the answer before training: a restart never joins one round twice.
+        self.logic.answered(number)
+        self.status.last_answered_round = number
+        self._save_status()
+        self._training = asyncio.create_task(self.train_and_send(work))
+
+    async def secure_step(self, step: SecAggStep) -> None:
+        participant = self.secure
+        message = step.message
+        if participant is None or participant.round != message.round:
+            self.rejected["wrong_round"] += 1
+            return  # a round this agent is not in (or has left)
+        try:
+            if isinstance(message, KeyRoster):
+                bundle = participant.on_roster(message)
+                write_pinned_peers(self.config.state_path, participant.pinned_identities)
+                await self._send(bundle, "shares")
+            elif isinstance(message, ShareDelivery):
+                participant.on_delivery(message)
+                await self._send_masked()
+            elif isinstance(message, SurvivorCheck):
+                await self._send(participant.on_check(message), "confirm")
+            else:
+                reveal = participant.on_unmask(message)
+                self.secure = None  # nothing more to send for this round
+                await self._send(reveal, "reveal")
+        except FedgateError as exc:
+            self.secure, self._masked_update = None, None  # refuse: reveal nothing more
+            self._count_rejection(
+                exc, "secure aggregation refused", round=message.round, stage=type(message).__name__
+            )
+            return
+        log_event(
+            log,
+            logging.DEBUG,
+            "secure aggregation step",
+            **self._fields(round=message.round, stage=type(message).__name__),
+        )
+
+    async def _send_masked(self) -> None:
+        """Send the masked input once training is done and the shares are delivered."""
+        participant, pending = self.secure, self._masked_update
+        if participant is None or pending is None or not participant.ready_to_mask:
+            return
+        flat, num_samples = pending
+        masked = participant.mask_input(participant.encode(flat, num_samples))
+        size = await self._send(masked, "masked")
+        log_event(
+            log,
+            logging.INFO,
+            "masked update sent",
+            **self._fields(round=participant.round, bytes=size, words=masked.words.shape[0]),
+        )
 
     def _local_dataset(self, model: GlobalModel) -> LocalDataset:
         if self._dataset is None:
@@ -194,6 +309,7 @@ class AgentService:
                 round=number,
                 lr=round(work.start.plan.learning_rate, 6),
                 epochs=work.start.plan.local_epochs,
+                secure=work.start.secagg is not None,
             ),
         )
         self._save_status("training")
@@ -206,37 +322,35 @@ class AgentService:
             )
             self._save_status("idle")
             return
-        # Record the answer before sending: a restart never trains twice for one round.
-        self.logic.answered(number)
-        self.status.last_answered_round = number
-        self._save_status()
-        payload = seal(
-            update,
-            signing_key=self._identity,
-            deployment=self.config.deployment,
-            cloud=self.config.cloud,
-            sender=self.config.agent_id,
-        )
-        await self.link.publish(
-            round_topic(
-                self.config.deployment, self.config.cloud, number, "update", self.config.agent_id
-            ),
-            payload,
-        )
         self.status.rounds_trained += 1
         self.status.last_train_loss = update.train_loss
         self.status.last_num_samples = update.num_samples
-        log_event(
-            log,
-            logging.INFO,
-            "update sent",
-            **self._fields(
-                round=number,
-                bytes=len(payload),
-                samples=update.num_samples,
-                train_loss=round(update.train_loss, 5),
-            ),
-        )
+        if work.start.secagg is not None:
+            if self.secure is None or self.secure.round != number:
+                self._save_status("idle")
+                return  # the round was left (refusal or its end) while training
+            delta = {
+                name: np.asarray(value, dtype=np.float32)
+                for name, value in decode_arrays(update.delta).items()
+            }
+            self._masked_update = (
+                flatten_parameters(delta, work.model.spec),
+                update.num_samples,
+            )
+            await self._send_masked()
+        else:
+            size = await self._send(update, "update")
+            log_event(
+                log,
+                logging.INFO,
+                "update sent",
+                **self._fields(
+                    round=number,
+                    bytes=size,
+                    samples=update.num_samples,
+                    train_loss=round(update.train_loss, 5),
+                ),
+            )
         self._save_status("idle")
 
     async def run(self) -> None:
@@ -250,4 +364,6 @@ class AgentService:
                 while True:
                     await self.handle(await self.link.inbound.get())
         finally:
+            if self._training is not None:
+                self._training.cancel()
             self._save_status("stopped")

@@ -2,6 +2,7 @@
 
 ``status.json``  counters and progress, rewritten atomically (read by ``fedgate-agent status``)
 ``models/``      the signed global-model messages as received (re-verified when loaded)
+``peers.json``   identity keys of the other agents, pinned when first seen in a key roster
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 import msgspec
 
 from fedgate_agent.atomic_files import atomic_write
+from fedgate_agent.errors import AgentError
 
 STATUS_FILE = "status.json"
 MODELS_DIR = "models"
 CURRENT_MODEL = "current.fgm"
 KEEP_MODELS = 5
+PEERS_FILE = "peers.json"
 
 
 class AgentStatus(msgspec.Struct, kw_only=True):
@@ -67,3 +70,27 @@ def load_current_model_message(state_dir: Path) -> bytes | None:
         return (state_dir / MODELS_DIR / CURRENT_MODEL).read_bytes()
     except FileNotFoundError:
         return None
+
+
+class PeersUnreadable(AgentError):
+    """``peers.json`` exists but cannot be read: refusing to forget pinned keys silently."""
+
+
+def read_pinned_peers(state_dir: Path) -> dict[str, bytes]:
+    """Agent id → Ed25519 identity key seen in earlier rosters (trust on first use)."""
+    path = state_dir / PEERS_FILE
+    try:
+        data = msgspec.json.decode(path.read_bytes(), type=dict[str, str])
+        return {agent: bytes.fromhex(key) for agent, key in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise PeersUnreadable(
+            f"{path} is unreadable ({exc}); restore it from a backup, or delete it to pin "
+            "peers afresh from the next key roster"
+        ) from None
+
+
+def write_pinned_peers(state_dir: Path, peers: dict[str, bytes]) -> None:
+    data = {agent: key.hex() for agent, key in sorted(peers.items())}
+    atomic_write(state_dir / PEERS_FILE, msgspec.json.encode(data), mode=0o640)

@@ -14,6 +14,7 @@ Tree::
      │    ├── NonFiniteValues    NaN or Inf inside an array
      │    ├── ShareRejected      a sealed secure-aggregation share does not open
      │    └── SecAggRefusal      an agent refuses a secure-aggregation request; nothing is revealed
+     │         ├── PlaintextRefused         a round without secure aggregation, not allowed
      │         ├── ThresholdTooLow          threshold below the agent's floor or not a majority
      │         ├── DuplicateKeys            two roster entries share an id or a key
      │         ├── KeySignatureInvalid      a roster entry is unsigned or wrongly signed
@@ -82,6 +83,10 @@ class ShareRejected(ProtocolError):
 
 class SecAggRefusal(ProtocolError):
     kind = "secagg_refusal"
+
+
+class PlaintextRefused(SecAggRefusal):
+    kind = "plaintext_refused"
 
 
 class ThresholdTooLow(SecAggRefusal):

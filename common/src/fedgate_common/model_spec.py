@@ -8,6 +8,7 @@ torch module built from the same spec.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
@@ -81,3 +82,31 @@ def initial_weights(
         bound = 1.0 / math.sqrt(_fan_in(weight_shape))
         weights[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
     return weights
+
+
+def flatten_parameters(
+    named: Mapping[str, npt.NDArray[np.floating]], spec: ModelSpec
+) -> npt.NDArray[np.float64]:
+    """One flat vector of the parameters, in :func:`parameter_shapes` order."""
+    return np.concatenate(
+        [np.asarray(named[name], dtype=np.float64).ravel() for name, _ in parameter_shapes(spec)]
+    )
+
+
+def split_parameters(
+    flat: npt.NDArray[np.floating], spec: ModelSpec
+) -> dict[str, npt.NDArray[np.float32]]:
+    """The inverse of :func:`flatten_parameters`."""
+    named: dict[str, npt.NDArray[np.float32]] = {}
+    offset = 0
+    for name, shape in parameter_shapes(spec):
+        size = math.prod(shape)
+        named[name] = np.asarray(flat[offset : offset + size], dtype=np.float32).reshape(shape)
+        offset += size
+    if offset != flat.size:
+        raise ValueError(f"vector of {flat.size} values for a model of {offset} parameters")
+    return named
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    return sum(math.prod(shape) for _, shape in parameter_shapes(spec))

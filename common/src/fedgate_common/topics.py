@@ -1,7 +1,9 @@
 """MQTT topic names (DESIGN.md §3).
 
 ``fedgate/<deployment>/<cloud>/round/<r>/<stage>``          coordinator → agents
-``fedgate/<deployment>/<cloud>/round/<r>/<stage>/<agent>``  agent → coordinator
+``fedgate/<deployment>/<cloud>/round/<r>/<stage>/<agent>``  agent → coordinator, and
+                                                            coordinator → one agent
+                                                            (stage ``deliver`` only)
 ``fedgate/<deployment>/<cloud>/model``                      latest global model (retained)
 """
 
@@ -53,6 +55,11 @@ def agent_inbound_filter(deployment: str, cloud: str) -> str:
 def coordinator_broadcast_filter(deployment: str, cloud: str) -> str:
     """What an agent subscribes to for round announcements."""
     return f"{cloud_prefix(deployment, cloud)}/round/+/+"
+
+
+def coordinator_direct_filter(deployment: str, cloud: str, agent: str) -> str:
+    """What an agent subscribes to for messages addressed to it alone (share deliveries)."""
+    return f"{cloud_prefix(deployment, cloud)}/round/+/deliver/{validate_identifier(agent)}"
 
 
 def parse_round_topic(topic: str) -> RoundTopic:

@@ -17,6 +17,7 @@ from fedgate_common.model_spec import ModelSpec
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
+from fedgate_coordinator.secure_rounds import SecAggSettings, secagg_problems
 
 CONFIG_NAME = "coordinator.toml"
 KEY_NAME = "coordinator.key"
@@ -31,6 +32,7 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     log_level: str = "info"
     broker: MqttSettings = MqttSettings()
     rounds: RoundSettings = RoundSettings()
+    secagg: SecAggSettings = SecAggSettings()
     model: ModelSpec = DEFAULT_MODEL
 
 
@@ -63,6 +65,7 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append("rounds.max_weight must be 1..1e9 and rounds.max_update_norm in (0, 1e12]")
     if not 1 <= r.local_epochs <= 1000 or not 1 <= r.batch_size <= 65536:
         problems.append("rounds.local_epochs must be 1..1000 and rounds.batch_size 1..65536")
+    problems.extend(secagg_problems(config.secagg))
     if not config.database_url.startswith(("sqlite:", "postgresql")):
         problems.append(
             f"database_url={config.database_url!r}: use sqlite:///FILE or "

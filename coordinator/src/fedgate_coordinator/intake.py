@@ -13,14 +13,19 @@ import nacl.signing
 from fedgate_common.envelope import decode_payload, open_envelope, verify_envelope
 from fedgate_common.errors import EnvelopeMismatch, MalformedMessage, UnknownSender
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
-from fedgate_common.messages import ModelUpdate
+from fedgate_common.messages import AGENT_STAGES, Payload
 from fedgate_common.topics import parse_round_topic
 
 
 class AgentMessage(msgspec.Struct, frozen=True, kw_only=True):
     sender: str
-    update: ModelUpdate
-    size: int
+    payload: Payload
+    raw: bytes
+    identity_key: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
 
 
 def open_agent_message(
@@ -32,7 +37,7 @@ def open_agent_message(
     agent_key: Callable[[str], nacl.signing.VerifyKey | None],
     limits: Limits = DEFAULT_LIMITS,
 ) -> AgentMessage:
-    """Return the verified update in ``raw``; raise a ProtocolError subclass otherwise."""
+    """Return the verified agent message in ``raw``; raise a ProtocolError subclass otherwise."""
     where = parse_round_topic(topic)
     envelope = open_envelope(raw, limits)
     if (envelope.deployment, envelope.cloud) != (deployment, cloud):
@@ -56,8 +61,8 @@ def open_agent_message(
         raise UnknownSender(f"agent {envelope.sender!r} is not enrolled", sender=envelope.sender)
     verify_envelope(envelope, key)
     payload = decode_payload(envelope)
-    if not isinstance(payload, ModelUpdate):
+    if envelope.stage not in AGENT_STAGES:
         raise MalformedMessage(
             f"agents may not send {envelope.stage!r} messages", sender=envelope.sender
         )
-    return AgentMessage(sender=envelope.sender, update=payload, size=len(raw))
+    return AgentMessage(sender=envelope.sender, payload=payload, raw=raw, identity_key=bytes(key))

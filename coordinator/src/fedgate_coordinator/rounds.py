@@ -24,7 +24,7 @@ from fedgate_common.errors import (
     WrongRound,
 )
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
-from fedgate_common.messages import ModelUpdate, RoundStart, TrainingPlan
+from fedgate_common.messages import ModelUpdate, RoundStart, SecAggParams, TrainingPlan
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 
 from fedgate_coordinator.aggregation import apply_delta, weighted_mean_delta
@@ -57,9 +57,12 @@ class RoundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class Contribution(msgspec.Struct, frozen=True, kw_only=True):
+    """What the coordinator knows of one agent's part; under secure aggregation the
+    sample count and loss stay on the agent (``None``)."""
+
     agent_id: str
-    num_samples: int
-    train_loss: float
+    num_samples: int | None
+    train_loss: float | None
     bytes_up: int
 
 
@@ -67,7 +70,7 @@ class RoundCompleted(msgspec.Struct, frozen=True, kw_only=True):
     round: int
     contributions: tuple[Contribution, ...]
     weights: dict[str, npt.NDArray[np.float32]]
-    mean_train_loss: float
+    mean_train_loss: float | None
 
 
 class RoundAborted(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,6 +80,25 @@ class RoundAborted(msgspec.Struct, frozen=True, kw_only=True):
 
 
 RoundResult = RoundCompleted | RoundAborted
+
+
+def round_start(
+    *,
+    round: int,
+    base_digest: str,
+    selected: Sequence[str],
+    settings: RoundSettings,
+    secagg: SecAggParams | None = None,
+) -> RoundStart:
+    return RoundStart(
+        round=round,
+        base_digest=base_digest,
+        selected=tuple(sorted(selected)),
+        plan=settings.plan_for(round),
+        update_timeout_s=settings.update_timeout_s,
+        min_participants=settings.min_participants,
+        secagg=secagg,
+    )
 
 
 class RoundInProgress:
@@ -99,16 +121,15 @@ class RoundInProgress:
         self.settings = settings
         self._limits = limits
         self._received: dict[str, tuple[Contribution, dict[str, npt.NDArray[np.float32]]]] = {}
+        self._reported: dict[str, tuple[int, float]] = {}  # agent → (samples, train loss)
         self._closed = False
 
     def start_message(self) -> RoundStart:
-        return RoundStart(
+        return round_start(
             round=self.round,
             base_digest=self.base_digest,
             selected=self.selected,
-            plan=self.settings.plan_for(self.round),
-            update_timeout_s=self.settings.update_timeout_s,
-            min_participants=self.settings.min_participants,
+            settings=self.settings,
         )
 
     @property
@@ -163,6 +184,7 @@ class RoundInProgress:
             bytes_up=bytes_up,
         )
         self._received[sender] = (contribution, typed)
+        self._reported[sender] = (update.num_samples, update.train_loss)
 
     def close(self) -> RoundResult:
         """End the round: aggregate if enough agents answered, else abort."""
@@ -180,11 +202,12 @@ class RoundInProgress:
         # An agent's weight is its claimed sample count, capped: no agent can outweigh the
         # others by claiming a huge data set.
         cap = self.settings.max_weight
+        weighted = [(min(samples, cap), loss) for samples, loss in self._reported.values()]
         delta = weighted_mean_delta(
-            [(min(c.num_samples, cap), d) for c, d in self._received.values()]
+            [(min(self._reported[a][0], cap), d) for a, (_, d) in self._received.items()]
         )
-        total = sum(min(c.num_samples, cap) for c in contributions)
-        mean_loss = sum(c.train_loss * min(c.num_samples, cap) for c in contributions) / total
+        total = sum(weight for weight, _ in weighted)
+        mean_loss = sum(weight * loss for weight, loss in weighted) / total
         weights = apply_delta(self._base_weights, delta)
         if not all(np.isfinite(w).all() for w in weights.values()):
             return RoundAborted(

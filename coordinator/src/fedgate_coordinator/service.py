@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -16,19 +17,41 @@ import nacl.signing
 import numpy as np
 import numpy.typing as npt
 from fedgate_common.digests import GENESIS_PARENT
-from fedgate_common.envelope import seal
+from fedgate_common.envelope import open_envelope, seal
 from fedgate_common.errors import ProtocolError, WrongRound
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.logs import log_event
-from fedgate_common.messages import GlobalModel, Payload, RoundEnd
-from fedgate_common.model_spec import initial_weights
+from fedgate_common.messages import (
+    COORDINATOR_STAGES,
+    GlobalModel,
+    KeyRoster,
+    ModelUpdate,
+    Payload,
+    RoundEnd,
+    SecAggParams,
+    ShareDelivery,
+    SurvivorCheck,
+    UnmaskRequest,
+)
+from fedgate_common.model_spec import initial_weights, parameter_count
+from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
+from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
+from fedgate_coordinator.aggregation import apply_delta
 from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
-from fedgate_coordinator.rounds import Contribution, RoundCompleted, RoundInProgress
+from fedgate_coordinator.rounds import (
+    Contribution,
+    RoundAborted,
+    RoundCompleted,
+    RoundInProgress,
+    RoundResult,
+    round_start,
+)
+from fedgate_coordinator.secure_rounds import mean_delta
 from fedgate_coordinator.store import ModelRecord, ParticipantRecord, Store
 
 log = logging.getLogger("fedgate.coordinator")
@@ -89,8 +112,10 @@ class CoordinatorService:
         self.link = MqttLink(
             settings=settings, subscriptions=[agent_inbound_filter(config.deployment, config.cloud)]
         )
-        self.current: RoundInProgress | None = None
+        self.current: RoundInProgress | Aggregator | None = None
         self._all_in = asyncio.Event()
+        self._bytes_up: dict[str, int] = {}
+        self._bytes_down_per_agent = 0
         self._agent_keys: dict[str, nacl.signing.VerifyKey] = {}
         self.summary = ServeSummary()
 
@@ -135,6 +160,8 @@ class CoordinatorService:
     def handle_inbound(self, message: InboundMessage) -> None:
         """Check one message and give it to the running round; reject and count otherwise."""
         try:
+            if _published_by_coordinator(message.topic):
+                return  # our own directed messages (share deliveries) come back to us
             checked = open_agent_message(
                 message.topic,
                 message.payload,
@@ -146,24 +173,39 @@ class CoordinatorService:
             current = self.current
             if current is None:
                 raise WrongRound(
-                    f"no round is running (update for round {checked.update.round})",
+                    f"no round is running ({checked.payload.__struct_config__.tag} message "
+                    f"for round {checked.payload.round})",
                     sender=checked.sender,
                 )
-            current.accept(checked.sender, checked.update, bytes_up=checked.size)
+            if isinstance(current, RoundInProgress):
+                if not isinstance(checked.payload, ModelUpdate):
+                    raise WrongRound(
+                        f"round {current.round} takes plaintext updates, not "
+                        f"{checked.payload.__struct_config__.tag!r} messages",
+                        sender=checked.sender,
+                    )
+                current.accept(checked.sender, checked.payload, bytes_up=checked.size)
+            else:
+                current.add(
+                    checked.sender,
+                    checked.payload,
+                    raw=checked.raw,
+                    identity_key=checked.identity_key,
+                )
         except ProtocolError as exc:
             self._reject(exc, message.topic)
             return
         self.store.touch_agent(checked.sender)
+        self._bytes_up[checked.sender] = self._bytes_up.get(checked.sender, 0) + checked.size
         log_event(
             log,
-            logging.INFO,
-            "update accepted",
+            logging.DEBUG if isinstance(current, Aggregator) else logging.INFO,
+            "message accepted",
             **self._fields(
                 round=current.round,
                 agent=checked.sender,
+                stage=checked.payload.__struct_config__.tag,
                 bytes=checked.size,
-                received=current.received,
-                selected=len(current.selected),
             ),
         )
         if current.all_in:
@@ -211,45 +253,49 @@ class CoordinatorService:
         head = self.store.head_model()
         assert head is not None  # ensure_genesis ran before the first round
         number = self.store.next_round_number()
-        current = RoundInProgress(
-            round=number,
-            base_digest=head.digest,
-            base_weights=_float32(head.decode_weights()),
-            spec=head.decode_spec(),
-            selected=selected,
-            settings=self.config.rounds,
-            limits=self._limits,
-        )
+        secure = self.config.secagg.aggregation == "secagg"
+        params = self.config.secagg.params_for(len(selected)) if secure else None
         self.store.begin_round(
             round=number,
             base_digest=head.digest,
             selected=len(selected),
             min_participants=self.config.rounds.min_participants,
+            aggregation=self.config.secagg.aggregation,
+            threshold=params.threshold if params else None,
+            graph_degree=effective_degree(len(selected), params.degree) if params else None,
+            word_bits=params.word_bits if params else None,
         )
-        self._all_in = asyncio.Event()
         self._agent_keys.clear()  # enrollments and revocations take effect each round
-        self.current = current
+        self._bytes_up = {}
         start_topic = self._round_topic(number, "start")
         closed = False
         try:
-            start = self._seal(current.start_message())
+            start = self._seal(
+                round_start(
+                    round=number,
+                    base_digest=head.digest,
+                    selected=selected,
+                    settings=self.config.rounds,
+                    secagg=params,
+                )
+            )
             await self.link.publish(start_topic, start, retain=True)
             log_event(
                 log,
                 logging.INFO,
                 "round started",
-                **self._fields(round=number, selected=len(selected), base=head.digest[:12]),
+                **self._fields(
+                    round=number,
+                    selected=len(selected),
+                    base=head.digest[:12],
+                    aggregation=self.config.secagg.aggregation,
+                    threshold=params.threshold if params else "-",
+                ),
             )
-            try:
-                await asyncio.wait_for(self._all_in.wait(), self.config.rounds.update_timeout_s)
-            except TimeoutError:
-                log_event(
-                    log,
-                    logging.WARNING,
-                    "update deadline passed",
-                    **self._fields(round=number, received=current.received, selected=len(selected)),
-                )
-            result = current.close()
+            if params is None:
+                result = await self._plaintext_round(number, head, selected, len(start))
+            else:
+                result = await self._secure_round(number, head, selected, len(start), params)
             self.current = None
             participants = [_participant(c) for c in result.contributions]
             if isinstance(result, RoundCompleted):
@@ -274,7 +320,7 @@ class CoordinatorService:
                     participants=participants,
                     model=model,
                     mean_train_loss=result.mean_train_loss,
-                    bytes_down_per_agent=len(start) + len(model_message) + len(end),
+                    bytes_down_per_agent=self._bytes_down_per_agent + len(model_message) + len(end),
                 )
                 closed = True
                 await self.link.publish(
@@ -291,7 +337,11 @@ class CoordinatorService:
                         round=number,
                         participants=len(participants),
                         model=model.digest[:12],
-                        train_loss=round(result.mean_train_loss, 5),
+                        train_loss=(
+                            round(result.mean_train_loss, 5)
+                            if result.mean_train_loss is not None
+                            else "-"
+                        ),
                     ),
                 )
             else:
@@ -323,6 +373,153 @@ class CoordinatorService:
             if not closed:
                 self.store.abort_round(round=number, reason=STOP_REASON)
 
+    async def _wait_for_stage(self, seconds: float) -> None:
+        current = self.current
+        assert current is not None
+        if current.all_in:
+            return
+        self._all_in = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._all_in.wait(), seconds)
+        except TimeoutError:
+            log_event(
+                log, logging.WARNING, "stage deadline passed", **self._fields(round=current.round)
+            )
+
+    async def _plaintext_round(
+        self, number: int, head: ModelRecord, selected: list[str], start_bytes: int
+    ) -> RoundResult:
+        current = RoundInProgress(
+            round=number,
+            base_digest=head.digest,
+            base_weights=_float32(head.decode_weights()),
+            spec=head.decode_spec(),
+            selected=selected,
+            settings=self.config.rounds,
+            limits=self._limits,
+        )
+        self.current = current
+        began = time.monotonic()
+        await self._wait_for_stage(self.config.rounds.update_timeout_s)
+        result = current.close()
+        self.store.record_stage(
+            round=number,
+            stage="update",
+            expected=len(selected),
+            received=current.received,
+            bytes_in=sum(self._bytes_up.values()),
+            bytes_out=start_bytes * len(selected),
+            seconds=time.monotonic() - began,
+        )
+        self._bytes_down_per_agent = start_bytes
+        return result
+
+    async def _secure_round(
+        self,
+        number: int,
+        head: ModelRecord,
+        selected: list[str],
+        start_bytes: int,
+        params: SecAggParams,
+    ) -> RoundResult:
+        """Drive the five SecAgg+ stages; only the decoded sum leaves the aggregator."""
+        spec = head.decode_spec()
+        certificate = open_envelope(self._global_model_message(head)).signature
+        aggregator = Aggregator(
+            deployment=self.config.deployment,
+            cloud=self.config.cloud,
+            round=number,
+            base_digest=head.digest,
+            base_certificate=certificate,
+            selected=selected,
+            params=params,
+            dimension=parameter_count(spec),
+            min_participants=self.config.rounds.min_participants,
+            limits=self._limits,
+        )
+        self.current = aggregator
+        down = {agent: start_bytes for agent in selected}
+        stage_out = start_bytes * len(selected)
+        outcome: Unmasked | Aborted | None = None
+        for stage in STAGE_ORDER:
+            began = time.monotonic()
+            timeout = (
+                self.config.rounds.update_timeout_s
+                if stage == "masked"
+                else self.config.secagg.stage_timeout_s
+            )
+            await self._wait_for_stage(timeout)
+            record = aggregator.records[stage]
+            produced = _close_stage(aggregator, stage)
+            sent = 0
+            if isinstance(produced, Unmasked | Aborted):
+                outcome = produced
+            elif isinstance(produced, dict):
+                for agent, delivery in produced.items():
+                    raw = self._seal(delivery)
+                    await self.link.publish(self._round_topic(number, "deliver", agent), raw)
+                    down[agent] = down.get(agent, 0) + len(raw)
+                    sent += len(raw)
+            else:
+                raw = self._seal(produced)
+                tag = produced.__struct_config__.tag
+                assert isinstance(tag, str)
+                await self.link.publish(self._round_topic(number, tag), raw)
+                for agent in aggregator.expected:
+                    down[agent] = down.get(agent, 0) + len(raw)
+                sent = len(raw) * len(aggregator.expected)
+            self.store.record_stage(
+                round=number,
+                stage=stage,
+                expected=record.expected,
+                received=record.received,
+                bytes_in=record.bytes_in,
+                bytes_out=stage_out,
+                seconds=time.monotonic() - began,
+            )
+            stage_out = sent
+            log_event(
+                log,
+                logging.INFO,
+                "stage closed",
+                **self._fields(
+                    round=number, stage=stage, received=record.received, expected=record.expected
+                ),
+            )
+            if outcome is not None:
+                break
+        survivors = outcome.survivors if isinstance(outcome, Unmasked) else ()
+        self._bytes_down_per_agent = max(down.values(), default=0)
+        contributions = tuple(
+            Contribution(
+                agent_id=agent,
+                num_samples=None,
+                train_loss=None,
+                bytes_up=self._bytes_up.get(agent, 0),
+            )
+            for agent in survivors
+        )
+        if not isinstance(outcome, Unmasked):
+            reason = outcome.reason if outcome is not None else "round ended without a result"
+            where = outcome.stage if outcome is not None else "-"
+            return RoundAborted(
+                round=number, reason=f"{reason} (stage {where})", contributions=contributions
+            )
+        if outcome.decoded.total_weight <= 0:
+            return RoundAborted(
+                round=number, reason="survivors reported no samples", contributions=contributions
+            )
+        weights = apply_delta(_float32(head.decode_weights()), mean_delta(outcome, params, spec))
+        if not all(np.isfinite(w).all() for w in weights.values()):
+            return RoundAborted(
+                round=number,
+                reason="the aggregated model is not finite; nothing is released",
+                contributions=contributions,
+            )
+        return RoundCompleted(
+            round=number, contributions=contributions, weights=weights, mean_train_loss=None
+        )
+
     async def _announce_recovered(self, numbers: list[int]) -> None:
         """Tell agents the interrupted rounds ended; clear every start a past run left retained.
 
@@ -342,8 +539,8 @@ class CoordinatorService:
             )
             await self.link.publish(self._round_topic(number, "end"), self._seal(end))
 
-    def _round_topic(self, number: int, stage: str) -> str:
-        return round_topic(self.config.deployment, self.config.cloud, number, stage)
+    def _round_topic(self, number: int, stage: str, agent: str | None = None) -> str:
+        return round_topic(self.config.deployment, self.config.cloud, number, stage, agent)
 
     async def run(self, *, max_rounds: int | None = None) -> ServeSummary:
         """Recover, connect, publish the head model, then run rounds until ``max_rounds``."""
@@ -379,6 +576,26 @@ class CoordinatorService:
 
 def _float32(weights: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.float32]]:
     return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+
+
+def _published_by_coordinator(topic: str) -> bool:
+    """Directed coordinator messages share the agent topic pattern; recognise them."""
+    parts = topic.split("/")
+    return len(parts) == 7 and parts[5] in COORDINATOR_STAGES
+
+
+def _close_stage(
+    aggregator: Aggregator, stage: str
+) -> KeyRoster | dict[str, ShareDelivery] | SurvivorCheck | UnmaskRequest | Unmasked | Aborted:
+    if stage == "keys":
+        return aggregator.close_keys()
+    if stage == "shares":
+        return aggregator.close_shares()
+    if stage == "masked":
+        return aggregator.close_masked()
+    if stage == "confirm":
+        return aggregator.close_confirmations()
+    return aggregator.close_reveals()
 
 
 def _participant(contribution: Contribution) -> ParticipantRecord:

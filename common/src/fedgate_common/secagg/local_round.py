@@ -11,6 +11,8 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from functools import partial
+from typing import TypeVar
 
 import msgspec
 import nacl.signing
@@ -120,7 +122,7 @@ def run_local_round(
         opened = decode_payload(open_envelope(raw))
         aggregator.add(agent, opened, raw=raw, identity_key=bytes(identities[agent].verify_key))
 
-    def close(stage: str, closer: Callable[[], object]) -> object:
+    def close(stage: str, closer: Callable[[], _T]) -> _T:
         began = time.perf_counter()
         result = closer()
         coordinator_time[stage] = time.perf_counter() - began
@@ -156,7 +158,7 @@ def run_local_round(
         )
     broadcast(roster, ids)
     for agent in ids:
-        act(agent, "shares", lambda agent=agent: participants[agent].on_roster(roster))
+        act(agent, "shares", partial(_on_roster, participants, agent, roster))
     deliveries = close("shares", aggregator.close_shares)
     if isinstance(deliveries, Aborted):
         return _result(
@@ -179,7 +181,7 @@ def run_local_round(
         )
     broadcast(check, check.survivors)
     for agent in check.survivors:
-        act(agent, "confirm", lambda agent=agent: participants[agent].on_check(check))
+        act(agent, "confirm", partial(_on_check, participants, agent, check))
     request = close("confirm", aggregator.close_confirmations)
     if not isinstance(request, UnmaskRequest):
         assert isinstance(request, Aborted)
@@ -188,7 +190,7 @@ def run_local_round(
         )
     broadcast(request, request.survivors)
     for agent in request.survivors:
-        act(agent, "reveal", lambda agent=agent: participants[agent].on_unmask(request))
+        act(agent, "reveal", partial(_on_unmask, participants, agent, request))
     outcome = close("reveal", aggregator.close_reveals)
     assert isinstance(outcome, Unmasked | Aborted)
     return _result(
@@ -197,6 +199,21 @@ def run_local_round(
 
 
 _COORDINATOR = nacl.signing.SigningKey(bytes(32))
+_T = TypeVar("_T")
+
+
+def _on_roster(participants: Mapping[str, Participant], agent: str, roster: KeyRoster) -> Payload:
+    return participants[agent].on_roster(roster)
+
+
+def _on_check(participants: Mapping[str, Participant], agent: str, check: SurvivorCheck) -> Payload:
+    return participants[agent].on_check(check)
+
+
+def _on_unmask(
+    participants: Mapping[str, Participant], agent: str, request: UnmaskRequest
+) -> Payload:
+    return participants[agent].on_unmask(request)
 
 
 def _limbs(params: SecAggParams) -> int:
