@@ -37,3 +37,20 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out
+
+# SecAgg benchmark: fedgate vs Flower's SecAgg+ (bench/secagg/README.md). Its own venv, so that
+# flwr and its pins never reach .venv. Options: make bench-secagg BENCH_ARGS=--quick
+BENCH_VENV := .venv-bench
+
+.PHONY: bench-secagg
+bench-secagg:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	echo '*' > $(BENCH_VENV)/.gitignore
+	if [ ! $(BENCH_VENV)/.installed-stamp -nt bench/secagg/requirements.txt ] || \
+	   [ ! $(BENCH_VENV)/.installed-stamp -nt common/pyproject.toml ]; then \
+		$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24" && \
+		$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+			-r bench/secagg/requirements.txt && \
+		touch $(BENCH_VENV)/.installed-stamp; \
+	fi
+	$(BENCH_VENV)/bin/python -m bench.secagg.run $(BENCH_ARGS)

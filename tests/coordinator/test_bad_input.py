@@ -27,6 +27,7 @@ from fedgate_common.topics import model_topic, round_topic
 from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
+from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ServeSummary
 from fedgate_coordinator.store import Store
 
@@ -91,6 +92,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         database_url=f"sqlite:///{tmp_path / 'c.db'}",
         broker=BROKER,
         rounds=RoundSettings(min_participants=2, update_timeout_s=20),
+        secagg=SecAggSettings(aggregation="plaintext"),  # these attacks target plain updates
         model=SPEC,
     )
     store = Store.open(config.database_url)

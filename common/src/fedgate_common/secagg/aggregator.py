@@ -11,7 +11,9 @@ round and never leave this object except as the final sum.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Literal
 
 import msgspec
@@ -46,7 +48,7 @@ from fedgate_common.messages import (
 from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import DecodedSum, decode_sum
 from fedgate_common.secagg.graph import effective_degree, graph_seed, neighbour_graph
-from fedgate_common.secagg.keystream import Words, expand_mask, word_dtype
+from fedgate_common.secagg.keystream import MaskExpander, Words, word_dtype
 from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
 from fedgate_common.secagg.participant import encoding_params, public_bytes
 from fedgate_common.secagg.roster import Roster, make_roster
@@ -377,36 +379,77 @@ class Aggregator:
             )
         count, bits = self._encoding.vector_length(self.dimension), self.params.word_bits
         total = np.zeros(count, dtype=word_dtype(bits))
+        expander = MaskExpander(count, bits)
         for words in self._masked.values():
             total += words
-        try:
-            for owner, shares in seed_shares.items():
-                seed = reconstruct_secret(shares, threshold=t)
-                if sha256(seed) != roster.members[owner].seed_commitment:
-                    return self._abort(f"reconstructed seed of {owner!r} fails its commitment")
-                total -= expand_mask(self_mask_key(seed, context, owner), count, bits)
-            for dropped, shares in key_shares.items():
-                secret = reconstruct_secret(shares, threshold=t)
-                private = X25519PrivateKey.from_private_bytes(secret)
-                if public_bytes(private) != roster.members[dropped].mask_key:
-                    return self._abort(f"reconstructed mask key of {dropped!r} is wrong")
-                for survivor in self.survivors:
-                    if dropped not in self._delivered.get(survivor, ()):
-                        continue  # the survivor never masked with this agent
-                    key = pairwise_mask_key(
-                        private, roster.members[survivor].mask_key, context, dropped, survivor
-                    )
-                    # The survivor applied sign(survivor, dropped); take it back out.
-                    if pairwise_sign(survivor, dropped) > 0:
-                        total -= expand_mask(key, count, bits)
-                    else:
-                        total += expand_mask(key, count, bits)
-        except ProtocolError as exc:
-            return self._abort(f"reconstruction failed: {exc}")
+        for owner, shares in seed_shares.items():
+            commitment = roster.members[owner].seed_commitment
+            seed = _reconstruct_checked(shares, t, partial(_seed_matches, commitment))
+            if seed is None:
+                return self._abort(f"no {t} revealed shares of {owner!r} match its seed commitment")
+            expander.subtract(total, self_mask_key(seed, context, owner))
+        for dropped, shares in key_shares.items():
+            mask_key = roster.members[dropped].mask_key
+            secret = _reconstruct_checked(shares, t, partial(_mask_key_matches, mask_key))
+            if secret is None:
+                return self._abort(f"no {t} revealed shares of {dropped!r} match its mask key")
+            private = X25519PrivateKey.from_private_bytes(secret)
+            for survivor in self.survivors:
+                if dropped not in self._delivered.get(survivor, ()):
+                    continue  # the survivor never masked with this agent
+                key = pairwise_mask_key(
+                    private, roster.members[survivor].mask_key, context, dropped, survivor
+                )
+                # The survivor applied sign(survivor, dropped); take it back out.
+                if pairwise_sign(survivor, dropped) > 0:
+                    expander.subtract(total, key)
+                else:
+                    expander.add(total, key)
         self.stage = "done"
         decoded = decode_sum(total, self._encoding)
         self._masked.clear()  # individual inputs are not kept beyond the round
         return Unmasked(decoded=decoded, words=total, survivors=self.survivors)
+
+
+RECONSTRUCTION_ATTEMPTS = 64
+
+
+def _reconstruct_checked(
+    shares: Sequence[Share], threshold: int, matches: Callable[[bytes], bool]
+) -> bytes | None:
+    """The secret from some ``threshold`` of ``shares`` that passes ``matches``, or None.
+
+    Each secret is committed to in the roster (seed hash, mask public key), so a corrupted
+    share is detected; with more than t shares revealed, other subsets are tried (at most
+    ``RECONSTRUCTION_ATTEMPTS``), so one lying holder cannot by itself abort the round.
+    """
+    for subset in itertools.islice(_subsets(list(shares), threshold), RECONSTRUCTION_ATTEMPTS):
+        try:
+            secret = reconstruct_secret(subset, threshold=threshold)
+        except ProtocolError:
+            continue
+        if matches(secret):
+            return secret
+    return None
+
+
+def _subsets(shares: list[Share], size: int) -> Iterator[list[Share]]:
+    """The first ``size`` shares, then every leave-one-out window, then the rest in order."""
+    yield shares[:size]
+    window = shares[: size + 1]
+    for skip in range(len(window)):
+        if len(window) > size:
+            yield window[:skip] + window[skip + 1 :]
+    for combination in itertools.combinations(shares, size):
+        yield list(combination)
+
+
+def _seed_matches(commitment: bytes, seed: bytes) -> bool:
+    return sha256(seed) == commitment
+
+
+def _mask_key_matches(public: bytes, secret: bytes) -> bool:
+    return public_bytes(X25519PrivateKey.from_private_bytes(secret)) == public
 
 
 def flat_update(arrays: Sequence[npt.NDArray[np.floating]]) -> npt.NDArray[np.float64]:

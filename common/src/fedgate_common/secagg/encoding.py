@@ -61,21 +61,37 @@ class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return dimension + self.weight_limbs
 
 
-def clip_to_norm(update: npt.NDArray[np.floating], clip_norm: float) -> npt.NDArray[np.float64]:
-    values = np.asarray(update, dtype=np.float64)
+def l2_norm(values: npt.NDArray[np.float64]) -> float:
+    """The L2 norm; refuses NaN/Inf and does not overflow for huge finite values."""
     norm = float(np.sqrt(np.dot(values, values)))
+    if np.isfinite(norm):
+        return norm
+    if not np.isfinite(values).all():
+        raise ValueError("update contains NaN or Inf")
+    largest = float(np.max(np.abs(values)))  # finite values whose squares overflow
+    scaled = values / largest
+    return largest * float(np.sqrt(np.dot(scaled, scaled)))
+
+
+def clip_to_norm(update: npt.NDArray[np.floating], clip_norm: float) -> npt.NDArray[np.float64]:
+    values = np.array(update, dtype=np.float64)
+    norm = l2_norm(values)
     if norm > clip_norm:
-        values = values * (clip_norm / norm)
+        values *= clip_norm / norm
     return values
 
 
 def stochastic_round(
     values: npt.NDArray[np.float64], random_bytes: Callable[[int], bytes] = secrets.token_bytes
 ) -> npt.NDArray[np.int64]:
-    """Round each value down or up with probabilities that make the result unbiased."""
-    floor = np.floor(values)
-    up = random_unit_floats(values.size, random_bytes) < (values - floor)
-    return floor.astype(np.int64) + up
+    """Round each value down or up with probabilities that make the result unbiased.
+
+    floor(x + u) with u uniform in [0, 1) is floor(x) + 1 with probability frac(x). u has 32
+    random bits, so this is exact while |x| < 2**20; beyond, float64 rounding of x + u adds
+    a bias below 2**-31 of one step.
+    """
+    noisy = values + random_unit_floats(values.size, random_bytes)
+    return np.floor(noisy, out=noisy).astype(np.int64)
 
 
 def encode_update(
@@ -87,19 +103,22 @@ def encode_update(
     """The words one agent contributes: encoded weighted update, then weight limbs."""
     if update.ndim != 1:
         raise ValueError("encode a flat update vector")
-    if not np.isfinite(update).all():
-        raise ValueError("update contains NaN or Inf")
+    values = np.array(update, dtype=np.float64)  # a private copy, scaled in place
+    norm = l2_norm(values)
     weight = min(max(num_samples, 0), params.weight_cap)
-    scaled = clip_to_norm(update, params.clip_norm) * (weight / params.weight_cap * params.scale)
-    # Clipping bounds every coordinate by clip_norm; the clip guards float rounding.
-    integers = np.clip(stochastic_round(scaled, random_bytes), -params.level, params.level)
-    limbs = []
-    for _ in range(params.weight_limbs):
-        weight, digit = divmod(weight, params.limb_base)
-        limbs.append(digit)
-    modulus = 2**params.word_bits
-    words = np.concatenate([integers % modulus, np.array(limbs, dtype=np.int64)])
-    return words.astype(word_dtype(params.word_bits))
+    factor = min(1.0, params.clip_norm / norm) if norm > 0 else 1.0
+    values *= factor * (weight / params.weight_cap) * params.scale
+    # Stochastic rounding: floor(x + u), u uniform in [0, 1) (see stochastic_round). After
+    # clipping |x| <= level mathematically; float rounding of x + u can still land on
+    # level + 1 for large levels, so the integers are clamped, which keeps the no-wrap bound.
+    values += random_unit_floats(values.size, random_bytes)
+    integers = np.floor(values, out=values).astype(np.int64)
+    np.clip(integers, -params.level, params.level, out=integers)
+    words = np.empty(params.vector_length(update.size), dtype=word_dtype(params.word_bits))
+    np.copyto(words[: update.size], integers, casting="unsafe")  # wraps mod 2^b
+    for index in range(params.weight_limbs):
+        weight, words[update.size + index] = divmod(weight, params.limb_base)
+    return words
 
 
 class DecodedSum(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,9 +9,10 @@ for the round, so a refusal never reveals anything.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -26,6 +27,7 @@ from fedgate_common.errors import (
     EnvelopeMismatch,
     KeySubstituted,
     MalformedMessage,
+    ProtocolError,
     ReplayedMessage,
     ShareRejected,
     ThresholdTooLow,
@@ -51,14 +53,36 @@ from fedgate_common.messages import (
 from fedgate_common.secagg.confirmations import count_confirmations
 from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import EncodingParams, encode_update
-from fedgate_common.secagg.graph import graph_seed, neighbour_graph
-from fedgate_common.secagg.keystream import Words, expand_mask, word_dtype
+from fedgate_common.secagg.graph import effective_degree, graph_seed, neighbour_graph
+from fedgate_common.secagg.keystream import MaskExpander, Words, word_dtype
 from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
 from fedgate_common.secagg.roster import Roster, verify_roster
 from fedgate_common.secagg.shamir import Share, split_secret
 from fedgate_common.secagg.share_box import open_share, seal_share
 
-Stage = Literal["keys", "shares", "delivery", "masked", "check", "unmask", "done"]
+Stage = Literal["keys", "shares", "delivery", "masked", "check", "unmask", "done", "refused"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _refusal_ends_round(method: _F) -> _F:
+    """After a refusal the participant answers nothing more in this round.
+
+    A message for another round or a stage already passed (``WrongRound``,
+    ``ReplayedMessage``: e.g. an MQTT QoS 1 redelivery) is refused without ending the round.
+    """
+
+    @functools.wraps(method)
+    def guarded(self: Participant, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (WrongRound, ReplayedMessage):
+            raise
+        except (ProtocolError, ValueError):
+            self.stage = "refused"
+            raise
+
+    return cast(_F, guarded)
 
 
 class SharePlaintext(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -95,7 +119,7 @@ def check_params(params: SecAggParams, *, selected: int, min_threshold: int) -> 
         raise ThresholdTooLow(
             f"threshold {params.threshold} is below this agent's floor of {min_threshold}"
         )
-    group = min(params.degree, selected - 1) + 1
+    group = effective_degree(selected, params.degree) + 1
     if 2 * params.threshold <= group:
         raise ThresholdTooLow(
             f"threshold {params.threshold} is not a majority of the {group} share holders"
@@ -170,6 +194,7 @@ class Participant:
         )
 
     # -- stages 2 and 3 -----------------------------------------------------------------
+    @_refusal_ends_round
     def on_roster(self, message: KeyRoster) -> ShareBundle:
         self._check_round(message.round)
         self._expect("keys", "key roster")
@@ -192,6 +217,11 @@ class Participant:
             mine.seed_commitment,
         ):
             raise KeySubstituted("the key roster carries other round keys for this agent")
+        if 2 * self.params.threshold <= effective_degree(len(roster.ids), self.params.degree) + 1:
+            raise ThresholdTooLow(
+                f"threshold {self.params.threshold} is not a majority of the share holders "
+                f"for a roster of {len(roster.ids)}"
+            )
         graph = neighbour_graph(
             roster.ids,
             self.params.degree,
@@ -253,6 +283,7 @@ class Participant:
         """Identity keys known after this round's roster (the driver persists them)."""
         return dict(self._pinned)
 
+    @_refusal_ends_round
     def on_delivery(self, message: ShareDelivery) -> None:
         self._check_round(message.round)
         self._expect("delivery", "share delivery")
@@ -307,6 +338,7 @@ class Participant:
             update, num_samples, encoding_params(self.params), random_bytes=self._random_bytes
         )
 
+    @_refusal_ends_round
     def mask_input(self, encoded: Words) -> MaskedInput:
         """Add the self mask and every pairwise mask to ``encoded``, mod 2^b."""
         self._expect("masked", "masking")
@@ -317,8 +349,8 @@ class Participant:
         if encoded.dtype != dtype or encoded.ndim != 1:
             raise ValueError(f"encoded input must be a flat {dtype} array")
         words = encoded.copy()
-        count, bits = words.size, self.params.word_bits
-        words += expand_mask(self_mask_key(self._seed, context, self.agent_id), count, bits)
+        expander = MaskExpander(words.size, self.params.word_bits)
+        expander.add(words, self_mask_key(self._seed, context, self.agent_id))
         for peer in self._held:
             if peer == self.agent_id:
                 continue
@@ -326,9 +358,9 @@ class Participant:
                 self._mask_key, roster.members[peer].mask_key, context, self.agent_id, peer
             )
             if pairwise_sign(self.agent_id, peer) > 0:
-                words += expand_mask(key, count, bits)
+                expander.add(words, key)
             else:
-                words -= expand_mask(key, count, bits)
+                expander.subtract(words, key)
         self.stage = "check"
         return MaskedInput(
             round=self.round,
@@ -337,6 +369,7 @@ class Participant:
         )
 
     # -- stages 5 and 6 -----------------------------------------------------------------
+    @_refusal_ends_round
     def on_check(self, message: SurvivorCheck) -> SurvivorConfirmation:
         self._check_round(message.round)
         self._expect("check", "survivor check")
@@ -362,6 +395,7 @@ class Participant:
             )
         return survivors
 
+    @_refusal_ends_round
     def on_unmask(self, message: UnmaskRequest) -> Reveal:
         self._check_round(message.round)
         self._expect("unmask", "unmask request")

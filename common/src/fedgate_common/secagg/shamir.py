@@ -67,6 +67,8 @@ def reconstruct_secret(shares: Sequence[Share], *, threshold: int) -> bytes:
     value is outside the field, or when the result is not a 32-byte secret (a sign of
     corrupted shares).
     """
+    if threshold < 1:
+        raise MalformedMessage(f"threshold {threshold} is below 1")
     points = list(shares)[:threshold]
     if len(points) < threshold:
         raise MalformedMessage(f"{len(points)} shares, {threshold} needed")
