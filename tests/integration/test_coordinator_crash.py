@@ -120,6 +120,8 @@ async def test_kill_9_mid_round_then_restart_keeps_history_and_runs_next_round(
         "60",
         "--model-spec",
         str(spec_file),
+        "--aggregation",
+        "plaintext",  # the simulated agents answer with plain updates
         "--json",
     )
     assert init.returncode == 0, init.stderr

@@ -1,5 +1,6 @@
 """Real processes end to end: `fedgate-coordinator serve` and two `fedgate-agent run`,
-configured with the CLIs exactly as an operator would, over the machine's Mosquitto."""
+configured with the CLIs exactly as an operator would, over the machine's Mosquitto, with
+secure aggregation (the default)."""
 
 from __future__ import annotations
 
@@ -142,7 +143,19 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         (2, "completed", 2),
         (1, "completed", 2),
     ]
-    assert rounds[0]["mean_train_loss"] < 0.69  # better than chance on a learnable task
+    # Secure aggregation (the default): the coordinator never learns losses or sample
+    # counts; each agent reports its own, and learning shows there.
+    assert rounds[0]["aggregation"] == "secagg"
+    assert rounds[0]["mean_train_loss"] is None
+    detail = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds", "--detail", "2")
+    assert [s["stage"] for s in detail["stages"]] == [
+        "keys",
+        "shares",
+        "masked",
+        "confirm",
+        "reveal",
+    ]
+    assert all(s["received"] == 2 for s in detail["stages"])
     models = as_json("fedgate-coordinator", "--state-dir", str(coord), "models", "--verify")
     assert models["verified_length"] == 3
     for status in statuses:
@@ -151,6 +164,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         assert status["last_answered_round"] == 2
         assert status["bytes_up"] > 0
         assert status["rejected"] == {}
+        assert status["last_train_loss"] < 0.69  # better than chance on a learnable task
     final = [as_json("fedgate-agent", "status", "--config", str(c)) for c in configs]
     assert all(s["running"] is False for s in final)
     assert {s["model_digest"] for s in final} == {models["models"][-1]["digest"]}

@@ -9,6 +9,7 @@ Exit codes (also in ``fedgate-coordinator --help``):
     4  the store cannot be opened or written
     5  conflict: the agent id is enrolled with another key
     6  the model hash chain does not verify
+    7  not found: the round asked for (``rounds --detail N``) does not exist
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from fedgate_coordinator.config import (
 )
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
 from fedgate_coordinator.mqtt_link import MqttSettings
+from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ensure_genesis
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
 from fedgate_coordinator.store import Store
@@ -57,13 +59,15 @@ class ExitCode(IntEnum):
     STORE = 4
     CONFLICT = 5
     CHAIN = 6
+    NOT_FOUND = 7
 
 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success          1 unexpected failure   2 bad command line
   3 config/key error 4 store error          5 enrollment conflict
-  6 model hash chain does not verify"""
+  6 model hash chain does not verify
+  7 not found (rounds --detail N of a round that does not exist)"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -180,6 +184,14 @@ def main(ctx: click.Context, state_dir: Path) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON file with the model spec (default: TEP 1-D CNN, 52 tags x 20 samples).",
 )
+@click.option(
+    "--aggregation",
+    type=click.Choice(AGGREGATIONS),
+    default="secagg",
+    show_default=True,
+    help="secagg: agents send masked updates (SecAgg+); plaintext: for baselines only, "
+    "agents refuse it unless configured with secagg.plaintext_rounds = allow.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @_guard
@@ -193,6 +205,7 @@ def init(
     min_participants: int,
     update_timeout: float,
     model_spec: Path | None,
+    aggregation: str,
     as_json: bool,
 ) -> None:
     """Create the signing key, coordinator.toml and the store schema.
@@ -222,6 +235,7 @@ def init(
             min_participants=min_participants,
             update_timeout_s=update_timeout,
         ),
+        secagg=SecAggSettings(aggregation=aggregation),
         model=spec,
     )
     problems = validate(config)
@@ -242,6 +256,7 @@ def init(
         "coordinator_public_key": public_key_text(key.verify_key),
         "database_url": _redact(config.database_url),
         "genesis_model": genesis.digest,
+        "aggregation": aggregation,
     }
     if as_json:
         _echo_json(result)
@@ -416,18 +431,52 @@ def status(obj: Context, as_json: bool) -> None:
     )
 
 
+ROUND_COLUMNS = [
+    "round",
+    "status",
+    "aggregation",
+    "participants",
+    "selected",
+    "train_loss",
+    "model",
+    "reason",
+]
+STAGE_COLUMNS = ["stage", "expected", "received", "dropped", "bytes_in", "bytes_out", "seconds"]
+
+
 @main.command()
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True, help="List at most N rounds.")
+@click.option(
+    "--detail",
+    "detail_round",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Show round N: its parameters (threshold, degree, word bits) and one line per stage.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
 @_guard
-def rounds(obj: Context, limit: int, as_json: bool) -> None:
-    """List rounds, newest first.
+def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) -> None:
+    """List rounds, newest first, or show one round and its stages with --detail N.
+
+    The stage table says, per protocol stage (keys, shares, masked, confirm, reveal for
+    secure aggregation; update for plaintext), how many agents were expected, how many
+    answered and dropped, the bytes received from agents and published by the coordinator,
+    and the seconds the stage took.
 
     \b
     Example:
       fedgate-coordinator rounds --limit 5
+      fedgate-coordinator rounds --detail 12
+      fedgate-coordinator rounds --detail 12 --json
+
+    \b
+    Exit codes: 0 shown, 3 config missing, 4 store error, 7 round N does not exist.
     """
+    if detail_round is not None:
+        _show_round_detail(obj, detail_round, as_json=as_json)
+        return
     with obj.store() as store:
         records = store.list_rounds(limit)
     if as_json:
@@ -435,11 +484,12 @@ def rounds(obj: Context, limit: int, as_json: bool) -> None:
         return
     click.echo(
         format_table(
-            ["round", "status", "participants", "selected", "train_loss", "model", "reason"],
+            ROUND_COLUMNS,
             [
                 [
                     r.round,
                     r.status,
+                    r.aggregation,
                     r.participants,
                     r.selected,
                     r.mean_train_loss,
@@ -447,6 +497,51 @@ def rounds(obj: Context, limit: int, as_json: bool) -> None:
                     r.abort_reason or "",
                 ]
                 for r in records
+            ],
+        )
+    )
+
+
+def _show_round_detail(obj: Context, number: int, *, as_json: bool) -> None:
+    """Print round ``number`` and its stages; exit NOT_FOUND if there is no such round."""
+    with obj.store() as store:
+        record = store.get_round(number)
+        stages = store.stages(number)
+    if record is None:
+        _fail(f"round {number} not found (see `fedgate-coordinator rounds`)", ExitCode.NOT_FOUND)
+    if as_json:
+        _echo_json({**msgspec.to_builtins(record), "stages": stages})
+        return
+    fields: list[tuple[str, object]] = [
+        ("status", record.status),
+        ("aggregation", record.aggregation),
+        ("threshold", record.threshold),
+        ("degree", record.graph_degree),
+        ("word bits", record.word_bits),
+        ("selected", record.selected),
+        ("min participants", record.min_participants),
+        ("participants", record.participants),
+        ("base model", record.base_digest),
+        ("model", record.model_digest),
+        ("started", record.started_at),
+        ("ended", record.ended_at),
+        ("train loss", record.mean_train_loss),
+        ("bytes down/agent", record.bytes_down_per_agent),
+        ("reason", record.abort_reason),
+    ]
+    click.echo(f"round {record.round}")
+    for label, value in fields:
+        click.echo(f"  {label:<17} {'-' if value is None else value}")
+    click.echo("")
+    if not stages:
+        click.echo("no stages recorded")
+        return
+    click.echo(
+        format_table(
+            STAGE_COLUMNS,
+            [
+                [s.stage, s.expected, s.received, s.dropped, s.bytes_in, s.bytes_out, s.seconds]
+                for s in stages
             ],
         )
     )

@@ -1,18 +1,24 @@
-"""Persistent state of a coordinator: agents, rounds, the model hash chain, events.
+"""Persistent state of a coordinator: agents, rounds and their stages, the model hash chain,
+events.
 
 Open with :meth:`Store.open` (``sqlite:///file.db``, ``sqlite://`` or ``postgresql://...``);
 the schema is migrated with Alembic on open.
 """
 
 from fedgate_coordinator.store.records import (
+    PLAINTEXT_STAGE,
+    SECAGG_STAGES,
     AgentRecord,
     AgentStatus,
+    Aggregation,
     EventRecord,
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
     RoundRecord,
+    RoundStageRecord,
     RoundStatus,
+    stage_order,
 )
 from fedgate_coordinator.store.store import (
     MIGRATIONS_DIR,
@@ -24,16 +30,21 @@ from fedgate_coordinator.store.store import (
 
 __all__ = [
     "MIGRATIONS_DIR",
+    "PLAINTEXT_STAGE",
+    "SECAGG_STAGES",
     "AgentRecord",
     "AgentStatus",
+    "Aggregation",
     "EventRecord",
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
     "RoundRecord",
+    "RoundStageRecord",
     "RoundStatus",
     "Store",
     "alembic_config",
     "head_revision",
     "normalize_url",
+    "stage_order",
 ]

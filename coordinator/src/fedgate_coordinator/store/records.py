@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -19,15 +19,26 @@ from fedgate_common.digests import model_digest
 from fedgate_common.model_spec import ModelSpec
 
 __all__ = [
+    "PLAINTEXT_STAGE",
+    "SECAGG_STAGES",
     "AgentRecord",
     "AgentStatus",
+    "Aggregation",
     "EventRecord",
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
     "RoundRecord",
+    "RoundStageRecord",
     "RoundStatus",
+    "stage_order",
 ]
+
+SECAGG_STAGES = ("keys", "shares", "masked", "confirm", "reveal")
+"""The stages of a secure-aggregation round, in protocol order (DESIGN.md section 4)."""
+
+PLAINTEXT_STAGE = "update"
+"""The one stage of a plaintext round: every agent sends its signed update."""
 
 
 class AgentStatus(enum.StrEnum):
@@ -39,6 +50,23 @@ class RoundStatus(enum.StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     ABORTED = "aborted"
+
+
+class Aggregation(enum.StrEnum):
+    """How a round's updates reach the coordinator."""
+
+    PLAINTEXT = "plaintext"
+    """Signed updates in the clear, averaged by the coordinator (FedAvg)."""
+    SECAGG = "secagg"
+    """SecAgg+ masking: the coordinator learns only the sum of the surviving updates."""
+
+
+def stage_order(stage: str) -> tuple[int, str]:
+    """Sort key of a stage name: the SecAgg+ stages in protocol order, then others by name."""
+    try:
+        return (SECAGG_STAGES.index(stage), "")
+    except ValueError:
+        return (len(SECAGG_STAGES), stage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +164,14 @@ class ModelSummary:
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
-    """One training round; the nullable fields are set when it completes or aborts."""
+    """One training round.
+
+    ``model_digest``, ``ended_at``, ``participants``, ``abort_reason``, ``mean_train_loss``
+    and ``bytes_down_per_agent`` are set when it completes or aborts (``mean_train_loss``
+    may stay ``None`` under secure aggregation). ``threshold`` (t of the t-of-n secret
+    sharing), ``graph_degree`` (neighbours per agent in the round) and ``word_bits`` (inputs
+    are summed modulo 2^word_bits) are set for :attr:`Aggregation.SECAGG` rounds only.
+    """
 
     round: int
     status: RoundStatus
@@ -146,6 +181,10 @@ class RoundRecord:
     ended_at: datetime | None
     selected: int
     min_participants: int
+    aggregation: Aggregation
+    threshold: int | None
+    graph_degree: int | None
+    word_bits: int | None
     participants: int | None
     abort_reason: str | None
     mean_train_loss: float | None
@@ -154,14 +193,43 @@ class RoundRecord:
 
 @dataclass(frozen=True, slots=True)
 class ParticipantRecord:
-    """What one agent contributed to a round at one protocol stage (metadata only)."""
+    """What one agent contributed to a round at one protocol stage (metadata only).
+
+    ``num_samples`` and ``train_loss`` are ``None`` in secure-aggregation rounds, where the
+    coordinator never learns them (the store refuses them there); ``bytes_up`` is what the
+    agent sent at ``stage``.
+    """
 
     agent_id: str
-    num_samples: int
-    train_loss: float
+    num_samples: int | None
+    train_loss: float | None
     bytes_up: int
     stage: str = "update"
     received_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStageRecord:
+    """How one protocol stage of a round went, as recorded by :meth:`.Store.record_stage`.
+
+    ``expected`` agents were waited for and ``received`` of them answered in time;
+    ``dropped`` (``expected - received``) is computed here, not stored. ``bytes_in`` sums
+    what agents sent at this stage, ``bytes_out`` what the coordinator published for it
+    (summed over recipients); ``seconds`` is how long the stage took.
+    """
+
+    round: int
+    stage: str
+    expected: int
+    received: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    recorded_at: datetime
+    dropped: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dropped", self.expected - self.received)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ __all__ = [
     "ModelRow",
     "RoundParticipantRow",
     "RoundRow",
+    "RoundStageRow",
     "UTCDateTime",
 ]
 
@@ -45,6 +46,7 @@ NAMING_CONVENTION = {
 }
 
 DIGEST_LENGTH = 64  # SHA-256 hex
+STAGE_LENGTH = 32  # a protocol stage name: keys, shares, masked, confirm, reveal, update
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -108,7 +110,14 @@ class ModelRow(Base):
 
 
 class RoundRow(Base):
-    """One training round, from start to completion or abort."""
+    """One training round, from start to completion or abort.
+
+    ``aggregation`` says how updates travelled: ``plaintext`` (FedAvg of signed updates) or
+    ``secagg`` (SecAgg+ masking); ``threshold`` (t of Shamir's t-of-n), ``graph_degree``
+    (neighbours per agent in the round) and ``word_bits`` (the modulus 2^b) are set for
+    ``secagg`` rounds only. The aggregation check is a column constraint, so migration 0002
+    can add it with ``ALTER TABLE ... ADD COLUMN`` instead of rebuilding the table on SQLite.
+    """
 
     __tablename__ = "rounds"
     __table_args__ = (
@@ -127,20 +136,57 @@ class RoundRow(Base):
     abort_reason: Mapped[str | None] = mapped_column(Text)
     mean_train_loss: Mapped[float | None] = mapped_column(Float)
     bytes_down_per_agent: Mapped[int | None] = mapped_column(BigInteger)
+    aggregation: Mapped[str] = mapped_column(
+        String(16),
+        CheckConstraint("aggregation IN ('plaintext', 'secagg')", name="aggregation"),
+        server_default="plaintext",
+    )
+    threshold: Mapped[int | None] = mapped_column(Integer)
+    graph_degree: Mapped[int | None] = mapped_column(Integer)
+    word_bits: Mapped[int | None] = mapped_column(Integer)
 
 
 class RoundParticipantRow(Base):
-    """What one agent contributed to a round at one stage: metadata, never the update."""
+    """What one agent contributed to a round at one stage: metadata, never the update.
+
+    ``num_samples`` and ``train_loss`` are NULL for ``secagg`` rounds: the coordinator never
+    learns them; the row then records only the agent, the stage and the bytes received.
+    """
 
     __tablename__ = "round_participants"
 
     round: Mapped[int] = mapped_column(ForeignKey("rounds.round"), primary_key=True)
     agent_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    stage: Mapped[str] = mapped_column(String(32), primary_key=True)
-    num_samples: Mapped[int] = mapped_column(Integer)
-    train_loss: Mapped[float] = mapped_column(Float)
+    stage: Mapped[str] = mapped_column(String(STAGE_LENGTH), primary_key=True)
+    num_samples: Mapped[int | None] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
     bytes_up: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RoundStageRow(Base):
+    """How one protocol stage of a round went: agents expected and heard from, bytes, time.
+
+    ``bytes_in`` sums what agents sent at this stage; ``bytes_out`` sums what the
+    coordinator published for it, over all recipients. The number of agents that dropped at
+    the stage is ``expected - received``; it is not stored (see ``RoundStageRecord.dropped``).
+    """
+
+    __tablename__ = "round_stages"
+    __table_args__ = (
+        CheckConstraint("received >= 0 AND received <= expected", name="received"),
+        CheckConstraint("bytes_in >= 0 AND bytes_out >= 0", name="bytes"),
+        CheckConstraint("seconds >= 0", name="seconds"),
+    )
+
+    round: Mapped[int] = mapped_column(ForeignKey("rounds.round"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(STAGE_LENGTH), primary_key=True)
+    expected: Mapped[int] = mapped_column(Integer)
+    received: Mapped[int] = mapped_column(Integer)
+    bytes_in: Mapped[int] = mapped_column(BigInteger)
+    bytes_out: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class EventRow(Base):

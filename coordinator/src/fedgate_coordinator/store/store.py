@@ -28,7 +28,7 @@ from fedgate_common.errors import FedgateError
 from fedgate_common.identifiers import validate_identifier
 from sqlalchemy import URL, Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -36,19 +36,24 @@ from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateErr
 from fedgate_coordinator.store.records import (
     AgentRecord,
     AgentStatus,
+    Aggregation,
     EventRecord,
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
     RoundRecord,
+    RoundStageRecord,
     RoundStatus,
+    stage_order,
 )
 from fedgate_coordinator.store.schema import (
+    STAGE_LENGTH,
     AgentRow,
     EventRow,
     ModelRow,
     RoundParticipantRow,
     RoundRow,
+    RoundStageRow,
 )
 
 __all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "head_revision", "normalize_url"]
@@ -56,6 +61,8 @@ __all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "head_revision", "normal
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_STAGE = re.compile(rf"[a-z][a-z0-9_]{{0,{STAGE_LENGTH - 1}}}")
+MAX_WORD_BITS = 64
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -385,13 +392,35 @@ class Store:
         return max(last_round or 0, last_model or 0) + 1
 
     def begin_round(
-        self, *, round: int, base_digest: str, selected: int, min_participants: int
+        self,
+        *,
+        round: int,
+        base_digest: str,
+        selected: int,
+        min_participants: int,
+        aggregation: str = "plaintext",
+        threshold: int | None = None,
+        graph_degree: int | None = None,
+        word_bits: int | None = None,
     ) -> None:
         """Record round ``round`` as running.
+
+        ``aggregation`` is ``"plaintext"`` or ``"secagg"`` (see :class:`Aggregation`). A
+        ``secagg`` round needs its SecAgg+ parameters: ``threshold`` (t, shares needed to
+        reconstruct a secret, >= 1), ``graph_degree`` (neighbours per agent, >= 0: a lone
+        agent has none) and ``word_bits`` (inputs are summed modulo 2^word_bits, 1..64); a
+        plaintext round takes none of them. Violations raise :class:`StoreError`.
 
         Raises :class:`RoundStateError` unless ``round`` is at least
         :meth:`next_round_number`: a number is never reused, whatever became of its round.
         """
+        kind = _check_aggregation(
+            round=round,
+            aggregation=aggregation,
+            threshold=threshold,
+            graph_degree=graph_degree,
+            word_bits=word_bits,
+        )
         with self._transaction() as session:
             if session.get(RoundRow, round) is not None:
                 raise RoundStateError(f"round {round} already exists", round=round)
@@ -410,6 +439,10 @@ class Store:
                     started_at=_now(),
                     selected=selected,
                     min_participants=min_participants,
+                    aggregation=kind.value,
+                    threshold=threshold,
+                    graph_degree=graph_degree,
+                    word_bits=word_bits,
                 )
             )
             session.flush()
@@ -420,17 +453,20 @@ class Store:
         round: int,
         participants: Sequence[ParticipantRecord],
         model: ModelRecord,
-        mean_train_loss: float,
+        mean_train_loss: float | None,
         bytes_down_per_agent: int,
     ) -> None:
         """Record the participants, append the aggregated model and mark the round completed.
+
+        ``mean_train_loss`` may be ``None`` when the coordinator does not know it (secure
+        aggregation). Stages recorded with :meth:`record_stage` are kept as they are.
 
         One transaction: if any part fails (for example :class:`ChainBroken`), nothing of it
         is recorded and the round stays running.
         """
         with self._transaction() as session:
             row = self._running_round(session, round)
-            self._add_participants(session, round, participants)
+            self._add_participants(session, row, participants)
             if model.round != round:
                 raise ChainBroken(f"the model is for round {model.round}", round=round)
             if model.parent_digest != row.base_digest:
@@ -452,11 +488,12 @@ class Store:
     ) -> None:
         """Mark a running round aborted, recording who had contributed (one transaction).
 
-        ``participants`` of the round row becomes ``len(participants)``.
+        ``participants`` of the round row becomes ``len(participants)``. Stages recorded
+        before the abort stay, so the record shows where the round stopped.
         """
         with self._transaction() as session:
             row = self._running_round(session, round)
-            self._add_participants(session, round, participants)
+            self._add_participants(session, row, participants)
             row.status = RoundStatus.ABORTED.value
             row.abort_reason = reason
             row.participants = len(participants)
@@ -493,6 +530,74 @@ class Store:
         with self._transaction() as session:
             return [_participant_record(row) for row in session.scalars(query)]
 
+    def record_stage(
+        self,
+        *,
+        round: int,
+        stage: str,
+        expected: int,
+        received: int,
+        bytes_in: int,
+        bytes_out: int,
+        seconds: float,
+    ) -> None:
+        """Record how stage ``stage`` of the running round ``round`` went.
+
+        ``expected`` agents were waited for and ``received`` answered (0 <= received <=
+        expected); ``bytes_in`` sums what agents sent at this stage, ``bytes_out`` what the
+        coordinator published for it, summed over recipients; ``seconds`` is the stage's
+        duration. ``stage`` is 1-32 characters ``a-z 0-9 _`` starting with a letter: the
+        SecAgg+ stages ``keys``, ``shares``, ``masked``, ``confirm``, ``reveal``, or
+        ``update`` for the one stage of a plaintext round.
+
+        Raises :class:`RoundStateError` if the round is not running or the stage is recorded
+        already, :class:`StoreError` if a value is out of range.
+        """
+        _check_stage(
+            round=round,
+            stage=stage,
+            expected=expected,
+            received=received,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            seconds=seconds,
+        )
+        with self._transaction() as session:
+            self._running_round(session, round)
+            if session.get(RoundStageRow, (round, stage)) is not None:
+                raise RoundStateError(
+                    f"stage {stage!r} of round {round} is recorded already", round=round
+                )
+            session.add(
+                RoundStageRow(
+                    round=round,
+                    stage=stage,
+                    expected=expected,
+                    received=received,
+                    bytes_in=bytes_in,
+                    bytes_out=bytes_out,
+                    seconds=float(seconds),
+                    recorded_at=_now(),
+                )
+            )
+            try:
+                session.flush()
+            except IntegrityError as exc:  # another writer recorded it first
+                raise RoundStateError(
+                    f"stage {stage!r} of round {round} is recorded already", round=round
+                ) from exc
+
+    def stages(self, round: int) -> list[RoundStageRecord]:
+        """The stages recorded for ``round``: ``keys``, ``shares``, ``masked``, ``confirm``,
+        ``reveal`` in protocol order, then any other (such as ``update``) by name.
+
+        Empty for a round without recorded stages or a round that does not exist.
+        """
+        query = select(RoundStageRow).where(RoundStageRow.round == round)
+        with self._transaction() as session:
+            records = [_stage_record(row) for row in session.scalars(query)]
+        return sorted(records, key=lambda record: stage_order(record.stage))
+
     @staticmethod
     def _running_round(session: Session, round: int) -> RoundRow:
         row = session.get(RoundRow, round, with_for_update=True)
@@ -504,12 +609,25 @@ class Store:
 
     @staticmethod
     def _add_participants(
-        session: Session, round: int, participants: Sequence[ParticipantRecord]
+        session: Session, row: RoundRow, participants: Sequence[ParticipantRecord]
     ) -> None:
+        """Add ``participants`` to the round ``row``.
+
+        In a secure-aggregation round a participant that carries ``num_samples`` or
+        ``train_loss`` is refused (:class:`StoreError`): the coordinator must not know them,
+        so a value there means a caller leaked or invented it.
+        """
+        if row.aggregation == Aggregation.SECAGG.value:
+            for participant in participants:
+                if participant.num_samples is not None or participant.train_loss is not None:
+                    raise StoreError(
+                        f"round {row.round} uses secure aggregation: participant "
+                        f"{participant.agent_id!r} must not carry num_samples or train_loss"
+                    )
         now = _now()
         session.add_all(
             RoundParticipantRow(
-                round=round,
+                round=row.round,
                 agent_id=participant.agent_id,
                 stage=participant.stage,
                 num_samples=participant.num_samples,
@@ -543,6 +661,77 @@ class Store:
         query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
         with self._transaction() as session:
             return [_event_record(row) for row in session.scalars(query)]
+
+
+def _check_aggregation(
+    *,
+    round: int,
+    aggregation: str,
+    threshold: int | None,
+    graph_degree: int | None,
+    word_bits: int | None,
+) -> Aggregation:
+    """The aggregation of a new round; :class:`StoreError` if its parameters do not fit it."""
+    try:
+        kind = Aggregation(aggregation)
+    except ValueError:
+        choices = ", ".join(repr(item.value) for item in Aggregation)
+        raise StoreError(
+            f"round {round}: aggregation {aggregation!r} is not one of {choices}"
+        ) from None
+    parameters = {"threshold": threshold, "graph_degree": graph_degree, "word_bits": word_bits}
+    if kind is Aggregation.PLAINTEXT:
+        given = [name for name, value in parameters.items() if value is not None]
+        if given:
+            raise StoreError(
+                f"round {round}: a plaintext round takes no {', '.join(given)} "
+                "(they are secure-aggregation parameters)"
+            )
+        return kind
+    for name, value in parameters.items():
+        least = 0 if name == "graph_degree" else 1
+        if value is None or value < least:
+            raise StoreError(
+                f"round {round}: a secagg round needs {name} >= {least}, got {value!r}"
+            )
+    if word_bits is not None and word_bits > MAX_WORD_BITS:
+        raise StoreError(f"round {round}: word_bits {word_bits} is above {MAX_WORD_BITS}")
+    return kind
+
+
+def _check_stage(
+    *,
+    round: int,
+    stage: str,
+    expected: int,
+    received: int,
+    bytes_in: int,
+    bytes_out: int,
+    seconds: float,
+) -> None:
+    """Raise :class:`StoreError` unless the values can describe one stage of a round."""
+    if not isinstance(stage, str) or _STAGE.fullmatch(stage) is None:
+        raise StoreError(
+            f"round {round}: stage name {stage!r} is not 1-{STAGE_LENGTH} characters "
+            "a-z 0-9 _ starting with a letter"
+        )
+    counts = {
+        "expected": expected,
+        "received": received,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+    }
+    for name, value in counts.items():
+        if value < 0:
+            raise StoreError(f"round {round}, stage {stage}: {name} is {value}, below 0")
+    if received > expected:
+        raise StoreError(
+            f"round {round}, stage {stage}: received {received} is more than expected {expected}"
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        raise StoreError(
+            f"round {round}, stage {stage}: seconds must be a finite number >= 0, got {seconds!r}"
+        )
 
 
 def _check_contents(model: ModelRecord) -> None:
@@ -603,6 +792,10 @@ def _round_record(row: RoundRow) -> RoundRecord:
         ended_at=row.ended_at,
         selected=row.selected,
         min_participants=row.min_participants,
+        aggregation=Aggregation(row.aggregation),
+        threshold=row.threshold,
+        graph_degree=row.graph_degree,
+        word_bits=row.word_bits,
         participants=row.participants,
         abort_reason=row.abort_reason,
         mean_train_loss=row.mean_train_loss,
@@ -618,6 +811,19 @@ def _participant_record(row: RoundParticipantRow) -> ParticipantRecord:
         bytes_up=row.bytes_up,
         stage=row.stage,
         received_at=row.received_at,
+    )
+
+
+def _stage_record(row: RoundStageRow) -> RoundStageRecord:
+    return RoundStageRecord(
+        round=row.round,
+        stage=row.stage,
+        expected=row.expected,
+        received=row.received,
+        bytes_in=row.bytes_in,
+        bytes_out=row.bytes_out,
+        seconds=row.seconds,
+        recorded_at=row.recorded_at,
     )
 
 

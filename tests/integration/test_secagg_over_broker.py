@@ -1,0 +1,268 @@
+"""Secure aggregation through the real Mosquitto: the coordinator service and 20 agents.
+
+Each agent is a :class:`Participant` behind its own MQTT connection (the protocol core the
+real agent runs, without torch training). Six of the 20 stop after sending their shares,
+mid-round. The global model the coordinator publishes must equal the base model plus the
+mean computed in this process from the survivors' encoded inputs, bit for bit; bad input
+injected along the way is refused, counted, and does not stop the round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+import nacl.signing
+import numpy as np
+import pytest
+from fedgate_common.arrays import encode_array
+from fedgate_common.envelope import decode_payload, open_envelope, seal
+from fedgate_common.keys import public_key_text
+from fedgate_common.messages import (
+    GlobalModel,
+    KeyRoster,
+    MaskedInput,
+    Payload,
+    RoundStart,
+    ShareDelivery,
+    SurvivorCheck,
+    SurvivorConfirmation,
+    UnmaskRequest,
+)
+from fedgate_common.model_spec import ModelSpec, parameter_count, split_parameters
+from fedgate_common.secagg.encoding import decode_sum
+from fedgate_common.secagg.keystream import Words
+from fedgate_common.secagg.participant import Participant, encoding_params
+from fedgate_common.topics import (
+    coordinator_broadcast_filter,
+    coordinator_direct_filter,
+    model_topic,
+    round_topic,
+)
+from fedgate_coordinator.aggregation import apply_delta
+from fedgate_coordinator.config import CoordinatorConfig
+from fedgate_coordinator.mqtt_link import MqttSettings
+from fedgate_coordinator.rounds import RoundSettings
+from fedgate_coordinator.secure_rounds import SecAggSettings
+from fedgate_coordinator.service import CoordinatorService
+from fedgate_coordinator.store import Store
+
+BROKER = MqttSettings(host="127.0.0.1", port=1883)
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+CLOUD = "c1"
+AGENTS = 20
+DROPPED = 6  # 30 %: gone after sending shares, before their masked input
+
+
+@dataclass
+class SimulatedAgent:
+    """A gateway's secure-aggregation side over its own MQTT connection."""
+
+    agent_id: str
+    deployment: str
+    key: nacl.signing.SigningKey
+    update: np.ndarray
+    num_samples: int
+    drop_after_shares: bool
+    encoded: Words | None = None
+    participant: Participant | None = None
+    certificate: bytes = b""
+    sent: list[str] = field(default_factory=list)
+
+    def seal(self, payload: Payload) -> bytes:
+        return seal(
+            payload,
+            signing_key=self.key,
+            deployment=self.deployment,
+            cloud=CLOUD,
+            sender=self.agent_id,
+        )
+
+    async def send(self, client: aiomqtt.Client, payload: Payload) -> None:
+        stage = type(payload).__struct_config__.tag
+        assert isinstance(stage, str)
+        topic = round_topic(self.deployment, CLOUD, payload.round, stage, self.agent_id)
+        await client.publish(topic, self.seal(payload), qos=1)
+        self.sent.append(stage)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+            await client.subscribe(coordinator_broadcast_filter(self.deployment, CLOUD), qos=1)
+            await client.subscribe(
+                coordinator_direct_filter(self.deployment, CLOUD, self.agent_id), qos=1
+            )
+            await client.subscribe(model_topic(self.deployment, CLOUD), qos=1)
+            ready.set()
+            async for message in client.messages:
+                raw = bytes(message.payload) if isinstance(message.payload, bytes) else b""
+                if not raw:
+                    continue
+                envelope = open_envelope(raw)
+                payload = decode_payload(envelope)
+                if isinstance(payload, GlobalModel) and payload.round == 0:
+                    self.certificate = envelope.signature
+                elif isinstance(payload, RoundStart):
+                    self.participant = Participant(
+                        agent_id=self.agent_id,
+                        deployment=self.deployment,
+                        cloud=CLOUD,
+                        start=payload,
+                        base_certificate=self.certificate,
+                        pinned_identities={},
+                    )
+                    self.encoded = self.participant.encode(self.update, self.num_samples)
+                    await self.send(client, self.participant.advertise_keys())
+                elif self.participant is None:
+                    continue
+                elif isinstance(payload, KeyRoster):
+                    await self.send(client, self.participant.on_roster(payload))
+                    if self.drop_after_shares:
+                        return  # the gateway loses power mid-round
+                elif isinstance(payload, ShareDelivery):
+                    self.participant.on_delivery(payload)
+                    assert self.encoded is not None
+                    await self.send(client, self.participant.mask_input(self.encoded))
+                elif isinstance(payload, SurvivorCheck):
+                    await self.send(client, self.participant.on_check(payload))
+                elif isinstance(payload, UnmaskRequest):
+                    await self.send(client, self.participant.on_unmask(payload))
+                    return
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("condition not met within 20 s")
+
+
+async def _inject_bad_input(deployment: str, agents: list[SimulatedAgent]) -> None:
+    """A replayed keys message, a confirmation out of stage and a masked input of the wrong
+    length, each from an enrolled agent, once the agents have advertised their keys."""
+    sender = agents[-1]
+    await _until(lambda: "keys" in sender.sent and sender.participant is not None)
+    assert sender.participant is not None
+    async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+        keys = sender.participant.advertise_keys()
+        topic = round_topic(deployment, CLOUD, keys.round, "keys", sender.agent_id)
+        await client.publish(topic, sender.seal(keys), qos=1)
+        early = SurvivorConfirmation(round=keys.round, roster_digest=b"x" * 32, survivors=())
+        topic = round_topic(deployment, CLOUD, keys.round, "confirm", sender.agent_id)
+        await client.publish(topic, sender.seal(early), qos=1)
+        survivor = next(a for a in agents if not a.drop_after_shares)
+        await _until(lambda: "masked" in survivor.sent)
+        short = MaskedInput(
+            round=keys.round,
+            roster_digest=b"y" * 32,
+            words=encode_array("masked", np.zeros(3, dtype=np.uint16)),
+        )
+        dropped = next(a for a in agents if a.drop_after_shares)
+        topic = round_topic(deployment, CLOUD, keys.round, "masked", dropped.agent_id)
+        await client.publish(topic, dropped.seal(short), qos=1)
+
+
+@pytest.mark.slow
+async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
+    tmp_path: Path,
+) -> None:
+    deployment = f"secagg-{secrets.token_hex(4)}"
+    config = CoordinatorConfig(
+        deployment=deployment,
+        cloud=CLOUD,
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        broker=BROKER,
+        rounds=RoundSettings(min_participants=2, update_timeout_s=4.0),
+        # A complete graph (19 neighbours): g = 20 holders, t = 14, so 6 dropouts leave every
+        # secret exactly t holders. The default degree (13) tolerates fewer per group.
+        secagg=SecAggSettings(stage_timeout_s=10.0, weight_cap=500, clip_norm=5.0, degree=19),
+        model=SPEC,
+    )
+    rng = np.random.default_rng(11)
+    dimension = parameter_count(SPEC)
+    agents = [
+        SimulatedAgent(
+            agent_id=f"gw-{index:02d}",
+            deployment=deployment,
+            key=nacl.signing.SigningKey.generate(),
+            update=rng.normal(0, 0.05, dimension),
+            num_samples=int(rng.integers(100, 800)),
+            drop_after_shares=index % 3 == 0 and index < 3 * DROPPED,
+        )
+        for index in range(AGENTS)
+    ]
+    assert sum(a.drop_after_shares for a in agents) == DROPPED
+    store = Store.open(config.database_url)
+    for agent in agents:
+        store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
+    service = CoordinatorService(
+        config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
+    )
+    try:
+        readiness = [asyncio.Event() for _ in agents]
+        agent_tasks = [
+            asyncio.create_task(agent.run(ready))
+            for agent, ready in zip(agents, readiness, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
+        injector = asyncio.create_task(_inject_bad_input(deployment, agents))
+        summary = await asyncio.wait_for(service.run(max_rounds=1), 90)
+        await asyncio.wait_for(injector, 5)
+        for task in agent_tasks:
+            task.cancel()
+        await asyncio.gather(*agent_tasks, return_exceptions=True)
+
+        assert summary.rounds_completed == 1, summary
+        # Which refusal each injected message meets depends on the stage it reaches the
+        # coordinator in (a duplicate keys message after the keys stage is a wrong_round).
+        assert sum(summary.rejected.values()) == 3, summary.rejected
+        assert set(summary.rejected) <= {"replay", "wrong_round", "unknown_sender", "malformed"}
+        assert sum(store.event_counts().get(kind, 0) for kind in summary.rejected) == 3
+        record = store.list_rounds()[-1]
+        assert record.status == "completed"
+        assert record.aggregation == "secagg"
+        survivors = [a for a in agents if not a.drop_after_shares]
+        assert record.participants == len(survivors)
+        stages = {s.stage: s for s in store.stages(record.round)}
+        assert (stages["keys"].received, stages["shares"].received) == (AGENTS, AGENTS)
+        assert stages["masked"].received == AGENTS - DROPPED
+        assert stages["masked"].expected - stages["masked"].received == DROPPED
+        assert stages["reveal"].received == AGENTS - DROPPED
+
+        # The same computation in this process, from the survivors' encoded inputs.
+        head = store.head_model()
+        assert head is not None
+        assert head.round == record.round
+        base_model = store.get_model(head.parent_digest)
+        assert base_model is not None
+        assert base_model.round == 0
+        params = config.secagg.params_for(AGENTS)
+        total = np.zeros_like(survivors[0].encoded)
+        for agent in survivors:
+            assert agent.encoded is not None
+            total += agent.encoded
+        decoded = decode_sum(total, encoding_params(params))
+        assert decoded.total_weight == sum(min(a.num_samples, 500) for a in survivors)
+        delta = split_parameters(decoded.mean_update(params.weight_cap), SPEC)
+        base = {
+            name: np.asarray(value, dtype=np.float32)
+            for name, value in base_model.decode_weights().items()
+        }
+        expected = apply_delta(base, delta)
+        published = head.decode_weights()
+        for name, value in expected.items():
+            assert np.array_equal(np.asarray(published[name]), value), name
+        # ...and close to the plain weighted mean of the survivors' clipped updates.
+        plain = sum(a.num_samples * a.update for a in survivors) / sum(
+            a.num_samples for a in survivors
+        )
+        flat = np.concatenate([np.ravel(delta[name]) for name in delta])
+        assert float(np.max(np.abs(flat - plain))) < 0.01
+    finally:
+        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+            await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)
+        store.close()
