@@ -192,6 +192,13 @@ def main(ctx: click.Context, state_dir: Path) -> None:
     help="secagg: agents send masked updates (SecAgg+); plaintext: for baselines only, "
     "agents refuse it unless configured with secagg.plaintext_rounds = allow.",
 )
+@click.option(
+    "--genesis-seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=None,
+    help="Seed for the initial model's weights, for reproducible experiments "
+    "(default: fresh randomness).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @_guard
@@ -206,6 +213,7 @@ def init(
     update_timeout: float,
     model_spec: Path | None,
     aggregation: str,
+    genesis_seed: int | None,
     as_json: bool,
 ) -> None:
     """Create the signing key, coordinator.toml and the store schema.
@@ -243,7 +251,7 @@ def init(
         raise ConfigError("; ".join(problems), problems=problems)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     with obj.store(config) as store:
-        genesis = ensure_genesis(store, config)
+        genesis = ensure_genesis(store, config, seed=genesis_seed)
     _restrict_sqlite_file(config.database_url)
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.

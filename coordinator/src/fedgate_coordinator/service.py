@@ -75,12 +75,18 @@ def recover_interrupted_rounds(store: Store) -> list[int]:
     return interrupted
 
 
-def ensure_genesis(store: Store, config: CoordinatorConfig) -> ModelRecord:
-    """Return the head of the model chain, creating the genesis model on first start."""
+def ensure_genesis(
+    store: Store, config: CoordinatorConfig, *, seed: int | None = None
+) -> ModelRecord:
+    """Return the head of the model chain, creating the genesis model on first start.
+
+    ``seed`` fixes the initial weights for reproducible experiments; by default they are
+    drawn from fresh randomness.
+    """
     head = store.head_model()
     if head is not None:
         return head
-    rng = np.random.default_rng(secrets.randbits(128))
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     genesis = ModelRecord.from_weights(
         round=0,
         parent_digest=GENESIS_PARENT,
