@@ -65,6 +65,23 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     status = json.loads(runner.invoke(coordinator_main, [*state, "status", "--json"]).output)
     assert status["head_model"]["round"] == 0
     assert status["coordinator_public_key"] == json.loads(init.output)["coordinator_public_key"]
+    assert status["aggregation"]["mode"] == "secagg"  # the default
+    for agent in ("gw-3", "gw-4", "gw-5", "gw-6"):
+        fresh = public_key_text(SigningKey.generate().verify_key)
+        assert runner.invoke(coordinator_main, [*state, "enroll", agent, fresh]).exit_code == 0
+    status = json.loads(runner.invoke(coordinator_main, [*state, "status", "--json"]).output)
+    # 4 active agents: complete graph (3 neighbours), t = ceil(2 * 4 / 3) = 3, 1 dropout.
+    assert status["aggregation"] == {
+        "mode": "secagg",
+        "word_bits": 16,
+        "clip_norm": 10.0,
+        "weight_cap": 2000,
+        "degree": 3,
+        "threshold": 3,
+        "dropouts_tolerated_per_group": 1,
+    }
+    text = runner.invoke(coordinator_main, [*state, "status"]).output
+    assert "threshold 3 (tolerates 1 dropouts per group of holders)" in text
     models = json.loads(
         runner.invoke(coordinator_main, [*state, "models", "--verify", "--json"]).output
     )

@@ -30,6 +30,7 @@ from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
@@ -369,6 +370,24 @@ def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
     )
 
 
+def _aggregation_summary(config: CoordinatorConfig, enrolled: int) -> dict[str, Any]:
+    """The secure-aggregation parameters the next round would use with every agent."""
+    settings = config.secagg
+    if settings.aggregation != "secagg":
+        return {"mode": settings.aggregation}
+    params = settings.params_for(max(enrolled, 1))
+    degree = effective_degree(max(enrolled, 1), params.degree)
+    return {
+        "mode": "secagg",
+        "word_bits": params.word_bits,
+        "clip_norm": params.clip_norm,
+        "weight_cap": params.weight_cap,
+        "degree": degree,
+        "threshold": params.threshold,
+        "dropouts_tolerated_per_group": degree + 1 - params.threshold,
+    }
+
+
 def _status_data(obj: Context) -> dict[str, Any]:
     config = obj.config()
     with obj.store(config) as store:
@@ -391,6 +410,7 @@ def _status_data(obj: Context) -> dict[str, Any]:
             },
             "last_round": None if last is None else msgspec.to_builtins(last),
             "agents_enrolled": sum(1 for a in agents if a.status == "active"),
+            "aggregation": _aggregation_summary(config, sum(a.status == "active" for a in agents)),
             "rejected_messages": {
                 k: v for k, v in store.event_counts().items() if k != "round_recovered"
             },
@@ -433,6 +453,15 @@ def status(obj: Context, as_json: bool) -> None:
             + (f", reason: {last['abort_reason']}" if last["abort_reason"] else "")
         )
     click.echo(f"agents     {data['agents_enrolled']} enrolled")
+    agg = data["aggregation"]
+    if agg["mode"] == "secagg":
+        click.echo(
+            f"secagg     {agg['word_bits']}-bit words, {agg['degree']} neighbours, threshold "
+            f"{agg['threshold']} (tolerates {agg['dropouts_tolerated_per_group']} dropouts "
+            "per group of holders)"
+        )
+    else:
+        click.echo("secagg     off: updates travel in plaintext")
     rejected = data["rejected_messages"]
     click.echo(
         "rejected   " + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none")
