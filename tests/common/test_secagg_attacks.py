@@ -745,7 +745,7 @@ ATTACKS = [
     Attack("own-keys-stale-signed", KeySubstituted, own_keys_replaced_by_stale_signed_keys),
     Attack("previous-rounds-keys", KeySignatureInvalid, previous_rounds_keys_replayed),
     Attack("survivor-and-dropped", ConflictingUnmaskRequest, survivor_also_listed_as_dropped),
-    Attack("share-from-non-neighbour", TooFewNeighbours, share_from_a_non_neighbour),
+    Attack("share-from-non-neighbour", ShareRejected, share_from_a_non_neighbour),
     Attack("delivery-below-t", TooFewNeighbours, delivery_below_threshold),
     Attack("old-shares-new-delivery", ShareRejected, old_shares_in_a_new_delivery),
     Attack("old-delivery-as-is", WrongRound, old_delivery_replayed_as_is),

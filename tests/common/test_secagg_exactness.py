@@ -22,6 +22,7 @@ from fedgate_common.secagg.graph import (
     default_threshold,
     effective_degree,
     graph_seed,
+    is_connected,
     neighbour_graph,
 )
 from fedgate_common.secagg.keystream import Words, word_dtype
@@ -89,8 +90,12 @@ def predict(
     survivors = {a for a in shared if answers(a, "masked")} - refused
     if len(survivors) < t:
         return abort("masked", refused)
+    # Pairwise masks cancel only over a connected survivor graph; agents refuse other sets.
+    if not is_connected(survivors, graph):
+        return abort("masked", refused)
     confirmed = {a for a in survivors if answers(a, "confirm")}
-    if len(confirmed) < t:
+    # Signatures from a majority of the key roster (and at least t): no split views.
+    if len(confirmed) < max(t, len(keyed) // 2 + 1):
         return abort("confirm", refused)
     dropped = shared - survivors  # their mask keys must be rebuilt
     revealers = {a for a in confirmed if answers(a, "reveal")}

@@ -71,6 +71,7 @@ QUEUE_SIZE_RANGE: Final = (1, 10000)
 THREADS_RANGE: Final = (1, 64)
 SEED_RANGE: Final = (0, 2**63 - 1)
 MIN_THRESHOLD_RANGE: Final = (2, 10_000)
+COLLUDERS_RANGE: Final = (0, 10_000)
 PLAINTEXT_POLICIES: Final = ("refuse", "allow")
 
 
@@ -96,6 +97,7 @@ class SecAggConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """What this agent accepts from its coordinator for secure aggregation."""
 
     min_threshold: int = 2  # refuse rounds whose Shamir threshold t is lower
+    assumed_colluders: int = 0  # colluding agents to resist: raises the confirmation quorum
     plaintext_rounds: str = "refuse"  # "refuse" | "allow": rounds without secure aggregation
 
 
@@ -166,6 +168,10 @@ _ALLOWED: Final[dict[str, str]] = {
     "secagg.min_threshold": (
         f"an integer {MIN_THRESHOLD_RANGE[0]}..{MIN_THRESHOLD_RANGE[1]}: the lowest Shamir "
         "threshold this agent accepts"
+    ),
+    "secagg.assumed_colluders": (
+        f"an integer {COLLUDERS_RANGE[0]}..{COLLUDERS_RANGE[1]}: colluding agents to resist; "
+        "the agent then needs floor((roster + this) / 2) + 1 signatures on the survivor set"
     ),
     "secagg.plaintext_rounds": '"refuse" (default) | "allow": rounds without secure aggregation',
 }
@@ -441,6 +447,7 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         _check_range("broker.queue_size", broker.queue_size, QUEUE_SIZE_RANGE),
         _check_range("training.threads", config.training.threads, THREADS_RANGE),
         _check_range("secagg.min_threshold", config.secagg.min_threshold, MIN_THRESHOLD_RANGE),
+        _check_range("secagg.assumed_colluders", config.secagg.assumed_colluders, COLLUDERS_RANGE),
     ]
     if config.secagg.plaintext_rounds not in PLAINTEXT_POLICIES:
         problems.append(

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 from fedgate_common.arrays import decode_arrays, encode_arrays
 from fedgate_common.envelope import seal
-from fedgate_common.errors import FedgateError
+from fedgate_common.errors import FedgateError, ReplayedMessage, WrongRound
 from fedgate_common.keys import parse_public_key
 from fedgate_common.logs import log_event
 from fedgate_common.messages import (
@@ -206,6 +206,7 @@ class AgentService:
                     base_certificate=work.certificate,
                     pinned_identities=read_pinned_peers(self.config.state_path),
                     min_threshold=self.config.secagg.min_threshold,
+                    assumed_colluders=self.config.secagg.assumed_colluders,
                 )
             except FedgateError as exc:
                 self.logic.answered(number)
@@ -223,8 +224,7 @@ class AgentService:
         participant = self.secure
         message = step.message
         if participant is None or participant.round != message.round:
-            self.rejected["wrong_round"] += 1
-            return  # a round this agent is not in (or has left)
+            return  # a round this agent is not in, or has left after a refusal
         try:
             if isinstance(message, KeyRoster):
                 bundle = participant.on_roster(message)
@@ -239,6 +239,9 @@ class AgentService:
                 reveal = participant.on_unmask(message)
                 self.secure = None  # nothing more to send for this round
                 await self._send(reveal, "reveal")
+        except (WrongRound, ReplayedMessage) as exc:  # e.g. a QoS 1 redelivery: keep going
+            self._count_rejection(exc, "message ignored", round=message.round)
+            return
         except FedgateError as exc:
             self.secure, self._masked_update = None, None  # refuse: reveal nothing more
             self._count_rejection(

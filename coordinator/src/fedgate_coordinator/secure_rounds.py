@@ -6,6 +6,8 @@ service drives it over MQTT.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +15,7 @@ from fedgate_common.messages import SecAggParams
 from fedgate_common.model_spec import ModelSpec, split_parameters
 from fedgate_common.secagg.aggregator import Unmasked
 from fedgate_common.secagg.graph import default_degree, default_threshold, effective_degree
+from fedgate_common.secagg.participant import encoding_params
 
 AGGREGATIONS = ("secagg", "plaintext")
 
@@ -69,3 +72,29 @@ def mean_delta(
 ) -> dict[str, npt.NDArray[np.float32]]:
     """The weighted mean update, split back into the model's named arrays."""
     return split_parameters(unmasked.decoded.mean_update(params.weight_cap), spec)
+
+
+def input_bound_violation(unmasked: Unmasked, params: SecAggParams) -> str:
+    """Why the decoded sum cannot come from honest, clipped inputs; "" when it can.
+
+    Each honest input is clipped to ``clip_norm`` and scaled by at most 1, and its weight is
+    at most ``weight_cap``; rounding moves each coordinate of the sum by less than n / scale.
+    A sum outside those bounds means some agent sent words it did not encode honestly:
+    the round is aborted rather than the sum used.
+    """
+    n = len(unmasked.survivors)
+    encoding = encoding_params(params)
+    total = unmasked.decoded.total_weight
+    if total <= 0:
+        return "survivors reported no samples"
+    if total > n * params.weight_cap:
+        return f"total weight {total} exceeds {n} survivors x weight_cap {params.weight_cap}"
+    values = unmasked.decoded.weighted_sum
+    rounding = n / encoding.scale * math.sqrt(values.size)
+    norm = float(np.linalg.norm(values))
+    if norm > n * params.clip_norm + rounding:
+        return (
+            f"sum of updates has L2 norm {norm:.4g}, more than {n} clipped inputs can reach "
+            f"({n * params.clip_norm + rounding:.4g}): an input was not clipped"
+        )
+    return ""

@@ -51,7 +51,7 @@ from fedgate_coordinator.rounds import (
     RoundResult,
     round_start,
 )
-from fedgate_coordinator.secure_rounds import mean_delta
+from fedgate_coordinator.secure_rounds import input_bound_violation, mean_delta
 from fedgate_coordinator.store import ModelRecord, ParticipantRecord, Store
 
 log = logging.getLogger("fedgate.coordinator")
@@ -511,10 +511,9 @@ class CoordinatorService:
             return RoundAborted(
                 round=number, reason=f"{reason} (stage {where})", contributions=contributions
             )
-        if outcome.decoded.total_weight <= 0:
-            return RoundAborted(
-                round=number, reason="survivors reported no samples", contributions=contributions
-            )
+        bound = input_bound_violation(outcome, params)
+        if bound:
+            return RoundAborted(round=number, reason=bound, contributions=contributions)
         weights = apply_delta(_float32(head.decode_weights()), mean_delta(outcome, params, spec))
         if not all(np.isfinite(w).all() for w in weights.values()):
             return RoundAborted(
@@ -610,6 +609,8 @@ def _participant(contribution: Contribution) -> ParticipantRecord:
         num_samples=contribution.num_samples,
         train_loss=contribution.train_loss,
         bytes_up=contribution.bytes_up,
+        # Under secure aggregation the row records who is in the sum: the masked stage.
+        stage="update" if contribution.num_samples is not None else "masked",
     )
 
 

@@ -47,7 +47,13 @@ from fedgate_common.messages import (
 )
 from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import DecodedSum, decode_sum
-from fedgate_common.secagg.graph import effective_degree, graph_seed, neighbour_graph
+from fedgate_common.secagg.graph import (
+    consistency_quorum,
+    effective_degree,
+    graph_seed,
+    is_connected,
+    neighbour_graph,
+)
 from fedgate_common.secagg.keystream import MaskExpander, Words, word_dtype
 from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
 from fedgate_common.secagg.participant import encoding_params, public_bytes
@@ -223,6 +229,13 @@ class Aggregator:
             raise MalformedMessage("keys for another base model", sender=sender)
         if len(keys.share_key) != 32 or len(keys.mask_key) != 32 or len(keys.seed_commitment) != 32:
             raise MalformedMessage("round keys must be 32 bytes each", sender=sender)
+        if any(
+            kept.seed_commitment == keys.seed_commitment or identity == other_identity
+            for other_identity, kept, _ in self._keys.values()
+        ):
+            raise MalformedMessage(
+                "seed commitment or identity key already used by another agent", sender=sender
+            )
         taken = {
             k for _, other, _ in self._keys.values() for k in (other.share_key, other.mask_key)
         }
@@ -337,19 +350,31 @@ class Aggregator:
         if aborted:
             return aborted
         assert self.context is not None
-        self.survivors = tuple(sorted(self._masked))
+        survivors = tuple(sorted(self._masked))
+        delivered = {
+            agent: tuple(p for p in self.graph[agent] if p in self._delivered.get(agent, ()))
+            for agent in survivors
+        }
+        if not is_connected(survivors, delivered):
+            return self._abort(
+                "the survivors fall apart into unconnected groups of the neighbour graph; "
+                "agents refuse to unmask such a set"
+            )
+        self.survivors = survivors
         self._open_stage("confirm", len(self.survivors))
         return SurvivorCheck(
             round=self.round, roster_digest=self.context.roster_digest, survivors=self.survivors
         )
 
     def close_confirmations(self) -> UnmaskRequest | Aborted:
-        if len(self._confirmations) < self.params.threshold:
-            return self._abort(
-                f"{len(self._confirmations)} agents confirmed the survivor set; "
-                f"{self.params.threshold} needed"
-            )
         assert self.context is not None
+        assert self.roster is not None
+        quorum = consistency_quorum(len(self.roster.members), self.params.threshold)
+        if len(self._confirmations) < quorum:
+            return self._abort(
+                f"{len(self._confirmations)} agents confirmed the survivor set; {quorum} needed "
+                f"(a majority of the {len(self.roster.members)} in the key roster, and t)"
+            )
         self.dropped = tuple(sorted(set(self._bundles) - set(self.survivors)))
         self._open_stage("reveal", len(self._confirmations))
         return UnmaskRequest(

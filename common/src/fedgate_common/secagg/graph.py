@@ -10,7 +10,7 @@ neighbours whom except by leaving agents out of the roster.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from fedgate_common.secagg.context import sha256
 
@@ -63,3 +63,33 @@ def neighbour_graph(agents: Sequence[str], degree: int, seed: bytes) -> dict[str
         if k % 2 == 1:
             neighbours[agent].add(ring[(i + n // 2) % n])
     return {agent: tuple(sorted(peers)) for agent, peers in neighbours.items()}
+
+
+def consistency_quorum(roster_size: int, threshold: int, assumed_colluders: int = 0) -> int:
+    """Signatures an agent needs on one survivor set before it reveals anything.
+
+    Honest agents sign one set per round, colluders may sign several: two different sets
+    both reaching ``floor((n + c) / 2) + 1`` signers out of a roster of n would need more
+    than n + c signatures. So no two views of one round can both pass (split views fail),
+    given at most ``assumed_colluders`` colluding agents.
+    """
+    return max(threshold, (roster_size + assumed_colluders) // 2 + 1)
+
+
+def is_connected(members: Collection[str], graph: Mapping[str, Sequence[str]]) -> bool:
+    """Whether ``members`` form one connected piece of ``graph`` restricted to them.
+
+    Pairwise masks cancel only over whole connected pieces of the survivors: with two
+    pieces, the coordinator could remove the masks of each piece's sum separately.
+    """
+    remaining = set(members)
+    if not remaining:
+        return True
+    frontier = [remaining.pop()]
+    while frontier:
+        node = frontier.pop()
+        for peer in graph.get(node, ()):
+            if peer in remaining:
+                remaining.remove(peer)
+                frontier.append(peer)
+    return not remaining

@@ -53,7 +53,13 @@ from fedgate_common.messages import (
 from fedgate_common.secagg.confirmations import count_confirmations
 from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import EncodingParams, encode_update
-from fedgate_common.secagg.graph import effective_degree, graph_seed, neighbour_graph
+from fedgate_common.secagg.graph import (
+    consistency_quorum,
+    effective_degree,
+    graph_seed,
+    is_connected,
+    neighbour_graph,
+)
 from fedgate_common.secagg.keystream import MaskExpander, Words, word_dtype
 from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
 from fedgate_common.secagg.roster import Roster, verify_roster
@@ -141,6 +147,7 @@ class Participant:
         base_certificate: bytes,
         pinned_identities: Mapping[str, bytes],
         min_threshold: int = 2,
+        assumed_colluders: int = 0,
         limits: Limits = DEFAULT_LIMITS,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
@@ -155,6 +162,8 @@ class Participant:
         self.round = start.round
         self._certificate = base_certificate
         self._pinned = dict(pinned_identities)
+        self._assumed_colluders = assumed_colluders
+        self._graph: dict[str, tuple[str, ...]] = {}
         self._limits = limits
         self._random_bytes = random_bytes
         self.stage: Stage = "keys"
@@ -232,6 +241,7 @@ class Participant:
                 base_certificate=self._certificate,
             ),
         )
+        self._graph = graph
         self.neighbours = graph[self.agent_id]
         holders = sorted((*self.neighbours, self.agent_id))
         if len(holders) < self.params.threshold:
@@ -295,7 +305,7 @@ class Participant:
             if item.holder != self.agent_id:
                 raise ShareRejected(f"delivery holds a share meant for {item.holder!r}")
             if item.owner not in allowed:
-                raise TooFewNeighbours(
+                raise ShareRejected(
                     f"share from {item.owner!r}, who is not a neighbour in the derived graph"
                 )
             if item.owner in held:
@@ -393,6 +403,17 @@ class Participant:
             raise ConsistencyCheckFailed(
                 f"{len(survivors)} survivors, fewer than the threshold {self.params.threshold}"
             )
+        unmasked = [p for p in self.neighbours if p in survivors and p not in self._held]
+        if unmasked:
+            raise ConsistencyCheckFailed(
+                f"survivor set names neighbour {unmasked[0]!r}, whose share never reached this "
+                "agent: its input and this agent's would not be masked against each other"
+            )
+        if not is_connected(survivors, self._graph):
+            raise ConsistencyCheckFailed(
+                "the survivors fall apart into unconnected groups of the neighbour graph; "
+                "the sum of each group could be unmasked on its own"
+            )
         return survivors
 
     @_refusal_ends_round
@@ -419,9 +440,12 @@ class Participant:
             survivors=message.survivors,
             limits=self._limits,
         )
-        if signers < self.params.threshold:
+        quorum = consistency_quorum(
+            len(self.roster.members), self.params.threshold, self._assumed_colluders
+        )
+        if signers < quorum:
             raise ConsistencyCheckFailed(
-                f"{signers} valid signatures on the survivor set, {self.params.threshold} needed"
+                f"{signers} valid signatures on the survivor set, {quorum} needed"
             )
         self.stage = "done"  # one unmask request per round: never reveal twice
         survivors, dropped = set(message.survivors), set(message.dropped)
