@@ -66,7 +66,7 @@ def accuracy_of(store: Store, digest: str, test: LocalDataset) -> float:
 def centralized(train: LocalDataset, test: LocalDataset, spec: Any, rounds: int) -> float:
     """The same model and optimiser, trained on the union for as many epochs as one site
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
-    model = build_model(spec)
+    model = build_model(spec)  # initialised from torch's generator, seeded in main()
     for number in range(1, rounds + 1):
         train_locally(model, train, ROUND_DEFAULTS.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
@@ -91,6 +91,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.manual_seed(args.seed)  # the centralized baseline's initial weights
     suffix = "" if args.aggregation == "secagg" else "-plaintext"
     out: Path = args.out or ROOT / "out" / f"demo{suffix}"
     shutil.rmtree(out, ignore_errors=True)
