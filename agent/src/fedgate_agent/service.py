@@ -209,7 +209,8 @@ class AgentService:
                     assumed_colluders=self.config.secagg.assumed_colluders,
                 )
             except FedgateError as exc:
-                self.logic.answered(number)
+                self.logic.answered(number)  # refused for good: a restart does not retry
+                self.status.last_answered_round = number
                 self._count_rejection(exc, "secure aggregation refused", round=number)
                 return
             self.secure, self._masked_update = participant, None
