@@ -31,6 +31,7 @@ from demo_broker import demo_broker  # this script's directory is on sys.path
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
 from fedgate_agent.model import build_model
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
+from fedgate_common.model_spec import initial_weights
 from fedgate_common.text_table import format_table
 from fedgate_common.topics import model_topic
 from fedgate_coordinator.rounds import RoundSettings
@@ -63,10 +64,13 @@ def accuracy_of(store: Store, digest: str, test: LocalDataset) -> float:
     return evaluate(model, test).accuracy
 
 
-def centralized(train: LocalDataset, test: LocalDataset, spec: Any, rounds: int) -> float:
+def centralized(
+    train: LocalDataset, test: LocalDataset, spec: Any, rounds: int, seed: int
+) -> float:
     """The same model and optimiser, trained on the union for as many epochs as one site
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
-    model = build_model(spec)  # initialised from torch's generator, seeded in main()
+    # The same initial weights as the federation's genesis model (init --genesis-seed).
+    model = build_model(spec, weights=initial_weights(spec, np.random.default_rng(seed)))
     for number in range(1, rounds + 1):
         train_locally(model, train, ROUND_DEFAULTS.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
@@ -91,7 +95,6 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(args.seed)  # the centralized baseline's initial weights
     suffix = "" if args.aggregation == "secagg" else "-plaintext"
     out: Path = args.out or ROOT / "out" / f"demo{suffix}"
     shutil.rmtree(out, ignore_errors=True)
@@ -289,7 +292,9 @@ def main() -> int:
         flush=True,
     )
     central_started = time.monotonic()
-    central_accuracy = centralized(centralized_dataset(split), split.test, split.spec, args.rounds)
+    central_accuracy = centralized(
+        centralized_dataset(split), split.test, split.spec, args.rounds, args.seed
+    )
     central_seconds = time.monotonic() - central_started
     bytes_up = int(np.mean([row[5] for row in completed])) if completed else 0
     bytes_down = int(np.mean([row[6] for row in completed])) if completed else 0

@@ -94,6 +94,9 @@ def predict(
     if not is_connected(survivors, graph):
         return abort("masked", refused)
     confirmed = {a for a in survivors if answers(a, "confirm")}
+    # Holders reveal a survivor's seed only with its own confirmation: every one must sign.
+    if confirmed != survivors:
+        return abort("confirm", refused)
     # Signatures from a majority of the key roster (and at least t): no split views.
     if len(confirmed) < max(t, len(keyed) // 2 + 1):
         return abort("confirm", refused)

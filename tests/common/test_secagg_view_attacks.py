@@ -211,3 +211,24 @@ def test_honest_survivor_sets_pass_every_check(n: int) -> None:
     signed = [c for c in confirmations if isinstance(c, bytes)]
     reveals = [round.unmask(a, survivors, signed) for a in survivors]
     assert all(isinstance(r, Reveal) for r in reveals)
+
+
+def test_a_refusing_survivor_keeps_its_seed_even_if_the_others_confirm() -> None:
+    """n = 6 (complete graph, g = 6, t = 4) with 2 colluders c1, c2. The coordinator
+    withholds the shares of honest h1, h2 from victim v, lists them as survivors and says
+    honest d dropped: v would have masked only against c1, c2 and d, whose mask key the
+    coordinator rebuilds. v refuses the survivor check; the others confirm, and the holders
+    must not reveal v's seed without v's own confirmation."""
+    round = Round(6)
+    v, h1, h2, c1, c2, _d = round.ids
+    round.deliver_and_mask(withhold={v: {h1, h2}})
+    survivors = (v, h1, h2, c1, c2)
+    assert isinstance(round.check(v, survivors), ConsistencyCheckFailed)
+    signed = [round.check(a, survivors) for a in (h1, h2, c1, c2)]
+    assert all(isinstance(s, bytes) for s in signed)
+    confirmations = [s for s in signed if isinstance(s, bytes)]
+    assert len(confirmations) >= consistency_quorum(6, round.params.threshold)
+    reveals = [round.unmask(a, survivors, confirmations) for a in (h1, h2)]
+    assert all(isinstance(r, Reveal) for r in reveals)
+    assert _seed_shares_of(v, reveals) == 0  # with the colluders' 2: still fewer than t = 4
+    assert _seed_shares_of(h1, reveals) == 2  # confirming survivors' seeds are revealed

@@ -92,9 +92,13 @@ def input_bound_violation(unmasked: Unmasked, params: SecAggParams) -> str:
     values = unmasked.decoded.weighted_sum
     rounding = n / encoding.scale * math.sqrt(values.size)
     norm = float(np.linalg.norm(values))
-    if norm > n * params.clip_norm + rounding:
+    # Honest input i is (w_i / weight_cap) * clipped update: the sum's norm is at most
+    # (total weight / weight_cap) * clip_norm, whatever weights the agents hold.
+    reach = total / params.weight_cap * params.clip_norm + rounding
+    if norm > reach:
         return (
-            f"sum of updates has L2 norm {norm:.4g}, more than {n} clipped inputs can reach "
-            f"({n * params.clip_norm + rounding:.4g}): an input was not clipped"
+            f"sum of updates has L2 norm {norm:.4g}, more than inputs clipped to "
+            f"{params.clip_norm} with total weight {total} can reach ({reach:.4g}): "
+            "an input was not clipped or its weight understated"
         )
     return ""

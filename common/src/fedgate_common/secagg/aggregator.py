@@ -370,6 +370,12 @@ class Aggregator:
         assert self.context is not None
         assert self.roster is not None
         quorum = consistency_quorum(len(self.roster.members), self.params.threshold)
+        silent = [a for a in self.survivors if a not in self._confirmations]
+        if silent:
+            return self._abort(
+                f"{len(silent)} survivors (e.g. {silent[0]!r}) did not confirm the survivor set; "
+                "holders reveal a survivor's seed only with its own confirmation"
+            )
         if len(self._confirmations) < quorum:
             return self._abort(
                 f"{len(self._confirmations)} agents confirmed the survivor set; {quorum} needed "

@@ -14,15 +14,15 @@ from fedgate_common.secagg.context import RoundContext
 from fedgate_common.secagg.roster import Roster
 
 
-def count_confirmations(
+def confirmed_by(
     envelopes: Sequence[bytes],
     *,
     roster: Roster,
     context: RoundContext,
     survivors: tuple[str, ...],
     limits: Limits = DEFAULT_LIMITS,
-) -> int:
-    """Distinct survivors whose valid signature says the survivor set is ``survivors``.
+) -> set[str]:
+    """Survivors whose valid signature says the survivor set is exactly ``survivors``.
 
     Envelopes that do not verify, name another round, roster or set, or come from an agent
     outside ``survivors`` are not counted.
@@ -47,4 +47,4 @@ def count_confirmations(
             and payload.survivors == survivors
         ):
             signers.add(envelope.sender)
-    return len(signers)
+    return signers

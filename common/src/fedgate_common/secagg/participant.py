@@ -50,7 +50,7 @@ from fedgate_common.messages import (
     SurvivorConfirmation,
     UnmaskRequest,
 )
-from fedgate_common.secagg.confirmations import count_confirmations
+from fedgate_common.secagg.confirmations import confirmed_by
 from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import EncodingParams, encode_update
 from fedgate_common.secagg.graph import (
@@ -309,7 +309,7 @@ class Participant:
                     f"share from {item.owner!r}, who is not a neighbour in the derived graph"
                 )
             if item.owner in held:
-                raise ReplayedMessage(f"two shares from {item.owner!r} in one delivery")
+                raise ShareRejected(f"two shares from {item.owner!r} in one delivery")
             raw = open_share(
                 item.sealed,
                 private=self._share_key,
@@ -433,7 +433,7 @@ class Participant:
             )
         if self.agent_id in message.dropped or not set(message.dropped) <= set(self.roster.members):
             raise MalformedMessage("dropped set names this agent or agents outside the roster")
-        signers = count_confirmations(
+        signers = confirmed_by(
             message.confirmations,
             roster=self.roster,
             context=context,
@@ -443,12 +443,15 @@ class Participant:
         quorum = consistency_quorum(
             len(self.roster.members), self.params.threshold, self._assumed_colluders
         )
-        if signers < quorum:
+        if len(signers) < quorum:
             raise ConsistencyCheckFailed(
-                f"{signers} valid signatures on the survivor set, {quorum} needed"
+                f"{len(signers)} valid signatures on the survivor set, {quorum} needed"
             )
         self.stage = "done"  # one unmask request per round: never reveal twice
-        survivors, dropped = set(message.survivors), set(message.dropped)
+        # A survivor's self-mask seed is revealed only if that survivor itself signed this
+        # set: an agent that refused it (e.g. a withheld neighbour share) keeps its input
+        # masked, whatever the other holders are told.
+        survivors, dropped = signers, set(message.dropped)
         own_x = self.roster.members[self.agent_id].x
         return Reveal(
             round=self.round,
