@@ -29,6 +29,7 @@ from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
+from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
 from fedgate_agent.config import (
@@ -43,6 +44,8 @@ from fedgate_agent.config import (
 )
 from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
 from fedgate_agent.identity import create_identity, identity_path, load_identity
+from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
+from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
 from fedgate_agent.state import read_status
 
 
@@ -58,7 +61,7 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 local data unusable    5 identity exists already"""
+  3 config invalid     4 data or privacy ledger unusable    5 identity exists already"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,7 +75,7 @@ def _guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except LocalDataError as exc:
+        except (LocalDataError, LedgerUnreadable) as exc:
             _fail(str(exc), ExitCode.DATA)
         except IdentityExists as exc:
             _fail(str(exc), ExitCode.CONFLICT)
@@ -303,6 +306,78 @@ def _process_alive(pid: int | None) -> bool:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_guard
+def privacy(config_path: Path, as_json: bool) -> None:
+    """Show record-level privacy: ε per round and in total, δ, the budget, how it is counted.
+
+    Reads privacy.json in the state directory (written before each update leaves).
+
+    \b
+    Example:
+      fedgate-agent privacy --config /etc/fedgate/agent.toml --json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    ledger = read_ledger(cfg.state_path)
+    settings = cfg.privacy
+    data = {
+        "record_level": settings.record_level,
+        "unit": UNIT,
+        "accountant": ACCOUNTANT,
+        "sampling": SAMPLING,
+        "delta": settings.delta,
+        "budget_epsilon": settings.target_epsilon,
+        "spent_epsilon": ledger.epsilon_total,
+        "clip_norm": settings.max_grad_norm,
+        "noise_multiplier": ledger.noise_multiplier,
+        "planned_rounds": settings.planned_rounds,
+        "rounds": [
+            {
+                "round": e.spend.round,
+                "epsilon_round": e.epsilon_round,
+                "epsilon_total": e.epsilon_total,
+                "delta": e.delta,
+                "noise_multiplier": e.spend.noise_multiplier,
+                "sample_rate": e.spend.sample_rate,
+                "steps": e.spend.steps,
+                "clip_norm": e.max_grad_norm,
+                "windows": e.num_samples,
+            }
+            for e in ledger.entries
+        ],
+    }
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
+    click.echo(f"accountant       {ACCOUNTANT}, {SAMPLING} sampling")
+    click.echo(
+        f"budget           ε {settings.target_epsilon} at δ {settings.delta} over "
+        f"{settings.planned_rounds} rounds; spent ε {ledger.epsilon_total:.4f}"
+    )
+    click.echo(
+        f"clip norm        {settings.max_grad_norm}, noise multiplier {ledger.noise_multiplier}"
+    )
+    rows = [
+        [
+            e.spend.round,
+            round(e.epsilon_round, 4),
+            round(e.epsilon_total, 4),
+            e.spend.noise_multiplier,
+            round(e.spend.sample_rate, 5),
+            e.spend.steps,
+        ]
+        for e in ledger.entries
+    ]
+    click.echo(
+        format_table(["round", "ε round", "ε total", "noise mult.", "sample rate", "steps"], rows)
+        if rows
+        else "no private rounds yet"
+    )
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_guard
 def status(config_path: Path, as_json: bool) -> None:
     """Show the agent's state, model, rounds, traffic and rejected messages.
 
@@ -338,6 +413,11 @@ def status(config_path: Path, as_json: bool) -> None:
         f"{state.rounds_trained}, last loss {state.last_train_loss}"
     )
     click.echo(f"traffic    up {state.bytes_up} B, down {state.bytes_down} B")
+    if state.privacy != "off":
+        click.echo(
+            f"privacy    record-level DP {state.privacy}: ε {state.privacy_epsilon or 0:.4f} "
+            f"of {state.privacy_budget} spent (δ {state.privacy_delta})"
+        )
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"
     click.echo(f"rejected   {rejected}")
     if state.last_error:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -101,6 +102,16 @@ class SecAggConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     plaintext_rounds: str = "refuse"  # "refuse" | "allow": rounds without secure aggregation
 
 
+class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Record-level differential privacy of local training (DP-SGD)."""
+
+    record_level: str = "off"  # "on" | "off"
+    target_epsilon: float = 3.0  # over planned_rounds rounds, at delta
+    delta: float = 1e-5
+    max_grad_norm: float = 4.0  # per-window gradient clipping norm
+    planned_rounds: int = 20  # rounds the budget is spread over; the agent stops after it
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete agent configuration (one TOML file)."""
 
@@ -113,6 +124,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     secagg: SecAggConfig = msgspec.field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
 
     @property
     def state_path(self) -> Path:
@@ -139,7 +151,7 @@ class _Key(msgspec.Struct, frozen=True):
     """One dotted key of the schema."""
 
     dotted: str
-    kind: str  # "str" | "int" | "optional_int"
+    kind: str  # "str" | "int" | "optional_int" | "float"
     required: bool
     allowed: str  # human description of valid values, used in messages
 
@@ -148,6 +160,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "broker": BrokerConfig,
     "training": TrainingConfig,
     "secagg": SecAggConfig,
+    "privacy": PrivacyConfig,
 }
 
 _ALLOWED: Final[dict[str, str]] = {
@@ -174,6 +187,11 @@ _ALLOWED: Final[dict[str, str]] = {
         "the agent then needs floor((roster + this) / 2) + 1 signatures on the survivor set"
     ),
     "secagg.plaintext_rounds": '"refuse" (default) | "allow": rounds without secure aggregation',
+    "privacy.record_level": '"on" | "off" (default): DP-SGD for local training',
+    "privacy.target_epsilon": "a number in (0, 100]: the record-level ε budget at delta",
+    "privacy.delta": "a number in (0, 0.01]: the δ of the budget (below 1 / windows)",
+    "privacy.max_grad_norm": "a number in (0, 1000]: per-window gradient clipping norm",
+    "privacy.planned_rounds": "an integer 1..100000: rounds the budget is spread over",
 }
 
 
@@ -184,6 +202,8 @@ def _kind_of(annotation: object) -> str:
         return "int"
     if annotation == (int | None):
         return "optional_int"
+    if annotation is float:
+        return "float"
     raise TypeError(f"unsupported config field type {annotation!r}")  # pragma: no cover
 
 
@@ -239,6 +259,16 @@ def _parse_text(key: str, text: str, *, source: str) -> object:
     stripped = text.strip()
     if spec.kind == "optional_int" and stripped == "":
         return ""
+    if spec.kind == "float":
+        try:
+            value = float(stripped)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise _config_error(
+                f"{source}={text!r} is not a finite number; {key} must be {spec.allowed}"
+            )
+        return value
     try:
         return int(stripped, 10)
     except ValueError:
@@ -253,6 +283,8 @@ def _type_problem(key: str, value: object) -> str | None:
         ok = isinstance(value, str)
     elif spec.kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.kind == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
     else:
         ok = value == "" or (isinstance(value, int) and not isinstance(value, bool))
     if ok:
@@ -449,6 +481,30 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         _check_range("secagg.min_threshold", config.secagg.min_threshold, MIN_THRESHOLD_RANGE),
         _check_range("secagg.assumed_colluders", config.secagg.assumed_colluders, COLLUDERS_RANGE),
     ]
+    privacy = config.privacy
+    if privacy.record_level not in ("on", "off"):
+        problems.append(
+            (
+                "privacy.record_level",
+                f"privacy.record_level = {privacy.record_level!r} is not "
+                f"{_ALLOWED['privacy.record_level']}",
+            )
+        )
+    for key, value, low, high in (
+        ("privacy.target_epsilon", privacy.target_epsilon, 0.0, 100.0),
+        ("privacy.delta", privacy.delta, 0.0, 0.01),
+        ("privacy.max_grad_norm", privacy.max_grad_norm, 0.0, 1000.0),
+    ):
+        if not low < value <= high:
+            problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))
+    if not 1 <= privacy.planned_rounds <= 100_000:
+        problems.append(
+            (
+                "privacy.planned_rounds",
+                f"privacy.planned_rounds = {privacy.planned_rounds} is not "
+                f"{_ALLOWED['privacy.planned_rounds']}",
+            )
+        )
     if config.secagg.plaintext_rounds not in PLAINTEXT_POLICIES:
         problems.append(
             (

@@ -9,7 +9,8 @@ Tree::
           ├── LocalDataError     the local training data cannot be used as it is
           ├── TrainingDiverged   local training produced NaN/Inf; the update is not sent
           ├── PlanRejected       a training plan from the coordinator is outside safe bounds
-          └── ModelRejected      a model from the federation is refused (shape, digest, cert)
+          ├── ModelRejected      a model from the federation is refused (shape, digest, cert)
+          └── PrivacyBudgetExhausted  the next round would spend more than the ε budget
 
 Messages say what to fix; details a caller may act on are attributes.
 """
@@ -27,6 +28,7 @@ __all__ = [
     "LocalDataError",
     "ModelRejected",
     "PlanRejected",
+    "PrivacyBudgetExhausted",
     "TrainingDiverged",
 ]
 
@@ -73,3 +75,17 @@ class ModelRejected(AgentError):
     """A model received from the federation is refused and is not loaded."""
 
     kind = "model_rejected"
+
+
+class PrivacyBudgetExhausted(AgentError):
+    """Training this round would take record-level ε past ``privacy.target_epsilon``.
+
+    ``spent`` is ε so far, ``next_round`` what it would be after the round.
+    """
+
+    kind = "privacy_budget_exhausted"
+
+    def __init__(self, message: str, *, spent: float, next_round: float) -> None:
+        super().__init__(message)
+        self.spent = spent
+        self.next_round = next_round

@@ -39,9 +39,18 @@ from fedgate_common.topics import (
 )
 
 from fedgate_agent.config import AgentConfig
-from fedgate_agent.errors import TrainingDiverged
+from fedgate_agent.errors import PrivacyBudgetExhausted, TrainingDiverged
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.mqtt_link import InboundMessage, MqttLink
+from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
+from fedgate_agent.record_privacy import (
+    RecordPrivacySettings,
+    RoundSpend,
+    epsilon,
+    noise_multiplier_for,
+    sample_rate,
+    steps_per_round,
+)
 from fedgate_agent.round_logic import (
     AdoptModel,
     AgentRoundLogic,
@@ -57,7 +66,13 @@ from fedgate_agent.state import (
     write_pinned_peers,
     write_status,
 )
-from fedgate_agent.training import LocalDataset, load_local_dataset, train_locally
+from fedgate_agent.training import (
+    LocalDataset,
+    PrivateTrainResult,
+    load_local_dataset,
+    train_locally,
+    train_locally_private,
+)
 
 log = logging.getLogger("fedgate.agent")
 
@@ -90,6 +105,25 @@ class AgentService:
         self.secure: Participant | None = None  # this round's secure-aggregation state
         self._masked_update: tuple[npt.NDArray[np.float64], int] | None = None
         self._training: asyncio.Task[None] | None = None
+        privacy = config.privacy
+        self._record_privacy = (
+            RecordPrivacySettings(
+                target_epsilon=privacy.target_epsilon,
+                delta=privacy.delta,
+                max_grad_norm=privacy.max_grad_norm,
+                planned_rounds=privacy.planned_rounds,
+            )
+            if privacy.record_level == "on"
+            else None
+        )
+        self._pending_spend: RoundSpend | None = None
+        if self._record_privacy is not None:
+            self.status.privacy_budget = privacy.target_epsilon
+            self.status.privacy_delta = privacy.delta
+            if self.status.privacy != "budget exhausted":
+                self.status.privacy = "on"
+        else:
+            self.status.privacy = "off"
         self.rejected: Counter[str] = Counter(self.status.rejected)
         self._bytes_up_before = self.status.bytes_up  # cumulative across restarts
         self._restore_model()
@@ -193,9 +227,71 @@ class AgentService:
         )
         return len(raw)
 
+    def _privacy_spend(self, work: TrainForRound) -> RoundSpend | None:
+        """The DP-SGD spend of training this round, refused past the budget (None: DP off)."""
+        settings = self._record_privacy
+        if settings is None:
+            return None
+        dataset = self._local_dataset(work.model)
+        ledger = read_ledger(self.config.state_path)
+        plan = work.start.plan
+        rate = sample_rate(len(dataset), plan.batch_size)
+        steps = steps_per_round(len(dataset), plan.batch_size, plan.local_epochs)
+        sigma = ledger.noise_multiplier or noise_multiplier_for(
+            settings, sample_rate=rate, steps=steps
+        )
+        spend = RoundSpend(
+            round=work.start.round, noise_multiplier=sigma, sample_rate=rate, steps=steps
+        )
+        after = epsilon([*ledger.history, spend], settings.delta)
+        if after > settings.target_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"round {work.start.round} would take record-level ε from "
+                f"{ledger.epsilon_total:.3f} to {after:.3f}, past the budget "
+                f"{settings.target_epsilon} (δ = {settings.delta}); this agent trains no more",
+                spent=ledger.epsilon_total,
+                next_round=after,
+            )
+        return spend
+
+    def _record_spend(self, spend: RoundSpend, trained: PrivateTrainResult) -> None:
+        """Add the round to privacy.json before its update leaves the gateway."""
+        settings = self._record_privacy
+        assert settings is not None
+        ledger = read_ledger(self.config.state_path)
+        actual = RoundSpend(
+            round=spend.round,
+            noise_multiplier=trained.noise_multiplier,
+            sample_rate=trained.sample_rate,
+            steps=trained.steps,
+        )
+        ledger.noise_multiplier = trained.noise_multiplier
+        ledger.entries.append(
+            LedgerEntry(
+                spend=actual,
+                epsilon_round=epsilon([actual], settings.delta),
+                epsilon_total=epsilon([*ledger.history, actual], settings.delta),
+                delta=settings.delta,
+                max_grad_norm=settings.max_grad_norm,
+                num_samples=trained.result.num_samples,
+            )
+        )
+        write_ledger(self.config.state_path, ledger)
+        self.status.privacy_epsilon = ledger.epsilon_total
+
     async def begin_round(self, work: TrainForRound) -> None:
         """Join the round: with secure aggregation advertise keys first, then train."""
         number = work.start.round
+        try:
+            spend = self._privacy_spend(work)
+        except FedgateError as exc:  # budget spent, ledger unreadable, or no usable data
+            self.logic.answered(number)
+            self.status.last_answered_round = number
+            if isinstance(exc, PrivacyBudgetExhausted):
+                self.status.privacy = "budget exhausted"
+            self._count_rejection(exc, "round not joined", round=number)
+            return
+        self._pending_spend = spend
         if work.start.secagg is not None:
             try:
                 participant = Participant(
@@ -283,9 +379,22 @@ class AgentService:
             for name, a in decode_arrays(model_msg.weights).items()
         }
         net = build_model(model_msg.spec, weights=base)
-        result = train_locally(
-            net, self._local_dataset(model_msg), work.start.plan, seed=self.config.training.seed
-        )
+        spend, settings = self._pending_spend, self._record_privacy
+        if spend is not None and settings is not None:
+            private = train_locally_private(
+                net,
+                self._local_dataset(model_msg),
+                work.start.plan,
+                noise_multiplier=spend.noise_multiplier,
+                max_grad_norm=settings.max_grad_norm,
+                seed=self.config.training.seed,
+            )
+            self._record_spend(spend, private)
+            result = private.result
+        else:
+            result = train_locally(
+                net, self._local_dataset(model_msg), work.start.plan, seed=self.config.training.seed
+            )
         trained = weights_of(net)
         delta = {name: trained[name] - base[name] for name in base}
         if not math.isfinite(result.mean_loss) or not all(

@@ -37,6 +37,10 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     bytes_down: int = 0
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
     last_error: str | None = None
+    privacy: str = "off"  # off | on | budget exhausted
+    privacy_epsilon: float | None = None  # record-level ε spent so far, at privacy_delta
+    privacy_budget: float | None = None
+    privacy_delta: float | None = None
 
 
 def read_status(state_dir: Path) -> AgentStatus:

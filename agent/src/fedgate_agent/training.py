@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,11 @@ import numpy.typing as npt
 import torch
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.model_spec import ModelSpec
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import LocalDataError, PlanRejected
@@ -220,6 +225,84 @@ def train_locally(
     finally:
         model.train(was_training)
     return TrainResult(num_samples=n, mean_loss=epoch_loss / n)
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    """A DP-SGD round: the usual result plus what the accountant must record."""
+
+    result: TrainResult
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def train_locally_private(
+    model: nn.Module,
+    dataset: LocalDataset,
+    plan: TrainingPlan,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int | None = None,
+) -> PrivateTrainResult:
+    """DP-SGD with Opacus: Poisson sampling, per-window clipping, Gaussian noise.
+
+    Each step draws every window independently with probability ``batch_size / n``, clips
+    each window's gradient to ``max_grad_norm``, sums them, adds Gaussian noise of standard
+    deviation ``noise_multiplier * max_grad_norm`` once, and divides by the expected batch
+    size. Without ``seed`` the sampling and noise generator is seeded from 63 bits of OS
+    entropy and Opacus's secure mode is on (noise robust to floating-point attacks);
+    Opacus's CSPRNG generator needs ``torchcsprng``, which does not exist for this torch.
+    """
+    _check_plan(plan)
+    _check_fits(model, dataset)
+    if noise_multiplier < 0 or max_grad_norm <= 0:
+        raise PlanRejected("noise multiplier must be >= 0 and the clipping norm > 0")
+    generator = torch.Generator()
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+    n = len(dataset)
+    rate = min(1.0, plan.batch_size / n)
+    windows = TensorDataset(
+        torch.from_numpy(np.ascontiguousarray(dataset.x)),
+        torch.from_numpy(np.ascontiguousarray(dataset.y)),
+    )
+    loader = DPDataLoader(windows, sample_rate=rate, generator=generator)
+    private_model = GradSampleModule(model)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(private_model.parameters(), lr=plan.learning_rate, momentum=plan.momentum),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=plan.batch_size,
+        generator=generator,
+        secure_mode=seed is None,
+    )
+    loss_fn = nn.CrossEntropyLoss(reduction="mean")
+    was_training = model.training
+    private_model.train()
+    steps, loss_sum, seen = 0, 0.0, 0
+    try:
+        for _ in range(plan.local_epochs):
+            loss_sum, seen = 0.0, 0  # the last epoch's mean, as train_locally reports
+            for x, y in loader:
+                steps += 1  # an empty Poisson batch is still a step of the accountant
+                if len(y) == 0:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(private_model(x), y)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+    finally:
+        private_model._close()
+        model.train(was_training)
+    return PrivateTrainResult(
+        result=TrainResult(num_samples=n, mean_loss=loss_sum / max(seen, 1)),
+        noise_multiplier=noise_multiplier,
+        sample_rate=rate,
+        steps=steps,
+    )
 
 
 def evaluate(model: nn.Module, dataset: LocalDataset, batch_size: int = 512) -> Evaluation:

@@ -1,0 +1,60 @@
+"""``privacy.json`` in the agent's state directory: every round's privacy spend.
+
+Written atomically after each DP round and read at start, so ε survives restarts. An
+unreadable ledger stops training (a lost ledger would reset the budget silently).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from fedgate_agent.atomic_files import atomic_write
+from fedgate_agent.errors import AgentError
+from fedgate_agent.record_privacy import RoundSpend
+
+LEDGER_FILE = "privacy.json"
+
+
+class LedgerUnreadable(AgentError):
+    """``privacy.json`` exists but cannot be read."""
+
+
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    spend: RoundSpend
+    epsilon_round: float  # this round alone, at delta
+    epsilon_total: float  # all rounds so far, at delta
+    delta: float
+    max_grad_norm: float
+    num_samples: int
+
+
+class PrivacyLedger(msgspec.Struct, kw_only=True):
+    entries: list[LedgerEntry] = msgspec.field(default_factory=list)
+    noise_multiplier: float | None = None  # fixed at the first DP round of the plan
+
+    @property
+    def history(self) -> list[RoundSpend]:
+        return [entry.spend for entry in self.entries]
+
+    @property
+    def epsilon_total(self) -> float:
+        return self.entries[-1].epsilon_total if self.entries else 0.0
+
+
+def read_ledger(state_dir: Path) -> PrivacyLedger:
+    path = state_dir / LEDGER_FILE
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=PrivacyLedger)
+    except FileNotFoundError:
+        return PrivacyLedger()
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise LedgerUnreadable(
+            f"{path} is unreadable ({exc}); restore it from a backup. Training stays off: "
+            "without it the privacy spent so far is unknown"
+        ) from None
+
+
+def write_ledger(state_dir: Path, ledger: PrivacyLedger) -> None:
+    atomic_write(state_dir / LEDGER_FILE, msgspec.json.encode(ledger), mode=0o640)

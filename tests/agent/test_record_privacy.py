@@ -1,0 +1,195 @@
+"""Record-level DP: the accountant, DP-SGD's clipping and noise, the budget and its ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nacl.signing
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fedgate_agent.cli import main as agent_main
+from fedgate_agent.config import AgentConfig, PrivacyConfig, write_config
+from fedgate_agent.errors import PrivacyBudgetExhausted
+from fedgate_agent.model import build_model
+from fedgate_agent.privacy_ledger import read_ledger
+from fedgate_agent.record_privacy import (
+    RecordPrivacySettings,
+    RoundSpend,
+    epsilon,
+    noise_multiplier_for,
+)
+from fedgate_agent.round_logic import TrainForRound
+from fedgate_agent.service import AgentService
+from fedgate_agent.training import LocalDataset, save_local_dataset
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.digests import GENESIS_PARENT, model_digest
+from fedgate_common.keys import public_key_text
+from fedgate_common.messages import GlobalModel, RoundStart, TrainingPlan
+from fedgate_common.model_spec import ModelSpec, initial_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+
+
+def test_rdp_accountant_regression_matches_opacus_tests() -> None:
+    """σ = 1.5, q = 0.04, 2250 steps, δ = 1e-5: ε ≈ 7.33 with RDP."""
+    spent = epsilon([RoundSpend(round=1, noise_multiplier=1.5, sample_rate=0.04, steps=2250)], 1e-5)
+    assert spent == pytest.approx(7.33, abs=0.01)
+
+
+def test_history_composes_like_one_long_run() -> None:
+    """Ten rounds of 225 steps spend what 2250 steps in one go spend."""
+    rounds = [
+        RoundSpend(round=r, noise_multiplier=1.5, sample_rate=0.04, steps=225) for r in range(10)
+    ]
+    assert epsilon(rounds, 1e-5) == pytest.approx(7.33, abs=0.01)
+    assert epsilon([], 1e-5) == 0.0
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    target=st.floats(0.5, 10.0),
+    rate=st.floats(0.005, 0.2),
+    steps=st.integers(10, 400),
+    rounds=st.integers(1, 30),
+)
+def test_noise_multiplier_for_a_target_never_overshoots(
+    target: float, rate: float, steps: int, rounds: int
+) -> None:
+    budget = RecordPrivacySettings(
+        target_epsilon=target, delta=1e-5, max_grad_norm=4.0, planned_rounds=rounds
+    )
+    sigma = noise_multiplier_for(budget, sample_rate=rate, steps=steps)
+    history = [
+        RoundSpend(round=r, noise_multiplier=sigma, sample_rate=rate, steps=steps)
+        for r in range(rounds)
+    ]
+    assert epsilon(history, 1e-5) <= target
+
+
+def _summed_clipped_gradient(x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
+    """Opacus's pre-noise sum of per-window clipped gradients for one batch."""
+    torch.manual_seed(0)
+    model = GradSampleModule(
+        build_model(SPEC, weights=initial_weights(SPEC, np.random.default_rng(1)))
+    )
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=len(y),
+    )
+    optimizer.zero_grad()
+    torch.nn.CrossEntropyLoss()(model(x), y).backward()
+    optimizer.clip_and_accumulate()
+    summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    model._close()
+    return summed
+
+
+def test_one_huge_window_moves_the_pre_noise_sum_by_at_most_the_clip_norm() -> None:
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(0, 1, (16, SPEC.window, SPEC.n_features)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, 16).astype(np.int64))
+    clip = 4.0
+    without = _summed_clipped_gradient(x[:15], y[:15], clip)
+    huge = x.clone()
+    huge[15] = 1e6  # a window whose raw gradient is enormous
+    with_outlier = _summed_clipped_gradient(huge, y, clip)
+    assert float(torch.linalg.norm(with_outlier - without)) <= clip * (1 + 1e-5)
+
+
+def test_noise_is_added_once_per_step_with_std_sigma_times_clip() -> None:
+    """With every per-window gradient zero, the gradient after a step is the noise alone,
+    divided by the expected batch size: std = σ C / B, not scaled by the batch."""
+    sigma, clip, batch = 1.3, 4.0, 8
+    module = torch.nn.Linear(400, 50, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    model = GradSampleModule(module)
+    generator = torch.Generator().manual_seed(5)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch,
+        generator=generator,
+    )
+    optimizer.zero_grad()
+    (model(torch.zeros(batch, 400)).sum() * 0.0).backward()
+    optimizer.step()
+    noise = next(iter(model.parameters())).grad
+    assert noise is not None
+    assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.05)
+    model._close()
+
+
+def _model() -> GlobalModel:
+    weights = encode_arrays(initial_weights(SPEC, np.random.default_rng(0)))
+    digest = model_digest(parent_digest=GENESIS_PARENT, round=0, spec=SPEC, weights=weights)
+    return GlobalModel(
+        round=0, digest=digest, parent_digest=GENESIS_PARENT, spec=SPEC, weights=weights
+    )
+
+
+def _work(round: int, model: GlobalModel) -> TrainForRound:
+    start = RoundStart(
+        round=round,
+        base_digest=model.digest,
+        selected=("gw-1",),
+        plan=TrainingPlan(learning_rate=0.05, local_epochs=2, batch_size=16),
+        update_timeout_s=60.0,
+        min_participants=1,
+    )
+    return TrainForRound(start, model, b"certificate")
+
+
+def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200).astype(np.int64)
+    x = rng.normal(0, 1, (200, SPEC.window, SPEC.n_features)).astype(np.float32)
+    config = AgentConfig(
+        agent_id="gw-1",
+        deployment="plant",
+        cloud="c1",
+        state_dir=str(tmp_path / "state"),
+        coordinator_public_key=public_key_text(nacl.signing.SigningKey.generate().verify_key),
+        privacy=PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2),
+    )
+    save_local_dataset(config.data_path, LocalDataset(x=x, y=y))
+    model = _model()
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    for number in (1, 2):
+        service._pending_spend = service._privacy_spend(_work(number, model))
+        update = service._train(_work(number, model))
+        assert math.isfinite(update.train_loss)
+    ledger = read_ledger(config.state_path)
+    assert [e.spend.round for e in ledger.entries] == [1, 2]
+    assert 0 < ledger.entries[0].epsilon_total < ledger.entries[1].epsilon_total <= 2.0
+    assert ledger.noise_multiplier is not None
+
+    restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    with pytest.raises(PrivacyBudgetExhausted) as refused:
+        restarted._privacy_spend(_work(3, model))
+    assert refused.value.spent == pytest.approx(ledger.epsilon_total)
+    assert refused.value.next_round > 2.0
+
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file), "--json"])
+    assert shown.exit_code == 0, shown.output
+    data = json.loads(shown.output)
+    assert data["spent_epsilon"] == pytest.approx(ledger.epsilon_total)
+    assert [r["round"] for r in data["rounds"]] == [1, 2]
+    assert data["accountant"].startswith("rdp")
+    assert data["sampling"] == "poisson"
+    (config.state_path / "privacy.json").write_text("{not json")
+    broken = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    assert broken.exit_code == 4
+    assert "privacy.json" in broken.output
