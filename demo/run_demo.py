@@ -30,6 +30,7 @@ import torch
 from demo_broker import demo_broker  # this script's directory is on sys.path
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
 from fedgate_agent.model import build_model
+from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
 from fedgate_common.model_spec import initial_weights
 from fedgate_common.text_table import format_table
@@ -64,6 +65,12 @@ def accuracy_of(store: Store, digest: str, test: LocalDataset) -> float:
     return evaluate(model, test).accuracy
 
 
+def record_epsilon(configs: list[Path]) -> float:
+    """The largest record-level ε any site has spent so far (each site's privacy.json)."""
+    spent = [read_ledger(config.parent).epsilon_total for config in configs]
+    return round(max(spent, default=0.0), 4)
+
+
 def centralized(
     train: LocalDataset, test: LocalDataset, spec: Any, rounds: int, seed: int
 ) -> float:
@@ -88,6 +95,13 @@ def main() -> int:
         help="secagg (default): masked updates, SecAgg+; plaintext: the baseline",
     )
     parser.add_argument(
+        "--dp",
+        choices=("off", "record"),
+        default="off",
+        help="record: DP-SGD on every agent (record-level ε budget --epsilon over the run)",
+    )
+    parser.add_argument("--epsilon", type=float, default=3.0, help="record-level ε budget")
+    parser.add_argument(
         "--seed",
         type=int,
         default=1,
@@ -95,7 +109,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    suffix = "" if args.aggregation == "secagg" else "-plaintext"
+    suffix = ("" if args.aggregation == "secagg" else "-plaintext") + (
+        "-dp" if args.dp == "record" else ""
+    )
     out: Path = args.out or ROOT / "out" / f"demo{suffix}"
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
@@ -166,6 +182,10 @@ def main() -> int:
             settings = {"training.seed": str(args.seed * 1000 + index)}
             if args.aggregation == "plaintext":
                 settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
+            if args.dp == "record":
+                settings["privacy.record_level"] = "on"
+                settings["privacy.target_epsilon"] = str(args.epsilon)
+                settings["privacy.planned_rounds"] = str(args.rounds)
             for key, value in settings.items():
                 subprocess.run(
                     [
@@ -231,6 +251,7 @@ def main() -> int:
             "test_acc",
             "bytes_up/agent",
             "bytes_down/agent",
+            "record_eps",
         ]
         print(format_table(headers, []), flush=True)
         rows: list[list[Any]] = []
@@ -258,6 +279,7 @@ def main() -> int:
                         acc,
                         up,
                         record.bytes_down_per_agent or 0,
+                        record_epsilon(agent_configs) if args.dp == "record" else "-",
                     ]
                     rows.append(row)
                     print(format_table(headers, [row]).splitlines()[-1], flush=True)
@@ -304,6 +326,9 @@ def main() -> int:
     summary = {
         "deployment": deployment,
         "aggregation": args.aggregation,
+        "record_level_dp": args.dp == "record",
+        "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
+        "record_epsilon_spent": record_epsilon(agent_configs) if args.dp == "record" else None,
         "seed": args.seed,
         "sites": args.sites,
         "rounds_requested": args.rounds,
@@ -323,6 +348,8 @@ def main() -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[5/5] result")
     label = "secure aggregation" if args.aggregation == "secagg" else "plaintext updates"
+    if args.dp == "record":
+        label += f", record-level DP (ε {record_epsilon(agent_configs)} of {args.epsilon})"
     print(
         format_table(
             ["training", "test accuracy", "seconds"],
