@@ -21,6 +21,7 @@ from fedgate_agent.record_privacy import (
     RoundSpend,
     epsilon,
     noise_multiplier_for,
+    steps_per_round,
 )
 from fedgate_agent.round_logic import TrainForRound
 from fedgate_agent.service import AgentService
@@ -171,6 +172,8 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
         assert math.isfinite(update.train_loss)
     ledger = read_ledger(config.state_path)
     assert [e.spend.round for e in ledger.entries] == [1, 2]
+    # The budget is planned with the steps Opacus's Poisson loader really takes.
+    assert [e.spend.steps for e in ledger.entries] == [steps_per_round(200, 16, 2)] * 2
     assert 0 < ledger.entries[0].epsilon_total < ledger.entries[1].epsilon_total <= 2.0
     assert ledger.noise_multiplier is not None
 

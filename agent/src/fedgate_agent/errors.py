@@ -10,7 +10,8 @@ Tree::
           ├── TrainingDiverged   local training produced NaN/Inf; the update is not sent
           ├── PlanRejected       a training plan from the coordinator is outside safe bounds
           ├── ModelRejected      a model from the federation is refused (shape, digest, cert)
-          └── PrivacyBudgetExhausted  the next round would spend more than the ε budget
+          ├── PrivacyBudgetExhausted  the next round would spend more than the ε budget
+          └── LedgerUnreadable   privacy.json cannot be read (fedgate_agent.privacy_ledger)
 
 Messages say what to fix; details a caller may act on are attributes.
 """

@@ -18,7 +18,9 @@ LEDGER_FILE = "privacy.json"
 
 
 class LedgerUnreadable(AgentError):
-    """``privacy.json`` exists but cannot be read."""
+    """``privacy.json`` exists but cannot be read; training stays off."""
+
+    kind = "privacy_ledger_unreadable"
 
 
 class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,7 +8,6 @@ over the whole history, so composition across rounds is the accountant's, not ou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import msgspec
@@ -44,7 +43,8 @@ def sample_rate(num_samples: int, batch_size: int) -> float:
 
 
 def steps_per_round(num_samples: int, batch_size: int, local_epochs: int) -> int:
-    return local_epochs * math.ceil(num_samples / batch_size)
+    """Steps of one round as Opacus's Poisson loader takes them: int(1 / q) per epoch."""
+    return local_epochs * max(1, int(1 / sample_rate(num_samples, batch_size)))
 
 
 def epsilon(history: Sequence[RoundSpend], delta: float) -> float:

@@ -120,8 +120,7 @@ class AgentService:
         if self._record_privacy is not None:
             self.status.privacy_budget = privacy.target_epsilon
             self.status.privacy_delta = privacy.delta
-            if self.status.privacy != "budget exhausted":
-                self.status.privacy = "on"
+            self.status.privacy = "on"  # "budget exhausted" again if the next round is refused
         else:
             self.status.privacy = "off"
         self.rejected: Counter[str] = Counter(self.status.rejected)
