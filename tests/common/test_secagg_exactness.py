@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from fedgate_common.messages import SecAggParams
-from fedgate_common.secagg.aggregator import Aborted, Unmasked
+from fedgate_common.secagg.aggregator import Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.encoding import encode_update
 from fedgate_common.secagg.graph import (
     default_degree,
@@ -299,3 +299,23 @@ def test_hand_checked_refusals_and_reveal_abort() -> None:
     assert result.aggregator.survivors == tuple(
         a for a in ids if a not in {"agent-00", "agent-01", "agent-04", "agent-07"}
     )
+
+
+def test_close_dispatches_to_the_open_stage_and_refuses_after_the_end() -> None:
+    """``Aggregator.close`` (what the MQTT driver calls) closes whichever stage is open."""
+    aggregator = Aggregator(
+        deployment="d",
+        cloud="c",
+        round=1,
+        base_digest="base",
+        base_certificate=b"cert",
+        selected=agent_ids(3),
+        params=make_params(3, 16),
+        dimension=4,
+        min_participants=1,
+    )
+    outcome = aggregator.close()  # no keys arrived: the keys stage aborts
+    assert isinstance(outcome, Aborted)
+    assert outcome.stage == "keys"
+    with pytest.raises(RuntimeError):
+        aggregator.close()

@@ -25,14 +25,10 @@ from fedgate_common.logs import log_event
 from fedgate_common.messages import (
     COORDINATOR_STAGES,
     GlobalModel,
-    KeyRoster,
     ModelUpdate,
     Payload,
     RoundEnd,
     SecAggParams,
-    ShareDelivery,
-    SurvivorCheck,
-    UnmaskRequest,
 )
 from fedgate_common.model_spec import initial_weights, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
@@ -456,7 +452,7 @@ class CoordinatorService:
             )
             await self._wait_for_stage(timeout)
             record = aggregator.records[stage]
-            produced = _close_stage(aggregator, stage)
+            produced = aggregator.close()
             sent = 0
             if isinstance(produced, Unmasked | Aborted):
                 outcome = produced
@@ -587,20 +583,6 @@ def _published_by_coordinator(topic: str) -> bool:
     """Directed coordinator messages share the agent topic pattern; recognise them."""
     parts = topic.split("/")
     return len(parts) == 7 and parts[5] in COORDINATOR_STAGES
-
-
-def _close_stage(
-    aggregator: Aggregator, stage: str
-) -> KeyRoster | dict[str, ShareDelivery] | SurvivorCheck | UnmaskRequest | Unmasked | Aborted:
-    if stage == "keys":
-        return aggregator.close_keys()
-    if stage == "shares":
-        return aggregator.close_shares()
-    if stage == "masked":
-        return aggregator.close_masked()
-    if stage == "confirm":
-        return aggregator.close_confirmations()
-    return aggregator.close_reveals()
 
 
 def _participant(contribution: Contribution) -> ParticipantRecord:

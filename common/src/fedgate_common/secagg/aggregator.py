@@ -18,7 +18,6 @@ from typing import Literal
 
 import msgspec
 import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedgate_common.arrays import decode_array
@@ -93,6 +92,11 @@ class Unmasked(msgspec.Struct, frozen=True, kw_only=True):
     decoded: DecodedSum
     words: Words  # the sum of the survivors' encoded inputs, mod 2^b
     survivors: tuple[str, ...]
+
+
+StageOutcome = (
+    KeyRoster | dict[str, ShareDelivery] | SurvivorCheck | UnmaskRequest | Unmasked | Aborted
+)
 
 
 class Aggregator:
@@ -278,9 +282,10 @@ class Aggregator:
         assert self.roster is not None
         x = self.roster.members[sender].x
         held = set(self._delivered.get(sender, ()))
+        survivors, dropped = set(self.survivors), set(self.dropped)
         for share, allowed in (
-            *((s, set(self.survivors)) for s in reveal.seed_shares),
-            *((s, set(self.dropped)) for s in reveal.mask_key_shares),
+            *((s, survivors) for s in reveal.seed_shares),
+            *((s, dropped) for s in reveal.mask_key_shares),
         ):
             if share.owner not in allowed or share.owner not in held or share.x != x:
                 raise MalformedMessage(
@@ -289,6 +294,19 @@ class Aggregator:
         self._reveals[sender] = reveal
 
     # -- stage transitions --------------------------------------------------------------
+    def close(self) -> StageOutcome:
+        """Close the current stage, whichever it is (the ``close_*`` method of the stage)."""
+        closers: dict[str, Callable[[], StageOutcome]] = {
+            "keys": self.close_keys,
+            "shares": self.close_shares,
+            "masked": self.close_masked,
+            "confirm": self.close_confirmations,
+            "reveal": self.close_reveals,
+        }
+        if self.stage not in closers:
+            raise RuntimeError(f"round {self.round} has no open stage to close")
+        return closers[self.stage]()
+
     def close_keys(self) -> KeyRoster | Aborted:
         aborted = self._count_check("keys", len(self._keys))
         if aborted:
@@ -481,7 +499,3 @@ def _seed_matches(commitment: bytes, seed: bytes) -> bool:
 
 def _mask_key_matches(public: bytes, secret: bytes) -> bool:
     return public_bytes(X25519PrivateKey.from_private_bytes(secret)) == public
-
-
-def flat_update(arrays: Sequence[npt.NDArray[np.floating]]) -> npt.NDArray[np.float64]:
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])

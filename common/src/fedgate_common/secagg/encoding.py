@@ -73,24 +73,35 @@ def l2_norm(values: npt.NDArray[np.float64]) -> float:
     return largest * float(np.sqrt(np.dot(scaled, scaled)))
 
 
+def clip_factor(values: npt.NDArray[np.float64], clip_norm: float) -> float:
+    """The factor that brings ``values`` to L2 norm at most ``clip_norm`` (1 if within)."""
+    norm = l2_norm(values)
+    return clip_norm / norm if norm > clip_norm else 1.0
+
+
 def clip_to_norm(update: npt.NDArray[np.floating], clip_norm: float) -> npt.NDArray[np.float64]:
     values = np.array(update, dtype=np.float64)
-    norm = l2_norm(values)
-    if norm > clip_norm:
-        values *= clip_norm / norm
+    values *= clip_factor(values, clip_norm)
     return values
 
 
 def stochastic_round(
-    values: npt.NDArray[np.float64], random_bytes: Callable[[int], bytes] = secrets.token_bytes
+    values: npt.NDArray[np.float64],
+    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    *,
+    overwrite: bool = False,
 ) -> npt.NDArray[np.int64]:
     """Round each value down or up with probabilities that make the result unbiased.
 
     floor(x + u) with u uniform in [0, 1) is floor(x) + 1 with probability frac(x). u has 32
     random bits, so this is exact while |x| < 2**20; beyond, float64 rounding of x + u adds
     a bias below 2**-31 of one step.
+
+    With ``overwrite`` the work happens in ``values`` itself (no copy of the vector; the
+    caller's array then holds floor(x + u) as floats).
     """
-    noisy = values + random_unit_floats(values.size, random_bytes)
+    noisy = values if overwrite else values.copy()
+    noisy += random_unit_floats(values.size, random_bytes)
     return np.floor(noisy, out=noisy).astype(np.int64)
 
 
@@ -104,15 +115,13 @@ def encode_update(
     if update.ndim != 1:
         raise ValueError("encode a flat update vector")
     values = np.array(update, dtype=np.float64)  # a private copy, scaled in place
-    norm = l2_norm(values)
     weight = min(max(num_samples, 0), params.weight_cap)
-    factor = min(1.0, params.clip_norm / norm) if norm > 0 else 1.0
-    values *= factor * (weight / params.weight_cap) * params.scale
-    # Stochastic rounding: floor(x + u), u uniform in [0, 1) (see stochastic_round). After
-    # clipping |x| <= level mathematically; float rounding of x + u can still land on
-    # level + 1 for large levels, so the integers are clamped, which keeps the no-wrap bound.
-    values += random_unit_floats(values.size, random_bytes)
-    integers = np.floor(values, out=values).astype(np.int64)
+    # Clip, weight and scale in one pass over the vector.
+    values *= clip_factor(values, params.clip_norm) * (weight / params.weight_cap) * params.scale
+    # After clipping |x| <= level mathematically; float rounding of x + u in stochastic
+    # rounding can still land on level + 1 for large levels, so the integers are clamped,
+    # which keeps the no-wrap bound.
+    integers = stochastic_round(values, random_bytes, overwrite=True)
     np.clip(integers, -params.level, params.level, out=integers)
     words = np.empty(params.vector_length(update.size), dtype=word_dtype(params.word_bits))
     np.copyto(words[: update.size], integers, casting="unsafe")  # wraps mod 2^b

@@ -63,7 +63,7 @@ from fedgate_common.secagg.graph import (
 from fedgate_common.secagg.keystream import MaskExpander, Words, word_dtype
 from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, self_mask_key
 from fedgate_common.secagg.roster import Roster, verify_roster
-from fedgate_common.secagg.shamir import Share, split_secret
+from fedgate_common.secagg.shamir import split_secret
 from fedgate_common.secagg.share_box import open_share, seal_share
 
 Stage = Literal["keys", "shares", "delivery", "masked", "check", "unmask", "done", "refused"]
@@ -467,7 +467,3 @@ class Participant:
                 if owner in dropped
             ),
         )
-
-
-def revealed_as_share(item: RevealedShare) -> Share:
-    return Share(x=item.x, y=item.y)
