@@ -45,6 +45,7 @@ from fedgate_common.messages import (
     SecAggParams,
     ShareBundle,
     ShareDelivery,
+    SiteNoise,
     SurvivorCheck,
     SurvivorConfirmation,
     TrainingPlan,
@@ -82,7 +83,7 @@ def identity(agent: str) -> nacl.signing.SigningKey:
     return nacl.signing.SigningKey(seeded(f"identity/{agent}")(32))
 
 
-def default_params(n: int, **changes: int) -> SecAggParams:
+def default_params(n: int, **changes: object) -> SecAggParams:
     degree = default_degree(n)
     params = SecAggParams(
         word_bits=16,
@@ -404,6 +405,17 @@ def survivor_set_below_threshold() -> Outcomes:
     round = HonestRound(10)
     check = round.to_check()
     small = msgspec.structs.replace(check, survivors=check.survivors[: round.params.threshold - 1])
+    return [attempt(round.participants[a].on_check, small) for a in small.survivors]
+
+
+def survivor_set_below_noise_min_inputs() -> Outcomes:
+    """Site-level DP: a survivor set large enough for t but smaller than the noise shares
+    were sized for would release a sum with too little noise."""
+    noise = SiteNoise(noise_multiplier=1.0, min_inputs=9)
+    round = HonestRound(10, params=default_params(10, word_bits=32, noise=noise))
+    check = round.to_check()
+    small = msgspec.structs.replace(check, survivors=check.survivors[:8])
+    assert len(small.survivors) >= round.params.threshold
     return [attempt(round.participants[a].on_check, small) for a in small.survivors]
 
 
@@ -737,6 +749,11 @@ ATTACKS = [
     Attack("split-view-of-survivors", ConsistencyCheckFailed, split_view_of_survivors),
     Attack("victim-left-out-of-check", ConsistencyCheckFailed, victim_left_out_of_survivor_check),
     Attack("survivor-set-below-t", ConsistencyCheckFailed, survivor_set_below_threshold),
+    Attack(
+        "survivor-set-below-noise-min-inputs",
+        ConsistencyCheckFailed,
+        survivor_set_below_noise_min_inputs,
+    ),
     Attack("mask-key-swapped", KeySignatureInvalid, mask_key_swapped_under_old_signature),
     Attack(
         "identity-substituted-pinned", KeySubstituted, identity_and_keys_substituted_against_pinned

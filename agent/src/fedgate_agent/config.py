@@ -110,6 +110,8 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delta: float = 1e-5
     max_grad_norm: float = 4.0  # per-window gradient clipping norm
     planned_rounds: int = 20  # rounds the budget is spread over; the agent stops after it
+    # Site level: refuse secure rounds whose distributed noise multiplier is below this.
+    site_min_noise_multiplier: float = 0.0
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -192,6 +194,9 @@ _ALLOWED: Final[dict[str, str]] = {
     "privacy.delta": "a number in (0, 0.01]: the δ of the budget (below 1 / windows)",
     "privacy.max_grad_norm": "a number in (0, 1000]: per-window gradient clipping norm",
     "privacy.planned_rounds": "an integer 1..100000: rounds the budget is spread over",
+    "privacy.site_min_noise_multiplier": (
+        "a number in [0, 1000]: refuse secure rounds with less site-level noise (0 = accept any)"
+    ),
 }
 
 
@@ -497,6 +502,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     ):
         if not low < value <= high:
             problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))
+    if not 0 <= privacy.site_min_noise_multiplier <= 1000:
+        key = "privacy.site_min_noise_multiplier"
+        problems.append((key, f"{key} = {privacy.site_min_noise_multiplier!r} is not {_ALLOWED[key]}"))
     if not 1 <= privacy.planned_rounds <= 100_000:
         problems.append(
             (

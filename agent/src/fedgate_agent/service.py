@@ -301,6 +301,7 @@ class AgentService:
                     base_certificate=work.certificate,
                     pinned_identities=read_pinned_peers(self.config.state_path),
                     min_threshold=self.config.secagg.min_threshold,
+                    min_noise_multiplier=self.config.privacy.site_min_noise_multiplier,
                     assumed_colluders=self.config.secagg.assumed_colluders,
                 )
             except FedgateError as exc:

@@ -93,6 +93,12 @@ class ThresholdTooLow(SecAggRefusal):
     kind = "threshold_too_low"
 
 
+class NoiseTooLow(SecAggRefusal):
+    """The round's site-level DP noise is below the agent's configured floor."""
+
+    kind = "noise_too_low"
+
+
 class DuplicateKeys(SecAggRefusal):
     kind = "duplicate_keys"
 

@@ -24,13 +24,30 @@ class TrainingPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_size: int = 32
 
 
+class SiteNoise(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Site-level DP noise of a secure round (docs/privacy.md, site level).
+
+    Every agent adds its share of discrete Gaussian noise to its encoded input before
+    masking, sized so that any ``min_inputs`` or more inputs carry aggregate noise of std
+    ``noise_multiplier * clip_norm`` on the update and ``count_noise`` on the count of
+    inputs within the clip norm (adaptive clipping; 0 without it). The round aborts, and
+    agents refuse to unmask, with fewer than ``min_inputs`` inputs.
+    """
+
+    noise_multiplier: float
+    min_inputs: int
+    count_noise: float = 0.0
+
+
 class SecAggParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How this round's updates are encoded and masked (docs/protocol.md, secure aggregation).
 
     ``degree`` is the requested number of neighbours (fewer when the roster is small);
     ``threshold`` is t, the number of shares that reconstruct a secret, out of the agent
     and its neighbours. ``max_inputs`` bounds how many inputs are summed, so encoded
-    inputs are sized to never wrap.
+    inputs are sized to never wrap. With ``noise`` every input carries its share of the
+    site-level DP noise; with ``count_within_clip`` it also carries one word that is 1 when
+    its update was within ``clip_norm`` before clipping (adaptive clipping).
     """
 
     word_bits: int
@@ -39,6 +56,8 @@ class SecAggParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_inputs: int
     degree: int
     threshold: int
+    noise: SiteNoise | None = None
+    count_within_clip: bool = False
 
 
 class RoundStart(

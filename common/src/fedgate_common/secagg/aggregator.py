@@ -122,7 +122,11 @@ class Aggregator:
         self.selected = tuple(sorted(selected))
         self.params = params
         self.dimension = dimension
-        self.needed = max(params.threshold, min_participants)
+        # Below this many inputs the round aborts: the threshold, the coordinator's
+        # minimum, and the count the site-level noise shares were sized for.
+        self.needed = max(
+            params.threshold, min_participants, params.noise.min_inputs if params.noise else 1
+        )
         self._limits = limits
         self._encoding = encoding_params(params)
         self.stage: Stage = "keys"

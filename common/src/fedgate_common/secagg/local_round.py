@@ -31,7 +31,7 @@ from fedgate_common.messages import (
 )
 from fedgate_common.secagg.aggregator import Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.keystream import Words
-from fedgate_common.secagg.participant import Participant
+from fedgate_common.secagg.participant import Participant, encoding_params
 
 STAGES = ("keys", "shares", "masked", "confirm", "reveal")
 
@@ -217,9 +217,9 @@ def _on_unmask(
 
 
 def _limbs(params: SecAggParams) -> int:
-    from fedgate_common.secagg.participant import encoding_params
-
-    return encoding_params(params).weight_limbs
+    """Words after the update: the within-clip word, if any, and the weight limbs."""
+    encoding = encoding_params(params)
+    return encoding.count_words + encoding.weight_limbs
 
 
 def _result(

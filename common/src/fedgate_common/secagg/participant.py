@@ -27,6 +27,7 @@ from fedgate_common.errors import (
     EnvelopeMismatch,
     KeySubstituted,
     MalformedMessage,
+    NoiseTooLow,
     ProtocolError,
     ReplayedMessage,
     ShareRejected,
@@ -103,20 +104,35 @@ _plaintext_decoder = msgspec.msgpack.Decoder(SharePlaintext)
 
 
 def encoding_params(params: SecAggParams) -> EncodingParams:
+    noise = params.noise
     return EncodingParams(
         word_bits=params.word_bits,
         clip_norm=params.clip_norm,
         weight_cap=params.weight_cap,
         max_inputs=params.max_inputs,
+        noise_multiplier=noise.noise_multiplier if noise else 0.0,
+        count_noise=noise.count_noise if noise else 0.0,
+        min_inputs=noise.min_inputs if noise else 1,
+        count_within_clip=params.count_within_clip,
     )
 
 
-def check_params(params: SecAggParams, *, selected: int, min_threshold: int) -> None:
+def check_params(
+    params: SecAggParams, *, selected: int, min_threshold: int, min_noise_multiplier: float = 0.0
+) -> None:
     """The refusals an agent applies to a round's parameters before making any keys."""
     try:
         encoding_params(params).check()
     except ValueError as exc:
         raise MalformedMessage(f"unusable secure-aggregation parameters: {exc}") from None
+    noise = params.noise.noise_multiplier if params.noise else 0.0
+    if noise < min_noise_multiplier:
+        raise NoiseTooLow(
+            f"site-level noise multiplier {noise} is below this agent's floor of "
+            f"{min_noise_multiplier}"
+        )
+    if params.noise and params.count_within_clip and params.noise.count_noise <= 0:
+        raise NoiseTooLow("adaptive clipping under site-level DP needs noise on the count")
     if selected > params.max_inputs:
         raise MalformedMessage(
             f"{selected} agents selected but inputs sized for {params.max_inputs}"
@@ -147,13 +163,19 @@ class Participant:
         base_certificate: bytes,
         pinned_identities: Mapping[str, bytes],
         min_threshold: int = 2,
+        min_noise_multiplier: float = 0.0,
         assumed_colluders: int = 0,
         limits: Limits = DEFAULT_LIMITS,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         if start.secagg is None:
             raise MalformedMessage(f"round {start.round} does not use secure aggregation")
-        check_params(start.secagg, selected=len(start.selected), min_threshold=min_threshold)
+        check_params(
+            start.secagg,
+            selected=len(start.selected),
+            min_threshold=min_threshold,
+            min_noise_multiplier=min_noise_multiplier,
+        )
         self.agent_id = agent_id
         self.deployment = deployment
         self.cloud = cloud
@@ -402,6 +424,12 @@ class Participant:
         if len(survivors) < self.params.threshold:
             raise ConsistencyCheckFailed(
                 f"{len(survivors)} survivors, fewer than the threshold {self.params.threshold}"
+            )
+        noise = self.params.noise
+        if noise is not None and len(survivors) < noise.min_inputs:
+            raise ConsistencyCheckFailed(
+                f"{len(survivors)} survivors, fewer than the {noise.min_inputs} the site-level "
+                "noise shares were sized for: the sum would carry too little noise"
             )
         unmasked = [p for p in self.neighbours if p in survivors and p not in self._held]
         if unmasked:
