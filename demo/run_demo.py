@@ -1,7 +1,10 @@
 """`make demo`: one coordinator, six agents on non-IID Tennessee Eastman splits, 20 rounds.
 
-Updates travel masked (SecAgg+) by default; ``--aggregation plaintext`` runs the baseline
-with the same seeds (``--seed``), so the two final accuracies compare.
+Updates travel masked (SecAgg+) and every agent trains with record-level DP (DP-SGD, ε = 3
+at δ = 1e-5 per site over the run) by default; the ε each site has spent is printed after
+every round. ``--dp site`` adds site-level distributed noise instead (coordinator.toml
+``[privacy] site_level = "on"``), ``--dp off`` trains without DP, and ``--aggregation
+plaintext`` runs the baseline with the same seeds (``--seed``), so final accuracies compare.
 
 Everything runs as real processes over a real MQTT broker; the coordinator keeps its
 store in ``out/demo/coordinator/coordinator.db`` for ``fedgate-coordinator status`` to read.
@@ -20,12 +23,14 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import msgspec
 import numpy as np
+import tomli_w
 import torch
 from demo_broker import demo_broker  # this script's directory is on sys.path
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
@@ -41,6 +46,9 @@ from fedgate_coordinator.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROUND_DEFAULTS = RoundSettings()  # the coordinator's defaults; the baseline uses the same
+# The training plan under record-level DP (bench/privacy/README.md: the tuning behind it).
+DP_ROUNDS = RoundSettings()
+DP_CLIP = 4.0  # privacy.max_grad_norm
 
 
 def run_cli(*args: str) -> dict[str, Any]:
@@ -71,15 +79,30 @@ def record_epsilon(configs: list[Path]) -> float:
     return round(max(spent, default=0.0), 4)
 
 
+def site_epsilon(store: Store) -> float | None:
+    """The federation's site-level ε so far (the coordinator's privacy_ledger)."""
+    ledger = store.privacy_ledger(unit="site")
+    return round(ledger[-1].epsilon_total, 4) if ledger else None
+
+
+def configure_coordinator(state_dir: Path, changes: dict[str, dict[str, Any]]) -> None:
+    """Edit coordinator.toml as an operator would: set keys in its sections."""
+    path = state_dir / "coordinator.toml"
+    config = tomllib.loads(path.read_text())
+    for section, values in changes.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(tomli_w.dumps(config))
+
+
 def centralized(
-    train: LocalDataset, test: LocalDataset, spec: Any, rounds: int, seed: int
+    train: LocalDataset, test: LocalDataset, spec: Any, plan: RoundSettings, rounds: int, seed: int
 ) -> float:
     """The same model and optimiser, trained on the union for as many epochs as one site
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
     # The same initial weights as the federation's genesis model (init --genesis-seed).
     model = build_model(spec, weights=initial_weights(spec, np.random.default_rng(seed)))
     for number in range(1, rounds + 1):
-        train_locally(model, train, ROUND_DEFAULTS.plan_for(number), seed=number)
+        train_locally(model, train, plan.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
 
 
@@ -96,11 +119,14 @@ def main() -> int:
     )
     parser.add_argument(
         "--dp",
-        choices=("off", "record"),
-        default="off",
-        help="record: DP-SGD on every agent (record-level ε budget --epsilon over the run)",
+        choices=("record", "site", "off"),
+        default="record",
+        help="record (default): DP-SGD on every agent, record-level ε budget --epsilon over "
+        "the run; site: distributed noise in the masked sum, site-level budget "
+        "--site-epsilon; off: no DP",
     )
     parser.add_argument("--epsilon", type=float, default=3.0, help="record-level ε budget")
+    parser.add_argument("--site-epsilon", type=float, default=8.0, help="site-level ε budget")
     parser.add_argument(
         "--seed",
         type=int,
@@ -109,9 +135,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    suffix = ("" if args.aggregation == "secagg" else "-plaintext") + (
-        "-dp" if args.dp == "record" else ""
-    )
+    if args.dp == "site" and args.aggregation != "secagg":
+        parser.error("--dp site needs --aggregation secagg: the agents add the noise")
+    suffix = ("" if args.aggregation == "secagg" else "-plaintext") + {
+        "record": "",
+        "site": "-site-dp",
+        "off": "-no-dp",
+    }[args.dp]
+    plan = DP_ROUNDS if args.dp == "record" else ROUND_DEFAULTS
     out: Path = args.out or ROOT / "out" / f"demo{suffix}"
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
@@ -154,6 +185,22 @@ def main() -> int:
             "--genesis-seed",
             str(args.seed),
         )
+        rounds_settings = {
+            "learning_rate": plan.learning_rate,
+            "lr_decay": plan.lr_decay,
+            "momentum": plan.momentum,
+            "local_epochs": plan.local_epochs,
+            "batch_size": plan.batch_size,
+        }
+        changes: dict[str, dict[str, Any]] = {"rounds": rounds_settings}
+        if args.dp == "site":
+            changes["privacy"] = {
+                "site_level": "on",
+                "target_epsilon": args.site_epsilon,
+                "planned_rounds": args.rounds,
+            }
+            changes["secagg"] = {"word_bits": 32}
+        configure_coordinator(coord_dir, changes)
         agent_configs: list[Path] = []
         for index in range(args.sites):
             name = f"site-{index + 1}"
@@ -186,6 +233,7 @@ def main() -> int:
                 settings["privacy.record_level"] = "on"
                 settings["privacy.target_epsilon"] = str(args.epsilon)
                 settings["privacy.planned_rounds"] = str(args.rounds)
+                settings["privacy.max_grad_norm"] = str(DP_CLIP)
             for key, value in settings.items():
                 subprocess.run(
                     [
@@ -252,6 +300,7 @@ def main() -> int:
             "bytes_up/agent",
             "bytes_down/agent",
             "record_eps",
+            "site_eps",
         ]
         print(format_table(headers, []), flush=True)
         rows: list[list[Any]] = []
@@ -280,6 +329,7 @@ def main() -> int:
                         up,
                         record.bytes_down_per_agent or 0,
                         record_epsilon(agent_configs) if args.dp == "record" else "-",
+                        site_epsilon(store) if args.dp == "site" else "-",
                     ]
                     rows.append(row)
                     print(format_table(headers, [row]).splitlines()[-1], flush=True)
@@ -315,7 +365,7 @@ def main() -> int:
     )
     central_started = time.monotonic()
     central_accuracy = centralized(
-        centralized_dataset(split), split.test, split.spec, args.rounds, args.seed
+        centralized_dataset(split), split.test, split.spec, plan, args.rounds, args.seed
     )
     central_seconds = time.monotonic() - central_started
     bytes_up = int(np.mean([row[5] for row in completed])) if completed else 0
@@ -329,6 +379,10 @@ def main() -> int:
         "record_level_dp": args.dp == "record",
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_epsilon(agent_configs) if args.dp == "record" else None,
+        "site_level_dp": args.dp == "site",
+        "site_epsilon_budget": args.site_epsilon if args.dp == "site" else None,
+        "site_epsilon_spent": rows[-1][-1] if args.dp == "site" and rows else None,
+        "training_plan": rounds_settings,
         "seed": args.seed,
         "sites": args.sites,
         "rounds_requested": args.rounds,
@@ -350,6 +404,8 @@ def main() -> int:
     label = "secure aggregation" if args.aggregation == "secagg" else "plaintext updates"
     if args.dp == "record":
         label += f", record-level DP (ε {record_epsilon(agent_configs)} of {args.epsilon})"
+    elif args.dp == "site":
+        label += f", site-level DP (ε {summary['site_epsilon_spent']} of {args.site_epsilon})"
     print(
         format_table(
             ["training", "test accuracy", "seconds"],

@@ -8,6 +8,8 @@ from pathlib import Path
 from fedgate_agent.config import load_config as load_agent_config
 from fedgate_coordinator.config import load_config as load_coordinator_config
 from fedgate_coordinator.rounds import RoundSettings
+from fedgate_coordinator.secure_rounds import SecAggSettings
+from fedgate_coordinator.site_privacy import SitePrivacySettings
 
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
 
@@ -21,5 +23,8 @@ def test_agent_example_is_a_complete_valid_config() -> None:
 def test_coordinator_example_is_valid_and_shows_the_defaults(tmp_path: Path) -> None:
     shutil.copy(PACKAGING / "coordinator.toml.example", tmp_path / "coordinator.toml")
     config = load_coordinator_config(tmp_path)
-    assert config.rounds == RoundSettings()  # the example documents the real defaults
+    # The example documents the real defaults.
+    assert config.rounds == RoundSettings()
+    assert config.secagg == SecAggSettings()
+    assert config.privacy == SitePrivacySettings()
     assert config.model.n_features == 52

@@ -1,4 +1,4 @@
-"""Secure aggregation through the real Mosquitto: the coordinator service and 20 agents.
+"""Secure aggregation through the real Mosquitto: the coordinator service and its agents.
 
 Each agent is a :class:`Participant` behind its own MQTT connection (the protocol core the
 real agent runs, without torch training). Six of the 20 stop after sending their shares,
@@ -44,11 +44,12 @@ from fedgate_common.topics import (
     round_topic,
 )
 from fedgate_coordinator.aggregation import apply_delta
-from fedgate_coordinator.config import CoordinatorConfig
+from fedgate_coordinator.config import CoordinatorConfig, validate
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService
+from fedgate_coordinator.site_privacy import SitePrivacySettings, epsilon
 from fedgate_coordinator.store import Store
 
 BROKER = MqttSettings(host="127.0.0.1", port=1883)
@@ -103,8 +104,8 @@ class SimulatedAgent:
                     continue
                 envelope = open_envelope(raw)
                 payload = decode_payload(envelope)
-                if isinstance(payload, GlobalModel) and payload.round == 0:
-                    self.certificate = envelope.signature
+                if isinstance(payload, GlobalModel):
+                    self.certificate = envelope.signature  # the base of the next round
                 elif isinstance(payload, RoundStart):
                     self.participant = Participant(
                         agent_id=self.agent_id,
@@ -130,7 +131,7 @@ class SimulatedAgent:
                     await self.send(client, self.participant.on_check(payload))
                 elif isinstance(payload, UnmaskRequest):
                     await self.send(client, self.participant.on_unmask(payload))
-                    return
+                    self.participant = None  # ready for the next round
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -262,6 +263,90 @@ async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
         )
         flat = np.concatenate([np.ravel(delta[name]) for name in delta])
         assert float(np.max(np.abs(flat - plain))) < 0.01
+    finally:
+        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+            await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)
+        store.close()
+
+
+async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: Path) -> None:
+    """Six agents, site-level DP planned for two rounds, adaptive clipping: two rounds
+    release noisy sums, each booked in privacy_ledger; the third is never started, and a
+    restarted coordinator on the same store does not start one either."""
+    deployment = f"sitedp-{secrets.token_hex(4)}"
+    config = CoordinatorConfig(
+        deployment=deployment,
+        cloud=CLOUD,
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        broker=BROKER,
+        rounds=RoundSettings(min_participants=4, update_timeout_s=4.0),
+        secagg=SecAggSettings(
+            stage_timeout_s=10.0,
+            weight_cap=500,
+            clip_norm=1.0,
+            word_bits=32,
+            adaptive_clip=True,
+            clip_count_noise=2.0,
+        ),
+        privacy=SitePrivacySettings(site_level="on", target_epsilon=8.0, planned_rounds=2),
+        model=SPEC,
+    )
+    assert validate(config) == []
+    rng = np.random.default_rng(12)
+    dimension = parameter_count(SPEC)
+    agents = [
+        SimulatedAgent(
+            agent_id=f"gw-{index}",
+            deployment=deployment,
+            key=nacl.signing.SigningKey.generate(),
+            update=rng.normal(0, 0.02 if index < 4 else 1.0, dimension),  # 4 within C = 1
+            num_samples=100 + index,
+            drop_after_shares=False,
+        )
+        for index in range(6)
+    ]
+    store = Store.open(config.database_url)
+    for agent in agents:
+        store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
+    try:
+        readiness = [asyncio.Event() for _ in agents]
+        tasks = [asyncio.create_task(a.run(r)) for a, r in zip(agents, readiness, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
+        service = CoordinatorService(
+            config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
+        )
+        summary = await asyncio.wait_for(service.run(max_rounds=3), 120)
+        assert summary.rounds_completed == 2, summary
+        assert "privacy budget" in summary.stopped
+        assert store.event_counts().get("privacy_budget_spent") == 1
+
+        ledger = store.privacy_ledger(unit="site")
+        assert [e.round for e in ledger] == [1, 2]
+        assert all(e.inputs == 6 and e.min_inputs == 4 for e in ledger)
+        assert 0 < ledger[0].epsilon_total < ledger[1].epsilon_total <= 8.0
+        z = ledger[0].effective_noise_multiplier
+        assert ledger[1].epsilon_total == pytest.approx(epsilon([z, z], 1e-5))
+        assert ledger[0].noise_multiplier == ledger[1].noise_multiplier > 1.0
+        # Adaptive clipping: round 2 used the clip norm round 1's count pointed to.
+        first, second = store.get_round(1), store.get_round(2)
+        assert first is not None
+        assert second is not None
+        assert first.clip_norm == 1.0
+        assert first.within_clip is not None
+        assert second.clip_norm == pytest.approx(
+            config.secagg.next_clip_norm(1.0, first.within_clip)
+        )
+
+        restarted = CoordinatorService(
+            config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
+        )
+        again = await asyncio.wait_for(restarted.run(max_rounds=1), 30)
+        assert again.rounds_completed == 0
+        assert "privacy budget" in again.stopped
+        assert len(store.list_rounds()) == 2
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
             await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)

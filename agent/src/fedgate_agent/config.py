@@ -504,7 +504,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
             problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))
     if not 0 <= privacy.site_min_noise_multiplier <= 1000:
         key = "privacy.site_min_noise_multiplier"
-        problems.append((key, f"{key} = {privacy.site_min_noise_multiplier!r} is not {_ALLOWED[key]}"))
+        problems.append(
+            (key, f"{key} = {privacy.site_min_noise_multiplier!r} is not {_ALLOWED[key]}")
+        )
     if not 1 <= privacy.planned_rounds <= 100_000:
         problems.append(
             (

@@ -10,6 +10,9 @@ Exit codes (also in ``fedgate-coordinator --help``):
     5  conflict: the agent id is enrolled with another key
     6  the model hash chain does not verify
     7  not found: the round asked for (``rounds --detail N``) does not exist
+
+``privacy`` shows the site-level privacy ledger (what each round spent of the ε budget);
+record-level ε is kept by each agent (``fedgate-agent privacy``).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ensure_genesis
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
-from fedgate_coordinator.store import Store
+from fedgate_coordinator.site_privacy import ACCOUNTANT, SAMPLING, UNIT
+from fedgate_coordinator.store import SITE_UNIT, PrivacyLedgerEntry, Store
 
 
 class ExitCode(IntEnum):
@@ -388,6 +392,60 @@ def _aggregation_summary(config: CoordinatorConfig, enrolled: int) -> dict[str, 
     }
 
 
+def _privacy_summary(
+    config: CoordinatorConfig, ledger: list[PrivacyLedgerEntry], completed: list[int]
+) -> dict[str, Any]:
+    """Site-level privacy: the configured settings and what the ledger says was spent.
+
+    ``epsilon_spent`` is ``epsilon_total`` of the last ledger entry; with no entry it is 0
+    while site-level DP is on and ``None`` (no guarantee at all) while it is off, and so is
+    ``budget_left``. ``unrecorded_rounds`` counts completed rounds without a ledger entry:
+    they released a model with no site-level guarantee.
+    """
+    settings = config.privacy
+    recorded = {entry.round for entry in ledger}
+    spent: float | None = None
+    if ledger:
+        spent = ledger[-1].epsilon_total
+    elif settings.enabled:
+        spent = 0.0
+    return {
+        "settings": {
+            "site_level": settings.site_level,
+            "unit": UNIT,
+            "accountant": ACCOUNTANT,
+            "sampling": SAMPLING,
+            "delta": settings.delta,
+            "target_epsilon": settings.target_epsilon,
+            "planned_rounds": settings.planned_rounds,
+            "noise_multiplier": settings.noise_multiplier,
+        },
+        "rounds_recorded": len(ledger),
+        "epsilon_spent": spent,
+        "budget_left": None if spent is None else settings.target_epsilon - spent,
+        "unrecorded_rounds": sum(1 for number in completed if number not in recorded),
+    }
+
+
+SITE_LEVEL_OFF = (
+    "site-level DP is off: no site-level guarantee; "
+    "record-level ε is kept by each agent: fedgate-agent privacy"
+)
+
+
+def _privacy_line(summary: dict[str, Any]) -> str:
+    """One line for ``status``: site-level on/off and ε spent of the target."""
+    settings = summary["settings"]
+    spent = summary["epsilon_spent"]
+    if spent is None:
+        return "site-level off: no site-level guarantee (record-level ε: fedgate-agent privacy)"
+    state = "on" if settings["site_level"] == "on" else "off now"
+    return (
+        f"site-level {state}, ε {spent:.4f} spent of {settings['target_epsilon']:g}"
+        f" at δ {settings['delta']:g} ({summary['rounds_recorded']} rounds recorded)"
+    )
+
+
 def _status_data(obj: Context) -> dict[str, Any]:
     config = obj.config()
     with obj.store(config) as store:
@@ -395,6 +453,7 @@ def _status_data(obj: Context) -> dict[str, Any]:
         head = store.head_model()
         last = rounds[0] if rounds else None
         agents = store.list_agents()
+        ledger = store.privacy_ledger(SITE_UNIT)
         return {
             "deployment": config.deployment,
             "cloud": config.cloud,
@@ -411,6 +470,9 @@ def _status_data(obj: Context) -> dict[str, Any]:
             "last_round": None if last is None else msgspec.to_builtins(last),
             "agents_enrolled": sum(1 for a in agents if a.status == "active"),
             "aggregation": _aggregation_summary(config, sum(a.status == "active" for a in agents)),
+            "privacy": _privacy_summary(
+                config, ledger, [r.round for r in rounds if r.status == "completed"]
+            ),
             "rejected_messages": {
                 k: v for k, v in store.event_counts().items() if k != "round_recovered"
             },
@@ -462,6 +524,7 @@ def status(obj: Context, as_json: bool) -> None:
         )
     else:
         click.echo("secagg     off: updates travel in plaintext")
+    click.echo(f"privacy    {_privacy_line(data['privacy'])}")
     rejected = data["rejected_messages"]
     click.echo(
         "rejected   " + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none")
@@ -564,6 +627,8 @@ def _show_round_detail(obj: Context, number: int, *, as_json: bool) -> None:
         ("ended", record.ended_at),
         ("train loss", record.mean_train_loss),
         ("bytes down/agent", record.bytes_down_per_agent),
+        ("clip norm", record.clip_norm),
+        ("within clip", record.within_clip),
         ("reason", record.abort_reason),
     ]
     click.echo(f"round {record.round}")
@@ -582,6 +647,114 @@ def _show_round_detail(obj: Context, number: int, *, as_json: bool) -> None:
             ],
         )
     )
+
+
+PRIVACY_COLUMNS = [
+    "round",
+    "inputs",
+    "noise multiplier",
+    "effective multiplier",
+    "clip norm",
+    "ε this round",
+    "ε total",
+]
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def privacy(obj: Context, as_json: bool) -> None:
+    """Show site-level privacy: the budget, ε spent so far and what each round spent.
+
+    The unit of privacy is one site's whole contribution to a round; the settings come
+    from [privacy] in coordinator.toml, the rounds from the store's privacy ledger. Per
+    round: inputs summed, the configured and effective noise multipliers, the clip norm,
+    ε of the round alone and of every round so far (at δ). Record-level ε is kept by
+    each agent: `fedgate-agent privacy`.
+
+    \b
+    Example:
+      fedgate-coordinator --state-dir /var/lib/fedgate-coordinator privacy
+      fedgate-coordinator privacy --json
+
+    \b
+    Exit codes: 0 shown, 3 config missing or invalid, 4 store error.
+    """
+    config = obj.config()
+    with obj.store(config) as store:
+        ledger = store.privacy_ledger(SITE_UNIT)
+        completed = [r.round for r in store.list_rounds() if r.status == "completed"]
+    summary = _privacy_summary(config, ledger, completed)
+    if as_json:
+        _echo_json({**summary, "rows": ledger})
+        return
+    settings = config.privacy
+    if not settings.enabled and not ledger:
+        click.echo(SITE_LEVEL_OFF)
+        return
+    spent = summary["epsilon_spent"]
+    left = summary["budget_left"]
+    fields: list[tuple[str, object]] = [
+        ("unit of privacy", UNIT),
+        ("site-level DP", settings.site_level),
+        ("accountant", ACCOUNTANT),
+        ("sampling", SAMPLING),
+        ("δ", f"{settings.delta:g}"),
+        ("target ε", f"{settings.target_epsilon:g} over {settings.planned_rounds} planned rounds"),
+        ("rounds recorded", len(ledger)),
+        ("ε spent", f"{spent:.4f}"),
+        ("budget left", f"{left:.4f}" + (" (over budget)" if left < 0 else "")),
+    ]
+    for label, value in fields:
+        click.echo(f"{label:<17} {value}")
+    for note in _privacy_notes(config, ledger, summary["unrecorded_rounds"]):
+        click.echo(f"note: {note}")
+    click.echo("")
+    if not ledger:
+        click.echo("no rounds recorded yet")
+        return
+    click.echo(
+        format_table(
+            PRIVACY_COLUMNS,
+            [
+                [
+                    e.round,
+                    e.inputs,
+                    e.noise_multiplier,
+                    e.effective_noise_multiplier,
+                    e.clip_norm,
+                    e.epsilon_round,
+                    e.epsilon_total,
+                ]
+                for e in ledger
+            ],
+        )
+    )
+
+
+def _privacy_notes(
+    config: CoordinatorConfig, ledger: list[PrivacyLedgerEntry], unrecorded: int
+) -> list[str]:
+    """What a reader of ``privacy`` should know beyond the numbers."""
+    settings = config.privacy
+    notes: list[str] = []
+    if not settings.enabled:
+        notes.append("site-level DP is off now: rounds from here on add no site-level guarantee")
+    if ledger:
+        last = ledger[-1]
+        if (last.delta, last.target_epsilon) != (settings.delta, settings.target_epsilon):
+            notes.append(
+                f"the ledger states ε at δ {last.delta:g} against target "
+                f"{last.target_epsilon:g}; coordinator.toml now says δ {settings.delta:g}, "
+                f"target {settings.target_epsilon:g}"
+            )
+    if unrecorded:
+        notes.append(
+            f"{unrecorded} completed rounds have no ledger entry (run without site-level DP): "
+            "they have no site-level guarantee, and ε spent covers only the recorded rounds"
+        )
+    return notes
 
 
 @main.command()

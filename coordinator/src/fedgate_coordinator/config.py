@@ -18,6 +18,7 @@ from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings, secagg_problems
+from fedgate_coordinator.site_privacy import SitePrivacySettings, site_privacy_problems
 
 CONFIG_NAME = "coordinator.toml"
 KEY_NAME = "coordinator.key"
@@ -33,6 +34,7 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     broker: MqttSettings = MqttSettings()
     rounds: RoundSettings = RoundSettings()
     secagg: SecAggSettings = SecAggSettings()
+    privacy: SitePrivacySettings = SitePrivacySettings()
     model: ModelSpec = DEFAULT_MODEL
 
 
@@ -66,6 +68,17 @@ def validate(config: CoordinatorConfig) -> list[str]:
     if not 1 <= r.local_epochs <= 1000 or not 1 <= r.batch_size <= 65536:
         problems.append("rounds.local_epochs must be 1..1000 and rounds.batch_size 1..65536")
     problems.extend(secagg_problems(config.secagg))
+    problems.extend(site_privacy_problems(config.privacy))
+    if config.privacy.enabled and config.secagg.aggregation != "secagg":
+        problems.append(
+            "privacy.site_level=on needs secagg.aggregation=secagg: the noise is added by the "
+            "agents to their masked inputs"
+        )
+    if config.privacy.enabled and config.secagg.word_bits != 32:
+        problems.append(
+            "privacy.site_level=on needs secagg.word_bits=32: 16-bit words leave too little "
+            "room for the noise, and the coarse quantization would cost privacy"
+        )
     if not config.database_url.startswith(("sqlite:", "postgresql")):
         problems.append(
             f"database_url={config.database_url!r}: use sqlite:///FILE or "

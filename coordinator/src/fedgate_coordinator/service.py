@@ -30,7 +30,7 @@ from fedgate_common.messages import (
     RoundEnd,
     SecAggParams,
 )
-from fedgate_common.model_spec import initial_weights, parameter_count
+from fedgate_common.model_spec import ModelSpec, initial_weights, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
@@ -48,7 +48,15 @@ from fedgate_coordinator.rounds import (
     round_start,
 )
 from fedgate_coordinator.secure_rounds import input_bound_violation, mean_delta
-from fedgate_coordinator.store import ModelRecord, ParticipantRecord, Store
+from fedgate_coordinator.site_privacy import (
+    ACCOUNTANT,
+    check_budget,
+    epsilon,
+    round_effective_multiplier,
+    round_params,
+    small_federation_warning,
+)
+from fedgate_coordinator.store import ModelRecord, ParticipantRecord, PrivacyLedgerEntry, Store
 
 log = logging.getLogger("fedgate.coordinator")
 
@@ -60,6 +68,7 @@ class ServeSummary(msgspec.Struct, kw_only=True):
     rounds_completed: int = 0
     rounds_aborted: int = 0
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    stopped: str = ""  # why the coordinator stopped scheduling rounds, "" if it did not
 
 
 def recover_interrupted_rounds(store: Store) -> list[int]:
@@ -256,7 +265,16 @@ class CoordinatorService:
         assert head is not None  # ensure_genesis ran before the first round
         number = self.store.next_round_number()
         secure = self.config.secagg.aggregation == "secagg"
-        params = self.config.secagg.params_for(len(selected)) if secure else None
+        params = self._secure_params(len(selected), head.decode_spec()) if secure else None
+        if params is not None and params.noise is not None:
+            budget = check_budget(
+                self.config.privacy,
+                self._released_multipliers(),
+                round_effective_multiplier(params, parameter_count(head.decode_spec())),
+            )
+            if not budget.allows_next:
+                self._stop_for_budget(number, budget.spent, budget.after)
+                return None
         self.store.begin_round(
             round=number,
             base_digest=head.digest,
@@ -416,6 +434,94 @@ class CoordinatorService:
         self._bytes_down_per_agent = start_bytes
         return result
 
+    def _secure_params(self, selected: int, spec: ModelSpec) -> SecAggParams:
+        """This round's SecAgg parameters: adaptive clip norm and site-level noise."""
+        return round_params(
+            self.config.secagg,
+            self.config.privacy,
+            selected=selected,
+            min_participants=self.config.rounds.min_participants,
+            clip_norm=self._clip_norm(),
+            dimension=parameter_count(spec),
+        )
+
+    def _warn_if_too_small(self, spec: ModelSpec) -> None:
+        if not (self.config.privacy.enabled and self.config.secagg.aggregation == "secagg"):
+            return
+        agents = sum(1 for a in self.store.list_agents() if a.status == "active")
+        if agents < 1:
+            return
+        params = self._secure_params(agents, spec)
+        assert params.noise is not None
+        warning = small_federation_warning(
+            params.noise.noise_multiplier, parameter_count(spec), agents
+        )
+        if warning:
+            log_event(log, logging.WARNING, warning, **self._fields(agents=agents))
+
+    def _clip_norm(self) -> float:
+        """The configured clip norm, or with adaptive clipping the one the last measured
+        round points to (kept in the rounds table, so it survives restarts)."""
+        secagg = self.config.secagg
+        if not secagg.adaptive_clip:
+            return secagg.clip_norm
+        for record in reversed(self.store.list_rounds()):
+            if record.clip_norm is not None and record.within_clip is not None:
+                return secagg.next_clip_norm(record.clip_norm, record.within_clip)
+        return secagg.clip_norm
+
+    def _released_multipliers(self) -> list[float]:
+        return [e.effective_noise_multiplier for e in self.store.privacy_ledger(unit="site")]
+
+    def _stop_for_budget(self, number: int, spent: float, after: float) -> None:
+        target = self.config.privacy.target_epsilon
+        detail = (
+            f"site-level privacy budget: ε spent {spent:.3f}, round {number} would reach "
+            f"{after:.3f} > target {target}"
+        )
+        self.summary.stopped = detail
+        self.store.record_event("privacy_budget_spent", round=number, detail=detail)
+        log_event(
+            log,
+            logging.WARNING,
+            "privacy budget spent; no more rounds",
+            **self._fields(round=number, epsilon_spent=round(spent, 4), target=target),
+        )
+
+    def _record_release(self, number: int, params: SecAggParams, outcome: Unmasked) -> None:
+        """Book a released sum: its clip-norm measurement and its privacy cost."""
+        inputs = len(outcome.survivors)
+        within = outcome.decoded.within_clip
+        self.store.set_round_clip(
+            number,
+            clip_norm=params.clip_norm,
+            within_clip=None if within is None else within / max(inputs, 1),
+        )
+        noise = params.noise
+        if noise is None:
+            return
+        dimension = outcome.decoded.weighted_sum.size
+        effective = round_effective_multiplier(params, dimension)
+        released = self._released_multipliers()
+        privacy = self.config.privacy
+        self.store.record_privacy(
+            PrivacyLedgerEntry(
+                round=number,
+                unit="site",
+                accountant=ACCOUNTANT,
+                delta=privacy.delta,
+                noise_multiplier=noise.noise_multiplier,
+                effective_noise_multiplier=effective,
+                clip_norm=params.clip_norm,
+                count_noise=noise.count_noise,
+                min_inputs=noise.min_inputs,
+                inputs=inputs,
+                epsilon_round=epsilon([effective], privacy.delta),
+                epsilon_total=epsilon([*released, effective], privacy.delta),
+                target_epsilon=privacy.target_epsilon,
+            )
+        )
+
     async def _secure_round(
         self,
         number: int,
@@ -507,6 +613,7 @@ class CoordinatorService:
             return RoundAborted(
                 round=number, reason=f"{reason} (stage {where})", contributions=contributions
             )
+        self._record_release(number, params, outcome)  # the coordinator has seen the sum
         bound = input_bound_violation(outcome, params)
         if bound:
             return RoundAborted(round=number, reason=bound, contributions=contributions)
@@ -554,6 +661,7 @@ class CoordinatorService:
                 **self._fields(round=number),
             )
         head = ensure_genesis(self.store, self.config)
+        self._warn_if_too_small(head.decode_spec())
         async with asyncio.TaskGroup() as group:
             link_task = group.create_task(self.link.run())
             intake_task = group.create_task(self._intake_loop())
@@ -565,7 +673,7 @@ class CoordinatorService:
                 retain=True,
             )
             started = 0
-            while max_rounds is None or started < max_rounds:
+            while (max_rounds is None or started < max_rounds) and not self.summary.stopped:
                 started += 1
                 await self.run_round()
                 if self.config.rounds.pause_between_rounds_s:

@@ -197,11 +197,18 @@ def stochastic_round(
     return np.floor(noisy, out=noisy).astype(np.int64)
 
 
+NoiseSampler = Callable[[float, int, Callable[[int], bytes]], npt.NDArray[np.int64]]
+"""(σ, count, random_bytes) → count integer noise draws; the product always uses the exact
+discrete Gaussian sampler, benchmarks may pass a faster stand-in."""
+
+
 def encode_update(
     update: npt.NDArray[np.floating],
     num_samples: int,
     params: EncodingParams,
     random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    *,
+    noise_sampler: NoiseSampler = sample_discrete_gaussian,
 ) -> Words:
     """The words one agent contributes: encoded weighted update (noised under site-level
     DP), the within-clip word (adaptive clipping), then weight limbs."""
@@ -219,14 +226,14 @@ def encode_update(
     integers = stochastic_round(values, random_bytes, overwrite=True)
     np.clip(integers, -params.level, params.level, out=integers)
     if params.noisy:
-        integers += sample_discrete_gaussian(params.update_share_sigma, update.size, random_bytes)
+        integers += noise_sampler(params.update_share_sigma, update.size, random_bytes)
     words = np.empty(params.vector_length(update.size), dtype=word_dtype(params.word_bits))
     np.copyto(words[: update.size], integers, casting="unsafe")  # wraps mod 2^b
     tail = update.size
     if params.count_within_clip:
         count = params.count_unit if factor == 1.0 else 0
         if params.count_noise:
-            count += int(sample_discrete_gaussian(params.count_share_sigma, 1, random_bytes)[0])
+            count += int(noise_sampler(params.count_share_sigma, 1, random_bytes)[0])
         words[tail] = count % 2**params.word_bits
         tail += 1
     for index in range(params.weight_limbs):

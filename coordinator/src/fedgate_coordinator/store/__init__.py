@@ -1,5 +1,5 @@
 """Persistent state of a coordinator: agents, rounds and their stages, the model hash chain,
-events.
+the privacy ledger, events.
 
 Open with :meth:`Store.open` (``sqlite:///file.db``, ``sqlite://`` or ``postgresql://...``);
 the schema is migrated with Alembic on open.
@@ -8,6 +8,7 @@ the schema is migrated with Alembic on open.
 from fedgate_coordinator.store.records import (
     PLAINTEXT_STAGE,
     SECAGG_STAGES,
+    SITE_UNIT,
     AgentRecord,
     AgentStatus,
     Aggregation,
@@ -15,6 +16,7 @@ from fedgate_coordinator.store.records import (
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
+    PrivacyLedgerEntry,
     RoundRecord,
     RoundStageRecord,
     RoundStatus,
@@ -32,6 +34,7 @@ __all__ = [
     "MIGRATIONS_DIR",
     "PLAINTEXT_STAGE",
     "SECAGG_STAGES",
+    "SITE_UNIT",
     "AgentRecord",
     "AgentStatus",
     "Aggregation",
@@ -39,6 +42,7 @@ __all__ = [
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
+    "PrivacyLedgerEntry",
     "RoundRecord",
     "RoundStageRecord",
     "RoundStatus",

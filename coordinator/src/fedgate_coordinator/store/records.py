@@ -21,6 +21,7 @@ from fedgate_common.model_spec import ModelSpec
 __all__ = [
     "PLAINTEXT_STAGE",
     "SECAGG_STAGES",
+    "SITE_UNIT",
     "AgentRecord",
     "AgentStatus",
     "Aggregation",
@@ -28,6 +29,7 @@ __all__ = [
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
+    "PrivacyLedgerEntry",
     "RoundRecord",
     "RoundStageRecord",
     "RoundStatus",
@@ -39,6 +41,9 @@ SECAGG_STAGES = ("keys", "shares", "masked", "confirm", "reveal")
 
 PLAINTEXT_STAGE = "update"
 """The one stage of a plaintext round: every agent sends its signed update."""
+
+SITE_UNIT = "site"
+"""Unit of privacy of site-level DP: one agent's whole contribution to a round."""
 
 
 class AgentStatus(enum.StrEnum):
@@ -171,6 +176,10 @@ class RoundRecord:
     may stay ``None`` under secure aggregation). ``threshold`` (t of the t-of-n secret
     sharing), ``graph_degree`` (neighbours per agent in the round) and ``word_bits`` (inputs
     are summed modulo 2^word_bits) are set for :attr:`Aggregation.SECAGG` rounds only.
+    ``clip_norm`` is the L2 norm every input was clipped to and ``within_clip`` the fraction
+    of inputs that were within it (noisy under site-level DP, so it may fall slightly
+    outside [0, 1]); both are set by :meth:`.Store.set_round_clip`, ``within_clip`` only
+    when the round measured it (adaptive clipping).
     """
 
     round: int
@@ -189,6 +198,8 @@ class RoundRecord:
     abort_reason: str | None
     mean_train_loss: float | None
     bytes_down_per_agent: int | None
+    clip_norm: float | None = None
+    within_clip: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +241,36 @@ class RoundStageRecord:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dropped", self.expected - self.received)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyLedgerEntry:
+    """What one round spent of the privacy budget of one unit, as :meth:`.Store.record_privacy`
+    keeps it: one entry per (round, unit); ``unit`` is :data:`SITE_UNIT` for site-level DP.
+
+    ``accountant`` names how ε was computed; ``delta`` is the δ every ε here is stated at.
+    ``noise_multiplier`` is the configured z, ``effective_noise_multiplier`` the one the
+    released sum really had (after encoding and rounding), ``clip_norm`` the L2 bound on each
+    input and ``count_noise`` the noise on the within-clip count (0 when not counted).
+    ``inputs`` were summed; the round needed ``min_inputs``. ``epsilon_round`` is ε of this
+    round alone, ``epsilon_total`` of every recorded round up to and including it, against
+    ``target_epsilon``. ``recorded_at`` is set by the store when ``None``.
+    """
+
+    round: int
+    unit: str
+    accountant: str
+    delta: float
+    noise_multiplier: float
+    effective_noise_multiplier: float
+    clip_norm: float
+    count_noise: float
+    min_inputs: int
+    inputs: int
+    epsilon_round: float
+    epsilon_total: float
+    target_epsilon: float
+    recorded_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -30,6 +31,7 @@ __all__ = [
     "Base",
     "EventRow",
     "ModelRow",
+    "PrivacyLedgerRow",
     "RoundParticipantRow",
     "RoundRow",
     "RoundStageRow",
@@ -47,6 +49,7 @@ NAMING_CONVENTION = {
 
 DIGEST_LENGTH = 64  # SHA-256 hex
 STAGE_LENGTH = 32  # a protocol stage name: keys, shares, masked, confirm, reveal, update
+UNIT_LENGTH = 32  # a unit of privacy: site
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -117,6 +120,9 @@ class RoundRow(Base):
     (neighbours per agent in the round) and ``word_bits`` (the modulus 2^b) are set for
     ``secagg`` rounds only. The aggregation check is a column constraint, so migration 0002
     can add it with ``ALTER TABLE ... ADD COLUMN`` instead of rebuilding the table on SQLite.
+
+    ``clip_norm`` is the L2 norm the round clipped every input to; ``within_clip`` the
+    fraction of inputs within it, noisy under site-level DP (NULL when not measured).
     """
 
     __tablename__ = "rounds"
@@ -144,6 +150,8 @@ class RoundRow(Base):
     threshold: Mapped[int | None] = mapped_column(Integer)
     graph_degree: Mapped[int | None] = mapped_column(Integer)
     word_bits: Mapped[int | None] = mapped_column(Integer)
+    clip_norm: Mapped[float | None] = mapped_column(Float)
+    within_clip: Mapped[float | None] = mapped_column(Float)
 
 
 class RoundParticipantRow(Base):
@@ -186,6 +194,48 @@ class RoundStageRow(Base):
     bytes_in: Mapped[int] = mapped_column(BigInteger)
     bytes_out: Mapped[int] = mapped_column(BigInteger)
     seconds: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PrivacyLedgerRow(Base):
+    """What one round spent of one unit's privacy budget; one row per (round, unit).
+
+    ``unit`` is ``site`` for site-level DP (one agent's whole contribution to a round).
+    Every ε is stated at ``delta``: ``epsilon_round`` for this round alone,
+    ``epsilon_total`` for all recorded rounds up to this one, against ``target_epsilon``.
+    ``noise_multiplier`` is the configured z, ``effective_noise_multiplier`` what the
+    released sum carried; ``inputs`` were summed (``min_inputs`` needed).
+    """
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (
+        UniqueConstraint("round", "unit"),
+        CheckConstraint("delta > 0 AND delta < 1", name="delta"),
+        CheckConstraint(
+            "noise_multiplier >= 0 AND effective_noise_multiplier >= 0 AND count_noise >= 0",
+            name="noise",
+        ),
+        CheckConstraint("clip_norm > 0", name="clip_norm"),
+        CheckConstraint("inputs >= 0 AND min_inputs >= 0", name="inputs"),
+        CheckConstraint(
+            "epsilon_round >= 0 AND epsilon_total >= 0 AND target_epsilon > 0", name="epsilon"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round: Mapped[int] = mapped_column(ForeignKey("rounds.round"))
+    unit: Mapped[str] = mapped_column(String(UNIT_LENGTH))
+    accountant: Mapped[str] = mapped_column(Text)
+    delta: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    effective_noise_multiplier: Mapped[float] = mapped_column(Float)
+    clip_norm: Mapped[float] = mapped_column(Float)
+    count_noise: Mapped[float] = mapped_column(Float)
+    min_inputs: Mapped[int] = mapped_column(Integer)
+    inputs: Mapped[int] = mapped_column(Integer)
+    epsilon_round: Mapped[float] = mapped_column(Float)
+    epsilon_total: Mapped[float] = mapped_column(Float)
+    target_epsilon: Mapped[float] = mapped_column(Float)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 

@@ -1,4 +1,5 @@
-"""The coordinator store: agents, rounds, the model hash chain and events in one database.
+"""The coordinator store: agents, rounds, the model hash chain, the privacy ledger and events
+in one database.
 
 Works the same on a SQLite file (the embedded default), in-memory SQLite (tests) and
 PostgreSQL. Every public method is one transaction; multi-row changes such as
@@ -8,6 +9,7 @@ PostgreSQL. Every public method is one transaction; multi-row changes such as
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -41,6 +43,7 @@ from fedgate_coordinator.store.records import (
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
+    PrivacyLedgerEntry,
     RoundRecord,
     RoundStageRecord,
     RoundStatus,
@@ -48,9 +51,11 @@ from fedgate_coordinator.store.records import (
 )
 from fedgate_coordinator.store.schema import (
     STAGE_LENGTH,
+    UNIT_LENGTH,
     AgentRow,
     EventRow,
     ModelRow,
+    PrivacyLedgerRow,
     RoundParticipantRow,
     RoundRow,
     RoundStageRow,
@@ -62,6 +67,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _STAGE = re.compile(rf"[a-z][a-z0-9_]{{0,{STAGE_LENGTH - 1}}}")
+_UNIT = re.compile(rf"[a-z][a-z0-9_]{{0,{UNIT_LENGTH - 1}}}")
 MAX_WORD_BITS = 64
 
 
@@ -598,6 +604,31 @@ class Store:
             records = [_stage_record(row) for row in session.scalars(query)]
         return sorted(records, key=lambda record: stage_order(record.stage))
 
+    def set_round_clip(self, round: int, *, clip_norm: float, within_clip: float | None) -> None:
+        """Record the clip norm round ``round`` used and, if measured, the fraction of inputs
+        within it (noisy under site-level DP, so it may fall slightly outside [0, 1]).
+
+        May be called again for the same round, e.g. first with ``within_clip=None`` when
+        the round begins and again once the sum is decoded; the last call wins.
+
+        Raises :class:`RoundStateError` if the round was never begun, :class:`StoreError`
+        unless ``clip_norm`` is a finite number > 0 and ``within_clip`` finite or ``None``.
+        """
+        if not _is_finite_number(clip_norm) or clip_norm <= 0:
+            raise StoreError(
+                f"round {round}: clip_norm must be a finite number > 0, got {clip_norm!r}"
+            )
+        if within_clip is not None and not _is_finite_number(within_clip):
+            raise StoreError(
+                f"round {round}: within_clip must be a finite number or None, got {within_clip!r}"
+            )
+        with self._transaction() as session:
+            row = session.get(RoundRow, round, with_for_update=True)
+            if row is None:
+                raise RoundStateError(f"round {round} was never begun", round=round)
+            row.clip_norm = float(clip_norm)
+            row.within_clip = None if within_clip is None else float(within_clip)
+
     @staticmethod
     def _running_round(session: Session, round: int) -> RoundRow:
         row = session.get(RoundRow, round, with_for_update=True)
@@ -638,6 +669,62 @@ class Store:
             for participant in participants
         )
         session.flush()
+
+    # -- privacy ledger ----------------------------------------------------------------
+
+    def record_privacy(self, entry: PrivacyLedgerEntry) -> None:
+        """Add what round ``entry.round`` spent of the privacy budget of ``entry.unit``.
+
+        The round must have been begun (any status: the sum may be released just before
+        the round completes). ``recorded_at`` is set to now when ``None``. The ledger is
+        append-only: an entry is never replaced.
+
+        Raises :class:`RoundStateError` if the round was never begun or already has an entry
+        for ``entry.unit``, :class:`StoreError` if a value is out of range (see
+        :func:`_check_privacy`).
+        """
+        _check_privacy(entry)
+        duplicate = f"privacy of round {entry.round} for unit {entry.unit!r} is recorded already"
+        with self._transaction() as session:
+            if session.get(RoundRow, entry.round) is None:
+                raise RoundStateError(f"round {entry.round} was never begun", round=entry.round)
+            existing = session.scalar(
+                select(PrivacyLedgerRow.id).where(
+                    PrivacyLedgerRow.round == entry.round, PrivacyLedgerRow.unit == entry.unit
+                )
+            )
+            if existing is not None:
+                raise RoundStateError(duplicate, round=entry.round)
+            session.add(
+                PrivacyLedgerRow(
+                    round=entry.round,
+                    unit=entry.unit,
+                    accountant=entry.accountant,
+                    delta=float(entry.delta),
+                    noise_multiplier=float(entry.noise_multiplier),
+                    effective_noise_multiplier=float(entry.effective_noise_multiplier),
+                    clip_norm=float(entry.clip_norm),
+                    count_noise=float(entry.count_noise),
+                    min_inputs=int(entry.min_inputs),
+                    inputs=int(entry.inputs),
+                    epsilon_round=float(entry.epsilon_round),
+                    epsilon_total=float(entry.epsilon_total),
+                    target_epsilon=float(entry.target_epsilon),
+                    recorded_at=entry.recorded_at or _now(),
+                )
+            )
+            try:
+                session.flush()
+            except IntegrityError as exc:  # another writer recorded it first
+                raise RoundStateError(duplicate, round=entry.round) from exc
+
+    def privacy_ledger(self, unit: str | None = None) -> list[PrivacyLedgerEntry]:
+        """The privacy ledger by round (then unit); only ``unit``'s entries when given."""
+        query = select(PrivacyLedgerRow).order_by(PrivacyLedgerRow.round, PrivacyLedgerRow.unit)
+        if unit is not None:
+            query = query.where(PrivacyLedgerRow.unit == unit)
+        with self._transaction() as session:
+            return [_privacy_entry(row) for row in session.scalars(query)]
 
     # -- events ------------------------------------------------------------------------
 
@@ -734,6 +821,50 @@ def _check_stage(
         )
 
 
+def _is_finite_number(value: object) -> bool:
+    """A real number that is not NaN or infinite (numpy scalars included, bool excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_privacy(entry: PrivacyLedgerEntry) -> None:
+    """Raise :class:`StoreError` unless ``entry`` can describe one round's privacy spend.
+
+    ``unit`` is 1-32 characters ``a-z 0-9 _`` starting with a letter and ``accountant`` is
+    not empty; every float is finite (a ledger records guarantees, and ε = ∞ is none);
+    0 < ``delta`` < 1; ``clip_norm`` and ``target_epsilon`` > 0; multipliers, count noise,
+    counts and ε >= 0.
+    """
+    where = f"privacy of round {entry.round}"
+    if not isinstance(entry.unit, str) or _UNIT.fullmatch(entry.unit) is None:
+        raise StoreError(
+            f"{where}: unit {entry.unit!r} is not 1-{UNIT_LENGTH} characters a-z 0-9 _ "
+            "starting with a letter"
+        )
+    if not isinstance(entry.accountant, str) or not entry.accountant.strip():
+        raise StoreError(f"{where}: accountant must name how ε was computed")
+    floats = {
+        "delta": entry.delta,
+        "noise_multiplier": entry.noise_multiplier,
+        "effective_noise_multiplier": entry.effective_noise_multiplier,
+        "clip_norm": entry.clip_norm,
+        "count_noise": entry.count_noise,
+        "epsilon_round": entry.epsilon_round,
+        "epsilon_total": entry.epsilon_total,
+        "target_epsilon": entry.target_epsilon,
+    }
+    for name, value in floats.items():
+        if not _is_finite_number(value) or value < 0:
+            raise StoreError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+    for name in ("clip_norm", "target_epsilon"):
+        if floats[name] == 0:
+            raise StoreError(f"{where}: {name} must be > 0")
+    if not 0 < entry.delta < 1:
+        raise StoreError(f"{where}: delta must be in (0, 1), got {entry.delta!r}")
+    for name, count in (("min_inputs", entry.min_inputs), ("inputs", entry.inputs)):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise StoreError(f"{where}: {name} must be an integer >= 0, got {count!r}")
+
+
 def _check_contents(model: ModelRecord) -> None:
     """Raise :class:`ChainBroken` unless the digest and size match the model's bytes."""
     if _DIGEST.fullmatch(model.digest) is None:
@@ -800,6 +931,8 @@ def _round_record(row: RoundRow) -> RoundRecord:
         abort_reason=row.abort_reason,
         mean_train_loss=row.mean_train_loss,
         bytes_down_per_agent=row.bytes_down_per_agent,
+        clip_norm=row.clip_norm,
+        within_clip=row.within_clip,
     )
 
 
@@ -823,6 +956,25 @@ def _stage_record(row: RoundStageRow) -> RoundStageRecord:
         bytes_in=row.bytes_in,
         bytes_out=row.bytes_out,
         seconds=row.seconds,
+        recorded_at=row.recorded_at,
+    )
+
+
+def _privacy_entry(row: PrivacyLedgerRow) -> PrivacyLedgerEntry:
+    return PrivacyLedgerEntry(
+        round=row.round,
+        unit=row.unit,
+        accountant=row.accountant,
+        delta=row.delta,
+        noise_multiplier=row.noise_multiplier,
+        effective_noise_multiplier=row.effective_noise_multiplier,
+        clip_norm=row.clip_norm,
+        count_noise=row.count_noise,
+        min_inputs=row.min_inputs,
+        inputs=row.inputs,
+        epsilon_round=row.epsilon_round,
+        epsilon_total=row.epsilon_total,
+        target_epsilon=row.target_epsilon,
         recorded_at=row.recorded_at,
     )
 

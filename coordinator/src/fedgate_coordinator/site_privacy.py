@@ -1,0 +1,194 @@
+"""Site-level differential privacy of a federation: settings, accountant, budget (no IO).
+
+The unit of privacy is one site's whole contribution to a round. Each round that releases
+a sum is one Gaussian mechanism with the noise multiplier
+:func:`fedgate_common.secagg.site_dp.effective_noise_multiplier` gives; Google's
+``dp_accounting`` RDP accountant composes them, with no amplification by sampling (the
+coordinator chooses the agents, so selection is not random in the accountant's sense).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import dp_accounting
+import msgspec
+from fedgate_common.messages import SecAggParams
+from fedgate_common.secagg.encoding import EncodingParams
+from fedgate_common.secagg.participant import encoding_params
+from fedgate_common.secagg.site_dp import effective_noise_multiplier
+
+from fedgate_coordinator.errors import ConfigError
+from fedgate_coordinator.secure_rounds import SecAggSettings, with_site_noise
+
+ACCOUNTANT = "rdp (dp_accounting.rdp.RdpAccountant)"
+UNIT = "site (one agent's whole contribution to a round)"
+SAMPLING = "none (agents are chosen, not sampled: no amplification)"
+SITE_LEVEL_MODES = ("on", "off")
+
+USEFUL_NOISE_RATIO = 1.0
+"""Warn when the noise norm in a round's mean update exceeds this many clip norms."""
+
+
+class SitePrivacySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[privacy]`` in coordinator.toml.
+
+    With ``site_level = "on"`` every secure round carries distributed discrete Gaussian
+    noise. ``noise_multiplier`` 0 means the smallest multiplier that keeps
+    ``planned_rounds`` rounds within ``target_epsilon`` at ``delta``; the coordinator stops
+    scheduling rounds once the next one would exceed the budget.
+    """
+
+    site_level: str = "off"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    planned_rounds: int = 20
+    noise_multiplier: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.site_level == "on"
+
+
+def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
+    problems = []
+    if settings.site_level not in SITE_LEVEL_MODES:
+        problems.append(f"privacy.site_level={settings.site_level!r}: use on or off")
+    if not 0 < settings.target_epsilon <= 100:
+        problems.append("privacy.target_epsilon must be in (0, 100]")
+    if not 0 < settings.delta <= 0.01:
+        problems.append("privacy.delta must be in (0, 0.01]")
+    if not 1 <= settings.planned_rounds <= 100_000:
+        problems.append("privacy.planned_rounds must be 1..100000")
+    if not 0 <= settings.noise_multiplier <= 1000:
+        problems.append("privacy.noise_multiplier must be 0 (from the target) or in (0, 1000]")
+    return problems
+
+
+def epsilon(noise_multipliers: Sequence[float], delta: float) -> float:
+    """ε at ``delta`` after one Gaussian mechanism per entry (0 for none, inf for z = 0)."""
+    if not noise_multipliers:
+        return 0.0
+    if min(noise_multipliers) <= 0:
+        return math.inf
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for z in noise_multipliers:
+        accountant.compose(dp_accounting.GaussianDpEvent(z))
+    return float(accountant.get_epsilon(delta))
+
+
+def plan_noise_multiplier(
+    settings: SitePrivacySettings,
+    encoding_for: Callable[[float], EncodingParams],
+    dimension: int,
+) -> float:
+    """The configured multiplier, or the smallest z (to 0.1 %) whose ``planned_rounds``
+    rounds encoded as ``encoding_for(z)`` stay within the target.
+
+    The effective multiplier grows with z (more noise, and the rounding term of the
+    sensitivity is fixed), so bisection finds it.
+    """
+    if settings.noise_multiplier > 0:
+        return settings.noise_multiplier
+
+    def spent(z: float) -> float:
+        effective = effective_noise_multiplier(encoding_for(z), dimension)
+        return epsilon([effective] * settings.planned_rounds, settings.delta)
+
+    low, high = 1e-3, 1.0
+    while spent(high) > settings.target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(
+                f"no noise multiplier up to 1e4 keeps {settings.planned_rounds} rounds "
+                f"within ε = {settings.target_epsilon}: raise privacy.target_epsilon, plan "
+                "fewer rounds, or (with adaptive clipping) raise secagg.clip_count_noise"
+            )
+    while high / low > 1.001:
+        middle = math.sqrt(low * high)
+        if spent(middle) > settings.target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def noise_to_signal(noise_multiplier: float, dimension: int, inputs: int) -> float:
+    """Expected L2 norm of the noise in a round's mean update, in clip norms: z·√d / n.
+
+    Every site's clipped update has norm at most the clip norm C; the mean of n of them
+    carries noise of norm about z·C·√d / n. Above 1 the noise outweighs any one site's
+    largest possible update.
+    """
+    return noise_multiplier * math.sqrt(dimension) / max(inputs, 1)
+
+
+def round_effective_multiplier(params: SecAggParams, dimension: int) -> float:
+    """The Gaussian-equivalent noise multiplier of a secure round with these parameters."""
+    return effective_noise_multiplier(encoding_params(params), dimension)
+
+
+class BudgetCheck(msgspec.Struct, frozen=True, kw_only=True):
+    spent: float  # ε of the rounds released so far
+    after: float  # ε if the next round is released too
+    target: float
+
+    @property
+    def allows_next(self) -> bool:
+        return self.after <= self.target
+
+
+def check_budget(
+    settings: SitePrivacySettings, released: Sequence[float], next_multiplier: float
+) -> BudgetCheck:
+    """Would one more round with ``next_multiplier`` keep the federation within budget?"""
+    return BudgetCheck(
+        spent=epsilon(released, settings.delta),
+        after=epsilon([*released, next_multiplier], settings.delta),
+        target=settings.target_epsilon,
+    )
+
+
+def small_federation_warning(noise_multiplier: float, dimension: int, inputs: int) -> str:
+    """A warning when site-level noise would swamp the mean update, else ""."""
+    ratio = noise_to_signal(noise_multiplier, dimension, inputs)
+    if ratio <= USEFUL_NOISE_RATIO:
+        return ""
+    needed = math.ceil(noise_multiplier * math.sqrt(dimension) / USEFUL_NOISE_RATIO)
+    return (
+        f"the federation is too small for site-level DP to leave a useful model: with "
+        f"{inputs} sites, noise multiplier {noise_multiplier:.3g} and {dimension} parameters "
+        f"the noise in each round's mean update is about {ratio:.3g} times the largest "
+        f"update one site may send; about {needed} sites would bring it to "
+        f"{USEFUL_NOISE_RATIO:g} (or raise privacy.target_epsilon, or plan fewer rounds)"
+    )
+
+
+def round_params(
+    secagg: SecAggSettings,
+    privacy: SitePrivacySettings,
+    *,
+    selected: int,
+    min_participants: int,
+    clip_norm: float,
+    dimension: int,
+) -> SecAggParams:
+    """A secure round's parameters: the clip norm, and with site-level DP the noise.
+
+    The shares are sized for the fewest inputs the round may sum, max(t, min_participants)
+    (the aggregator aborts below it); z is planned for ``privacy.planned_rounds`` rounds
+    of this shape.
+    """
+    params = secagg.params_for(selected, clip_norm=clip_norm)
+    if not privacy.enabled:
+        return params
+    min_inputs = max(params.threshold, min_participants)
+    count_noise = secagg.count_noise_for(selected)
+
+    def noised(z: float) -> SecAggParams:
+        return with_site_noise(
+            params, noise_multiplier=z, min_inputs=min_inputs, count_noise=count_noise
+        )
+
+    return noised(plan_noise_multiplier(privacy, lambda z: encoding_params(noised(z)), dimension))
