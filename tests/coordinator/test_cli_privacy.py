@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import nacl.signing
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import initial_weights
 from fedgate_coordinator.cli import SITE_LEVEL_OFF, ExitCode, main
 from fedgate_coordinator.config import load_config, validate, write_config
@@ -213,6 +215,7 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "epsilon_spent",
         "budget_left",
         "unrecorded_rounds",
+        "warning",
         "rows",
     ]
     assert data["settings"] == {
@@ -291,6 +294,27 @@ def test_privacy_on_with_nothing_recorded_yet(coordinator: Coordinator) -> None:
     assert "no rounds recorded yet" in result.output
     data = json.loads(coordinator.run("privacy", "--json").output)
     assert (data["epsilon_spent"], data["budget_left"], data["rows"]) == (0.0, 8.0, [])
+
+
+@on_disk_stores
+def test_privacy_warns_when_the_federation_is_too_small(coordinator: Coordinator) -> None:
+    """Six agents and the TEP model: the noise would be ~70 times a site's largest update."""
+    coordinator.configure_privacy(site_level="on")
+    store = Store.open(coordinator.database_url)
+    try:
+        for index in range(6):
+            key = public_key_text(nacl.signing.SigningKey.generate().verify_key)
+            store.enroll_agent(f"site-{index}", key)
+    finally:
+        store.close()
+
+    result = coordinator.run("privacy")
+
+    assert result.exit_code == 0, result.output
+    assert "warning: the federation is too small for site-level DP" in result.output
+    assert "with 6 sites" in result.output
+    data = json.loads(coordinator.run("privacy", "--json").output)
+    assert data["warning"].startswith("the federation is too small")
 
 
 @on_disk_stores

@@ -32,7 +32,7 @@ from fedgate_common.errors import FedgateError, InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
-from fedgate_common.model_spec import ModelSpec
+from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.text_table import format_table
 
@@ -52,7 +52,13 @@ from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ensure_genesis
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
-from fedgate_coordinator.site_privacy import ACCOUNTANT, SAMPLING, UNIT
+from fedgate_coordinator.site_privacy import (
+    ACCOUNTANT,
+    SAMPLING,
+    UNIT,
+    round_params,
+    small_federation_warning,
+)
 from fedgate_coordinator.store import SITE_UNIT, PrivacyLedgerEntry, Store
 
 
@@ -685,9 +691,11 @@ def privacy(obj: Context, as_json: bool) -> None:
     with obj.store(config) as store:
         ledger = store.privacy_ledger(SITE_UNIT)
         completed = [r.round for r in store.list_rounds() if r.status == "completed"]
+        active = sum(1 for a in store.list_agents() if a.status == "active")
     summary = _privacy_summary(config, ledger, completed)
+    warning = _federation_size_warning(config, active)
     if as_json:
-        _echo_json({**summary, "rows": ledger})
+        _echo_json({**summary, "warning": warning, "rows": ledger})
         return
     settings = config.privacy
     if not settings.enabled and not ledger:
@@ -710,6 +718,8 @@ def privacy(obj: Context, as_json: bool) -> None:
         click.echo(f"{label:<17} {value}")
     for note in _privacy_notes(config, ledger, summary["unrecorded_rounds"]):
         click.echo(f"note: {note}")
+    if warning:
+        click.echo(f"warning: {warning}")
     click.echo("")
     if not ledger:
         click.echo("no rounds recorded yet")
@@ -730,6 +740,27 @@ def privacy(obj: Context, as_json: bool) -> None:
                 for e in ledger
             ],
         )
+    )
+
+
+def _federation_size_warning(config: CoordinatorConfig, agents: int) -> str:
+    """The small-federation warning ``serve`` logs, for the enrolled agents; "" if none."""
+    if not config.privacy.enabled or agents < 1:
+        return ""
+    try:
+        params = round_params(
+            config.secagg,
+            config.privacy,
+            selected=agents,
+            min_participants=config.rounds.min_participants,
+            clip_norm=config.secagg.clip_norm,
+            dimension=parameter_count(config.model),
+        )
+    except ConfigError as exc:
+        return str(exc)
+    assert params.noise is not None
+    return small_federation_warning(
+        params.noise.noise_multiplier, parameter_count(config.model), agents
     )
 
 
