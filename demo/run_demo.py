@@ -46,9 +46,12 @@ from fedgate_coordinator.store import Store
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROUND_DEFAULTS = RoundSettings()  # the coordinator's defaults; the baseline uses the same
-# The training plan under record-level DP (bench/privacy/README.md: the tuning behind it).
-DP_ROUNDS = RoundSettings()
-DP_CLIP = 4.0  # privacy.max_grad_norm
+# The training plan under record-level DP: large Poisson batches, few steps, a small clip
+# and a large learning rate (bench/privacy/README.md has the tuning behind it).
+DP_ROUNDS = RoundSettings(
+    learning_rate=1.0, lr_decay=0.9, momentum=0.9, local_epochs=2, batch_size=256
+)
+DP_CLIP = 1.0  # privacy.max_grad_norm
 
 
 def run_cli(*args: str) -> dict[str, Any]:
@@ -77,6 +80,27 @@ def record_epsilon(configs: list[Path]) -> float:
     """The largest record-level ε any site has spent so far (each site's privacy.json)."""
     spent = [read_ledger(config.parent).epsilon_total for config in configs]
     return round(max(spent, default=0.0), 4)
+
+
+def wait_until_connected(
+    configs: list[Path], processes: list[subprocess.Popen[bytes]], timeout: float = 300.0
+) -> None:
+    """Wait until every agent has connected to the broker (its status.json says so), so
+    that the first round does not start while agents are still loading torch."""
+    deadline = time.monotonic() + timeout
+    waiting = list(configs)
+    while waiting:
+        waiting = [
+            c
+            for c in waiting
+            if not (c.parent / "status.json").exists()
+            or json.loads((c.parent / "status.json").read_text()).get("state") == "connecting"
+        ]
+        if any(p.poll() is not None for p in processes):
+            raise SystemExit("an agent exited at start; see out/demo*/logs")
+        if waiting and time.monotonic() > deadline:
+            raise SystemExit(f"agents not connected after {timeout:.0f} s: {waiting}")
+        time.sleep(0.5)
 
 
 def site_epsilon(store: Store) -> float | None:
@@ -274,6 +298,7 @@ def main() -> int:
                     env=env,
                 )
             )
+        wait_until_connected(agent_configs, processes)
         coord_log = (out / "logs" / "coordinator.log").open("wb")
         coordinator = subprocess.Popen(
             [

@@ -51,8 +51,14 @@ def epsilon(history: Sequence[RoundSpend], delta: float) -> float:
     """ε at ``delta`` after every round in ``history`` (0 for an empty history)."""
     if not history:
         return 0.0
+    # RDP composes by adding per step, so rounds with the same (σ, q) merge into one entry
+    # with their steps summed: the same ε, one RDP evaluation instead of one per round.
+    steps: dict[tuple[float, float], int] = {}
+    for h in history:
+        key = (h.noise_multiplier, h.sample_rate)
+        steps[key] = steps.get(key, 0) + h.steps
     accountant = RDPAccountant()
-    accountant.history = [(h.noise_multiplier, h.sample_rate, h.steps) for h in history]
+    accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
     return float(accountant.get_epsilon(delta=delta))
 
 

@@ -77,6 +77,13 @@ from fedgate_agent.training import (
 log = logging.getLogger("fedgate.agent")
 
 
+def round_seed(seed: int | None, round: int) -> int | None:
+    """The training seed of one round: ``training.seed`` mixed with the round number, so a
+    seeded agent is reproducible yet does not replay the same batches (and, with DP, the
+    same noise) every round. ``None`` (production) stays ``None``: fresh OS randomness."""
+    return None if seed is None else (seed * 1_000_003 + round) % 2**63
+
+
 class AgentService:
     def __init__(self, *, config: AgentConfig, identity: nacl.signing.SigningKey) -> None:
         self.config = config
@@ -379,6 +386,7 @@ class AgentService:
             for name, a in decode_arrays(model_msg.weights).items()
         }
         net = build_model(model_msg.spec, weights=base)
+        seed = round_seed(self.config.training.seed, work.start.round)
         spend, settings = self._pending_spend, self._record_privacy
         if spend is not None and settings is not None:
             private = train_locally_private(
@@ -387,14 +395,12 @@ class AgentService:
                 work.start.plan,
                 noise_multiplier=spend.noise_multiplier,
                 max_grad_norm=settings.max_grad_norm,
-                seed=self.config.training.seed,
+                seed=seed,
             )
             self._record_spend(spend, private)
             result = private.result
         else:
-            result = train_locally(
-                net, self._local_dataset(model_msg), work.start.plan, seed=self.config.training.seed
-            )
+            result = train_locally(net, self._local_dataset(model_msg), work.start.plan, seed=seed)
         trained = weights_of(net)
         delta = {name: trained[name] - base[name] for name in base}
         if not math.isfinite(result.mean_loss) or not all(

@@ -1,0 +1,85 @@
+"""The site-level benchmark's aggregation is the product's: encoded, noised, decoded."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fedgate_common.model_spec import ModelSpec, parameter_shapes
+
+from bench.privacy.federation import RoundContext, SiteUpdate
+from bench.privacy.site_level import SiteDp, SiteDpAggregator
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+
+
+def updates(n: int, scale: float, seed: int = 0) -> list[SiteUpdate]:
+    rng = np.random.default_rng(seed)
+    return [
+        SiteUpdate(
+            site=i,
+            delta={
+                name: (rng.normal(size=shape) * scale).astype(np.float32)
+                for name, shape in parameter_shapes(SPEC)
+            },
+            num_samples=10 + i,
+            train_loss=1.0,
+        )
+        for i in range(n)
+    ]
+
+
+def context(n: int, round_number: int = 1) -> RoundContext:
+    weights = {name: np.zeros(shape, np.float32) for name, shape in parameter_shapes(SPEC)}
+    return RoundContext(
+        round=round_number,
+        rounds=5,
+        n_sites=n,
+        global_weights=weights,
+        rng=np.random.default_rng(round_number),
+    )
+
+
+def flat(weights: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(weights[name]) for name, _ in parameter_shapes(SPEC)])
+
+
+def test_without_noise_the_aggregate_is_the_weighted_mean_of_clipped_updates() -> None:
+    """Site-level DP off: the product's secure aggregation, weights = sample counts."""
+    sites = updates(6, scale=1.0)  # norms ~10, clipped to 2
+    aggregator = SiteDpAggregator(SiteDp(target_epsilon=None, clip_norm=2.0), SPEC, rounds=5)
+    mean = aggregator(sites, context(6))
+    assert mean is not None
+    expected = np.average(
+        [flat(u.delta) * min(1.0, 2.0 / np.linalg.norm(flat(u.delta))) for u in sites],
+        axis=0,
+        weights=[u.num_samples for u in sites],
+    )
+    assert np.max(np.abs(flat(mean) - expected)) < 1e-6
+    assert math.isinf(aggregator.epsilon)
+
+
+def test_with_noise_the_budget_is_planned_and_spent_over_the_rounds() -> None:
+    aggregator = SiteDpAggregator(
+        SiteDp(target_epsilon=4.0, clip_norm=1.0, min_participants=5), SPEC, rounds=5
+    )
+    for round_number in range(1, 6):
+        assert aggregator(updates(6, 0.01, round_number), context(6, round_number)) is not None
+    assert 3.9 < aggregator.epsilon <= 4.0
+    assert len(set(aggregator.noise_multipliers)) == 1
+    # Too few updates for min_participants: the round releases nothing and costs nothing.
+    assert aggregator(updates(4, 0.01), context(6)) is None
+    assert len(aggregator.effective) == 5
+
+
+def test_adaptive_clipping_moves_towards_the_median_norm() -> None:
+    aggregator = SiteDpAggregator(
+        SiteDp(target_epsilon=None, clip_norm=100.0, adaptive_clip=True), SPEC, rounds=30
+    )
+    for round_number in range(1, 31):
+        aggregator(updates(8, 1.0, round_number), context(8, round_number))
+    norms = [np.linalg.norm(flat(u.delta)) for u in updates(8, 1.0)]
+    assert aggregator.clip_norms[0] == 100.0
+    assert aggregator.clip_norms[-1] < 0.5 * 100.0  # all within: it shrinks every round
+    assert aggregator.within_fraction[0] == 1.0
+    assert min(aggregator.clip_norms) > 0.5 * float(np.median(norms))
