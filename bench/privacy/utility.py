@@ -76,8 +76,9 @@ def run_seed(
     dp_rounds: int,
     epsilons: Sequence[float],
     clip: float,
+    stride: int = 2,
 ) -> list[Row]:
-    split = demo_split(seed)
+    split = demo_split(seed, stride)
     rows: list[Row] = []
 
     def log(text: str) -> None:
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--clip", type=float, default=DP_CLIP, help="DP clip C (max_grad_norm)")
+    parser.add_argument(
+        "--stride", type=int, default=2, help="window stride (the demo's: 2; 1 doubles the data)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench-privacy"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -274,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 dp_rounds=dp_rounds,
                 epsilons=args.epsilons,
                 clip=args.clip,
+                stride=args.stride,
             )
         )
     summary = summarize(rows)
