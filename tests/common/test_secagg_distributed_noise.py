@@ -23,8 +23,6 @@ import numpy.typing as npt
 import pytest
 from fedgate_common.secagg.distributed_noise import (
     SHARE_MARGIN,
-    SiteNoiseParams,
-    add_noise_share,
     aggregate_noise_sigma,
     noise_headroom,
     noise_share_sigma,
@@ -329,79 +327,79 @@ def test_headroom_is_monotone() -> None:
             noise_headroom(3.0, bad)
 
 
-# -- params and adding a share to encoded words --------------------------------------------
+# -- shares added by the encoding ----------------------------------------------------------
 
 
-def test_site_noise_params_check_and_wire_form() -> None:
-    params = SiteNoiseParams(target_sigma=1.5, min_inputs=14)
-    params.check()
-    assert msgspec.json.decode(msgspec.json.encode(params), type=SiteNoiseParams) == params
-    with pytest.raises(msgspec.ValidationError):
-        msgspec.json.decode(b'{"target_sigma":1.0,"min_inputs":2,"x":1}', type=SiteNoiseParams)
+def _noisy(bits: int, *, z: float, min_inputs: int, max_inputs: int = 50) -> EncodingParams:
+    return EncodingParams(
+        word_bits=bits,
+        clip_norm=1.0,
+        weight_cap=100,
+        max_inputs=max_inputs,
+        noise_multiplier=z,
+        min_inputs=min_inputs,
+    )
+
+
+def test_encoding_refuses_unusable_noise_parameters() -> None:
     for bad in (
-        SiteNoiseParams(target_sigma=0.0, min_inputs=3),
-        SiteNoiseParams(target_sigma=-1.0, min_inputs=3),
-        SiteNoiseParams(target_sigma=math.nan, min_inputs=3),
-        SiteNoiseParams(target_sigma=math.inf, min_inputs=3),
-        SiteNoiseParams(target_sigma=1.0, min_inputs=0),
+        _noisy(32, z=-1.0, min_inputs=3),
+        _noisy(32, z=math.nan, min_inputs=3),
+        _noisy(32, z=math.inf, min_inputs=3),
+        _noisy(32, z=1.0, min_inputs=0),
+        _noisy(32, z=1.0, min_inputs=51),
     ):
-        with pytest.raises(ValueError, match=r"target_sigma|min_inputs"):
+        with pytest.raises(ValueError, match=r"noise_multiplier|min_inputs"):
             bad.check()
-    assert params.share_sigma(2.0) == pytest.approx(
-        noise_share_sigma(target_sigma=3.0, expected_inputs=14, min_inputs=14)
+    params = _noisy(32, z=1.5, min_inputs=14)
+    params.check()
+    assert params.update_share_sigma == pytest.approx(
+        noise_share_sigma(target_sigma=1.5 * params.level, expected_inputs=50, min_inputs=14)
     )
 
 
 @pytest.mark.parametrize("bits", [16, 32])
-def test_add_noise_share_touches_only_the_update_and_wraps(bits: int) -> None:
-    dimension, limbs, modulus = 400, 3, 2**bits
-    words = np.zeros(dimension + limbs, dtype=word_dtype(bits))
-    words[1:dimension:2] = modulus - 1  # odd coordinates sit at the top of the range
-    words[dimension:] = (7, 8, 9)
-    before = words.copy()
-    params = SiteNoiseParams(target_sigma=0.5, min_inputs=4)
-    scale = 40.0  # share = 1.01 · 0.5 · 40 / 2 = 10.1 steps
-    noisy = add_noise_share(words, params, scale, seeded(21), dimension=dimension)
+def test_encoding_adds_the_share_to_the_update_only_and_wraps(bits: int) -> None:
+    """A zero update rounds to zero, so its update words are exactly the drawn noise, mod
+    2^b; the weight limbs stay exact."""
+    dimension, modulus = 400, 2**bits
+    params = _noisy(bits, z=0.5, min_inputs=4, max_inputs=4)
+    drawn: list[npt.NDArray[np.int64]] = []
 
-    noise = sample_discrete_gaussian(params.share_sigma(scale), dimension, seeded(21))
-    expected = (before[:dimension].astype(np.int64) + noise) % modulus
-    assert noisy.dtype == words.dtype
-    assert np.array_equal(noisy[:dimension].astype(np.int64), expected)
-    assert np.array_equal(noisy[dimension:], before[dimension:])  # weight limbs exact
-    assert np.array_equal(words, before)  # the input is not modified
-    assert np.any((before[:dimension:2] == 0) & (noisy[:dimension:2] > modulus // 2))
-    assert np.any((before[1:dimension:2] == modulus - 1) & (noisy[1:dimension:2] < modulus // 2))
+    def recording(
+        sigma: float, count: int, random_bytes: Callable[[int], bytes]
+    ) -> npt.NDArray[np.int64]:
+        drawn.append(sample_discrete_gaussian(sigma, count, random_bytes))
+        return drawn[-1]
 
-
-def test_add_noise_share_refusals() -> None:
-    params = SiteNoiseParams(target_sigma=1.0, min_inputs=2)
-    words = np.zeros(10, dtype=np.uint32)
-    with pytest.raises(ValueError, match="dimension"):
-        add_noise_share(words, params, 10.0, seeded(1), dimension=11)
-    with pytest.raises(ValueError, match="uint16 or uint32"):
-        add_noise_share(words.astype(np.int64), params, 10.0, seeded(1), dimension=5)
-    with pytest.raises(ValueError, match="scale"):
-        add_noise_share(words, params, 0.0, seeded(1), dimension=5)
-    with pytest.raises(ValueError, match="min_inputs"):
-        add_noise_share(words, SiteNoiseParams(target_sigma=1.0, min_inputs=0), 1.0, dimension=5)
+    words = encode_update(np.zeros(dimension), 7, params, seeded(21), noise_sampler=recording)
+    plain = encode_update(  # the same input, no noise, weighing weight_cap
+        np.zeros(dimension),
+        params.weight_cap,
+        msgspec.structs.replace(params, noise_multiplier=0.0),
+    )
+    assert len(drawn) == 1
+    assert drawn[0].size == dimension
+    assert words.dtype == word_dtype(bits)
+    assert np.array_equal(words[:dimension].astype(np.int64), drawn[0] % modulus)
+    assert np.array_equal(words[dimension:], plain[dimension:])  # limbs: weight_cap, exact
+    assert np.any(drawn[0] < 0)
+    assert np.any(words[:dimension] > modulus // 2)  # negative noise wrapped
 
 
 def test_noised_inputs_decode_to_sum_plus_noise_with_exact_weight() -> None:
-    """Encode, add shares, sum mod 2^b, decode: the noise is all that separates the result."""
-    encoding = EncodingParams(word_bits=32, clip_norm=1.0, weight_cap=100, max_inputs=50)
-    noise = SiteNoiseParams(target_sigma=0.2, min_inputs=3)
+    """Encode with shares, sum mod 2^b, decode: the noise is all that separates the result."""
+    encoding = _noisy(32, z=0.2, min_inputs=3)
     rng = np.random.default_rng(5)
     updates = [rng.normal(size=300) * 0.01 for _ in range(4)]
-    weights = [100, 60, 100, 25]
     total = np.zeros(encoding.vector_length(300), dtype=np.uint32)
-    for index, (update, weight) in enumerate(zip(updates, weights, strict=True)):
-        encoded = encode_update(update, weight, encoding, seeded(100 + index))
-        total += add_noise_share(encoded, noise, encoding.scale, seeded(200 + index), dimension=300)
+    for index, (update, weight) in enumerate(zip(updates, [100, 60, 100, 25], strict=True)):
+        total += encode_update(update, weight, encoding, seeded(100 + index))
     decoded = decode_sum(total, encoding)
-    assert decoded.total_weight == sum(weights)
-    exact = sum(u * (w / 100) for u, w in zip(updates, weights, strict=True))
+    assert decoded.total_weight == 4 * encoding.weight_cap  # every input weighs the cap
+    exact = sum(updates)
     residual = decoded.weighted_sum - exact
-    share = noise.share_sigma(encoding.scale)
+    share = encoding.update_share_sigma
     expected_std = aggregate_noise_sigma(share_sigma=share, inputs=4) / encoding.scale
     assert float(residual.std()) == pytest.approx(expected_std, rel=0.15)
     assert float(np.abs(residual).max()) <= (noise_headroom(share * 2, 1e-9) + 4) / encoding.scale

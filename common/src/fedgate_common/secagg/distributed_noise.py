@@ -31,25 +31,22 @@ be passed to the accountant when it is not negligible. ``SHARE_MARGIN`` covers t
 small gap: Var(N_Z(0, σ²)) is slightly below σ² (by less than 10⁻⁶ relative for σ ≥ 1).
 
 **Units and headroom.** Noise is added in the encoded integer domain (one unit = one
-quantization step, 1/scale in update units), to the update coordinates only, never to the
-weight limbs, mod 2^b. Only the *sum* must not wrap: with at most ``max_inputs`` inputs the
-summed noise is (σ_i·√max_inputs)-subgaussian, so :func:`noise_headroom` of that σ bounds
-it per coordinate except with probability ``tail``; encoding must reserve that much of the
-signed range on top of ``max_inputs · level``.
+quantization step, 1/scale in update units), by :func:`.encoding.encode_update`, to the
+update coordinates (and the within-clip word), never to the weight limbs, mod 2^b. Only
+the *sum* must not wrap: with at most ``max_inputs`` inputs the summed noise is
+(σ_i·√max_inputs)-subgaussian, so :func:`noise_headroom` of that σ bounds it per
+coordinate except with probability ``tail``; the encoding's ``level`` reserves that much
+of the signed range on top of ``max_inputs · level``.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable
 from fractions import Fraction
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
-
-from fedgate_common.secagg.keystream import WORD_DTYPES, Words
 
 SHARE_MARGIN = 1.01
 """Each share's σ is this much above target/√min_inputs (2 % more variance): covers the
@@ -178,7 +175,9 @@ def _check_sigma(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
-def _share_sigma(target_sigma: float, min_inputs: int) -> float:
+def share_sigma(target_sigma: float, min_inputs: int) -> float:
+    """σ_i = SHARE_MARGIN · target_sigma / √min_inputs, unchecked (see
+    :func:`noise_share_sigma` for the checked form)."""
     return target_sigma * SHARE_MARGIN / math.sqrt(min_inputs)
 
 
@@ -195,7 +194,7 @@ def noise_share_sigma(*, target_sigma: float, expected_inputs: int, min_inputs: 
         raise ValueError("min_inputs must be at least 1")
     if expected_inputs < min_inputs:
         raise ValueError(f"expected_inputs {expected_inputs} is below min_inputs {min_inputs}")
-    return _share_sigma(target_sigma, min_inputs)
+    return share_sigma(target_sigma, min_inputs)
 
 
 def aggregate_noise_sigma(*, share_sigma: float, inputs: int) -> float:
@@ -235,51 +234,3 @@ def noise_headroom(sigma_share: float, tail: float = 1e-9) -> int:
     while 2.0 * math.exp(-(bound**2) / (2.0 * variance)) > tail:  # float rounding above
         bound += 1
     return bound
-
-
-class SiteNoiseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Site-level DP noise of one round.
-
-    ``target_sigma`` is the std of the aggregate noise in update units (noise multiplier ×
-    clip_norm); ``min_inputs`` is the fewest inputs the round may sum without aborting.
-    """
-
-    target_sigma: float
-    min_inputs: int
-
-    def check(self) -> None:
-        _check_sigma("target_sigma", self.target_sigma)
-        if self.min_inputs < 1:
-            raise ValueError("min_inputs must be at least 1")
-
-    def share_sigma(self, scale: float) -> float:
-        """This agent's share σ_i in encoded units (quantization steps)."""
-        _check_sigma("scale", scale)
-        return _share_sigma(self.target_sigma * scale, self.min_inputs)
-
-
-def add_noise_share(
-    encoded_words: Words,
-    params: SiteNoiseParams,
-    scale: float,
-    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
-    *,
-    dimension: int,
-) -> Words:
-    """A copy of ``encoded_words`` with this agent's noise share added mod 2^b.
-
-    ``scale`` is the encoding scale (quantization steps per update unit), so the share in
-    encoded units is ``params.share_sigma(scale)``. Only the first ``dimension`` words (the
-    update) get noise; the weight limbs after them are left exact.
-    """
-    params.check()
-    dtype = encoded_words.dtype
-    if encoded_words.ndim != 1 or dtype not in WORD_DTYPES.values():
-        raise ValueError("encoded words must be a flat array of uint16 or uint32 words")
-    if not 0 <= dimension <= encoded_words.size:
-        raise ValueError(f"dimension {dimension} outside 0..{encoded_words.size}")
-    noise = sample_discrete_gaussian(params.share_sigma(scale), dimension, random_bytes)
-    noisy: Words = encoded_words.copy()
-    modulus = 2 ** (8 * dtype.itemsize)
-    noisy[:dimension] += np.mod(noise, modulus).astype(dtype)  # unsigned add wraps mod 2^b
-    return noisy

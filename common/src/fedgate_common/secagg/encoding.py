@@ -35,6 +35,7 @@ from fedgate_common.secagg.distributed_noise import (
     SHARE_MARGIN,
     noise_headroom,
     sample_discrete_gaussian,
+    share_sigma,
 )
 from fedgate_common.secagg.keystream import Words, random_unit_floats, word_dtype
 
@@ -92,7 +93,7 @@ class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     @property
     def update_share_sigma(self) -> float:
         """Each agent's noise share on an update coordinate, in encoded units."""
-        return _share_sigma(self.noise_multiplier * self.level, self.min_inputs)
+        return share_sigma(self.noise_multiplier * self.level, self.min_inputs)
 
     @property
     def count_unit(self) -> int:
@@ -104,7 +105,7 @@ class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     @property
     def count_share_sigma(self) -> float:
         """Each agent's noise share on the within-clip word, in encoded units."""
-        return _share_sigma(self.count_noise * self.count_unit, self.min_inputs)
+        return share_sigma(self.count_noise * self.count_unit, self.min_inputs)
 
     @property
     def limb_base(self) -> int:
@@ -125,10 +126,6 @@ class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return dimension + self.count_words + self.weight_limbs
 
 
-def _share_sigma(aggregate_sigma: float, min_inputs: int) -> float:
-    return SHARE_MARGIN * aggregate_sigma / math.sqrt(min_inputs)
-
-
 @functools.lru_cache(maxsize=256)
 def _level(word_bits: int, max_inputs: int, noise_multiplier: float, min_inputs: int) -> int:
     """The largest level L with max_inputs·L + headroom(noise of max_inputs shares) ≤ 2^(b-1)-1.
@@ -141,7 +138,7 @@ def _level(word_bits: int, max_inputs: int, noise_multiplier: float, min_inputs:
         return int(room // max_inputs)
 
     def needed(level: int) -> int:
-        share = _share_sigma(noise_multiplier * level, min_inputs)
+        share = share_sigma(noise_multiplier * level, min_inputs)
         return max_inputs * level + noise_headroom(share * math.sqrt(max_inputs), HEADROOM_TAIL)
 
     per_level = max_inputs + SHARE_MARGIN * noise_multiplier * math.sqrt(
