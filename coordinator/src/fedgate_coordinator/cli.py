@@ -56,8 +56,7 @@ from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
     SAMPLING,
     UNIT,
-    round_params,
-    small_federation_warning,
+    federation_size_warning,
 )
 from fedgate_coordinator.store import SITE_UNIT, PrivacyLedgerEntry, Store
 
@@ -745,23 +744,16 @@ def privacy(obj: Context, as_json: bool) -> None:
 
 def _federation_size_warning(config: CoordinatorConfig, agents: int) -> str:
     """The small-federation warning ``serve`` logs, for the enrolled agents; "" if none."""
-    if not config.privacy.enabled or agents < 1:
-        return ""
     try:
-        params = round_params(
+        return federation_size_warning(
             config.secagg,
             config.privacy,
-            selected=agents,
+            agents=agents,
             min_participants=config.rounds.min_participants,
-            clip_norm=config.secagg.clip_norm,
             dimension=parameter_count(config.model),
         )
     except ConfigError as exc:
         return str(exc)
-    assert params.noise is not None
-    return small_federation_warning(
-        params.noise.noise_multiplier, parameter_count(config.model), agents
-    )
 
 
 def _privacy_notes(

@@ -52,9 +52,9 @@ from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
     check_budget,
     epsilon,
+    federation_size_warning,
     round_effective_multiplier,
     round_params,
-    small_federation_warning,
 )
 from fedgate_coordinator.store import ModelRecord, ParticipantRecord, PrivacyLedgerEntry, Store
 
@@ -446,15 +446,15 @@ class CoordinatorService:
         )
 
     def _warn_if_too_small(self, spec: ModelSpec) -> None:
-        if not (self.config.privacy.enabled and self.config.secagg.aggregation == "secagg"):
+        if self.config.secagg.aggregation != "secagg":
             return
         agents = sum(1 for a in self.store.list_agents() if a.status == "active")
-        if agents < 1:
-            return
-        params = self._secure_params(agents, spec)
-        assert params.noise is not None
-        warning = small_federation_warning(
-            params.noise.noise_multiplier, parameter_count(spec), agents
+        warning = federation_size_warning(
+            self.config.secagg,
+            self.config.privacy,
+            agents=agents,
+            min_participants=self.config.rounds.min_participants,
+            dimension=parameter_count(spec),
         )
         if warning:
             log_event(log, logging.WARNING, warning, **self._fields(agents=agents))

@@ -150,21 +150,6 @@ def check_budget(
     )
 
 
-def small_federation_warning(noise_multiplier: float, dimension: int, inputs: int) -> str:
-    """A warning when site-level noise would swamp the mean update, else ""."""
-    ratio = noise_to_signal(noise_multiplier, dimension, inputs)
-    if ratio <= USEFUL_NOISE_RATIO:
-        return ""
-    needed = math.ceil(noise_multiplier * math.sqrt(dimension) / USEFUL_NOISE_RATIO)
-    return (
-        f"the federation is too small for site-level DP to leave a useful model: with "
-        f"{inputs} sites, noise multiplier {noise_multiplier:.3g} and {dimension} parameters "
-        f"the noise in each round's mean update is about {ratio:.3g} times the largest "
-        f"update one site may send; about {needed} sites would bring it to "
-        f"{USEFUL_NOISE_RATIO:g} (or raise privacy.target_epsilon, or plan fewer rounds)"
-    )
-
-
 def round_params(
     secagg: SecAggSettings,
     privacy: SitePrivacySettings,
@@ -192,3 +177,39 @@ def round_params(
         )
 
     return noised(plan_noise_multiplier(privacy, lambda z: encoding_params(noised(z)), dimension))
+
+
+def federation_size_warning(
+    secagg: SecAggSettings,
+    privacy: SitePrivacySettings,
+    *,
+    agents: int,
+    min_participants: int,
+    dimension: int,
+) -> str:
+    """A warning when site-level noise would swamp the mean update of ``agents`` sites, else
+    "" (also without site-level DP or agents). Plans z as a round of that size would;
+    raises :class:`ConfigError` when no z fits the budget."""
+    if not privacy.enabled or agents < 1:
+        return ""
+    params = round_params(
+        secagg,
+        privacy,
+        selected=agents,
+        min_participants=min_participants,
+        clip_norm=secagg.clip_norm,  # z does not depend on the clip norm
+        dimension=dimension,
+    )
+    assert params.noise is not None
+    z = params.noise.noise_multiplier
+    ratio = noise_to_signal(z, dimension, agents)
+    if ratio <= USEFUL_NOISE_RATIO:
+        return ""
+    needed = math.ceil(z * math.sqrt(dimension) / USEFUL_NOISE_RATIO)
+    return (
+        f"the federation is too small for site-level DP to leave a useful model: with "
+        f"{agents} sites, noise multiplier {z:.3g} and {dimension} parameters "
+        f"the noise in each round's mean update is about {ratio:.3g} times the largest "
+        f"update one site may send; about {needed} sites would bring it to "
+        f"{USEFUL_NOISE_RATIO:g} (or raise privacy.target_epsilon, or plan fewer rounds)"
+    )

@@ -623,17 +623,21 @@ class Store:
                 f"round {round}: within_clip must be a finite number or None, got {within_clip!r}"
             )
         with self._transaction() as session:
-            row = session.get(RoundRow, round, with_for_update=True)
-            if row is None:
-                raise RoundStateError(f"round {round} was never begun", round=round)
+            row = self._begun_round(session, round)
             row.clip_norm = float(clip_norm)
             row.within_clip = None if within_clip is None else float(within_clip)
 
     @staticmethod
-    def _running_round(session: Session, round: int) -> RoundRow:
+    def _begun_round(session: Session, round: int) -> RoundRow:
+        """The round's row, locked; :class:`RoundStateError` if it was never begun."""
         row = session.get(RoundRow, round, with_for_update=True)
         if row is None:
             raise RoundStateError(f"round {round} was never begun", round=round)
+        return row
+
+    @staticmethod
+    def _running_round(session: Session, round: int) -> RoundRow:
+        row = Store._begun_round(session, round)
         if row.status != RoundStatus.RUNNING.value:
             raise RoundStateError(f"round {round} is {row.status}, not running", round=round)
         return row
@@ -686,8 +690,7 @@ class Store:
         _check_privacy(entry)
         duplicate = f"privacy of round {entry.round} for unit {entry.unit!r} is recorded already"
         with self._transaction() as session:
-            if session.get(RoundRow, entry.round) is None:
-                raise RoundStateError(f"round {entry.round} was never begun", round=entry.round)
+            self._begun_round(session, entry.round)
             existing = session.scalar(
                 select(PrivacyLedgerRow.id).where(
                     PrivacyLedgerRow.round == entry.round, PrivacyLedgerRow.unit == entry.unit
