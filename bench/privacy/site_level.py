@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 from fedgate_common.model_spec import ModelSpec, split_parameters
+from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.distributed_noise import sample_discrete_gaussian
 from fedgate_common.secagg.encoding import NoiseSampler, decode_sum, encode_update
 from fedgate_common.secagg.participant import encoding_params
@@ -122,7 +123,7 @@ class SiteDpAggregator:
             clip_norm=self._clip_norm(),
             dimension=dimension,
         )
-        if len(updates) < max(params.threshold, self.dp.min_participants):
+        if len(updates) < fewest_inputs(params, self.dp.min_participants):
             return None  # the aggregator aborts; nothing is released
         encoding = encoding_params(params)
         seed_bytes = np.random.default_rng(context.rng.integers(2**63))

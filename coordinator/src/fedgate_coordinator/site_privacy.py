@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import dp_accounting
 import msgspec
 from fedgate_common.messages import SecAggParams
+from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.encoding import EncodingParams
 from fedgate_common.secagg.participant import encoding_params
 from fedgate_common.secagg.site_dp import effective_noise_multiplier
@@ -168,7 +169,7 @@ def round_params(
     params = secagg.params_for(selected, clip_norm=clip_norm)
     if not privacy.enabled:
         return params
-    min_inputs = max(params.threshold, min_participants)
+    min_inputs = fewest_inputs(params, min_participants)  # params have no noise yet
     count_noise = secagg.count_noise_for(selected)
 
     def noised(z: float) -> SecAggParams:

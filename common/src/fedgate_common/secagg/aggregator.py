@@ -99,6 +99,12 @@ StageOutcome = (
 )
 
 
+def fewest_inputs(params: SecAggParams, min_participants: int) -> int:
+    """Below this many inputs a round aborts at any stage: the threshold t, the
+    coordinator's minimum, and the count the site-level noise shares were sized for."""
+    return max(params.threshold, min_participants, params.noise.min_inputs if params.noise else 1)
+
+
 class Aggregator:
     def __init__(
         self,
@@ -122,11 +128,7 @@ class Aggregator:
         self.selected = tuple(sorted(selected))
         self.params = params
         self.dimension = dimension
-        # Below this many inputs the round aborts: the threshold, the coordinator's
-        # minimum, and the count the site-level noise shares were sized for.
-        self.needed = max(
-            params.threshold, min_participants, params.noise.min_inputs if params.noise else 1
-        )
+        self.needed = fewest_inputs(params, min_participants)
         self._limits = limits
         self._encoding = encoding_params(params)
         self.stage: Stage = "keys"
