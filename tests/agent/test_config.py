@@ -30,12 +30,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 COORDINATOR_KEY = public_key_text(nacl.signing.SigningKey(bytes(range(32))).verify_key)
+MANIFEST_DIGEST = "ab" * 32
 
 MINIMAL = f"""
 agent_id = "site-1"
 deployment = "plant-a"
 cloud = "cloud-1"
 coordinator_public_key = "{COORDINATOR_KEY}"
+manifest_digest = "{MANIFEST_DIGEST}"
 """
 
 
@@ -276,14 +278,16 @@ def test_malformed_coordinator_key_is_rejected_even_before_enrollment(tmp_path: 
 def test_validate_config_lists_problems_and_honours_require_complete() -> None:
     incomplete = AgentConfig(agent_id="site-1", deployment="plant-a", cloud="cloud-1")
     assert validate_config(incomplete, require_complete=False) == []
-    (problem,) = validate_config(incomplete)
-    assert "coordinator_public_key" in problem
+    key_problem, manifest_problem = validate_config(incomplete)
+    assert "coordinator_public_key" in key_problem
+    assert "federation pin" in manifest_problem
 
     broken = AgentConfig(
         agent_id="+",
         deployment="plant-a",
         cloud="cloud-1",
         coordinator_public_key=COORDINATOR_KEY,
+        manifest_digest=MANIFEST_DIGEST,
         training=TrainingConfig(threads=65, seed=-1),
     )
     problems = validate_config(broken)
@@ -364,6 +368,7 @@ def full_config(**changes: object) -> AgentConfig:
         "cloud": "cloud-2",
         "state_dir": "/srv/fedgate",
         "coordinator_public_key": COORDINATOR_KEY,
+        "manifest_digest": MANIFEST_DIGEST,
         "log_level": "warning",
         "broker": BrokerConfig(
             host="mqtt.local", port=8883, protocol="3.1.1", keepalive_s=15, queue_size=8

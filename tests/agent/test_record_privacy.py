@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import msgspec
 import nacl.signing
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+
+from tests.federation_support import federation_manifest, install_manifest
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 
@@ -164,6 +167,16 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
         privacy=PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2),
     )
     save_local_dataset(config.data_path, LocalDataset(x=x, y=y))
+    coordinator = nacl.signing.SigningKey.generate()
+    digest = install_manifest(
+        config.state_path,
+        federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=SPEC),
+    )
+    config = msgspec.structs.replace(
+        config,
+        manifest_digest=digest,
+        coordinator_public_key=public_key_text(coordinator.verify_key),
+    )
     model = _model()
     service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
     for number in (1, 2):

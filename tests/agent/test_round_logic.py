@@ -7,6 +7,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_agent.errors import ModelRejected
+from fedgate_agent.federation_trust import FederationTrust
 from fedgate_agent.round_logic import (
     AdoptModel,
     AgentRoundLogic,
@@ -15,8 +16,10 @@ from fedgate_agent.round_logic import (
     TrainForRound,
 )
 from fedgate_common.arrays import encode_arrays
+from fedgate_common.consensus.types import Vote
+from fedgate_common.consensus.wire import graph_seed_certificate, seal_vote
 from fedgate_common.digests import GENESIS_PARENT, model_digest
-from fedgate_common.envelope import open_envelope, seal
+from fedgate_common.envelope import seal
 from fedgate_common.errors import (
     BadSignature,
     EnvelopeMismatch,
@@ -25,6 +28,7 @@ from fedgate_common.errors import (
     ReplayedMessage,
 )
 from fedgate_common.messages import (
+    Certificate,
     GlobalModel,
     KeyRoster,
     Payload,
@@ -48,10 +52,50 @@ def sealed(
     return seal(payload, signing_key=key, deployment=DEPLOYMENT, cloud=cloud, sender=cloud)
 
 
-def global_model(round: int = 0, parent: str = GENESIS_PARENT, seed: int = 0) -> GlobalModel:
+PEERS = {
+    name: nacl.signing.SigningKey(bytes([i + 2]) * 32) for i, name in enumerate(["c2", "c3", "c4"])
+}
+SIGNERS = {CLOUD: COORDINATOR, **PEERS}  # a four-cloud federation: quorum 3
+
+
+def certificate(
+    round: int, digest: str, signers: tuple[str, ...] = (CLOUD, "c2", "c3")
+) -> Certificate:
+    votes = tuple(
+        seal_vote(
+            Vote(height=round, round=0, step="precommit", value=digest, voter=name),
+            deployment=DEPLOYMENT,
+            signing_key=SIGNERS[name],
+        ).signature
+        for name in signers
+    )
+    return Certificate(consensus_round=0, precommits=votes)
+
+
+def global_model(
+    round: int = 0, parent: str = GENESIS_PARENT, seed: int = 0, *, certify: bool = True
+) -> GlobalModel:
     weights = encode_arrays(initial_weights(SPEC, np.random.default_rng(seed)))
     digest = model_digest(parent_digest=parent, round=round, spec=SPEC, weights=weights)
-    return GlobalModel(round=round, digest=digest, parent_digest=parent, spec=SPEC, weights=weights)
+    cert = certificate(round, digest) if round > 0 and certify else None
+    return GlobalModel(
+        round=round,
+        digest=digest,
+        parent_digest=parent,
+        spec=SPEC,
+        weights=weights,
+        certificate=cert,
+    )
+
+
+TRUST = FederationTrust(
+    digest="0" * 64,
+    deployment=DEPLOYMENT,
+    version=1,
+    keys={name: key.verify_key for name, key in SIGNERS.items()},
+    quorum=3,
+    genesis_digest=global_model().digest,
+)
 
 
 def start(round: int, base: str, selected: tuple[str, ...] = (AGENT, "site-2")) -> RoundStart:
@@ -72,6 +116,7 @@ def logic() -> AgentRoundLogic:
         deployment=DEPLOYMENT,
         cloud=CLOUD,
         coordinator_key=COORDINATOR.verify_key,
+        trust=TRUST,
         allow_plaintext=True,
     )
 
@@ -188,7 +233,11 @@ SECAGG = SecAggParams(
 
 def test_plaintext_round_is_refused_unless_allowed() -> None:
     strict = AgentRoundLogic(
-        agent_id=AGENT, deployment=DEPLOYMENT, cloud=CLOUD, coordinator_key=COORDINATOR.verify_key
+        agent_id=AGENT,
+        deployment=DEPLOYMENT,
+        cloud=CLOUD,
+        coordinator_key=COORDINATOR.verify_key,
+        trust=TRUST,
     )
     model = global_model()
     strict.adopt(model, sealed(model))
@@ -197,8 +246,8 @@ def test_plaintext_round_is_refused_unless_allowed() -> None:
     secure = msgspec.structs.replace(start(2, model.digest), secagg=SECAGG)
     work = strict.on_message(start_topic(2), sealed(secure))
     assert isinstance(work, TrainForRound)
-    # The graph seed commits to the coordinator's signature over the base model's message.
-    assert work.certificate == open_envelope(sealed(model)).signature
+    # The graph seed commits to the base model's certificate (genesis: its digest).
+    assert work.certificate == graph_seed_certificate(model) == model.digest.encode()
 
 
 def test_secure_aggregation_messages_are_routed_only_to_their_agent(
@@ -215,3 +264,61 @@ def test_secure_aggregation_messages_are_routed_only_to_their_agent(
         logic.on_message(round_topic(DEPLOYMENT, CLOUD, 5, "deliver", "site-2"), sealed(delivery))
     with pytest.raises(MalformedMessage):  # a delivery must be addressed to one agent
         logic.on_message(round_topic(DEPLOYMENT, CLOUD, 5, "deliver"), sealed(delivery))
+
+
+# -- commit certificates (the federation's decision) -----------------------------------------
+
+
+def test_certified_model_is_adopted(logic: AgentRoundLogic) -> None:
+    genesis = global_model()
+    model = global_model(round=1, parent=genesis.digest, seed=3)
+    assert isinstance(logic.on_message(MODEL_TOPIC, sealed(model)), AdoptModel)
+
+
+def test_model_without_certificate_is_refused(logic: AgentRoundLogic) -> None:
+    genesis = global_model()
+    model = global_model(round=1, parent=genesis.digest, seed=3, certify=False)
+    with pytest.raises(ModelRejected, match="no commit certificate"):
+        logic.on_message(MODEL_TOPIC, sealed(model))
+
+
+def test_certificate_below_quorum_is_refused(logic: AgentRoundLogic) -> None:
+    genesis = global_model()
+    model = global_model(round=1, parent=genesis.digest, seed=3)
+    short = msgspec.structs.replace(model, certificate=certificate(1, model.digest, (CLOUD, "c2")))
+    with pytest.raises(ModelRejected, match="quorum is 3"):
+        logic.on_message(MODEL_TOPIC, sealed(short))
+
+
+def test_certificate_of_another_model_or_height_is_refused(logic: AgentRoundLogic) -> None:
+    genesis = global_model()
+    model = global_model(round=2, parent=genesis.digest, seed=3)
+    other = global_model(round=2, parent=genesis.digest, seed=4)
+    stolen = msgspec.structs.replace(model, certificate=other.certificate)
+    with pytest.raises(ModelRejected, match="precommits for"):
+        logic.on_message(MODEL_TOPIC, sealed(stolen))
+    replayed = msgspec.structs.replace(model, certificate=certificate(1, model.digest))
+    with pytest.raises(ModelRejected, match="height 2"):
+        logic.on_message(MODEL_TOPIC, sealed(replayed))
+
+
+def test_certificate_signed_by_unknown_or_duplicate_coordinators_is_refused(
+    logic: AgentRoundLogic,
+) -> None:
+    genesis = global_model()
+    model = global_model(round=1, parent=genesis.digest, seed=3)
+    SIGNERS["intruder"] = nacl.signing.SigningKey.generate()
+    try:
+        forged = certificate(1, model.digest, (CLOUD, "c2", "intruder"))
+    finally:
+        del SIGNERS["intruder"]
+    with pytest.raises(ModelRejected, match="not a coordinator"):
+        logic.on_message(MODEL_TOPIC, sealed(msgspec.structs.replace(model, certificate=forged)))
+    doubled = certificate(1, model.digest, (CLOUD, "c2", "c2"))
+    with pytest.raises(ModelRejected, match="two precommits"):
+        logic.on_message(MODEL_TOPIC, sealed(msgspec.structs.replace(model, certificate=doubled)))
+
+
+def test_genesis_other_than_the_manifests_is_refused(logic: AgentRoundLogic) -> None:
+    with pytest.raises(ModelRejected, match="manifest's genesis"):
+        logic.on_message(MODEL_TOPIC, sealed(global_model(seed=9)))

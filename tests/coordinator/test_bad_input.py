@@ -31,6 +31,8 @@ from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ServeSummary
 from fedgate_coordinator.store import Store
 
+from tests.federation_support import one_cloud
+
 BROKER = MqttSettings(host="127.0.0.1", port=1883)
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 CLOUD = "cloud-1"
@@ -99,9 +101,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     keys = {name: nacl.signing.SigningKey.generate() for name in ("site-a", "site-b")}
     for name, key in keys.items():
         store.enroll_agent(name, public_key_text(key.verify_key))
-    service = CoordinatorService(
-        config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
-    )
+    service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
     async with aiomqtt.Client(
         BROKER.host, BROKER.port, protocol=aiomqtt.ProtocolVersion.V5
     ) as client:

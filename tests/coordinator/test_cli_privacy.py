@@ -31,6 +31,8 @@ from fedgate_coordinator.site_privacy import (
 )
 from fedgate_coordinator.store import SITE_UNIT, ModelRecord, PrivacyLedgerEntry, Store
 
+from tests.federation_support import add_genesis
+
 if TYPE_CHECKING:
     from tests.coordinator.conftest import StoreBackend
 
@@ -83,6 +85,7 @@ def coordinator(store_backend: StoreBackend, tmp_path: Path) -> Coordinator:
         main, ["--state-dir", str(state_dir), "init", "--cloud", "c1", "--db", store_backend.url]
     )
     assert init.exit_code == 0, init.output
+    add_genesis(state_dir, store_backend.url)  # what the first `serve` does
     return Coordinator(state_dir, store_backend.url)
 
 

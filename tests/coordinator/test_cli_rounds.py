@@ -18,6 +18,8 @@ from fedgate_common.model_spec import initial_weights
 from fedgate_coordinator.cli import EXIT_CODES_HELP, ExitCode, main
 from fedgate_coordinator.store import SECAGG_STAGES, ModelRecord, ParticipantRecord, Store
 
+from tests.federation_support import add_genesis
+
 if TYPE_CHECKING:
     from tests.coordinator.conftest import StoreBackend
 
@@ -51,6 +53,7 @@ def coordinator(store_backend: StoreBackend, tmp_path: Path) -> Coordinator:
         main, ["--state-dir", str(state_dir), "init", "--cloud", "c1", "--db", store_backend.url]
     )
     assert init.exit_code == 0, init.output
+    add_genesis(state_dir, store_backend.url)  # what the first `serve` does
     with Store.open(store_backend.url) as store:
         _record_rounds(store)
     return Coordinator(state_dir, store_backend.url)
@@ -256,4 +259,4 @@ def test_rounds_help_documents_detail_and_exit_codes() -> None:
     assert "7 round N does not exist" in result.output
     assert "7 not found" in EXIT_CODES_HELP
     assert "7 not found" in CliRunner().invoke(main, ["--help"]).output
-    assert sorted(int(code) for code in ExitCode) == list(range(8))
+    assert sorted(int(code) for code in ExitCode) == list(range(9))

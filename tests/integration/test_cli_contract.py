@@ -10,10 +10,16 @@ import pytest
 from click.testing import CliRunner
 from fedgate_agent.cli import ExitCode as AgentExit
 from fedgate_agent.cli import main as agent_main
+from fedgate_common.consensus.manifest import encode_manifest_file
 from fedgate_common.keys import public_key_text
+from fedgate_common.model_spec import ModelSpec
 from fedgate_coordinator.cli import ExitCode as CoordinatorExit
 from fedgate_coordinator.cli import main as coordinator_main
 from nacl.signing import SigningKey
+
+from tests.federation_support import federation_manifest
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 
 
 def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -114,13 +120,42 @@ def test_agent_exit_codes(tmp_path: Path) -> None:
     bad = runner.invoke(agent_main, ["config", "set", "--config", config, "broker.port", "0"])
     assert bad.exit_code == AgentExit.CONFIG
     assert "broker.port" in bad.output
-    key = public_key_text(SigningKey.generate().verify_key)
+    coordinator = SigningKey.generate()
+    key = public_key_text(coordinator.verify_key)
     assert (
         runner.invoke(
             agent_main, ["config", "set", "--config", config, "coordinator_public_key", key]
         ).exit_code
         == 0
     )
+    unpinned = runner.invoke(agent_main, ["run", "--config", config])
+    assert unpinned.exit_code == AgentExit.CONFIG
+    assert "federation pin" in unpinned.output
+    manifest = tmp_path / "federation.json"
+    manifest.write_bytes(
+        encode_manifest_file(
+            federation_manifest(deployment="fedgate", keys={"cloud-1": coordinator}, spec=SPEC)
+        )
+    )
+    other = tmp_path / "other.json"
+    other.write_bytes(
+        encode_manifest_file(
+            federation_manifest(deployment="elsewhere", keys={"cloud-1": coordinator}, spec=SPEC)
+        )
+    )
+    wrong = runner.invoke(agent_main, ["federation", "pin", "--config", config, str(other)])
+    assert wrong.exit_code == AgentExit.CONFIG
+    assert "deployment" in wrong.output
+    pinned = runner.invoke(
+        agent_main, ["federation", "pin", "--config", config, str(manifest), "--json"]
+    )
+    assert pinned.exit_code == 0, pinned.output
+    assert json.loads(pinned.output)["clouds"] == ["cloud-1"]
+    tampered = json.loads(manifest.read_text())
+    tampered["manifest"]["genesis_seed"] += 1
+    manifest.write_text(json.dumps(tampered))
+    bad = runner.invoke(agent_main, ["federation", "pin", "--config", config, str(manifest)])
+    assert bad.exit_code == AgentExit.MANIFEST
     no_data = runner.invoke(agent_main, ["run", "--config", config])
     assert no_data.exit_code == AgentExit.DATA
     assert "train.npz" in no_data.output

@@ -105,6 +105,11 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
             "coordinator_public_key",
             init["coordinator_public_key"],
         )
+        # Still no federation manifest pinned: the agent would accept no model.
+        unpinned = run("fedgate-agent", "config", "validate", "--config", str(config), check=False)
+        assert unpinned.returncode == 3
+        assert "federation pin" in unpinned.stderr
+        run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
         run("fedgate-agent", "config", "validate", "--config", str(config))
         run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
         save_local_dataset(

@@ -20,6 +20,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_array
+from fedgate_common.consensus.wire import graph_seed_certificate
 from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import (
@@ -51,6 +52,8 @@ from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService
 from fedgate_coordinator.site_privacy import SitePrivacySettings, epsilon
 from fedgate_coordinator.store import Store
+
+from tests.federation_support import one_cloud
 
 BROKER = MqttSettings(host="127.0.0.1", port=1883)
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
@@ -105,7 +108,7 @@ class SimulatedAgent:
                 envelope = open_envelope(raw)
                 payload = decode_payload(envelope)
                 if isinstance(payload, GlobalModel):
-                    self.certificate = envelope.signature  # the base of the next round
+                    self.certificate = graph_seed_certificate(payload)  # next round's base
                 elif isinstance(payload, RoundStart):
                     self.participant = Participant(
                         agent_id=self.agent_id,
@@ -200,9 +203,7 @@ async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
     store = Store.open(config.database_url)
     for agent in agents:
         store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
-    service = CoordinatorService(
-        config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
-    )
+    service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
     try:
         readiness = [asyncio.Event() for _ in agents]
         agent_tasks = [
@@ -312,9 +313,8 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
         readiness = [asyncio.Event() for _ in agents]
         tasks = [asyncio.create_task(a.run(r)) for a, r in zip(agents, readiness, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
-        service = CoordinatorService(
-            config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
-        )
+        federation = one_cloud(config, tmp_path)
+        service = CoordinatorService(config=config, store=store, **federation)
         summary = await asyncio.wait_for(service.run(max_rounds=3), 120)
         assert summary.rounds_completed == 2, summary
         assert "privacy budget" in summary.stopped
@@ -337,9 +337,7 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
             config.secagg.next_clip_norm(1.0, first.within_clip)
         )
 
-        restarted = CoordinatorService(
-            config=config, store=store, signing_key=nacl.signing.SigningKey.generate()
-        )
+        restarted = CoordinatorService(config=config, store=store, **federation)
         again = await asyncio.wait_for(restarted.run(max_rounds=1), 30)
         assert again.rounds_completed == 0
         assert "privacy budget" in again.stopped

@@ -8,6 +8,7 @@ Exit codes (also in ``fedgate-agent --help``):
     3  configuration missing or invalid (the message says what to fix)
     4  local training data unusable
     5  conflict: an identity key exists already
+    6  the federation manifest is invalid or not signed by the coordinators it needs
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from fedgate_common.errors import InvalidIdentifier
+from fedgate_common.consensus.manifest import manifest_digest
+from fedgate_common.consensus.quorum import tolerance_text
+from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
@@ -43,6 +46,12 @@ from fedgate_agent.config import (
     write_config,
 )
 from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
+from fedgate_agent.federation_trust import (
+    MANIFEST_NAME,
+    check_new_manifest,
+    read_pinned,
+    write_manifest,
+)
 from fedgate_agent.identity import create_identity, identity_path, load_identity
 from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
 from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
@@ -56,12 +65,14 @@ class ExitCode(IntEnum):
     CONFIG = 3
     DATA = 4
     CONFLICT = 5
+    MANIFEST = 6
 
 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 data or privacy ledger unusable    5 identity exists already"""
+  3 config invalid     4 data or privacy ledger unusable    5 identity exists already
+  6 federation manifest invalid"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,6 +90,8 @@ def _guard(func: F) -> F:
             _fail(str(exc), ExitCode.DATA)
         except IdentityExists as exc:
             _fail(str(exc), ExitCode.CONFLICT)
+        except ManifestInvalid as exc:
+            _fail(str(exc), ExitCode.MANIFEST)
         except ConfigError as exc:
             _fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:
@@ -253,6 +266,101 @@ def config_validate(config_path: Path) -> None:
     cfg = load_config(config_path)
     load_identity(cfg.state_path)
     click.echo(f"{config_path}: valid")
+
+
+@main.group()
+def federation() -> None:
+    """Pin and show the federation manifest this agent trusts.
+
+    Every global model must carry a commit certificate signed by a quorum of the
+    coordinators this manifest lists (or be its genesis model); others are refused.
+
+    \b
+    Example:
+      fedgate-agent federation pin /tmp/federation.json
+      fedgate-agent federation show --json
+    """
+
+
+@federation.command("pin")
+@config_option
+@click.argument("manifest_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_guard
+def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> None:
+    """Verify MANIFEST_FILE and pin it: copy it into the state directory, set its digest.
+
+    A first manifest must be signed by every coordinator it lists; a newer version by a
+    quorum of the currently pinned one. Restart the agent afterwards.
+
+    \b
+    Example:
+      fedgate-agent federation pin --config /etc/fedgate/agent.toml federation.json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    raw = manifest_file.read_bytes()
+    signed = check_new_manifest(
+        raw,
+        deployment=cfg.deployment,
+        cloud=cfg.cloud,
+        coordinator_key=cfg.coordinator_public_key,
+        current=read_pinned(cfg.state_path),
+    )
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    write_manifest(cfg.state_path, raw)
+    digest = manifest_digest(signed.manifest)
+    set_config_value(config_path, "manifest_digest", digest)
+    if not cfg.coordinator_public_key:
+        entry = next(c for c in signed.manifest.clouds if c.cloud == cfg.cloud)
+        set_config_value(config_path, "coordinator_public_key", entry.public_key)
+    clouds = [c.cloud for c in signed.manifest.clouds]
+    result: dict[str, Any] = {
+        "digest": digest,
+        "version": signed.manifest.version,
+        "deployment": signed.manifest.deployment,
+        "clouds": clouds,
+        "tolerance": tolerance_text(len(clouds)),
+        "file": str(cfg.state_path / MANIFEST_NAME),
+    }
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"pinned manifest version {result['version']} ({digest[:16]}…)")
+    click.echo(f"clouds: {', '.join(clouds)} — {result['tolerance']}")
+
+
+@federation.command("show")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_guard
+def federation_show(config_path: Path, as_json: bool) -> None:
+    """Show the pinned federation manifest (exit 3 when none is pinned).
+
+    \b
+    Example:
+      fedgate-agent federation show --json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    signed = read_pinned(cfg.state_path)
+    if signed is None or not cfg.manifest_digest:
+        raise ConfigError("no federation manifest is pinned: run `fedgate-agent federation pin`")
+    manifest = signed.manifest
+    data = {
+        "digest": manifest_digest(manifest),
+        "pinned_digest": cfg.manifest_digest,
+        "version": manifest.version,
+        "deployment": manifest.deployment,
+        "clouds": [{"cloud": c.cloud, "public_key": c.public_key} for c in manifest.clouds],
+        "tolerance": tolerance_text(len(manifest.clouds)),
+        "genesis_digest": manifest.genesis_digest,
+    }
+    if as_json:
+        _echo_json(data)
+        return
+    click.echo(f"manifest version {manifest.version} of {manifest.deployment}: {data['digest']}")
+    click.echo(data["tolerance"])
+    for cloud in manifest.clouds:
+        click.echo(f"  {cloud.cloud}  {cloud.public_key}")
 
 
 @main.command()

@@ -122,6 +122,8 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     cloud: str
     state_dir: str = "/var/lib/fedgate-agent"
     coordinator_public_key: str = ""  # "ed25519:<64 hex>"; empty only before enrollment
+    # SHA-256 of the pinned federation manifest (`fedgate-agent federation pin FILE`).
+    manifest_digest: str = ""
     log_level: str = "info"
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
@@ -171,6 +173,10 @@ _ALLOWED: Final[dict[str, str]] = {
     "cloud": "1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit",
     "state_dir": "an absolute directory path",
     "coordinator_public_key": 'the coordinator key as "ed25519:<64 hex digits>"',
+    "manifest_digest": (
+        "the 64-hex-digit digest of the pinned federation manifest; set by "
+        "`fedgate-agent federation pin FILE`"
+    ),
     "log_level": " | ".join(LOG_LEVELS),
     "broker.host": "a host name or IP address, without scheme or port",
     "broker.port": f"an integer {PORT_RANGE[0]}..{PORT_RANGE[1]}",
@@ -455,6 +461,21 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
             parse_public_key(key_text)
         except InvalidKey as exc:
             problems.append(("coordinator_public_key", f"coordinator_public_key: {exc}"))
+
+    digest = config.manifest_digest
+    if digest == "":
+        if require_complete:
+            problems.append(
+                (
+                    "manifest_digest",
+                    "no federation manifest is pinned; run `fedgate-agent federation pin FILE` "
+                    "with the manifest your coordinator's operator gives you",
+                )
+            )
+    elif len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        problems.append(
+            ("manifest_digest", f"manifest_digest is not {_ALLOWED['manifest_digest']}")
+        )
 
     if config.log_level not in LOG_LEVELS:
         problems.append(

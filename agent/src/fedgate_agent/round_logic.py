@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 import nacl.signing
+from fedgate_common.consensus.wire import graph_seed_certificate
 from fedgate_common.digests import model_digest
 from fedgate_common.envelope import Envelope, decode_payload, open_envelope, verify_envelope
 from fedgate_common.errors import (
@@ -31,6 +32,7 @@ from fedgate_common.model_spec import ModelSpec
 from fedgate_common.topics import model_topic, parse_round_topic
 
 from fedgate_agent.errors import ModelRejected
+from fedgate_agent.federation_trust import FederationTrust
 
 
 class AdoptModel(msgspec.Struct, frozen=True):
@@ -41,7 +43,7 @@ class AdoptModel(msgspec.Struct, frozen=True):
 class TrainForRound(msgspec.Struct, frozen=True):
     start: RoundStart
     model: GlobalModel
-    certificate: bytes  # the coordinator's signature over the base model's message
+    certificate: bytes  # the base model's commit certificate, as seeds the SecAgg graph
 
 
 class RoundEnded(msgspec.Struct, frozen=True):
@@ -67,6 +69,7 @@ class AgentRoundLogic:
         deployment: str,
         cloud: str,
         coordinator_key: nacl.signing.VerifyKey,
+        trust: FederationTrust,
         last_answered_round: int = 0,
         current_model: GlobalModel | None = None,
         allow_plaintext: bool = False,
@@ -76,6 +79,7 @@ class AgentRoundLogic:
         self.deployment = deployment
         self.cloud = cloud
         self._coordinator_key = coordinator_key
+        self._trust = trust
         self.last_answered_round = last_answered_round
         self.current_model = current_model
         self.current_certificate = b""
@@ -127,6 +131,7 @@ class AgentRoundLogic:
 
     def _on_model(self, model: GlobalModel, raw: bytes) -> Action | None:
         verify_global_model(model)
+        self._trust.check_model(model)
         if self.current_model is not None and model.round <= self.current_model.round:
             return None  # the same or an older model (retained redelivery)
         return AdoptModel(model, raw)
@@ -134,11 +139,11 @@ class AgentRoundLogic:
     def adopt(self, model: GlobalModel, raw: bytes) -> TrainForRound | None:
         """Make ``model`` current; returns the round to train if a start was waiting for it.
 
-        ``raw`` is the model's signed message; its signature is the interim certificate the
-        secure-aggregation graph seed commits to (consensus certificates replace it).
+        ``raw`` is the model's signed message (kept by the driver); the model's commit
+        certificate seeds the secure-aggregation neighbour graph.
         """
         self.current_model = model
-        self.current_certificate = open_envelope(raw, self._limits).signature
+        self.current_certificate = graph_seed_certificate(model)
         pending, self.pending_start = self.pending_start, None
         if pending is not None and pending.base_digest == model.digest:
             return TrainForRound(pending, model, self.current_certificate)
@@ -170,10 +175,8 @@ class AgentRoundLogic:
 
 
 def verify_global_model(model: GlobalModel) -> ModelSpec:
-    """Recompute the model's digest; the coordinator's signature was checked on the envelope.
-
-    The commit certificate of cross-cloud consensus replaces this interim check later.
-    """
+    """Recompute the model's digest from its content; the certificate (that the federation
+    decided this digest) is checked by :meth:`FederationTrust.check_model`."""
     expected = model_digest(
         parent_digest=model.parent_digest, round=model.round, spec=model.spec, weights=model.weights
     )

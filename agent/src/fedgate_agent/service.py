@@ -40,6 +40,7 @@ from fedgate_common.topics import (
 
 from fedgate_agent.config import AgentConfig
 from fedgate_agent.errors import PrivacyBudgetExhausted, TrainingDiverged
+from fedgate_agent.federation_trust import load_trust
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.mqtt_link import InboundMessage, MqttLink
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
@@ -96,6 +97,7 @@ class AgentService:
             deployment=config.deployment,
             cloud=config.cloud,
             coordinator_key=parse_public_key(config.coordinator_public_key),
+            trust=load_trust(config.state_path, config.manifest_digest),
             last_answered_round=self.status.last_answered_round,
             allow_plaintext=config.secagg.plaintext_rounds == "allow",
         )

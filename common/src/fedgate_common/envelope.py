@@ -19,7 +19,7 @@ from fedgate_common.errors import (
 )
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
-from fedgate_common.messages import PROTOCOL_VERSION, STAGES, Payload
+from fedgate_common.messages import ALL_STAGES, PROTOCOL_VERSION, Payload
 
 _SIGNING_DOMAIN = b"fedgate-envelope-v1"
 
@@ -80,7 +80,7 @@ def open_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         raise MalformedMessage(
             f"unsupported protocol version {envelope.version}", sender=envelope.sender
         )
-    if envelope.stage not in STAGES:
+    if envelope.stage not in ALL_STAGES:
         raise MalformedMessage(f"unknown stage {envelope.stage!r}", sender=envelope.sender)
     try:
         validate_identifier(envelope.sender, what="sender")

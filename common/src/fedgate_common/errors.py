@@ -13,6 +13,7 @@ Tree::
      │    ├── ReplayedMessage    a message already accepted arrives again
      │    ├── NonFiniteValues    NaN or Inf inside an array
      │    ├── ShareRejected      a sealed secure-aggregation share does not open
+     │    ├── CertificateInvalid a commit certificate does not prove a quorum decision
      │    └── SecAggRefusal      an agent refuses a secure-aggregation request; nothing is revealed
      │         ├── PlaintextRefused         a round without secure aggregation, not allowed
      │         ├── ThresholdTooLow          threshold below the agent's floor or not a majority
@@ -22,7 +23,8 @@ Tree::
      │         ├── TooFewNeighbours         fewer holders than the threshold
      │         ├── ConflictingUnmaskRequest an agent listed as survivor and as dropped
      │         └── ConsistencyCheckFailed   fewer than t signatures on this agent's survivor set
-     └── InvalidIdentifier       an id that is not safe inside an MQTT topic
+     ├── InvalidIdentifier       an id that is not safe inside an MQTT topic
+     └── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
 
 Every ProtocolError carries ``kind``: the short name stored in the events table and
 used as a counter label.
@@ -81,6 +83,12 @@ class ShareRejected(ProtocolError):
     kind = "share_rejected"
 
 
+class CertificateInvalid(ProtocolError):
+    """A commit certificate is not a quorum of valid precommits for the model it names."""
+
+    kind = "bad_certificate"
+
+
 class SecAggRefusal(ProtocolError):
     kind = "secagg_refusal"
 
@@ -125,3 +133,15 @@ class ConsistencyCheckFailed(SecAggRefusal):
 
 class InvalidIdentifier(FedgateError, ValueError):
     """An agent, cloud or deployment id that cannot be used in a topic."""
+
+
+class ManifestInvalid(FedgateError):
+    """A federation manifest is malformed, does not follow its predecessor, or lacks the
+    signatures it needs.
+
+    ``problems`` lists every issue found, each phrased as what to fix.
+    """
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]

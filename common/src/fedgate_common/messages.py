@@ -212,16 +212,71 @@ class ModelUpdate(
     train_loss: float
 
 
+class Certificate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The commit certificate of a global model: signed ``vote`` envelopes (precommits for
+    the model's digest at height = the model's round, consensus round ``consensus_round``)
+    from at least a quorum of the federation manifest's coordinators."""
+
+    consensus_round: int
+    precommits: tuple[bytes, ...]
+
+
 class GlobalModel(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="model"
 ):
-    """Coordinator → agents: a global model in the hash chain (round 0 = genesis)."""
+    """A global model in the hash chain (round 0 = genesis).
+
+    Every model after genesis carries the ``certificate`` by which the coordinators of all
+    clouds decided it; the genesis model is named by digest in the federation manifest.
+    """
 
     round: int
     digest: str
     parent_digest: str
     spec: ModelSpec
     weights: tuple[WireArray, ...]
+    certificate: Certificate | None = None
+
+
+# -- cross-cloud consensus: coordinator → coordinators ------------------------------------
+
+
+class CloudAggregate(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="aggregate"
+):
+    """A cloud's result for federated round ``round`` on the model ``base_digest``: the mean
+    update of its ``participants`` agents (all zeros and 0 participants when its round
+    aborted). Signed by the cloud's coordinator; proposals carry it unchanged."""
+
+    round: int
+    base_digest: str
+    participants: int
+    delta: tuple[WireArray, ...]
+
+
+class ConsensusProposal(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="proposal"
+):
+    """Tendermint PROPOSAL for height ``round``: the global model ``value`` (its digest),
+    computed by the manifest's cross-cloud rule from ``aggregates`` (signed ``aggregate``
+    envelopes of distinct clouds, at least a quorum of them)."""
+
+    round: int
+    consensus_round: int
+    value: str
+    valid_round: int
+    aggregates: tuple[bytes, ...]
+
+
+class ConsensusVote(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="vote"
+):
+    """Tendermint PREVOTE or PRECOMMIT for height ``round``; ``value`` "" is nil."""
+
+    round: int
+    consensus_round: int
+    step: Literal["prevote", "precommit"]
+    value: str
 
 
 RoundOutcome = Literal["completed", "aborted"]
@@ -251,6 +306,9 @@ Payload = (
     | ShareDelivery
     | SurvivorCheck
     | UnmaskRequest
+    | CloudAggregate
+    | ConsensusProposal
+    | ConsensusVote
 )
 AGENT_STAGES: frozenset[str] = frozenset(
     {"update", "keys", "shares", "masked", "confirm", "reveal"}
@@ -259,3 +317,7 @@ COORDINATOR_STAGES: frozenset[str] = frozenset(
     {"start", "model", "end", "roster", "deliver", "check", "unmask"}
 )
 STAGES: frozenset[str] = AGENT_STAGES | COORDINATOR_STAGES
+"""Stages of a round inside one cloud (the ones round topics name)."""
+FEDERATION_STAGES: frozenset[str] = frozenset({"aggregate", "proposal", "vote"})
+"""Stages between the coordinators of the federation (``model`` also travels there)."""
+ALL_STAGES: frozenset[str] = STAGES | FEDERATION_STAGES

@@ -26,10 +26,51 @@ class RoundTopic(msgspec.Struct, frozen=True, kw_only=True):
     agent: str | None = None
 
 
+FEDERATION = "federation"  # reserved: no cloud may take this id
+
+
 def cloud_prefix(deployment: str, cloud: str) -> str:
     validate_identifier(deployment, what="deployment")
     validate_identifier(cloud, what="cloud")
+    if cloud == FEDERATION:
+        raise InvalidIdentifier(f"cloud id {FEDERATION!r} is reserved for federation topics")
     return f"{ROOT}/{deployment}/{cloud}"
+
+
+def federation_prefix(deployment: str, cloud: str) -> str:
+    """``fedgate/<deployment>/federation/<cloud>``: where ``cloud``'s coordinator publishes
+    to its peers (on its own broker; peers subscribe there)."""
+    validate_identifier(deployment, what="deployment")
+    validate_identifier(cloud, what="cloud")
+    return f"{ROOT}/{deployment}/{FEDERATION}/{cloud}"
+
+
+def federation_topic(deployment: str, cloud: str, stage: str, height: int | None = None) -> str:
+    """``…/federation/<cloud>/<stage>`` (aggregate, proposal, vote) or ``…/model/<height>``."""
+    topic = f"{federation_prefix(deployment, cloud)}/{stage}"
+    return topic if height is None else f"{topic}/{height}"
+
+
+def federation_filter(deployment: str, cloud: str) -> str:
+    """What a coordinator subscribes to on a peer's broker."""
+    return f"{federation_prefix(deployment, cloud)}/#"
+
+
+def parse_federation_topic(topic: str) -> tuple[str, str, str]:
+    """``(deployment, cloud, stage)`` of a federation topic; MalformedMessage otherwise."""
+    parts = topic.split("/")
+    if len(parts) not in (5, 6) or parts[0] != ROOT or parts[2] != FEDERATION:
+        raise MalformedMessage(f"not a federation topic: {topic!r}")
+    if parts[4] not in ("aggregate", "proposal", "vote", "model"):
+        raise MalformedMessage(f"unknown federation stage in topic {topic!r}")
+    if len(parts) == 6 and not (parts[4] == "model" and parts[5].isascii() and parts[5].isdigit()):
+        raise MalformedMessage(f"bad federation topic {topic!r}")
+    try:
+        validate_identifier(parts[1])
+        validate_identifier(parts[3])
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from None
+    return parts[1], parts[3], parts[4]
 
 
 def round_topic(

@@ -10,6 +10,7 @@ Exit codes (also in ``fedgate-coordinator --help``):
     5  conflict: the agent id is enrolled with another key
     6  the model hash chain does not verify
     7  not found: the round asked for (``rounds --detail N``) does not exist
+    8  the federation manifest is invalid or not signed by a quorum
 
 ``privacy`` shows the site-level privacy ledger (what each round spent of the ε budget);
 record-level ε is kept by each agent (``fedgate-agent privacy``).
@@ -19,16 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from fedgate_common.errors import FedgateError, InvalidIdentifier
+import nacl.signing
+from fedgate_common.consensus.manifest import (
+    CloudEntry,
+    ConsensusParams,
+    Manifest,
+    SignedManifest,
+    add_signature,
+    manifest_digest,
+    manifest_problems,
+    sign_manifest,
+)
+from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, tolerance_text
+from fedgate_common.errors import FedgateError, InvalidIdentifier, ManifestInvalid
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
@@ -48,9 +64,17 @@ from fedgate_coordinator.config import (
     write_config,
 )
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
+from fedgate_coordinator.federation import STATUS_NAME
+from fedgate_coordinator.federation_cli import (
+    MANIFEST_NAME,
+    federation,
+    installed_manifest,
+    write_manifest_file,
+)
+from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
-from fedgate_coordinator.service import CoordinatorService, ensure_genesis
+from fedgate_coordinator.service import CoordinatorService
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
 from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
@@ -70,6 +94,7 @@ class ExitCode(IntEnum):
     CONFLICT = 5
     CHAIN = 6
     NOT_FOUND = 7
+    MANIFEST = 8
 
 
 EXIT_CODES_HELP = """\b
@@ -77,7 +102,8 @@ Exit codes:
   0 success          1 unexpected failure   2 bad command line
   3 config/key error 4 store error          5 enrollment conflict
   6 model hash chain does not verify
-  7 not found (rounds --detail N of a round that does not exist)"""
+  7 not found (rounds --detail N of a round that does not exist)
+  8 the federation manifest is invalid or not signed by a quorum"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,6 +129,8 @@ def _guard(func: F) -> F:
             _fail(str(exc), ExitCode.STORE)
         except (InvalidKey, InvalidIdentifier) as exc:
             _fail(str(exc), ExitCode.USAGE)
+        except ManifestInvalid as exc:
+            _fail(str(exc), ExitCode.MANIFEST)
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
@@ -260,12 +288,15 @@ def init(
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with obj.store(config) as store:
-        genesis = ensure_genesis(store, config, seed=genesis_seed)
+    with obj.store(config):
+        pass  # creates the schema; the genesis model is added by the first `serve`
     _restrict_sqlite_file(config.database_url)
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
     key = load_signing_key(key_path) if key_path.exists() else create_signing_key(key_path)
+    manifest = _one_cloud_manifest(config, key, genesis_seed)
+    write_manifest_file(state_dir / MANIFEST_NAME, manifest)
+    genesis_digest = manifest.manifest.genesis_digest
     path = write_config(state_dir, config)
     result = {
         "cloud": cloud,
@@ -273,7 +304,8 @@ def init(
         "config": str(path),
         "coordinator_public_key": public_key_text(key.verify_key),
         "database_url": _redact(config.database_url),
-        "genesis_model": genesis.digest,
+        "genesis_model": genesis_digest,
+        "manifest": str(state_dir / MANIFEST_NAME),
         "aggregation": aggregation,
     }
     if as_json:
@@ -282,9 +314,11 @@ def init(
     click.echo(f"initialised cloud {cloud!r} of deployment {deployment!r}")
     click.echo(f"  config:      {path}")
     click.echo(f"  store:       {_redact(config.database_url)}")
-    click.echo(f"  genesis:     {genesis.digest}")
+    click.echo(f"  genesis:     {genesis_digest}")
+    click.echo(f"  manifest:    {state_dir / MANIFEST_NAME} (this cloud alone)")
     click.echo(f"  public key:  {public_key_text(key.verify_key)}")
-    click.echo("Give the public key to agents (coordinator_public_key in agent.toml).")
+    click.echo("Agents pin the manifest: fedgate-agent federation pin federation.json")
+    click.echo("Several clouds: see `fedgate-coordinator federation --help`.")
 
 
 @main.command()
@@ -341,29 +375,52 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
     default=None,
     help="Stop after this many rounds (default: run until stopped).",
 )
+@click.option(
+    "--until-height",
+    type=click.IntRange(1),
+    default=None,
+    help="Stop once the federation has decided this height (federated round), however "
+    "many rounds this run took (a restarted coordinator catches up first).",
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
 @click.pass_obj
 @_guard
-def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
+def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_json: bool) -> None:
     """Connect to the broker and run rounds (foreground; systemd runs this).
 
     \b
     Example:
       fedgate-coordinator --state-dir /var/lib/fedgate-coordinator serve
       fedgate-coordinator serve --rounds 20
+      fedgate-coordinator serve --until-height 20
     """
     config = obj.config()
     configure_logging(config.log_level, as_json=log_json)
     key = load_signing_key(obj.state_dir / KEY_NAME)
+    manifest = installed_manifest(obj.state_dir)
+    if manifest is None:
+        raise ConfigError(
+            f"no federation manifest in {obj.state_dir}: run `fedgate-coordinator init` or "
+            "install one with `fedgate-coordinator federation install FILE`"
+        )
+    problems = manifest_problems(manifest.manifest)  # its chain was verified at install
+    if problems:
+        raise ManifestInvalid("the installed manifest: " + "; ".join(problems), problems=problems)
     store = obj.store(config)
-    service = CoordinatorService(config=config, store=store, signing_key=key)
+    service = CoordinatorService(
+        config=config,
+        store=store,
+        signing_key=key,
+        manifest=manifest,
+        state_dir=obj.state_dir.absolute(),
+    )
 
     async def run() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        await service.run(max_rounds=max_rounds)
+        await service.run(max_rounds=max_rounds, until_height=until_height)
 
     try:
         asyncio.run(run())
@@ -377,6 +434,37 @@ def serve(obj: Context, max_rounds: int | None, log_json: bool) -> None:
         f" rejected={sum(summary.rejected.values())}",
         err=True,
     )
+
+
+def _one_cloud_manifest(
+    config: CoordinatorConfig, key: nacl.signing.SigningKey, seed: int | None
+) -> SignedManifest:
+    """A federation of this cloud alone (quorum 1), signed by its coordinator.
+
+    Joining other clouds replaces it before the first ``serve``
+    (``fedgate-coordinator federation install --replace``).
+    """
+    genesis_seed = secrets.randbits(63) if seed is None else seed
+    genesis = genesis_record(config.model, genesis_seed)
+    manifest = Manifest(
+        deployment=config.deployment,
+        version=1,
+        previous_digest="",
+        clouds=(
+            CloudEntry(
+                cloud=config.cloud,
+                public_key=public_key_text(key.verify_key),
+                broker=f"{config.broker.host}:{config.broker.port}",
+            ),
+        ),
+        consensus=ConsensusParams(),
+        model_spec=config.model,
+        genesis_seed=genesis_seed,
+        genesis_digest=genesis.digest,
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    signature = sign_manifest(manifest, cloud=config.cloud, signing_key=key)
+    return add_signature(SignedManifest(manifest=manifest), signature)
 
 
 def _aggregation_summary(config: CoordinatorConfig, enrolled: int) -> dict[str, Any]:
@@ -482,7 +570,64 @@ def _status_data(obj: Context) -> dict[str, Any]:
                 k: v for k, v in store.event_counts().items() if k != "round_recovered"
             },
             "events": store.event_counts(),
+            "consensus": _consensus_summary(obj.state_dir, config, store),
         }
+
+
+def _consensus_summary(state_dir: Path, config: CoordinatorConfig, store: Store) -> dict[str, Any]:
+    """Height, last decision and its signers, peers' liveness, faults tolerated, evidence."""
+    manifest = installed_manifest(state_dir)
+    clouds = [] if manifest is None else [c.cloud for c in manifest.manifest.clouds]
+    last = store.last_decision()
+    live: dict[str, Any] = {}
+    status_file = state_dir / STATUS_NAME
+    if status_file.exists():
+        try:
+            live = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            live = {}
+    now = time.time()
+    peers = [
+        {
+            "cloud": peer["cloud"],
+            "broker": peer["broker"],
+            "last_seen_s_ago": (
+                None if peer.get("last_seen") is None else round(now - peer["last_seen"], 1)
+            ),
+        }
+        for peer in live.get("peers", [])
+    ]
+    evidence = store.evidence()
+    return {
+        "manifest_digest": None if manifest is None else manifest_digest(manifest.manifest),
+        "clouds": clouds,
+        "quorum": quorum_size(len(clouds)) if clouds else None,
+        "faults_tolerated": faults_tolerated(len(clouds)) if clouds else None,
+        "tolerance": tolerance_text(len(clouds)) if clouds else "no manifest installed",
+        "height": live.get("height"),
+        "consensus_round": live.get("round"),
+        "step": live.get("step"),
+        "status_age_s": round(now - live["updated"], 1) if "updated" in live else None,
+        "last_decision": None
+        if last is None
+        else {
+            "height": last.height,
+            "round": last.round,
+            "model": last.value,
+            "signers": list(last.signers),
+        },
+        "peers": peers,
+        "evidence": [
+            {
+                "voter": e.voter,
+                "height": e.height,
+                "round": e.round,
+                "step": e.step,
+                "values": [e.first_value, e.second_value],
+            }
+            for e in evidence
+        ],
+    }
 
 
 @main.command()
@@ -530,6 +675,36 @@ def status(obj: Context, as_json: bool) -> None:
     else:
         click.echo("secagg     off: updates travel in plaintext")
     click.echo(f"privacy    {_privacy_line(data['privacy'])}")
+    consensus = data["consensus"]
+    click.echo(f"federation {consensus['tolerance']}")
+    if consensus["height"] is not None:
+        click.echo(
+            f"consensus  height {consensus['height']}, round {consensus['consensus_round']}, "
+            f"step {consensus['step']} (as of {consensus['status_age_s']} s ago)"
+        )
+    decision = consensus["last_decision"]
+    if decision:
+        click.echo(
+            f"decided    height {decision['height']} → {decision['model'][:16]} "
+            f"(round {decision['round']}, signed by {', '.join(decision['signers'])})"
+        )
+    for peer in consensus["peers"]:
+        seen = peer["last_seen_s_ago"]
+        click.echo(
+            f"peer       {peer['cloud']} at {peer['broker']}: "
+            + ("never heard from" if seen is None else f"last message {seen} s ago")
+        )
+    evidence = consensus["evidence"]
+    click.echo(
+        "evidence   "
+        + (
+            "; ".join(
+                f"{e['voter']} signed two {e['step']}s at height {e['height']} round {e['round']}"
+                for e in evidence
+            )
+            or "none"
+        )
+    )
     rejected = data["rejected_messages"]
     click.echo(
         "rejected   " + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none")
@@ -867,3 +1042,6 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
             [[e.at, e.kind, e.round, e.agent_id, e.detail[:80]] for e in records],
         )
     )
+
+
+main.add_command(federation)

@@ -8,35 +8,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 import nacl.signing
 import numpy as np
 import numpy.typing as npt
-from fedgate_common.digests import GENESIS_PARENT
-from fedgate_common.envelope import open_envelope, seal
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.consensus.manifest import Manifest, SignedManifest
+from fedgate_common.consensus.quorum import tolerance_text
+from fedgate_common.consensus.wire import graph_seed_certificate
+from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.errors import ProtocolError, WrongRound
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.logs import log_event
 from fedgate_common.messages import (
     COORDINATOR_STAGES,
+    Certificate,
+    CloudAggregate,
     GlobalModel,
     ModelUpdate,
     Payload,
     RoundEnd,
     SecAggParams,
 )
-from fedgate_common.model_spec import ModelSpec, initial_weights, parameter_count
+from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
 from fedgate_coordinator.aggregation import apply_delta
 from fedgate_coordinator.config import CoordinatorConfig
+from fedgate_coordinator.errors import ConfigError
+from fedgate_coordinator.federation import DecidedModel, FederationNode, global_model_message
+from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
 from fedgate_coordinator.rounds import (
@@ -80,24 +88,26 @@ def recover_interrupted_rounds(store: Store) -> list[int]:
     return interrupted
 
 
-def ensure_genesis(
-    store: Store, config: CoordinatorConfig, *, seed: int | None = None
-) -> ModelRecord:
+def ensure_genesis(store: Store, config: CoordinatorConfig, manifest: Manifest) -> ModelRecord:
     """Return the head of the model chain, creating the genesis model on first start.
 
-    ``seed`` fixes the initial weights for reproducible experiments; by default they are
-    drawn from fresh randomness.
+    Every cloud derives the same genesis from the manifest's model spec and seed; its
+    digest must be the one the manifest names.
     """
     head = store.head_model()
     if head is not None:
         return head
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
-    genesis = ModelRecord.from_weights(
-        round=0,
-        parent_digest=GENESIS_PARENT,
-        spec=config.model,
-        weights=initial_weights(config.model, rng),
-    )
+    if manifest.model_spec != config.model:
+        raise ConfigError(
+            "the federation manifest's model spec differs from coordinator.toml [model]; "
+            "use the manifest's"
+        )
+    genesis = genesis_record(manifest.model_spec, manifest.genesis_seed)
+    if genesis.digest != manifest.genesis_digest:
+        raise ConfigError(
+            f"the genesis model derived from the manifest has digest {genesis.digest[:16]}…, "
+            f"the manifest names {manifest.genesis_digest[:16]}…"
+        )
     store.add_model(genesis)
     return genesis
 
@@ -109,9 +119,12 @@ class CoordinatorService:
         config: CoordinatorConfig,
         store: Store,
         signing_key: nacl.signing.SigningKey,
+        manifest: SignedManifest,
+        state_dir: Path,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.config = config
+        self.manifest = manifest
         self.store = store
         self._key = signing_key
         self._limits = limits
@@ -129,6 +142,15 @@ class CoordinatorService:
         self._bytes_down_per_agent = 0
         self._agent_keys: dict[str, nacl.signing.VerifyKey] = {}
         self.summary = ServeSummary()
+        self.federation = FederationNode(
+            deployment=config.deployment,
+            cloud=config.cloud,
+            manifest=manifest,
+            signing_key=signing_key,
+            store=store,
+            own_link=self.link,
+            state_dir=state_dir,
+        )
 
     # -- wire helpers -------------------------------------------------------------------
     def _seal(self, payload: Payload) -> bytes:
@@ -144,14 +166,19 @@ class CoordinatorService:
         return {"deployment": self.config.deployment, "cloud": self.config.cloud, **extra}
 
     def _global_model_message(self, model: ModelRecord) -> bytes:
-        return self._seal(
-            GlobalModel(
-                round=model.round,
-                digest=model.digest,
-                parent_digest=model.parent_digest,
-                spec=model.decode_spec(),
-                weights=model.decode_wire_weights(),
-            )
+        """The model as agents receive it: with its commit certificate from the store."""
+        decision = self.store.decision(model.round) if model.round > 0 else None
+        certificate = (
+            msgspec.msgpack.decode(decision.certificate, type=Certificate)
+            if decision is not None
+            else None
+        )
+        return global_model_message(
+            model,
+            certificate,
+            signing_key=self._key,
+            deployment=self.config.deployment,
+            cloud=self.config.cloud,
         )
 
     # -- inbound ------------------------------------------------------------------------
@@ -259,11 +286,137 @@ class CoordinatorService:
             await asyncio.sleep(5)
 
     async def run_round(self) -> RoundCompleted | None:
-        """Run one round end to end; returns the result when it completed."""
-        selected = await self._selected_agents()
+        """Run one height: this cloud's round, then consensus on the global model.
+
+        Returns the local result when this cloud's round completed. Every height ends with
+        a certified model, also when this cloud's round aborted (it then contributes an
+        empty aggregate) or when the federation decided it without us (catch-up).
+        """
         head = self.store.head_model()
         assert head is not None  # ensure_genesis ran before the first round
-        number = self.store.next_round_number()
+        number = head.round + 1
+        known = self.federation.known_decision(number)
+        if known is not None:
+            await self._adopt_decision(known, local=None, participants=[])
+            return None
+        result: RoundResult | None = None
+        participants: list[ParticipantRecord] = []
+        if self.store.get_round(number) is None:
+            result = await self._local_round(number, head)
+            if result is None:
+                return None  # privacy budget spent
+            participants = [_participant(c) for c in result.contributions]
+        aggregate = self._aggregate(number, head, result)
+        decided = await self.federation.decide(number, head, aggregate)
+        await self._adopt_decision(decided, local=result, participants=participants)
+        return result if isinstance(result, RoundCompleted) else None
+
+    def _aggregate(
+        self, number: int, head: ModelRecord, result: RoundResult | None
+    ) -> CloudAggregate:
+        """This cloud's signed contribution: the mean update, or nothing (0 participants)."""
+        base = _float32(head.decode_weights())
+        if isinstance(result, RoundCompleted):
+            delta = {name: result.weights[name] - base[name] for name in base}
+            participants = len(result.contributions)
+        else:
+            delta = {name: np.zeros_like(value) for name, value in base.items()}
+            participants = 0
+        return CloudAggregate(
+            round=number,
+            base_digest=head.digest,
+            participants=participants,
+            delta=encode_arrays(delta),
+        )
+
+    async def _adopt_decision(
+        self,
+        decided: DecidedModel,
+        *,
+        local: RoundResult | None,
+        participants: list[ParticipantRecord],
+    ) -> None:
+        """Store the certified model (closing this cloud's round) and publish it to agents."""
+        model = decided.model
+        number = model.round
+        message = global_model_message(
+            model,
+            decided.certificate,
+            signing_key=self._key,
+            deployment=self.config.deployment,
+            cloud=self.config.cloud,
+        )
+        if isinstance(local, RoundCompleted):
+            end = self._seal(
+                RoundEnd(
+                    round=number,
+                    outcome="completed",
+                    reason="",
+                    participants=tuple(p.agent_id for p in participants),
+                    model_digest=model.digest,
+                )
+            )
+            self.store.complete_round(
+                round=number,
+                participants=participants,
+                model=model,
+                mean_train_loss=local.mean_train_loss,
+                bytes_down_per_agent=self._bytes_down_per_agent + len(message) + len(end),
+            )
+            self.summary.rounds_completed += 1
+        else:
+            if isinstance(local, RoundAborted):
+                self.store.abort_round(round=number, reason=local.reason, participants=participants)
+                self.summary.rounds_aborted += 1
+            self.store.add_model(model)
+            end = self._seal(
+                RoundEnd(
+                    round=number,
+                    outcome="aborted",
+                    reason=local.reason if isinstance(local, RoundAborted) else "not run here",
+                    participants=tuple(p.agent_id for p in participants),
+                    model_digest=model.digest,
+                )
+            )
+        await self.federation.publish_decision(decided)
+        await self.link.publish(
+            model_topic(self.config.deployment, self.config.cloud), message, retain=True
+        )
+        if local is not None:
+            await self.link.publish(self._round_topic(number, "end"), end)
+            await self.link.publish(self._round_topic(number, "start"), b"", retain=True)
+        if isinstance(local, RoundCompleted):
+            log_event(
+                log,
+                logging.INFO,
+                "round completed",
+                **self._fields(
+                    round=number,
+                    participants=len(participants),
+                    model=model.digest[:12],
+                    signers=",".join(decided.signers),
+                    train_loss=(
+                        round(local.mean_train_loss, 5)
+                        if local.mean_train_loss is not None
+                        else "-"
+                    ),
+                ),
+            )
+        else:
+            log_event(
+                log,
+                logging.WARNING,
+                "round closed without this cloud's update",
+                **self._fields(
+                    round=number,
+                    reason=local.reason if isinstance(local, RoundAborted) else "catch-up",
+                    model=model.digest[:12],
+                ),
+            )
+
+    async def _local_round(self, number: int, head: ModelRecord) -> RoundResult | None:
+        """This cloud's part of height ``number``; ``None`` when the privacy budget stops it."""
+        selected = await self._selected_agents()
         secure = self.config.secagg.aggregation == "secagg"
         params = self._secure_params(len(selected), head.decode_spec()) if secure else None
         if params is not None and params.noise is not None:
@@ -316,78 +469,9 @@ class CoordinatorService:
                 result = await self._plaintext_round(number, head, selected, len(start))
             else:
                 result = await self._secure_round(number, head, selected, len(start), params)
-            self.current = None
-            participants = [_participant(c) for c in result.contributions]
-            if isinstance(result, RoundCompleted):
-                model = ModelRecord.from_weights(
-                    round=number,
-                    parent_digest=head.digest,
-                    spec=head.decode_spec(),
-                    weights=result.weights,
-                )
-                model_message = self._global_model_message(model)
-                end = self._seal(
-                    RoundEnd(
-                        round=number,
-                        outcome="completed",
-                        reason="",
-                        participants=tuple(p.agent_id for p in participants),
-                        model_digest=model.digest,
-                    )
-                )
-                self.store.complete_round(
-                    round=number,
-                    participants=participants,
-                    model=model,
-                    mean_train_loss=result.mean_train_loss,
-                    bytes_down_per_agent=self._bytes_down_per_agent + len(model_message) + len(end),
-                )
-                closed = True
-                await self.link.publish(
-                    model_topic(self.config.deployment, self.config.cloud),
-                    model_message,
-                    retain=True,
-                )
-                self.summary.rounds_completed += 1
-                log_event(
-                    log,
-                    logging.INFO,
-                    "round completed",
-                    **self._fields(
-                        round=number,
-                        participants=len(participants),
-                        model=model.digest[:12],
-                        train_loss=(
-                            round(result.mean_train_loss, 5)
-                            if result.mean_train_loss is not None
-                            else "-"
-                        ),
-                    ),
-                )
-            else:
-                end = self._seal(
-                    RoundEnd(
-                        round=number,
-                        outcome="aborted",
-                        reason=result.reason,
-                        participants=tuple(p.agent_id for p in participants),
-                        model_digest="",
-                    )
-                )
-                self.store.abort_round(
-                    round=number, reason=result.reason, participants=participants
-                )
-                closed = True
-                self.summary.rounds_aborted += 1
-                log_event(
-                    log,
-                    logging.WARNING,
-                    "round aborted",
-                    **self._fields(round=number, reason=result.reason),
-                )
-            await self.link.publish(self._round_topic(number, "end"), end)
+            closed = True
             await self.link.publish(start_topic, b"", retain=True)
-            return result if isinstance(result, RoundCompleted) else None
+            return result
         finally:
             self.current = None
             if not closed:
@@ -532,7 +616,10 @@ class CoordinatorService:
     ) -> RoundResult:
         """Drive the five SecAgg+ stages; only the decoded sum leaves the aggregator."""
         spec = head.decode_spec()
-        certificate = open_envelope(self._global_model_message(head)).signature
+        head_message = open_envelope(self._global_model_message(head))
+        payload = decode_payload(head_message)
+        assert isinstance(payload, GlobalModel)
+        certificate = graph_seed_certificate(payload)
         aggregator = Aggregator(
             deployment=self.config.deployment,
             cloud=self.config.cloud,
@@ -647,11 +734,18 @@ class CoordinatorService:
             )
             await self.link.publish(self._round_topic(number, "end"), self._seal(end))
 
+    def _head_round(self) -> int:
+        head = self.store.head_model()
+        return 0 if head is None else head.round
+
     def _round_topic(self, number: int, stage: str, agent: str | None = None) -> str:
         return round_topic(self.config.deployment, self.config.cloud, number, stage, agent)
 
-    async def run(self, *, max_rounds: int | None = None) -> ServeSummary:
-        """Recover, connect, publish the head model, then run rounds until ``max_rounds``."""
+    async def run(
+        self, *, max_rounds: int | None = None, until_height: int | None = None
+    ) -> ServeSummary:
+        """Recover, connect, publish the head model, then run rounds until ``max_rounds``
+        rounds ran or the model of ``until_height`` is decided."""
         recovered = recover_interrupted_rounds(self.store)
         for number in recovered:
             log_event(
@@ -660,11 +754,21 @@ class CoordinatorService:
                 "aborted round interrupted by a restart",
                 **self._fields(round=number),
             )
-        head = ensure_genesis(self.store, self.config)
+        head = ensure_genesis(self.store, self.config, self.manifest.manifest)
         self._warn_if_too_small(head.decode_spec())
+        log_event(
+            log,
+            logging.INFO,
+            "federation",
+            **self._fields(
+                tolerance=tolerance_text(len(self.manifest.manifest.clouds)),
+                clouds=",".join(c.cloud for c in self.manifest.manifest.clouds),
+            ),
+        )
         async with asyncio.TaskGroup() as group:
             link_task = group.create_task(self.link.run())
             intake_task = group.create_task(self._intake_loop())
+            federation_task = group.create_task(self.federation.run())
             await self.link.connected.wait()
             await self._announce_recovered(recovered)
             await self.link.publish(
@@ -674,11 +778,14 @@ class CoordinatorService:
             )
             started = 0
             while (max_rounds is None or started < max_rounds) and not self.summary.stopped:
+                if until_height is not None and self._head_round() >= until_height:
+                    break
                 started += 1
                 await self.run_round()
                 if self.config.rounds.pause_between_rounds_s:
                     await asyncio.sleep(self.config.rounds.pause_between_rounds_s)
             intake_task.cancel()
+            federation_task.cancel()
             link_task.cancel()
         return self.summary
 

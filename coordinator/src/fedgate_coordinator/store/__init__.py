@@ -1,18 +1,24 @@
 """Persistent state of a coordinator: agents, rounds and their stages, the model hash chain,
-the privacy ledger, events.
+the privacy ledger, cross-cloud consensus (per-cloud aggregates, votes, decisions, evidence),
+events.
 
 Open with :meth:`Store.open` (``sqlite:///file.db``, ``sqlite://`` or ``postgresql://...``);
 the schema is migrated with Alembic on open.
 """
 
 from fedgate_coordinator.store.records import (
+    CONSENSUS_STEPS,
+    NIL_VALUE,
     PLAINTEXT_STAGE,
     SECAGG_STAGES,
     SITE_UNIT,
     AgentRecord,
     AgentStatus,
+    AggregateRecord,
     Aggregation,
+    DecisionRecord,
     EventRecord,
+    EvidenceRecord,
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
@@ -20,6 +26,7 @@ from fedgate_coordinator.store.records import (
     RoundRecord,
     RoundStageRecord,
     RoundStatus,
+    VoteRecord,
     stage_order,
 )
 from fedgate_coordinator.store.store import (
@@ -31,14 +38,19 @@ from fedgate_coordinator.store.store import (
 )
 
 __all__ = [
+    "CONSENSUS_STEPS",
     "MIGRATIONS_DIR",
+    "NIL_VALUE",
     "PLAINTEXT_STAGE",
     "SECAGG_STAGES",
     "SITE_UNIT",
     "AgentRecord",
     "AgentStatus",
+    "AggregateRecord",
     "Aggregation",
+    "DecisionRecord",
     "EventRecord",
+    "EvidenceRecord",
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
@@ -47,6 +59,7 @@ __all__ = [
     "RoundStageRecord",
     "RoundStatus",
     "Store",
+    "VoteRecord",
     "alembic_config",
     "head_revision",
     "normalize_url",

@@ -19,13 +19,18 @@ from fedgate_common.digests import model_digest
 from fedgate_common.model_spec import ModelSpec
 
 __all__ = [
+    "CONSENSUS_STEPS",
+    "NIL_VALUE",
     "PLAINTEXT_STAGE",
     "SECAGG_STAGES",
     "SITE_UNIT",
     "AgentRecord",
     "AgentStatus",
+    "AggregateRecord",
     "Aggregation",
+    "DecisionRecord",
     "EventRecord",
+    "EvidenceRecord",
     "ModelRecord",
     "ModelSummary",
     "ParticipantRecord",
@@ -33,6 +38,7 @@ __all__ = [
     "RoundRecord",
     "RoundStageRecord",
     "RoundStatus",
+    "VoteRecord",
     "stage_order",
 ]
 
@@ -44,6 +50,12 @@ PLAINTEXT_STAGE = "update"
 
 SITE_UNIT = "site"
 """Unit of privacy of site-level DP: one agent's whole contribution to a round."""
+
+CONSENSUS_STEPS = ("proposal", "prevote", "precommit")
+"""The signed messages of cross-cloud consensus, in protocol order (DESIGN.md section 5)."""
+
+NIL_VALUE = ""
+"""The value of a nil prevote or precommit: a vote for no global model."""
 
 
 class AgentStatus(enum.StrEnum):
@@ -283,3 +295,100 @@ class EventRecord:
     round: int | None
     agent_id: str | None
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRecord:
+    """A signed per-cloud aggregate for height ``height``, without its delta.
+
+    ``cloud`` sent it; ``base_digest`` is the global model its round started from;
+    ``participants`` agents were averaged (0: the cloud's round aborted); ``norm`` is the
+    L2 norm of its delta and ``digest`` the SHA-256 (hex) of the signed aggregate message.
+    ``received_at`` is set by the store when ``None``.
+    """
+
+    height: int
+    cloud: str
+    base_digest: str
+    participants: int
+    norm: float
+    digest: str
+    received_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VoteRecord:
+    """One signed consensus message: ``step`` is one of :data:`CONSENSUS_STEPS`.
+
+    ``voter`` is the signing cloud, ``value`` the digest voted for (:data:`NIL_VALUE` for a
+    nil prevote or precommit; a proposal always names a value), ``round`` the consensus
+    round within ``height``. ``own`` is true for a vote this coordinator signed;
+    ``envelope`` is the signed message exactly as sent or received. ``received_at`` is set
+    by the store when ``None``.
+    """
+
+    height: int
+    round: int
+    step: str
+    voter: str
+    value: str
+    own: bool
+    envelope: bytes
+    received_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """The global model decided at ``height``: ``value`` is its digest, ``certificate`` the
+    encoded commit certificate of consensus round ``round`` and ``signers`` the clouds
+    whose precommits it holds (kept sorted: any order may be given). ``decided_at`` is set
+    by the store when ``None``.
+    """
+
+    height: int
+    round: int
+    value: str
+    signers: tuple[str, ...]
+    certificate: bytes
+    decided_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.signers, str):
+            raise TypeError(f"signers is a sequence of cloud ids, not the string {self.signers!r}")
+        object.__setattr__(self, "signers", tuple(sorted(self.signers)))
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceRecord:
+    """Two conflicting signed messages of ``voter`` for one (``height``, ``round``,
+    ``step``): ``first_envelope`` signs ``first_value``, ``second_envelope``
+    ``second_value``.
+
+    The pair is kept in canonical order, ``first_value < second_value`` (the constructor
+    swaps values and envelopes together if needed), so one equivocation is one record
+    whichever message arrived first. ``detected_at`` is set by the store when ``None``;
+    ``id`` is assigned by the store.
+    """
+
+    voter: str
+    height: int
+    round: int
+    step: str
+    first_value: str
+    second_value: str
+    first_envelope: bytes
+    second_envelope: bytes
+    detected_at: datetime | None = None
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.first_value, str)
+            and isinstance(self.second_value, str)
+            and self.second_value < self.first_value
+        ):
+            first = (self.first_value, self.first_envelope)
+            object.__setattr__(self, "first_value", self.second_value)
+            object.__setattr__(self, "first_envelope", self.second_envelope)
+            object.__setattr__(self, "second_value", first[0])
+            object.__setattr__(self, "second_envelope", first[1])

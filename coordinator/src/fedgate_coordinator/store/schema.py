@@ -11,11 +11,13 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -23,19 +25,24 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "AgentRow",
     "Base",
+    "CloudAggregateRow",
+    "DecisionRow",
     "EventRow",
+    "EvidenceRow",
     "ModelRow",
     "PrivacyLedgerRow",
     "RoundParticipantRow",
     "RoundRow",
     "RoundStageRow",
     "UTCDateTime",
+    "VoteRow",
 ]
 
 # Deterministic constraint names, so later migrations can refer to them on both backends.
@@ -50,6 +57,9 @@ NAMING_CONVENTION = {
 DIGEST_LENGTH = 64  # SHA-256 hex
 STAGE_LENGTH = 32  # a protocol stage name: keys, shares, masked, confirm, reveal, update
 UNIT_LENGTH = 32  # a unit of privacy: site
+CLOUD_LENGTH = 64  # a cloud id (fedgate_common.identifiers: 1-64 characters)
+STEP_LENGTH = 16  # a consensus step: proposal, prevote, precommit
+_STEP_CHECK = "step IN ('proposal', 'prevote', 'precommit')"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -251,3 +261,115 @@ class EventRow(Base):
     # Text, not String(64): events also name unknown senders, whatever they claim to be.
     agent_id: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text)
+
+
+class CloudAggregateRow(Base):
+    """A signed per-cloud aggregate received (or sent) for one height: its metadata only.
+
+    ``digest`` is the SHA-256 (hex) of the signed aggregate message; the raw delta is not
+    stored. ``base_digest`` is the global model the cloud's round started from, ``norm``
+    the L2 norm of its delta, ``participants`` its agents (0: the cloud's round aborted).
+    One cloud may appear twice at a height only with different digests (an equivocating
+    cloud), which the unique (height, cloud, digest) keeps visible.
+    """
+
+    __tablename__ = "cloud_aggregates"
+    __table_args__ = (
+        UniqueConstraint("height", "cloud", "digest"),
+        CheckConstraint("height >= 0", name="height"),
+        CheckConstraint("participants >= 0", name="participants"),
+        CheckConstraint("norm >= 0", name="norm"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    height: Mapped[int] = mapped_column(Integer)
+    cloud: Mapped[str] = mapped_column(String(CLOUD_LENGTH))
+    base_digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    participants: Mapped[int] = mapped_column(Integer)
+    norm: Mapped[float] = mapped_column(Float)
+    digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VoteRow(Base):
+    """One signed consensus message: a proposal, prevote or precommit of ``voter``.
+
+    ``value`` is the digest voted for (``''`` for a nil vote); ``own`` marks the votes this
+    coordinator signed, ``envelope`` is the signed message exactly as sent or received.
+    The partial unique index ``ix_votes_own_vote_once`` lets this coordinator hold at most
+    one own vote per (height, round, step): it never signs two different values there.
+    """
+
+    __tablename__ = "votes"
+    __table_args__ = (
+        UniqueConstraint("height", "round", "step", "voter", "value"),
+        CheckConstraint("height >= 0 AND round >= 0", name="height_round"),
+        CheckConstraint(_STEP_CHECK, name="step"),
+        Index(
+            "ix_votes_own_vote_once",
+            "height",
+            "round",
+            "step",
+            unique=True,
+            sqlite_where=text("own"),
+            postgresql_where=text("own"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    height: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(STEP_LENGTH))
+    voter: Mapped[str] = mapped_column(String(CLOUD_LENGTH))
+    value: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    own: Mapped[bool] = mapped_column(Boolean)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DecisionRow(Base):
+    """The global model decided at one height, with its commit certificate.
+
+    ``value`` is the decided global model's digest, ``round`` the consensus round of the
+    certificate, ``signers`` the clouds whose precommits it holds (comma-separated, sorted)
+    and ``certificate`` the encoded commit certificate. One decision per height, never
+    replaced.
+    """
+
+    __tablename__ = "decisions"
+    __table_args__ = (CheckConstraint("height >= 0 AND round >= 0", name="height_round"),)
+
+    height: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    round: Mapped[int] = mapped_column(Integer)
+    value: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    signers: Mapped[str] = mapped_column(Text)
+    certificate: Mapped[bytes] = mapped_column(LargeBinary)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EvidenceRow(Base):
+    """Two conflicting signed messages of one ``voter`` for the same (height, round, step).
+
+    The pair is kept in a canonical order (``first_value`` sorts before ``second_value``,
+    checked by the store), so the same equivocation is recorded once whichever message
+    arrived first; both signed envelopes are kept as proof.
+    """
+
+    __tablename__ = "evidence"
+    __table_args__ = (
+        UniqueConstraint("voter", "height", "round", "step", "first_value", "second_value"),
+        CheckConstraint("height >= 0 AND round >= 0", name="height_round"),
+        CheckConstraint(_STEP_CHECK, name="step"),
+        CheckConstraint("first_value <> second_value", name="values_differ"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    voter: Mapped[str] = mapped_column(String(CLOUD_LENGTH))
+    height: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(STEP_LENGTH))
+    first_value: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    second_value: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    first_envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    second_envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    detected_at: Mapped[datetime] = mapped_column(UTCDateTime())

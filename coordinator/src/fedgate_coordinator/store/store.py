@@ -1,5 +1,5 @@
-"""The coordinator store: agents, rounds, the model hash chain, the privacy ledger and events
-in one database.
+"""The coordinator store: agents, rounds, the model hash chain, the privacy ledger, cross-cloud
+consensus (per-cloud aggregates, votes, decisions, evidence) and events in one database.
 
 Works the same on a SQLite file (the embedded default), in-memory SQLite (tests) and
 PostgreSQL. Every public method is one transaction; multi-row changes such as
@@ -12,12 +12,13 @@ import math
 import numbers
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 import msgspec
 from alembic import command
@@ -26,20 +27,36 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from fedgate_common.digests import GENESIS_PARENT, model_digest
-from fedgate_common.errors import FedgateError
+from fedgate_common.errors import FedgateError, InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
-from sqlalchemy import URL, Connection, Engine, create_engine, event, func, select
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
 from fedgate_coordinator.store.records import (
+    CONSENSUS_STEPS,
+    NIL_VALUE,
     AgentRecord,
     AgentStatus,
+    AggregateRecord,
     Aggregation,
+    DecisionRecord,
     EventRecord,
+    EvidenceRecord,
     ModelRecord,
     ModelSummary,
     ParticipantRecord,
@@ -47,18 +64,24 @@ from fedgate_coordinator.store.records import (
     RoundRecord,
     RoundStageRecord,
     RoundStatus,
+    VoteRecord,
     stage_order,
 )
 from fedgate_coordinator.store.schema import (
     STAGE_LENGTH,
     UNIT_LENGTH,
     AgentRow,
+    Base,
+    CloudAggregateRow,
+    DecisionRow,
     EventRow,
+    EvidenceRow,
     ModelRow,
     PrivacyLedgerRow,
     RoundParticipantRow,
     RoundRow,
     RoundStageRow,
+    VoteRow,
 )
 
 __all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "head_revision", "normalize_url"]
@@ -69,6 +92,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _STAGE = re.compile(rf"[a-z][a-z0-9_]{{0,{STAGE_LENGTH - 1}}}")
 _UNIT = re.compile(rf"[a-z][a-z0-9_]{{0,{UNIT_LENGTH - 1}}}")
 MAX_WORD_BITS = 64
+_RowT = TypeVar("_RowT", bound=Base)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -729,6 +753,246 @@ class Store:
         with self._transaction() as session:
             return [_privacy_entry(row) for row in session.scalars(query)]
 
+    # -- cross-cloud consensus ---------------------------------------------------------
+
+    def record_cloud_aggregate(self, record: AggregateRecord) -> bool:
+        """Keep the metadata of a signed per-cloud aggregate (see :class:`AggregateRecord`).
+
+        Idempotent on (height, cloud, digest): returns ``False``, and changes nothing, when
+        that aggregate is recorded already; ``True`` when it was added. Raises
+        :class:`StoreError` if a value is out of range (see :func:`_check_aggregate`).
+        """
+        record = _check_aggregate(record)
+        existing = select(CloudAggregateRow.id).where(
+            CloudAggregateRow.height == record.height,
+            CloudAggregateRow.cloud == record.cloud,
+            CloudAggregateRow.digest == record.digest,
+        )
+        row = CloudAggregateRow(
+            height=record.height,
+            cloud=record.cloud,
+            base_digest=record.base_digest,
+            participants=record.participants,
+            norm=record.norm,
+            digest=record.digest,
+            received_at=record.received_at or _now(),
+        )
+        return self._add_once(row, existing)
+
+    def cloud_aggregates(self, height: int) -> list[AggregateRecord]:
+        """The aggregates recorded for ``height``, by cloud id (then in order of arrival)."""
+        query = (
+            select(CloudAggregateRow)
+            .where(CloudAggregateRow.height == height)
+            .order_by(CloudAggregateRow.cloud, CloudAggregateRow.id)
+        )
+        with self._transaction() as session:
+            return [_aggregate_record(row) for row in session.scalars(query)]
+
+    def record_vote(self, vote: VoteRecord) -> bool:
+        """Keep a signed proposal, prevote or precommit (see :class:`VoteRecord`).
+
+        Idempotent on (height, round, step, voter, value): returns ``False``, keeping the
+        first envelope, when that vote is recorded already; ``True`` when it was added.
+        A peer's second, different vote for one (height, round, step) is recorded too (it
+        is evidence; see :meth:`record_evidence`).
+
+        Raises :class:`StoreError` if a value is out of range (see :func:`_check_vote`), or
+        if ``vote.own`` and this coordinator already recorded an own vote for a different
+        value at the same (height, round, step): it must never sign two (DESIGN.md
+        section 5). The database enforces that too (index ``ix_votes_own_vote_once``).
+        """
+        vote = _check_vote(vote)
+        existing = select(VoteRow.id).where(
+            VoteRow.height == vote.height,
+            VoteRow.round == vote.round,
+            VoteRow.step == vote.step,
+            VoteRow.voter == vote.voter,
+            VoteRow.value == vote.value,
+        )
+
+        def refuse_second_own_vote(session: Session) -> None:
+            if not vote.own:
+                return
+            signed = session.scalar(
+                select(VoteRow.value).where(
+                    VoteRow.height == vote.height,
+                    VoteRow.round == vote.round,
+                    VoteRow.step == vote.step,
+                    VoteRow.own.is_(True),
+                )
+            )
+            if signed is not None and signed != vote.value:
+                raise StoreError(
+                    f"height {vote.height}, round {vote.round}, {vote.step}: this coordinator "
+                    f"already signed {signed or 'nil'!r}; refusing to record a second own vote "
+                    f"for {vote.value or 'nil'!r}"
+                )
+
+        row = VoteRow(
+            height=vote.height,
+            round=vote.round,
+            step=vote.step,
+            voter=vote.voter,
+            value=vote.value,
+            own=bool(vote.own),
+            envelope=bytes(vote.envelope),
+            received_at=vote.received_at or _now(),
+        )
+        return self._add_once(row, existing, before_insert=refuse_second_own_vote)
+
+    def votes(self, height: int | None = None, limit: int | None = None) -> list[VoteRecord]:
+        """Recorded votes ordered by height, round, step (proposal, prevote, precommit),
+        voter and value; only ``height``'s when given, and only the last ``limit`` of that
+        order (the newest heights) when ``limit`` is given.
+        """
+        step_order = case(
+            {step: index for index, step in enumerate(CONSENSUS_STEPS)}, value=VoteRow.step
+        )
+        order = (VoteRow.height, VoteRow.round, step_order, VoteRow.voter, VoteRow.value)
+        where = () if height is None else (VoteRow.height == height,)
+        rows = self._newest_last(VoteRow, order, limit, where=where)
+        return [_vote_record(row) for row in rows]
+
+    def record_decision(self, decision: DecisionRecord) -> bool:
+        """Keep the decision of height ``decision.height`` with its commit certificate.
+
+        Returns ``True`` when recorded, ``False`` when that height was decided already with
+        the same value (the first certificate is kept). Raises :class:`StoreError` if the
+        height is decided with a different value, which would mean the federation forked,
+        or if a value is out of range (see :func:`_check_decision`).
+        """
+        decision = _check_decision(decision)
+        with self._transaction() as session:
+            existing = session.get(DecisionRow, decision.height)
+            if existing is None:
+                try:
+                    with session.begin_nested():
+                        session.add(
+                            DecisionRow(
+                                height=decision.height,
+                                round=decision.round,
+                                value=decision.value,
+                                signers=",".join(decision.signers),
+                                certificate=bytes(decision.certificate),
+                                decided_at=decision.decided_at or _now(),
+                            )
+                        )
+                    return True
+                except IntegrityError:  # another writer decided this height first
+                    existing = session.get(DecisionRow, decision.height)
+                    if existing is None:
+                        raise
+            if existing.value != decision.value:
+                raise StoreError(
+                    f"height {decision.height} is decided already on {existing.value!r} "
+                    f"(round {existing.round}); refusing the conflicting decision "
+                    f"{decision.value!r} (round {decision.round})"
+                )
+            return False
+
+    def decision(self, height: int) -> DecisionRecord | None:
+        """The decision of ``height``, ``None`` while it is undecided."""
+        with self._transaction() as session:
+            row = session.get(DecisionRow, height)
+            return None if row is None else _decision_record(row)
+
+    def decisions(self, limit: int | None = None) -> list[DecisionRecord]:
+        """Decisions by height, newest last; only the last ``limit`` when given."""
+        rows = self._newest_last(DecisionRow, (DecisionRow.height,), limit)
+        return [_decision_record(row) for row in rows]
+
+    def last_decision(self) -> DecisionRecord | None:
+        """The decision of the highest decided height, ``None`` before the first."""
+        query = select(DecisionRow).order_by(DecisionRow.height.desc()).limit(1)
+        with self._transaction() as session:
+            row = session.scalars(query).first()
+            return None if row is None else _decision_record(row)
+
+    def record_evidence(self, evidence: EvidenceRecord) -> bool:
+        """Keep two conflicting signed messages of one voter (see :class:`EvidenceRecord`).
+
+        Idempotent on (voter, height, round, step, first_value, second_value): returns
+        ``False`` when that equivocation is recorded already, ``True`` when it was added.
+        Raises :class:`StoreError` if a value is out of range (see :func:`_check_evidence`).
+        """
+        evidence = _check_evidence(evidence)
+        existing = select(EvidenceRow.id).where(
+            EvidenceRow.voter == evidence.voter,
+            EvidenceRow.height == evidence.height,
+            EvidenceRow.round == evidence.round,
+            EvidenceRow.step == evidence.step,
+            EvidenceRow.first_value == evidence.first_value,
+            EvidenceRow.second_value == evidence.second_value,
+        )
+        row = EvidenceRow(
+            voter=evidence.voter,
+            height=evidence.height,
+            round=evidence.round,
+            step=evidence.step,
+            first_value=evidence.first_value,
+            second_value=evidence.second_value,
+            first_envelope=bytes(evidence.first_envelope),
+            second_envelope=bytes(evidence.second_envelope),
+            detected_at=evidence.detected_at or _now(),
+        )
+        return self._add_once(row, existing)
+
+    def evidence(self, limit: int | None = None) -> list[EvidenceRecord]:
+        """Recorded evidence in order of detection, newest last; the last ``limit`` when
+        given."""
+        rows = self._newest_last(EvidenceRow, (EvidenceRow.id,), limit)
+        return [_evidence_record(row) for row in rows]
+
+    def _add_once(
+        self,
+        row: Base,
+        existing: Select[int],
+        *,
+        before_insert: Callable[[Session], None] | None = None,
+    ) -> bool:
+        """Insert ``row`` unless ``existing`` finds its key; ``True`` when inserted.
+
+        ``before_insert`` runs first, in the same transaction, and may raise to refuse the
+        row even when its key is present. A concurrent writer that inserts the same key
+        first makes the insert fail inside a savepoint; that counts as "already recorded",
+        any other integrity error does not.
+        """
+        with self._transaction() as session:
+            if before_insert is not None:
+                before_insert(session)
+            if session.scalar(existing) is not None:
+                return False
+            try:
+                with session.begin_nested():
+                    session.add(row)
+            except IntegrityError:
+                if session.scalar(existing) is not None:
+                    return False
+                raise
+            return True
+
+    def _newest_last(
+        self,
+        entity: type[_RowT],
+        order: Sequence[ColumnElement[Any] | InstrumentedAttribute[Any]],
+        limit: int | None,
+        *,
+        where: Sequence[ColumnElement[bool]] = (),
+    ) -> list[_RowT]:
+        """Rows of ``entity`` matching ``where`` in ``order``; with ``limit``, only the last
+        ``limit`` of them (still in ``order``)."""
+        if limit is not None and (isinstance(limit, bool) or limit < 0):
+            raise StoreError(f"limit must be an integer >= 0 or None, got {limit!r}")
+        query = select(entity).where(*where)
+        with self._transaction() as session:
+            if limit is None:
+                return list(session.scalars(query.order_by(*order)))
+            descending = [column.desc() for column in order]
+            rows = list(session.scalars(query.order_by(*descending).limit(limit)))
+        rows.reverse()
+        return rows
+
     # -- events ------------------------------------------------------------------------
 
     def record_event(
@@ -868,6 +1132,129 @@ def _check_privacy(entry: PrivacyLedgerEntry) -> None:
             raise StoreError(f"{where}: {name} must be an integer >= 0, got {count!r}")
 
 
+def _check_count(where: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise StoreError(f"{where}: {name} must be an integer >= 0, got {value!r}")
+
+
+def _check_cloud_id(where: str, name: str, value: str) -> None:
+    try:
+        validate_identifier(value, what=name)
+    except InvalidIdentifier as exc:
+        raise StoreError(f"{where}: {exc}") from None
+
+
+def _check_digest(where: str, name: str, value: object, *, nil: bool = False) -> None:
+    """A SHA-256 hex digest (64 lowercase hex characters), or ``''`` when ``nil``."""
+    if nil and value == NIL_VALUE:
+        return
+    if not isinstance(value, str) or _DIGEST.fullmatch(value) is None:
+        allowed = " or '' (nil)" if nil else ""
+        raise StoreError(
+            f"{where}: {name} must be 64 lowercase hex characters{allowed}, got {value!r}"
+        )
+
+
+def _check_step(where: str, value: object) -> None:
+    if value not in CONSENSUS_STEPS:
+        raise StoreError(
+            f"{where}: step must be one of {', '.join(CONSENSUS_STEPS)}, got {value!r}"
+        )
+
+
+def _check_signed_bytes(where: str, name: str, value: object) -> None:
+    if not isinstance(value, bytes) or not value:
+        raise StoreError(f"{where}: {name} must be non-empty bytes (the signed message)")
+
+
+def _check_aggregate(record: AggregateRecord) -> AggregateRecord:
+    """``record`` with plain ``int``/``float`` numbers; :class:`StoreError` unless it can
+    describe a per-cloud aggregate.
+
+    ``height`` and ``participants`` are integers >= 0, ``cloud`` is a valid identifier,
+    ``base_digest`` and ``digest`` are SHA-256 hex digests, ``norm`` is finite and >= 0.
+    """
+    where = f"aggregate of height {record.height!r}"
+    _check_count(where, "height", record.height)
+    _check_cloud_id(where, "cloud id", record.cloud)
+    _check_digest(where, "base_digest", record.base_digest)
+    _check_count(where, "participants", record.participants)
+    if not _is_finite_number(record.norm) or record.norm < 0:
+        raise StoreError(f"{where}: norm must be a finite number >= 0, got {record.norm!r}")
+    _check_digest(where, "digest", record.digest)
+    return replace(
+        record,
+        height=int(record.height),
+        participants=int(record.participants),
+        norm=float(record.norm),
+    )
+
+
+def _check_vote(vote: VoteRecord) -> VoteRecord:
+    """``vote`` with plain ``int`` numbers; :class:`StoreError` unless it can describe one
+    signed consensus message.
+
+    ``height`` and ``round`` are integers >= 0, ``step`` is one of :data:`CONSENSUS_STEPS`,
+    ``voter`` a valid cloud id, ``value`` a SHA-256 hex digest (or ``''`` for a nil prevote
+    or precommit; a proposal always names a value), ``own`` a bool and ``envelope``
+    non-empty bytes.
+    """
+    where = f"vote at height {vote.height!r}, round {vote.round!r}"
+    _check_count(where, "height", vote.height)
+    _check_count(where, "round", vote.round)
+    _check_step(where, vote.step)
+    _check_cloud_id(where, "voter", vote.voter)
+    _check_digest(where, "value", vote.value, nil=vote.step != "proposal")
+    if not isinstance(vote.own, bool):
+        raise StoreError(f"{where}: own must be a bool, got {vote.own!r}")
+    _check_signed_bytes(where, "envelope", vote.envelope)
+    return replace(vote, height=int(vote.height), round=int(vote.round))
+
+
+def _check_decision(decision: DecisionRecord) -> DecisionRecord:
+    """``decision`` with plain ``int`` numbers; :class:`StoreError` unless it can describe
+    a decided height.
+
+    ``height`` and ``round`` are integers >= 0, ``value`` a SHA-256 hex digest (never nil),
+    ``signers`` at least one distinct valid cloud id and ``certificate`` non-empty bytes.
+    """
+    where = f"decision of height {decision.height!r}"
+    _check_count(where, "height", decision.height)
+    _check_count(where, "round", decision.round)
+    _check_digest(where, "value", decision.value)
+    if not decision.signers:
+        raise StoreError(f"{where}: a commit certificate has at least one signer")
+    for signer in decision.signers:
+        _check_cloud_id(where, "signer", signer)
+    if len(set(decision.signers)) != len(decision.signers):
+        raise StoreError(f"{where}: signers {', '.join(decision.signers)} repeat a cloud")
+    _check_signed_bytes(where, "certificate", decision.certificate)
+    return replace(decision, height=int(decision.height), round=int(decision.round))
+
+
+def _check_evidence(evidence: EvidenceRecord) -> EvidenceRecord:
+    """``evidence`` with plain ``int`` numbers; :class:`StoreError` unless it can describe
+    an equivocation.
+
+    As :func:`_check_vote` for ``voter``, ``height``, ``round`` and ``step``; the two
+    values differ (each a SHA-256 hex digest, or ``''`` for nil except in a proposal) and
+    both envelopes are non-empty bytes.
+    """
+    where = f"evidence against {evidence.voter!r} at height {evidence.height!r}"
+    _check_cloud_id(where, "voter", evidence.voter)
+    _check_count(where, "height", evidence.height)
+    _check_count(where, "round", evidence.round)
+    _check_step(where, evidence.step)
+    nil = evidence.step != "proposal"
+    _check_digest(where, "first_value", evidence.first_value, nil=nil)
+    _check_digest(where, "second_value", evidence.second_value, nil=nil)
+    if evidence.first_value == evidence.second_value:
+        raise StoreError(f"{where}: the two messages sign the same value: no conflict")
+    _check_signed_bytes(where, "first_envelope", evidence.first_envelope)
+    _check_signed_bytes(where, "second_envelope", evidence.second_envelope)
+    return replace(evidence, height=int(evidence.height), round=int(evidence.round))
+
+
 def _check_contents(model: ModelRecord) -> None:
     """Raise :class:`ChainBroken` unless the digest and size match the model's bytes."""
     if _DIGEST.fullmatch(model.digest) is None:
@@ -990,4 +1377,55 @@ def _event_record(row: EventRow) -> EventRecord:
         round=row.round,
         agent_id=row.agent_id,
         detail=row.detail,
+    )
+
+
+def _aggregate_record(row: CloudAggregateRow) -> AggregateRecord:
+    return AggregateRecord(
+        height=row.height,
+        cloud=row.cloud,
+        base_digest=row.base_digest,
+        participants=row.participants,
+        norm=row.norm,
+        digest=row.digest,
+        received_at=row.received_at,
+    )
+
+
+def _vote_record(row: VoteRow) -> VoteRecord:
+    return VoteRecord(
+        height=row.height,
+        round=row.round,
+        step=row.step,
+        voter=row.voter,
+        value=row.value,
+        own=bool(row.own),
+        envelope=bytes(row.envelope),
+        received_at=row.received_at,
+    )
+
+
+def _decision_record(row: DecisionRow) -> DecisionRecord:
+    return DecisionRecord(
+        height=row.height,
+        round=row.round,
+        value=row.value,
+        signers=tuple(row.signers.split(",")),
+        certificate=bytes(row.certificate),
+        decided_at=row.decided_at,
+    )
+
+
+def _evidence_record(row: EvidenceRow) -> EvidenceRecord:
+    return EvidenceRecord(
+        voter=row.voter,
+        height=row.height,
+        round=row.round,
+        step=row.step,
+        first_value=row.first_value,
+        second_value=row.second_value,
+        first_envelope=bytes(row.first_envelope),
+        second_envelope=bytes(row.second_envelope),
+        detected_at=row.detected_at,
+        id=row.id,
     )

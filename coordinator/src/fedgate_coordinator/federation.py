@@ -1,0 +1,785 @@
+"""The consensus driver: Tendermint's core over MQTT between the coordinators of all clouds.
+
+Topology (docs/decisions/0024): each coordinator publishes federation messages only on its
+own cloud's broker, under ``fedgate/<deployment>/federation/<cloud>/…``, and subscribes to
+that prefix on every peer's broker (endpoints from the manifest). Brokers are not bridged
+and not trusted: every message is a signed envelope checked against the manifest's keys.
+
+Per height (= federated round) the driver
+
+1. publishes this cloud's signed aggregate (retained), collects the peers';
+2. runs the core; as proposer it proposes once it holds every cloud's aggregate, or a
+   quorum of them after ``aggregate_wait_s``; validity recomputes the global model from the
+   proposal's signed aggregates with the manifest's rule and compares digests;
+3. writes the core's state to the journal before anything it signed leaves;
+4. on decision stores the votes, the decision and its certificate, and publishes the
+   certified model (retained, per height) so that lagging peers catch up from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import nacl.signing
+import numpy as np
+import numpy.typing as npt
+from fedgate_common.arrays import decode_arrays
+from fedgate_common.consensus.manifest import SignedManifest, quorum, verify_keys
+from fedgate_common.consensus.quorum import faults_tolerated
+from fedgate_common.consensus.tendermint import (
+    Action,
+    Broadcast,
+    ConsensusCore,
+    ConsensusState,
+    Decided,
+    Evidence,
+    Persist,
+    Relay,
+    RequestValue,
+    ScheduleTimeout,
+    Timeout,
+    Timeouts,
+)
+from fedgate_common.consensus.types import (
+    CommitCertificate,
+    Proposal,
+    SignedProposal,
+    SignedVote,
+    Vote,
+)
+from fedgate_common.consensus.wire import (
+    certificate_to_wire,
+    content_aggregates,
+    open_proposal,
+    open_signed,
+    open_vote,
+    proposal_content,
+    seal_proposal,
+    seal_vote,
+    verify_certificate,
+)
+from fedgate_common.envelope import open_envelope, seal
+from fedgate_common.errors import FedgateError, MalformedMessage, ProtocolError
+from fedgate_common.logs import log_event
+from fedgate_common.messages import Certificate, CloudAggregate, GlobalModel
+from fedgate_common.model_spec import ModelSpec
+from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
+
+from fedgate_coordinator.aggregation import apply_delta
+from fedgate_coordinator.consensus_journal import read_journal, write_journal
+from fedgate_coordinator.cross_cloud import (
+    CloudContribution,
+    aggregate_problem,
+    combine,
+    delta_norm,
+)
+from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
+from fedgate_coordinator.store import (
+    AggregateRecord,
+    DecisionRecord,
+    EvidenceRecord,
+    ModelRecord,
+    Store,
+    VoteRecord,
+)
+
+log = logging.getLogger("fedgate.coordinator.federation")
+
+KEEP_MODELS = 32  # retained certified models per cloud, for peers that fall behind
+GOSSIP_S = 3.0  # re-send own messages of the undecided height this often
+STATUS_NAME = "federation-status.json"
+
+
+class DecidedModel(msgspec.Struct, frozen=True, kw_only=True):
+    model: ModelRecord
+    certificate: Certificate
+    signers: tuple[str, ...]
+    consensus_round: int
+
+
+class PeerStatus(msgspec.Struct, kw_only=True):
+    cloud: str
+    broker: str
+    connected: bool = False
+    last_seen: float | None = None  # unix time of its last valid message
+
+
+class FederationStatus(msgspec.Struct, kw_only=True):
+    """What ``fedgate-coordinator status`` shows about consensus (written every few s)."""
+
+    updated: float
+    height: int
+    round: int
+    step: str
+    clouds: int
+    quorum: int
+    faults_tolerated: int
+    peers: list[PeerStatus]
+    rejected: dict[str, int]
+
+
+class _Input(msgspec.Struct, frozen=True):
+    kind: Literal["proposal", "vote", "timeout", "value", "certificate"]
+    item: object
+
+
+def global_model_message(
+    model: ModelRecord,
+    certificate: Certificate | None,
+    *,
+    signing_key: nacl.signing.SigningKey,
+    deployment: str,
+    cloud: str,
+) -> bytes:
+    return seal(
+        GlobalModel(
+            round=model.round,
+            digest=model.digest,
+            parent_digest=model.parent_digest,
+            spec=model.decode_spec(),
+            weights=model.decode_wire_weights(),
+            certificate=certificate,
+        ),
+        signing_key=signing_key,
+        deployment=deployment,
+        cloud=cloud,
+        sender=cloud,
+    )
+
+
+def float32_weights(
+    weights: Mapping[str, npt.NDArray[np.generic]],
+) -> dict[str, npt.NDArray[np.float32]]:
+    return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+
+
+class FederationNode:
+    """One coordinator's part in cross-cloud consensus (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        deployment: str,
+        cloud: str,
+        manifest: SignedManifest,
+        signing_key: nacl.signing.SigningKey,
+        store: Store,
+        own_link: MqttLink,
+        state_dir: Path,
+    ) -> None:
+        self.deployment = deployment
+        self.cloud = cloud
+        self.manifest = manifest.manifest
+        self._key = signing_key
+        self.store = store
+        self.own_link = own_link
+        self.state_dir = state_dir
+        self.clouds = tuple(c.cloud for c in self.manifest.clouds)
+        self.keys = verify_keys(self.manifest)
+        self.quorum = quorum(self.manifest)
+        self.params = self.manifest.consensus
+        self.spec: ModelSpec = self.manifest.model_spec
+        self.peer_links: dict[str, MqttLink] = {}
+        self.peers: dict[str, PeerStatus] = {}
+        for entry in self.manifest.clouds:
+            if entry.cloud == cloud:
+                continue
+            host, _, port = entry.broker.rpartition(":")
+            self.peer_links[entry.cloud] = MqttLink(
+                settings=MqttSettings(
+                    host=host,
+                    port=int(port),
+                    client_id=f"fedgate-coordinator-{deployment}-{cloud}-peer-{entry.cloud}",
+                ),
+                subscriptions=[federation_filter(deployment, entry.cloud)],
+            )
+            self.peers[entry.cloud] = PeerStatus(cloud=entry.cloud, broker=entry.broker)
+        self.rejected: dict[str, int] = {}
+        self._inputs: asyncio.Queue[_Input] = asyncio.Queue(maxsize=10_000)
+        self._core = ConsensusCore(
+            me=cloud,
+            validators=self.clouds,
+            sign_vote=self._sign_vote,
+            sign_proposal=self._sign_proposal,
+            is_valid=self._is_valid,
+            timeouts=Timeouts(
+                propose_s=self.params.timeout_propose_s,
+                prevote_s=self.params.timeout_prevote_s,
+                precommit_s=self.params.timeout_precommit_s,
+                delta_s=self.params.timeout_delta_s,
+            ),
+            state=read_journal(state_dir),
+        )
+        self._resumed = self._core.state.height > 0
+        # Per height: base model, the aggregates received (cloud → signed bytes), start time.
+        self._base: ModelRecord | None = None
+        self._height = 0
+        self._aggregates: dict[int, dict[str, bytes]] = {}
+        self._aggregate_ok: dict[bytes, bool] = {}  # sha256 of a signed aggregate → usable
+        self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
+        self._decided: dict[int, DecidedModel] = {}
+        self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
+        self._value_task: asyncio.Task[None] | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- signing callbacks (pure, for the core) -------------------------------------------
+    def _sign_vote(self, vote: Vote) -> SignedVote:
+        return seal_vote(vote, deployment=self.deployment, signing_key=self._key)
+
+    def _sign_proposal(self, proposal: Proposal) -> SignedProposal:
+        return seal_proposal(proposal, deployment=self.deployment, signing_key=self._key)
+
+    # -- validity ---------------------------------------------------------------------------
+    def _is_valid(self, proposal: Proposal) -> bool:
+        """valid(v) of Algorithm 1: the proposal's signed aggregates yield its digest."""
+        if proposal.value in self._candidates:
+            return self._candidates[proposal.value].round == proposal.height
+        try:
+            model = self._model_from_content(proposal.height, proposal.content)
+        except (FedgateError, ValueError) as exc:
+            self._count("invalid_proposal")
+            log_event(
+                log,
+                logging.WARNING,
+                "proposal invalid",
+                **self._fields(height=proposal.height, proposer=proposal.proposer, reason=str(exc)),
+            )
+            return False
+        if model.digest != proposal.value:
+            self._count("invalid_proposal")
+            log_event(
+                log,
+                logging.WARNING,
+                "proposal digest does not match its aggregates",
+                **self._fields(height=proposal.height, proposer=proposal.proposer),
+            )
+            return False
+        self._candidates[model.digest] = model
+        return True
+
+    def _model_from_content(self, height: int, content: bytes) -> ModelRecord:
+        base = self._base
+        if base is None or height != self._height:
+            raise MalformedMessage(f"no base model for height {height} here yet")
+        raws = content_aggregates(content)
+        if len(raws) < self.quorum:
+            raise MalformedMessage(f"{len(raws)} aggregates; the quorum is {self.quorum}")
+        contributions = [self._contribution(height, raw) for raw in raws]
+        if len({c.cloud for c in contributions}) != len(contributions):
+            raise MalformedMessage("two aggregates from one cloud")
+        delta = combine(
+            self.params.rule,
+            contributions,
+            weight_cap=self.params.cloud_weight_cap,
+            spec=self.spec,
+        )
+        weights = apply_delta(float32_weights(base.decode_weights()), delta)
+        return ModelRecord.from_weights(
+            round=height, parent_digest=base.digest, spec=self.spec, weights=weights
+        )
+
+    def _contribution(self, height: int, raw: bytes) -> CloudContribution:
+        envelope, payload = open_signed(raw, deployment=self.deployment, keys=self.keys)
+        if not isinstance(payload, CloudAggregate):
+            raise MalformedMessage("not an aggregate", sender=envelope.sender)
+        base = self._base
+        if payload.round != height or base is None or payload.base_digest != base.digest:
+            raise MalformedMessage(
+                f"aggregate of {envelope.sender} is for round {payload.round} on "
+                f"{payload.base_digest[:12]}, not height {height}",
+                sender=envelope.sender,
+            )
+        contribution = CloudContribution(
+            cloud=envelope.sender,
+            participants=payload.participants,
+            delta=float32_weights(decode_arrays(payload.delta)),
+        )
+        problem = aggregate_problem(
+            contribution,
+            spec=self.spec,
+            max_update_norm=self.params.max_update_norm,
+            weight_cap=self.params.cloud_weight_cap,
+        )
+        if problem is not None:
+            raise MalformedMessage(
+                f"aggregate of {envelope.sender}: {problem}", sender=envelope.sender
+            )
+        return contribution
+
+    # -- the height API the service calls --------------------------------------------------
+    def known_decision(self, height: int) -> DecidedModel | None:
+        """A certified model for ``height`` learnt from a peer (catch-up), if any."""
+        return self._decided.get(height)
+
+    async def decide(
+        self, height: int, base: ModelRecord, aggregate: CloudAggregate | None
+    ) -> DecidedModel:
+        """Run consensus for ``height`` on ``base``; this cloud contributes ``aggregate``."""
+        if height in self._decided:
+            return self._decided[height]
+        self._base = base
+        self._height = height
+        self._aggregate_ok.clear()
+        self._candidates.clear()
+        for old in [h for h in self._aggregates if h < height]:
+            del self._aggregates[old]
+        if aggregate is not None:
+            raw = seal(
+                aggregate,
+                signing_key=self._key,
+                deployment=self.deployment,
+                cloud=self.cloud,
+                sender=self.cloud,
+            )
+            self._aggregates.setdefault(height, {})[self.cloud] = raw
+            self._record_aggregate(height, raw, aggregate)
+            await self.own_link.publish(
+                federation_topic(self.deployment, self.cloud, "aggregate"), raw, retain=True
+            )
+        waiter = self._decision_waiters.get(height)
+        if waiter is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._decision_waiters[height] = waiter
+        state = self._core.state
+        if self._resumed and state.height == height:
+            self._resumed = False
+            await self._apply(self._core.resume())
+            decided = state.certificate
+            if (
+                decided is not None
+                and decided.height == height
+                and state.valid_value == decided.value
+            ):  # crashed after deciding, before storing: the value is at hand
+                self._finish(height, decided, self._model_from_content(height, state.valid_content))
+        elif state.height < height:
+            self._resumed = False
+            collect: asyncio.Future[None] = asyncio.ensure_future(self._collect_aggregates(height))
+            pending: list[asyncio.Future[Any]] = [collect, waiter]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                await self._apply(self._core.start_height(height))
+                log_event(
+                    log,
+                    logging.INFO,
+                    "consensus height started",
+                    **self._fields(height=height, aggregates=len(self._usable_aggregates(height))),
+                )
+            else:
+                collect.cancel()
+        return await waiter
+
+    async def _collect_aggregates(self, height: int) -> None:
+        """Wait for every cloud's aggregate, or a quorum and ``aggregate_wait_s`` more, so
+        that the proposer has a value when the height starts (fewer nil rounds)."""
+        quorum_since: float | None = None
+        while True:
+            usable = len(self._usable_aggregates(height))
+            if usable == len(self.clouds):
+                return
+            if usable >= self.quorum:
+                quorum_since = quorum_since or time.monotonic()
+                if time.monotonic() - quorum_since >= self.params.aggregate_wait_s:
+                    return
+            await asyncio.sleep(0.1)
+
+    # -- driver loops ----------------------------------------------------------------------
+    async def run(self) -> None:
+        """Peer links, intake, the core's input queue and gossip; runs until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as group:
+            for cloud, link in self.peer_links.items():
+                group.create_task(link.run())
+                group.create_task(self._peer_intake(cloud, link))
+            group.create_task(self._feed_core())
+            group.create_task(self._gossip())
+
+    async def _peer_intake(self, cloud: str, link: MqttLink) -> None:
+        while True:
+            message = await link.inbound.get()
+            self.peers[cloud].connected = link.connected.is_set()
+            try:
+                await self.handle_peer_message(cloud, message)
+            except ProtocolError as exc:
+                self._reject(exc, message.topic)
+
+    async def handle_peer_message(self, cloud: str, message: InboundMessage) -> None:
+        if not message.payload:
+            return  # a cleared retained message
+        _, topic_cloud, stage = parse_federation_topic(message.topic)
+        if topic_cloud != cloud:
+            raise MalformedMessage(f"{message.topic!r} arrived from the broker of {cloud}")
+        if stage == "vote":
+            vote = open_vote(message.payload, deployment=self.deployment, keys=self.keys)
+            self._seen(cloud)  # peers relay each other's votes; the voter signed it
+            await self._inputs.put(_Input("vote", vote))
+        elif stage == "proposal":
+            proposal = open_proposal(message.payload, deployment=self.deployment, keys=self.keys)
+            self._seen(proposal.proposal.proposer)
+            await self._inputs.put(_Input("proposal", proposal))
+        elif stage == "aggregate":
+            envelope, payload = open_signed(
+                message.payload, deployment=self.deployment, keys=self.keys
+            )
+            if not isinstance(payload, CloudAggregate) or envelope.sender != cloud:
+                raise MalformedMessage(f"not {cloud}'s aggregate on {message.topic!r}")
+            self._seen(cloud)
+            self._aggregates.setdefault(payload.round, {})[cloud] = message.payload
+            self._record_aggregate(payload.round, message.payload, payload)
+        else:
+            await self._on_peer_model(message.payload)
+
+    async def _on_peer_model(self, raw: bytes) -> None:
+        envelope, payload = open_signed(raw, deployment=self.deployment, keys=self.keys)
+        if not isinstance(payload, GlobalModel) or payload.certificate is None:
+            raise MalformedMessage("a federation model needs a certificate", sender=envelope.sender)
+        self._seen(envelope.sender)
+        height = payload.round
+        if height < self._height or height in self._decided:
+            return
+        certificate = verify_certificate(
+            height=height,
+            value=payload.digest,
+            certificate=payload.certificate,
+            deployment=self.deployment,
+            keys=self.keys,
+            quorum=self.quorum,
+        )
+        model = ModelRecord.from_weights(
+            round=height,
+            parent_digest=payload.parent_digest,
+            spec=payload.spec,
+            weights=decode_arrays(payload.weights),
+        )
+        if model.digest != payload.digest:
+            raise MalformedMessage("certified model's content does not match its digest")
+        if model.parent_digest != (self._base.digest if self._base else None) and height == (
+            self._height
+        ):
+            raise MalformedMessage("certified model is not a child of this height's base")
+        self._candidates.setdefault(model.digest, model)
+        if height == self._height and self._core.state.height == height:
+            await self._inputs.put(_Input("certificate", certificate))  # stop voting
+        self._finish(height, certificate, model)  # later heights: kept for catch-up
+
+    async def _feed_core(self) -> None:
+        while True:
+            item = await self._inputs.get()
+            core = self._core
+            if item.kind == "vote":
+                assert isinstance(item.item, SignedVote)
+                self._record_vote(item.item, own=False)
+                actions = core.on_vote(item.item)
+            elif item.kind == "proposal":
+                assert isinstance(item.item, SignedProposal)
+                self._record_proposal(item.item, own=False)
+                actions = core.on_proposal(item.item)
+            elif item.kind == "timeout":
+                assert isinstance(item.item, Timeout)
+                actions = core.on_timeout(item.item)
+            elif item.kind == "certificate":
+                assert isinstance(item.item, CommitCertificate)
+                actions = core.on_certificate(item.item)
+            else:
+                assert isinstance(item.item, tuple)
+                height, round_, value, content = item.item
+                actions = core.on_value(height, round_, value, content)
+            await self._apply(actions)
+
+    async def _gossip(self) -> None:
+        while True:
+            await asyncio.sleep(GOSSIP_S)
+            self._write_status()
+            if self._height and self._height not in self._decided:
+                await self._apply(self._core.rebroadcast())
+
+    # -- actions ---------------------------------------------------------------------------
+    async def _apply(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Persist):
+                write_journal(self.state_dir, action.state)
+            elif isinstance(action, Broadcast):
+                await self._broadcast(action.message)
+            elif isinstance(action, Relay):  # a peer's vote that justifies our valid value
+                topic = federation_topic(self.deployment, self.cloud, "vote")
+                await self.own_link.publish(topic, action.message.signature)
+            elif isinstance(action, ScheduleTimeout):
+                self._schedule(action)
+            elif isinstance(action, RequestValue):
+                self._start_value(action.height, action.round)
+            elif isinstance(action, Decided):
+                self._on_decided(action)
+            elif isinstance(action, Evidence):
+                self._record_evidence(action)
+
+    async def _broadcast(self, message: object) -> None:
+        if isinstance(message, SignedVote):
+            self._record_vote(message, own=True)
+            topic = federation_topic(self.deployment, self.cloud, "vote")
+            await self.own_link.publish(topic, message.signature)
+        elif isinstance(message, SignedProposal):
+            self._record_proposal(message, own=True)
+            topic = federation_topic(self.deployment, self.cloud, "proposal")
+            await self.own_link.publish(topic, message.signature)
+        # A CommitCertificate travels inside the certified model (published on decision).
+
+    def _schedule(self, action: ScheduleTimeout) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = Timeout(step=action.step, height=action.height, round=action.round)
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            try:
+                self._inputs.put_nowait(_Input("timeout", timeout))
+            except asyncio.QueueFull:
+                log_event(log, logging.ERROR, "consensus input queue full", **self._fields())
+
+        handle = loop.call_later(action.seconds, fire)
+        self._timers.add(handle)
+
+    def _start_value(self, height: int, round_: int) -> None:
+        if self._value_task is not None and not self._value_task.done():
+            self._value_task.cancel()
+        self._value_task = asyncio.get_running_loop().create_task(
+            self._provide_value(height, round_)
+        )
+
+    async def _provide_value(self, height: int, round_: int) -> None:
+        """getValue(): the usable aggregates at hand, once they are at least a quorum."""
+        while True:
+            usable = self._usable_aggregates(height)
+            if len(usable) >= self.quorum:
+                break
+            await asyncio.sleep(0.1)
+        content = proposal_content(tuple(usable[c] for c in sorted(usable)))
+        model = self._model_from_content(height, content)
+        self._candidates[model.digest] = model
+        await self._inputs.put(_Input("value", (height, round_, model.digest, content)))
+
+    def _usable_aggregates(self, height: int) -> dict[str, bytes]:
+        usable: dict[str, bytes] = {}
+        for cloud, raw in self._aggregates.get(height, {}).items():
+            key = hashlib.sha256(raw).digest()
+            ok = self._aggregate_ok.get(key)
+            if ok is None:
+                try:
+                    self._contribution(height, raw)
+                    ok = True
+                except (FedgateError, ValueError) as exc:
+                    ok = False
+                    self._count("invalid_aggregate")
+                    self.store.record_event(
+                        "invalid_aggregate", detail=f"federation: {exc}", round=height
+                    )
+                    log_event(
+                        log,
+                        logging.WARNING,
+                        "aggregate refused",
+                        **self._fields(height=height, sender=cloud, reason=str(exc)),
+                    )
+                self._aggregate_ok[key] = ok
+            if ok:
+                usable[cloud] = raw
+        return usable
+
+    def _on_decided(self, action: Decided) -> None:
+        model = self._candidates.get(action.value)
+        if model is None and action.content is not None:
+            model = self._model_from_content(action.height, action.content)
+        if model is None:
+            log_event(
+                log,
+                logging.WARNING,
+                "decided without the model; waiting for a peer's certified copy",
+                **self._fields(height=action.height),
+            )
+            return
+        self._finish(action.height, action.certificate, model)
+
+    def _finish(self, height: int, certificate: CommitCertificate, model: ModelRecord) -> None:
+        """Hand the decided model to whoever waits for ``height`` (the service)."""
+        if height in self._decided:
+            return
+        self._decided[height] = DecidedModel(
+            model=model,
+            certificate=certificate_to_wire(certificate),
+            signers=tuple(v.vote.voter for v in certificate.precommits),
+            consensus_round=certificate.round,
+        )
+        for old in [h for h in self._decided if h < height - KEEP_MODELS]:
+            del self._decided[old]
+        waiter = self._decision_waiters.pop(height, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self._decided[height])
+
+    async def publish_decision(self, decided: DecidedModel) -> None:
+        """Store the decision and publish the certified model for peers (retained)."""
+        model = decided.model
+        self.store.record_decision(
+            DecisionRecord(
+                height=model.round,
+                round=decided.consensus_round,
+                value=model.digest,
+                signers=decided.signers,
+                certificate=msgspec.msgpack.encode(decided.certificate),
+            )
+        )
+        raw = global_model_message(
+            model,
+            decided.certificate,
+            signing_key=self._key,
+            deployment=self.deployment,
+            cloud=self.cloud,
+        )
+        await self.own_link.publish(
+            federation_topic(self.deployment, self.cloud, "model", model.round), raw, retain=True
+        )
+        old = model.round - KEEP_MODELS
+        if old >= 1:
+            topic = federation_topic(self.deployment, self.cloud, "model", old)
+            await self.own_link.publish(topic, b"", retain=True)
+        log_event(
+            log,
+            logging.INFO,
+            "global model decided",
+            **self._fields(
+                height=model.round,
+                round=decided.consensus_round,
+                model=model.digest[:12],
+                signers=",".join(decided.signers),
+            ),
+        )
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _fields(self, **extra: object) -> dict[str, object]:
+        return {"deployment": self.deployment, "cloud": self.cloud, **extra}
+
+    def _count(self, kind: str) -> None:
+        self.rejected[kind] = self.rejected.get(kind, 0) + 1
+
+    def _reject(self, exc: ProtocolError, topic: str) -> None:
+        self._count(exc.kind)
+        self.store.record_event(
+            exc.kind, detail=f"federation: {exc} (topic {topic[:200]})", agent_id=exc.sender
+        )
+        log_event(
+            log,
+            logging.WARNING,
+            "federation message rejected",
+            **self._fields(kind=exc.kind, sender=exc.sender or "-", error=str(exc)),
+        )
+
+    def _seen(self, cloud: str) -> None:
+        peer = self.peers.get(cloud)
+        if peer is not None:
+            peer.last_seen = time.time()
+            peer.connected = True
+
+    def _record_vote(self, signed: SignedVote, *, own: bool) -> None:
+        vote = signed.vote
+        self.store.record_vote(
+            VoteRecord(
+                height=vote.height,
+                round=vote.round,
+                step=vote.step,
+                voter=vote.voter,
+                value=vote.value,
+                own=own,
+                envelope=signed.signature,
+            )
+        )
+
+    def _record_proposal(self, signed: SignedProposal, *, own: bool) -> None:
+        proposal = signed.proposal
+        self.store.record_vote(
+            VoteRecord(
+                height=proposal.height,
+                round=proposal.round,
+                step="proposal",
+                voter=proposal.proposer,
+                value=proposal.value,
+                own=own,
+                envelope=signed.signature,
+            )
+        )
+
+    def _record_aggregate(self, height: int, raw: bytes, aggregate: CloudAggregate) -> None:
+        envelope_sender = _sender(raw)
+        try:
+            norm = delta_norm(decode_arrays(aggregate.delta, require_finite=False))
+        except FedgateError:
+            norm = float("nan")
+        self.store.record_cloud_aggregate(
+            AggregateRecord(
+                height=height,
+                cloud=envelope_sender,
+                base_digest=aggregate.base_digest,
+                participants=aggregate.participants,
+                norm=norm if np.isfinite(norm) else -1.0,
+                digest=hashlib.sha256(raw).hexdigest(),
+            )
+        )
+
+    def _record_evidence(self, action: Evidence) -> None:
+        first, second = action.first, action.second
+        recorded = self.store.record_evidence(
+            EvidenceRecord(
+                voter=first.vote.voter,
+                height=first.vote.height,
+                round=first.vote.round,
+                step=first.vote.step,
+                first_value=first.vote.value,
+                second_value=second.vote.value,
+                first_envelope=first.signature,
+                second_envelope=second.signature,
+            )
+        )
+        if recorded:
+            self.store.record_event(
+                "equivocation",
+                detail=(
+                    f"{first.vote.voter} signed two {first.vote.step}s at height "
+                    f"{first.vote.height} round {first.vote.round}"
+                ),
+                round=first.vote.height,
+            )
+            log_event(
+                log,
+                logging.ERROR,
+                "conflicting votes: evidence recorded",
+                **self._fields(voter=first.vote.voter, height=first.vote.height),
+            )
+
+    def status(self) -> FederationStatus:
+        state = self._core.state
+        return FederationStatus(
+            updated=time.time(),
+            height=state.height,
+            round=state.round,
+            step=str(state.step),
+            clouds=len(self.clouds),
+            quorum=self.quorum,
+            faults_tolerated=faults_tolerated(len(self.clouds)),
+            peers=list(self.peers.values()),
+            rejected=dict(self.rejected),
+        )
+
+    def _write_status(self) -> None:
+        path = self.state_dir / STATUS_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(self.status()))
+        tmp.replace(path)
+
+    def consensus_state(self) -> ConsensusState:
+        return self._core.state
+
+
+def _sender(raw: bytes) -> str:
+    return open_envelope(raw).sender

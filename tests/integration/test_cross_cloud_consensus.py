@@ -1,0 +1,117 @@
+"""Four clouds over four real brokers: consensus survives a killed proposer and a stopped
+coordinator, and every cloud ends with the same certified models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import msgspec
+import pytest
+from fedgate_common.consensus.manifest import decode_manifest_file, quorum, verify_keys
+from fedgate_common.consensus.wire import verify_certificate
+from fedgate_common.messages import Certificate
+from fedgate_coordinator.store import Store
+
+from tests.integration.federation_harness import (
+    MOSQUITTO,
+    Cloud,
+    ScriptedAgents,
+    brokers,
+    decisions,
+    make_federation,
+    proposer,
+    wait_until,
+)
+
+FAST = {
+    "timeout_propose_s": 3.0,
+    "timeout_prevote_s": 1.0,
+    "timeout_precommit_s": 1.0,
+    "timeout_delta_s": 1.0,
+    "aggregate_wait_s": 2.0,
+}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary"),
+]
+
+
+def check_certificates(clouds: list[Cloud], deployment: str, heights: int) -> None:
+    """Every cloud decided the same model at each height, with a quorum certificate."""
+    manifest = decode_manifest_file((clouds[0].state / "federation.json").read_bytes()).manifest
+    keys, needed = verify_keys(manifest), quorum(manifest)
+    seen = [decisions(cloud) for cloud in clouds]
+    for height in range(1, heights + 1):
+        values = {d[height] for d in seen}
+        assert len(values) == 1, f"height {height}: {values}"
+    for cloud in clouds:
+        with Store.open(f"sqlite:///{cloud.state / 'coordinator.db'}", migrate=False) as store:
+            for record in store.decisions():
+                certificate = msgspec.msgpack.decode(record.certificate, type=Certificate)
+                verify_certificate(
+                    height=record.height,
+                    value=record.value,
+                    certificate=certificate,
+                    deployment=deployment,
+                    keys=keys,
+                    quorum=needed,
+                )
+            assert store.verify_chain() == heights + 1
+            assert store.evidence() == []
+
+
+async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federation(
+    tmp_path: Path,
+) -> None:
+    heights = 8
+    with brokers(tmp_path, 4) as ports:
+        deployment, clouds = make_federation(tmp_path, ports, consensus=FAST)
+        async with ScriptedAgents(deployment, clouds) as agents:
+            for cloud in clouds:
+                cloud.serve(heights)
+            try:
+                # kill -9 the proposer of height 2 while its round runs.
+                victim = proposer(clouds, 2)
+                await wait_until(lambda: 2 in agents.answered[victim.name], 60, "height 2")
+                victim.stop()
+                others = [c for c in clouds if c is not victim]
+                await wait_until(
+                    lambda: all(2 in decisions(c) for c in others), 90, "height 2 without it"
+                )
+                victim.serve(heights)  # restarted: catches up from the peers' models
+                await wait_until(lambda: 2 in decisions(victim), 60, "the victim catching up")
+                # SIGSTOP another coordinator for 10 s: the other three go on without it.
+                frozen = next(c for c in clouds if c is not victim)
+                running = [c for c in clouds if c is not frozen]
+                assert frozen.process is not None
+                frozen.process.send_signal(signal.SIGSTOP)
+                before = max(decisions(running[0]))
+                await asyncio.sleep(10)
+                progressed = max(decisions(running[0])) - before
+                stalled_at = max(decisions(frozen))
+                frozen.process.send_signal(signal.SIGCONT)
+                assert progressed >= 1, "no height decided while one of four was stopped"
+                for cloud in clouds:
+                    assert cloud.process is not None
+                    code = await asyncio.to_thread(cloud.process.wait, 240)
+                    assert code == 0, cloud.log.read_text()[-4000:]
+            finally:
+                for cloud in clouds:
+                    cloud.stop()
+        print(
+            f"killed {victim.name} (proposer of height 2), restarted; stopped {frozen.name} for "
+            f"10 s at height {stalled_at}: the others decided {progressed} heights meanwhile; "
+            f"all {heights} heights decided everywhere"
+        )
+        check_certificates(clouds, deployment, heights)
+        status = clouds[0].status()["consensus"]
+        assert status["faults_tolerated"] == 1
+        assert status["quorum"] == 3
+        assert status["last_decision"]["height"] == heights
+        assert len(status["last_decision"]["signers"]) >= 3
+        assert {p["cloud"] for p in status["peers"]} == {"c2", "c3", "c4"}
+        assert json.loads(json.dumps(status))  # serialisable for --json
