@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 from fedgate_common.consensus.manifest import decode_manifest_file, quorum, verify_keys
 from fedgate_common.consensus.wire import verify_certificate
@@ -115,3 +116,62 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
         assert len(status["last_decision"]["signers"]) >= 3
         assert {p["cloud"] for p in status["peers"]} == {"c2", "c3", "c4"}
         assert json.loads(json.dumps(status))  # serialisable for --json
+
+
+BYZANTINE = Path(__file__).with_name("byzantine_coordinator.py")
+
+
+async def test_a_byzantine_coordinator_proposing_a_poisoned_aggregate_is_not_decided(
+    tmp_path: Path,
+) -> None:
+    """c2 scales its aggregate by 1000, is proposer of height 1 and includes it; the honest
+    three refuse every proposal carrying it (norm bound), decide without it, record why."""
+    heights = 3
+    consensus = {**FAST, "max_update_norm": 5.0, "rule": "median"}
+    with brokers(tmp_path, 4) as ports:
+        deployment, clouds = make_federation(tmp_path, ports, consensus=consensus)
+        byzantine = clouds[1]
+        assert proposer(clouds, 1) is byzantine
+        honest = [c for c in clouds if c is not byzantine]
+        async with ScriptedAgents(deployment, clouds):
+            for cloud in honest:
+                cloud.serve(heights)
+            byzantine.serve(heights, script=BYZANTINE)
+            try:
+                for cloud in honest:
+                    assert cloud.process is not None
+                    code = await asyncio.to_thread(cloud.process.wait, 240)
+                    assert code == 0, cloud.log.read_text()[-4000:]
+            finally:
+                for cloud in clouds:
+                    cloud.stop()
+        seen = [decisions(cloud) for cloud in honest]
+        assert all(d == seen[0] for d in seen)
+        assert sorted(seen[0]) == [1, 2, 3]
+        for cloud in honest:
+            url = f"sqlite:///{cloud.state / 'coordinator.db'}"
+            with Store.open(url, migrate=False) as store:
+                events = store.event_counts()
+                # The poisoned aggregate was refused on arrival, and so was c2's proposal.
+                assert events.get("invalid_aggregate", 0) >= 1, events
+                assert events.get("invalid_proposal", 0) >= 1, events
+                # Height 1 was not decided in round 0 (c2's) and c2 signed no certificate
+                # with a poisoned model: every decided update is small.
+                first = store.decision(1)
+                assert first is not None
+                assert first.round >= 1
+                models = {m.round: m for m in store.list_models()}
+                for height in range(1, heights + 1):
+                    child = store.get_model(models[height].digest)
+                    parent = store.get_model(models[height - 1].digest)
+                    assert child is not None
+                    assert parent is not None
+                    step = sum(
+                        float(np.linalg.norm(c - p))
+                        for c, p in zip(
+                            child.decode_weights().values(),
+                            parent.decode_weights().values(),
+                            strict=True,
+                        )
+                    )
+                    assert step < 1.0, f"height {height} moved the model by {step}"

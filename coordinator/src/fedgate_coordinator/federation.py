@@ -239,27 +239,29 @@ class FederationNode:
 
     # -- validity ---------------------------------------------------------------------------
     def _is_valid(self, proposal: Proposal) -> bool:
-        """valid(v) of Algorithm 1: the proposal's signed aggregates yield its digest."""
+        """valid(v) of Algorithm 1: the proposal's signed aggregates yield its digest.
+
+        A refused proposal is recorded as an ``invalid_proposal`` event naming its
+        proposer (the signed proposal itself is in the ``votes`` table).
+        """
         if proposal.value in self._candidates:
             return self._candidates[proposal.value].round == proposal.height
         try:
             model = self._model_from_content(proposal.height, proposal.content)
+            if model.digest != proposal.value:
+                raise MalformedMessage("its digest does not match what its aggregates give")
         except (FedgateError, ValueError) as exc:
             self._count("invalid_proposal")
+            detail = (
+                f"federation: proposal of {proposal.proposer} at height {proposal.height} "
+                f"round {proposal.round} refused: {exc}"
+            )
+            self.store.record_event("invalid_proposal", detail=detail, round=proposal.height)
             log_event(
                 log,
                 logging.WARNING,
                 "proposal invalid",
                 **self._fields(height=proposal.height, proposer=proposal.proposer, reason=str(exc)),
-            )
-            return False
-        if model.digest != proposal.value:
-            self._count("invalid_proposal")
-            log_event(
-                log,
-                logging.WARNING,
-                "proposal digest does not match its aggregates",
-                **self._fields(height=proposal.height, proposer=proposal.proposer),
             )
             return False
         self._candidates[model.digest] = model

@@ -1,0 +1,151 @@
+"""The consensus driver against a real broker: a coordinator that crashes after writing a
+vote to its journal but before sending it never signs a different value after restarting;
+votes replayed into another height, round, step or deployment are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+import msgspec
+import nacl.signing
+import numpy as np
+import pytest
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.consensus.types import Vote
+from fedgate_common.consensus.wire import open_vote, seal_vote
+from fedgate_common.envelope import Envelope
+from fedgate_common.errors import BadSignature, EnvelopeMismatch, UnknownSender
+from fedgate_common.messages import CloudAggregate
+from fedgate_common.model_spec import ModelSpec, parameter_shapes
+from fedgate_coordinator.consensus_journal import read_journal
+from fedgate_coordinator.federation import FederationNode
+from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
+from fedgate_coordinator.store import ModelRecord, Store
+
+from tests.federation_support import federation_manifest
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+DIGEST = "ab" * 32
+
+
+class Crash(Exception):
+    """Stands for the process dying (power cut, kill -9) inside a publish."""
+
+
+def aggregate(height: int, base: ModelRecord, seed: int) -> CloudAggregate:
+    rng = np.random.default_rng(seed)
+    delta = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in parameter_shapes(SPEC)}
+    return CloudAggregate(
+        round=height, base_digest=base.digest, participants=3, delta=encode_arrays(delta)
+    )
+
+
+async def run_height(
+    node: FederationNode, link: MqttLink, base: ModelRecord, agg: CloudAggregate
+) -> ModelRecord:
+    async with asyncio.TaskGroup() as group:
+        group.create_task(link.run())
+        group.create_task(node.run())
+        decided = await asyncio.wait_for(node.decide(1, base, agg), 30)
+        raise _Done(decided.model)
+    raise AssertionError("unreachable")
+
+
+class _Done(Exception):
+    def __init__(self, model: ModelRecord) -> None:
+        super().__init__()
+        self.model = model
+
+
+async def test_restart_between_signing_and_sending_sends_the_same_vote(tmp_path: Path) -> None:
+    deployment = f"restart-{secrets.token_hex(4)}"
+    key = nacl.signing.SigningKey.generate()
+    manifest = federation_manifest(deployment=deployment, keys={"c1": key}, spec=SPEC)
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
+    store.add_model(genesis)
+    sent: list[bytes] = []
+
+    def node_with(link: MqttLink) -> FederationNode:
+        return FederationNode(
+            deployment=deployment,
+            cloud="c1",
+            manifest=manifest,
+            signing_key=key,
+            store=store,
+            own_link=link,
+            state_dir=tmp_path,
+        )
+
+    class CrashingLink(MqttLink):
+        async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            if topic.endswith("/vote"):
+                raise Crash  # the prevote is in the journal, not on the wire
+            await super().publish(topic, payload, retain=retain)
+
+    class RecordingLink(MqttLink):
+        async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            if topic.endswith("/vote"):
+                sent.append(payload)
+            await super().publish(topic, payload, retain=retain)
+
+    settings = MqttSettings(client_id=f"{deployment}-1")
+    first = CrashingLink(settings=settings, subscriptions=[])
+    with pytest.raises(ExceptionGroup) as crashed:
+        await run_height(node_with(first), first, genesis, aggregate(1, genesis, 1))
+    assert crashed.group_contains(Crash)
+    journal = read_journal(tmp_path)
+    assert journal is not None
+    # One cloud is its own quorum: prevote and precommit are signed in one step, both
+    # journaled before the first publish crashed.
+    journaled = {(v.vote.round, v.vote.step): v for v in journal.own_votes}
+    prevote = journaled[0, "prevote"]
+
+    # Restarted with a different aggregate at hand: it must not sign a new value.
+    second = RecordingLink(settings=MqttSettings(client_id=f"{deployment}-2"), subscriptions=[])
+    with pytest.raises(ExceptionGroup) as finished:
+        await run_height(node_with(second), second, genesis, aggregate(1, genesis, 2))
+    done = finished.value.subgroup(_Done)
+    assert done is not None
+    model = done.exceptions[0]
+    assert isinstance(model, _Done)
+    assert model.model.digest == prevote.vote.value  # decided what it had voted for
+    votes = [open_vote(raw, deployment=deployment, keys={"c1": key.verify_key}) for raw in sent]
+    for signed in votes:  # every vote sent after the restart is the journaled one
+        assert signed.signature == journaled[signed.vote.round, signed.vote.step].signature
+    assert {(v.vote.round, v.vote.step) for v in votes} >= {(0, "prevote")}
+    own = [v for v in store.votes(height=1) if v.own]
+    assert len({(v.round, v.step) for v in own}) == len(own)
+    store.close()
+
+
+def test_votes_replayed_elsewhere_are_refused() -> None:
+    key = nacl.signing.SigningKey.generate()
+    keys = {"c1": key.verify_key}
+    vote = Vote(height=3, round=1, step="prevote", value=DIGEST, voter="c1")
+    raw = seal_vote(vote, deployment="plant", signing_key=key).signature
+    assert open_vote(raw, deployment="plant", keys=keys).vote == vote
+    envelope = msgspec.msgpack.decode(raw, type=Envelope)
+    # Another height: the envelope's round is the height and is signed.
+    moved = msgspec.msgpack.encode(msgspec.structs.replace(envelope, round=4))
+    with pytest.raises(BadSignature):
+        open_vote(moved, deployment="plant", keys=keys)
+    # Another consensus round or step: both sit in the signed payload.
+    for change in ({"consensus_round": 2}, {"step": "precommit"}, {"value": "cd" * 32}):
+        payload = msgspec.msgpack.decode(envelope.payload)
+        payload.update(change)
+        forged = msgspec.structs.replace(envelope, payload=msgspec.msgpack.encode(payload))
+        with pytest.raises(BadSignature):
+            open_vote(msgspec.msgpack.encode(forged), deployment="plant", keys=keys)
+    # Another deployment: refused before the signature is even checked.
+    with pytest.raises(EnvelopeMismatch):
+        open_vote(raw, deployment="other-plant", keys=keys)
+    relabelled = msgspec.msgpack.encode(msgspec.structs.replace(envelope, deployment="other"))
+    with pytest.raises(BadSignature):
+        open_vote(relabelled, deployment="other", keys=keys)
+    # A voter that is not in the manifest.
+    with pytest.raises(UnknownSender):
+        open_vote(raw, deployment="plant", keys={"c2": key.verify_key})
