@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import msgspec
+import numpy as np
 from fedgate_common.arrays import decode_arrays, encode_arrays
 from fedgate_common.messages import CloudAggregate
 from fedgate_coordinator import federation, service
@@ -28,12 +29,15 @@ def _poisoned_aggregate(
     result: RoundResult | None,
 ) -> CloudAggregate:
     honest = _honest_aggregate(self, number, head, result)
-    delta = {name: value * POISON for name, value in decode_arrays(honest.delta).items()}
+    delta = {
+        name: np.asarray(value, dtype=np.float32) * np.float32(POISON)
+        for name, value in decode_arrays(honest.delta).items()
+    }
     return msgspec.structs.replace(honest, delta=encode_arrays(delta), participants=50)
 
 
 service.CoordinatorService._aggregate = _poisoned_aggregate  # type: ignore[method-assign]
-federation.aggregate_problem = lambda *args, **kwargs: None  # type: ignore[assignment]
+setattr(federation, "aggregate_problem", lambda *args, **kwargs: None)  # noqa: B010
 
 if __name__ == "__main__":
     state, heights = sys.argv[1], sys.argv[2]

@@ -167,7 +167,7 @@ async def test_a_byzantine_coordinator_proposing_a_poisoned_aggregate_is_not_dec
                     assert child is not None
                     assert parent is not None
                     step = sum(
-                        float(np.linalg.norm(c - p))
+                        float(np.linalg.norm(np.asarray(c, np.float64) - np.asarray(p, np.float64)))
                         for c, p in zip(
                             child.decode_weights().values(),
                             parent.decode_weights().values(),
