@@ -116,6 +116,12 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
         assert len(status["last_decision"]["signers"]) >= 3
         assert {p["cloud"] for p in status["peers"]} == {"c2", "c3", "c4"}
         assert json.loads(json.dumps(status))  # serialisable for --json
+        listed = json.loads(clouds[0].coordinator("decisions", "--json").stdout)
+        assert [d["height"] for d in listed] == list(range(1, heights + 1))
+        assert all(len(d["signers"]) >= 3 for d in listed)
+        votes = json.loads(clouds[0].coordinator("decisions", "--votes", "1", "--json").stdout)
+        assert len({v["voter"] for v in votes if v["step"] == "precommit"}) >= 3
+        assert sum(v["own"] for v in votes if v["step"] == "prevote" and v["round"] == 0) == 1
 
 
 BYZANTINE = Path(__file__).with_name("byzantine_coordinator.py")

@@ -1044,4 +1044,80 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
     )
 
 
+@main.command()
+@click.option("--limit", type=int, default=50, show_default=True, help="Show the last N heights.")
+@click.option(
+    "--votes",
+    "votes_height",
+    type=int,
+    default=None,
+    metavar="H",
+    help="List every proposal and vote seen at height H instead.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_obj
+@_guard
+def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool) -> None:
+    """List the federation's decisions (one global model per height) and their signers.
+
+    With --votes H: the proposals, prevotes and precommits of height H, ours and our
+    peers' (the full signed messages are in the votes table).
+
+    \b
+    Example:
+      fedgate-coordinator decisions --limit 10
+      fedgate-coordinator decisions --votes 12 --json
+    """
+    with obj.store() as store:
+        if votes_height is not None:
+            votes = store.votes(height=votes_height)
+            if as_json:
+                _echo_json(
+                    [
+                        {
+                            "height": v.height,
+                            "round": v.round,
+                            "step": v.step,
+                            "voter": v.voter,
+                            "value": v.value,
+                            "own": v.own,
+                            "received_at": v.received_at,
+                        }
+                        for v in votes
+                    ]
+                )
+                return
+            click.echo(
+                format_table(
+                    ["round", "step", "voter", "value", "own", "at"],
+                    [
+                        [v.round, v.step, v.voter, v.value[:16] or "nil", v.own, v.received_at]
+                        for v in votes
+                    ],
+                )
+            )
+            return
+        records = store.decisions(limit)
+    if as_json:
+        _echo_json(
+            [
+                {
+                    "height": d.height,
+                    "round": d.round,
+                    "model": d.value,
+                    "signers": list(d.signers),
+                    "decided_at": d.decided_at,
+                }
+                for d in records
+            ]
+        )
+        return
+    click.echo(
+        format_table(
+            ["height", "round", "model", "signers", "decided at"],
+            [[d.height, d.round, d.value[:16], ",".join(d.signers), d.decided_at] for d in records],
+        )
+    )
+
+
 main.add_command(federation)

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import aiomqtt
 import msgspec
 import nacl.signing
 import numpy as np
@@ -93,6 +94,7 @@ from fedgate_coordinator.store import (
 log = logging.getLogger("fedgate.coordinator.federation")
 
 KEEP_MODELS = 32  # retained certified models per cloud, for peers that fall behind
+AGGREGATE_HEIGHTS = 16  # peers' aggregates held for at most this many heights ahead
 GOSSIP_S = 3.0  # re-send own messages of the undecided height this often
 STATUS_NAME = "federation-status.json"
 
@@ -220,7 +222,8 @@ class FederationNode:
         self._resumed = self._core.state.height > 0
         # Per height: base model, the aggregates received (cloud → signed bytes), start time.
         self._base: ModelRecord | None = None
-        self._height = 0
+        head = store.head_model()
+        self._height = 0 if head is None else head.round + 1  # the height being decided
         self._aggregates: dict[int, dict[str, bytes]] = {}
         self._aggregate_ok: dict[bytes, bool] = {}  # sha256 of a signed aggregate → usable
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
@@ -411,6 +414,8 @@ class FederationNode:
                 await self.handle_peer_message(cloud, message)
             except ProtocolError as exc:
                 self._reject(exc, message.topic)
+            except (FedgateError, ValueError) as exc:  # e.g. a model that does not fit
+                self._reject(MalformedMessage(str(exc), sender=cloud), message.topic)
 
     async def handle_peer_message(self, cloud: str, message: InboundMessage) -> None:
         if not message.payload:
@@ -433,6 +438,8 @@ class FederationNode:
             if not isinstance(payload, CloudAggregate) or envelope.sender != cloud:
                 raise MalformedMessage(f"not {cloud}'s aggregate on {message.topic!r}")
             self._seen(cloud)
+            if not self._height - 1 <= payload.round <= self._height + AGGREGATE_HEIGHTS:
+                return  # far from the height at hand: never held (bounded memory)
             self._aggregates.setdefault(payload.round, {})[cloud] = message.payload
             self._record_aggregate(payload.round, message.payload, payload)
         else:
@@ -510,8 +517,7 @@ class FederationNode:
             elif isinstance(action, Broadcast):
                 await self._broadcast(action.message)
             elif isinstance(action, Relay):  # a peer's vote that justifies our valid value
-                topic = federation_topic(self.deployment, self.cloud, "vote")
-                await self.own_link.publish(topic, action.message.signature)
+                await self._broadcast(action)
             elif isinstance(action, ScheduleTimeout):
                 self._schedule(action)
             elif isinstance(action, RequestValue):
@@ -522,7 +528,16 @@ class FederationNode:
                 self._record_evidence(action)
 
     async def _broadcast(self, message: object) -> None:
-        if isinstance(message, SignedVote):
+        try:
+            await self._publish_signed(message)
+        except aiomqtt.MqttError as exc:  # gossip sends it again; the journal has it
+            log_event(log, logging.WARNING, "federation publish failed", error=str(exc))
+
+    async def _publish_signed(self, message: object) -> None:
+        if isinstance(message, Relay):
+            topic = federation_topic(self.deployment, self.cloud, "vote")
+            await self.own_link.publish(topic, message.message.signature)
+        elif isinstance(message, SignedVote):
             self._record_vote(message, own=True)
             topic = federation_topic(self.deployment, self.cloud, "vote")
             await self.own_link.publish(topic, message.signature)
