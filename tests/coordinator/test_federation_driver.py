@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -13,22 +14,32 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
+from fedgate_common.consensus.manifest import ConsensusParams
 from fedgate_common.consensus.types import Vote
 from fedgate_common.consensus.wire import open_vote, seal_vote
-from fedgate_common.envelope import Envelope
+from fedgate_common.envelope import Envelope, seal
 from fedgate_common.errors import BadSignature, EnvelopeMismatch, UnknownSender
 from fedgate_common.messages import CloudAggregate
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
+from fedgate_common.topics import federation_topic
 from fedgate_coordinator.consensus_journal import read_journal
 from fedgate_coordinator.federation import FederationNode
 from fedgate_coordinator.genesis import genesis_record
-from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
+from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import ModelRecord, Store
 
 from tests.federation_support import federation_manifest
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 DIGEST = "ab" * 32
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 20) -> None:
+    for _ in range(int(seconds * 10)):
+        if predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not reached in time")
 
 
 class Crash(Exception):
@@ -149,3 +160,65 @@ def test_votes_replayed_elsewhere_are_refused() -> None:
     # A voter that is not in the manifest.
     with pytest.raises(UnknownSender):
         open_vote(raw, deployment="plant", keys={"c2": key.verify_key})
+
+
+async def test_two_conflicting_votes_of_a_peer_are_kept_as_evidence(tmp_path: Path) -> None:
+    deployment = f"evidence-{secrets.token_hex(4)}"
+    keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
+    manifest = federation_manifest(
+        deployment=deployment,
+        keys=keys,
+        spec=SPEC,
+        consensus=ConsensusParams(aggregate_wait_s=0.2, timeout_propose_s=30),
+    )
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
+    store.add_model(genesis)
+    link = MqttLink(settings=MqttSettings(client_id=f"{deployment}-c1"), subscriptions=[])
+    node = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=link,
+        state_dir=tmp_path,
+    )
+    tasks = [asyncio.create_task(link.run()), asyncio.create_task(node.run())]
+    deciding = asyncio.create_task(node.decide(1, genesis, aggregate(1, genesis, 1)))
+    try:
+        for index, cloud in enumerate(("c2", "c3"), start=2):
+            raw = seal(
+                aggregate(1, genesis, index),
+                signing_key=keys[cloud],
+                deployment=deployment,
+                cloud=cloud,
+                sender=cloud,
+            )
+            topic = federation_topic(deployment, cloud, "aggregate")
+            await node.handle_peer_message(cloud, InboundMessage(topic, raw))
+        await eventually(lambda: node.consensus_state().height == 1)  # a quorum of aggregates
+        for value in ("ab" * 32, "cd" * 32):
+            vote = Vote(height=1, round=0, step="prevote", value=value, voter="c2")
+            raw = seal_vote(vote, deployment=deployment, signing_key=keys["c2"]).signature
+            topic = federation_topic(deployment, "c2", "vote")
+            await node.handle_peer_message("c2", InboundMessage(topic, raw))
+        await eventually(lambda: bool(store.evidence()))
+        (evidence,) = store.evidence()
+        assert (evidence.voter, evidence.height, evidence.round, evidence.step) == (
+            "c2",
+            1,
+            0,
+            "prevote",
+        )
+        assert {evidence.first_value, evidence.second_value} == {"ab" * 32, "cd" * 32}
+        # Both signed messages are kept: anyone with the manifest can check the proof.
+        for raw in (evidence.first_envelope, evidence.second_envelope):
+            assert open_vote(raw, deployment=deployment, keys={"c2": keys["c2"].verify_key})
+        assert store.event_counts().get("equivocation") == 1
+    finally:
+        deciding.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(deciding, *tasks, return_exceptions=True)
+        store.close()
