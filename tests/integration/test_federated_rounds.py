@@ -143,6 +143,8 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
             process.wait(timeout=30)
         asyncio.run(clear_retained_model(deployment))
 
+    assert all(s["federation"]["pinned"] for s in statuses)
+    assert statuses[0]["federation"]["clouds"] == ["c1"]
     rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
     assert [(r["round"], r["status"], r["participants"]) for r in rounds] == [
         (2, "completed", 2),

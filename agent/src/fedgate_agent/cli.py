@@ -482,6 +482,20 @@ def privacy(config_path: Path, as_json: bool) -> None:
     )
 
 
+def _federation_status(cfg: AgentConfig) -> dict[str, Any]:
+    signed = read_pinned(cfg.state_path) if cfg.manifest_digest else None
+    if signed is None:
+        return {"pinned": False}
+    manifest = signed.manifest
+    return {
+        "pinned": True,
+        "digest": cfg.manifest_digest,
+        "version": manifest.version,
+        "clouds": [c.cloud for c in manifest.clouds],
+        "tolerance": tolerance_text(len(manifest.clouds)),
+    }
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -504,6 +518,7 @@ def status(config_path: Path, as_json: bool) -> None:
             "enrolled_key_configured": bool(cfg.coordinator_public_key),
             "identity_present": identity_path(cfg.state_path).exists(),
             "broker": f"{cfg.broker.host}:{cfg.broker.port}",
+            "federation": _federation_status(cfg),
         }
     )
     if not running:
@@ -516,6 +531,16 @@ def status(config_path: Path, as_json: bool) -> None:
     )
     click.echo(f"broker     {data['broker']}")
     click.echo(f"model      round {state.model_round} {state.model_digest or '-'}")
+    federation_info = data["federation"]
+    click.echo(
+        "federation "
+        + (
+            f"manifest v{federation_info['version']} {federation_info['digest'][:16]}… "
+            f"({federation_info['tolerance']})"
+            if federation_info["pinned"]
+            else "no manifest pinned: run `fedgate-agent federation pin FILE`"
+        )
+    )
     click.echo(
         f"rounds     answered up to {state.last_answered_round}, trained "
         f"{state.rounds_trained}, last loss {state.last_train_loss}"
