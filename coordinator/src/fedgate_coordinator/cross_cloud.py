@@ -35,7 +35,8 @@ Rules (``n`` = clouds with participants > 0; every rule returns an all-zero delt
     aggregate moves v by at most τ/n per iteration.
 
 The robust rules (:data:`ROBUST_RULES`) are meant for federations of at least
-:data:`MIN_CLOUDS_FOR_ROBUST_RULES` clouds; the manifest enforces that, not this module.
+:data:`~fedgate_common.consensus.manifest.ROBUST_MIN_CLOUDS` clouds; the manifest enforces
+that, not this module.
 Here they are defined for any n ≥ 1, without special cases: with n ≤ 3 the trim f is 0, so
 ``trimmed_mean`` is the unweighted mean; ``median`` is the median of what there is
 (one cloud: its delta; two: their mean); ``centered_clip`` starts from that median.
@@ -54,6 +55,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+from fedgate_common.consensus.manifest import CROSS_CLOUD_RULES, ROBUST_RULES
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
@@ -62,7 +64,6 @@ from fedgate_coordinator.errors import CoordinatorError
 
 __all__ = [
     "CENTERED_CLIP_ITERATIONS",
-    "MIN_CLOUDS_FOR_ROBUST_RULES",
     "ROBUST_RULES",
     "RULES",
     "CloudContribution",
@@ -73,14 +74,8 @@ __all__ = [
     "trim_count",
 ]
 
-RULES: Final = ("capped_mean", "trimmed_mean", "median", "centered_clip")
-"""Every cross-cloud rule, by the name a manifest and a proposal use."""
-
-ROBUST_RULES: Final = ("trimmed_mean", "median", "centered_clip")
-"""The rules that contain one poisoned aggregate; meant for federations of ≥ 4 clouds."""
-
-MIN_CLOUDS_FOR_ROBUST_RULES: Final = 4
-"""A federation needs this many clouds to tolerate one faulty one, and so a robust rule."""
+RULES: Final = CROSS_CLOUD_RULES
+"""Every cross-cloud rule, by the name a manifest and a proposal use (the manifest's list)."""
 
 CENTERED_CLIP_ITERATIONS: Final = 3
 """Fixed number of centered-clipping steps (part of the rule: changing it changes digests)."""
