@@ -220,7 +220,7 @@ class FederationNode:
             state=read_journal(state_dir),
         )
         self._resumed = self._core.state.height > 0
-        # Per height: base model, the aggregates received (cloud → signed bytes), start time.
+        # The height at hand: its base model; per height the aggregates (cloud → signed bytes).
         self._base: ModelRecord | None = None
         head = store.head_model()
         self._height = 0 if head is None else head.round + 1  # the height being decided
@@ -231,7 +231,6 @@ class FederationNode:
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
         self._value_task: asyncio.Task[None] | None = None
         self._timers: set[asyncio.TimerHandle] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- signing callbacks (pure, for the core) -------------------------------------------
     def _sign_vote(self, vote: Vote) -> SignedVote:
@@ -398,7 +397,6 @@ class FederationNode:
     # -- driver loops ----------------------------------------------------------------------
     async def run(self) -> None:
         """Peer links, intake, the core's input queue and gossip; runs until cancelled."""
-        self._loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as group:
             for cloud, link in self.peer_links.items():
                 group.create_task(link.run())
