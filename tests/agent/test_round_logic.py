@@ -17,7 +17,7 @@ from fedgate_agent.round_logic import (
 )
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.types import Vote
-from fedgate_common.consensus.wire import graph_seed_certificate, seal_vote
+from fedgate_common.consensus.wire import graph_seed_material, seal_vote
 from fedgate_common.digests import GENESIS_PARENT, model_digest
 from fedgate_common.envelope import seal
 from fedgate_common.errors import (
@@ -26,6 +26,7 @@ from fedgate_common.errors import (
     MalformedMessage,
     PlaintextRefused,
     ReplayedMessage,
+    WrongRound,
 )
 from fedgate_common.messages import (
     Certificate,
@@ -159,7 +160,8 @@ def test_agent_not_selected_does_not_train(logic: AgentRoundLogic) -> None:
 def test_answered_round_is_never_trained_again(logic: AgentRoundLogic) -> None:
     """The retained start of the round just answered is redelivered on reconnect: ignored.
     A start for an older round can only be a replay: refused."""
-    model = global_model()
+    genesis = global_model()
+    model = global_model(round=3, parent=genesis.digest, seed=5)
     logic.adopt(model, sealed(model))
     logic.answered(3)
     assert logic.on_message(start_topic(3), sealed(start(3, model.digest))) is None
@@ -167,6 +169,17 @@ def test_answered_round_is_never_trained_again(logic: AgentRoundLogic) -> None:
         logic.on_message(start_topic(2), sealed(start(2, model.digest)))
     assert isinstance(
         logic.on_message(start_topic(4), sealed(start(4, model.digest))), TrainForRound
+    )
+
+
+def test_a_round_must_be_the_next_height_of_its_base_model(logic: AgentRoundLogic) -> None:
+    """Skipping round numbers would give a coordinator another neighbour graph per try."""
+    model = global_model()
+    logic.adopt(model, sealed(model))
+    with pytest.raises(WrongRound, match="next round on it is 1"):
+        logic.on_message(start_topic(5), sealed(start(5, model.digest)))
+    assert isinstance(
+        logic.on_message(start_topic(1), sealed(start(1, model.digest))), TrainForRound
     )
 
 
@@ -243,11 +256,11 @@ def test_plaintext_round_is_refused_unless_allowed() -> None:
     strict.adopt(model, sealed(model))
     with pytest.raises(PlaintextRefused):
         strict.on_message(start_topic(1), sealed(start(1, model.digest)))
-    secure = msgspec.structs.replace(start(2, model.digest), secagg=SECAGG)
-    work = strict.on_message(start_topic(2), sealed(secure))
+    secure = msgspec.structs.replace(start(1, model.digest), secagg=SECAGG)
+    work = strict.on_message(start_topic(1), sealed(secure))
     assert isinstance(work, TrainForRound)
-    # The graph seed commits to the base model's certificate (genesis: its digest).
-    assert work.certificate == graph_seed_certificate(model) == model.digest.encode()
+    # The graph seed takes the base model's digest (fixed by the decision).
+    assert work.certificate == graph_seed_material(model) == model.digest.encode()
 
 
 def test_secure_aggregation_messages_are_routed_only_to_their_agent(

@@ -479,3 +479,20 @@ def test_delta_norm_is_exact_and_order_free() -> None:
     values = random_delta(3)
     expected = math.sqrt(math.fsum(float(v) ** 2 for v in flat(values).tolist()))
     assert delta_norm(values) == expected
+
+
+def test_trimmed_mean_trims_the_federations_faults_not_the_proposals() -> None:
+    """Four clouds (f = 1): a proposal with only three aggregates, one poisoned, is still
+    trimmed by one at each end (the median of three), not averaged."""
+    rng = np.random.default_rng(5)
+    honest = [[float(v) for v in rng.normal(0, 0.01, TINY_SIZE)] for _ in range(2)]
+    rows = [*honest, [1000.0] * TINY_SIZE]
+    contributions = [
+        CloudContribution(cloud=f"c{i}", participants=3, delta=tiny_delta(row))
+        for i, row in enumerate(rows)
+    ]
+    trimmed = combine("trimmed_mean", contributions, weight_cap=10, spec=TINY, faults=1)
+    assert max(abs(float(v)) for a in trimmed.values() for v in a.ravel()) < 0.1
+    untrimmed = combine("trimmed_mean", contributions, weight_cap=10, spec=TINY)
+    assert max(abs(float(v)) for a in untrimmed.values() for v in a.ravel()) > 100
+    assert [trim_count(n, 1) for n in (1, 2, 3, 4)] == [0, 0, 1, 1]

@@ -69,7 +69,8 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     agents = json.loads(runner.invoke(coordinator_main, [*state, "agents", "--json"]).output)
     assert agents[0]["status"] == "revoked"
     status = json.loads(runner.invoke(coordinator_main, [*state, "status", "--json"]).output)
-    assert status["head_model"]["round"] == 0
+    assert status["head_model"] is None  # the genesis model is made by the first `serve`
+    assert status["consensus"]["tolerance"] == "1 cloud: quorum 1, tolerates no faulty coordinator"
     assert status["coordinator_public_key"] == json.loads(init.output)["coordinator_public_key"]
     assert status["aggregation"]["mode"] == "secagg"  # the default
     for agent in ("gw-3", "gw-4", "gw-5", "gw-6"):
@@ -91,7 +92,7 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     models = json.loads(
         runner.invoke(coordinator_main, [*state, "models", "--verify", "--json"]).output
     )
-    assert models["verified_length"] == 1
+    assert models["verified_length"] == 0  # no genesis before the first `serve`
 
 
 def test_agent_exit_codes(tmp_path: Path) -> None:

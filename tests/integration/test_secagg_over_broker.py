@@ -20,7 +20,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_array
-from fedgate_common.consensus.wire import graph_seed_certificate
+from fedgate_common.consensus.wire import graph_seed_material
 from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import (
@@ -108,7 +108,7 @@ class SimulatedAgent:
                 envelope = open_envelope(raw)
                 payload = decode_payload(envelope)
                 if isinstance(payload, GlobalModel):
-                    self.certificate = graph_seed_certificate(payload)  # next round's base
+                    self.certificate = graph_seed_material(payload)  # next round's base
                 elif isinstance(payload, RoundStart):
                     self.participant = Participant(
                         agent_id=self.agent_id,

@@ -38,6 +38,7 @@ import tomli_w
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
+from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import ConfigError
@@ -440,6 +441,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
             validate_identifier(getattr(config, key), what=key)
         except InvalidIdentifier as exc:
             problems.append((key, str(exc)))
+
+    if config.cloud == FEDERATION:
+        problems.append(("cloud", f"cloud = {FEDERATION!r} is reserved for federation topics"))
 
     if not config.state_dir or not Path(config.state_dir).is_absolute():
         problems.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 import nacl.signing
-from fedgate_common.consensus.wire import graph_seed_certificate
+from fedgate_common.consensus.wire import graph_seed_material
 from fedgate_common.digests import model_digest
 from fedgate_common.envelope import Envelope, decode_payload, open_envelope, verify_envelope
 from fedgate_common.errors import (
@@ -17,6 +17,7 @@ from fedgate_common.errors import (
     MalformedMessage,
     PlaintextRefused,
     ReplayedMessage,
+    WrongRound,
 )
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.messages import (
@@ -143,9 +144,13 @@ class AgentRoundLogic:
         certificate seeds the secure-aggregation neighbour graph.
         """
         self.current_model = model
-        self.current_certificate = graph_seed_certificate(model)
+        self.current_certificate = graph_seed_material(model)
         pending, self.pending_start = self.pending_start, None
-        if pending is not None and pending.base_digest == model.digest:
+        if (
+            pending is not None
+            and pending.base_digest == model.digest
+            and pending.round == model.round + 1  # else refused when it comes again
+        ):
             return TrainForRound(pending, model, self.current_certificate)
         return None
 
@@ -168,7 +173,18 @@ class AgentRoundLogic:
         if model is None or model.digest != start.base_digest:
             self.pending_start = start  # its base model is on its way (retained topic)
             return None
+        self._check_height(start, model)
         return TrainForRound(start, model, self.current_certificate)
+
+    @staticmethod
+    def _check_height(start: RoundStart, model: GlobalModel) -> None:
+        """Round r trains on the model decided at height r − 1 and no other: a coordinator
+        may not skip round numbers (each would be another try at the neighbour graph)."""
+        if start.round != model.round + 1:
+            raise WrongRound(
+                f"round {start.round} announced on the model of round {model.round}; "
+                f"the next round on it is {model.round + 1}"
+            )
 
     def answered(self, round: int) -> None:
         self.last_answered_round = max(self.last_answered_round, round)

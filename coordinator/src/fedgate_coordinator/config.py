@@ -13,6 +13,7 @@ import tomli_w
 from fedgate_common.errors import FedgateError
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.topics import FEDERATION
 
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.mqtt_link import MqttSettings
@@ -46,6 +47,8 @@ def validate(config: CoordinatorConfig) -> list[str]:
             validate_identifier(getattr(config, name), what=name)
         except ValueError as exc:
             problems.append(str(exc))
+    if config.cloud == FEDERATION:
+        problems.append(f"cloud={FEDERATION!r} is reserved for federation topics; pick another id")
     if config.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level={config.log_level!r}: use debug, info, warning or error")
     if not 1 <= config.broker.port <= 65535:

@@ -111,9 +111,16 @@ class CloudContribution:
     delta: Mapping[str, npt.NDArray[np.float32]]
 
 
-def trim_count(clouds: int) -> int:
-    """f = ⌊(n − 1) / 3⌋: values dropped at each end per coordinate by ``trimmed_mean``."""
-    return max(clouds - 1, 0) // 3
+def trim_count(clouds: int, faults: int | None = None) -> int:
+    """Values dropped at each end per coordinate by ``trimmed_mean`` among ``clouds`` values.
+
+    ``faults`` is the federation's f (⌊(M − 1) / 3⌋ of all M clouds), not of those that made
+    it into a proposal: a Byzantine proposer that includes only a quorum of aggregates must
+    not thereby shrink the trim. Without it, f of the values at hand. At least one value is
+    always kept.
+    """
+    trim = max(clouds - 1, 0) // 3 if faults is None else faults
+    return max(0, min(trim, (clouds - 1) // 2))
 
 
 def delta_norm(delta: Mapping[str, npt.NDArray[np.generic]]) -> float:
@@ -167,8 +174,11 @@ def combine(
     *,
     weight_cap: int,
     spec: ModelSpec,
+    faults: int | None = None,
 ) -> dict[str, npt.NDArray[np.float32]]:
     """The global model delta by ``rule`` (one of :data:`RULES`; see the module docstring).
+
+    ``faults`` is the federation's f, the trim of ``trimmed_mean`` (see :func:`trim_count`).
 
     The result is a new ``name -> float32 array`` dict in spec order and does not depend on
     the order of ``contributions``. Clouds with 0 participants are ignored; when none has
@@ -199,7 +209,7 @@ def combine(
         weights = [min(contribution.participants, weight_cap) for contribution in active]
         result = _capped_mean(rows, weights)
     elif rule == "trimmed_mean":
-        result = _trimmed_mean(rows)
+        result = _trimmed_mean(rows, trim_count(rows.shape[0], faults))
     elif rule == "median":
         result = _median(rows)
     else:
@@ -218,9 +228,8 @@ def _capped_mean(rows: npt.NDArray[np.float64], weights: Sequence[int]) -> Float
     return accumulator / float(total)
 
 
-def _trimmed_mean(rows: npt.NDArray[np.float64]) -> Float64Vector:
+def _trimmed_mean(rows: npt.NDArray[np.float64], trim: int) -> Float64Vector:
     clouds = rows.shape[0]
-    trim = trim_count(clouds)
     kept = np.sort(rows, axis=0)[trim : clouds - trim]
     accumulator = np.zeros(rows.shape[1], dtype=np.float64)
     for row in kept:

@@ -284,6 +284,7 @@ class FederationNode:
             contributions,
             weight_cap=self.params.cloud_weight_cap,
             spec=self.spec,
+            faults=faults_tolerated(len(self.clouds)),
         )
         weights = apply_delta(float32_weights(base.decode_weights()), delta)
         return ModelRecord.from_weights(
@@ -773,6 +774,8 @@ class FederationNode:
             )
 
     def status(self) -> FederationStatus:
+        for cloud, link in self.peer_links.items():
+            self.peers[cloud].connected = link.connected.is_set()
         state = self._core.state
         return FederationStatus(
             updated=time.time(),

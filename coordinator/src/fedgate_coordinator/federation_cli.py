@@ -614,7 +614,10 @@ def sign(obj: Context, file: Path, previous_path: Path | None, as_json: bool) ->
     click.echo(f"signed {file} (version {manifest.version}) as {config.cloud}")
     click.echo(f"  {_signatures_line(manifest, status)}")
     if status.sufficient:
-        click.echo(f"Complete: every cloud can now run `federation install {file}`.")
+        click.echo(
+            f"Complete: every cloud can now run `federation install {file}` (add --replace "
+            "the first time, to replace the one-cloud manifest `init` wrote)."
+        )
 
 
 @federation.command("show", epilog=FEDERATION_EXIT_CODES)

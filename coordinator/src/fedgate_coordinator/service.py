@@ -19,7 +19,7 @@ import numpy.typing as npt
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import Manifest, SignedManifest
 from fedgate_common.consensus.quorum import tolerance_text
-from fedgate_common.consensus.wire import graph_seed_certificate
+from fedgate_common.consensus.wire import graph_seed_material
 from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.errors import ProtocolError, WrongRound
 from fedgate_common.keys import InvalidKey, parse_public_key
@@ -619,7 +619,7 @@ class CoordinatorService:
         head_message = open_envelope(self._global_model_message(head))
         payload = decode_payload(head_message)
         assert isinstance(payload, GlobalModel)
-        certificate = graph_seed_certificate(payload)
+        certificate = graph_seed_material(payload)
         aggregator = Aggregator(
             deployment=self.config.deployment,
             cloud=self.config.cloud,

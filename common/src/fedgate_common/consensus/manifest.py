@@ -35,6 +35,7 @@ from fedgate_common.errors import FedgateError, ManifestInvalid
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import parse_public_key, public_key_text
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.topics import FEDERATION
 
 __all__ = [
     "CROSS_CLOUD_RULES",
@@ -106,6 +107,8 @@ class CloudEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         validate_identifier(self.cloud, what="cloud id")
+        if self.cloud == FEDERATION:
+            raise ManifestInvalid(f"cloud id {FEDERATION!r} is reserved for federation topics")
         canonical = public_key_text(parse_public_key(self.public_key))
         if self.public_key != canonical:
             raise ManifestInvalid(

@@ -226,12 +226,16 @@ def certificate_signers(certificate: Certificate) -> tuple[str, ...]:
     return tuple(names)
 
 
-def graph_seed_certificate(model: GlobalModel) -> bytes:
-    """The bytes of a base model's certificate that seed the SecAgg neighbour graph
-    (DESIGN.md §4 step 2); the genesis model has none, so its digest stands in."""
-    if model.certificate is None:
-        return model.digest.encode()
-    return msgspec.msgpack.encode(model.certificate)
+def graph_seed_material(model: GlobalModel) -> bytes:
+    """What the base model contributes to the SecAgg neighbour-graph seed (DESIGN.md §4
+    step 2): the 64 ASCII bytes of its digest.
+
+    Only a decided (certified) or genesis model reaches an agent, and its digest is fixed
+    by the decision. The certificate's bytes are not used: any quorum subset of the
+    precommits, in any order, is a valid certificate, which would let a coordinator try
+    many graphs for the same model.
+    """
+    return model.digest.encode()
 
 
 def _check_value(value: str, sender: str, *, allow_nil: bool) -> None:
