@@ -22,7 +22,9 @@ from fedgate_common.errors import BadSignature, EnvelopeMismatch, UnknownSender
 from fedgate_common.messages import CloudAggregate
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import federation_topic
+from fedgate_coordinator.config import CoordinatorConfig, FederationSettings, PeerBroker, validate
 from fedgate_coordinator.consensus_journal import read_journal
+from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.federation import FederationNode
 from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
@@ -222,3 +224,44 @@ async def test_two_conflicting_votes_of_a_peer_are_kept_as_evidence(tmp_path: Pa
             task.cancel()
         await asyncio.gather(deciding, *tasks, return_exceptions=True)
         store.close()
+
+
+def test_peer_logins_are_checked_before_any_connection(tmp_path: Path) -> None:
+    keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2")}
+    signed = federation_manifest(deployment="plant", keys=keys, spec=SPEC)
+    tls_peer = msgspec.structs.replace(signed.manifest.clouds[1], tls=True)
+    manifest = msgspec.structs.replace(
+        signed,
+        manifest=msgspec.structs.replace(
+            signed.manifest, clouds=(signed.manifest.clouds[0], tls_peer)
+        ),
+    )
+    store = Store.open("sqlite://")
+    link = MqttLink(settings=MqttSettings(), subscriptions=[])
+    arguments = {
+        "deployment": "plant",
+        "cloud": "c1",
+        "manifest": manifest,
+        "signing_key": keys["c1"],
+        "store": store,
+        "own_link": link,
+        "state_dir": tmp_path,
+    }
+    with pytest.raises(ConfigError, match=r"federation\.peers\.c2\.tls_ca_file"):
+        FederationNode(**arguments)  # type: ignore[arg-type]
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until connecting")
+    login = PeerBroker(username="c1", password_file=str(tmp_path / "pw"), tls_ca_file=str(ca))
+    node = FederationNode(**arguments, peer_logins={"c2": login})  # type: ignore[arg-type]
+    settings = node.peer_links["c2"].settings
+    assert (settings.username, settings.tls_ca_file) == ("c1", str(ca))
+    store.close()
+
+    config = CoordinatorConfig(
+        deployment="plant",
+        cloud="c1",
+        database_url="sqlite://",
+        federation=FederationSettings(peers={"c2": login}),
+    )
+    problems = validate(config)
+    assert problems == [f"federation.peers.c2.password_file={str(tmp_path / 'pw')!r}: no such file"]

@@ -188,12 +188,24 @@ async def test_peers_read_the_federation_topics_only_and_only_the_coordinator_wr
             ):
                 pass
 
-        # As built, the coordinator's peer link sends no credentials: it is refused here.
+        # The coordinator's peer link without credentials is refused; with the password
+        # file of [federation.peers.cloud-1] it reads the federation topics.
         link = peer_link(peers)
         task = asyncio.create_task(link.run())
         try:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(link.connected.wait(), 2)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        password_file = tmp_path / "peer-cloud-1.pass"
+        password_file.write_text(PASSWORD + "\n")
+        link = peer_link(peers, username="cloud-2", password_file=str(password_file))
+        task = asyncio.create_task(link.run())
+        try:
+            message = await asyncio.wait_for(link.inbound.get(), 10)
+            assert (message.topic, message.payload) == (topic("aggregate"), b"aggregate")
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,13 +244,15 @@ async def test_the_anonymous_read_only_form_admits_todays_coordinator_link(
                     await task
 
 
-def peer_link(port: int) -> MqttLink:
+def peer_link(port: int, *, username: str = "", password_file: str = "") -> MqttLink:
     """cloud-2's coordinator link to this broker, built as FederationNode builds it."""
     return MqttLink(
         settings=MqttSettings(
             host="127.0.0.1",
             port=port,
             client_id=f"fedgate-coordinator-{DEPLOYMENT}-cloud-2-peer-{CLOUD}",
+            username=username,
+            password_file=password_file,
         ),
         subscriptions=[FEDERATION],
         backoff=Backoff(initial_s=0.05, max_s=0.5),

@@ -27,6 +27,21 @@ DEFAULT_STATE_DIR = Path("/var/lib/fedgate-coordinator")
 DEFAULT_MODEL = ModelSpec(n_features=52, window=20, n_classes=22)
 
 
+class PeerBroker(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How this coordinator logs in to one peer cloud's broker (host and port come from
+    the federation manifest): ``[federation.peers.<cloud>]`` in coordinator.toml."""
+
+    username: str = ""
+    password_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+class FederationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    peers: dict[str, PeerBroker] = msgspec.field(default_factory=dict)
+
+
 class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     deployment: str
     cloud: str
@@ -37,6 +52,7 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     secagg: SecAggSettings = SecAggSettings()
     privacy: SitePrivacySettings = SitePrivacySettings()
     model: ModelSpec = DEFAULT_MODEL
+    federation: FederationSettings = FederationSettings()
 
 
 def validate(config: CoordinatorConfig) -> list[str]:
@@ -57,6 +73,15 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append(f"broker.protocol={config.broker.protocol!r}: use auto, 5 or 3.1.1")
     if not 1 <= config.broker.queue_size <= 100_000:
         problems.append("broker.queue_size: use 1..100000")
+    logins: list[tuple[str, MqttSettings | PeerBroker]] = [("broker", config.broker)]
+    logins += [(f"federation.peers.{c}", p) for c, p in config.federation.peers.items()]
+    for where, login in logins:
+        for name in ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(login, name)
+            if path and not os.path.isfile(path):
+                problems.append(f"{where}.{name}={path!r}: no such file")
+        if login.tls_cert_file and not login.tls_ca_file:
+            problems.append(f"{where}.tls_cert_file needs {where}.tls_ca_file (TLS) as well")
     r = config.rounds
     if r.min_participants < 1:
         problems.append("rounds.min_participants must be at least 1")

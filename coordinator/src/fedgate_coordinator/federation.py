@@ -74,6 +74,7 @@ from fedgate_common.model_spec import ModelSpec
 from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
 
 from fedgate_coordinator.aggregation import apply_delta
+from fedgate_coordinator.config import PeerBroker
 from fedgate_coordinator.consensus_journal import read_journal, write_journal
 from fedgate_coordinator.cross_cloud import (
     CloudContribution,
@@ -81,6 +82,7 @@ from fedgate_coordinator.cross_cloud import (
     combine,
     delta_norm,
 )
+from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import (
     AggregateRecord,
@@ -175,6 +177,7 @@ class FederationNode:
         store: Store,
         own_link: MqttLink,
         state_dir: Path,
+        peer_logins: Mapping[str, PeerBroker] | None = None,
     ) -> None:
         self.deployment = deployment
         self.cloud = cloud
@@ -194,11 +197,22 @@ class FederationNode:
             if entry.cloud == cloud:
                 continue
             host, _, port = entry.broker.rpartition(":")
+            login = (peer_logins or {}).get(entry.cloud, PeerBroker())
+            if entry.tls and not login.tls_ca_file:
+                raise ConfigError(
+                    f"the manifest says cloud {entry.cloud}'s broker speaks TLS: set "
+                    f"federation.peers.{entry.cloud}.tls_ca_file in coordinator.toml"
+                )
             self.peer_links[entry.cloud] = MqttLink(
                 settings=MqttSettings(
                     host=host,
                     port=int(port),
                     client_id=f"fedgate-coordinator-{deployment}-{cloud}-peer-{entry.cloud}",
+                    username=login.username,
+                    password_file=login.password_file,
+                    tls_ca_file=login.tls_ca_file,
+                    tls_cert_file=login.tls_cert_file,
+                    tls_key_file=login.tls_key_file,
                 ),
                 subscriptions=[federation_filter(deployment, entry.cloud)],
             )

@@ -25,13 +25,31 @@ _UNSUPPORTED_PROTOCOL = {1, 132}
 SESSION_EXPIRY_S = 300
 
 
-class MqttSettings(msgspec.Struct, frozen=True, kw_only=True):
+class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where and how to connect. ``password_file`` holds the password (first line), so
+    that the secret stays out of the configuration file; ``tls_ca_file`` turns TLS on and
+    names the CA that signed the broker's certificate (``tls_cert_file`` / ``tls_key_file``:
+    an optional client certificate)."""
+
     host: str = "127.0.0.1"
     port: int = 1883
     protocol: str = "auto"  # auto | 5 | 3.1.1
     keepalive_s: int = 30
     queue_size: int = 1000
     client_id: str = ""
+    username: str = ""
+    password_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+def read_password(path: str) -> str | None:
+    """The first line of ``path`` ("" path: no password); OSError when it cannot be read."""
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().rstrip("\r\n")
 
 
 class InboundMessage(msgspec.Struct, frozen=True):
@@ -60,14 +78,23 @@ class MqttLink:
         self._connected_once = False
 
     def _make_client(self) -> aiomqtt.Client:
+        settings = self.settings
         common = {
-            "hostname": self.settings.host,
-            "port": self.settings.port,
-            "identifier": self.settings.client_id or None,
-            "keepalive": self.settings.keepalive_s,
-            "max_queued_incoming_messages": self.settings.queue_size,
+            "hostname": settings.host,
+            "port": settings.port,
+            "identifier": settings.client_id or None,
+            "keepalive": settings.keepalive_s,
+            "max_queued_incoming_messages": settings.queue_size,
             "logger": log,
+            "username": settings.username or None,
+            "password": read_password(settings.password_file),
         }
+        if settings.tls_ca_file:
+            common["tls_params"] = aiomqtt.TLSParameters(
+                ca_certs=settings.tls_ca_file,
+                certfile=settings.tls_cert_file or None,
+                keyfile=settings.tls_key_file or None,
+            )
         # The first connection of this process starts a clean session; reconnections resume
         # it, so QoS 1 messages sent while the link was down are delivered afterwards.
         fresh = not self._connected_once

@@ -150,6 +150,7 @@ class CoordinatorService:
             store=store,
             own_link=self.link,
             state_dir=state_dir,
+            peer_logins=config.federation.peers,
         )
 
     # -- wire helpers -------------------------------------------------------------------
