@@ -240,6 +240,9 @@ class FederationNode:
         self._height = 0 if head is None else head.round + 1  # the height being decided
         self._aggregates: dict[int, dict[str, bytes]] = {}
         self._aggregate_ok: dict[bytes, bool] = {}  # sha256 of a signed aggregate → usable
+        self._checked: dict[bytes, CloudContribution] = {}  # sha256 → checked contribution
+        self._last_aggregate: dict[str, int] = {}  # cloud → highest height of its aggregates
+        self._first_height = 0  # the first height this process decides
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
         self._decided: dict[int, DecidedModel] = {}
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
@@ -306,6 +309,15 @@ class FederationNode:
         )
 
     def _contribution(self, height: int, raw: bytes) -> CloudContribution:
+        """The checked contribution of a signed aggregate (each is checked once)."""
+        key = hashlib.sha256(raw).digest() + height.to_bytes(8, "big")
+        checked = self._checked.get(key)
+        if checked is None:
+            checked = self._check_contribution(height, raw)
+            self._checked[key] = checked
+        return checked
+
+    def _check_contribution(self, height: int, raw: bytes) -> CloudContribution:
         envelope, payload = open_signed(raw, deployment=self.deployment, keys=self.keys)
         if not isinstance(payload, CloudAggregate):
             raise MalformedMessage("not an aggregate", sender=envelope.sender)
@@ -347,6 +359,7 @@ class FederationNode:
         self._base = base
         self._height = height
         self._aggregate_ok.clear()
+        self._checked.clear()
         self._candidates.clear()
         for old in [h for h in self._aggregates if h < height]:
             del self._aggregates[old]
@@ -397,16 +410,30 @@ class FederationNode:
 
     async def _collect_aggregates(self, height: int) -> None:
         """Wait for every cloud's aggregate, or a quorum and ``aggregate_wait_s`` more, so
-        that the proposer has a value when the height starts (fewer nil rounds)."""
+        that the proposer has a value when the height starts (fewer nil rounds).
+
+        Only clouds heard from at the previous height (their aggregate came, even late) are
+        waited for; others are still taken if they come in time. So one crashed
+        coordinator does not cost every height ``aggregate_wait_s``, and a slow one is
+        waited for again as soon as it is back.
+        """
         quorum_since: float | None = None
+        self._first_height = self._first_height or height
+        expected = {
+            cloud
+            for cloud in self.clouds
+            if cloud == self.cloud
+            or self._last_aggregate.get(cloud, -1) >= height - 1
+            or (cloud not in self._last_aggregate and height == self._first_height)
+        }
         while True:
-            usable = len(self._usable_aggregates(height))
-            if usable == len(self.clouds):
-                return
-            if usable >= self.quorum:
+            usable = set(self._usable_aggregates(height))
+            if usable >= expected and len(usable) >= self.quorum:
+                break
+            if len(usable) >= self.quorum:
                 quorum_since = quorum_since or time.monotonic()
                 if time.monotonic() - quorum_since >= self.params.aggregate_wait_s:
-                    return
+                    break
             await asyncio.sleep(0.1)
 
     # -- driver loops ----------------------------------------------------------------------
@@ -453,6 +480,8 @@ class FederationNode:
             self._seen(cloud)
             if not self._height - 1 <= payload.round <= self._height + AGGREGATE_HEIGHTS:
                 return  # far from the height at hand: never held (bounded memory)
+            last = self._last_aggregate.get(cloud, -1)
+            self._last_aggregate[cloud] = max(last, payload.round)
             self._aggregates.setdefault(payload.round, {})[cloud] = message.payload
             self._record_aggregate(payload.round, message.payload, payload)
         else:
@@ -519,8 +548,9 @@ class FederationNode:
         while True:
             await asyncio.sleep(GOSSIP_S)
             self._write_status()
-            if self._height and self._height not in self._decided:
-                await self._apply(self._core.rebroadcast())
+            state = self._core.state
+            if state.height == self._height and self._height not in self._decided:
+                await self._apply(self._core.rebroadcast())  # not while collecting the next
 
     # -- actions ---------------------------------------------------------------------------
     async def _apply(self, actions: Sequence[Action]) -> None:

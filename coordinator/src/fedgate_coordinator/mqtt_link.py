@@ -76,6 +76,7 @@ class MqttLink:
         self._use_v5 = settings.protocol in ("auto", "5")
         self.bytes_published = 0
         self._connected_once = False
+        self._stopped = False  # run() has ended: nobody will reconnect, publish must not wait
 
     def _make_client(self) -> aiomqtt.Client:
         settings = self.settings
@@ -111,7 +112,13 @@ class MqttLink:
 
     async def run(self) -> None:
         """Connect, subscribe and pump messages forever; reconnect after any broker error."""
-        attempt = 0
+        self._stopped = False
+        try:
+            await self._serve(0)
+        finally:
+            self._stopped = True
+
+    async def _serve(self, attempt: int) -> None:
         while True:
             try:
                 async with self._make_client() as client:
@@ -171,9 +178,16 @@ class MqttLink:
         )
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Publish with QoS 1, waiting for a connection; retried once after a reconnect."""
+        """Publish with QoS 1, waiting for a connection; retried once after a reconnect.
+
+        Raises :class:`aiomqtt.MqttError` once :meth:`run` has ended, instead of waiting
+        for a connection that cannot come (a stop that raced with a publish).
+        """
         for _ in range(2):
-            await self.connected.wait()
+            while not self.connected.is_set():
+                if self._stopped:
+                    raise aiomqtt.MqttError(f"link to {self.settings.host} is stopped")
+                await asyncio.sleep(0.05)
             client = self._client
             if client is None:
                 continue
