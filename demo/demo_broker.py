@@ -1,8 +1,10 @@
-"""Find or start an MQTT broker for the demo.
+"""Start one private MQTT broker per cloud for the demo.
 
-Order: the machine's Mosquitto on 127.0.0.1:1883; else a private ``mosquitto`` process on
-a free loopback port; else an embedded amqtt broker (MQTT 3.1.1) in a child process, so a
-fresh machine without Mosquitto still runs the demo.
+Each cloud gets its own ``mosquitto`` process on a free loopback port (``listener PORT
+127.0.0.1``, anonymous, no persistence), so the clouds share nothing but the federation
+messages their coordinators fetch from each other's brokers. On a machine without
+Mosquitto each cloud gets an embedded amqtt broker (MQTT 3.1.1) in a child process instead,
+so a fresh machine still runs the demo.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class BrokerEndpoint:
     port: int
     kind: str
 
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
@@ -54,42 +59,57 @@ def free_port() -> int:
         return port
 
 
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
 def _wait_for(host: str, port: int, process: subprocess.Popen[bytes], what: str) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if port_open(host, port):
             return
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
+            raise RuntimeError(f"{what} on port {port} exited with code {process.returncode}")
         time.sleep(0.1)
     raise RuntimeError(f"{what} did not open port {port}")
 
 
 @contextlib.contextmanager
-def demo_broker() -> Iterator[BrokerEndpoint]:
-    if port_open("127.0.0.1", 1883):
-        yield BrokerEndpoint("127.0.0.1", 1883, "machine mosquitto")
-        return
-    port = free_port()
-    mosquitto = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        if mosquitto:
-            conf = Path(tmp) / "mosquitto.conf"
-            conf.write_text(
-                f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                "persistence false\nmessage_size_limit 0\n"
-            )
-            command = [mosquitto, "-c", str(conf)]
-            kind = "private mosquitto"
-        else:
-            command = [sys.executable, "-c", EMBEDDED_BROKER, str(port)]
-            kind = "embedded amqtt"
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            _wait_for("127.0.0.1", port, process, kind)
-            yield BrokerEndpoint("127.0.0.1", port, kind)
-        finally:
+def cloud_brokers(names: list[str], directory: Path) -> Iterator[list[BrokerEndpoint]]:
+    """One private broker per cloud name, on free loopback ports; stopped on exit.
+
+    Configuration files and broker logs go to ``directory`` (``broker-<name>.conf``/``.log``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    mosquitto = mosquitto_binary()
+    kind = "private mosquitto" if mosquitto else "embedded amqtt"
+    processes: list[subprocess.Popen[bytes]] = []
+    endpoints: list[BrokerEndpoint] = []
+    try:
+        for name in names:
+            port = free_port()
+            if mosquitto:
+                conf = directory / f"broker-{name}.conf"
+                conf.write_text(
+                    f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                )
+                command = [mosquitto, "-c", str(conf)]
+            else:
+                command = [sys.executable, "-c", EMBEDDED_BROKER, str(port)]
+            with (directory / f"broker-{name}.log").open("wb") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            endpoints.append(BrokerEndpoint("127.0.0.1", port, kind))
+        for endpoint, process in zip(endpoints, processes, strict=True):
+            _wait_for(endpoint.host, endpoint.port, process, kind)
+        yield endpoints
+    finally:
+        for process in processes:
             process.terminate()
-            process.wait(timeout=10)
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,21 +1,30 @@
-"""`make demo`: one coordinator, six agents on non-IID Tennessee Eastman splits, 20 rounds.
+"""`make demo`: four clouds, twelve agents on non-IID Tennessee Eastman splits, 20 rounds.
 
-Updates travel masked (SecAgg+) and every agent trains with record-level DP (DP-SGD, ε = 3
-at δ = 1e-5 per site over the run) by default; the ε each site has spent is printed after
-every round. ``--dp site`` adds site-level distributed noise instead (coordinator.toml
+Each cloud has its own MQTT broker, its own coordinator and its own SQLite store; the
+sites are spread over the clouds, 3 per cloud by default: a cloud's secure aggregation
+then shares keys 2-of-3 and survives one agent dropping out (with 2 agents it would be
+2-of-2, and either agent could subtract its own update from the per-cloud mean that its
+coordinator publishes for its peers, and so learn the other's). The coordinators join one
+federation manifest that all of them sign. Every federated round is one consensus height:
+each cloud runs a secure-aggregation round (SecAgg+) with its own agents, the coordinators
+exchange their signed per-cloud aggregates and decide the next global model by BFT
+consensus (Tendermint); agents take only models with a commit certificate of a quorum of
+the manifest's coordinators. After each height the demo prints the decided model, the
+consensus round, the clouds that signed its certificate, its test accuracy and the ε spent.
+
+Every agent trains with record-level DP (DP-SGD, ε = 3 at δ = 1e-5 per site over the run)
+by default. ``--dp site`` adds site-level distributed noise instead (coordinator.toml
 ``[privacy] site_level = "on"``), ``--dp off`` trains without DP, and ``--aggregation
 plaintext`` runs the baseline with the same seeds (``--seed``), so final accuracies compare.
-
-Everything runs as real processes over a real MQTT broker; the coordinator keeps its
-store in ``out/demo/coordinator/coordinator.db`` for ``fedgate-coordinator status`` to read.
-At the end the same model is trained centrally on the union of the sites' data, and both
-accuracies are printed and written to ``out/demo/summary.json``.
+``--clouds 1`` runs a single cloud. At the end the same model is trained centrally on the
+union of the sites' data, and both accuracies are printed and written to
+``out/demo/summary.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -24,24 +33,30 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import msgspec
 import numpy as np
 import tomli_w
 import torch
-from demo_broker import demo_broker  # this script's directory is on sys.path
+from demo_broker import BrokerEndpoint, cloud_brokers  # this script's directory is on sys.path
+from fedgate_agent.config import set_config_value
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
 from fedgate_agent.model import build_model
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
+from fedgate_common.consensus.manifest import decode_manifest_file, verify_keys
+from fedgate_common.consensus.quorum import tolerance_text
+from fedgate_common.consensus.wire import content_aggregates, open_proposal
+from fedgate_common.envelope import open_envelope
+from fedgate_common.errors import FedgateError
 from fedgate_common.model_spec import initial_weights
 from fedgate_common.text_table import format_table
-from fedgate_common.topics import model_topic
 from fedgate_coordinator.rounds import RoundSettings
-from fedgate_coordinator.store import Store
+from fedgate_coordinator.store import DecisionRecord, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,40 +67,91 @@ DP_ROUNDS = RoundSettings(
     learning_rate=1.0, lr_decay=0.9, momentum=0.9, local_epochs=2, batch_size=256
 )
 DP_CLIP = 1.0  # privacy.max_grad_norm
+# Tendermint timeouts for coordinators on one machine (the manifest's defaults are sized
+# for clouds far apart). aggregate_wait_s is how long a coordinator holding a quorum of
+# aggregates waits for the rest before proposing: each cloud's round ends when its
+# slowest agent has sent its masked update, and a cloud whose aggregate misses the
+# proposal has trained for nothing in that height. On 2 busy cores the four aggregates
+# of a height arrived within 0.7 s of each other; it only costs time when a cloud is down.
+CONSENSUS = {
+    "timeout_propose_s": 5.0,
+    "timeout_prevote_s": 2.0,
+    "timeout_precommit_s": 2.0,
+    "timeout_delta_s": 2.0,
+    "aggregate_wait_s": 10.0,
+}
+TIME_LIMIT_S = 1800
+SETUP_WORKERS = 4  # CLI processes at a time while setting up
+
+
+@dataclass
+class Cloud:
+    """One cloud of the demo: its broker and its coordinator (state directory, process)."""
+
+    name: str
+    broker: BrokerEndpoint
+    state: Path
+    public_key: str = ""
+    database_url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def coordinator(self, *args: str) -> dict[str, Any]:
+        return run_cli("fedgate-coordinator", "--state-dir", str(self.state), *args)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def run_cli(*args: str) -> dict[str, Any]:
+    """Run a fedgate CLI command with ``--json``; exit with its message if it fails."""
     result = subprocess.run(
         [str(BIN / args[0]), *args[1:], "--json"], check=False, capture_output=True, text=True
     )
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({result.returncode}): {result.stderr}")
+        raise SystemExit(f"{' '.join(args[:5])} failed ({result.returncode}): {result.stderr}")
     data: dict[str, Any] = json.loads(result.stdout)
     return data
 
 
-async def clear_retained(host: str, port: int, topic: str) -> None:
-    async with aiomqtt.Client(host, port) as client:
-        await client.publish(topic, b"", qos=1, retain=True)
-
-
 def accuracy_of(store: Store, digest: str, test: LocalDataset) -> float:
     record = store.get_model(digest)
-    assert record is not None
+    if record is None:
+        raise SystemExit(f"model {digest[:16]} is not in the store")
     model = build_model(record.decode_spec(), weights=record.decode_weights())
     return evaluate(model, test).accuracy
 
 
-def record_epsilon(configs: list[Path]) -> float:
-    """The largest record-level ε any site has spent so far (each site's privacy.json)."""
-    spent = [read_ledger(config.parent).epsilon_total for config in configs]
+def record_epsilon(configs: list[Path], up_to: int | None = None) -> float:
+    """The largest record-level ε any site has spent by round ``up_to`` (each site's
+    privacy.json; agents of a fast cloud may already have trained the next round)."""
+    spent = []
+    for config in configs:
+        entries = read_ledger(config.parent).entries
+        booked = [e for e in entries if up_to is None or e.spend.round <= up_to]
+        spent.append(booked[-1].epsilon_total if booked else 0.0)
     return round(max(spent, default=0.0), 4)
 
 
+def site_epsilon(stores: list[Store], height: int) -> float | None:
+    """The largest site-level ε any cloud has booked by ``height`` (its privacy_ledger)."""
+    spent = [
+        entry.epsilon_total
+        for store in stores
+        for entry in store.privacy_ledger(unit="site")
+        if entry.round <= height
+    ]
+    return round(max(spent), 4) if spent else None
+
+
 def wait_until_connected(
-    configs: list[Path], processes: list[subprocess.Popen[bytes]], timeout: float = 300.0
+    configs: list[Path], processes: list[subprocess.Popen[bytes]], out: Path, timeout: float = 300
 ) -> None:
-    """Wait until every agent has connected to the broker (its status.json says so), so
+    """Wait until every agent has connected to its broker (its status.json says so), so
     that the first round does not start while agents are still loading torch."""
     deadline = time.monotonic() + timeout
     waiting = list(configs)
@@ -97,16 +163,10 @@ def wait_until_connected(
             or json.loads((c.parent / "status.json").read_text()).get("state") == "connecting"
         ]
         if any(p.poll() is not None for p in processes):
-            raise SystemExit("an agent exited at start; see out/demo*/logs")
+            raise SystemExit(f"an agent exited at start; see {out / 'logs'}")
         if waiting and time.monotonic() > deadline:
             raise SystemExit(f"agents not connected after {timeout:.0f} s: {waiting}")
         time.sleep(0.5)
-
-
-def site_epsilon(store: Store) -> float | None:
-    """The federation's site-level ε so far (the coordinator's privacy_ledger)."""
-    ledger = store.privacy_ledger(unit="site")
-    return round(ledger[-1].epsilon_total, 4) if ledger else None
 
 
 def configure_coordinator(state_dir: Path, changes: dict[str, dict[str, Any]]) -> None:
@@ -118,22 +178,314 @@ def configure_coordinator(state_dir: Path, changes: dict[str, dict[str, Any]]) -
     path.write_text(tomli_w.dumps(config))
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every cloud's and site's set-up needs to know about the run."""
+
+    deployment: str
+    out: Path
+    args: argparse.Namespace
+    spec_file: Path
+    plan: dict[str, Any]  # coordinator.toml [rounds]: the training plan
+
+
+@dataclass
+class Site:
+    """One gateway: its agent's configuration file, its cloud and its enrolled key."""
+
+    index: int
+    cloud: Cloud
+    config: Path
+    public_key: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"site-{self.index + 1}"
+
+
+def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
+    """`fedgate-coordinator init` with its own store, then the run's coordinator.toml edits."""
+    args = setup.args
+    init = cloud.coordinator(
+        "init",
+        "--cloud",
+        cloud.name,
+        "--deployment",
+        setup.deployment,
+        "--broker-host",
+        cloud.broker.host,
+        "--broker-port",
+        str(cloud.broker.port),
+        "--min-participants",
+        str(max(2, agents - 2)),
+        "--update-timeout",
+        "120",
+        "--model-spec",
+        str(setup.spec_file),
+        "--aggregation",
+        args.aggregation,
+        "--genesis-seed",
+        str(args.seed),
+    )
+    cloud.public_key = init["coordinator_public_key"]
+    cloud.database_url = init["database_url"]
+    changes: dict[str, dict[str, Any]] = {"rounds": setup.plan}
+    if args.dp == "site":
+        changes["privacy"] = {
+            "site_level": "on",
+            "target_epsilon": args.site_epsilon,
+            "planned_rounds": args.rounds,
+        }
+        changes["secagg"] = {"word_bits": 32}
+    configure_coordinator(cloud.state, changes)
+
+
+def init_agent(site: Site, setup: Setup) -> None:
+    """`fedgate-agent init` for the site's cloud and broker, then the run's settings."""
+    args, cloud = setup.args, site.cloud
+    agent = run_cli(
+        "fedgate-agent",
+        "init",
+        "--config",
+        str(site.config),
+        "--agent-id",
+        site.name,
+        "--deployment",
+        setup.deployment,
+        "--cloud",
+        cloud.name,
+        "--state-dir",
+        str(site.config.parent),
+        "--broker-host",
+        cloud.broker.host,
+        "--broker-port",
+        str(cloud.broker.port),
+        "--coordinator-key",
+        cloud.public_key,
+    )
+    site.public_key = agent["public_key"]
+    settings = {"training.seed": str(args.seed * 1000 + site.index)}
+    if args.aggregation == "plaintext":
+        settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
+    if args.dp == "record":
+        settings["privacy.record_level"] = "on"
+        settings["privacy.target_epsilon"] = str(args.epsilon)
+        settings["privacy.planned_rounds"] = str(args.rounds)
+        settings["privacy.max_grad_norm"] = str(DP_CLIP)
+    for key, value in settings.items():
+        set_config_value(site.config, key, value)  # what `fedgate-agent config set` does
+
+
+def enroll_agents(cloud: Cloud, sites: list[Site]) -> None:
+    """Enroll the cloud's agents at its coordinator, one after the other (one store)."""
+    for site in sites:
+        if site.cloud is cloud:
+            cloud.coordinator("enroll", site.name, site.public_key)
+
+
+def pin_manifest(site: Site) -> None:
+    """Pin the manifest installed at the site's coordinator: from now on the agent takes
+    only models certified by a quorum of the manifest's coordinators."""
+    run_cli(
+        "fedgate-agent",
+        "federation",
+        "pin",
+        "--config",
+        str(site.config),
+        str(site.cloud.state / "federation.json"),
+    )
+
+
+def form_federation(clouds: list[Cloud], out: Path, seed: int, pool: ThreadPoolExecutor) -> Path:
+    """One manifest for all clouds: written by c1, short timeouts set before anyone signs,
+    signed by every coordinator (a first version needs all), installed on every one."""
+    manifest = out / "federation.json"
+    entries = [f"--cloud={c.name}={c.public_key}@{c.broker.address}" for c in clouds]
+    clouds[0].coordinator(
+        "federation", "init", *entries, "--genesis-seed", str(seed), "--out", str(manifest)
+    )
+    unsigned = json.loads(manifest.read_text())
+    unsigned["manifest"]["consensus"].update(CONSENSUS)
+    manifest.write_text(json.dumps(unsigned, indent=2))
+    for cloud in clouds:  # one after the other: each adds its signature to the file
+        cloud.coordinator("federation", "sign", str(manifest))
+    install = ("federation", "install", str(manifest), "--replace")
+    list(pool.map(lambda c: c.coordinator(*install), clouds))
+    return manifest
+
+
+def included_clouds(stores: list[Store], decision: DecisionRecord, manifest: Path) -> str:
+    """The clouds whose signed aggregates the decided proposal combined (from the
+    proposal a coordinator recorded in its votes table)."""
+    signed = decode_manifest_file(manifest.read_bytes()).manifest
+    keys = verify_keys(signed)
+    for store in stores:
+        for vote in store.votes(decision.height):
+            if (vote.step, vote.round, vote.value) != ("proposal", decision.round, decision.value):
+                continue
+            try:
+                proposal = open_proposal(vote.envelope, deployment=signed.deployment, keys=keys)
+                raws = content_aggregates(proposal.proposal.content)
+                return ",".join(sorted(open_envelope(raw).sender for raw in raws))
+            except FedgateError:
+                continue
+    return "?"
+
+
+def aggregate_spread(stores: list[Store], height: int) -> float | None:
+    """Seconds between the first and the last cloud aggregate c1 received for ``height``."""
+    times = [a.received_at for a in stores[0].cloud_aggregates(height) if a.received_at]
+    if len(times) < 2:
+        return None
+    return round((max(times) - min(times)).total_seconds(), 1)
+
+
+def height_row(
+    height: int,
+    clouds: list[Cloud],
+    stores: list[Store],
+    manifest: Path,
+    test: LocalDataset,
+    configs: list[Path],
+    dp: str,
+) -> list[Any] | None:
+    """The row of ``height`` once every cloud has stored its decision, else ``None``."""
+    decisions = [store.decision(height) for store in stores]
+    first = decisions[0]
+    if first is None or any(d is None for d in decisions):
+        return None
+    digests = {d.value for d in decisions if d is not None}
+    local = [store.get_round(height) for store in stores]
+    completed = [r for r in local if r is not None and r.status == "completed"]
+    parts = [p for store in stores for p in store.participants(height)]
+    return [
+        height,
+        first.value[:12] if len(digests) == 1 else "DIFFER",
+        first.round,
+        ",".join(first.signers),
+        included_clouds(stores, first, manifest),
+        f"{len(completed)}/{len(clouds)}",
+        sum(r.participants or 0 for r in completed),
+        accuracy_of(stores[0], first.value, test),
+        int(np.mean([p.bytes_up for p in parts])) if parts else 0,
+        int(np.mean([r.bytes_down_per_agent or 0 for r in completed])) if completed else 0,
+        record_epsilon(configs, up_to=height) if dp == "record" else "-",
+        site_epsilon(stores, height) if dp == "site" else "-",
+    ]
+
+
+def start_coordinators(clouds: list[Cloud], rounds: int, out: Path, env: dict[str, str]) -> None:
+    """`fedgate-coordinator serve --until-height`: every cloud stops at the same height."""
+    for cloud in clouds:
+        with (out / "logs" / f"coordinator-{cloud.name}.log").open("wb") as log:
+            cloud.process = subprocess.Popen(
+                [
+                    str(BIN / "fedgate-coordinator"),
+                    "--state-dir",
+                    str(cloud.state),
+                    "serve",
+                    "--until-height",
+                    str(rounds),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+
+def follow_heights(
+    clouds: list[Cloud],
+    stores: list[Store],
+    manifest: Path,
+    test: LocalDataset,
+    configs: list[Path],
+    args: argparse.Namespace,
+    out: Path,
+) -> tuple[list[list[Any]], dict[int, float | None]]:
+    """Print a row per height as soon as every cloud has decided it; stop early when a
+    coordinator fails or all have exited. Returns the rows and the aggregates' spread."""
+    print(format_table(HEADERS, []), flush=True)
+    rows: list[list[Any]] = []
+    spreads: dict[int, float | None] = {}
+    started = time.monotonic()
+    height = 1
+    while height <= args.rounds:
+        exited = all(c.process is not None and c.process.poll() is not None for c in clouds)
+        failed = any(c.process is not None and c.process.poll() for c in clouds)
+        row = height_row(height, clouds, stores, manifest, test, configs, args.dp)
+        if row is not None:
+            rows.append(row)
+            spreads[height] = aggregate_spread(stores, height)
+            print(format_table(HEADERS, [row]).splitlines()[-1], flush=True)
+            height += 1
+            continue
+        if failed or exited:
+            break
+        if time.monotonic() - started > TIME_LIMIT_S:
+            raise SystemExit(f"no result after {TIME_LIMIT_S} s; see {out / 'logs'}")
+        time.sleep(1.0)
+    return rows, spreads
+
+
+HEADERS = [
+    "height",
+    "model digest",
+    "cons_round",
+    "precommits from",
+    "aggregates of",
+    "clouds done",
+    "agents",
+    "test_acc",
+    "up/agent",
+    "down/agent",
+    "record_eps",
+    "site_eps",
+]
+
+
 def centralized(
     train: LocalDataset, test: LocalDataset, spec: Any, plan: RoundSettings, rounds: int, seed: int
 ) -> float:
     """The same model and optimiser, trained on the union for as many epochs as one site
     trains in the whole federation (rounds × local epochs), with the same lr decay."""
-    # The same initial weights as the federation's genesis model (init --genesis-seed).
+    # The same initial weights as the federation's genesis model (federation init
+    # --genesis-seed).
     model = build_model(spec, weights=initial_weights(spec, np.random.default_rng(seed)))
     for number in range(1, rounds + 1):
         train_locally(model, train, plan.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=20)
+def spread_sites(sites: int, clouds: list[Cloud]) -> list[Cloud]:
+    """Each site's cloud: consecutive blocks, the first clouds take one more if uneven."""
+    base, extra = divmod(sites, len(clouds))
+    owners: list[Cloud] = []
+    for index, cloud in enumerate(clouds):
+        owners.extend([cloud] * (base + (1 if index < extra else 0)))
+    return owners
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clouds", type=int, default=4, help="clouds (coordinators, brokers)")
+    parser.add_argument(
+        "--sites", type=int, default=None, help="default: 3 per cloud, at least 6 in all"
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="federated rounds (heights)")
     parser.add_argument("--out", type=Path, default=None, help="default: out/demo[-plaintext]")
     parser.add_argument(
         "--aggregation",
@@ -158,9 +510,30 @@ def main() -> int:
         help="fixes the initial model and each site's training order, so runs compare",
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.clouds < 1:
+        parser.error("--clouds must be at least 1")
+    if args.sites is None:
+        args.sites = max(6, 3 * args.clouds)
+    if args.sites < 4:
+        parser.error(
+            f"--sites {args.sites}: use at least 4 (each fault goes to 3 sites, and no site "
+            "may see every fault)"
+        )
+    if args.sites < 2 * args.clouds:
+        parser.error(
+            f"--sites {args.sites} leaves a cloud with fewer than 2 agents: secure "
+            "aggregation needs a Shamir threshold of at least 2"
+        )
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.dp == "site" and args.aggregation != "secagg":
         parser.error("--dp site needs --aggregation secagg: the agents add the noise")
+    return args
+
+
+def main() -> int:
+    args = parse_arguments()
+    torch.set_num_threads(1)
     suffix = ("" if args.aggregation == "secagg" else "-plaintext") + {
         "record": "",
         "site": "-site-dp",
@@ -171,220 +544,125 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     deployment = f"demo-{int(time.time())}"
+    started_all = time.monotonic()
 
-    print(f"[1/5] splitting Tennessee Eastman data over {args.sites} sites (non-IID)", flush=True)
+    print(f"[1/6] splitting Tennessee Eastman data over {args.sites} sites (non-IID)", flush=True)
     split = federated_split(args.sites)
-    for index, site in enumerate(split.sites):
-        faults = sorted(split.site_faults[index])
-        print(f"      site-{index + 1}: {len(site)} windows, faults {faults}")
     print(f"      test set: {len(split.test)} windows, 22 classes")
 
+    names = [f"c{index + 1}" for index in range(args.clouds)]
     processes: list[subprocess.Popen[bytes]] = []
-    with demo_broker() as broker:
-        print(f"[2/5] broker: {broker.kind} at {broker.host}:{broker.port}", flush=True)
-        coord_dir = out / "coordinator"
+    with cloud_brokers(names, out / "brokers") as endpoints:
+        clouds = [
+            Cloud(name=name, broker=endpoint, state=out / name)
+            for name, endpoint in zip(names, endpoints, strict=True)
+        ]
+        print(
+            f"[2/6] {plural(args.clouds, 'broker')} ({endpoints[0].kind}): "
+            + ", ".join(f"{c.name} at {c.broker.address}" for c in clouds),
+            flush=True,
+        )
         spec_file = out / "model-spec.json"
         spec_file.write_bytes(msgspec.json.encode(split.spec))
-        init = run_cli(
-            "fedgate-coordinator",
-            "--state-dir",
-            str(coord_dir),
-            "init",
-            "--cloud",
-            "cloud-1",
-            "--deployment",
-            deployment,
-            "--broker-host",
-            broker.host,
-            "--broker-port",
-            str(broker.port),
-            "--min-participants",
-            str(max(2, args.sites - 2)),
-            "--update-timeout",
-            "120",
-            "--model-spec",
-            str(spec_file),
-            "--aggregation",
-            args.aggregation,
-            "--genesis-seed",
-            str(args.seed),
-        )
-        rounds_settings = {
+        plan_settings = {
             "learning_rate": plan.learning_rate,
             "lr_decay": plan.lr_decay,
             "momentum": plan.momentum,
             "local_epochs": plan.local_epochs,
             "batch_size": plan.batch_size,
         }
-        changes: dict[str, dict[str, Any]] = {"rounds": rounds_settings}
-        if args.dp == "site":
-            changes["privacy"] = {
-                "site_level": "on",
-                "target_epsilon": args.site_epsilon,
-                "planned_rounds": args.rounds,
-            }
-            changes["secagg"] = {"word_bits": 32}
-        configure_coordinator(coord_dir, changes)
-        agent_configs: list[Path] = []
-        for index in range(args.sites):
-            name = f"site-{index + 1}"
-            state = out / "agents" / name
-            config = state / "agent.toml"
-            agent = run_cli(
-                "fedgate-agent",
-                "init",
-                "--config",
-                str(config),
-                "--agent-id",
-                name,
-                "--deployment",
-                deployment,
-                "--cloud",
-                "cloud-1",
-                "--state-dir",
-                str(state),
-                "--broker-host",
-                broker.host,
-                "--broker-port",
-                str(broker.port),
-                "--coordinator-key",
-                init["coordinator_public_key"],
-            )
-            settings = {"training.seed": str(args.seed * 1000 + index)}
-            if args.aggregation == "plaintext":
-                settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
-            if args.dp == "record":
-                settings["privacy.record_level"] = "on"
-                settings["privacy.target_epsilon"] = str(args.epsilon)
-                settings["privacy.planned_rounds"] = str(args.rounds)
-                settings["privacy.max_grad_norm"] = str(DP_CLIP)
-            for key, value in settings.items():
-                subprocess.run(
-                    [
-                        str(BIN / "fedgate-agent"),
-                        "config",
-                        "set",
-                        "--config",
-                        str(config),
-                        key,
-                        value,
-                    ],
-                    check=True,
-                    capture_output=True,
+        setup = Setup(
+            deployment=deployment, out=out, args=args, spec_file=spec_file, plan=plan_settings
+        )
+        agents_dir = out / "agents"
+        sites = [
+            Site(index=index, cloud=cloud, config=agents_dir / f"site-{index + 1}" / "agent.toml")
+            for index, cloud in enumerate(spread_sites(args.sites, clouds))
+        ]
+        # The CLIs take seconds to start (imports), so independent steps run side by side.
+        with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+            list(
+                pool.map(
+                    lambda c: init_coordinator(c, sum(s.cloud is c for s in sites), setup), clouds
                 )
-            run_cli(
-                "fedgate-coordinator",
-                "--state-dir",
-                str(coord_dir),
-                "enroll",
-                name,
-                agent["public_key"],
             )
-            agent_configs.append(config)
+            list(pool.map(lambda s: init_agent(s, setup), sites))
+            list(pool.map(lambda c: enroll_agents(c, sites), clouds))
+            manifest = form_federation(clouds, out, args.seed, pool)
+            print(
+                f"[3/6] {plural(args.clouds, 'coordinator')} ({', '.join(names)}), each with "
+                f"its own store, joined in {shown(manifest)} (signed by all): "
+                f"{tolerance_text(args.clouds)}",
+                flush=True,
+            )
+            list(pool.map(pin_manifest, sites))
+        agent_configs = [site.config for site in sites]
         write_site_files(split, [config.parent for config in agent_configs])
+        for site, data in zip(sites, split.sites, strict=True):
+            faults = sorted(split.site_faults[site.index])
+            print(f"      {site.name} ({site.cloud.name}): {len(data)} windows, faults {faults}")
 
         print(
-            f"[3/5] starting 1 coordinator and {args.sites} agents; {args.rounds} rounds",
+            f"[4/6] set-up took {time.monotonic() - started_all:.0f} s; starting {args.sites} "
+            f"agents, then {plural(args.clouds, 'coordinator')} "
+            f"(serve --until-height {args.rounds})",
             flush=True,
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for config in agent_configs:
-            log = (out / "logs" / f"{config.parent.name}.log").open("wb")
-            processes.append(
-                subprocess.Popen(
-                    [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
-        wait_until_connected(agent_configs, processes)
-        coord_log = (out / "logs" / "coordinator.log").open("wb")
-        coordinator = subprocess.Popen(
-            [
-                str(BIN / "fedgate-coordinator"),
-                "--state-dir",
-                str(coord_dir),
-                "serve",
-                "--rounds",
-                str(args.rounds),
-            ],
-            stdout=coord_log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        processes.append(coordinator)
-
-        store = Store.open(init["database_url"], migrate=False)
-        headers = [
-            "round",
-            "status",
-            "participants",
-            "train_loss",
-            "test_acc",
-            "bytes_up/agent",
-            "bytes_down/agent",
-            "record_eps",
-            "site_eps",
-        ]
-        print(format_table(headers, []), flush=True)
-        rows: list[list[Any]] = []
-        seen: set[int] = set()
-        started = time.monotonic()
-        try:
-            while True:
-                finished = coordinator.poll() is not None
-                for record in sorted(store.list_rounds(), key=lambda r: r.round):
-                    if record.round in seen or record.status == "running":
-                        continue
-                    seen.add(record.round)
-                    parts = store.participants(record.round)
-                    up = int(np.mean([p.bytes_up for p in parts])) if parts else 0
-                    acc = (
-                        accuracy_of(store, record.model_digest, split.test)
-                        if record.model_digest
-                        else None
+            with (out / "logs" / f"{config.parent.name}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
                     )
-                    row = [
-                        record.round,
-                        record.status,
-                        record.participants or 0,
-                        record.mean_train_loss if record.mean_train_loss is not None else "-",
-                        acc,
-                        up,
-                        record.bytes_down_per_agent or 0,
-                        record_epsilon(agent_configs) if args.dp == "record" else "-",
-                        site_epsilon(store) if args.dp == "site" else "-",
-                    ]
-                    rows.append(row)
-                    print(format_table(headers, [row]).splitlines()[-1], flush=True)
-                if finished:
-                    break
-                if time.monotonic() - started > 1800:
-                    raise SystemExit("demo took longer than 30 minutes; see out/demo/logs")
-                time.sleep(1.0)
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        if coordinator.returncode != 0:
-            raise SystemExit(
-                f"coordinator exited with {coordinator.returncode}; "
-                "see out/demo/logs/coordinator.log"
+                )
+        stores: list[Store] = []
+        try:
+            wait_until_connected(agent_configs, processes, out)
+            start_coordinators(clouds, args.rounds, out, env)
+            processes.extend(c.process for c in clouds if c.process is not None)
+            started = time.monotonic()
+            stores = [Store.open(cloud.database_url, migrate=False) for cloud in clouds]
+            print(
+                f"[5/6] agents connected after {time.monotonic() - started_all:.0f} s; "
+                f"{args.rounds} heights, one global model each",
+                flush=True,
             )
-        fed_seconds = time.monotonic() - started
-        # Leave nothing behind on a shared broker: clear the retained latest model.
-        asyncio.run(clear_retained(broker.host, broker.port, model_topic(deployment, "cloud-1")))
+            rows, spreads = follow_heights(
+                clouds, stores, manifest, split.test, agent_configs, args, out
+            )
+            for cloud in clouds:
+                if cloud.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        cloud.process.wait(timeout=60)
+            fed_seconds = time.monotonic() - started
+            chains = [store.verify_chain() for store in stores]
+        finally:
+            for store in stores:
+                store.close()
+            stop_all(processes)
+        failed = [c for c in clouds if c.process is None or c.process.returncode != 0]
+        if failed:
+            raise SystemExit(
+                f"coordinator(s) {', '.join(c.name for c in failed)} exited with "
+                f"{[c.process.returncode if c.process else None for c in failed]}; "
+                f"see {out / 'logs'}"
+            )
+        with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+            reports = pool.map(lambda c: c.coordinator("status")["consensus"], clouds)
+            statuses = dict(zip(names, reports, strict=True))
 
-    completed = [row for row in rows if row[1] == "completed"]
-    fedavg_accuracy = float(completed[-1][4]) if completed else 0.0
+    finals = {name: (s["last_decision"] or {}).get("model") for name, s in statuses.items()}
+    evidence = sum(len(s["evidence"]) for s in statuses.values())
+    if len(set(finals.values())) != 1 or any(row[1] == "DIFFER" for row in rows):
+        raise SystemExit(f"the clouds decided different models: {finals}")
+    final_digest = next(iter(finals.values())) or ""
+    fedavg_accuracy = float(rows[-1][7]) if rows else 0.0
     print(
-        f"[4/5] centralized training of the same model on the union "
+        f"[6/6] centralized training of the same model on the union "
         f"({len(centralized_dataset(split))} windows)",
         flush=True,
     )
@@ -393,26 +671,33 @@ def main() -> int:
         centralized_dataset(split), split.test, split.spec, plan, args.rounds, args.seed
     )
     central_seconds = time.monotonic() - central_started
-    bytes_up = int(np.mean([row[5] for row in completed])) if completed else 0
-    bytes_down = int(np.mean([row[6] for row in completed])) if completed else 0
-    float32_model = (
-        sum(int(np.prod(s)) for s in [p.shape for p in build_model(split.spec).parameters()]) * 4
-    )
+    done = [row for row in rows if row[6]]
+    bytes_up = int(np.mean([row[8] for row in done])) if done else 0
+    bytes_down = int(np.mean([row[9] for row in done])) if done else 0
+    float32_model = sum(int(np.prod(p.shape)) for p in build_model(split.spec).parameters()) * 4
+    record_spent = record_epsilon(agent_configs) if args.dp == "record" else None
     summary = {
         "deployment": deployment,
+        "clouds": args.clouds,
+        "tolerance": tolerance_text(args.clouds),
+        "consensus": CONSENSUS,
+        "sites_per_cloud": {c.name: [s.name for s in sites if s.cloud is c] for c in clouds},
         "aggregation": args.aggregation,
         "record_level_dp": args.dp == "record",
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
-        "record_epsilon_spent": record_epsilon(agent_configs) if args.dp == "record" else None,
+        "record_epsilon_spent": record_spent,
         "site_level_dp": args.dp == "site",
         "site_epsilon_budget": args.site_epsilon if args.dp == "site" else None,
-        "site_epsilon_spent": rows[-1][-1] if args.dp == "site" and rows else None,
-        "training_plan": rounds_settings,
+        "site_epsilon_spent": rows[-1][11] if args.dp == "site" and rows else None,
+        "training_plan": plan_settings,
         "seed": args.seed,
         "sites": args.sites,
         "rounds_requested": args.rounds,
-        "rounds_completed": len(completed),
-        "rounds_aborted": sum(1 for row in rows if row[1] == "aborted"),
+        "heights_decided": len(rows),
+        "final_model": final_digest,
+        "final_model_per_cloud": finals,
+        "models_in_each_chain": chains,
+        "evidence_records": evidence,
         "fedavg_accuracy": fedavg_accuracy,
         "centralized_accuracy": central_accuracy,
         "accuracy_gap_points": round(100 * (central_accuracy - fedavg_accuracy), 2),
@@ -421,14 +706,18 @@ def main() -> int:
         "float32_model_bytes": float32_model,
         "federated_seconds": round(fed_seconds, 1),
         "centralized_seconds": round(central_seconds, 1),
-        "coordinator_state_dir": str(coord_dir),
-        "rounds": [dict(zip(headers, row, strict=True)) for row in rows],
+        "total_seconds": round(time.monotonic() - started_all, 1),
+        "coordinator_state_dirs": {c.name: str(c.state) for c in clouds},
+        "heights": [
+            {**dict(zip(HEADERS, row, strict=True)), "aggregate_spread_s": spreads.get(row[0])}
+            for row in rows
+        ],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("[5/5] result")
+    print("[result]")
     label = "secure aggregation" if args.aggregation == "secagg" else "plaintext updates"
     if args.dp == "record":
-        label += f", record-level DP (ε {record_epsilon(agent_configs)} of {args.epsilon})"
+        label += f", record-level DP (ε {record_spent} of {args.epsilon})"
     elif args.dp == "site":
         label += f", site-level DP (ε {summary['site_epsilon_spent']} of {args.site_epsilon})"
     print(
@@ -436,20 +725,25 @@ def main() -> int:
             ["training", "test accuracy", "seconds"],
             [
                 [
-                    f"fedgate FedAvg, {label} ({args.sites} sites)",
+                    f"fedgate, {plural(args.clouds, 'cloud')}, {label} ({args.sites} sites)",
                     fedavg_accuracy,
-                    round(fed_seconds, 1),
+                    f"{fed_seconds:.1f}",
                 ],
-                ["centralized (union of sites)", central_accuracy, round(central_seconds, 1)],
+                ["centralized (union of sites)", central_accuracy, f"{central_seconds:.1f}"],
             ],
         )
     )
     print(
+        f"{tolerance_text(args.clouds)}; {len(rows)} of {args.rounds} heights decided; every "
+        f"cloud's final model is {final_digest[:16]}; conflicting votes recorded: {evidence}"
+    )
+    print(
         f"gap: {summary['accuracy_gap_points']} points; bytes per agent per round: "
-        f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model})"
+        f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model}); "
+        f"total {summary['total_seconds']} s"
     )
     print(f"summary: {out / 'summary.json'}")
-    print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {coord_dir} status")
+    print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {clouds[0].state} status")
     return 0
 
 

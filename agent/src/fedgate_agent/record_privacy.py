@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANT = "rdp (opacus.accountants.RDPAccountant)"
 SAMPLING = "poisson"
@@ -57,6 +55,8 @@ def epsilon(history: Sequence[RoundSpend], delta: float) -> float:
     for h in history:
         key = (h.noise_multiplier, h.sample_rate)
         steps[key] = steps.get(key, 0) + h.steps
+    from opacus.accountants import RDPAccountant  # here: opacus takes ~4 s to import
+
     accountant = RDPAccountant()
     accountant.history = [(sigma, rate, n) for (sigma, rate), n in steps.items()]
     return float(accountant.get_epsilon(delta=delta))
@@ -69,6 +69,8 @@ def noise_multiplier_for(
 
     Opacus searches σ so that ε(σ) ≤ target (it never overshoots; tested).
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=settings.target_epsilon,

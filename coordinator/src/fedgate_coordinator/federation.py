@@ -102,10 +102,14 @@ STATUS_NAME = "federation-status.json"
 
 
 class DecidedModel(msgspec.Struct, frozen=True, kw_only=True):
+    """A decided global model; ``combined`` are the clouds whose aggregates it holds
+    (``None`` when this coordinator never saw the decided proposal)."""
+
     model: ModelRecord
     certificate: Certificate
     signers: tuple[str, ...]
     consensus_round: int
+    combined: tuple[str, ...] | None = None
 
 
 class PeerStatus(msgspec.Struct, kw_only=True):
@@ -244,6 +248,7 @@ class FederationNode:
         self._last_aggregate: dict[str, int] = {}  # cloud → highest height of its aggregates
         self._first_height = 0  # the first height this process decides
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
+        self._contents: dict[str, bytes] = {}  # value digest → the proposal content it is from
         self._decided: dict[int, DecidedModel] = {}
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
         self._value_task: asyncio.Task[None] | None = None
@@ -284,6 +289,7 @@ class FederationNode:
             )
             return False
         self._candidates[model.digest] = model
+        self._contents[model.digest] = proposal.content
         return True
 
     def _model_from_content(self, height: int, content: bytes) -> ModelRecord:
@@ -361,6 +367,7 @@ class FederationNode:
         self._aggregate_ok.clear()
         self._checked.clear()
         self._candidates.clear()
+        self._contents.clear()
         for old in [h for h in self._aggregates if h < height]:
             del self._aggregates[old]
         if aggregate is not None:
@@ -439,12 +446,15 @@ class FederationNode:
     # -- driver loops ----------------------------------------------------------------------
     async def run(self) -> None:
         """Peer links, intake, the core's input queue and gossip; runs until cancelled."""
-        async with asyncio.TaskGroup() as group:
-            for cloud, link in self.peer_links.items():
-                group.create_task(link.run())
-                group.create_task(self._peer_intake(cloud, link))
-            group.create_task(self._feed_core())
-            group.create_task(self._gossip())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for cloud, link in self.peer_links.items():
+                    group.create_task(link.run())
+                    group.create_task(self._peer_intake(cloud, link))
+                group.create_task(self._feed_core())
+                group.create_task(self._gossip())
+        finally:
+            self._write_status()
 
     async def _peer_intake(self, cloud: str, link: MqttLink) -> None:
         while True:
@@ -621,6 +631,7 @@ class FederationNode:
         content = proposal_content(tuple(usable[c] for c in sorted(usable)))
         model = self._model_from_content(height, content)
         self._candidates[model.digest] = model
+        self._contents[model.digest] = content
         await self._inputs.put(_Input("value", (height, round_, model.digest, content)))
 
     def _usable_aggregates(self, height: int) -> dict[str, bytes]:
@@ -672,12 +683,34 @@ class FederationNode:
             certificate=certificate_to_wire(certificate),
             signers=tuple(v.vote.voter for v in certificate.precommits),
             consensus_round=certificate.round,
+            combined=self._combined(height, model.digest),
         )
         for old in [h for h in self._decided if h < height - KEEP_MODELS]:
             del self._decided[old]
         waiter = self._decision_waiters.pop(height, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(self._decided[height])
+
+    def _combined(self, height: int, value: str) -> tuple[str, ...] | None:
+        """Whose aggregates the decided value holds: from the proposal content this node
+        validated, else from a signed proposal for it in the votes table."""
+        content = self._contents.get(value)
+        if content is None:
+            for record in self.store.votes(height=height):
+                if record.step == "proposal" and record.value == value:
+                    try:
+                        content = open_proposal(
+                            record.envelope, deployment=self.deployment, keys=self.keys
+                        ).proposal.content
+                    except ProtocolError:
+                        continue
+                    break
+        if content is None:
+            return None
+        try:
+            return tuple(sorted(_sender(raw) for raw in content_aggregates(content)))
+        except ProtocolError:
+            return None
 
     async def publish_decision(self, decided: DecidedModel) -> None:
         """Store the decision and publish the certified model for peers (retained)."""
@@ -705,6 +738,7 @@ class FederationNode:
         if old >= 1:
             topic = federation_topic(self.deployment, self.cloud, "model", old)
             await self.own_link.publish(topic, b"", retain=True)
+        self._write_status()
         log_event(
             log,
             logging.INFO,

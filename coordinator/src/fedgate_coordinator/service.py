@@ -337,9 +337,24 @@ class CoordinatorService:
         local: RoundResult | None,
         participants: list[ParticipantRecord],
     ) -> None:
-        """Store the certified model (closing this cloud's round) and publish it to agents."""
+        """Store the certified model (closing this cloud's round) and publish it to agents.
+
+        A round whose aggregate the decided model does not hold (it came too late for the
+        proposal, or was refused) is recorded as aborted: its agents' updates are not in
+        the model, whatever they spent.
+        """
         model = decided.model
         number = model.round
+        if (
+            isinstance(local, RoundCompleted)
+            and decided.combined is not None
+            and self.config.cloud not in decided.combined
+        ):
+            local = RoundAborted(
+                round=number,
+                reason="this cloud's aggregate is not in the decided model (too late or refused)",
+                contributions=local.contributions,
+            )
         message = global_model_message(
             model,
             decided.certificate,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import dp_accounting
 import msgspec
 from fedgate_common.messages import SecAggParams
 from fedgate_common.secagg.aggregator import fewest_inputs
@@ -73,6 +72,8 @@ def epsilon(noise_multipliers: Sequence[float], delta: float) -> float:
         return 0.0
     if min(noise_multipliers) <= 0:
         return math.inf
+    import dp_accounting  # here: it takes ~1 s to import, which every CLI call would pay
+
     accountant = dp_accounting.rdp.RdpAccountant()
     for z in noise_multipliers:
         accountant.compose(dp_accounting.GaussianDpEvent(z))
