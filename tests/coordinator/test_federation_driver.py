@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import ConsensusParams
-from fedgate_common.consensus.types import Vote
-from fedgate_common.consensus.wire import open_vote, seal_vote
+from fedgate_common.consensus.types import Proposal, Vote
+from fedgate_common.consensus.wire import open_vote, proposal_content, seal_proposal, seal_vote
 from fedgate_common.envelope import Envelope, seal
 from fedgate_common.errors import BadSignature, EnvelopeMismatch, UnknownSender
 from fedgate_common.messages import CloudAggregate
@@ -164,7 +164,9 @@ def test_votes_replayed_elsewhere_are_refused() -> None:
         open_vote(raw, deployment="plant", keys={"c2": key.verify_key})
 
 
-async def test_two_conflicting_votes_of_a_peer_are_kept_as_evidence(tmp_path: Path) -> None:
+async def test_conflicting_votes_and_proposals_of_a_peer_are_kept_as_evidence(
+    tmp_path: Path,
+) -> None:
     deployment = f"evidence-{secrets.token_hex(4)}"
     keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
     manifest = federation_manifest(
@@ -218,6 +220,24 @@ async def test_two_conflicting_votes_of_a_peer_are_kept_as_evidence(tmp_path: Pa
         for raw in (evidence.first_envelope, evidence.second_envelope):
             assert open_vote(raw, deployment=deployment, keys={"c2": keys["c2"].verify_key})
         assert store.event_counts().get("equivocation") == 1
+
+        # Two different proposals of c2, the proposer of (height 1, round 0): evidence too.
+        for value in ("ab" * 32, "cd" * 32):
+            proposal = Proposal(
+                height=1,
+                round=0,
+                value=value,
+                valid_round=-1,
+                proposer="c2",
+                content=proposal_content(()),
+            )
+            raw = seal_proposal(proposal, deployment=deployment, signing_key=keys["c2"]).signature
+            topic = federation_topic(deployment, "c2", "proposal")
+            await node.handle_peer_message("c2", InboundMessage(topic, raw))
+        await eventually(lambda: len(store.evidence()) == 2)
+        proposals = [e for e in store.evidence() if e.step == "proposal"]
+        assert [(e.voter, e.height, e.round) for e in proposals] == [("c2", 1, 0)]
+        assert store.event_counts().get("equivocation") == 2
     finally:
         deciding.cancel()
         for task in tasks:

@@ -791,7 +791,29 @@ class FederationNode:
         )
 
     def _record_proposal(self, signed: SignedProposal, *, own: bool) -> None:
+        """Store a signed proposal; a second, different one of the same proposer for the
+        same (height, round) is equivocation and is kept as evidence with the first."""
         proposal = signed.proposal
+        for earlier in self.store.votes(height=proposal.height):
+            if (
+                earlier.step == "proposal"
+                and earlier.round == proposal.round
+                and earlier.voter == proposal.proposer
+                and earlier.value != proposal.value
+            ):
+                self._keep_evidence(
+                    EvidenceRecord(
+                        voter=proposal.proposer,
+                        height=proposal.height,
+                        round=proposal.round,
+                        step="proposal",
+                        first_value=earlier.value,
+                        second_value=proposal.value,
+                        first_envelope=earlier.envelope,
+                        second_envelope=signed.signature,
+                    )
+                )
+                break
         self.store.record_vote(
             VoteRecord(
                 height=proposal.height,
@@ -823,7 +845,7 @@ class FederationNode:
 
     def _record_evidence(self, action: Evidence) -> None:
         first, second = action.first, action.second
-        recorded = self.store.record_evidence(
+        self._keep_evidence(
             EvidenceRecord(
                 voter=first.vote.voter,
                 height=first.vote.height,
@@ -835,21 +857,24 @@ class FederationNode:
                 second_envelope=second.signature,
             )
         )
-        if recorded:
-            self.store.record_event(
-                "equivocation",
-                detail=(
-                    f"{first.vote.voter} signed two {first.vote.step}s at height "
-                    f"{first.vote.height} round {first.vote.round}"
-                ),
-                round=first.vote.height,
-            )
-            log_event(
-                log,
-                logging.ERROR,
-                "conflicting votes: evidence recorded",
-                **self._fields(voter=first.vote.voter, height=first.vote.height),
-            )
+
+    def _keep_evidence(self, evidence: EvidenceRecord) -> None:
+        if not self.store.record_evidence(evidence):
+            return  # this pair is known already
+        self.store.record_event(
+            "equivocation",
+            detail=(
+                f"{evidence.voter} signed two {evidence.step}s at height {evidence.height} "
+                f"round {evidence.round}"
+            ),
+            round=evidence.height,
+        )
+        log_event(
+            log,
+            logging.ERROR,
+            "conflicting signed messages: evidence recorded",
+            **self._fields(voter=evidence.voter, height=evidence.height, step=evidence.step),
+        )
 
     def status(self) -> FederationStatus:
         for cloud, link in self.peer_links.items():
