@@ -114,20 +114,18 @@ def check_new_manifest(
     currently pinned one (key rotation and membership changes need no central authority).
     """
     signed = decode_manifest_file(raw)
-    previous = current
-    if current is not None and signed.manifest.version <= current.manifest.version:
-        raise ManifestInvalid(
-            f"manifest version {signed.manifest.version} is not newer than the pinned "
-            f"version {current.manifest.version}"
-        )
-    if current is not None and signed.manifest.version != current.manifest.version + 1:
-        previous = None  # cannot be chained to the pinned one: must stand on its own
-    if previous is None and signed.manifest.version != 1 and current is not None:
-        raise ManifestInvalid(
-            f"manifest version {signed.manifest.version} does not follow the pinned version "
-            f"{current.manifest.version}; pin each version in turn"
-        )
-    verify_manifest(signed, previous=previous)
+    if current is not None:
+        version, pinned = signed.manifest.version, current.manifest.version
+        if version <= pinned:
+            raise ManifestInvalid(
+                f"manifest version {version} is not newer than the pinned version {pinned}"
+            )
+        if version != pinned + 1:
+            raise ManifestInvalid(
+                f"manifest version {version} does not follow the pinned version {pinned}; "
+                "pin each version in turn"
+            )
+    verify_manifest(signed, previous=current)
     manifest = signed.manifest
     if manifest.deployment != deployment:
         raise ConfigError(

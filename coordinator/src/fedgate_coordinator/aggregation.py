@@ -33,6 +33,13 @@ def weighted_mean_delta(
     return mean
 
 
+def as_float32(
+    weights: Mapping[str, npt.NDArray[np.generic]],
+) -> dict[str, npt.NDArray[np.float32]]:
+    """``weights`` with every array as float32 (decoded arrays carry their wire dtype)."""
+    return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+
+
 def apply_delta(base: Weights, delta: Weights) -> dict[str, npt.NDArray[np.float32]]:
     with np.errstate(over="ignore"):  # overflow shows up as Inf; the caller checks
         return {name: (base[name] + delta[name]).astype(np.float32) for name in base}

@@ -30,7 +30,6 @@ import aiomqtt
 import msgspec
 import nacl.signing
 import numpy as np
-import numpy.typing as npt
 from fedgate_common.arrays import decode_arrays
 from fedgate_common.consensus.manifest import SignedManifest, quorum, verify_keys
 from fedgate_common.consensus.quorum import faults_tolerated
@@ -73,7 +72,7 @@ from fedgate_common.messages import Certificate, CloudAggregate, GlobalModel
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
 
-from fedgate_coordinator.aggregation import apply_delta
+from fedgate_coordinator.aggregation import apply_delta, as_float32
 from fedgate_coordinator.config import PeerBroker
 from fedgate_coordinator.consensus_journal import read_journal, write_journal
 from fedgate_coordinator.cross_cloud import (
@@ -115,7 +114,7 @@ class DecidedModel(msgspec.Struct, frozen=True, kw_only=True):
 class PeerStatus(msgspec.Struct, kw_only=True):
     cloud: str
     broker: str
-    connected: bool = False
+    connected: bool = False  # set from the link when the status is written
     last_seen: float | None = None  # unix time of its last valid message
 
 
@@ -160,12 +159,6 @@ def global_model_message(
         cloud=cloud,
         sender=cloud,
     )
-
-
-def float32_weights(
-    weights: Mapping[str, npt.NDArray[np.generic]],
-) -> dict[str, npt.NDArray[np.float32]]:
-    return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
 
 
 class FederationNode:
@@ -243,8 +236,8 @@ class FederationNode:
         head = store.head_model()
         self._height = 0 if head is None else head.round + 1  # the height being decided
         self._aggregates: dict[int, dict[str, bytes]] = {}
-        self._aggregate_ok: dict[bytes, bool] = {}  # sha256 of a signed aggregate → usable
-        self._checked: dict[bytes, CloudContribution] = {}  # sha256 → checked contribution
+        # sha256 of a signed aggregate + height → its checked contribution, or why it is refused
+        self._checked: dict[bytes, CloudContribution | FedgateError | ValueError] = {}
         self._last_aggregate: dict[str, int] = {}  # cloud → highest height of its aggregates
         self._first_height = 0  # the first height this process decides
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
@@ -252,7 +245,6 @@ class FederationNode:
         self._decided: dict[int, DecidedModel] = {}
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
         self._value_task: asyncio.Task[None] | None = None
-        self._timers: set[asyncio.TimerHandle] = set()
 
     # -- signing callbacks (pure, for the core) -------------------------------------------
     def _sign_vote(self, vote: Vote) -> SignedVote:
@@ -309,19 +301,25 @@ class FederationNode:
             spec=self.spec,
             faults=faults_tolerated(len(self.clouds)),
         )
-        weights = apply_delta(float32_weights(base.decode_weights()), delta)
+        weights = apply_delta(as_float32(base.decode_weights()), delta)
         return ModelRecord.from_weights(
             round=height, parent_digest=base.digest, spec=self.spec, weights=weights
         )
 
     def _contribution(self, height: int, raw: bytes) -> CloudContribution:
-        """The checked contribution of a signed aggregate (each is checked once)."""
-        key = hashlib.sha256(raw).digest() + height.to_bytes(8, "big")
+        """The checked contribution of a signed aggregate; each is checked once, and a
+        refused one raises the same error again."""
+        key = _check_key(height, raw)
         checked = self._checked.get(key)
         if checked is None:
-            checked = self._check_contribution(height, raw)
+            try:
+                checked = self._check_contribution(height, raw)
+            except (FedgateError, ValueError) as exc:
+                checked = exc
             self._checked[key] = checked
-        return checked
+        if isinstance(checked, CloudContribution):
+            return checked
+        raise checked
 
     def _check_contribution(self, height: int, raw: bytes) -> CloudContribution:
         envelope, payload = open_signed(raw, deployment=self.deployment, keys=self.keys)
@@ -337,7 +335,7 @@ class FederationNode:
         contribution = CloudContribution(
             cloud=envelope.sender,
             participants=payload.participants,
-            delta=float32_weights(decode_arrays(payload.delta)),
+            delta=as_float32(decode_arrays(payload.delta)),
         )
         problem = aggregate_problem(
             contribution,
@@ -364,7 +362,6 @@ class FederationNode:
             return self._decided[height]
         self._base = base
         self._height = height
-        self._aggregate_ok.clear()
         self._checked.clear()
         self._candidates.clear()
         self._contents.clear()
@@ -379,7 +376,7 @@ class FederationNode:
                 sender=self.cloud,
             )
             self._aggregates.setdefault(height, {})[self.cloud] = raw
-            self._record_aggregate(height, raw, aggregate)
+            self._record_aggregate(height, self.cloud, raw, aggregate)
             await self.own_link.publish(
                 federation_topic(self.deployment, self.cloud, "aggregate"), raw, retain=True
             )
@@ -459,7 +456,6 @@ class FederationNode:
     async def _peer_intake(self, cloud: str, link: MqttLink) -> None:
         while True:
             message = await link.inbound.get()
-            self.peers[cloud].connected = link.connected.is_set()
             try:
                 await self.handle_peer_message(cloud, message)
             except ProtocolError as exc:
@@ -493,7 +489,7 @@ class FederationNode:
             last = self._last_aggregate.get(cloud, -1)
             self._last_aggregate[cloud] = max(last, payload.round)
             self._aggregates.setdefault(payload.round, {})[cloud] = message.payload
-            self._record_aggregate(payload.round, message.payload, payload)
+            self._record_aggregate(payload.round, cloud, message.payload, payload)
         else:
             await self._on_peer_model(message.payload)
 
@@ -601,18 +597,13 @@ class FederationNode:
         # A CommitCertificate travels inside the certified model (published on decision).
 
     def _schedule(self, action: ScheduleTimeout) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = Timeout(step=action.step, height=action.height, round=action.round)
-
         def fire() -> None:
-            self._timers.discard(handle)
             try:
-                self._inputs.put_nowait(_Input("timeout", timeout))
+                self._inputs.put_nowait(_Input("timeout", action.timeout))
             except asyncio.QueueFull:
                 log_event(log, logging.ERROR, "consensus input queue full", **self._fields())
 
-        handle = loop.call_later(action.seconds, fire)
-        self._timers.add(handle)
+        asyncio.get_running_loop().call_later(action.seconds, fire)
 
     def _start_value(self, height: int, round_: int) -> None:
         if self._value_task is not None and not self._value_task.done():
@@ -637,14 +628,11 @@ class FederationNode:
     def _usable_aggregates(self, height: int) -> dict[str, bytes]:
         usable: dict[str, bytes] = {}
         for cloud, raw in self._aggregates.get(height, {}).items():
-            key = hashlib.sha256(raw).digest()
-            ok = self._aggregate_ok.get(key)
-            if ok is None:
-                try:
-                    self._contribution(height, raw)
-                    ok = True
-                except (FedgateError, ValueError) as exc:
-                    ok = False
+            first_look = _check_key(height, raw) not in self._checked
+            try:
+                self._contribution(height, raw)
+            except (FedgateError, ValueError) as exc:
+                if first_look:  # counted, stored and logged once per aggregate
                     self._count("invalid_aggregate")
                     self.store.record_event(
                         "invalid_aggregate", detail=f"federation: {exc}", round=height
@@ -655,9 +643,8 @@ class FederationNode:
                         "aggregate refused",
                         **self._fields(height=height, sender=cloud, reason=str(exc)),
                     )
-                self._aggregate_ok[key] = ok
-            if ok:
-                usable[cloud] = raw
+                continue
+            usable[cloud] = raw
         return usable
 
     def _on_decided(self, action: Decided) -> None:
@@ -774,7 +761,6 @@ class FederationNode:
         peer = self.peers.get(cloud)
         if peer is not None:
             peer.last_seen = time.time()
-            peer.connected = True
 
     def _record_vote(self, signed: SignedVote, *, own: bool) -> None:
         vote = signed.vote
@@ -826,8 +812,9 @@ class FederationNode:
             )
         )
 
-    def _record_aggregate(self, height: int, raw: bytes, aggregate: CloudAggregate) -> None:
-        envelope_sender = _sender(raw)
+    def _record_aggregate(
+        self, height: int, cloud: str, raw: bytes, aggregate: CloudAggregate
+    ) -> None:
         try:
             norm = delta_norm(decode_arrays(aggregate.delta, require_finite=False))
         except FedgateError:
@@ -835,7 +822,7 @@ class FederationNode:
         self.store.record_cloud_aggregate(
             AggregateRecord(
                 height=height,
-                cloud=envelope_sender,
+                cloud=cloud,
                 base_digest=aggregate.base_digest,
                 participants=aggregate.participants,
                 norm=norm if np.isfinite(norm) else -1.0,
@@ -904,3 +891,7 @@ class FederationNode:
 
 def _sender(raw: bytes) -> str:
     return open_envelope(raw).sender
+
+
+def _check_key(height: int, raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest() + height.to_bytes(8, "big")

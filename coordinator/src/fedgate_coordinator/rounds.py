@@ -67,8 +67,12 @@ class Contribution(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RoundCompleted(msgspec.Struct, frozen=True, kw_only=True):
+    """A cloud's round that released an update: ``delta`` is the mean update (what the
+    cloud contributes to consensus), ``weights`` the base model plus it."""
+
     round: int
     contributions: tuple[Contribution, ...]
+    delta: dict[str, npt.NDArray[np.float32]]
     weights: dict[str, npt.NDArray[np.float32]]
     mean_train_loss: float | None
 
@@ -218,6 +222,7 @@ class RoundInProgress:
         return RoundCompleted(
             round=self.round,
             contributions=contributions,
+            delta=delta,
             weights=weights,
             mean_train_loss=mean_loss,
         )

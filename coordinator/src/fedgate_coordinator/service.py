@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 import nacl.signing
 import numpy as np
-import numpy.typing as npt
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import Manifest, SignedManifest
 from fedgate_common.consensus.quorum import tolerance_text
@@ -40,7 +38,7 @@ from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, U
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
-from fedgate_coordinator.aggregation import apply_delta
+from fedgate_coordinator.aggregation import apply_delta, as_float32
 from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.federation import DecidedModel, FederationNode, global_model_message
@@ -316,11 +314,11 @@ class CoordinatorService:
         self, number: int, head: ModelRecord, result: RoundResult | None
     ) -> CloudAggregate:
         """This cloud's signed contribution: the mean update, or nothing (0 participants)."""
-        base = _float32(head.decode_weights())
         if isinstance(result, RoundCompleted):
-            delta = {name: result.weights[name] - base[name] for name in base}
+            delta = result.delta
             participants = len(result.contributions)
         else:
+            base = as_float32(head.decode_weights())
             delta = {name: np.zeros_like(value) for name, value in base.items()}
             participants = 0
         return CloudAggregate(
@@ -512,7 +510,7 @@ class CoordinatorService:
         current = RoundInProgress(
             round=number,
             base_digest=head.digest,
-            base_weights=_float32(head.decode_weights()),
+            base_weights=as_float32(head.decode_weights()),
             spec=head.decode_spec(),
             selected=selected,
             settings=self.config.rounds,
@@ -720,7 +718,8 @@ class CoordinatorService:
         bound = input_bound_violation(outcome, params)
         if bound:
             return RoundAborted(round=number, reason=bound, contributions=contributions)
-        weights = apply_delta(_float32(head.decode_weights()), mean_delta(outcome, params, spec))
+        delta = mean_delta(outcome, params, spec)
+        weights = apply_delta(as_float32(head.decode_weights()), delta)
         if not all(np.isfinite(w).all() for w in weights.values()):
             return RoundAborted(
                 round=number,
@@ -728,7 +727,11 @@ class CoordinatorService:
                 contributions=contributions,
             )
         return RoundCompleted(
-            round=number, contributions=contributions, weights=weights, mean_train_loss=None
+            round=number,
+            contributions=contributions,
+            delta=delta,
+            weights=weights,
+            mean_train_loss=None,
         )
 
     async def _announce_recovered(self, numbers: list[int]) -> None:
@@ -804,10 +807,6 @@ class CoordinatorService:
             federation_task.cancel()
             link_task.cancel()
         return self.summary
-
-
-def _float32(weights: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, npt.NDArray[np.float32]]:
-    return {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
 
 
 def _published_by_coordinator(topic: str) -> bool:

@@ -215,17 +215,6 @@ def verify_certificate(
     )
 
 
-def certificate_signers(certificate: Certificate) -> tuple[str, ...]:
-    """The senders named by a certificate's precommits (not verified; for display)."""
-    names: list[str] = []
-    for raw in certificate.precommits:
-        try:
-            names.append(open_envelope(raw).sender)
-        except ProtocolError:
-            names.append("?")
-    return tuple(names)
-
-
 def graph_seed_material(model: GlobalModel) -> bytes:
     """What the base model contributes to the SecAgg neighbour-graph seed (DESIGN.md §4
     step 2): the 64 ASCII bytes of its digest.
