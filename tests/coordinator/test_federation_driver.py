@@ -18,19 +18,19 @@ from fedgate_common.consensus.manifest import ConsensusParams
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import open_vote, proposal_content, seal_proposal, seal_vote
 from fedgate_common.envelope import Envelope, seal
-from fedgate_common.errors import BadSignature, EnvelopeMismatch, UnknownSender
+from fedgate_common.errors import BadSignature, EnvelopeMismatch, MalformedMessage, UnknownSender
 from fedgate_common.messages import CloudAggregate
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import federation_topic
 from fedgate_coordinator.config import CoordinatorConfig, FederationSettings, PeerBroker, validate
 from fedgate_coordinator.consensus_journal import read_journal
 from fedgate_coordinator.errors import ConfigError
-from fedgate_coordinator.federation import FederationNode
+from fedgate_coordinator.federation import FederationNode, global_model_message
 from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import ModelRecord, Store
 
-from tests.federation_support import federation_manifest
+from tests.federation_support import certificate, federation_manifest
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 DIGEST = "ab" * 32
@@ -285,3 +285,64 @@ def test_peer_logins_are_checked_before_any_connection(tmp_path: Path) -> None:
     )
     problems = validate(config)
     assert problems == [f"federation.peers.c2.password_file={str(tmp_path / 'pw')!r}: no such file"]
+
+
+async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_decides(
+    tmp_path: Path,
+) -> None:
+    """Retained certified models reach a restarted coordinator as soon as its peer links
+    connect, before its round loop calls decide(): the store's head is their base."""
+    deployment = f"catch-up-{secrets.token_hex(4)}"
+    keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
+    manifest = federation_manifest(deployment=deployment, keys=keys, spec=SPEC)
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
+    store.add_model(genesis)
+    node = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
+        state_dir=tmp_path,
+    )
+    rng = np.random.default_rng(3)
+    child = ModelRecord.from_weights(
+        round=1,
+        parent_digest=genesis.digest,
+        spec=SPEC,
+        weights={n: rng.normal(0, 1, s).astype(np.float32) for n, s in parameter_shapes(SPEC)},
+    )
+    cert = certificate(
+        deployment=deployment, height=1, digest=child.digest, keys=keys, signers=("c2", "c3", "c4")
+    )
+    raw = global_model_message(
+        child, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
+    )
+    topic = federation_topic(deployment, "c2", "model", 1)
+    await node.handle_peer_message("c2", InboundMessage(topic, raw))
+    decided = node.known_decision(1)
+    assert decided is not None
+    assert decided.model.digest == child.digest
+    assert sorted(decided.signers) == ["c2", "c3", "c4"]
+    # A certified model that is not a child of the head is still refused.
+    stranger = ModelRecord.from_weights(
+        round=1, parent_digest="ef" * 32, spec=SPEC, weights=child.decode_weights()
+    )
+    other = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
+        state_dir=tmp_path,
+    )
+    cert = certificate(deployment=deployment, height=1, digest=stranger.digest, keys=keys)
+    raw = global_model_message(
+        stranger, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
+    )
+    with pytest.raises(MalformedMessage, match="not a child"):
+        await other.handle_peer_message("c2", InboundMessage(topic, raw))
+    store.close()

@@ -517,10 +517,12 @@ class FederationNode:
         )
         if model.digest != payload.digest:
             raise MalformedMessage("certified model's content does not match its digest")
-        if model.parent_digest != (self._base.digest if self._base else None) and height == (
-            self._height
-        ):
-            raise MalformedMessage("certified model is not a child of this height's base")
+        if height == self._height:
+            # Before decide() names the base, it is the store's head: the retained models a
+            # restarted coordinator receives first must not be refused for want of a base.
+            base = self._base or self.store.head_model()
+            if base is None or model.parent_digest != base.digest:
+                raise MalformedMessage("certified model is not a child of this height's base")
         self._candidates.setdefault(model.digest, model)
         if height == self._height and self._core.state.height == height:
             await self._inputs.put(_Input("certificate", certificate))  # stop voting
