@@ -8,22 +8,17 @@ from typing import Any
 
 import nacl.signing
 from fedgate_common.consensus.manifest import (
-    CloudEntry,
     ConsensusParams,
-    Manifest,
     SignedManifest,
-    add_signature,
     encode_manifest_file,
     manifest_digest,
-    sign_manifest,
 )
 from fedgate_common.consensus.types import Vote
 from fedgate_common.consensus.wire import seal_vote
-from fedgate_common.keys import public_key_text
 from fedgate_common.messages import Certificate
 from fedgate_common.model_spec import ModelSpec
 from fedgate_coordinator.config import CoordinatorConfig
-from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.genesis import first_manifest
 
 MANIFEST_NAME = "federation.json"
 
@@ -38,29 +33,15 @@ def federation_manifest(
     consensus: ConsensusParams | None = None,
 ) -> SignedManifest:
     """A version-1 manifest of ``keys``' clouds (in that order), signed by all of them."""
-    genesis = genesis_record(spec, seed)
-    manifest = Manifest(
+    return first_manifest(
         deployment=deployment,
-        version=1,
-        previous_digest="",
-        clouds=tuple(
-            CloudEntry(
-                cloud=cloud,
-                public_key=public_key_text(key.verify_key),
-                broker=(brokers or {}).get(cloud, "127.0.0.1:1883"),
-            )
-            for cloud, key in keys.items()
-        ),
-        consensus=consensus or ConsensusParams(),
-        model_spec=spec,
-        genesis_seed=seed,
-        genesis_digest=genesis.digest,
+        keys=keys,
+        brokers={cloud: (brokers or {}).get(cloud, "127.0.0.1:1883") for cloud in keys},
+        spec=spec,
+        seed=seed,
         created_at="2026-11-29T00:00:00Z",
+        consensus=consensus,
     )
-    signed = SignedManifest(manifest=manifest)
-    for cloud, key in keys.items():
-        signed = add_signature(signed, sign_manifest(manifest, cloud=cloud, signing_key=key))
-    return signed
 
 
 def install_manifest(state_dir: Path, signed: SignedManifest) -> str:

@@ -27,20 +27,15 @@ import nacl.signing
 import numpy as np
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import (
-    CloudEntry,
     ConsensusParams,
-    Manifest,
     SignedManifest,
-    add_signature,
-    sign_manifest,
 )
 from fedgate_common.consensus.quorum import faults_tolerated, quorum_size
-from fedgate_common.keys import public_key_text
 from fedgate_common.messages import CloudAggregate
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import parse_federation_topic
 from fedgate_coordinator.federation import DecidedModel, FederationNode
-from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.genesis import first_manifest, genesis_record
 from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
 from fedgate_coordinator.store import ModelRecord, Store
 
@@ -176,26 +171,15 @@ def signed_manifest(
     consensus: ConsensusParams,
 ) -> SignedManifest:
     """Version 1 listing ``keys``' clouds in that order, signed by every one of them."""
-    manifest = Manifest(
+    return first_manifest(
         deployment=deployment,
-        version=1,
-        previous_digest="",
-        clouds=tuple(
-            CloudEntry(
-                cloud=cloud, public_key=public_key_text(key.verify_key), broker=brokers[cloud]
-            )
-            for cloud, key in keys.items()
-        ),
-        consensus=consensus,
-        model_spec=spec,
-        genesis_seed=GENESIS_SEED,
-        genesis_digest=genesis_record(spec, GENESIS_SEED).digest,
+        keys=keys,
+        brokers=brokers,
+        spec=spec,
+        seed=GENESIS_SEED,
         created_at="2026-01-01T00:00:00Z",
+        consensus=consensus,
     )
-    signed = SignedManifest(manifest=manifest)
-    for cloud, key in keys.items():
-        signed = add_signature(signed, sign_manifest(manifest, cloud=cloud, signing_key=key))
-    return signed
 
 
 def random_aggregate(

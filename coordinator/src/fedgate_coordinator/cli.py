@@ -34,14 +34,9 @@ import click
 import msgspec
 import nacl.signing
 from fedgate_common.consensus.manifest import (
-    CloudEntry,
-    ConsensusParams,
-    Manifest,
     SignedManifest,
-    add_signature,
     manifest_digest,
     manifest_problems,
-    sign_manifest,
 )
 from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, tolerance_text
 from fedgate_common.errors import FedgateError, InvalidIdentifier, ManifestInvalid
@@ -71,7 +66,7 @@ from fedgate_coordinator.federation_cli import (
     installed_manifest,
     write_manifest_file,
 )
-from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.genesis import first_manifest
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
 from fedgate_coordinator.service import CoordinatorService
@@ -444,27 +439,14 @@ def _one_cloud_manifest(
     Joining other clouds replaces it before the first ``serve``
     (``fedgate-coordinator federation install --replace``).
     """
-    genesis_seed = secrets.randbits(63) if seed is None else seed
-    genesis = genesis_record(config.model, genesis_seed)
-    manifest = Manifest(
+    return first_manifest(
         deployment=config.deployment,
-        version=1,
-        previous_digest="",
-        clouds=(
-            CloudEntry(
-                cloud=config.cloud,
-                public_key=public_key_text(key.verify_key),
-                broker=f"{config.broker.host}:{config.broker.port}",
-            ),
-        ),
-        consensus=ConsensusParams(),
-        model_spec=config.model,
-        genesis_seed=genesis_seed,
-        genesis_digest=genesis.digest,
+        keys={config.cloud: key},
+        brokers={config.cloud: f"{config.broker.host}:{config.broker.port}"},
+        spec=config.model,
+        seed=secrets.randbits(63) if seed is None else seed,
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    signature = sign_manifest(manifest, cloud=config.cloud, signing_key=key)
-    return add_signature(SignedManifest(manifest=manifest), signature)
 
 
 def _aggregation_summary(config: CoordinatorConfig, enrolled: int) -> dict[str, Any]:

@@ -7,10 +7,22 @@ their hash chains from one model without shipping weights around.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import nacl.signing
 import numpy as np
-from fedgate_common.consensus.manifest import MAX_SEED, Manifest
+from fedgate_common.consensus.manifest import (
+    MAX_SEED,
+    CloudEntry,
+    ConsensusParams,
+    Manifest,
+    SignedManifest,
+    add_signature,
+    sign_manifest,
+)
 from fedgate_common.digests import GENESIS_PARENT
 from fedgate_common.errors import ManifestInvalid
+from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import ModelSpec, initial_weights
 
 from fedgate_coordinator.store import ModelRecord
@@ -36,3 +48,39 @@ def federation_genesis(manifest: Manifest) -> ModelRecord:
             f"that model_spec and genesis_seed give ({record.digest[:16]}...)"
         )
     return record
+
+
+def first_manifest(
+    *,
+    deployment: str,
+    keys: Mapping[str, nacl.signing.SigningKey],
+    brokers: Mapping[str, str],
+    spec: ModelSpec,
+    seed: int,
+    created_at: str,
+    consensus: ConsensusParams | None = None,
+) -> SignedManifest:
+    """Version 1 of a manifest listing ``keys``' clouds in that order (their brokers from
+    ``brokers``), with the genesis model of ``spec`` and ``seed``, signed by every one of
+    them: what ``init`` writes for a cloud alone, and what tests and benchmarks use when
+    they hold every cloud's key."""
+    manifest = Manifest(
+        deployment=deployment,
+        version=1,
+        previous_digest="",
+        clouds=tuple(
+            CloudEntry(
+                cloud=cloud, public_key=public_key_text(key.verify_key), broker=brokers[cloud]
+            )
+            for cloud, key in keys.items()
+        ),
+        consensus=consensus or ConsensusParams(),
+        model_spec=spec,
+        genesis_seed=seed,
+        genesis_digest=genesis_record(spec, seed).digest,
+        created_at=created_at,
+    )
+    signed = SignedManifest(manifest=manifest)
+    for cloud, key in keys.items():
+        signed = add_signature(signed, sign_manifest(manifest, cloud=cloud, signing_key=key))
+    return signed
