@@ -14,7 +14,7 @@ $(STAMP): requirements/constraints.txt requirements/dev.txt $(foreach p,$(PACKAG
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		-c requirements/constraints.txt -r requirements/dev.txt \
-		-e common -e 'agent[datasets]' -e coordinator -e firmware-bridge
+		-e common -e 'agent[datasets,historian]' -e coordinator -e 'firmware-bridge[sim]'
 	touch $(STAMP)
 
 lint: $(STAMP)

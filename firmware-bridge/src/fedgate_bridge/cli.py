@@ -1,18 +1,25 @@
-"""Command line of fedgate-bridge."""
+"""Command line of fedgate-bridge: ``run`` (the polling bridge) and ``simulate`` (a plant)."""
 
 from __future__ import annotations
 
 import click
 
 from fedgate_bridge import __version__
+from fedgate_bridge.run_cli import run
+from fedgate_bridge.simulate_cli import simulate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fedgate-bridge")
 def main() -> None:
-    """Bridge PLC registers and OPC-UA nodes to MQTT.
+    """Bridge PLC registers and OPC-UA nodes to MQTT, or simulate a plant to bridge.
 
     \b
     Example:
-      fedgate-bridge --version
+      fedgate-bridge simulate --plant tep --seed 1 --opcua-port 4840 --modbus-port 5020
+      fedgate-bridge run --config /etc/fedgate/bridge.toml
     """
+
+
+main.add_command(run)
+main.add_command(simulate)

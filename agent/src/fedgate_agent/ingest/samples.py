@@ -1,0 +1,32 @@
+"""What every source produces and the buffer stores: one value of one tag at one time.
+
+A *source* is one ordered stream with its own sequence numbers: an MQTT topic, an OPC-UA
+node of one server, a tag of a historian import. ``(source, seq)`` identifies a sample for
+good, so a redelivered or re-imported sample is recognised and stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MAX_SEQ", "Sample"]
+
+#: Sequence numbers are non-negative and fit SQLite's signed 64-bit INTEGER.
+MAX_SEQ = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measurement.
+
+    ``source``: stream identity (``mqtt:<topic>``, ``opcua:<endpoint>#<node id>``,
+    ``import:<tag>``); ``seq``: its position in that stream (0 ≤ seq ≤ :data:`MAX_SEQ`);
+    ``tag``: the process variable it measures (``XMEAS_1``); ``ts``: the source's timestamp,
+    seconds since the Unix epoch (UTC); ``value``: a finite float (booleans as 0.0 / 1.0).
+    """
+
+    source: str
+    seq: int
+    tag: str
+    ts: float
+    value: float
