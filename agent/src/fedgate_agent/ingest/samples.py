@@ -7,9 +7,11 @@ good, so a redelivered or re-imported sample is recognised and stored once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["MAX_SEQ", "Sample"]
+__all__ = ["MAX_SEQ", "Sample", "SampleSink"]
 
 #: Sequence numbers are non-negative and fit SQLite's signed 64-bit INTEGER.
 MAX_SEQ = 2**63 - 1
@@ -30,3 +32,14 @@ class Sample:
     tag: str
     ts: float
     value: float
+
+
+class SampleSink(Protocol):
+    """Where sources put samples: :class:`~fedgate_agent.ingest.buffer.IngestBuffer`.
+
+    ``insert`` commits the whole batch durably (one transaction) before it returns; a
+    sample whose ``(source, seq)`` is stored already is counted as a duplicate, not stored.
+    It is blocking: async callers run it in a worker thread.
+    """
+
+    def insert(self, samples: Sequence[Sample]) -> object: ...
