@@ -90,6 +90,7 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Local training on the gateway."""
 
+    source: str = "file"  # "file": the .npz at data_file | "buffer": windows over ingested data
     data_file: str = ""  # "" → <state_dir>/data/train.npz; relative → under state_dir
     threads: int = 1  # torch intra-op threads
     seed: int | None = None  # tests only; None → fresh randomness
@@ -115,6 +116,54 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     site_min_noise_multiplier: float = 0.0
 
 
+class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The durable buffer that live sources and historian imports write into."""
+
+    buffer_file: str = ""  # "" → <state_dir>/ingest/buffer.db; relative → under state_dir
+    max_samples: int = 5_000_000  # cap on stored samples
+    cap_policy: str = "reject_new"  # "reject_new" | "drop_oldest" at the cap
+    mqtt_host: str = ""  # plant-data broker; "" → broker.host
+    mqtt_port: int = 0  # 0 → broker.port
+    batch_max: int = 2000  # messages per group commit
+    queue_max: int = 20000  # decoded-but-uncommitted messages before backpressure
+    max_payload_bytes: int = 65536  # larger payloads are rejected and counted
+
+
+class WindowsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Training windows over the buffer (used when ``training.source = "buffer"``)."""
+
+    tags: tuple[str, ...] = ()  # feature tags, in the model's input order
+    period_s: float = 180.0  # resampling grid step
+    length: int = 0  # samples per window; 0 → the model's window
+    stride: int = 1
+    max_gap_s: float = 0.0  # forward-fill limit; 0 → 2 × period_s
+    label_mode: str = "tag"  # "tag": class from label_tag | "next_value": bin of label_tag later
+    label_tag: str = "FAULT"
+    label_bins: tuple[float, ...] = ()  # next_value: sorted bin edges (len + 1 classes)
+    horizon: int = 1  # next_value: grid steps after the window's end
+    uniform_labels: str = "on"  # "on": drop windows whose label changes inside them
+    test_fraction: float = 0.2  # the latest part of the time range, held out
+
+
+class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[mqtt_source]]``: a topic filter ingested into the buffer (QoS 1)."""
+
+    topic: str
+    format: str = "json"  # "json" ({"ts", "value", "seq"}) | "sparkplug" (Sparkplug B)
+    tag: str = ""  # fixed tag for every message, or "" to take it from a topic level
+    tag_level: int = -1  # topic level naming the tag (0-based; negative counts from the end)
+
+
+class OpcUaSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[opcua_source]]``: an OPC-UA server whose nodes are subscribed to."""
+
+    endpoint: str  # opc.tcp://host:port[/path]
+    tags: dict[str, str]  # tag → node id ("ns=2;s=XMEAS_1")
+    sampling_interval_ms: float = 0.0  # 0 → the server's fastest
+    username: str = ""
+    password_file: str = ""
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete agent configuration (one TOML file)."""
 
@@ -130,6 +179,10 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     training: TrainingConfig = msgspec.field(default_factory=TrainingConfig)
     secagg: SecAggConfig = msgspec.field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    windows: WindowsConfig = msgspec.field(default_factory=WindowsConfig)
+    mqtt_source: tuple[MqttSourceConfig, ...] = ()
+    opcua_source: tuple[OpcUaSourceConfig, ...] = ()
 
     @property
     def state_path(self) -> Path:
@@ -142,6 +195,13 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         if not self.training.data_file:
             return self.state_path / "data" / "train.npz"
         return self.state_path / self.training.data_file  # absolute data_file wins
+
+    @property
+    def buffer_path(self) -> Path:
+        """The ingest buffer (SQLite)."""
+        if not self.ingest.buffer_file:
+            return self.state_path / "ingest" / "buffer.db"
+        return self.state_path / self.ingest.buffer_file  # absolute buffer_file wins
 
 
 def _config_error(message: str, problems: list[str] | None = None) -> ConfigError:
@@ -166,6 +226,14 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "training": TrainingConfig,
     "secagg": SecAggConfig,
     "privacy": PrivacyConfig,
+    "ingest": IngestConfig,
+    "windows": WindowsConfig,
+}
+
+#: Arrays of tables (``[[mqtt_source]]``): edited in the file, not by key or environment.
+_LISTS: Final[dict[str, type[msgspec.Struct]]] = {
+    "mqtt_source": MqttSourceConfig,
+    "opcua_source": OpcUaSourceConfig,
 }
 
 _ALLOWED: Final[dict[str, str]] = {
@@ -184,6 +252,7 @@ _ALLOWED: Final[dict[str, str]] = {
     "broker.protocol": '"auto" (MQTT 5, falling back to 3.1.1) | "5" | "3.1.1"',
     "broker.keepalive_s": f"an integer {KEEPALIVE_RANGE[0]}..{KEEPALIVE_RANGE[1]} (seconds)",
     "broker.queue_size": f"an integer {QUEUE_SIZE_RANGE[0]}..{QUEUE_SIZE_RANGE[1]}",
+    "training.source": '"file" (the .npz at data_file) | "buffer" (windows over ingested data)',
     "training.data_file": 'a path (absolute, or relative to state_dir); "" for the default',
     "training.threads": f"an integer {THREADS_RANGE[0]}..{THREADS_RANGE[1]}",
     "training.seed": f'an integer {SEED_RANGE[0]}..{SEED_RANGE[1]}, or "" for random',
@@ -204,6 +273,25 @@ _ALLOWED: Final[dict[str, str]] = {
     "privacy.site_min_noise_multiplier": (
         "a number in [0, 1000]: refuse secure rounds with less site-level noise (0 = accept any)"
     ),
+    "ingest.buffer_file": 'a path (absolute, or relative to state_dir); "" for the default',
+    "ingest.max_samples": "an integer 1000..10^10: samples the buffer holds at most",
+    "ingest.cap_policy": '"reject_new" | "drop_oldest": what happens at max_samples',
+    "ingest.mqtt_host": 'the plant-data broker\'s host; "" for broker.host',
+    "ingest.mqtt_port": "an integer 0..65535; 0 for broker.port",
+    "ingest.batch_max": "an integer 1..100000: messages per group commit",
+    "ingest.queue_max": "an integer 1..1000000: uncommitted messages before backpressure",
+    "ingest.max_payload_bytes": "an integer 64..16777216",
+    "windows.tags": "a list of tag names (comma-separated in the environment), in input order",
+    "windows.period_s": "a number in (0, 86400]: resampling step in seconds",
+    "windows.length": "an integer 0..100000; 0 for the model's window",
+    "windows.stride": "an integer 1..100000",
+    "windows.max_gap_s": "a number in [0, 10^7]; 0 for 2 × period_s",
+    "windows.label_mode": '"tag" | "next_value"',
+    "windows.label_tag": "a tag name",
+    "windows.label_bins": "a sorted list of numbers (next_value bin edges)",
+    "windows.horizon": "an integer 1..100000",
+    "windows.uniform_labels": '"on" | "off"',
+    "windows.test_fraction": "a number in [0, 0.9]",
 }
 
 
@@ -216,6 +304,10 @@ def _kind_of(annotation: object) -> str:
         return "optional_int"
     if annotation is float:
         return "float"
+    if annotation == tuple[str, ...]:
+        return "str_list"
+    if annotation == tuple[float, ...]:
+        return "float_list"
     raise TypeError(f"unsupported config field type {annotation!r}")  # pragma: no cover
 
 
@@ -226,6 +318,8 @@ def _build_schema() -> dict[str, _Key]:
             for sub in msgspec.structs.fields(_SECTIONS[field.name]):
                 dotted = f"{field.name}.{sub.name}"
                 schema[dotted] = _Key(dotted, _kind_of(sub.type), sub.required, _ALLOWED[dotted])
+        elif field.name in _LISTS:
+            continue
         else:
             schema[field.name] = _Key(
                 field.name, _kind_of(field.type), field.required, _ALLOWED[field.name]
@@ -268,6 +362,20 @@ def _parse_text(key: str, text: str, *, source: str) -> object:
     spec = _SCHEMA[key]
     if spec.kind == "str":
         return text
+    if spec.kind in ("str_list", "float_list"):
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if spec.kind == "str_list":
+            return items
+        try:
+            numbers = [float(item) for item in items]
+        except ValueError:
+            numbers = [math.nan]
+        if not all(math.isfinite(n) for n in numbers):
+            raise _config_error(
+                f"{source}={text!r} is not a comma-separated list of finite numbers; "
+                f"{key} must be {spec.allowed}"
+            )
+        return numbers
     stripped = text.strip()
     if spec.kind == "optional_int" and stripped == "":
         return ""
@@ -297,6 +405,13 @@ def _type_problem(key: str, value: object) -> str | None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif spec.kind == "float":
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif spec.kind == "str_list":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif spec.kind == "float_list":
+        ok = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        )
     else:
         ok = value == "" or (isinstance(value, int) and not isinstance(value, bool))
     if ok:
@@ -318,6 +433,8 @@ def _shape_problems(raw: Mapping[str, Any], where: str) -> list[str]:
                     problems.append(_unknown_key_problem(dotted, where))
                 elif (problem := _type_problem(dotted, sub_value)) is not None:
                     problems.append(problem)
+        elif name in _LISTS:
+            problems.extend(_list_problems(name, value))
         elif name not in _SCHEMA:
             problems.append(_unknown_key_problem(name, where))
         elif (problem := _type_problem(name, value)) is not None:
@@ -325,6 +442,19 @@ def _shape_problems(raw: Mapping[str, Any], where: str) -> list[str]:
     for key, spec in _SCHEMA.items():
         if spec.required and "." not in key and key not in raw:
             problems.append(f"missing required key {key!r} in {where}; set it to {spec.allowed}")
+    return problems
+
+
+def _list_problems(name: str, value: object) -> list[str]:
+    """Problems of one array of tables (``[[mqtt_source]]``), each entry converted strictly."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        return [f"{name} must be an array of tables ([[{name}]]), got {_describe(value)}"]
+    problems: list[str] = []
+    for index, entry in enumerate(value, start=1):
+        try:
+            msgspec.convert(entry, _LISTS[name], strict=True)
+        except msgspec.ValidationError as exc:
+            problems.append(f"[[{name}]] number {index}: {exc}")
     return problems
 
 
@@ -341,6 +471,9 @@ def _set_raw(raw: dict[str, Any], key: str, value: object) -> None:
 def _from_raw(raw: Mapping[str, Any]) -> AgentConfig:
     """Convert a shape-checked TOML dict; ``training.seed = ""`` becomes ``None``."""
     data = {name: dict(value) if name in _SECTIONS else value for name, value in raw.items()}
+    for name in _LISTS:
+        if name in data:
+            data[name] = tuple(data[name])
     training = data.get("training")
     if isinstance(training, dict) and training.get("seed") == "":
         training["seed"] = None
@@ -548,9 +681,77 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
                 f"{_ALLOWED['secagg.plaintext_rounds']}",
             )
         )
+    problems.extend(_data_path_problems(config))
     if config.training.seed is not None:
         ranged.append(_check_range("training.seed", config.training.seed, SEED_RANGE))
     problems.extend(problem for problem in ranged if problem is not None)
+    return problems
+
+
+def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
+    """The ingest, windows and source settings."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(key: str, value: object) -> None:
+        problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))
+
+    ingest, windows = config.ingest, config.windows
+    if config.training.source not in ("file", "buffer"):
+        bad("training.source", config.training.source)
+    if ingest.cap_policy not in ("reject_new", "drop_oldest"):
+        bad("ingest.cap_policy", ingest.cap_policy)
+    for key, value, low, high in (
+        ("ingest.max_samples", ingest.max_samples, 1000, 10**10),
+        ("ingest.mqtt_port", ingest.mqtt_port, 0, 65535),
+        ("ingest.batch_max", ingest.batch_max, 1, 100_000),
+        ("ingest.queue_max", ingest.queue_max, 1, 1_000_000),
+        ("ingest.max_payload_bytes", ingest.max_payload_bytes, 64, 16 * 2**20),
+        ("windows.length", windows.length, 0, 100_000),
+        ("windows.stride", windows.stride, 1, 100_000),
+        ("windows.horizon", windows.horizon, 1, 100_000),
+    ):
+        if not low <= value <= high:
+            bad(key, value)
+    if not 0 < windows.period_s <= 86_400:
+        bad("windows.period_s", windows.period_s)
+    if not 0 <= windows.max_gap_s <= 1e7:
+        bad("windows.max_gap_s", windows.max_gap_s)
+    if not 0 <= windows.test_fraction <= 0.9:
+        bad("windows.test_fraction", windows.test_fraction)
+    if windows.label_mode not in ("tag", "next_value"):
+        bad("windows.label_mode", windows.label_mode)
+    if windows.uniform_labels not in ("on", "off"):
+        bad("windows.uniform_labels", windows.uniform_labels)
+    if list(windows.label_bins) != sorted(set(windows.label_bins)):
+        bad("windows.label_bins", list(windows.label_bins))
+    if windows.label_mode == "next_value" and not windows.label_bins:
+        problems.append(
+            ("windows.label_bins", "windows.label_mode = 'next_value' needs windows.label_bins")
+        )
+    if config.training.source == "buffer" and not windows.tags:
+        problems.append(
+            (
+                "windows.tags",
+                "training.source = 'buffer' needs windows.tags: the feature tags in the "
+                "model's input order",
+            )
+        )
+    for index, source in enumerate(config.mqtt_source, start=1):
+        where = f"[[mqtt_source]] number {index}"
+        if not source.topic or "#" in source.topic[:-1] or source.topic.startswith("$"):
+            problems.append(("mqtt_source", f"{where}: topic {source.topic!r} is not a filter"))
+        if source.format not in ("json", "sparkplug"):
+            problems.append(
+                ("mqtt_source", f"{where}: format {source.format!r} is not json | sparkplug")
+            )
+    for index, opcua in enumerate(config.opcua_source, start=1):
+        where = f"[[opcua_source]] number {index}"
+        if not opcua.endpoint.startswith("opc.tcp://"):
+            problems.append(
+                ("opcua_source", f"{where}: endpoint {opcua.endpoint!r} is not opc.tcp://…")
+            )
+        if not opcua.tags:
+            problems.append(("opcua_source", f"{where}: tags is empty; map tag = node id"))
     return problems
 
 
@@ -563,6 +764,12 @@ def validate_config(config: AgentConfig, *, require_complete: bool = True) -> li
     return [message for _, message in _key_problems(config, require_complete=require_complete)]
 
 
+def _toml_value(value: object) -> object:
+    if value is None:
+        return ""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def config_as_dict(config: AgentConfig) -> dict[str, object]:
     """The configuration as nested TOML-ready data (what :func:`write_config` writes).
 
@@ -573,9 +780,12 @@ def config_as_dict(config: AgentConfig) -> dict[str, object]:
         value = getattr(config, field.name)
         if isinstance(value, msgspec.Struct):
             data[field.name] = {
-                sub.name: "" if getattr(value, sub.name) is None else getattr(value, sub.name)
+                sub.name: _toml_value(getattr(value, sub.name))
                 for sub in msgspec.structs.fields(value)
             }
+        elif field.name in _LISTS:
+            if value:  # an empty array of tables is simply absent from the file
+                data[field.name] = [msgspec.to_builtins(entry) for entry in value]
         else:
             data[field.name] = value
     return data

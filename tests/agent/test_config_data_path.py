@@ -1,0 +1,126 @@
+"""Agent configuration of the data path: [ingest], [windows], [[mqtt_source]], [[opcua_source]]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fedgate_agent.config import load_config, set_config_value, write_config
+from fedgate_agent.errors import ConfigError
+
+BASE = """
+agent_id = "site-1"
+deployment = "plant-a"
+cloud = "cloud-1"
+state_dir = "/srv/agent"
+"""
+
+LIVE = (
+    BASE
+    + """
+[training]
+source = "buffer"
+
+[windows]
+tags = ["XMEAS_1", "XMEAS_2"]
+period_s = 3.0
+label_tag = "FAULT"
+
+[[mqtt_source]]
+topic = "plant/site-1/+/+"
+
+[[mqtt_source]]
+topic = "spBv1.0/plant/DDATA/+/+"
+format = "sparkplug"
+
+[[opcua_source]]
+endpoint = "opc.tcp://127.0.0.1:4840"
+tags = { XMEAS_1 = "ns=2;s=XMEAS_1" }
+"""
+)
+
+
+def load(tmp_path: Path, text: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    path = tmp_path / "agent.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path, env=env or {}, require_complete=False)
+
+
+def test_sources_and_windows_load_and_survive_a_rewrite(tmp_path: Path) -> None:
+    config = load(tmp_path, LIVE)
+    assert config.training.source == "buffer"
+    assert config.windows.tags == ("XMEAS_1", "XMEAS_2")
+    assert [s.format for s in config.mqtt_source] == ["json", "sparkplug"]
+    assert config.opcua_source[0].tags == {"XMEAS_1": "ns=2;s=XMEAS_1"}
+    assert config.buffer_path == Path("/srv/agent/ingest/buffer.db")
+    write_config(tmp_path / "agent.toml", config)
+    assert load_config(tmp_path / "agent.toml", env={}, require_complete=False) == config
+
+
+def test_list_keys_take_comma_separated_environment_values(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        BASE,
+        env={"FEDGATE_WINDOWS_TAGS": "A, B,C", "FEDGATE_WINDOWS_LABEL_BINS": "0.5,1.5"},
+    )
+    assert config.windows.tags == ("A", "B", "C")
+    assert config.windows.label_bins == (0.5, 1.5)
+    with pytest.raises(ConfigError, match="FEDGATE_WINDOWS_LABEL_BINS"):
+        load(tmp_path, BASE, env={"FEDGATE_WINDOWS_LABEL_BINS": "1,x"})
+
+
+def test_config_set_writes_a_list_key(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(BASE, encoding="utf-8")
+    config = set_config_value(path, "windows.tags", "T1,T2")
+    assert config.windows.tags == ("T1", "T2")
+    assert '"T2"' in path.read_text(encoding="utf-8")
+
+
+def test_every_data_path_problem_is_listed_at_once(tmp_path: Path) -> None:
+    bad = (
+        BASE
+        + """
+[training]
+source = "stream"
+
+[ingest]
+cap_policy = "drop_newest"
+max_samples = 5
+
+[windows]
+label_mode = "next_value"
+label_bins = [2.0, 1.0]
+test_fraction = 0.95
+
+[[mqtt_source]]
+topic = "plant/#/x"
+format = "xml"
+
+[[opcua_source]]
+endpoint = "http://h"
+tags = {}
+"""
+    )
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, bad)
+    text = "\n".join(error.value.problems)
+    for needle in (
+        "training.source",
+        "ingest.cap_policy",
+        "ingest.max_samples",
+        "windows.label_bins",
+        "windows.test_fraction",
+        "is not a filter",
+        "is not json | sparkplug",
+        "is not opc.tcp://",
+        "tags is empty",
+    ):
+        assert needle in text, needle
+
+
+def test_a_source_entry_with_an_unknown_key_names_the_entry(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[\[mqtt_source\]\] number 1"):
+        load(tmp_path, BASE + '\n[[mqtt_source]]\ntopic = "a/b"\nqos = 2\n')
+    with pytest.raises(ConfigError, match="array of tables"):
+        load(tmp_path, BASE + '\nmqtt_source = "a/b"\n')
