@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from fedgate_bridge import __version__
-from fedgate_bridge.run_cli import run
+from fedgate_bridge.run_cli import check, run, status
 from fedgate_bridge.simulate_cli import simulate
 
 
@@ -17,9 +17,13 @@ def main() -> None:
     \b
     Example:
       fedgate-bridge simulate --plant tep --seed 1 --opcua-port 4840 --modbus-port 5020
+      fedgate-bridge check --config /etc/fedgate/bridge.toml
       fedgate-bridge run --config /etc/fedgate/bridge.toml
+      fedgate-bridge status --config /etc/fedgate/bridge.toml --json
     """
 
 
 main.add_command(run)
+main.add_command(check)
+main.add_command(status)
 main.add_command(simulate)

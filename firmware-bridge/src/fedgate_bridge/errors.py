@@ -6,6 +6,7 @@ Tree::
      └── BridgeError             root of every exception raised by the bridge
           ├── ConfigError        the bridge configuration is missing or invalid
           ├── RegisterDecodeError  registers read from a device do not decode as mapped
+          │    └── NonFiniteReading  a value decoded or scaled to NaN or infinity
           ├── SourceUnavailable  a Modbus device or OPC-UA server cannot be reached
           ├── OutboxError        the on-disk outbox cannot be opened or written
           └── SimulatorError     the plant simulator cannot start or step
@@ -20,6 +21,7 @@ from fedgate_common.errors import FedgateError
 __all__ = [
     "BridgeError",
     "ConfigError",
+    "NonFiniteReading",
     "OutboxError",
     "RegisterDecodeError",
     "SimulatorError",
@@ -57,3 +59,15 @@ class OutboxError(BridgeError):
 
 class SimulatorError(BridgeError):
     """The plant simulator cannot start or step."""
+
+
+class NonFiniteReading(RegisterDecodeError):
+    """A value decoded or scaled to NaN or infinity; it is counted and never published.
+
+    ``tag`` names the tag, ``value`` is what it decoded to.
+    """
+
+    def __init__(self, message: str, *, tag: str, value: float) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.value = value

@@ -1,0 +1,112 @@
+"""What the bridge counts, and failure logging that does not flood the journal.
+
+A Modbus device that is switched off fails every poll; logging each failure would bury
+everything else. :class:`FailureLog` logs the first failure of a streak, then at most one
+summary per ``every_s`` seconds, and one line when the streak ends. Every failure is still
+counted, so ``fedgate-bridge status`` shows the real numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+from fedgate_common.logs import log_event
+
+__all__ = ["FailureLog", "PublisherCounters", "SourceCounters"]
+
+
+class SourceCounters(msgspec.Struct, kw_only=True):
+    """Counters of one source (mutable; the source task updates them)."""
+
+    name: str
+    kind: str  # "modbus" | "opcua"
+    connected: bool = False
+    reads: int = 0  # successful polls, or data-change notifications
+    readings: int = 0  # readings stored in the outbox (each consumed one seq)
+    errors: int = 0  # failed connects and reads (no seq consumed)
+    non_finite: int = 0  # values that decoded to NaN / infinity, not published
+    non_numeric: int = 0  # OPC-UA values that are not numbers, not published
+    rejected: int = 0  # readings refused by a full outbox (policy reject_new)
+    reconnects: int = 0  # connections established after the first one
+    last_error: str = ""
+    last_error_at: float | None = None  # Unix seconds
+    last_read_at: float | None = None  # Unix seconds
+
+
+class PublisherCounters(msgspec.Struct, kw_only=True):
+    """Counters of the MQTT publisher (mutable)."""
+
+    connected: bool = False
+    connects: int = 0  # successful CONNACKs
+    connect_failures: int = 0
+    disconnects: int = 0  # established connections that were lost
+    sent: int = 0  # PUBLISH packets handed to the connection, resends included
+    resent: int = 0  # of those, rows already sent on an earlier connection
+    acked: int = 0  # PUBACKs received; each deleted its outbox row
+    inflight: int = 0  # sent and awaiting PUBACK
+    last_error: str = ""
+    last_error_at: float | None = None
+
+
+class FailureLog:
+    """Logs a streak of failures of one thing: first one, periodic summaries, recovery."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        what: str,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        **fields: object,
+    ) -> None:
+        self._logger = logger
+        self._what = what
+        self._every_s = every_s
+        self._clock = clock
+        self._fields = fields
+        self._streak = 0
+        self._suppressed = 0
+        self._last_logged = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._streak > 0
+
+    def failure(self, error: str, **fields: object) -> bool:
+        """Record one failure; returns True if it was logged."""
+        now = self._clock()
+        self._streak += 1
+        if self._streak > 1 and now - self._last_logged < self._every_s:
+            self._suppressed += 1
+            return False
+        log_event(
+            self._logger,
+            logging.WARNING,
+            f"{self._what} failed" if self._streak == 1 else f"{self._what} still failing",
+            error=error,
+            failures=self._streak,
+            not_logged=self._suppressed,
+            **self._fields,
+            **fields,
+        )
+        self._suppressed = 0
+        self._last_logged = now
+        return True
+
+    def success(self, **fields: object) -> None:
+        """End a streak (logged once, with its length); a no-op when nothing failed."""
+        if self._streak:
+            log_event(
+                self._logger,
+                logging.INFO,
+                f"{self._what} recovered",
+                failures=self._streak,
+                **self._fields,
+                **fields,
+            )
+        self._streak = 0
+        self._suppressed = 0

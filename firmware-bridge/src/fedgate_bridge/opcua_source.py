@@ -1,0 +1,312 @@
+"""Read one OPC-UA server into the outbox, by subscription or by polling.
+
+``mode = "subscribe"``: one subscription (publishing interval = ``poll_interval_s``) with a
+data-change item per node; each notification is one reading, timestamped with the server's
+SourceTimestamp when it sends one. Notifications go through a bounded queue to a task that
+stores them in batches (one outbox transaction per batch); a full queue drops the newest
+notification and counts it in ``errors``.
+
+``mode = "poll"``: every ``poll_interval_s`` one Read request for all nodes; each node
+whose status is Good gives one reading, timestamped when the answer arrived.
+
+Numbers and booleans are published (booleans as 0.0 / 1.0); other values (strings, arrays,
+nulls) are counted in ``non_numeric``, NaN / infinity in ``non_finite``; a node with a Bad
+status or one that the server does not know is counted in ``errors``. Losing the connection
+marks the source unavailable; it reconnects with backoff and subscribes again. No sequence
+number is consumed for a value that was not stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
+from asyncua.ua.uaerrors import UaError
+from fedgate_common.backoff import Backoff
+
+from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, read_password
+from fedgate_bridge.counters import FailureLog, SourceCounters
+from fedgate_bridge.errors import SourceUnavailable
+from fedgate_bridge.outbox import AsyncOutbox, Reading
+
+__all__ = ["OpcuaReader", "numeric_value"]
+
+log = logging.getLogger("fedgate.bridge.opcua")
+
+REQUEST_TIMEOUT_S: Final = 4.0
+QUEUE_SIZE: Final = 10_000
+BATCH_SIZE: Final = 1_000
+_FAILURES: Final = (OSError, TimeoutError, UaError, ConnectionError)
+
+
+def numeric_value(value: object) -> float | None:
+    """The value as a float if it is a number or a boolean, else None."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def _timestamp(data_value: ua.DataValue | None, fallback: float) -> float:
+    stamp: datetime | None = None
+    if data_value is not None:
+        stamp = data_value.SourceTimestamp or data_value.ServerTimestamp
+    return stamp.timestamp() if stamp is not None else fallback
+
+
+class OpcuaReader:
+    """Reads one ``[[opcua]]`` source forever; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: OpcuaSourceConfig,
+        topic_prefix: str,
+        outbox: AsyncOutbox,
+        counters: SourceCounters,
+        on_stored: Callable[[], None] = lambda: None,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.counters = counters
+        self._on_stored = on_stored
+        self._backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
+        self._clock = clock
+        self._topics = {n.tag: f"{topic_prefix}/{config.name}/{n.tag}" for n in config.nodes}
+        self._units = {n.tag: n.unit for n in config.nodes}
+        self._failures = FailureLog(log, what="opcua source", source=config.name)
+        self._ever_connected = False
+        self._attempt = 0
+        self._queue: asyncio.Queue[Reading] = asyncio.Queue(maxsize=QUEUE_SIZE)
+
+    # ------------------------------------------------------------------ values
+
+    def _reading(self, tag: str, value: object, ts: float) -> Reading | None:
+        """A reading for ``tag``, or None (counted) if the value cannot be published."""
+        number = numeric_value(value)
+        if number is None:
+            self.counters.non_numeric += 1
+            return None
+        if not math.isfinite(number):
+            self.counters.non_finite += 1
+            return None
+        return Reading(topic=self._topics[tag], ts=ts, value=number, unit=self._units[tag])
+
+    async def _store(self, readings: list[Reading]) -> None:
+        result = await self.outbox.append(readings)
+        self.counters.readings += result.stored
+        self.counters.rejected += result.rejected_new
+        self.counters.last_read_at = self._clock()
+        if result.stored:
+            self._on_stored()
+
+    def _node_failed(self, tag: str, status: object) -> None:
+        self.counters.errors += 1
+        self.counters.last_error = f"node {tag!r}: {status}"
+        self.counters.last_error_at = self._clock()
+
+    # ------------------------------------------------------------------ connection
+
+    def _new_client(self) -> Client:
+        client = Client(self.config.endpoint, timeout=REQUEST_TIMEOUT_S)
+        if self.config.username:
+            client.set_user(self.config.username)
+            password = read_password(self.config.password_file)
+            if password is not None:
+                client.set_password(password)
+        return client
+
+    async def run(self) -> None:
+        """Connect, read, reconnect with backoff after any failure; never returns.
+
+        In subscribe mode a second task stores the queued notifications; if storing fails
+        (the outbox is unusable) both stop and the error propagates.
+        """
+        async with asyncio.TaskGroup() as group:
+            if self._subscribing:
+                group.create_task(self._drain_notifications())
+            group.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
+        while True:
+            await self._session()
+            await asyncio.sleep(self._backoff.delay(self._attempt, random.random()))
+            self._attempt += 1
+
+    @property
+    def _subscribing(self) -> bool:
+        return self.config.mode == "subscribe"
+
+    async def _session(self) -> None:
+        """One connection: until it is lost (logged, counted) or the task is cancelled."""
+        client = self._new_client()
+        lost = asyncio.Event()
+
+        async def connection_lost(exc: Exception) -> None:
+            lost.set()
+
+        client.connection_lost_callback = connection_lost
+        try:
+            try:
+                await client.connect()
+            except _FAILURES as exc:
+                raise SourceUnavailable(
+                    f"cannot connect to {self.config.endpoint}: {exc or type(exc).__name__}",
+                    source=self.config.name,
+                ) from None
+            self.counters.connected = True
+            if self._ever_connected:
+                self.counters.reconnects += 1
+            self._ever_connected = True
+            nodes = {tag: client.get_node(node.node_id) for tag, node in self._node_ids()}
+            if self._subscribing:
+                await self._subscribe(client, nodes, lost)
+            else:
+                await self._poll(client, nodes, lost)
+        except SourceUnavailable as exc:
+            self._failed(exc)
+        finally:
+            self.counters.connected = False
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 2.0)
+
+    def _node_ids(self) -> list[tuple[str, OpcuaNode]]:
+        return [(node.tag, node) for node in self.config.nodes]
+
+    def _failed(self, exc: SourceUnavailable) -> None:
+        self.counters.errors += 1
+        self.counters.last_error = str(exc)
+        self.counters.last_error_at = self._clock()
+        self._failures.failure(str(exc))
+
+    def _answering(self) -> None:
+        self._attempt = 0
+        self._failures.success()
+
+    # ------------------------------------------------------------------ poll mode
+
+    async def read_once(self, client: Client, nodes: dict[str, Node]) -> list[Reading]:
+        """One Read request for every node; Bad nodes are counted, the rest returned."""
+        try:
+            values = await client.read_attributes(list(nodes.values()))
+        except _FAILURES as exc:
+            raise SourceUnavailable(
+                f"reading {self.config.endpoint} failed: {exc or type(exc).__name__}",
+                source=self.config.name,
+            ) from None
+        now = self._clock()
+        readings: list[Reading] = []
+        for tag, data_value in zip(nodes, values, strict=True):
+            status = data_value.StatusCode
+            if status is not None and not status.is_good():
+                self._node_failed(tag, status)
+                continue
+            value = data_value.Value.Value if data_value.Value is not None else None
+            reading = self._reading(tag, value, now)
+            if reading is not None:
+                readings.append(reading)
+        return readings
+
+    async def _poll(self, client: Client, nodes: dict[str, Node], lost: asyncio.Event) -> None:
+        interval = self.config.poll_interval_s
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not lost.is_set():
+            readings = await self.read_once(client, nodes)
+            self.counters.reads += 1
+            self._answering()
+            await self._store(readings)
+            next_at = max(next_at + interval, loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), next_at - loop.time())
+        raise SourceUnavailable(
+            f"connection to {self.config.endpoint} lost", source=self.config.name
+        )
+
+    # ------------------------------------------------------------------ subscribe mode
+
+    async def _subscribe(self, client: Client, nodes: dict[str, Node], lost: asyncio.Event) -> None:
+        tags = {node.nodeid: tag for tag, node in nodes.items()}
+        reader = self
+
+        class Handler:
+            """asyncua calls this for each notification; it only queues (never blocks)."""
+
+            def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
+                tag = tags.get(node.nodeid)
+                if tag is not None:
+                    reader._notified(tag, val, data.monitored_item.Value)
+
+            def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
+                if not status.Status.is_good():
+                    lost.set()
+
+        try:
+            subscription = await client.create_subscription(
+                self.config.poll_interval_s * 1000.0, Handler()
+            )
+            handles = await subscription.subscribe_data_change(
+                list(nodes.values()),
+                sampling_interval=ua.Double(self.config.poll_interval_s * 1000.0),
+            )
+        except _FAILURES as exc:
+            raise SourceUnavailable(
+                f"subscribing at {self.config.endpoint} failed: {exc or type(exc).__name__}",
+                source=self.config.name,
+            ) from None
+        results = handles if isinstance(handles, list) else [handles]
+        for tag, handle in zip(nodes, results, strict=True):
+            if isinstance(handle, ua.StatusCode):
+                self._node_failed(tag, handle)
+                log.warning(
+                    "opcua node cannot be subscribed",
+                    extra={"fields": {"source": self.config.name, "tag": tag, "status": handle}},
+                )
+        self._answering()
+        await lost.wait()
+        raise SourceUnavailable(
+            f"connection to {self.config.endpoint} lost", source=self.config.name
+        )
+
+    def _notified(self, tag: str, value: object, data_value: ua.DataValue | None) -> None:
+        status = None if data_value is None else data_value.StatusCode
+        if status is not None and not status.is_good():
+            self._node_failed(tag, status)
+            return
+        self.counters.reads += 1
+        reading = self._reading(tag, value, _timestamp(data_value, self._clock()))
+        if reading is None:
+            return
+        try:
+            self._queue.put_nowait(reading)
+        except asyncio.QueueFull:
+            self._node_failed(tag, "notification queue full; reading dropped")
+
+    async def _drain_notifications(self) -> None:
+        """Store queued notifications in batches, one transaction per batch."""
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < BATCH_SIZE and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._store(batch)
+
+    async def flush(self) -> None:
+        """Store what is still queued (called on shutdown, after :meth:`run` stopped)."""
+        batch: list[Reading] = []
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if batch:
+            await self._store(batch)

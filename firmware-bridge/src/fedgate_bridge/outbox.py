@@ -1,0 +1,404 @@
+"""The on-disk outbox: every reading is durable before it counts as produced.
+
+One SQLite file (``<state_dir>/outbox.db``) in WAL mode with ``synchronous=FULL``:
+
+* ``messages``: readings waiting for their PUBACK, oldest first (``id`` grows forever,
+  ``AUTOINCREMENT`` never reuses one), ``UNIQUE(topic, seq)``;
+* ``streams``: the next sequence number of each topic;
+* ``counters``: what the size cap dropped or rejected, kept across restarts.
+
+A batch of readings and the sequence numbers it consumes are written in ONE transaction, so
+after a crash (kill -9, power cut) either both are on disk or neither is: a sequence number
+is never reused and never skipped by a reading that was produced. Rows leave the outbox
+only after the broker acknowledged them (:meth:`Outbox.remove`).
+
+The size cap applies a policy when full: ``drop_oldest`` deletes the oldest rows (their
+numbers leave a visible gap, counted in ``dropped_oldest``), ``reject_new`` refuses the new
+readings before they get a number (counted in ``rejected_new``).
+
+:class:`Outbox` is synchronous; :class:`AsyncOutbox` runs it on one dedicated thread so
+that fsyncs never stall the event loop and every SQLite call comes from the same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar
+
+import msgspec
+
+from fedgate_bridge.errors import OutboxError
+
+__all__ = [
+    "AppendResult",
+    "AsyncOutbox",
+    "Outbox",
+    "OutboxMessage",
+    "OutboxSummary",
+    "Reading",
+    "encode_payload",
+    "read_outbox_summary",
+]
+
+POLICIES: Final = ("drop_oldest", "reject_new")
+_SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        UNIQUE (topic, seq))""",
+    "CREATE TABLE IF NOT EXISTS streams (topic TEXT PRIMARY KEY, next_seq INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+_T = TypeVar("_T")
+
+
+class Reading(msgspec.Struct, frozen=True, kw_only=True):
+    """One value read from a source, before it has a sequence number."""
+
+    topic: str  # <topic_prefix>/<source>/<tag>
+    ts: float  # Unix seconds (UTC) when read
+    value: float
+    unit: str = ""
+
+
+class OutboxMessage(msgspec.Struct, frozen=True):
+    """One stored reading, ready to publish."""
+
+    id: int
+    topic: str
+    seq: int
+    payload: bytes
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`Outbox.append` did with a batch."""
+
+    stored: int  # readings now in the outbox, each with its stream's next seq
+    dropped_oldest: int  # older rows deleted to make room (policy drop_oldest)
+    rejected_new: int  # readings refused, no seq consumed (policy reject_new)
+
+
+class OutboxSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """Depth and counters of an outbox file (what ``fedgate-bridge status`` shows)."""
+
+    depth: int
+    oldest_id: int | None
+    streams: int
+    dropped_oldest: int
+    rejected_new: int
+
+
+class _Payload(msgspec.Struct, frozen=True, omit_defaults=True):
+    ts: float
+    value: float
+    seq: int
+    unit: str = ""
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_payload(reading: Reading, seq: int) -> bytes:
+    """The MQTT payload: ``{"ts": .., "value": .., "seq": ..}`` plus ``"unit"`` if set."""
+    return _ENCODER.encode(_Payload(ts=reading.ts, value=reading.value, seq=seq, unit=reading.unit))
+
+
+def _connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:
+        connection = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA busy_timeout = 5000")
+    return connection
+
+
+class Outbox:
+    """The outbox file, opened for writing by one bridge process (synchronous API)."""
+
+    def __init__(self, path: Path, *, max_messages: int, policy: str = "drop_oldest") -> None:
+        if policy not in POLICIES:
+            raise OutboxError(f"outbox policy {policy!r} is not one of {' | '.join(POLICIES)}")
+        if max_messages < 1:
+            raise OutboxError(f"outbox max_messages must be at least 1, got {max_messages}")
+        self.path = path
+        self.max_messages = max_messages
+        self.policy = policy
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = _connect(path)
+            self._open()
+        except sqlite3.Error as exc:
+            raise OutboxError(
+                f"outbox {path} cannot be opened ({exc}); if the file is damaged, move it "
+                "aside and set a new topic_prefix (sequence numbers restart at 0)"
+            ) from None
+        except OSError as exc:
+            raise OutboxError(f"outbox directory {path.parent} is not usable: {exc}") from None
+
+    def _open(self) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxError(f"outbox {self.path} cannot use WAL mode (got {mode})")
+        db.execute("PRAGMA synchronous = FULL")
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise OutboxError(
+                f"outbox {self.path} is damaged ({check}); move it aside and set a new "
+                "topic_prefix (sequence numbers restart at 0)"
+            )
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, _SCHEMA_VERSION):
+            raise OutboxError(
+                f"outbox {self.path} has schema version {version}; this bridge knows "
+                f"{_SCHEMA_VERSION}"
+            )
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def depth(self) -> int:
+        """Readings waiting for their PUBACK."""
+        return self._depth
+
+    def _write(self, work: Callable[[sqlite3.Connection], _T], *, durable: bool = True) -> _T:
+        """Run ``work`` in one immediate transaction; any SQLite failure is an OutboxError.
+
+        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``):
+        the next durable commit or checkpoint persists it. Used for deleting acknowledged
+        rows, where losing the delete in a power cut only means sending them again.
+        """
+        with self._lock:
+            db = self._db
+            try:
+                if not durable:
+                    db.execute("PRAGMA synchronous = NORMAL")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path} write failed: {exc}") from None
+            finally:
+                if not durable:
+                    db.execute("PRAGMA synchronous = FULL")
+            return result
+
+    def append(self, readings: Sequence[Reading]) -> AppendResult:
+        """Store ``readings`` with their streams' next sequence numbers, in one transaction.
+
+        When the outbox is full, the policy decides (see the module docstring).
+        """
+        if not readings:
+            return AppendResult(stored=0, dropped_oldest=0, rejected_new=0)
+
+        def work(db: sqlite3.Connection) -> AppendResult:
+            depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            batch = list(readings)
+            dropped = rejected = deleted = 0
+            overflow = depth + len(batch) - self.max_messages
+            if overflow > 0 and self.policy == "reject_new":
+                rejected = min(overflow, len(batch))
+                batch = batch[: len(batch) - rejected]
+            elif overflow > 0:
+                if len(batch) > self.max_messages:  # keep the newest readings of a huge batch
+                    dropped = len(batch) - self.max_messages
+                    batch = batch[dropped:]
+                room_needed = depth + len(batch) - self.max_messages
+                if room_needed > 0:
+                    deleted = db.execute(
+                        "DELETE FROM messages WHERE id IN "
+                        "(SELECT id FROM messages ORDER BY id LIMIT ?)",
+                        (room_needed,),
+                    ).rowcount
+                    dropped += deleted
+            next_seq: dict[str, int] = {}
+            rows: list[tuple[str, int, bytes]] = []
+            for reading in batch:
+                seq = next_seq.get(reading.topic)
+                if seq is None:
+                    row = db.execute(
+                        "SELECT next_seq FROM streams WHERE topic = ?", (reading.topic,)
+                    ).fetchone()
+                    seq = 0 if row is None else int(row[0])
+                rows.append((reading.topic, seq, encode_payload(reading, seq)))
+                next_seq[reading.topic] = seq + 1
+            db.executemany("INSERT INTO messages (topic, seq, payload) VALUES (?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO streams (topic, next_seq) VALUES (?, ?) "
+                "ON CONFLICT (topic) DO UPDATE SET next_seq = excluded.next_seq",
+                list(next_seq.items()),
+            )
+            for name, amount in (("dropped_oldest", dropped), ("rejected_new", rejected)):
+                if amount:
+                    db.execute(
+                        "INSERT INTO counters (name, value) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                        (name, amount),
+                    )
+            self._depth = depth - deleted + len(batch)
+            return AppendResult(stored=len(batch), dropped_oldest=dropped, rejected_new=rejected)
+
+        return self._write(work)
+
+    def pending(self, *, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        """Up to ``limit`` stored messages with ``id > after_id``, oldest first."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT id, topic, seq, payload FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path} read failed: {exc}") from None
+        return [OutboxMessage(int(r[0]), str(r[1]), int(r[2]), bytes(r[3])) for r in rows]
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Delete acknowledged messages; ids already gone (dropped by the cap) are ignored.
+
+        Not fsynced on its own (see :meth:`_write`): after a power cut a deleted row may
+        come back and be sent again, which the consumer's (topic, seq) dedup absorbs.
+        """
+        wanted = [(int(i),) for i in ids]
+        if not wanted:
+            return 0
+
+        def work(db: sqlite3.Connection) -> int:
+            before = db.total_changes
+            db.executemany("DELETE FROM messages WHERE id = ?", wanted)
+            removed = db.total_changes - before
+            self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            return removed
+
+        return self._write(work, durable=False)
+
+    def next_seqs(self) -> dict[str, int]:
+        """The next sequence number of every stream seen so far."""
+        with self._lock:
+            rows = self._db.execute("SELECT topic, next_seq FROM streams").fetchall()
+        return {str(topic): int(seq) for topic, seq in rows}
+
+    def summary(self) -> OutboxSummary:
+        with self._lock:
+            return _summary(self._db)
+
+
+def _summary(db: sqlite3.Connection) -> OutboxSummary:
+    depth, oldest = db.execute("SELECT COUNT(*), MIN(id) FROM messages").fetchone()
+    streams = db.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
+    counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+    return OutboxSummary(
+        depth=int(depth),
+        oldest_id=None if oldest is None else int(oldest),
+        streams=int(streams),
+        dropped_oldest=int(counters.get("dropped_oldest", 0)),
+        rejected_new=int(counters.get("rejected_new", 0)),
+    )
+
+
+def read_outbox_summary(path: Path) -> OutboxSummary | None:
+    """Depth and counters of the outbox at ``path``, read-only; None if it does not exist.
+
+    Safe while a bridge is running (WAL readers do not block the writer).
+    """
+    if not path.exists():
+        return None
+    try:
+        db = _connect(path, read_only=True)
+        try:
+            return _summary(db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox {path} cannot be read: {exc}") from None
+
+
+class AsyncOutbox:
+    """An :class:`Outbox` used from asyncio: every call runs on one dedicated thread.
+
+    ``async with AsyncOutbox.open(...) as outbox:`` opens the file on that thread and
+    closes it (and the thread) on exit.
+    """
+
+    def __init__(self, outbox: Outbox, executor: ThreadPoolExecutor) -> None:
+        self.outbox = outbox
+        self._executor = executor
+
+    @classmethod
+    async def open(cls, path: Path, *, max_messages: int, policy: str) -> AsyncOutbox:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-outbox")
+        loop = asyncio.get_running_loop()
+        try:
+            outbox = await loop.run_in_executor(
+                executor, lambda: Outbox(path, max_messages=max_messages, policy=policy)
+            )
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(outbox, executor)
+
+    async def __aenter__(self) -> AsyncOutbox:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.outbox.close)
+        self._executor.shutdown(wait=True)
+
+    async def _call(self, work: Callable[[], _T]) -> _T:
+        # Shielded: a cancelled caller must not leave a transaction half-observed; the
+        # thread finishes the call either way and the result is simply dropped.
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work)
+        return await asyncio.shield(future)
+
+    @property
+    def depth(self) -> int:
+        return self.outbox.depth
+
+    async def append(self, readings: Sequence[Reading]) -> AppendResult:
+        return await self._call(lambda: self.outbox.append(readings))
+
+    async def pending(self, *, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
+        return await self._call(lambda: self.outbox.pending(after_id=after_id, limit=limit))
+
+    async def remove(self, ids: Sequence[int]) -> int:
+        return await self._call(lambda: self.outbox.remove(ids))
+
+    async def summary(self) -> OutboxSummary:
+        return await self._call(self.outbox.summary)

@@ -1,0 +1,370 @@
+"""Publish the outbox to MQTT: QoS 1, oldest first, a row deleted only after its PUBACK.
+
+Each connection is a fresh paho-mqtt client with a clean session: the outbox, not the
+client library, is the record of what still has to be delivered. After every (re)connect
+the publisher starts again at the oldest row, so a message whose PUBACK was lost with the
+connection is sent again; the agent deduplicates on (topic, seq). At most
+``broker.max_inflight`` messages await their PUBACK at any time.
+
+paho-mqtt runs on the asyncio loop through its external-loop hooks (``on_socket_open``,
+``loop_read`` / ``loop_write`` / ``loop_misc``). Only the blocking TCP connect runs in a
+worker thread, so an unreachable broker never stalls polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+from fedgate_common.backoff import Backoff
+from fedgate_common.logs import log_event
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fedgate_bridge.config import BrokerSettings
+from fedgate_bridge.counters import FailureLog, PublisherCounters
+from fedgate_bridge.outbox import AsyncOutbox
+
+__all__ = ["BrokerUnavailable", "MqttPublisher"]
+
+log = logging.getLogger("fedgate.bridge.publisher")
+
+CONNECT_TIMEOUT_S: Final = 10.0
+MISC_INTERVAL_S: Final = 1.0  # paho keepalive bookkeeping
+
+
+class BrokerUnavailable(ConnectionError):
+    """One connection attempt or connection failed; the publisher retries with backoff.
+
+    Internal to this module: it never leaves :meth:`MqttPublisher.run`.
+    """
+
+
+class _Session:
+    """One paho client driven by the asyncio loop, from CONNECT until it is lost or closed."""
+
+    def __init__(
+        self,
+        *,
+        settings: BrokerSettings,
+        client_id: str,
+        password: str | None,
+        on_ack: Callable[[int], None],
+        wake: asyncio.Event,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._settings = settings
+        self._on_ack = on_ack
+        self._wake = wake
+        self.connack: asyncio.Future[None] = self._loop.create_future()
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self._closed = False
+        self._misc: asyncio.Task[None] | None = None
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        if settings.username:
+            client.username_pw_set(settings.username, password)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.connect_timeout = CONNECT_TIMEOUT_S
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self.client = client
+
+    # paho callbacks. on_socket_open and on_socket_register_write also run in the connect
+    # thread; there they only schedule work on the loop. On the loop they act at once: a
+    # socket must leave the selector before paho closes it.
+
+    def _on_loop(self, action: Any, *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            action(*args)
+        else:
+            self._loop.call_soon_threadsafe(action, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _watch(self, sock: Any) -> None:
+        if sock.fileno() < 0:
+            return
+        if self._closed:  # closed while the connect thread was still connecting
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        self._loop.add_reader(sock, self._read)
+        self._misc = self._loop.create_task(self._misc_loop())
+
+    def _on_socket_close(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch, sock)
+
+    def _unwatch(self, sock: Any) -> None:
+        if sock.fileno() >= 0:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        if self._misc is not None:
+            self._misc.cancel()
+        self._mark_lost("socket closed")
+
+    def _on_register_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, sock)
+
+    def _want_write(self, sock: Any) -> None:
+        if not self._closed and id(self.client.socket()) == id(sock):  # still the live socket
+            self._loop.add_writer(sock, self._write)
+
+    def _on_unregister_write(self, client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        self._on_loop(self._drop_writer, sock)
+
+    def _drop_writer(self, sock: Any) -> None:
+        if sock.fileno() >= 0:
+            self._loop.remove_writer(sock)
+
+    def _read(self) -> None:
+        rc = self.client.loop_read()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._mark_lost(f"read: {mqtt.error_string(rc)}")
+
+    def _write(self) -> None:
+        rc = self.client.loop_write()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._mark_lost(f"write: {mqtt.error_string(rc)}")
+
+    async def _misc_loop(self) -> None:
+        """Keepalive pings and their timeout: paho needs a call about once a second."""
+        while True:
+            await asyncio.sleep(MISC_INTERVAL_S)
+            if self.client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._mark_lost("keepalive timeout")
+                return
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        if self.connack.done():
+            return
+        if reason.is_failure:
+            self.connack.set_exception(BrokerUnavailable(f"broker refused: {reason}"))
+        else:
+            self.connack.set_result(None)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Any
+    ) -> None:
+        self._mark_lost(f"disconnected: {reason}")
+
+    def _on_publish(
+        self, client: mqtt.Client, _u: Any, mid: int, _reason: ReasonCode, _p: Any
+    ) -> None:
+        self._on_ack(mid)
+        self._wake.set()
+
+    def _mark_lost(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+            self._wake.set()
+        if not self.connack.done():
+            self.connack.set_exception(BrokerUnavailable(reason))
+
+    # lifecycle
+
+    async def open(self) -> None:
+        """TCP connect (worker thread), CONNECT, wait for a successful CONNACK."""
+        settings = self._settings
+        try:
+            await asyncio.to_thread(
+                self.client.connect, settings.host, settings.port, settings.keepalive_s
+            )
+        except (OSError, ValueError) as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise BrokerUnavailable(f"cannot connect to {where}: {exc}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connack), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise BrokerUnavailable(f"no CONNACK within {CONNECT_TIMEOUT_S:g} s") from None
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Queue one QoS 1 message; returns its packet id."""
+        info = self.client.publish(topic, payload, qos=1, retain=False)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._mark_lost(f"publish: {mqtt.error_string(info.rc)}")
+            raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+        return int(info.mid)
+
+    def close(self) -> None:
+        """Disconnect politely if possible and release the socket; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        sock = self.client.socket()
+        with contextlib.suppress(Exception):
+            if self.connack.done() and not self.lost.is_set():
+                self.client.disconnect()
+                self.client.loop_write()
+        if sock is not None and sock.fileno() >= 0:  # paho closes it after DISCONNECT
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._misc is not None:
+            self._misc.cancel()
+        if not self.connack.done():
+            self.connack.cancel()
+        self.lost.set()
+
+
+class MqttPublisher:
+    """Sends the outbox to the broker forever; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        settings: BrokerSettings,
+        client_id: str,
+        outbox: AsyncOutbox,
+        counters: PublisherCounters,
+        password: str | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.outbox = outbox
+        self.counters = counters
+        self._password = password
+        self._backoff = backoff or Backoff(initial_s=0.5, max_s=30.0)
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, int] = {}  # packet id → outbox row id
+        self._acked: list[int] = []  # row ids whose PUBACK arrived, not yet deleted
+        self._highest_sent = 0  # highest row id ever sent by this process
+        self._failures = FailureLog(
+            log, what="broker connection", host=settings.host, port=settings.port
+        )
+
+    def notify(self) -> None:
+        """New rows are in the outbox."""
+        self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits in the outbox and nothing awaits a PUBACK."""
+        return self.outbox.depth == 0 and not self._inflight and not self._acked
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until :attr:`idle` (everything acknowledged), at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def _ack(self, mid: int) -> None:
+        row = self._inflight.pop(mid, None)
+        if row is not None:
+            self._acked.append(row)
+
+    async def _remove_acked(self) -> None:
+        if self._acked:
+            rows, self._acked = self._acked, []
+            await self.outbox.remove(rows)
+            self.counters.acked += len(rows)
+        self.counters.inflight = len(self._inflight)
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect with backoff after any failure; never returns."""
+        attempt = 0
+        while True:
+            session = _Session(
+                settings=self.settings,
+                client_id=self.client_id,
+                password=self._password,
+                on_ack=self._ack,
+                wake=self._wake,
+            )
+            try:
+                await session.open()
+                attempt = 0
+                self._connected()
+                await self._pump(session)
+            except BrokerUnavailable as exc:
+                self._failed(str(exc))
+            finally:
+                was_connected = self.counters.connected
+                session.close()
+                self._lost_connection(was_connected)
+            await self._remove_acked()
+            await asyncio.sleep(self._backoff.delay(attempt, random.random()))
+            attempt += 1
+
+    def _connected(self) -> None:
+        self.counters.connected = True
+        self.counters.connects += 1
+        self._failures.success()
+        log_event(
+            log,
+            logging.INFO,
+            "connected to broker",
+            host=self.settings.host,
+            port=self.settings.port,
+            client_id=self.client_id,
+            outbox=self.outbox.depth,
+        )
+
+    def _failed(self, error: str) -> None:
+        self.counters.last_error = error
+        self.counters.last_error_at = time.time()
+        if not self.counters.connected:
+            self.counters.connect_failures += 1
+        self._failures.failure(error)
+
+    def _lost_connection(self, was_connected: bool) -> None:
+        if was_connected:
+            self.counters.disconnects += 1
+        self.counters.connected = False
+        # Whatever awaited a PUBACK goes again on the next connection.
+        self._inflight.clear()
+        self.counters.inflight = 0
+
+    async def _pump(self, session: _Session) -> None:
+        """Publish oldest first, at most ``max_inflight`` unacknowledged, until lost."""
+        cursor = 0  # highest row id sent on this connection
+        sent_before = self._highest_sent  # rows up to here were sent on earlier connections
+        limit = self.settings.max_inflight
+        while not session.lost.is_set():
+            self._wake.clear()
+            await self._remove_acked()
+            room = limit - len(self._inflight)
+            rows = await self.outbox.pending(after_id=cursor, limit=room) if room > 0 else []
+            for row in rows:
+                if session.lost.is_set():
+                    break
+                mid = session.publish(row.topic, row.payload)
+                self._inflight[mid] = row.id
+                cursor = row.id
+                self.counters.sent += 1
+                if row.id <= sent_before:
+                    self.counters.resent += 1
+                self._highest_sent = max(self._highest_sent, row.id)
+            self.counters.inflight = len(self._inflight)
+            if not rows or len(self._inflight) >= limit:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+        raise BrokerUnavailable(f"connection lost ({session.lost_reason})")

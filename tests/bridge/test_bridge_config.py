@@ -1,0 +1,234 @@
+"""Bridge configuration: every problem listed at once, exit code 3, no network IO."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fedgate_bridge.config import client_id_of, load_config
+from fedgate_bridge.errors import ConfigError
+from fedgate_bridge.run_cli import ExitCode, check, run
+
+PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
+
+BAD_CONFIG = """
+state_dir = "relative/state"
+topic_prefix = "plant/+/x"
+log_level = "loud"
+colour = "blue"
+
+[broker]
+host = "mqtt://broker:1883"
+port = 70000
+keepalive_s = "30"
+password_file = "/nonexistent/password"
+max_inflght = 5
+
+[outbox]
+max_messages = 0
+policy = "keep_everything"
+
+[[modbus]]
+name = "plc/1"
+transport = "serial"
+unit = 300
+poll_interval_s = 0.0
+timeout_s = 120.0
+
+  [[modbus.registers]]
+  tag = "A"
+  address = 65534
+  type = "float64"
+  word_order = "middle"
+
+  [[modbus.registers]]
+  tag = "A"
+  address = 1
+  kind = "coil"
+  type = "float32"
+  scale = 0.0
+
+  [[modbus.registers]]
+  address = 2
+  kind = "register"
+
+[[modbus]]
+name = "rtu-1"
+transport = "rtu"
+parity = "X"
+stopbits = 3
+bytesize = 9
+baudrate = 12
+
+[[opcua]]
+name = "rtu-1"
+endpoint = "http://server:4840"
+mode = "push"
+
+  [[opcua.nodes]]
+  tag = "N 1"
+  node_id = "ns=x;i=3"
+"""
+
+EXPECTED_FRAGMENTS = [
+    "state_dir = 'relative/state' is not an absolute directory path",
+    "topic_prefix = 'plant/+/x' is not MQTT topic levels",
+    "log_level = 'loud' is not debug | info | warning | error",
+    "unknown key 'colour'",
+    "broker.host = 'mqtt://broker:1883' is not a host name or IP address",
+    "broker.port = 70000 is not an integer 1..65535",
+    "broker.keepalive_s = string '30' has the wrong type; use an integer 5..65535",
+    "broker.password_file = '/nonexistent/password': the file cannot be read",
+    "unknown key 'broker.max_inflght'; did you mean 'max_inflight'?",
+    "outbox.max_messages = 0 is not an integer 1..100000000",
+    "outbox.policy = 'keep_everything' is not drop_oldest | reject_new",
+    "modbus[0].name = 'plc/1' is not 1-64 characters",
+    "modbus[0].transport = 'serial' (source 'plc/1') is not tcp | rtu | rtu-over-tcp",
+    "modbus[0].unit = 300 (source 'plc/1') is not a Modbus device id 0..255",
+    "modbus[0].poll_interval_s = 0.0 (source 'plc/1') is not a number of seconds",
+    "modbus[0].timeout_s = 120.0 (source 'plc/1') is not a number of seconds in [0.01, 60]",
+    "modbus[0].registers[0].address = 65534 (tag 'A') is not an integer 0..65535",
+    "modbus[0].registers[0].word_order = 'middle' (tag 'A') is not big",
+    "modbus[0].registers[1].tag = 'A' is used twice in this source",
+    "modbus[0].registers[1].type = 'float32' (tag 'A') cannot be read from a coil",
+    "modbus[0].registers[1].scale = 0.0 (tag 'A') is not a finite number other than 0",
+    "missing required key 'modbus[0].registers[2].tag'",
+    "modbus[1].serial_port is empty (source 'rtu-1') but transport is \"rtu\"",
+    "modbus[1].parity = 'X' (source 'rtu-1') is not N | E | O",
+    "modbus[1].stopbits = 3 (source 'rtu-1') is not 1 | 2",
+    "modbus[1].bytesize = 9 (source 'rtu-1') is not 7 | 8",
+    "modbus[1].baudrate = 12 (source 'rtu-1') is not an integer 300..4000000",
+    "modbus[1] (source 'rtu-1') has no registers",
+    "opcua[0].endpoint = 'http://server:4840' (source 'rtu-1') is not an OPC-UA endpoint URL",
+    "opcua[0].mode = 'push' (source 'rtu-1') is not subscribe | poll",
+    "opcua[0].nodes[0].tag = 'N 1' is not 1-64 characters",
+    "opcua[0].nodes[0].node_id = 'ns=x;i=3' (tag 'N 1') does not parse",
+    "source name 'rtu-1' is used by 2 sources",
+]
+
+
+def test_example_in_packaging_is_valid_and_documents_the_defaults(tmp_path: Path) -> None:
+    config = load_config(PACKAGING / "bridge.toml.example")
+    assert config.topic_prefix == "plant/site-1"
+    assert config.broker.max_inflight == 100
+    assert config.outbox.policy == "drop_oldest"
+    assert [s.name for s in config.modbus] == ["plc-1"]
+    assert config.modbus[0].registers[0].type == "float32"
+    assert config.modbus[0].registers[1].scale == pytest.approx(0.1)
+    assert config.opcua[0].nodes[0].node_id == "ns=2;s=XMEAS_1"
+    assert client_id_of(config) == f"fedgate-bridge-{socket.gethostname().split('.')[0]}"
+
+
+def test_shape_problems_are_all_reported_first(tmp_path: Path) -> None:
+    """Wrong types and unknown keys stop before the value checks, all listed together."""
+    path = tmp_path / "bridge.toml"
+    path.write_text(BAD_CONFIG)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    shape = caught.value.problems
+    assert len(shape) == 4  # colour, keepalive_s type, max_inflght, registers[2].tag
+    assert any("unknown key 'colour'" in p for p in shape)
+    assert any("did you mean 'max_inflight'" in p for p in shape)
+
+
+def test_every_value_problem_is_listed_with_key_and_allowed_values(tmp_path: Path) -> None:
+    fixed_shape = (
+        BAD_CONFIG.replace('colour = "blue"\n', "")
+        .replace('keepalive_s = "30"', "keepalive_s = 30")
+        .replace("max_inflght = 5\n", "")
+        .replace("  address = 2\n", '  tag = "C"\n  address = 2\n')
+    )
+    path = tmp_path / "bridge.toml"
+    path.write_text(fixed_shape)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = caught.value.problems
+    value_fragments = [
+        f
+        for f in EXPECTED_FRAGMENTS
+        if "unknown key" not in f and "wrong type" not in f and "missing" not in f
+    ] + ["modbus[0].registers[2].kind = 'register' (tag 'C') is not holding | input"]
+    for fragment in value_fragments:
+        assert any(fragment in p for p in problems), f"{fragment!r} not in {problems}"
+    assert len(problems) == len(value_fragments)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file_missing_keys_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("topic_prefix = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[[modbus]]\n[[opcua]]\nname = 'x'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(empty)
+    assert {p.split(";")[0] for p in caught.value.problems} == {
+        "missing required key 'topic_prefix'",
+        "missing required key 'modbus[0].name'",
+        "missing required key 'opcua[0].endpoint'",
+    }
+    nothing = tmp_path / "nothing.toml"
+    nothing.write_text('topic_prefix = "p"\nstate_dir = "/tmp/x"\n')
+    with pytest.raises(ConfigError, match=r"no sources: add at least one \[\[modbus\]\]"):
+        load_config(nothing)
+
+
+def test_check_lists_every_problem_and_exits_3(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(BAD_CONFIG)
+    result = CliRunner().invoke(check, ["--config", str(path)])
+    assert result.exit_code == ExitCode.CONFIG
+    assert int(ExitCode.CONFIG) == 3
+    assert "4 problems" in result.output
+    as_json = CliRunner().invoke(check, ["--config", str(path), "--json"])
+    assert as_json.exit_code == 3
+    report = json.loads(as_json.output)
+    assert report["ok"] is False
+    assert len(report["problems"]) == 4
+
+
+def test_check_summarises_a_valid_config(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    shutil.copy(PACKAGING / "bridge.toml.example", path)
+    result = CliRunner().invoke(check, ["--config", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"] is True
+    assert report["topics"] == "plant/site-1/<source>/<tag>"
+    plc = report["sources"][0]
+    assert (plc["name"], plc["tags"], plc["reads_per_poll"]) == ("plc-1", 3, 3)
+    text = CliRunner().invoke(check, ["--config", str(path)])
+    assert text.exit_code == 0
+    assert "configuration OK: 2 sources, 4 tags" in text.output
+
+
+def test_run_with_a_bad_config_exits_3_before_any_network_io(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path}/state"\ntopic_prefix = "p"\n[broker]\nport = {port}\n'
+        f'[[modbus]]\nname = "plc"\nport = {port}\n'
+        '[[modbus.registers]]\ntag = "A"\naddress = 0\ntype = "float16"\n'
+    )
+    try:
+        result = CliRunner().invoke(run, ["--config", str(path)])
+        assert result.exit_code == 3
+        assert "modbus[0].registers[0].type = 'float16' (tag 'A') is not int16 | uint16" in (
+            result.output
+        )
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # neither the broker nor the device port was contacted
+        assert not (tmp_path / "state").exists()  # nor was the outbox created
+    finally:
+        listener.close()

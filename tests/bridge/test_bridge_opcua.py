@@ -1,0 +1,160 @@
+"""OPC-UA to MQTT against a real asyncua server: subscribe and poll modes, server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from asyncua import ua
+from asyncua.common.node import Node
+from asyncua.server.server import Server
+from fedgate_bridge.bridge import Bridge
+from fedgate_bridge.config import load_config
+from fedgate_bridge.opcua_source import numeric_value
+from fedgate_common.backoff import Backoff
+
+from tests.bridge.bridge_support import (
+    Subscriber,
+    free_port,
+    mosquitto,
+    subscriber,
+    wait_until,
+    write_bridge_config,
+)
+
+FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)
+
+
+@contextlib.asynccontextmanager
+async def opcua_server(port: int) -> AsyncIterator[tuple[Server, dict[str, Node]]]:
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")
+    ns = await server.register_namespace("urn:fedgate:test")
+    plant = await server.nodes.objects.add_object(ns, "Plant")
+    nodes = {
+        "XMEAS_1": await plant.add_variable(
+            ua.NodeId(ua.String("XMEAS_1"), ua.Int16(ns)), "XMEAS_1", 1.5
+        ),
+        "COUNT": await plant.add_variable(
+            ua.NodeId(ua.String("COUNT"), ua.Int16(ns)),
+            "COUNT",
+            ua.Variant(-7, ua.VariantType.Int32),
+        ),
+        "FLAG": await plant.add_variable(ua.NodeId(ua.String("FLAG"), ua.Int16(ns)), "FLAG", True),
+        "NAME": await plant.add_variable(
+            ua.NodeId(ua.String("NAME"), ua.Int16(ns)), "NAME", "reactor"
+        ),
+    }
+    await server.start()
+    try:
+        yield server, nodes
+    finally:
+        await server.stop()
+
+
+def opcua_sources(port: int) -> str:
+    nodes = (
+        '  [[opcua.nodes]]\n  tag = "XMEAS_1"\n  node_id = "ns=2;s=XMEAS_1"\n  unit = "kPa"\n'
+        '  [[opcua.nodes]]\n  tag = "COUNT"\n  node_id = "ns=2;s=COUNT"\n'
+        '  [[opcua.nodes]]\n  tag = "FLAG"\n  node_id = "ns=2;s=FLAG"\n'
+        '  [[opcua.nodes]]\n  tag = "NAME"\n  node_id = "ns=2;s=NAME"\n'
+        '  [[opcua.nodes]]\n  tag = "MISSING"\n  node_id = "ns=2;s=NOT_THERE"\n'
+    )
+    return "\n".join(
+        f'[[opcua]]\nname = "{name}"\nendpoint = "opc.tcp://127.0.0.1:{port}/"\n'
+        f'mode = "{mode}"\npoll_interval_s = 0.1\n\n{nodes}'
+        for name, mode in (("ua-sub", "subscribe"), ("ua-poll", "poll"))
+    )
+
+
+def values(sub: Subscriber, topic: str) -> list[float]:
+    return [p["value"] for p in sub.by_topic().get(topic, [])]
+
+
+async def test_subscribe_and_poll_modes_publish_and_survive_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
+        async with opcua_server(port) as (server, nodes):
+            config = load_config(
+                write_bridge_config(
+                    tmp_path / "bridge.toml",
+                    state_dir=tmp_path / "state",
+                    broker_port=broker.port,
+                    sources=opcua_sources(port),
+                )
+            )
+            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            sub_counters, poll_counters = bridge.source_counters
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.run(stop))
+            topics = [f"plant/test/{s}/XMEAS_1" for s in ("ua-sub", "ua-poll")]
+            try:
+                await wait_until(
+                    lambda: all(1.5 in values(sub, t) for t in topics), 15, "initial values"
+                )
+                await nodes["XMEAS_1"].write_value(42.0)
+                await wait_until(
+                    lambda: all(42.0 in values(sub, t) for t in topics), 10, "changed value"
+                )
+                await server.stop()
+                await wait_until(
+                    lambda: not sub_counters.connected and not poll_counters.connected,
+                    15,
+                    "server loss noticed",
+                )
+                await server.start()
+                await wait_until(
+                    lambda: sub_counters.connected and poll_counters.connected, 15, "reconnected"
+                )
+                await nodes["XMEAS_1"].write_value(43.0)
+                await wait_until(
+                    lambda: all(43.0 in values(sub, t) for t in topics), 15, "value after restart"
+                )
+                await wait_until(
+                    lambda: (
+                        bridge.publisher_counters.acked
+                        >= sub_counters.readings + poll_counters.readings
+                    ),
+                    10,
+                    "everything published",
+                )
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 20)
+    received = sub.by_topic()
+    for source_name in ("ua-sub", "ua-poll"):
+        prefix = f"plant/test/{source_name}"
+        assert {t for t in received if t.startswith(prefix)} == {
+            f"{prefix}/XMEAS_1",
+            f"{prefix}/COUNT",
+            f"{prefix}/FLAG",
+        }  # NAME is text and MISSING does not exist: neither is published
+        assert set(values(sub, f"{prefix}/COUNT")) == {-7.0}
+        assert set(values(sub, f"{prefix}/FLAG")) == {1.0}
+        assert received[f"{prefix}/XMEAS_1"][0]["unit"] == "kPa"
+        assert "unit" not in received[f"{prefix}/COUNT"][0]
+        for topic in (f"{prefix}/XMEAS_1", f"{prefix}/COUNT", f"{prefix}/FLAG"):
+            seqs = [p["seq"] for p in received[topic]]
+            assert seqs == list(range(len(seqs))), topic  # in order, no gap, no duplicate
+    for counters in (sub_counters, poll_counters):
+        assert counters.reconnects >= 1
+        assert counters.non_numeric >= 1  # NAME
+        assert counters.errors >= 2  # MISSING node, lost connection
+        assert counters.reads >= 3
+    assert sum(len(v) for v in received.values()) == bridge.publisher_counters.acked
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, 1.0), (False, 0.0), (3, 3.0), (-2.5, -2.5), ("3", None), (None, None), ([1], None)],
+)
+def test_numeric_values(value: object, expected: float | None) -> None:
+    assert numeric_value(value) == expected

@@ -1,0 +1,190 @@
+"""The on-disk outbox: sequence numbers, durability, the size cap, damaged files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fedgate_bridge.errors import OutboxError
+from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summary
+
+
+def readings(*topics: str, ts: float = 1.0, value: float = 2.5, unit: str = "") -> list[Reading]:
+    return [Reading(topic=topic, ts=ts, value=value, unit=unit) for topic in topics]
+
+
+def test_seq_counts_per_topic_from_zero_and_payload_has_the_contract_fields(
+    tmp_path: Path,
+) -> None:
+    with Outbox(tmp_path / "outbox.db", max_messages=100) as outbox:
+        result = outbox.append(readings("p/s/a", "p/s/b", "p/s/a"))
+        assert (result.stored, result.dropped_oldest, result.rejected_new) == (3, 0, 0)
+        outbox.append([Reading(topic="p/s/a", ts=1700000000.25, value=-1.5, unit="bar")])
+        rows = outbox.pending()
+    assert [(r.topic, r.seq) for r in rows] == [
+        ("p/s/a", 0),
+        ("p/s/b", 0),
+        ("p/s/a", 1),
+        ("p/s/a", 2),
+    ]
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+    assert json.loads(rows[0].payload) == {"ts": 1.0, "value": 2.5, "seq": 0}  # no empty unit
+    assert json.loads(rows[3].payload) == {
+        "ts": 1700000000.25,
+        "value": -1.5,
+        "seq": 2,
+        "unit": "bar",
+    }
+
+
+def test_seq_survives_reopen_and_is_never_reused_after_rows_are_acknowledged(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    with Outbox(path, max_messages=100) as outbox:
+        outbox.append(readings("t/x", "t/x", "t/y"))
+        first_ids = [r.id for r in outbox.pending()]
+        assert outbox.remove(first_ids) == 3
+        assert outbox.depth == 0
+    with Outbox(path, max_messages=100) as outbox:
+        assert outbox.next_seqs() == {"t/x": 2, "t/y": 1}
+        outbox.append(readings("t/x", "t/y"))
+        rows = outbox.pending()
+        assert [(r.topic, r.seq) for r in rows] == [("t/x", 2), ("t/y", 1)]
+        assert min(r.id for r in rows) > max(first_ids)  # ids are never reused either
+        assert outbox.remove([*first_ids, rows[0].id]) == 1  # already-gone ids are ignored
+        assert outbox.depth == 1
+
+
+def test_pending_pages_oldest_first(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_messages=100) as outbox:
+        outbox.append(readings(*[f"t/{i}" for i in range(10)]))
+        page1 = outbox.pending(limit=4)
+        page2 = outbox.pending(after_id=page1[-1].id, limit=4)
+        page3 = outbox.pending(after_id=page2[-1].id, limit=4)
+    assert [r.topic for r in page1 + page2 + page3] == [f"t/{i}" for i in range(10)]
+
+
+def test_wal_and_full_synchronous(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_messages=10) as outbox:
+        db = outbox._db
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        outbox.append(readings("t/a"))
+        with pytest.raises(sqlite3.IntegrityError):  # UNIQUE(topic, seq) backs the counter
+            db.execute("INSERT INTO messages (topic, seq, payload) VALUES ('t/a', 0, x'00')")
+
+
+def test_drop_oldest_keeps_the_newest_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_messages=5, policy="drop_oldest") as outbox:
+        for _ in range(3):
+            outbox.append(readings("t/a", "t/a", "t/a"))
+        assert outbox.depth == 5
+        assert [r.seq for r in outbox.pending()] == [4, 5, 6, 7, 8]
+        big = outbox.append(readings(*["t/b"] * 7))  # a batch larger than the whole cap
+        assert big.stored == 5
+        assert [r.topic for r in outbox.pending()] == ["t/b"] * 5
+        assert outbox.depth == 5
+    summary = read_outbox_summary(path)
+    assert summary is not None
+    assert summary.depth == 5
+    assert summary.dropped_oldest == 4 + 5 + 2
+    assert summary.rejected_new == 0
+
+
+def test_reject_new_refuses_without_consuming_seq(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_messages=4, policy="reject_new") as outbox:
+        outbox.append(readings("t/a", "t/a", "t/a"))
+        result = outbox.append(readings("t/a", "t/a", "t/a"))
+        assert (result.stored, result.rejected_new) == (1, 2)
+        assert outbox.append(readings("t/a")).rejected_new == 1
+        outbox.remove([r.id for r in outbox.pending()])
+        outbox.append(readings("t/a"))
+        assert [r.seq for r in outbox.pending()] == [4]  # 0..3 stored, rejected got none
+        assert outbox.summary().rejected_new == 3
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(OutboxError, match="cannot be opened"):
+        Outbox(garbage, max_messages=10)
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(OutboxError, match="schema version 99"):
+        Outbox(newer, max_messages=10)
+    with pytest.raises(OutboxError, match="policy"):
+        Outbox(tmp_path / "x.db", max_messages=10, policy="keep_all")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutboxError, match="not usable"):
+        Outbox(blocker / "sub" / "o.db", max_messages=10)
+
+
+def test_summary_reads_a_live_outbox_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    assert read_outbox_summary(path) is None
+    with Outbox(path, max_messages=10) as outbox:
+        outbox.append(readings("t/a", "t/b"))
+        summary = read_outbox_summary(path)
+        assert summary is not None
+        assert (summary.depth, summary.streams) == (2, 2)
+        outbox.append(readings("t/c"))  # the reader did not lock the writer out
+    assert (read_outbox_summary(path) or summary).depth == 3
+
+
+async def test_async_outbox_runs_on_its_own_thread(tmp_path: Path) -> None:
+    async with await AsyncOutbox.open(
+        tmp_path / "o.db", max_messages=10, policy="drop_oldest"
+    ) as outbox:
+        await outbox.append(readings("t/a", "t/a"))
+        rows = await outbox.pending()
+        assert [r.seq for r in rows] == [0, 1]
+        assert await outbox.remove([rows[0].id]) == 1
+        assert outbox.depth == 1
+        assert (await outbox.summary()).depth == 1
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from fedgate_bridge.outbox import Outbox, Reading
+outbox = Outbox(Path(sys.argv[1]), max_messages=10_000_000)
+batch = 0
+while True:
+    outbox.append([Reading(topic=f"t/{i}", ts=float(batch), value=1.0) for i in range(3)])
+    print(batch, flush=True)  # after COMMIT returned: this batch counts as produced
+    batch += 1
+"""
+
+
+def test_kill_9_loses_no_committed_reading_and_reuses_no_seq(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    deadline = time.monotonic() + 20
+    confirmed = -1
+    while confirmed < 200 and time.monotonic() < deadline:
+        confirmed = int(writer.stdout.readline())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    with Outbox(path, max_messages=10_000_000) as outbox:
+        seqs = outbox.next_seqs()
+        rows = outbox.pending(limit=10_000_000)
+        # Every confirmed batch is there; at most the one in flight is too.
+        assert all(confirmed + 1 <= seqs[f"t/{i}"] <= confirmed + 2 for i in range(3))
+        for i in range(3):
+            stream = [r.seq for r in rows if r.topic == f"t/{i}"]
+            assert stream == list(range(seqs[f"t/{i}"]))  # contiguous, nothing reused
+        outbox.append(readings("t/0"))
+        assert outbox.pending(after_id=rows[-1].id)[0].seq == seqs["t/0"]
