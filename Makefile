@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PACKAGES := common agent coordinator firmware-bridge
 
-.PHONY: venv test lint typecheck imports pytest demo clean
+.PHONY: venv test lint typecheck imports pytest demo demo-live clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,11 @@ pytest: $(STAMP)
 test: lint typecheck imports pytest
 
 demo: $(STAMP)
-	$(BIN)/python demo/run_demo.py
+	$(BIN)/python demo/run_demo.py $(DEMO_ARGS)
+
+# Live mode: each site's agent learns from a simulated plant through the bridge.
+demo-live: $(STAMP)
+	$(BIN)/python demo/run_live_demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) out

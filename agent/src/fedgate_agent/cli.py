@@ -6,7 +6,7 @@ Exit codes (also in ``fedgate-agent --help``):
     1  unexpected failure (see the log)
     2  bad command line
     3  configuration missing or invalid (the message says what to fix)
-    4  local training data unusable
+    4  local training data, the ingest buffer, an import file or the privacy ledger unusable
     5  conflict: an identity key exists already
     6  the federation manifest is invalid or not signed by the coordinators it needs
 """
@@ -18,25 +18,26 @@ import json
 import os
 import signal
 import socket
-import sys
-from collections.abc import Callable
-from enum import IntEnum
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 import msgspec
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
-from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
+from fedgate_agent.cli_support import (
+    EXIT_CODES_HELP,
+    config_option,
+    echo_json,
+    guard,
+)
 from fedgate_agent.config import (
-    DEFAULT_CONFIG_PATH,
     AgentConfig,
     BrokerConfig,
     config_as_dict,
@@ -45,7 +46,9 @@ from fedgate_agent.config import (
     set_config_value,
     write_config,
 )
-from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
+from fedgate_agent.data_cli import import_command, windows_command
+from fedgate_agent.data_settings import buffer_status
+from fedgate_agent.errors import ConfigError, LocalDataError
 from fedgate_agent.federation_trust import (
     MANIFEST_NAME,
     check_new_manifest,
@@ -53,68 +56,10 @@ from fedgate_agent.federation_trust import (
     write_manifest,
 )
 from fedgate_agent.identity import create_identity, identity_path, load_identity
-from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
+from fedgate_agent.ingest.buffer import IngestBuffer
+from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
-from fedgate_agent.state import read_status
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILURE = 1
-    USAGE = 2
-    CONFIG = 3
-    DATA = 4
-    CONFLICT = 5
-    MANIFEST = 6
-
-
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 data or privacy ledger unusable    5 identity exists already
-  6 federation manifest invalid"""
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
-
-
-def _guard(func: F) -> F:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (LocalDataError, LedgerUnreadable) as exc:
-            _fail(str(exc), ExitCode.DATA)
-        except IdentityExists as exc:
-            _fail(str(exc), ExitCode.CONFLICT)
-        except ManifestInvalid as exc:
-            _fail(str(exc), ExitCode.MANIFEST)
-        except ConfigError as exc:
-            _fail(str(exc), ExitCode.CONFIG)
-        except InvalidIdentifier as exc:
-            _fail(str(exc), ExitCode.CONFIG)
-
-    wrapper.__name__ = func.__name__
-    wrapper.__doc__ = func.__doc__
-    return wrapper  # type: ignore[return-value]
-
-
-def _echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
-
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    envvar="FEDGATE_CONFIG",
-    show_default=True,
-    help="Agent configuration file (TOML).",
-)
+from fedgate_agent.state import AgentStatus, IngestStatus, read_status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -149,7 +94,7 @@ def main() -> None:
 @click.option("--broker-port", default=1883, show_default=True, type=int)
 @click.option("--coordinator-key", default="", help="Coordinator public key, if known.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_guard
+@guard
 def init(
     config_path: Path,
     agent_id: str | None,
@@ -185,7 +130,7 @@ def init(
     key = create_identity(config.state_path)
     public = public_key_text(key.verify_key)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "agent_id": config.agent_id,
                 "public_key": public,
@@ -216,7 +161,7 @@ def config() -> None:
 @config.command("show")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_guard
+@guard
 def config_show(config_path: Path, as_json: bool) -> None:
     """Print the effective configuration (file plus FEDGATE_* overrides).
 
@@ -227,7 +172,7 @@ def config_show(config_path: Path, as_json: bool) -> None:
     cfg = load_config(config_path, require_complete=False)
     data = config_as_dict(cfg)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     for key in config_keys():
         value: Any = data
@@ -240,7 +185,7 @@ def config_show(config_path: Path, as_json: bool) -> None:
 @config_option
 @click.argument("key")
 @click.argument("value")
-@_guard
+@guard
 def config_set(config_path: Path, key: str, value: str) -> None:
     """Set KEY to VALUE in the file, after validating the whole result.
 
@@ -255,7 +200,7 @@ def config_set(config_path: Path, key: str, value: str) -> None:
 
 @config.command("validate")
 @config_option
-@_guard
+@guard
 def config_validate(config_path: Path) -> None:
     """Check the configuration is complete and valid to run (exit 0) or say what to fix (3).
 
@@ -286,7 +231,7 @@ def federation() -> None:
 @config_option
 @click.argument("manifest_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_guard
+@guard
 def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> None:
     """Verify MANIFEST_FILE and pin it: copy it into the state directory, set its digest.
 
@@ -323,7 +268,7 @@ def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> Non
         "file": str(cfg.state_path / MANIFEST_NAME),
     }
     if as_json:
-        _echo_json(result)
+        echo_json(result)
         return
     click.echo(f"pinned manifest version {result['version']} ({digest[:16]}…)")
     click.echo(f"clouds: {', '.join(clouds)} — {result['tolerance']}")
@@ -332,7 +277,7 @@ def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> Non
 @federation.command("show")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_guard
+@guard
 def federation_show(config_path: Path, as_json: bool) -> None:
     """Show the pinned federation manifest (exit 3 when none is pinned).
 
@@ -355,7 +300,7 @@ def federation_show(config_path: Path, as_json: bool) -> None:
         "genesis_digest": manifest.genesis_digest,
     }
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(f"manifest version {manifest.version} of {manifest.deployment}: {data['digest']}")
     click.echo(data["tolerance"])
@@ -366,7 +311,7 @@ def federation_show(config_path: Path, as_json: bool) -> None:
 @main.command()
 @config_option
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
-@_guard
+@guard
 def run(config_path: Path, log_json: bool) -> None:
     """Run the agent in the foreground until stopped (systemd runs this).
 
@@ -377,7 +322,7 @@ def run(config_path: Path, log_json: bool) -> None:
     cfg = load_config(config_path)
     configure_logging(cfg.log_level, as_json=log_json)
     identity = load_identity(cfg.state_path)
-    if not cfg.data_path.exists():
+    if cfg.training.source == "file" and not cfg.data_path.exists():
         raise LocalDataError(
             f"training data {cfg.data_path} not found: import data or set training.data_file",
             path=cfg.data_path,
@@ -398,6 +343,10 @@ def run(config_path: Path, log_json: bool) -> None:
         click.echo("stopped", err=True)
 
 
+main.add_command(import_command)
+main.add_command(windows_command)
+
+
 def _process_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -413,7 +362,7 @@ def _process_alive(pid: int | None) -> bool:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_guard
+@guard
 def privacy(config_path: Path, as_json: bool) -> None:
     """Show record-level privacy: ε per round and in total, δ, the budget, how it is counted.
 
@@ -453,7 +402,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
         ],
     }
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
     click.echo(f"accountant       {ACCOUNTANT}, {SAMPLING} sampling")
@@ -482,6 +431,70 @@ def privacy(config_path: Path, as_json: bool) -> None:
     )
 
 
+def _ingest_status(cfg: AgentConfig, state: AgentStatus, running: bool) -> dict[str, Any] | None:
+    """The data path as the running agent last wrote it; when the agent is stopped, the
+    buffer's own counters (read-only) and no live sources."""
+    if not (cfg.training.source == "buffer" or cfg.mqtt_source or cfg.opcua_source):
+        return None
+    if running and state.ingest is not None:
+        return dict(msgspec.to_builtins(state.ingest))
+    if not cfg.buffer_path.exists():
+        return {"buffer": {"path": str(cfg.buffer_path), "samples": 0}, "sources": []}
+    with IngestBuffer.open_read_only(cfg.buffer_path) as buffer:
+        status = IngestStatus(buffer=buffer_status(buffer))
+    return dict(msgspec.to_builtins(status))
+
+
+def _print_ingest(ingest: dict[str, Any]) -> None:
+    buffer = ingest["buffer"]
+    counters = buffer.get("counters", {})
+    cap = buffer.get("max_samples") or "?"
+    click.echo(
+        f"buffer     {buffer.get('samples', 0):,} samples of {cap:,} ({buffer.get('policy', '')}), "
+        f"{buffer.get('size_bytes', 0) / 2**20:.1f} MiB, {buffer.get('path', '')}"
+        if isinstance(cap, int)
+        else f"buffer     {buffer.get('samples', 0):,} samples, {buffer.get('path', '')}"
+    )
+    lost = {k: v for k, v in counters.items() if k in ("rejected_full", "dropped_oldest") and v}
+    if lost:
+        click.echo("           at the cap: " + ", ".join(f"{k}={v:,}" for k, v in lost.items()))
+    for path in buffer.get("quarantined", []):
+        click.echo(f"           corrupted file moved aside: {path}")
+    if ingest.get("lag_s") is not None:
+        click.echo(f"lag        newest sample {ingest['lag_s']:.1f} s old")
+    rows = [
+        [
+            s["name"],
+            "up" if s["connected"] else "down",
+            f"{s['rate_per_s']:,.1f}",
+            f"{s['received']:,}",
+            f"{s['stored']:,}",
+            f"{s['duplicates']:,}",
+            ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items())) or "0",
+            s["reconnects"],
+            (s["last_error"] or "")[:60],
+        ]
+        for s in ingest.get("sources", [])
+    ]
+    if rows:
+        click.echo(
+            format_table(
+                [
+                    "source",
+                    "link",
+                    "msg/s",
+                    "received",
+                    "stored",
+                    "dup",
+                    "rejected",
+                    "reconn.",
+                    "last error",
+                ],
+                rows,
+            )
+        )
+
+
 def _federation_status(cfg: AgentConfig) -> dict[str, Any]:
     signed = read_pinned(cfg.state_path) if cfg.manifest_digest else None
     if signed is None:
@@ -499,7 +512,7 @@ def _federation_status(cfg: AgentConfig) -> dict[str, Any]:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_guard
+@guard
 def status(config_path: Path, as_json: bool) -> None:
     """Show the agent's state, model, rounds, traffic and rejected messages.
 
@@ -523,8 +536,9 @@ def status(config_path: Path, as_json: bool) -> None:
     )
     if not running:
         data["state"] = "stopped"
+    data["ingest"] = _ingest_status(cfg, state, running)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(
         f"agent      {cfg.agent_id} ({'running' if running else 'stopped'}, {data['state']})"
@@ -553,5 +567,7 @@ def status(config_path: Path, as_json: bool) -> None:
         )
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"
     click.echo(f"rejected   {rejected}")
+    if data["ingest"] is not None:
+        _print_ingest(data["ingest"])
     if state.last_error:
         click.echo(f"last error {state.last_error}")

@@ -39,6 +39,7 @@ from fedgate_common.topics import (
 )
 
 from fedgate_agent.config import AgentConfig
+from fedgate_agent.data_path import DataPath
 from fedgate_agent.errors import PrivacyBudgetExhausted, TrainingDiverged
 from fedgate_agent.federation_trust import load_trust
 from fedgate_agent.model import build_model, weights_of
@@ -111,6 +112,12 @@ class AgentService:
             ],
         )
         self._dataset: LocalDataset | None = None
+        # Live data: the buffer and its sources (None: training reads the .npz file only).
+        self.data_path = (
+            DataPath(config)
+            if config.training.source == "buffer" or config.mqtt_source or config.opcua_source
+            else None
+        )
         self.secure: Participant | None = None  # this round's secure-aggregation state
         self._masked_update: tuple[npt.NDArray[np.float64], int] | None = None
         self._training: asyncio.Task[None] | None = None
@@ -163,6 +170,8 @@ class AgentService:
         if state is not None:
             self.status.state = state
         self.status.rejected = dict(self.rejected)
+        if self.data_path is not None:
+            self.status.ingest = self.data_path.status
         self.status.bytes_up = self._bytes_up_before + self.link.bytes_published
         write_status(self.config.state_path, self.status)
 
@@ -287,10 +296,19 @@ class AgentService:
         write_ledger(self.config.state_path, ledger)
         self.status.privacy_epsilon = ledger.epsilon_total
 
+    async def _refresh_windows(self, model: GlobalModel) -> None:
+        """With ``training.source = "buffer"``, cut this round's windows from the buffer as it
+        is now (live data keeps arriving between rounds), in a worker thread."""
+        data_path = self.data_path
+        if data_path is None or self.config.training.source != "buffer":
+            return
+        self._dataset = await asyncio.to_thread(data_path.training_dataset, model.spec)
+
     async def begin_round(self, work: TrainForRound) -> None:
         """Join the round: with secure aggregation advertise keys first, then train."""
         number = work.start.round
         try:
+            await self._refresh_windows(work.model)
             spend = self._privacy_spend(work)
         except FedgateError as exc:  # budget spent, ledger unreadable, or no usable data
             self.logic.answered(number)
@@ -479,6 +497,8 @@ class AgentService:
         self._save_status("connecting")
         try:
             async with asyncio.TaskGroup() as group:
+                if self.data_path is not None:
+                    group.create_task(self.data_path.run(on_status=self._save_status))
                 group.create_task(self.link.run())
                 await self.link.connected.wait()
                 self._save_status("idle")
@@ -488,3 +508,5 @@ class AgentService:
             if self._training is not None:
                 self._training.cancel()
             self._save_status("stopped")
+            if self.data_path is not None:
+                self.data_path.close()

@@ -22,6 +22,44 @@ KEEP_MODELS = 5
 PEERS_FILE = "peers.json"
 
 
+class SourceStatus(msgspec.Struct, kw_only=True):
+    """One live source (an MQTT connection or an OPC-UA server) as ``status`` shows it."""
+
+    name: str
+    kind: str  # mqtt | opcua
+    connected: bool = False
+    received: int = 0
+    rate_per_s: float = 0.0  # received per second since the previous snapshot
+    stored: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = msgspec.field(default_factory=dict)  # reason → count
+    backpressure_waits: int = 0
+    queue_depth: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+
+
+class BufferStatus(msgspec.Struct, kw_only=True):
+    """The ingest buffer: size, cap and its counters (inserted, duplicates, rejected_full…)."""
+
+    path: str = ""
+    samples: int = 0
+    max_samples: int = 0
+    policy: str = ""
+    size_bytes: int = 0
+    counters: dict[str, int] = msgspec.field(default_factory=dict)
+    quarantined: list[str] = msgspec.field(default_factory=list)
+    newest_ts: float | None = None
+
+
+class IngestStatus(msgspec.Struct, kw_only=True):
+    """The data path: the buffer, every live source, and the lag of the newest sample."""
+
+    buffer: BufferStatus = msgspec.field(default_factory=BufferStatus)
+    sources: list[SourceStatus] = msgspec.field(default_factory=list)
+    lag_s: float | None = None  # now − timestamp of the newest stored sample
+
+
 class AgentStatus(msgspec.Struct, kw_only=True):
     agent_id: str = ""
     state: str = "stopped"  # stopped | connecting | idle | training
@@ -41,6 +79,7 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     privacy_epsilon: float | None = None  # record-level ε spent so far, at privacy_delta
     privacy_budget: float | None = None
     privacy_delta: float | None = None
+    ingest: IngestStatus | None = None  # None: no buffer configured
 
 
 def read_status(state_dir: Path) -> AgentStatus:

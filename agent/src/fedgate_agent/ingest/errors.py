@@ -9,6 +9,7 @@ Tree::
           ├── BufferFull          the buffer is at its cap and the policy is reject_new
           ├── SourceError         an OPC-UA server or broker cannot be used as configured
           ├── ImportFailed        a historian export cannot be read or mapped
+          ├── ColumnMappingInvalid  a historian column mapping is inconsistent (``problems``)
           └── WindowingError      the buffer cannot give windows for the configured tags/labels
 """
 
@@ -21,6 +22,7 @@ from fedgate_agent.errors import AgentError
 __all__ = [
     "BufferCorrupted",
     "BufferFull",
+    "ColumnMappingInvalid",
     "ImportFailed",
     "IngestError",
     "MalformedPayload",
@@ -75,3 +77,24 @@ class ImportFailed(IngestError):
 
 class WindowingError(IngestError):
     """The buffer cannot give training windows as configured (missing tags, too little data)."""
+
+
+class ColumnMappingInvalid(IngestError):
+    """A historian column mapping is inconsistent; ``problems`` lists what to fix."""
+
+    def __init__(self, message: str, *, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+class MqttProtocolError(SourceError):
+    """The broker refused us or sent what MQTT does not allow (``source`` is the broker's
+    ``mqtt://host:port``); ``reason_code`` is the MQTT reason / return code when there is
+    one. The ingest reconnects after it."""
+
+    def __init__(self, message: str, *, source: str, reason_code: int | None = None) -> None:
+        super().__init__(message, source=source)
+        self.reason_code = reason_code
+
+
+__all__ += ["MqttProtocolError"]

@@ -1,0 +1,82 @@
+"""What every fedgate-agent command shares: exit codes, the error guard, JSON output and
+the ``--config`` option."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
+
+from fedgate_agent.config import DEFAULT_CONFIG_PATH
+from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
+from fedgate_agent.ingest.errors import IngestError
+from fedgate_agent.privacy_ledger import LedgerUnreadable
+
+__all__ = ["EXIT_CODES_HELP", "ExitCode", "config_option", "echo_json", "fail", "guard"]
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    DATA = 4
+    CONFLICT = 5
+    MANIFEST = 6
+
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0 success            1 unexpected failure     2 bad command line
+  3 config invalid     4 data, buffer, import or privacy ledger unusable
+  5 identity exists already
+  6 federation manifest invalid"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(int(code))
+
+
+def guard(func: F) -> F:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (LocalDataError, LedgerUnreadable, IngestError) as exc:
+            fail(str(exc), ExitCode.DATA)
+        except IdentityExists as exc:
+            fail(str(exc), ExitCode.CONFLICT)
+        except ManifestInvalid as exc:
+            fail(str(exc), ExitCode.MANIFEST)
+        except ConfigError as exc:
+            fail(str(exc), ExitCode.CONFIG)
+        except InvalidIdentifier as exc:
+            fail(str(exc), ExitCode.CONFIG)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_json(data: object) -> None:
+    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    envvar="FEDGATE_CONFIG",
+    show_default=True,
+    help="Agent configuration file (TOML).",
+)

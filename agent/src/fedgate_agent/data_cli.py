@@ -1,0 +1,200 @@
+"""``fedgate-agent import`` (historian exports into the buffer) and ``fedgate-agent windows``
+(what training would cut from the buffer now)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+import numpy as np
+from fedgate_common.model_spec import ModelSpec
+from fedgate_common.text_table import format_table
+
+from fedgate_agent.cli_support import ExitCode, config_option, echo_json, fail, guard
+from fedgate_agent.config import load_config
+from fedgate_agent.data_settings import buffer_settings, window_spec
+from fedgate_agent.errors import ConfigError
+from fedgate_agent.federation_trust import read_pinned
+from fedgate_agent.ingest.buffer import IngestBuffer
+from fedgate_agent.ingest.historian import ColumnMapping, ImportProgress, import_history
+from fedgate_agent.ingest.windows import build_windows
+
+__all__ = ["import_command", "windows_command"]
+
+
+def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old or not new:
+            fail(f"{option} {value!r} is not OLD=NEW", ExitCode.USAGE)
+        pairs[old] = new
+    return pairs
+
+
+def _progress_printer(enabled: bool) -> object:
+    def show(progress: ImportProgress) -> None:
+        share = "" if progress.fraction is None else f"{progress.fraction:6.1%} "
+        click.echo(
+            f"\r{share}{progress.rows_read:,} rows, {progress.inserted:,} new, "
+            f"{progress.duplicates:,} already there, {progress.rejected:,} rejected "
+            f"({progress.seconds:.1f} s)",
+            err=True,
+            nl=False,
+        )
+
+    return show if enabled else None
+
+
+@click.command("import")
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--layout",
+    type=click.Choice(["auto", "long", "wide"]),
+    default="auto",
+    show_default=True,
+    help="long: timestamp, tag, value columns; wide: timestamp and one column per tag.",
+)
+@click.option("--timestamp-column", default=None, help="Default: timestamp/time/ts/….")
+@click.option("--tag-column", default=None, help="Long layout. Default: tag/TagName/name/….")
+@click.option("--value-column", default=None, help="Long layout. Default: value/Value/….")
+@click.option("--source-column", default=None, help="Long layout: a column naming the source.")
+@click.option(
+    "--timestamp-format",
+    type=click.Choice(["auto", "iso", "epoch_s", "epoch_ms", "epoch_us"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--timezone", default=None, help="IANA zone of naive timestamps (default UTC).")
+@click.option("--rename", multiple=True, metavar="OLD=NEW", help="Rename a tag (repeatable).")
+@click.option("--tag", "tags", multiple=True, help="Import only this tag (repeatable).")
+@click.option("--delimiter", default=None, help="CSV separator (default: guessed).")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["csv", "parquet"]),
+    default=None,
+    help="Default: by suffix (.csv, .csv.gz, .parquet).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@guard
+def import_command(
+    config_path: Path,
+    file: Path,
+    layout: str,
+    timestamp_column: str | None,
+    tag_column: str | None,
+    value_column: str | None,
+    source_column: str | None,
+    timestamp_format: str,
+    timezone: str | None,
+    rename: tuple[str, ...],
+    tags: tuple[str, ...],
+    delimiter: str | None,
+    file_format: str | None,
+    as_json: bool,
+) -> None:
+    """Import a historian export (CSV or Parquet) into the agent's buffer.
+
+    Every value is stored once per (tag, timestamp): running the same import again adds
+    nothing, and an interrupted import can simply be run again. Rows that do not parse
+    are counted and listed, not fatal. Progress goes to stderr. The agent may be running.
+
+    \b
+    Examples:
+      fedgate-agent import line3-2026-10.csv
+      fedgate-agent import export.parquet --layout wide --timestamp-column Time \\
+          --rename "FIC101.PV=feed_flow" --tag feed_flow --json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    mapping = ColumnMapping(
+        layout=layout,  # type: ignore[arg-type]  # validated by ColumnMapping
+        timestamp_column=timestamp_column,
+        tag_column=tag_column,
+        value_column=value_column,
+        source_column=source_column,
+        timestamp_format=timestamp_format,  # type: ignore[arg-type]
+        timezone=timezone,
+        rename=_pairs(rename, "--rename"),
+        tags=tags or None,
+        delimiter=delimiter,
+    )
+    with IngestBuffer.open(buffer_settings(cfg)) as buffer:
+        report = import_history(
+            file,
+            buffer,
+            mapping,
+            progress=_progress_printer(not as_json and sys.stderr.isatty()),  # type: ignore[arg-type]
+            file_format=file_format,
+        )
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f"imported {file}", err=False)
+    click.echo(
+        f"  rows {report.rows_read:,}: {report.inserted:,} samples new, "
+        f"{report.duplicates:,} already in the buffer, {report.rejected:,} rejected"
+    )
+    if report.tags:
+        click.echo(
+            f"  tags ({len(report.tags)}): {', '.join(report.tags[:12])}"
+            + (" …" if len(report.tags) > 12 else "")
+        )
+    for example in report.rejected_examples:
+        click.echo(f"  line {example.line} {example.column}: {example.reason} ({example.text!r})")
+
+
+@click.command("windows")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@guard
+def windows_command(config_path: Path, as_json: bool) -> None:
+    """Show the training windows the buffer gives now, per class, for the current model.
+
+    Uses [windows] and the model the agent holds (or the spec in models/); run it after
+    an import or while live data flows to see whether training will find enough windows.
+
+    \b
+    Example:
+      fedgate-agent windows --json
+    """
+    cfg = load_config(config_path, require_complete=False)
+    spec = _current_spec(cfg.state_path)
+    with IngestBuffer.open(buffer_settings(cfg)) as buffer:
+        data = build_windows(buffer, window_spec(cfg, spec))
+    train = Counter(int(y) for y in data.train.y)
+    test = Counter(int(y) for y in data.test.y)
+    result = {
+        "train_windows": len(data.train),
+        "test_windows": len(data.test),
+        "grid_start": data.grid_start,
+        "grid_end": data.grid_end,
+        "dropped": dict(data.dropped_windows),
+        "train_per_class": dict(sorted(train.items())),
+        "test_per_class": dict(sorted(test.items())),
+        "feature_means": np.round(data.train.x.mean(axis=(0, 1)), 4).tolist()
+        if len(data.train)
+        else [],
+    }
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(f"train windows {len(data.train):,}, test windows {len(data.test):,}")
+    rows = [[k, train.get(k, 0), test.get(k, 0)] for k in sorted(set(train) | set(test))]
+    click.echo(format_table(["class", "train", "test"], rows))
+    if result["dropped"]:
+        click.echo("dropped " + ", ".join(f"{k}={v}" for k, v in result["dropped"].items()))
+
+
+def _current_spec(state_dir: Path) -> ModelSpec:
+    """The model spec of the pinned federation manifest (every global model has it)."""
+    signed = read_pinned(state_dir)
+    if signed is None:
+        raise ConfigError(
+            "no federation manifest is pinned, so the model's window and features are "
+            "unknown; run `fedgate-agent federation pin FILE` first"
+        )
+    return signed.manifest.model_spec

@@ -1,0 +1,234 @@
+"""A whole site on one machine: simulated plant → bridge → Mosquitto → `fedgate-agent run`.
+
+Every process is the real command an operator runs. The plant serves Modbus TCP, the bridge
+polls it and publishes JSON with per-topic sequence numbers, the agent ingests QoS 1 into its
+buffer. The end-to-end claim checked here: once the plant stops and the pipes drain, every
+reading the bridge numbered is in the agent's buffer exactly once, and the buffer gives
+labelled training windows for the model of the pinned manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import nacl.signing
+import pytest
+import tomli_w
+from fedgate_bridge.simulator.register_map import FEATURE_TAGS
+from fedgate_common.consensus.manifest import encode_manifest_file
+from fedgate_common.keys import public_key_text
+from fedgate_common.model_spec import ModelSpec
+
+from tests.federation_support import federation_manifest
+
+BIN = Path(sys.executable).parent
+SPEED = 3600.0  # one 3-minute sample every 0.05 s
+PERIOD_S = 180.0 / SPEED
+SPEC = ModelSpec(n_features=len(FEATURE_TAGS), window=20, n_classes=22, channels=8)
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cli(*args: str) -> dict[str, object]:
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:], "--json"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def agent_config(tmp_path: Path, broker_port: int) -> Path:
+    """`fedgate-agent init`, enrollment key, pinned manifest, then the live-data settings."""
+    config = tmp_path / "agent" / "agent.toml"
+    coordinator = nacl.signing.SigningKey.generate()
+    cli(
+        "fedgate-agent",
+        "init",
+        "--config",
+        str(config),
+        "--agent-id",
+        "site-1",
+        "--state-dir",
+        str(config.parent),
+        "--broker-port",
+        str(broker_port),
+        "--coordinator-key",
+        public_key_text(coordinator.verify_key),
+    )
+    manifest = tmp_path / "federation.json"
+    manifest.write_bytes(
+        encode_manifest_file(
+            federation_manifest(deployment="fedgate", keys={"cloud-1": coordinator}, spec=SPEC)
+        )
+    )
+    cli("fedgate-agent", "federation", "pin", "--config", str(config), str(manifest))
+    raw = tomllib.loads(config.read_text())
+    raw["training"]["source"] = "buffer"
+    raw["windows"] = {
+        "tags": list(FEATURE_TAGS),
+        "period_s": PERIOD_S,
+        "max_gap_s": 3 * PERIOD_S,
+        "label_tag": "FAULT",
+        "test_fraction": 0.2,
+    }
+    raw["mqtt_source"] = [{"topic": "plant/site-1/+/+"}]
+    config.write_text(tomli_w.dumps(raw))
+    return config
+
+
+def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    broker_port, modbus_port = free_port(), free_port()
+    broker_conf = tmp_path / "mosquitto.conf"
+    broker_conf.write_text(
+        f"listener {broker_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = agent_config(tmp_path, broker_port)
+    bridge_toml = tmp_path / "bridge.toml"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(["/usr/sbin/mosquitto", "-c", str(broker_conf)], logs / "b"))
+        agent = stack.enter_context(
+            process([str(BIN / "fedgate-agent"), "run", "--config", str(config)], logs / "agent")
+        )
+
+        def subscribed() -> bool:
+            ingest = cli("fedgate-agent", "status", "--config", str(config)).get("ingest")
+            return isinstance(ingest, dict) and any(s["connected"] for s in ingest["sources"])
+
+        wait_for(subscribed, 60, "the agent's ingest session")  # then nothing is missed
+        plant = stack.enter_context(
+            process(
+                [
+                    str(BIN / "fedgate-bridge"),
+                    "simulate",
+                    "--seed",
+                    "3",
+                    "--fault",
+                    "IDV1:5",
+                    "--modbus-port",
+                    str(modbus_port),
+                    "--speed",
+                    str(SPEED),
+                    "--control-seconds",
+                    "9",
+                    "--write-bridge-config",
+                    str(bridge_toml),
+                    "--topic-prefix",
+                    "plant/site-1",
+                    "--bridge-state-dir",
+                    str(tmp_path / "bridge"),
+                    "--broker-port",
+                    str(broker_port),
+                ],
+                logs / "plant",
+            )
+        )
+        wait_for(bridge_toml.exists, 60, "the simulator's bridge config")
+        bridge = stack.enter_context(
+            process([str(BIN / "fedgate-bridge"), "run", "--config", str(bridge_toml)], logs / "br")
+        )
+
+        def buffered() -> int:
+            status = cli("fedgate-agent", "status", "--config", str(config))
+            ingest = status.get("ingest") or {}
+            assert isinstance(ingest, dict)
+            samples = ingest.get("buffer", {}).get("samples", 0)
+            return int(samples)
+
+        # IDV1 starts at 5 plant hours (sample 100), a few seconds after the bridge.
+        wait_for(lambda: buffered() >= 53 * 160, 120, "160 plant samples in the agent's buffer")
+        status = cli("fedgate-agent", "status", "--config", str(config))
+        ingest = status["ingest"]
+        assert isinstance(ingest, dict)
+        (source,) = ingest["sources"]
+        assert source["kind"] == "mqtt" and source["connected"] is True
+        assert source["received"] > 0 and not source["rejected"]
+        assert ingest["lag_s"] is not None and ingest["lag_s"] < 10
+        windows = cli("fedgate-agent", "windows", "--config", str(config))
+        assert windows["train_windows"] > 0
+        assert set(windows["train_per_class"]) | set(windows["test_per_class"]) >= {"0", "1"}
+
+        plant.send_signal(signal.SIGTERM)  # the plant stops producing; the pipes drain
+        assert plant.wait(timeout=30) == 0
+        wait_for(
+            lambda: cli("fedgate-bridge", "status", "--config", str(bridge_toml))["outbox"]["depth"]
+            == 0,
+            60,
+            "the bridge's outbox to drain",
+        )
+        numbered = bridge_sequence_numbers(tmp_path / "bridge" / "outbox.db")
+
+        def all_stored() -> bool:
+            return stored_per_topic(config.parent / "ingest" / "buffer.db") == numbered
+
+        try:
+            wait_for(all_stored, 60, "every numbered reading in the agent's buffer")
+        except BaseException:
+            stored = stored_per_topic(config.parent / "ingest" / "buffer.db")
+            print({t: (numbered.get(t), stored.get(t)) for t in sorted(set(numbered) | set(stored))})
+            print(cli("fedgate-agent", "status", "--config", str(config))["ingest"])
+            raise
+        assert agent.poll() is None and bridge.poll() is None
+    per_topic = stored_per_topic(config.parent / "ingest" / "buffer.db")
+    assert len(per_topic) == len(FEATURE_TAGS) + 1  # 52 features and FAULT
+    assert all(count > 0 for count, _ in per_topic.values())
+
+
+def bridge_sequence_numbers(outbox: Path) -> dict[str, tuple[int, int]]:
+    """topic → (readings numbered, highest seq + 1): 0..n-1 were all produced."""
+    with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT topic, next_seq FROM streams").fetchall()
+    return {f"mqtt:{topic}": (int(n), int(n)) for topic, n in rows}
+
+
+def stored_per_topic(buffer: Path) -> dict[str, tuple[int, int]]:
+    """source → (samples stored, highest seq + 1) in the agent's buffer."""
+    with contextlib.closing(sqlite3.connect(f"file:{buffer}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "SELECT source, count(*), max(seq) + 1 FROM samples GROUP BY source"
+        ).fetchall()
+    return {source: (int(count), int(top)) for source, count, top in rows}
