@@ -153,7 +153,7 @@ class DataPath:
                     connected=bool(c.connected),
                     received=c.received,
                     rate_per_s=round(self._rate(name, c.received, now), 1),
-                    stored=c.committed,
+                    stored=c.inserted,
                     duplicates=c.duplicates,
                     rejected=dict(c.malformed),
                     backpressure_waits=c.backpressure_waits,
