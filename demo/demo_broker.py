@@ -95,6 +95,9 @@ def cloud_brokers(names: list[str], directory: Path) -> Iterator[list[BrokerEndp
                 conf = directory / f"broker-{name}.conf"
                 conf.write_text(
                     f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    # A slow or restarting subscriber keeps every message (the default
+                    # of 1000 queued messages drops the rest: bench/ingest/README.md).
+                    "max_queued_messages 0\n"
                 )
                 command = [mosquitto, "-c", str(conf)]
             else:

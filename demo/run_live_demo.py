@@ -30,7 +30,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,7 +112,7 @@ def evaluation_set(faults: list[int], args: argparse.Namespace) -> LocalDataset:
         x = np.array([[s.value(tag) for tag in FEATURE_TAGS] for s in samples], np.float32)
         y = np.array([s.fault for s in samples], np.int64)
         keep = slice(int(args.onset_hours * 60 / SAMPLE_MINUTES) if fault else 0, None)
-        pieces.append(make_windows(x[keep], y[keep], WINDOW, WINDOW // 2))
+        pieces.append(make_windows(x[keep], y[keep], WINDOW, 4))
     return LocalDataset(
         x=np.concatenate([p.x for p in pieces]), y=np.concatenate([p.y for p in pieces])
     )
@@ -170,13 +172,13 @@ def configure_live_agent(site: Site, args: argparse.Namespace) -> None:
     windows, and the topics to ingest (an array of tables, edited in the file)."""
     period = SAMPLE_MINUTES * 60 / args.speed  # wall seconds between samples
     for key, value in {
-        "training.source": "buffer",
         "windows.tags": ",".join(FEATURE_TAGS),
         "windows.period_s": str(period),
         "windows.max_gap_s": str(3 * period),
         "windows.label_tag": "FAULT",
         "windows.stride": "2",
         "windows.test_fraction": "0",
+        "training.source": "buffer",  # last: it needs windows.tags
     }.items():
         set_config_value(site.config, key, value)
     raw = tomllib.loads(site.config.read_text())
@@ -225,13 +227,30 @@ def wait_for_data(sites: list[Site], processes: list[subprocess.Popen[bytes]], a
         time.sleep(5)
 
 
+def numbered_readings(site: Site) -> int:
+    """Readings the site's bridge numbered: the sum of its topics' next sequence numbers."""
+    outbox = site.config.parent / "bridge" / "outbox.db"
+    with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+        (total,) = db.execute("SELECT COALESCE(SUM(next_seq), 0) FROM streams").fetchone()
+    return int(total)
+
+
+def settled_ingest_rows(sites: list[Site], timeout_s: float = 30) -> list[list[Any]]:
+    """The ingest table once every agent's buffer holds what its bridge numbered (or the
+    timeout passed: then the difference shows in the "missing" column)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = ingest_rows(sites)
+        if all(row[5] == row[3] for row in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(2)
+
+
 def ingest_rows(sites: list[Site]) -> list[list[Any]]:
     rows = []
     for site in sites:
         status = run_cli("fedgate-agent", "status", "--config", str(site.config))
-        bridge = run_cli(
-            "fedgate-bridge", "status", "--config", str(site.config.parent / "bridge.toml")
-        )
+        numbered = numbered_readings(site)
         ingest = status.get("ingest") or {}
         buffer = ingest.get("buffer", {})
         counters = buffer.get("counters", {})
@@ -241,9 +260,10 @@ def ingest_rows(sites: list[Site]) -> list[list[Any]]:
                 site.name,
                 "modbus" if site.index % 2 == 0 else "opcua",
                 site_fault(site.index),
-                bridge.get("published", bridge.get("publisher", {}).get("published", "?")),
+                numbered,
                 source.get("received", 0),
                 buffer.get("samples", 0),
+                numbered - buffer.get("samples", 0),
                 source.get("duplicates", counters.get("duplicates", 0)),
                 sum((source.get("rejected") or {}).values()),
                 counters.get("rejected_full", 0) + counters.get("dropped_oldest", 0),
@@ -337,6 +357,18 @@ def main() -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         stores: list[Store] = []
         try:
+            configs = [site.config for site in sites]
+            for config in configs:
+                with (out / "logs" / f"{config.parent.name}.log").open("wb") as log:
+                    processes.append(
+                        subprocess.Popen(
+                            [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                        )
+                    )
+            wait_until_connected(configs, processes, out)
             plants = [start_plant(site, args, out) for site in sites]
             processes.extend(plants)
             bridges = [start_bridge(site, out) for site in sites]
@@ -351,22 +383,10 @@ def main() -> int:
                     flush=True,
                 )
             print(
-                f"[3/6] {args.sites} plants at {args.speed:g}× and their bridges started; "
-                f"starting agents",
+                f"[3/6] agents subscribed; {args.sites} plants at {args.speed:g}× and their "
+                "bridges started",
                 flush=True,
             )
-            configs = [site.config for site in sites]
-            for config in configs:
-                with (out / "logs" / f"{config.parent.name}.log").open("wb") as log:
-                    processes.append(
-                        subprocess.Popen(
-                            [str(BIN / "fedgate-agent"), "run", "--config", str(config)],
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            env=env,
-                        )
-                    )
-            wait_until_connected(configs, processes, out)
             print(
                 f"[4/6] waiting until every buffer holds {args.warmup_hours:g} plant hours",
                 flush=True,
@@ -391,8 +411,12 @@ def main() -> int:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         cloud.process.wait(timeout=60)
             fed_seconds = time.monotonic() - started
-            print("[6/6] data path of every site", flush=True)
-            table = ingest_rows(sites)
+            print("[6/6] plants stopped; every site's data path once drained", flush=True)
+            for plant in plants:
+                plant.send_signal(signal.SIGTERM)
+            for plant in plants:
+                plant.wait(timeout=30)
+            table = settled_ingest_rows(sites)
         finally:
             for store in stores:
                 store.close()
@@ -401,9 +425,10 @@ def main() -> int:
         "site",
         "via",
         "fault",
-        "bridge published",
+        "bridge numbered",
         "agent received",
         "buffered",
+        "missing",
         "duplicates",
         "malformed",
         "lost at cap",

@@ -65,6 +65,10 @@ def _timestamp(data_value: ua.DataValue | None, fallback: float) -> float:
     return stamp.timestamp() if stamp is not None else fallback
 
 
+#: Values the server keeps per monitored item between two publishes.
+SUBSCRIPTION_QUEUE_SIZE = 100
+
+
 class OpcuaReader:
     """Reads one ``[[opcua]]`` source forever; see the module docstring."""
 
@@ -258,8 +262,14 @@ class OpcuaReader:
             subscription = await client.create_subscription(
                 self.config.poll_interval_s * 1000.0, Handler()
             )
-            handles = await subscription.subscribe_data_change(
+            # Trigger on the timestamp too: every sample the server produces is a reading,
+            # also when its value repeats (a flat line is data, not silence). asyncua's
+            # public subscribe_data_change takes no filter; _subscribe is its documented
+            # low-level form (asyncua is pinned).
+            handles = await subscription._subscribe(
                 list(nodes.values()),
+                mfilter=ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp),
+                queuesize=SUBSCRIPTION_QUEUE_SIZE,
                 sampling_interval=ua.Double(self.config.poll_interval_s * 1000.0),
             )
         except _FAILURES as exc:

@@ -416,8 +416,13 @@ class OpcUaIngest:
         by_id = {ua.NodeId.from_string(node.node_id): node for node in settings.nodes}
         handler = _SubscriptionHandler(self, by_id)
         subscription = await client.create_subscription(settings.publishing_interval_ms, handler)
-        results: Sequence[int | ua.StatusCode] = await subscription.subscribe_data_change(
+        # Trigger on the timestamp too: a sensor that reports the same value again has
+        # still produced a sample (and a flat line must not look like missing data).
+        # asyncua's public subscribe_data_change takes no filter; _subscribe is its
+        # documented low-level form (asyncua is pinned).
+        results: Sequence[int | ua.StatusCode] = await subscription._subscribe(
             [client.get_node(node_id) for node_id in by_id],
+            mfilter=ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp),
             queuesize=settings.queue_size,
             sampling_interval=ua.Duration(settings.sampling_interval_ms),
         )
