@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from fedgate_agent.cli import ExitCode as AgentExit
 from fedgate_agent.cli import main as agent_main
+from fedgate_bridge.cli import main as bridge_main
 from fedgate_common.consensus.manifest import encode_manifest_file
 from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import ModelSpec
@@ -31,11 +32,13 @@ def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
     return paths
 
 
-@pytest.mark.parametrize("main", [agent_main, coordinator_main], ids=["agent", "coordinator"])
+@pytest.mark.parametrize(
+    "main", [agent_main, coordinator_main, bridge_main], ids=["agent", "coordinator", "bridge"]
+)
 def test_every_command_has_help_with_an_example(main: click.Group) -> None:
     runner = CliRunner()
     paths = command_paths(main)
-    assert len(paths) >= 6
+    assert len(paths) >= 4
     for path in [(), *paths]:
         result = runner.invoke(main, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)

@@ -185,9 +185,12 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
         ingest = status["ingest"]
         assert isinstance(ingest, dict)
         (source,) = ingest["sources"]
-        assert source["kind"] == "mqtt" and source["connected"] is True
-        assert source["received"] > 0 and not source["rejected"]
-        assert ingest["lag_s"] is not None and ingest["lag_s"] < 10
+        assert source["kind"] == "mqtt"
+        assert source["connected"] is True
+        assert source["received"] > 0
+        assert not source["rejected"]
+        assert ingest["lag_s"] is not None
+        assert ingest["lag_s"] < 10
         windows = cli("fedgate-agent", "windows", "--config", str(config))
         assert windows["train_windows"] > 0
         assert set(windows["train_per_class"]) | set(windows["test_per_class"]) >= {"0", "1"}
@@ -195,8 +198,10 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
         plant.send_signal(signal.SIGTERM)  # the plant stops producing; the pipes drain
         assert plant.wait(timeout=30) == 0
         wait_for(
-            lambda: cli("fedgate-bridge", "status", "--config", str(bridge_toml))["outbox"]["depth"]
-            == 0,
+            lambda: (
+                cli("fedgate-bridge", "status", "--config", str(bridge_toml))["outbox"]["depth"]
+                == 0
+            ),
             60,
             "the bridge's outbox to drain",
         )
@@ -209,10 +214,12 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             wait_for(all_stored, 60, "every numbered reading in the agent's buffer")
         except BaseException:
             stored = stored_per_topic(config.parent / "ingest" / "buffer.db")
-            print({t: (numbered.get(t), stored.get(t)) for t in sorted(set(numbered) | set(stored))})
+            topics = sorted(set(numbered) | set(stored))
+            print({t: (numbered.get(t), stored.get(t)) for t in topics})
             print(cli("fedgate-agent", "status", "--config", str(config))["ingest"])
             raise
-        assert agent.poll() is None and bridge.poll() is None
+        assert agent.poll() is None
+        assert bridge.poll() is None
     per_topic = stored_per_topic(config.parent / "ingest" / "buffer.db")
     assert len(per_topic) == len(FEATURE_TAGS) + 1  # 52 features and FAULT
     assert all(count > 0 for count, _ in per_topic.values())

@@ -33,6 +33,7 @@ from fedgate_common.text_table import format_table
 from fedgate_agent import __version__
 from fedgate_agent.cli_support import (
     EXIT_CODES_HELP,
+    ExitCode,
     config_option,
     echo_json,
     guard,
@@ -60,6 +61,8 @@ from fedgate_agent.ingest.buffer import IngestBuffer
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
 from fedgate_agent.state import AgentStatus, IngestStatus, read_status
+
+__all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)

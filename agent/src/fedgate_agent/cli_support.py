@@ -68,7 +68,7 @@ def guard(func: F) -> F:
 
 
 def echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
+    click.echo(json.dumps(msgspec.to_builtins(data, enc_hook=str), indent=2, default=str))
 
 
 config_option = click.option(

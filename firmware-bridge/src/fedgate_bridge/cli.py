@@ -9,7 +9,13 @@ from fedgate_bridge.run_cli import check, run, status
 from fedgate_bridge.simulate_cli import simulate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+MAIN_EXIT_CODES = """\b
+Exit codes (every command):
+  0 success            1 unexpected failure     2 bad command line
+  3 config invalid     4 outbox unusable        7 simulator failed (simulate)"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EXIT_CODES)
 @click.version_option(__version__, prog_name="fedgate-bridge")
 def main() -> None:
     """Bridge PLC registers and OPC-UA nodes to MQTT, or simulate a plant to bridge.

@@ -1,0 +1,114 @@
+"""`fedgate-agent import`, `windows` and the data-path part of `status`, as operators run them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nacl.signing
+from click.testing import CliRunner
+from fedgate_agent.cli import ExitCode
+from fedgate_agent.cli import main as agent_main
+from fedgate_common.consensus.manifest import encode_manifest_file
+from fedgate_common.model_spec import ModelSpec
+
+from tests.federation_support import federation_manifest
+
+TAGS = ("temp", "flow")
+SPEC = ModelSpec(n_features=len(TAGS), window=6, n_classes=2, channels=4)
+
+
+def agent(tmp_path: Path) -> Path:
+    """An initialised agent whose manifest names SPEC, set to train from its buffer."""
+    runner = CliRunner()
+    config = tmp_path / "agent.toml"
+    init = ["init", "--config", str(config), "--agent-id", "gw-1"]
+    assert runner.invoke(agent_main, [*init, "--state-dir", str(tmp_path / "state")]).exit_code == 0
+    manifest = tmp_path / "federation.json"
+    key = nacl.signing.SigningKey.generate()
+    signed = federation_manifest(deployment="fedgate", keys={"cloud-1": key}, spec=SPEC)
+    manifest.write_bytes(encode_manifest_file(signed))
+    pin = runner.invoke(agent_main, ["federation", "pin", "--config", str(config), str(manifest)])
+    assert pin.exit_code == 0, pin.output
+    for key_name, value in (
+        ("windows.tags", ",".join(TAGS)),
+        ("windows.period_s", "60"),
+        ("windows.label_tag", "fault"),
+        ("windows.test_fraction", "0.25"),
+        ("training.source", "buffer"),
+    ):
+        result = runner.invoke(
+            agent_main, ["config", "set", "--config", str(config), key_name, value]
+        )
+        assert result.exit_code == 0, result.output
+    return config
+
+
+def historian_csv(path: Path, minutes: int) -> int:
+    """A long-layout export: one row per tag and minute; the fault flag turns on halfway."""
+    rows = 0
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Timestamp", "TagName", "Value"])
+        for minute in range(minutes):
+            stamp = f"2026-11-01T{minute // 60:02d}:{minute % 60:02d}:00Z"
+            writer.writerow([stamp, "temp", 20.0 + minute / 10])
+            writer.writerow([stamp, "flow", 3.0 - minute / 100])
+            writer.writerow([stamp, "fault", int(minute >= minutes // 2)])
+            rows += 3
+        writer.writerow(["not a time", "temp", "1.0"])  # one bad row: counted, not fatal
+    return rows
+
+
+def test_import_twice_stores_once_and_windows_follow(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    export = tmp_path / "line3.csv"
+    rows = historian_csv(export, minutes=120)
+    runner = CliRunner()
+    first = runner.invoke(agent_main, ["import", "--config", str(config), str(export), "--json"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.output)
+    assert (report["inserted"], report["duplicates"], report["rejected"]) == (rows, 0, 1)
+    assert report["tags"] == ["fault", "flow", "temp"]
+    again = json.loads(
+        runner.invoke(agent_main, ["import", "--config", str(config), str(export), "--json"]).output
+    )
+    assert (again["inserted"], again["duplicates"]) == (0, rows)
+
+    windows = runner.invoke(agent_main, ["windows", "--config", str(config), "--json"])
+    assert windows.exit_code == 0, windows.output
+    shown = json.loads(windows.output)
+    assert shown["train_windows"] > 0
+    assert shown["test_windows"] > 0
+    assert set(shown["train_per_class"]) == {"0", "1"}  # the fault starts before the test part
+    assert shown["test_per_class"] == {"1": shown["test_windows"]}
+
+    status = json.loads(
+        runner.invoke(agent_main, ["status", "--config", str(config), "--json"]).output
+    )
+    assert status["running"] is False
+    assert status["ingest"]["buffer"]["samples"] == rows
+    assert status["ingest"]["buffer"]["counters"]["inserted"] == rows
+    human = runner.invoke(agent_main, ["status", "--config", str(config)])
+    assert f"{rows:,} samples of 5,000,000 (reject_new)" in human.output
+
+
+def test_import_errors_exit_with_the_data_code(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    export = tmp_path / "odd.csv"
+    export.write_text("when,what\n1,2\n")
+    result = CliRunner().invoke(agent_main, ["import", "--config", str(config), str(export)])
+    assert result.exit_code == ExitCode.DATA
+    assert "when" in result.output  # the columns it found
+    bad_rename = CliRunner().invoke(
+        agent_main, ["import", "--config", str(config), str(export), "--rename", "x"]
+    )
+    assert bad_rename.exit_code == ExitCode.USAGE
+
+
+def test_windows_without_data_say_what_is_missing(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    result = CliRunner().invoke(agent_main, ["windows", "--config", str(config)])
+    assert result.exit_code == ExitCode.DATA
+    assert "temp" in result.output
