@@ -111,4 +111,12 @@ def test_windows_without_data_say_what_is_missing(tmp_path: Path) -> None:
     config = agent(tmp_path)
     result = CliRunner().invoke(agent_main, ["windows", "--config", str(config)])
     assert result.exit_code == ExitCode.DATA
-    assert "temp" in result.output
+    assert "no buffer" in result.output
+    other = tmp_path / "other.csv"
+    other.write_text("timestamp,tag,value\n2026-11-01T00:00:00Z,pressure,1.5\n")
+    imported = CliRunner().invoke(agent_main, ["import", "--config", str(config), str(other)])
+    assert imported.exit_code == 0, imported.output
+    result = CliRunner().invoke(agent_main, ["windows", "--config", str(config)])
+    assert result.exit_code == ExitCode.DATA
+    assert "temp" in result.output  # names the tags that have no samples
+    assert "pressure" in result.output  # and what the buffer holds instead

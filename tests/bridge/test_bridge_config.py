@@ -232,3 +232,19 @@ def test_run_with_a_bad_config_exits_3_before_any_network_io(tmp_path: Path) -> 
         assert not (tmp_path / "state").exists()  # nor was the outbox created
     finally:
         listener.close()
+
+
+def test_two_sources_on_one_serial_line_are_refused(tmp_path: Path) -> None:
+    def rtu(name: str, unit: int) -> str:
+        return (
+            f'[[modbus]]\nname = "{name}"\ntransport = "rtu"\nserial_port = "/dev/ttyUSB0"\n'
+            f'unit = {unit}\n[[modbus.registers]]\ntag = "T{unit}"\naddress = 0\n'
+        )
+
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path}"\ntopic_prefix = "plant/a"\n' + rtu("a", 1) + rtu("b", 2)
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert any("/dev/ttyUSB0" in problem for problem in error.value.problems)

@@ -58,6 +58,7 @@ from fedgate_agent.federation_trust import (
 )
 from fedgate_agent.identity import create_identity, identity_path, load_identity
 from fedgate_agent.ingest.buffer import IngestBuffer
+from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
 from fedgate_agent.state import AgentStatus, IngestStatus, read_status
@@ -443,13 +444,19 @@ def _ingest_status(cfg: AgentConfig, state: AgentStatus, running: bool) -> dict[
         return dict(msgspec.to_builtins(state.ingest))
     if not cfg.buffer_path.exists():
         return {"buffer": {"path": str(cfg.buffer_path), "samples": 0}, "sources": []}
-    with IngestBuffer.open_read_only(cfg.buffer_path) as buffer:
-        status = IngestStatus(buffer=buffer_status(buffer))
+    try:
+        with IngestBuffer.open_read_only(cfg.buffer_path) as buffer:
+            status = IngestStatus(buffer=buffer_status(buffer))
+    except IngestError as exc:  # corrupted or unreadable: say so, show the rest
+        return {"buffer": {"path": str(cfg.buffer_path), "error": str(exc)}, "sources": []}
     return dict(msgspec.to_builtins(status))
 
 
 def _print_ingest(ingest: dict[str, Any]) -> None:
     buffer = ingest["buffer"]
+    if "error" in buffer:
+        click.echo(f"buffer     unreadable: {buffer['error']}")
+        return
     counters = buffer.get("counters", {})
     cap = buffer.get("max_samples") or "?"
     click.echo(

@@ -28,6 +28,7 @@ import difflib
 import logging
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -124,6 +125,8 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     cap_policy: str = "reject_new"  # "reject_new" | "drop_oldest" at the cap
     mqtt_host: str = ""  # plant-data broker; "" → broker.host
     mqtt_port: int = 0  # 0 → broker.port
+    mqtt_username: str = ""  # login at the plant-data broker ("" = anonymous)
+    mqtt_password_file: str = ""  # file holding its password (systemd LoadCredential)
     batch_max: int = 2000  # messages per group commit
     queue_max: int = 20000  # decoded-but-uncommitted messages before backpressure
     max_payload_bytes: int = 65536  # larger payloads are rejected and counted
@@ -142,7 +145,7 @@ class WindowsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     label_bins: tuple[float, ...] = ()  # next_value: sorted bin edges (len + 1 classes)
     horizon: int = 1  # next_value: grid steps after the window's end
     uniform_labels: str = "on"  # "on": drop windows whose label changes inside them
-    test_fraction: float = 0.2  # the latest part of the time range, held out
+    test_fraction: float = 0.0  # the latest part of the time range, held out (`windows`)
 
 
 class MqttSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -278,6 +281,8 @@ _ALLOWED: Final[dict[str, str]] = {
     "ingest.cap_policy": '"reject_new" | "drop_oldest": what happens at max_samples',
     "ingest.mqtt_host": 'the plant-data broker\'s host; "" for broker.host',
     "ingest.mqtt_port": "an integer 0..65535; 0 for broker.port",
+    "ingest.mqtt_username": 'a user name at the plant-data broker; "" for anonymous',
+    "ingest.mqtt_password_file": 'a file holding that user\'s password; "" for none',
     "ingest.batch_max": "an integer 1..100000: messages per group commit",
     "ingest.queue_max": "an integer 1..1000000: uncommitted messages before backpressure",
     "ingest.max_payload_bytes": "an integer 64..16777216",
@@ -688,6 +693,23 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     return problems
 
 
+#: OPC-UA node ids in their string form: optional namespace, then i=, s=, g= or b=.
+_NODE_ID: Final = re.compile(r"(?:ns=\d+;|nsu=[^;]+;)?(?:i=\d+|s=.+|g=[0-9A-Fa-f-]{36}|b=\S+)")
+
+
+def _is_topic_filter(topic: str) -> bool:
+    """An MQTT topic filter: '+' and '#' only as whole levels, '#' last, not a $SYS topic."""
+    if not topic or topic.startswith("$") or len(topic.encode()) > 65535 or "\0" in topic:
+        return False
+    levels = topic.split("/")
+    for position, level in enumerate(levels):
+        if ("+" in level or "#" in level) and level not in ("+", "#"):
+            return False
+        if level == "#" and position != len(levels) - 1:
+            return False
+    return True
+
+
 def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
     """The ingest, windows and source settings."""
     problems: list[tuple[str, str]] = []
@@ -738,8 +760,14 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
         )
     for index, source in enumerate(config.mqtt_source, start=1):
         where = f"[[mqtt_source]] number {index}"
-        if not source.topic or "#" in source.topic[:-1] or source.topic.startswith("$"):
-            problems.append(("mqtt_source", f"{where}: topic {source.topic!r} is not a filter"))
+        if not _is_topic_filter(source.topic):
+            problems.append(
+                (
+                    "mqtt_source",
+                    f"{where}: topic {source.topic!r} is not a filter ('+' and '#' only as a "
+                    "whole level, '#' only last, no leading '$')",
+                )
+            )
         if source.format not in ("json", "sparkplug"):
             problems.append(
                 ("mqtt_source", f"{where}: format {source.format!r} is not json | sparkplug")
@@ -752,6 +780,15 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
             )
         if not opcua.tags:
             problems.append(("opcua_source", f"{where}: tags is empty; map tag = node id"))
+        for tag, node_id in opcua.tags.items():
+            if not _NODE_ID.fullmatch(node_id):
+                problems.append(
+                    (
+                        "opcua_source",
+                        f"{where}: tag {tag!r} maps to {node_id!r}, not an OPC-UA node id "
+                        '("ns=2;s=Name", "ns=3;i=1001", "i=2258")',
+                    )
+                )
     return problems
 
 

@@ -152,10 +152,11 @@ def import_command(
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @guard
 def windows_command(config_path: Path, as_json: bool) -> None:
-    """Show the training windows the buffer gives now, per class, for the current model.
+    """Show the training windows the buffer gives now, per class.
 
-    Uses [windows] and the model the agent holds (or the spec in models/); run it after
-    an import or while live data flows to see whether training will find enough windows.
+    Uses [windows] and the model spec of the pinned federation manifest; run it after an
+    import or while live data flows to see whether training will find enough windows.
+    Reads the buffer only (the agent may be running).
 
     \b
     Example:
@@ -163,7 +164,7 @@ def windows_command(config_path: Path, as_json: bool) -> None:
     """
     cfg = load_config(config_path, require_complete=False)
     spec = _current_spec(cfg.state_path)
-    with IngestBuffer.open(buffer_settings(cfg)) as buffer:
+    with IngestBuffer.open_read_only(cfg.buffer_path) as buffer:
         data = build_windows(buffer, window_spec(cfg, spec))
     train = Counter(int(y) for y in data.train.y)
     test = Counter(int(y) for y in data.test.y)

@@ -24,6 +24,7 @@ from fedgate_agent.config import AgentConfig
 from fedgate_agent.data_settings import buffer_settings, buffer_status, window_spec
 from fedgate_agent.errors import ConfigError
 from fedgate_agent.ingest.buffer import IngestBuffer
+from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.ingest.mqtt_source import MqttIngest, MqttIngestSettings, MqttSubscription
 from fedgate_agent.ingest.opcua_source import OpcUaIngest, OpcUaIngestSettings, OpcUaNode
 from fedgate_agent.ingest.windows import build_windows
@@ -37,13 +38,13 @@ log = logging.getLogger("fedgate.agent.ingest")
 STATUS_INTERVAL_S = 5.0
 
 
-def _password(path: str) -> str | None:
+def _password(path: str, what: str) -> str | None:
     if not path:
         return None
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read the OPC-UA password file {path}: {exc}") from None
+        raise ConfigError(f"cannot read the {what} password file {path}: {exc}") from None
 
 
 class _Rate:
@@ -79,6 +80,14 @@ class DataPath:
         self._writers: list[IngestBuffer] = []
         self._rate = _Rate()
         self.status = IngestStatus(buffer=buffer_status(self.buffer))
+        try:
+            self._build_sources()  # every settings problem surfaces here, before network IO
+        except IngestError as exc:
+            self.close()
+            raise ConfigError(f"data path: {exc}") from None
+        except ConfigError:
+            self.close()
+            raise
 
     @property
     def has_sources(self) -> bool:
@@ -103,6 +112,8 @@ class DataPath:
                     for s in config.mqtt_source
                 ),
                 keepalive_s=config.broker.keepalive_s,
+                username=config.ingest.mqtt_username or None,
+                password=_password(config.ingest.mqtt_password_file, "MQTT"),
                 batch_max=config.ingest.batch_max,
                 queue_max=config.ingest.queue_max,
                 max_payload_bytes=config.ingest.max_payload_bytes,
@@ -114,13 +125,12 @@ class DataPath:
                 nodes=tuple(OpcUaNode(node_id=n, tag=t) for t, n in source.tags.items()),
                 sampling_interval_ms=source.sampling_interval_ms,
                 username=source.username or None,
-                password=_password(source.password_file),
+                password=_password(source.password_file, "OPC-UA"),
             )
             self._opcua.append(OpcUaIngest(settings=opcua, sink=self._writer()))
 
     async def run(self, on_status: Callable[[], None] | None = None) -> None:
         """Run every source until cancelled, refreshing :attr:`status` every few seconds."""
-        self._build_sources()
         try:
             async with asyncio.TaskGroup() as group:
                 if self._mqtt is not None:
@@ -170,6 +180,7 @@ class DataPath:
                 "not_numeric": o.not_numeric,
                 "not_finite": o.not_finite,
                 "no_timestamp": o.no_timestamp,
+                "ts_in_future": o.ts_in_future,
                 "dropped_overflow": o.dropped_overflow,
                 "node_errors": o.node_errors,
                 "server_overflows": o.server_overflows,
@@ -211,4 +222,7 @@ class DataPath:
         return data.train
 
     def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
         self.buffer.close()

@@ -8,7 +8,6 @@ from fedgate_bridge import __version__
 from fedgate_bridge.run_cli import check, run, status
 from fedgate_bridge.simulate_cli import simulate
 
-
 MAIN_EXIT_CODES = """\b
 Exit codes (every command):
   0 success            1 unexpected failure     2 bad command line

@@ -525,6 +525,13 @@ def validate_config(config: BridgeConfig) -> list[str]:
         problems.extend(_modbus_problems(index, modbus))
     for index, opcua in enumerate(config.opcua):
         problems.extend(_opcua_problems(index, opcua))
+    ports = [m.serial_port for m in config.modbus if m.transport == "rtu" and m.serial_port]
+    for port in sorted({port for port in ports if ports.count(port) > 1}):
+        problems.append(
+            f"serial port {port!r} is used by {ports.count(port)} [[modbus]] sources; they "
+            "would open the line at once and garble each other's frames (several unit ids "
+            "on one RS-485 line are not supported yet: one source per serial port)"
+        )
     names = source_names(config)
     for name in sorted({name for name in names if names.count(name) > 1}):
         problems.append(

@@ -23,6 +23,8 @@ that fsyncs never stall the event loop and every SQLite call comes from the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -117,6 +119,9 @@ def _connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
     else:
+        # Owner and the service's group only; SQLite gives -wal and -shm the same mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA busy_timeout = 5000")
     return connection
@@ -135,7 +140,7 @@ class Outbox:
         self.policy = policy
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._db = _connect(path)
             self._open()
         except sqlite3.Error as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedgate_agent.ingest.buffer import (
+    FILE_MODE,
     REJECTED_KEEP,
     REJECTED_PAYLOAD_BYTES,
     BufferSettings,
@@ -316,3 +317,18 @@ def test_two_writers_on_one_file_share_the_cap(tmp_path: Path) -> None:
         assert first.insert([sample(9)]).rejected_full == 1
         assert first.stats() == second.stats()
     assert_consistent(path)
+
+
+def test_a_new_buffer_file_is_not_world_readable(tmp_path: Path) -> None:
+    path = tmp_path / "ingest" / "buffer.db"
+    with IngestBuffer.open(BufferSettings(path)) as buffer:
+        buffer.insert([Sample("mqtt:a", 0, "A", 1.0, 1.0)])
+        assert path.stat().st_mode & 0o777 == FILE_MODE & ~_umask()
+        wal = path.with_name(path.name + "-wal")
+        assert not wal.exists() or wal.stat().st_mode & 0o007 == 0
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

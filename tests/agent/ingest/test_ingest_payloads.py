@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 from fedgate_agent.ingest.errors import MalformedPayload
 from fedgate_agent.ingest.payloads import decode_json_sample
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample
+from fedgate_agent.ingest.samples import MAX_CLOCK_SKEW_S, MAX_SEQ, Sample
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,7 +92,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @given(
-    ts=st.floats(min_value=1e-3, max_value=1e12, allow_nan=False),
+    ts=st.floats(min_value=1e-3, max_value=1.7e9, allow_nan=False),  # not ahead of the clock
     value=finite | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53),
     seq=st.integers(min_value=0, max_value=MAX_SEQ),
     extra=st.dictionaries(
@@ -109,3 +110,13 @@ def test_valid_payloads_round_trip(
     sample = decode_json_sample("plant/x", payload, tag="X")
     assert sample == Sample("mqtt:plant/x", seq, "X", ts, float(value))
     assert math.isfinite(sample.value)
+
+
+def test_a_timestamp_far_ahead_of_the_clock_is_refused() -> None:
+    now = time.time()
+    near = json.dumps({"ts": now + MAX_CLOCK_SKEW_S / 2, "value": 1.0, "seq": 1}).encode()
+    assert decode_json_sample("p/t", near, tag="t").ts == pytest.approx(now + MAX_CLOCK_SKEW_S / 2)
+    year_ahead = json.dumps({"ts": now + 365 * 86400, "value": 1.0, "seq": 2}).encode()
+    with pytest.raises(MalformedPayload) as refused:
+        decode_json_sample("p/t", year_ahead, tag="t")
+    assert refused.value.reason == "ts_in_future"

@@ -599,12 +599,20 @@ class IngestBuffer:
 # -- opening, checking and quarantining files (module functions: no buffer state) ---------
 
 
+#: Mode of a new buffer file.
+FILE_MODE = 0o640
+
+
 def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     if read_only:
         connection = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
     else:
+        # Plant data is the site's own: owner and the service's group only (SQLite gives the
+        # -wal and -shm files the database file's mode). An empty file is an empty database.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     return connection

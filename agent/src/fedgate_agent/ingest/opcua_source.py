@@ -45,7 +45,7 @@ from fedgate_common.logs import log_event
 
 from fedgate_agent.ingest.errors import MalformedPayload, SourceError
 from fedgate_agent.ingest.historian import CountingSink
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
 
 __all__ = [
     "OpcUaCounters",
@@ -175,6 +175,7 @@ class OpcUaCounters:
     not_numeric: int = 0
     not_finite: int = 0
     no_timestamp: int = 0
+    ts_in_future: int = 0
     server_overflows: int = 0
     dropped_overflow: int = 0
     rejected_full: int = 0
@@ -229,7 +230,8 @@ def _numeric(value: Any) -> float:
 
 def data_value_to_sample(endpoint: str, node: OpcUaNode, data_value: ua.DataValue) -> Sample:
     """The sample for one data change; :class:`MalformedPayload` (``reason``
-    ``bad_quality``, ``not_numeric``, ``not_finite`` or ``no_timestamp``) when it is skipped."""
+    ``bad_quality``, ``not_numeric``, ``not_finite``, ``no_timestamp`` or ``ts_in_future``)
+    when it is skipped."""
     status = data_value.StatusCode
     if status is not None and status.is_bad():
         raise MalformedPayload(f"status {status.name}", reason="bad_quality")
@@ -240,6 +242,8 @@ def data_value_to_sample(endpoint: str, node: OpcUaNode, data_value: ua.DataValu
         micros = _micros(data_value.ServerTimestamp)
     if micros is None:
         raise MalformedPayload("neither source nor server timestamp", reason="no_timestamp")
+    if too_far_ahead(micros / 1e6):
+        raise MalformedPayload("stamped ahead of this gateway's clock", reason="ts_in_future")
     return Sample(
         source=opcua_source_name(endpoint, node.node_id),
         seq=micros,

@@ -17,7 +17,8 @@ The payload is one UTF-8 JSON object::
 Anything else raises :class:`MalformedPayload` whose ``reason`` (a counter name suffix) is
 one of: ``too_large``, ``not_json`` (not UTF-8 JSON, trailing data), ``not_object``,
 ``missing_key``, ``wrong_type``, ``not_finite`` (NaN, ±Infinity or a number that overflows a
-double), ``seq_out_of_range``, ``ts_out_of_range``.
+double), ``seq_out_of_range``, ``ts_out_of_range``, ``ts_in_future`` (more than
+:data:`~.samples.MAX_CLOCK_SKEW_S` ahead of the gateway's clock).
 
 The sample's ``source`` is ``"mqtt:" + topic``; its ``tag`` is given by the caller (the
 subscription names it).
@@ -32,7 +33,7 @@ import msgspec
 
 from fedgate_agent.ingest.buffer import SampleRow
 from fedgate_agent.ingest.errors import MalformedPayload
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample
+from fedgate_agent.ingest.samples import MAX_CLOCK_SKEW_S, MAX_SEQ, Sample, too_far_ahead
 
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode_json_row", "decode_json_sample"]
 
@@ -81,6 +82,11 @@ def decode_json_row(
         raise MalformedPayload(f"ts must be > 0, not {ts}", reason="ts_out_of_range")
     if not 0 <= seq <= MAX_SEQ:
         raise MalformedPayload(f"seq {seq} is outside 0..{MAX_SEQ}", reason="seq_out_of_range")
+    if too_far_ahead(ts):
+        raise MalformedPayload(
+            f"ts {ts} is more than {MAX_CLOCK_SKEW_S:.0f} s ahead of this gateway's clock",
+            reason="ts_in_future",
+        )
     return (source, seq, tag, ts, value)
 
 

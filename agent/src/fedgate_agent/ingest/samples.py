@@ -7,14 +7,25 @@ good, so a redelivered or re-imported sample is recognised and stored once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["MAX_SEQ", "Sample", "SampleSink"]
+__all__ = ["MAX_CLOCK_SKEW_S", "MAX_SEQ", "Sample", "SampleSink", "too_far_ahead"]
 
 #: Sequence numbers are non-negative and fit SQLite's signed 64-bit INTEGER.
 MAX_SEQ = 2**63 - 1
+
+#: How far ahead of the gateway's clock a sample's timestamp may be. A sample stamped later
+#: is refused (reason ``ts_in_future``): one reading a year ahead would otherwise stretch
+#: every training window grid to that year.
+MAX_CLOCK_SKEW_S = 3600.0
+
+
+def too_far_ahead(ts: float) -> bool:
+    """Whether ``ts`` (Unix seconds) lies more than :data:`MAX_CLOCK_SKEW_S` in the future."""
+    return ts > time.time() + MAX_CLOCK_SKEW_S
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ Mapping, one :class:`~.samples.Sample` per metric that has a number or a boolean
   ``alias:<n>``. NCMD, DCMD, NDEATH, DDEATH and STATE carry no measurements: no samples.
 
 Refused with :class:`MalformedPayload`: ``too_large``, ``not_sparkplug_topic``,
-``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``.
+``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``, ``ts_in_future``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from fedgate_agent.ingest.errors import MalformedPayload
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
 
 __all__ = [
     "DATA_TYPES",
@@ -225,6 +225,11 @@ def decode_sparkplug_samples(
             )
         if not 0 < ms <= MAX_SEQ:
             raise MalformedPayload(f"timestamp {ms} ms is out of range", reason="seq_out_of_range")
+        if too_far_ahead(ms / 1000.0):
+            raise MalformedPayload(
+                f"metric {name!r} is stamped {ms} ms, ahead of this gateway's clock",
+                reason="ts_in_future",
+            )
         samples.append(
             Sample(
                 source=f"mqtt:{stream}#{name}",
