@@ -20,6 +20,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import pytest
@@ -62,12 +63,12 @@ def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait()
 
 
-def cli(*args: str) -> dict[str, object]:
+def cli(*args: str) -> dict[str, Any]:
     result = subprocess.run(
         [str(BIN / args[0]), *args[1:], "--json"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    data: dict[str, object] = json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     return data
 
 
@@ -216,7 +217,20 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             stored = stored_per_topic(config.parent / "ingest" / "buffer.db")
             topics = sorted(set(numbered) | set(stored))
             print({t: (numbered.get(t), stored.get(t)) for t in topics})
-            print(cli("fedgate-agent", "status", "--config", str(config))["ingest"])
+            ingest_now = cli("fedgate-agent", "status", "--config", str(config))["ingest"]
+            print(ingest_now)
+            # The agent's own count against what another process reads from the file: if
+            # they differ, commits are not reaching the file others open (a detached WAL).
+            assert isinstance(ingest_now, dict)
+            buffer_dir = config.parent / "ingest"
+            print(
+                "samples: the agent counts",
+                ingest_now["buffer"]["samples"],
+                "| this process reads",
+                sum(count for count, _ in stored.values()),
+                "| files",
+                {f.name: f.stat().st_size for f in sorted(buffer_dir.iterdir())},
+            )
             raise
         assert agent.poll() is None
         assert bridge.poll() is None

@@ -86,6 +86,14 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 # Primary result codes that mean "this file is damaged" (extended codes share the low byte).
 _CORRUPTION_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 _BUSY_TIMEOUT_MS = 10_000
+#: Buffer files this process holds SQLite connections to: (device, inode) → how many. A
+#: file's header is read directly (``_read_header``) only while none is open here, because
+#: closing that extra descriptor drops every POSIX lock this process holds on the file
+#: (SQLite, "How To Corrupt An SQLite Database File" §2.2). Another process closing the
+#: buffer then takes itself for its last user and checkpoints and deletes the WAL that this
+#: process goes on appending to: commits no other process sees, lost by a kill -9.
+_OPEN_HERE: dict[tuple[int, int], int] = {}
+_OPEN_HERE_LOCK = threading.Lock()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -245,6 +253,7 @@ class IngestBuffer:
         self._lock = threading.Lock()
         self._closed = False
         self.quarantined = quarantined
+        self._file_key = _register_open(settings.path)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -258,7 +267,8 @@ class IngestBuffer:
         path = settings.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return cls._open_checked(settings)
+            with _OPEN_HERE_LOCK:
+                return cls._open_checked(settings)
         except (sqlite3.Error, OSError) as exc:
             raise IngestError(f"cannot open the buffer at {path}: {exc}") from exc
 
@@ -296,18 +306,19 @@ class IngestBuffer:
         """
         if not path.is_file():
             raise IngestError(f"no buffer at {path}")
-        try:
-            connection = _connect(path, read_only=True)
-            _check_integrity(connection, path, full=False)
-            meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.Error as exc:
-            raise IngestError(f"cannot read the buffer at {path}: {exc}") from exc
-        settings = BufferSettings(
-            path=path,
-            max_samples=int(meta.get("max_samples", BufferSettings.max_samples)),
-            policy=CapPolicy(meta.get("policy", CapPolicy.REJECT_NEW)),
-        )
-        return cls(connection=connection, settings=settings, read_only=True, quarantined=None)
+        with _OPEN_HERE_LOCK:
+            try:
+                connection = _connect(path, read_only=True)
+                _check_integrity(connection, path, full=False)
+                meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+            except sqlite3.Error as exc:
+                raise IngestError(f"cannot read the buffer at {path}: {exc}") from exc
+            settings = BufferSettings(
+                path=path,
+                max_samples=int(meta.get("max_samples", BufferSettings.max_samples)),
+                policy=CapPolicy(meta.get("policy", CapPolicy.REJECT_NEW)),
+            )
+            return cls(connection=connection, settings=settings, read_only=True, quarantined=None)
 
     @property
     def settings(self) -> BufferSettings:
@@ -583,6 +594,7 @@ class IngestBuffer:
             if not self._closed:
                 self._closed = True
                 self._db.close()
+                _unregister_open(self._file_key)
 
     def __enter__(self) -> Self:
         return self
@@ -626,7 +638,7 @@ def _check_integrity(connection: sqlite3.Connection, path: Path, *, full: bool =
     rows, once per start). Read-only openers skip the full walk: a running agent checked it.
     """
     try:
-        header = _read_header(path)
+        header = _read_header(path) if _file_key(path) not in _OPEN_HERE else b""
         if header and not _header_is_sound(header):
             raise BufferCorrupted(f"{path} is not an SQLite database (bad header)", path=path)
         if not full:
@@ -645,7 +657,33 @@ def _check_integrity(connection: sqlite3.Connection, path: Path, *, full: bool =
         raise BufferCorrupted(f"{path} failed quick_check: {'; '.join(problems)}", path=path)
 
 
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()  # no descriptor opened: nobody's locks are touched
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _register_open(path: Path) -> tuple[int, int] | None:
+    """Count a connection to ``path`` (called with ``_OPEN_HERE_LOCK`` held by the opener)."""
+    key = _file_key(path)
+    if key is not None:
+        _OPEN_HERE[key] = _OPEN_HERE.get(key, 0) + 1
+    return key
+
+
+def _unregister_open(key: tuple[int, int] | None) -> None:
+    with _OPEN_HERE_LOCK:
+        if key is not None and key in _OPEN_HERE:
+            _OPEN_HERE[key] -= 1
+            if not _OPEN_HERE[key]:
+                del _OPEN_HERE[key]
+
+
 def _read_header(path: Path) -> bytes:
+    """The first 100 bytes, read directly — only while this process has no connection to
+    the file (see ``_OPEN_HERE``)."""
     try:
         with path.open("rb") as file:
             return file.read(100)

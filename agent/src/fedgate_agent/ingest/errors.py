@@ -88,9 +88,11 @@ class ColumnMappingInvalid(IngestError):
 
 
 class MqttProtocolError(SourceError):
-    """The broker refused us or sent what MQTT does not allow (``source`` is the broker's
-    ``mqtt://host:port``); ``reason_code`` is the MQTT reason / return code when there is
-    one. The ingest reconnects after it."""
+    """The broker refused us, or sent what an MQTT 5 subscriber must not accept: bytes the
+    ``mqtt5`` codec cannot decode, a packet above the Maximum Packet Size we announced, a
+    QoS 2 message, a topic alias, a packet a subscriber never receives. ``source`` is the
+    broker's ``mqtt://host:port``; ``reason_code`` is the MQTT 5 reason code when there is
+    one (CONNACK, SUBACK, DISCONNECT). The ingest drops the connection and reconnects."""
 
     def __init__(self, message: str, *, source: str, reason_code: int | None = None) -> None:
         super().__init__(message, source=source)
