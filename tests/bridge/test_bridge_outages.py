@@ -78,7 +78,11 @@ async def test_broker_outage_is_buffered_and_drained(tmp_path: Path) -> None:
                         broker_extra="max_inflight = 10\n",
                     )
                 )
-                bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+                # A generous flush at the stop: on a loaded machine the last readings of
+                # the polling may still be on their way when stop is set.
+                bridge = Bridge(
+                    config, source_backoff=FAST, broker_backoff=FAST, flush_timeout_s=20.0
+                )
                 published = bridge.publisher_counters
                 [counters] = bridge.source_counters
                 stop = asyncio.Event()
@@ -99,7 +103,7 @@ async def test_broker_outage_is_buffered_and_drained(tmp_path: Path) -> None:
                     "outbox drained after the broker returned",
                 )
                 stop.set()
-                await asyncio.wait_for(task, 15)
+                await asyncio.wait_for(task, 40)
             with Outbox(config.outbox_path, max_messages=10) as outbox:
                 assert outbox.depth == 0
                 next_seqs = outbox.next_seqs()

@@ -344,11 +344,16 @@ def read_outbox_summary(path: Path) -> OutboxSummary | None:
     try:
         db = _connect(path, read_only=True)
         try:
+            if db.execute(_HAS_MESSAGES_TABLE).fetchone() is None:
+                return None  # a bridge is creating the file right now
             return _summary(db)
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise OutboxError(f"outbox {path} cannot be read: {exc}") from None
+
+
+_HAS_MESSAGES_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
 
 
 class AsyncOutbox:
