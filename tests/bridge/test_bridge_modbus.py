@@ -154,7 +154,9 @@ async def test_register_map_is_decoded_and_published(
     assert source.errors == 0
     assert source.reads >= 3
     assert status.outbox.depth == 0
-    assert status.publisher.acked == sum(len(v) for v in received.values())
+    assert status.publisher.sent == sum(len(v) for v in received.values())
+    assert status.publisher.resent == 0
+    assert status.publisher.acked == status.publisher.sent
 
 
 async def test_device_disappearing_and_returning_loses_and_repeats_nothing(tmp_path: Path) -> None:

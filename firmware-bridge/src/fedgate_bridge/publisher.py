@@ -280,12 +280,12 @@ class MqttPublisher:
         row = self._inflight.pop(mid, None)
         if row is not None:
             self._acked.append(row)
+            self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
 
     async def _remove_acked(self) -> None:
         if self._acked:
             rows, self._acked = self._acked, []
             await self.outbox.remove(rows)
-            self.counters.acked += len(rows)
         self.counters.inflight = len(self._inflight)
 
     async def run(self) -> None:
