@@ -456,6 +456,36 @@ def centralized(
     return evaluate(model, test).accuracy
 
 
+def plan_section(plan: RoundSettings) -> dict[str, Any]:
+    """coordinator.toml [rounds] for ``plan``: the training plan every cloud runs."""
+    return {
+        "learning_rate": plan.learning_rate,
+        "lr_decay": plan.lr_decay,
+        "momentum": plan.momentum,
+        "local_epochs": plan.local_epochs,
+        "batch_size": plan.batch_size,
+    }
+
+
+def demo_sites(count: int, clouds: list[Cloud], out: Path) -> list[Site]:
+    """The sites, spread over the clouds, each with its config under ``out/agents``."""
+    return [
+        Site(index=index, cloud=cloud, config=out / "agents" / f"site-{index + 1}" / "agent.toml")
+        for index, cloud in enumerate(spread_sites(count, clouds))
+    ]
+
+
+def set_up_federation(
+    clouds: list[Cloud], sites: list[Site], setup: Setup, pool: ThreadPoolExecutor
+) -> Path:
+    """Coordinators and agents initialised, agents enrolled, one manifest signed by every
+    cloud and installed; returns the manifest (agents pin it next)."""
+    list(pool.map(lambda c: init_coordinator(c, sum(s.cloud is c for s in sites), setup), clouds))
+    list(pool.map(lambda s: init_agent(s, setup), sites))
+    list(pool.map(lambda c: enroll_agents(c, sites), clouds))
+    return form_federation(clouds, setup.out, setup.args.seed, pool)
+
+
 def spread_sites(sites: int, clouds: list[Cloud]) -> list[Cloud]:
     """Each site's cloud: consecutive blocks, the first clouds take one more if uneven."""
     base, extra = divmod(sites, len(clouds))
@@ -564,31 +594,14 @@ def main() -> int:
         )
         spec_file = out / "model-spec.json"
         spec_file.write_bytes(msgspec.json.encode(split.spec))
-        plan_settings = {
-            "learning_rate": plan.learning_rate,
-            "lr_decay": plan.lr_decay,
-            "momentum": plan.momentum,
-            "local_epochs": plan.local_epochs,
-            "batch_size": plan.batch_size,
-        }
+        plan_settings = plan_section(plan)
         setup = Setup(
             deployment=deployment, out=out, args=args, spec_file=spec_file, plan=plan_settings
         )
-        agents_dir = out / "agents"
-        sites = [
-            Site(index=index, cloud=cloud, config=agents_dir / f"site-{index + 1}" / "agent.toml")
-            for index, cloud in enumerate(spread_sites(args.sites, clouds))
-        ]
+        sites = demo_sites(args.sites, clouds, out)
         # The CLIs take seconds to start (imports), so independent steps run side by side.
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-            list(
-                pool.map(
-                    lambda c: init_coordinator(c, sum(s.cloud is c for s in sites), setup), clouds
-                )
-            )
-            list(pool.map(lambda s: init_agent(s, setup), sites))
-            list(pool.map(lambda c: enroll_agents(c, sites), clouds))
-            manifest = form_federation(clouds, out, args.seed, pool)
+            manifest = set_up_federation(clouds, sites, setup, pool)
             print(
                 f"[3/6] {plural(args.clouds, 'coordinator')} ({', '.join(names)}), each with "
                 f"its own store, joined in {shown(manifest)} (signed by all): "

@@ -62,16 +62,14 @@ from run_demo import (
     Cloud,
     Setup,
     Site,
-    enroll_agents,
+    demo_sites,
     follow_heights,
-    form_federation,
-    init_agent,
-    init_coordinator,
     pin_manifest,
+    plan_section,
     plural,
     run_cli,
+    set_up_federation,
     shown,
-    spread_sites,
     start_coordinators,
     stop_all,
     wait_until_connected,
@@ -325,27 +323,11 @@ def main() -> int:
         )
         spec_file = out / "model-spec.json"
         spec_file.write_bytes(msgspec.json.encode(tep_model_spec(WINDOW)))
-        plan = {
-            "learning_rate": ROUNDS.learning_rate,
-            "lr_decay": ROUNDS.lr_decay,
-            "momentum": ROUNDS.momentum,
-            "local_epochs": ROUNDS.local_epochs,
-            "batch_size": ROUNDS.batch_size,
-        }
+        plan = plan_section(ROUNDS)
         setup = Setup(deployment=deployment, out=out, args=args, spec_file=spec_file, plan=plan)
-        sites = [
-            Site(index=i, cloud=cloud, config=out / "agents" / f"site-{i + 1}" / "agent.toml")
-            for i, cloud in enumerate(spread_sites(args.sites, clouds))
-        ]
+        sites = demo_sites(args.sites, clouds, out)
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
-            list(
-                pool.map(
-                    lambda c: init_coordinator(c, sum(s.cloud is c for s in sites), setup), clouds
-                )
-            )
-            list(pool.map(lambda s: init_agent(s, setup), sites))
-            list(pool.map(lambda c: enroll_agents(c, sites), clouds))
-            manifest = form_federation(clouds, out, args.seed, pool)
+            manifest = set_up_federation(clouds, sites, setup, pool)
             list(pool.map(pin_manifest, sites))
             list(pool.map(lambda s: configure_live_agent(s, args), sites))
         print(
