@@ -37,6 +37,7 @@ __all__ = ["Bridge", "BridgeStatus", "read_status", "write_status"]
 log = logging.getLogger("fedgate.bridge")
 
 STATUS_FORMAT: Final = 1
+CANCEL_NUDGE_S: Final = 0.5  # how long a cancelled task gets before it is cancelled again
 
 
 class BridgeStatus(msgspec.Struct, kw_only=True):
@@ -51,6 +52,20 @@ class BridgeStatus(msgspec.Struct, kw_only=True):
     outbox: OutboxSummary
     publisher: PublisherCounters
     sources: list[SourceCounters]
+
+
+async def cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is still running.
+
+    Python 3.11's ``asyncio.wait_for`` (used inside pymodbus and here) can swallow a
+    cancellation that arrives as its inner awaitable finishes; the task then goes on as if
+    nothing happened. One ``cancel()`` is therefore not enough to stop a source for certain.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_NUDGE_S)
 
 
 def write_status(path: Path, status: BridgeStatus) -> None:
@@ -191,15 +206,12 @@ class Bridge:
                 ]
                 self.running.set()
                 await stop.wait()
-                for task in reading:
-                    task.cancel()
-                await asyncio.wait(reading)
+                await cancel_until_done(reading)
                 for source in sources:
                     if isinstance(source, OpcuaReader):
                         await source.flush()
                 flushed = await publisher.drain(self._flush_timeout_s)
-                publishing.cancel()
-                reporting.cancel()
+                await cancel_until_done([publishing, reporting])
             final = await self.status(state="stopped")
             with contextlib.suppress(OSError):
                 write_status(config.status_path, final)
