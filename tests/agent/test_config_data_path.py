@@ -124,3 +124,12 @@ def test_a_source_entry_with_an_unknown_key_names_the_entry(tmp_path: Path) -> N
         load(tmp_path, BASE + '\n[[mqtt_source]]\ntopic = "a/b"\nqos = 2\n')
     with pytest.raises(ConfigError, match="array of tables"):
         load(tmp_path, BASE + '\nmqtt_source = "a/b"\n')
+
+
+def test_plant_data_from_a_locked_down_cloud_broker_is_refused(tmp_path: Path) -> None:
+    locked = '\n[broker]\ntls_ca_file = "/etc/fedgate/ca.crt"\ntls_cert_file = "/c.crt"\n'
+    locked += 'tls_key_file = "/c.key"\n'
+    with pytest.raises(ConfigError, match=r"set ingest\.mqtt_host to the site.s plant-data broker"):
+        load(tmp_path, LIVE.replace("[training]", locked + "\n[training]"))
+    site = LIVE.replace("[training]", locked + '\n[ingest]\nmqtt_host = "10.0.0.5"\n\n[training]')
+    assert load(tmp_path, site).ingest.mqtt_host == "10.0.0.5"

@@ -10,6 +10,7 @@ import nacl.signing
 from click.testing import CliRunner
 from fedgate_agent.cli import ExitCode
 from fedgate_agent.cli import main as agent_main
+from fedgate_agent.state import AgentStatus, ScoringStatus, write_status
 from fedgate_common.consensus.manifest import encode_manifest_file
 from fedgate_common.model_spec import ModelSpec
 
@@ -120,3 +121,25 @@ def test_windows_without_data_say_what_is_missing(tmp_path: Path) -> None:
     assert result.exit_code == ExitCode.DATA
     assert "temp" in result.output  # names the tags that have no samples
     assert "pressure" in result.output  # and what the buffer holds instead
+
+
+def test_status_shows_the_scoring_model_and_alerts(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    scoring = ScoringStatus(
+        state="scoring",
+        live=True,
+        model_digest="ab" * 32,
+        model_round=4,
+        windows_scored=1234,
+        alerts_raised=2,
+        alert_active=True,
+        last_error="window incomplete: XMEAS_3 missing",
+    )
+    write_status(tmp_path / "state", AgentStatus(agent_id="site-1", scoring=scoring))
+    human = CliRunner().invoke(agent_main, ["status", "--config", str(config)])
+    assert human.exit_code == 0, human.output
+    assert (
+        "scoring    scoring, model round 4 (abababababab), 1234 windows scored, 2 alerts, "
+        "alert ACTIVE" in human.output
+    )
+    assert "last scoring error window incomplete: XMEAS_3 missing" in human.output

@@ -9,6 +9,7 @@ Exit codes (also in ``fedgate-agent --help``):
     4  local training data, the ingest buffer, an import file or the privacy ledger unusable
     5  conflict: an identity key exists already
     6  the federation manifest is invalid or not signed by the coordinators it needs
+    7  predict: no exported model yet (the agent has not adopted a global model)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
+from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
@@ -59,9 +62,11 @@ from fedgate_agent.federation_trust import (
 from fedgate_agent.identity import create_identity, identity_path, load_identity
 from fedgate_agent.ingest.buffer import IngestBuffer
 from fedgate_agent.ingest.errors import IngestError
+from fedgate_agent.install_cli import install_service
+from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
-from fedgate_agent.state import AgentStatus, IngestStatus, read_status
+from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
 
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
 
@@ -335,20 +340,38 @@ def run(config_path: Path, log_json: bool) -> None:
 
     service = AgentService(config=cfg, identity=identity)
 
+    notifier = ServiceNotifier.from_environ(
+        os.environ,
+        pid=os.getpid(),
+        open_socket=partial(socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM),
+    )
+
     async def main_task() -> None:
         task = asyncio.current_task()
         if task is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        await service.run()
+        # READY=1 once connected to the broker, then watchdog pings from this event loop.
+        lifecycle = asyncio.create_task(
+            notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")
+        )
+        try:
+            await service.run()
+        finally:
+            lifecycle.cancel()
+            await asyncio.wait([lifecycle])
 
     try:
         asyncio.run(main_task())
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("stopped", err=True)
+    finally:
+        notifier.close()
 
 
 main.add_command(import_command)
 main.add_command(windows_command)
+main.add_command(install_service)
+main.add_command(predict_command)
 
 
 def _process_alive(pid: int | None) -> bool:
@@ -579,5 +602,21 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo(f"rejected   {rejected}")
     if data["ingest"] is not None:
         _print_ingest(data["ingest"])
+    _print_scoring(state.scoring)
     if state.last_error:
         click.echo(f"last error {state.last_error}")
+
+
+def _print_scoring(scoring: ScoringStatus) -> None:
+    model = (
+        f"model round {scoring.model_round} ({(scoring.model_digest or '')[:12]})"
+        if scoring.model_digest
+        else "no model"
+    )
+    alert = ", alert ACTIVE" if scoring.alert_active else ""
+    click.echo(
+        f"scoring    {scoring.state}, {model}, {scoring.windows_scored} windows scored, "
+        f"{scoring.alerts_raised} alerts{alert}"
+    )
+    if scoring.last_error:
+        click.echo(f"           last scoring error {scoring.last_error}")

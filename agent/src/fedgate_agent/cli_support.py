@@ -30,6 +30,7 @@ class ExitCode(IntEnum):
     DATA = 4
     CONFLICT = 5
     MANIFEST = 6
+    NO_MODEL = 7
 
 
 EXIT_CODES_HELP = """\b
@@ -37,7 +38,8 @@ Exit codes:
   0 success            1 unexpected failure     2 bad command line
   3 config invalid     4 data, buffer, import or privacy ledger unusable
   5 identity exists already
-  6 federation manifest invalid"""
+  6 federation manifest invalid
+  7 no exported model yet (predict)"""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -49,6 +49,7 @@ __all__ = [
     "ENV_PREFIX",
     "AgentConfig",
     "BrokerConfig",
+    "ScoringConfig",
     "TrainingConfig",
     "config_as_dict",
     "config_keys",
@@ -86,6 +87,11 @@ class BrokerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     protocol: str = "auto"  # "auto" (MQTT 5, falling back to 3.1.1) | "5" | "3.1.1"
     keepalive_s: int = 30
     queue_size: int = 64  # bounded inbound message queue
+    username: str = ""  # "" = anonymous (a locked-down broker wants the agent id)
+    password_file: str = ""  # first line is the password (systemd LoadCredential)
+    tls_ca_file: str = ""  # "" = plain TCP; else TLS, the broker verified against this CA
+    tls_cert_file: str = ""  # client certificate (with tls_key_file), when the broker asks
+    tls_key_file: str = ""
 
 
 class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +133,9 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     mqtt_port: int = 0  # 0 → broker.port
     mqtt_username: str = ""  # login at the plant-data broker ("" = anonymous)
     mqtt_password_file: str = ""  # file holding its password (systemd LoadCredential)
+    mqtt_tls_ca_file: str = ""  # "" = plain TCP; else TLS against this CA
+    mqtt_tls_cert_file: str = ""  # client certificate (with mqtt_tls_key_file)
+    mqtt_tls_key_file: str = ""
     batch_max: int = 2000  # messages per group commit
     queue_max: int = 20000  # decoded-but-uncommitted messages before backpressure
     max_payload_bytes: int = 65536  # larger payloads are rejected and counted
@@ -167,6 +176,19 @@ class OpcUaSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     password_file: str = ""
 
 
+class ScoringConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Live scoring of buffer windows with the ONNX export of the certified global model."""
+
+    enabled: str = "auto"  # "auto": "on" when a data path exists, else "off" | "on" | "off"
+    topic: str = ""  # "" → fedgate/<deployment>/<cloud>/site/<agent_id>/predictions
+    alert_topic: str = ""  # "" → fedgate/<deployment>/<cloud>/site/<agent_id>/alerts
+    alert_threshold: float = 0.9  # anomaly score (1 − P(normal)) that raises an alert; 0 = off
+    alert_classes: tuple[str, ...] = ()  # predicted class indices that raise an alert
+    normal_class: int = 0  # class meaning "no fault"; -1: no anomaly score
+    interval_s: float = 0.0  # how often to look for a new window; 0 → windows.period_s
+    settle_s: float = 1.0  # wait after a grid point before scoring its window (late samples)
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Complete agent configuration (one TOML file)."""
 
@@ -184,6 +206,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
     windows: WindowsConfig = msgspec.field(default_factory=WindowsConfig)
+    scoring: ScoringConfig = msgspec.field(default_factory=ScoringConfig)
     mqtt_source: tuple[MqttSourceConfig, ...] = ()
     opcua_source: tuple[OpcUaSourceConfig, ...] = ()
 
@@ -231,6 +254,7 @@ _SECTIONS: Final[dict[str, type[msgspec.Struct]]] = {
     "privacy": PrivacyConfig,
     "ingest": IngestConfig,
     "windows": WindowsConfig,
+    "scoring": ScoringConfig,
 }
 
 #: Arrays of tables (``[[mqtt_source]]``): edited in the file, not by key or environment.
@@ -255,6 +279,11 @@ _ALLOWED: Final[dict[str, str]] = {
     "broker.protocol": '"auto" (MQTT 5, falling back to 3.1.1) | "5" | "3.1.1"',
     "broker.keepalive_s": f"an integer {KEEPALIVE_RANGE[0]}..{KEEPALIVE_RANGE[1]} (seconds)",
     "broker.queue_size": f"an integer {QUEUE_SIZE_RANGE[0]}..{QUEUE_SIZE_RANGE[1]}",
+    "broker.username": 'the MQTT user name (the agent id at a locked-down broker); "" for none',
+    "broker.password_file": 'a file holding that user\'s password; "" for none',
+    "broker.tls_ca_file": 'the CA file that signed the broker\'s certificate; "" for plain TCP',
+    "broker.tls_cert_file": 'a client certificate file (with broker.tls_key_file); "" for none',
+    "broker.tls_key_file": 'the client certificate\'s private key file; "" for none',
     "training.source": '"file" (the .npz at data_file) | "buffer" (windows over ingested data)',
     "training.data_file": 'a path (absolute, or relative to state_dir); "" for the default',
     "training.threads": f"an integer {THREADS_RANGE[0]}..{THREADS_RANGE[1]}",
@@ -283,6 +312,9 @@ _ALLOWED: Final[dict[str, str]] = {
     "ingest.mqtt_port": "an integer 0..65535; 0 for broker.port",
     "ingest.mqtt_username": 'a user name at the plant-data broker; "" for anonymous',
     "ingest.mqtt_password_file": 'a file holding that user\'s password; "" for none',
+    "ingest.mqtt_tls_ca_file": 'the plant-data broker\'s CA file; "" for plain TCP',
+    "ingest.mqtt_tls_cert_file": 'a client certificate file for the plant-data broker; "" for none',
+    "ingest.mqtt_tls_key_file": 'its private key file; "" for none',
     "ingest.batch_max": "an integer 1..100000: messages per group commit",
     "ingest.queue_max": "an integer 1..1000000: uncommitted messages before backpressure",
     "ingest.max_payload_bytes": "an integer 64..16777216",
@@ -297,6 +329,17 @@ _ALLOWED: Final[dict[str, str]] = {
     "windows.horizon": "an integer 1..100000",
     "windows.uniform_labels": '"on" | "off"',
     "windows.test_fraction": "a number in [0, 0.9]",
+    "scoring.enabled": (
+        '"auto" (on when a data path exists) | "on" (export every model; score live '
+        'windows when there is a data path) | "off"'
+    ),
+    "scoring.topic": 'an MQTT topic without wildcards; "" for the default predictions topic',
+    "scoring.alert_topic": 'an MQTT topic without wildcards; "" for the default alerts topic',
+    "scoring.alert_threshold": "a number in [0, 1]: anomaly score raising an alert; 0 = none",
+    "scoring.alert_classes": "a list of class indices (comma-separated in the environment)",
+    "scoring.normal_class": "an integer -1..100000: the no-fault class; -1 = no anomaly score",
+    "scoring.interval_s": "a number in [0, 86400]; 0 for windows.period_s",
+    "scoring.settle_s": "a number in [0, 3600]: delay before a grid point's window is scored",
 }
 
 
@@ -687,6 +730,7 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
             )
         )
     problems.extend(_data_path_problems(config))
+    problems.extend(_scoring_problems(config))
     if config.training.seed is not None:
         ranged.append(_check_range("training.seed", config.training.seed, SEED_RANGE))
     problems.extend(problem for problem in ranged if problem is not None)
@@ -734,6 +778,16 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
     ):
         if not low <= value <= high:
             bad(key, value)
+    if config.mqtt_source and not ingest.mqtt_host and config.broker.tls_cert_file:
+        problems.append(
+            (
+                "ingest.mqtt_host",
+                "ingest.mqtt_host = '' reads plant data from the cloud's broker, but "
+                "broker.tls_cert_file says that broker is locked down (broker-config): it "
+                "carries no plant data and takes one connection per certificate; set "
+                "ingest.mqtt_host to the site's plant-data broker",
+            )
+        )
     if not 0 < windows.period_s <= 86_400:
         bad("windows.period_s", windows.period_s)
     if not 0 <= windows.max_gap_s <= 1e7:
@@ -789,6 +843,37 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
                         '("ns=2;s=Name", "ns=3;i=1001", "i=2258")',
                     )
                 )
+    return problems
+
+
+def _scoring_problems(config: AgentConfig) -> list[tuple[str, str]]:
+    """The [scoring] settings."""
+    problems: list[tuple[str, str]] = []
+    scoring = config.scoring
+
+    def bad(key: str, value: object) -> None:
+        problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))
+
+    if scoring.enabled not in ("auto", "on", "off"):
+        bad("scoring.enabled", scoring.enabled)
+    for key, topic in (
+        ("scoring.topic", scoring.topic),
+        ("scoring.alert_topic", scoring.alert_topic),
+    ):
+        if topic and (
+            not _is_topic_filter(topic) or "+" in topic.split("/") or topic.endswith("#")
+        ):
+            bad(key, topic)
+    if not 0 <= scoring.alert_threshold <= 1:
+        bad("scoring.alert_threshold", scoring.alert_threshold)
+    if not all(c.isdigit() and int(c) <= 100_000 for c in scoring.alert_classes):
+        bad("scoring.alert_classes", list(scoring.alert_classes))
+    if not -1 <= scoring.normal_class <= 100_000:
+        bad("scoring.normal_class", scoring.normal_class)
+    if not 0 <= scoring.interval_s <= 86_400:
+        bad("scoring.interval_s", scoring.interval_s)
+    if not 0 <= scoring.settle_s <= 3600:
+        bad("scoring.settle_s", scoring.settle_s)
     return problems
 
 

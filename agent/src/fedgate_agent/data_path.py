@@ -15,11 +15,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from fedgate_common.logs import log_event
 from fedgate_common.model_spec import ModelSpec
 
+from fedgate_agent.broker_login import ingest_login, read_password
 from fedgate_agent.config import AgentConfig
 from fedgate_agent.data_settings import buffer_settings, buffer_status, window_spec
 from fedgate_agent.errors import ConfigError
@@ -36,15 +36,6 @@ __all__ = ["DataPath"]
 log = logging.getLogger("fedgate.agent.ingest")
 
 STATUS_INTERVAL_S = 5.0
-
-
-def _password(path: str, what: str) -> str | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} password file {path}: {exc}") from None
 
 
 class _Rate:
@@ -101,6 +92,7 @@ class DataPath:
     def _build_sources(self) -> None:
         config = self.config
         if config.mqtt_source:
+            login = ingest_login(config)
             settings = MqttIngestSettings(
                 host=config.ingest.mqtt_host or config.broker.host,
                 port=config.ingest.mqtt_port or config.broker.port,
@@ -112,8 +104,9 @@ class DataPath:
                     for s in config.mqtt_source
                 ),
                 keepalive_s=config.broker.keepalive_s,
-                username=config.ingest.mqtt_username or None,
-                password=_password(config.ingest.mqtt_password_file, "MQTT"),
+                username=login.username,
+                password=login.password,
+                tls=login.tls,
                 batch_max=config.ingest.batch_max,
                 queue_max=config.ingest.queue_max,
                 max_payload_bytes=config.ingest.max_payload_bytes,
@@ -125,7 +118,7 @@ class DataPath:
                 nodes=tuple(OpcUaNode(node_id=n, tag=t) for t, n in source.tags.items()),
                 sampling_interval_ms=source.sampling_interval_ms,
                 username=source.username or None,
-                password=_password(source.password_file, "OPC-UA"),
+                password=read_password(source.password_file, "OPC-UA"),
             )
             self._opcua.append(OpcUaIngest(settings=opcua, sink=self._writer()))
 

@@ -18,6 +18,7 @@ from fedgate_common.logs import log_event
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedgate_agent.broker_login import cloud_login
 from fedgate_agent.config import BrokerConfig
 
 log = logging.getLogger("fedgate.agent.mqtt")
@@ -44,6 +45,7 @@ class MqttLink:
         backoff: Backoff | None = None,
     ) -> None:
         self.settings = settings
+        self._login = cloud_login(settings)  # ConfigError here, before any network IO
         self.client_id = client_id
         self.subscriptions = tuple(subscriptions)
         self.inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.queue_size)
@@ -62,6 +64,9 @@ class MqttLink:
             "keepalive": self.settings.keepalive_s,
             "max_queued_incoming_messages": self.settings.queue_size,
             "logger": log,
+            "username": self._login.username,
+            "password": self._login.password,
+            "tls_context": self._login.tls,
         }
         # The first connection of this process starts a clean session; reconnections resume
         # it, so QoS 1 messages sent while the link was down are delivered afterwards.

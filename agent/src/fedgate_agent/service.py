@@ -2,6 +2,13 @@
 
 It owns the broker connection, the state directory and the training thread. Training runs
 in a worker thread so the event loop keeps serving the broker while torch works.
+
+Scoring (``[scoring]``): every global model the agent adopts is exported to ONNX in a child
+process (:func:`~fedgate_agent.onnx_export.export_in_subprocess`, waited for by a worker
+thread; one export at a time, the newest model wins) and swapped into
+:class:`~fedgate_agent.scoring.LiveScorer` by one reference assignment. With a data path, a
+task scores the window ending at each grid point of ``[windows]`` and publishes the
+prediction, and alert changes, to MQTT.
 """
 
 from __future__ import annotations
@@ -10,8 +17,12 @@ import asyncio
 import logging
 import math
 import os
+import sqlite3
+import time
 from collections import Counter
 
+import aiomqtt
+import msgspec
 import nacl.signing
 import numpy as np
 import numpy.typing as npt
@@ -40,10 +51,20 @@ from fedgate_common.topics import (
 
 from fedgate_agent.config import AgentConfig
 from fedgate_agent.data_path import DataPath
-from fedgate_agent.errors import PrivacyBudgetExhausted, TrainingDiverged
-from fedgate_agent.federation_trust import load_trust
+from fedgate_agent.data_settings import window_spec
+from fedgate_agent.errors import ConfigError, PrivacyBudgetExhausted, TrainingDiverged
+from fedgate_agent.federation_trust import load_trust, read_pinned
+from fedgate_agent.ingest.errors import IngestError
+from fedgate_agent.ingest.windows import WindowSpec
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.mqtt_link import InboundMessage, MqttLink
+from fedgate_agent.onnx_export import (
+    ExportedModel,
+    export_in_subprocess,
+    onnx_path,
+    parity_windows,
+    save_exported_model,
+)
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
 from fedgate_agent.record_privacy import (
     RecordPrivacySettings,
@@ -60,7 +81,19 @@ from fedgate_agent.round_logic import (
     SecAggStep,
     TrainForRound,
 )
+from fedgate_agent.scoring import (
+    AlertRule,
+    AlertTracker,
+    LiveScorer,
+    Prediction,
+    ScoringModel,
+    alerts_topic,
+    latest_grid_point,
+    predictions_topic,
+    window_ending_at,
+)
 from fedgate_agent.state import (
+    ScoringStatus,
     load_current_model_message,
     read_pinned_peers,
     read_status,
@@ -141,6 +174,7 @@ class AgentService:
             self.status.privacy = "off"
         self.rejected: Counter[str] = Counter(self.status.rejected)
         self._bytes_up_before = self.status.bytes_up  # cumulative across restarts
+        self._init_scoring()
         self._restore_model()
 
     def _fields(self, **extra: object) -> dict[str, object]:
@@ -165,6 +199,8 @@ class AgentService:
             return
         if isinstance(action, AdoptModel):
             self.logic.adopt(action.model, raw)
+            self.status.model_round = action.model.round
+            self.status.model_digest = action.model.digest
 
     def _save_status(self, state: str | None = None) -> None:
         if state is not None:
@@ -203,6 +239,7 @@ class AgentService:
                 **self._fields(round=action.model.round, model=action.model.digest[:12]),
             )
             follow_up = self.logic.adopt(action.model, action.raw)
+            self._request_export(action.model)
             self._save_status()
             if follow_up is not None:
                 await self.begin_round(follow_up)
@@ -492,6 +529,251 @@ class AgentService:
             )
         self._save_status("idle")
 
+    # -- scoring -------------------------------------------------------------------------
+    def _init_scoring(self) -> None:
+        scoring = self.config.scoring
+        self.scorer = LiveScorer()
+        # "auto": on when a data path exists (live windows to score), else off
+        self._export_on = scoring.enabled == "on" or (
+            scoring.enabled == "auto" and self.data_path is not None
+        )
+        self._export_wanted: GlobalModel | None = None
+        self._export_signal = asyncio.Event()
+        self._alerts = AlertTracker(
+            AlertRule(
+                threshold=scoring.alert_threshold,
+                classes=frozenset(int(c) for c in scoring.alert_classes),
+            )
+        )
+        config = self.config
+        self._predictions_topic = scoring.topic or predictions_topic(
+            config.deployment, config.cloud, config.agent_id
+        )
+        self._alerts_topic = scoring.alert_topic or alerts_topic(
+            config.deployment, config.cloud, config.agent_id
+        )
+        self._live_spec = self._live_window_spec() if self._export_on else None
+        self.status.scoring = ScoringStatus(
+            state="waiting for a model" if self._export_on else "off",
+            live=self._live_spec is not None,
+        )
+
+    def _live_window_spec(self) -> WindowSpec | None:
+        """The live windows to score, or None without a data path.
+
+        ``enabled = "on"`` turns a [windows] that does not fit the model into a
+        :class:`ConfigError` at start; ``"auto"`` logs it and scores nothing live.
+        """
+        if self.data_path is None:
+            if self.config.scoring.enabled == "on":
+                log_event(
+                    log,
+                    logging.INFO,
+                    "scoring on but no data path: models are exported, no live windows scored",
+                    **self._fields(),
+                )
+            return None
+        signed = read_pinned(self.config.state_path)
+        if signed is None:  # load_trust has refused to start already; kept for clarity
+            return None
+        try:
+            return window_spec(self.config, signed.manifest.model_spec)
+        except (ConfigError, IngestError) as exc:
+            if self.config.scoring.enabled == "on":
+                raise ConfigError(
+                    f'scoring.enabled = "on" but live windows cannot be cut: {exc}'
+                ) from None
+            log_event(
+                log,
+                logging.WARNING,
+                "live scoring off: [windows] does not fit the model",
+                **self._fields(error=str(exc)),
+            )
+            return None
+
+    def _request_export(self, model: GlobalModel) -> None:
+        """Export ``model`` for scoring soon (a newer request replaces a waiting one)."""
+        if not self._export_on:
+            return
+        self._export_wanted = model
+        self._export_signal.set()
+
+    def _resume_scoring_model(self) -> None:
+        """At start: reuse ``models/current.onnx`` if it is the current model's, else export."""
+        current = self.logic.current_model
+        if not self._export_on or current is None:
+            return
+        try:
+            stored = ScoringModel.from_onnx(onnx_path(self.config.state_path))
+        except FedgateError:
+            stored = None  # absent or unusable: exported again below
+        if stored is not None and stored.model_digest == current.digest:
+            self._put_in_use(stored, export_seconds=None)
+            return
+        self._request_export(current)
+
+    def _export(self, model: GlobalModel) -> tuple[ExportedModel, ScoringModel]:
+        """Export, check parity, write ``current.onnx`` and load it (worker thread)."""
+        weights = {
+            name: np.asarray(a, dtype=np.float32)
+            for name, a in decode_arrays(model.weights).items()
+        }
+        dataset = self._dataset
+        real = dataset.x if dataset is not None and len(dataset) else None
+        exported = export_in_subprocess(
+            model.spec,
+            weights,
+            digest=model.digest,
+            round=model.round,
+            windows=parity_windows(model.spec, real),
+            threads=self.config.training.threads,
+        )
+        try:
+            save_exported_model(self.config.state_path, exported)
+        except OSError as exc:  # disk full, permissions: score from memory, say so
+            log_event(log, logging.ERROR, "ONNX model not saved", **self._fields(error=str(exc)))
+        return exported, ScoringModel.from_onnx(exported.onnx)
+
+    async def _export_loop(self) -> None:
+        while True:
+            await self._export_signal.wait()
+            self._export_signal.clear()
+            model, self._export_wanted = self._export_wanted, None
+            if model is None:
+                continue
+            if self.scorer.model is None:
+                self.status.scoring.state = "exporting"
+            try:
+                exported, loaded = await asyncio.to_thread(self._export, model)
+            except FedgateError as exc:
+                self._scoring_error(exc, "model export failed", round=model.round)
+                if self.scorer.model is None:
+                    self.status.scoring.state = "waiting for a model"
+                self._save_status()
+                continue
+            self.status.scoring.exports += 1
+            log_event(
+                log,
+                logging.INFO,
+                "model exported to ONNX",
+                **self._fields(
+                    round=model.round,
+                    model=model.digest[:12],
+                    opset=exported.opset,
+                    parity_max_abs_diff=f"{exported.parity_max_abs_diff:.3g}",
+                    parity_windows=exported.parity_windows,
+                    seconds=round(exported.seconds, 2),
+                ),
+            )
+            self._put_in_use(loaded, export_seconds=exported.seconds)
+            self._save_status()
+
+    def _put_in_use(self, model: ScoringModel, *, export_seconds: float | None) -> None:
+        previous = self.scorer.swap(model)  # the swap: one reference assignment
+        status = self.status.scoring
+        if previous is not None:
+            status.swaps += 1
+        status.state = "scoring"
+        status.model_digest = model.model_digest
+        status.model_round = model.model_round
+        status.onnx_opset = model.opset
+        status.parity_max_abs_diff = model.parity_max_abs_diff
+        status.parity_tolerance = model.parity_tolerance
+        status.export_seconds = None if export_seconds is None else round(export_seconds, 3)
+        log_event(
+            log,
+            logging.INFO,
+            "scoring model in use",
+            **self._fields(
+                round=model.model_round,
+                model=model.model_digest[:12],
+                previous=None if previous is None else previous.model_digest[:12],
+            ),
+        )
+
+    def _scoring_error(self, exc: Exception, what: str, **fields: object) -> None:
+        kind = getattr(exc, "kind", type(exc).__name__)
+        status = self.status.scoring
+        status.errors[kind] = status.errors.get(kind, 0) + 1
+        repeated = status.last_error == str(exc)  # e.g. every window: warn once, count all
+        status.last_error = str(exc)
+        level = logging.DEBUG if repeated else logging.WARNING
+        log_event(log, level, what, **self._fields(kind=kind, error=str(exc), **fields))
+
+    def _score_at(self, spec: WindowSpec, end: float) -> Prediction | None:
+        """The prediction for the window ending at ``end`` (worker thread); None if incomplete."""
+        assert self.data_path is not None
+        window = window_ending_at(self.data_path.buffer, spec, end)
+        if window is None:
+            return None
+        return self.scorer.score(
+            window[np.newaxis], window_ends=[end], normal_class=self.config.scoring.normal_class
+        )[0]
+
+    async def _score_live(self, spec: WindowSpec) -> None:
+        """Score the window ending at each grid point once, ``settle_s`` after it."""
+        scoring = self.config.scoring
+        period = spec.period_s
+        last_end: float | None = None
+        while True:
+            end = latest_grid_point(time.time() - scoring.settle_s, period)
+            if end != last_end and self.scorer.model is not None:
+                last_end = end
+                await self._score_window(spec, end)
+            # Next: the configured interval, or the next grid point plus settle_s.
+            delay = scoring.interval_s or end + period + scoring.settle_s - time.time()
+            await asyncio.sleep(max(delay, 0.001))
+
+    async def _score_window(self, spec: WindowSpec, end: float) -> None:
+        status = self.status.scoring
+        try:
+            prediction = await asyncio.to_thread(self._score_at, spec, end)
+        except (FedgateError, sqlite3.Error) as exc:
+            self._scoring_error(exc, "scoring failed", window_end=end)
+            return
+        if prediction is None:
+            status.windows_incomplete += 1
+            return
+        status.windows_scored += 1
+        status.last_window_end = end
+        status.last_prediction = {
+            "predicted_class": prediction.predicted_class,
+            "probability": prediction.probability,
+            "anomaly_score": prediction.anomaly_score,
+            "model_digest": prediction.model_digest,
+        }
+        await self._publish_scoring(self._predictions_topic, msgspec.json.encode(prediction))
+        alert = self._alerts.observe(prediction)
+        if alert is None:
+            return
+        status.alerts_raised = self._alerts.raised
+        status.alert_active = self._alerts.active
+        log_event(
+            log,
+            logging.WARNING if self._alerts.active else logging.INFO,
+            f"alert {alert.state}",
+            **self._fields(
+                reasons=",".join(alert.reasons) or "-",
+                predicted_class=alert.predicted_class,
+                anomaly_score=alert.anomaly_score,
+                window_end=end,
+                model=alert.model_digest[:12],
+            ),
+        )
+        await self._publish_scoring(self._alerts_topic, msgspec.json.encode(alert), retain=True)
+        self._save_status()
+
+    async def _publish_scoring(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish a prediction or alert unless the broker is unreachable (then count it)."""
+        if not self.link.connected.is_set():
+            self.status.scoring.not_published += 1
+            return
+        try:
+            await self.link.publish(topic, payload, retain=retain)
+        except aiomqtt.MqttError as exc:
+            self.status.scoring.not_published += 1
+            self._scoring_error(exc, "prediction not published", topic=topic)
+
     async def run(self) -> None:
         torch.set_num_threads(self.config.training.threads)
         self._save_status("connecting")
@@ -499,6 +781,11 @@ class AgentService:
             async with asyncio.TaskGroup() as group:
                 if self.data_path is not None:
                     group.create_task(self.data_path.run(on_status=self._save_status))
+                if self._export_on:
+                    self._resume_scoring_model()
+                    group.create_task(self._export_loop())
+                if self._live_spec is not None:
+                    group.create_task(self._score_live(self._live_spec))
                 group.create_task(self.link.run())
                 await self.link.connected.wait()
                 self._save_status("idle")

@@ -3,6 +3,7 @@
 ``status.json``  counters and progress, rewritten atomically (read by ``fedgate-agent status``)
 ``models/``      the signed global-model messages as received (re-verified when loaded)
 ``peers.json``   identity keys of the other agents, pinned when first seen in a key roster
+``models/current.onnx``  ONNX export of the current model, for scoring (fedgate_agent.onnx_export)
 """
 
 from __future__ import annotations
@@ -60,6 +61,30 @@ class IngestStatus(msgspec.Struct, kw_only=True):
     lag_s: float | None = None  # now − timestamp of the newest stored sample
 
 
+class ScoringStatus(msgspec.Struct, kw_only=True):
+    """Live scoring: the exported model in use and what it has done since the agent started."""
+
+    state: str = "waiting for a model"  # waiting for a model | exporting | scoring | off
+    live: bool = False  # whether buffer windows are scored (needs a data path)
+    model_digest: str | None = None  # of the model scoring now
+    model_round: int | None = None
+    onnx_opset: int | None = None
+    parity_max_abs_diff: float | None = None  # |onnxruntime − torch| at export
+    parity_tolerance: float | None = None
+    export_seconds: float | None = None
+    exports: int = 0
+    swaps: int = 0
+    windows_scored: int = 0
+    windows_incomplete: int = 0  # grid points whose window missed a feature (source down)
+    last_window_end: float | None = None
+    last_prediction: dict[str, object] | None = None  # class, probability, anomaly_score
+    alerts_raised: int = 0
+    alert_active: bool = False
+    not_published: int = 0  # predictions dropped while the broker was unreachable
+    errors: dict[str, int] = msgspec.field(default_factory=dict)  # kind → count
+    last_error: str | None = None
+
+
 class AgentStatus(msgspec.Struct, kw_only=True):
     agent_id: str = ""
     state: str = "stopped"  # stopped | connecting | idle | training
@@ -80,6 +105,7 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     privacy_budget: float | None = None
     privacy_delta: float | None = None
     ingest: IngestStatus | None = None  # None: no buffer configured
+    scoring: ScoringStatus = msgspec.field(default_factory=ScoringStatus)
 
 
 def read_status(state_dir: Path) -> AgentStatus:

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -45,9 +48,11 @@ from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
+from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
+from fedgate_coordinator.broker_config_cli import broker_config
 from fedgate_coordinator.config import (
     CONFIG_NAME,
     DEFAULT_MODEL,
@@ -67,9 +72,10 @@ from fedgate_coordinator.federation_cli import (
     write_manifest_file,
 )
 from fedgate_coordinator.genesis import first_manifest
+from fedgate_coordinator.install_cli import install_service
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
-from fedgate_coordinator.service import CoordinatorService
+from fedgate_coordinator.service import INTAKE_STATUS_NAME, CoordinatorService
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
 from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
@@ -410,12 +416,26 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
         state_dir=obj.state_dir.absolute(),
     )
 
+    notifier = ServiceNotifier.from_environ(
+        os.environ,
+        pid=os.getpid(),
+        open_socket=partial(socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM),
+    )
+
     async def run() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         if task is not None:
             loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        await service.run(max_rounds=max_rounds, until_height=until_height)
+        # READY=1 once connected to the broker, then watchdog pings from this event loop.
+        lifecycle = asyncio.create_task(
+            notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")
+        )
+        try:
+            await service.run(max_rounds=max_rounds, until_height=until_height)
+        finally:
+            lifecycle.cancel()
+            await asyncio.wait([lifecycle])
 
     try:
         asyncio.run(run())
@@ -423,6 +443,7 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
         click.echo("stopped", err=True)
     finally:
         store.close()
+        notifier.close()
     summary = service.summary
     click.echo(
         f"rounds completed={summary.rounds_completed} aborted={summary.rounds_aborted}"
@@ -549,11 +570,23 @@ def _status_data(obj: Context) -> dict[str, Any]:
                 config, ledger, [r.round for r in rounds if r.status == "completed"]
             ),
             "rejected_messages": {
-                k: v for k, v in store.event_counts().items() if k != "round_recovered"
+                k: v
+                for k, v in store.event_counts().items()
+                if k not in ("round_recovered", "rate_limited")
             },
             "events": store.event_counts(),
+            "rate_limited": _rate_limited(obj.state_dir),
             "consensus": _consensus_summary(obj.state_dir, config, store),
         }
+
+
+def _rate_limited(state_dir: Path) -> dict[str, int]:
+    """Messages dropped unexamined per sender by the last ``serve`` (intake-status.json)."""
+    try:
+        data = json.loads((state_dir / INTAKE_STATUS_NAME).read_text())
+        return {str(k): int(v) for k, v in data.get("rate_limited", {}).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _consensus_summary(state_dir: Path, config: CoordinatorConfig, store: Store) -> dict[str, Any]:
@@ -690,6 +723,10 @@ def status(obj: Context, as_json: bool) -> None:
     rejected = data["rejected_messages"]
     click.echo(
         "rejected   " + (", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none")
+    )
+    limited = data["rate_limited"]
+    click.echo(
+        "rate limit " + (", ".join(f"{k}={v}" for k, v in sorted(limited.items())) or "no drops")
     )
 
 
@@ -1103,3 +1140,5 @@ def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool)
 
 
 main.add_command(federation)
+main.add_command(install_service)
+main.add_command(broker_config)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,12 @@ import tomli_w
 from fedgate_common.errors import FedgateError
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.mqtt_link import MqttSettings
+from fedgate_coordinator.rate_limit import RateLimitSettings, rate_limit_problems
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings, secagg_problems
 from fedgate_coordinator.site_privacy import SitePrivacySettings, site_privacy_problems
@@ -53,6 +57,7 @@ class CoordinatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     privacy: SitePrivacySettings = SitePrivacySettings()
     model: ModelSpec = DEFAULT_MODEL
     federation: FederationSettings = FederationSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
 
 
 def validate(config: CoordinatorConfig) -> list[str]:
@@ -97,6 +102,7 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append("rounds.local_epochs must be 1..1000 and rounds.batch_size 1..65536")
     problems.extend(secagg_problems(config.secagg))
     problems.extend(site_privacy_problems(config.privacy))
+    problems.extend(rate_limit_problems(config.rate_limit))
     if config.privacy.enabled and config.secagg.aggregation != "secagg":
         problems.append(
             "privacy.site_level=on needs secagg.aggregation=secagg: the noise is added by the "
@@ -115,6 +121,18 @@ def validate(config: CoordinatorConfig) -> list[str]:
     return problems
 
 
+def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
+    """Secret-file settings of a raw coordinator.toml and their systemd credential names
+    (``fedgate-coordinator install-service`` writes the matching ``LoadCredential=``)."""
+    names: dict[SettingPath, str] = {("broker", "password_file"): "broker-password"}
+    federation = raw.get("federation", {})
+    peers = federation.get("peers", {}) if isinstance(federation, dict) else {}
+    for cloud in peers if isinstance(peers, dict) else {}:
+        if re.fullmatch(r"[A-Za-z0-9_.-]{1,48}", str(cloud)):
+            names[("federation", "peers", str(cloud), "password_file")] = f"peer-{cloud}-password"
+    return names
+
+
 def load_config(state_dir: Path) -> CoordinatorConfig:
     path = state_dir / CONFIG_NAME
     try:
@@ -125,6 +143,8 @@ def load_config(state_dir: Path) -> CoordinatorConfig:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    # Under systemd, secret files come from $CREDENTIALS_DIRECTORY (LoadCredential).
+    load_credentials_into(raw, credential_names(raw), os.environ, exists=os.path.isfile)
     try:
         config = msgspec.convert(raw, CoordinatorConfig)
     except (msgspec.ValidationError, FedgateError) as exc:

@@ -7,7 +7,10 @@ It owns the broker connection, the timers and the store; the decisions live in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from fedgate_coordinator.federation import DecidedModel, FederationNode, global_
 from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
+from fedgate_coordinator.rate_limit import MALFORMED, OVERFLOW, Admission, RateLimiter
 from fedgate_coordinator.rounds import (
     Contribution,
     RoundAborted,
@@ -67,6 +71,7 @@ from fedgate_coordinator.store import ModelRecord, ParticipantRecord, PrivacyLed
 log = logging.getLogger("fedgate.coordinator")
 
 RESTART_REASON = "coordinator restarted while the round was running"
+INTAKE_STATUS_NAME = "intake-status.json"
 STOP_REASON = "coordinator stopped while the round was running"
 
 
@@ -74,6 +79,7 @@ class ServeSummary(msgspec.Struct, kw_only=True):
     rounds_completed: int = 0
     rounds_aborted: int = 0
     rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    rate_limited: dict[str, int] = msgspec.field(default_factory=dict)  # dropped, per sender
     stopped: str = ""  # why the coordinator stopped scheduling rounds, "" if it did not
 
 
@@ -139,7 +145,10 @@ class CoordinatorService:
         self._bytes_up: dict[str, int] = {}
         self._bytes_down_per_agent = 0
         self._agent_keys: dict[str, nacl.signing.VerifyKey] = {}
-        self.summary = ServeSummary()
+        self.rate_limiter = RateLimiter(config.rate_limit)
+        self.summary = ServeSummary(rate_limited=self.rate_limiter.dropped)
+        self._state_dir = state_dir
+        self._intake_status_at = 0.0
         self.federation = FederationNode(
             deployment=config.deployment,
             cloud=config.cloud,
@@ -199,6 +208,17 @@ class CoordinatorService:
         try:
             if _published_by_coordinator(message.topic):
                 return  # our own directed messages (share deliveries) come back to us
+            current = self.current
+            if current is None:
+                self.rate_limiter.start_round(None)
+            else:
+                self.rate_limiter.start_round(current.round, current.selected)
+            now = time.monotonic()
+            if self.rate_limiter.admit(message.topic, now) is Admission.DROPPED:
+                self._report_rate_limited(now)
+                return
+            if self.rate_limiter.pending:  # the tail of a flood, reported when due
+                self._report_rate_limited(now)
             checked = open_agent_message(
                 message.topic,
                 message.payload,
@@ -262,6 +282,48 @@ class CoordinatorService:
                 kind=exc.kind, agent=exc.sender or "-", round=round_number, error=str(exc)
             ),
         )
+
+    def _report_rate_limited(self, now: float) -> None:
+        """Log and record drops: a sender's first at once, then one summary per
+        ``rate_limit.report_every_s``; refresh the status file at most once a second."""
+        for sender, count in self.rate_limiter.due_reports(now):
+            agent = None if sender in (OVERFLOW, MALFORMED) else sender
+            detail = (
+                f"{count} message(s) from {sender!r} over its rate limit dropped unexamined "
+                f"({self.rate_limiter.dropped.get(sender, 0)} in total)"
+            )
+            current = self.current
+            self.store.record_event(
+                "rate_limited",
+                detail=detail,
+                round=current.round if current is not None else None,
+                agent_id=agent,
+            )
+            log_event(
+                log,
+                logging.WARNING,
+                "rate limit: messages dropped",
+                **self._fields(agent=sender, dropped=count),
+            )
+        if now - self._intake_status_at >= 1.0:
+            self.write_intake_status()
+            self._intake_status_at = now
+
+    def write_intake_status(self) -> None:
+        """``intake-status.json`` in the state directory, read by ``status``."""
+        data = {
+            "updated": time.time(),
+            "rate_limited": dict(self.rate_limiter.dropped),
+            "rate_limit_identities": self.rate_limiter.identities,
+        }
+        path = self._state_dir / INTAKE_STATUS_NAME
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self._state_dir, prefix=".intake-status.")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log_event(log, logging.WARNING, "cannot write intake status", error=str(exc))
 
     async def _intake_loop(self) -> None:
         while True:
@@ -806,6 +868,8 @@ class CoordinatorService:
             intake_task.cancel()
             federation_task.cancel()
             link_task.cancel()
+        self._report_rate_limited(time.monotonic() + self.config.rate_limit.report_every_s)
+        self.write_intake_status()
         return self.summary
 
 

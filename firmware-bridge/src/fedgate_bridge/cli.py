@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 from fedgate_bridge import __version__
+from fedgate_bridge.install_cli import install_service
 from fedgate_bridge.run_cli import check, run, status
 from fedgate_bridge.simulate_cli import simulate
 
 MAIN_EXIT_CODES = """\b
 Exit codes (every command):
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 outbox unusable        7 simulator failed (simulate)"""
+  3 config invalid     4 outbox unusable        7 simulator failed (simulate)
+  5 install-service: an installed file was changed by hand (use a drop-in, or --force)"""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EXIT_CODES)
@@ -25,6 +27,7 @@ def main() -> None:
       fedgate-bridge check --config /etc/fedgate/bridge.toml
       fedgate-bridge run --config /etc/fedgate/bridge.toml
       fedgate-bridge status --config /etc/fedgate/bridge.toml --json
+      sudo fedgate-bridge install-service --serial-device /dev/ttyUSB0
     """
 
 
@@ -32,3 +35,4 @@ main.add_command(run)
 main.add_command(check)
 main.add_command(status)
 main.add_command(simulate)
+main.add_command(install_service)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, get_args, get_origin
 
 import msgspec
+from fedgate_common.service_units import SettingPath, load_credentials_into
 
 from fedgate_bridge.errors import ConfigError
 from fedgate_bridge.registers import REGISTER_WIDTHS, register_count
@@ -35,6 +36,7 @@ __all__ = [
     "OpcuaSourceConfig",
     "OutboxSettings",
     "client_id_of",
+    "credential_names",
     "load_config",
     "parse_config",
     "read_password",
@@ -582,4 +584,18 @@ def load_config(path: Path) -> BridgeConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    # Under systemd, secret files come from $CREDENTIALS_DIRECTORY (LoadCredential).
+    load_credentials_into(raw, credential_names(raw), os.environ, exists=os.path.isfile)
     return parse_config(raw, where=str(path))
+
+
+def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
+    """The secret-file settings of a raw configuration and their systemd credential
+    names (``fedgate-bridge install-service`` writes the matching ``LoadCredential=``)."""
+    names: dict[SettingPath, str] = {("broker", "password_file"): "broker-password"}
+    sources = raw.get("opcua", [])
+    for index, source in enumerate(sources if isinstance(sources, list) else []):
+        name = source.get("name", "") if isinstance(source, dict) else ""
+        if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,48}", name):
+            names[("opcua", index, "password_file")] = f"opcua-{name}-password"
+    return names

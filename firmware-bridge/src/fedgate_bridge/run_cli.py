@@ -17,14 +17,17 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import msgspec
 from fedgate_common.logs import configure_logging
+from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.text_table import format_table
 
 from fedgate_bridge.config import (
@@ -103,7 +106,22 @@ async def _run_until_signal(config: BridgeConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await Bridge(config).run(stop)
+    bridge = Bridge(config)
+    notifier = ServiceNotifier.from_environ(
+        os.environ,
+        pid=os.getpid(),
+        open_socket=partial(socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM),
+    )
+    # READY=1 once the outbox is open and the sources run; watchdog pings from this loop.
+    lifecycle = asyncio.create_task(
+        notifier.follow(bridge.running.wait(), sleep=asyncio.sleep, status="running")
+    )
+    try:
+        await bridge.run(stop)
+    finally:
+        lifecycle.cancel()
+        await asyncio.wait([lifecycle])
+        notifier.close()
 
 
 def _outbox_failure(error: BaseException) -> OutboxError | None:

@@ -71,6 +71,7 @@ import contextlib
 import logging
 import random
 import sqlite3
+import ssl
 import threading
 import time
 from collections import deque
@@ -168,6 +169,7 @@ class MqttIngestSettings:
     keepalive_s: int = 30
     username: str | None = None
     password: str | None = None
+    tls: ssl.SSLContext | None = None  # None: plain TCP
     batch_max: int = 2000
     batch_wait_s: float = 0.02
     queue_max: int = 20000
@@ -656,7 +658,13 @@ class MqttIngest:
         loop = asyncio.get_running_loop()
         connection = _BrokerConnection(self, loop)
         await asyncio.wait_for(
-            loop.create_connection(lambda: connection, settings.host, settings.port),
+            loop.create_connection(
+                lambda: connection,
+                settings.host,
+                settings.port,
+                ssl=settings.tls,
+                server_hostname=settings.host if settings.tls else None,
+            ),
             settings.connect_timeout_s,
         )
         self._current = connection

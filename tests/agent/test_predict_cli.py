@@ -1,0 +1,122 @@
+"""`fedgate-agent predict --input FILE`: windows files and historian exports, offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fedgate_agent.cli import main as agent_main
+from fedgate_agent.cli_support import ExitCode
+from fedgate_agent.config import AgentConfig, WindowsConfig, write_config
+from fedgate_agent.onnx_export import save_exported_model
+from fedgate_agent.scoring import ScoringModel
+
+from tests.agent.scoring_support import DEMO_WINDOW, exported_demo_model, tep_test_set
+
+TAGS = tuple(f"XMEAS_{i}" for i in range(1, 53))
+PERIOD_S = 180.0
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    write_config(
+        path,
+        AgentConfig(
+            agent_id="site-1",
+            deployment="plant-a",
+            cloud="cloud-1",
+            state_dir=str(tmp_path / "state"),
+            windows=WindowsConfig(tags=TAGS, period_s=PERIOD_S),
+        ),
+    )
+    return path
+
+
+def predict(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(agent_main, ["predict", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_without_an_exported_model_says_so(config: Path, tmp_path: Path) -> None:
+    windows = tmp_path / "w.npz"
+    np.savez(windows, x=tep_test_set().x[:2])
+    code, _, err = predict("--config", str(config), "--input", str(windows))
+    assert code == ExitCode.NO_MODEL
+    assert int(ExitCode.NO_MODEL) == 7
+    assert "no exported model" in err
+
+
+def test_windows_file_with_labels(config: Path, tmp_path: Path) -> None:
+    exported = exported_demo_model(0)
+    save_exported_model(tmp_path / "state", exported)
+    test = tep_test_set()
+    x, y = test.x[::50], test.y[::50]
+    windows = tmp_path / "windows.npz"
+    np.savez(windows, x=x, y=y)
+    code, out, err = predict("--config", str(config), "--input", str(windows), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    expected = ScoringModel.from_onnx(exported.onnx).score(x)
+    assert result["windows"] == len(x)
+    assert result["model_digest"] == exported.model_digest
+    assert [p["predicted_class"] for p in result["predictions"]] == [
+        p.predicted_class for p in expected
+    ]
+    hits = sum(p.predicted_class == label for p, label in zip(expected, y, strict=True))
+    assert result["accuracy"] == pytest.approx(hits / len(y), abs=1e-6)
+    code, text, _ = predict("--config", str(config), "--input", str(windows))
+    assert code == 0
+    assert f"{len(x)} windows scored by model round 0" in text
+    assert "accuracy against the file's labels" in text
+
+
+def test_unusable_windows_files(config: Path, tmp_path: Path) -> None:
+    save_exported_model(tmp_path / "state", exported_demo_model(0))
+    no_x = tmp_path / "no_x.npz"
+    np.savez(no_x, windows=np.zeros((1, 20, 52), dtype=np.float32))
+    wrong_shape = tmp_path / "shape.npz"
+    np.savez(wrong_shape, x=np.zeros((1, 20, 51), dtype=np.float32))
+    not_npz = tmp_path / "text.npz"
+    not_npz.write_text("hello")
+    for path, message in [(no_x, "no array 'x'"), (wrong_shape, "do not fit"), (not_npz, "npz")]:
+        code, _, err = predict("--config", str(config), "--input", str(path))
+        assert code == ExitCode.DATA, err
+        assert message in err
+
+
+def test_historian_export_is_cut_on_the_windows_grid(config: Path, tmp_path: Path) -> None:
+    """A wide CSV export of 30 samples 3 minutes apart gives the 11 windows of 20 that end
+    at each grid point, each scored as the same rows cut directly would be."""
+    exported = exported_demo_model(0)
+    save_exported_model(tmp_path / "state", exported)
+    rows = tep_test_set().x[100, :, :]  # 20 samples of one test window …
+    rows = np.concatenate([rows, tep_test_set().x[101, -10:, :]])  # … and 10 more
+    start = 1_764_374_400.0  # a multiple of 180 s
+    export = tmp_path / "line3.csv"
+    with export.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["timestamp", *TAGS])
+        for i, values in enumerate(rows):
+            writer.writerow([start + i * PERIOD_S, *(f"{v:.9g}" for v in values)])
+    code, out, err = predict("--config", str(config), "--input", str(export), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    direct = np.lib.stride_tricks.sliding_window_view(
+        np.array([[float(f"{v:.9g}") for v in r] for r in rows], dtype=np.float32),
+        DEMO_WINDOW,
+        axis=0,
+    ).transpose(0, 2, 1)
+    expected = ScoringModel.from_onnx(exported.onnx).score(direct)
+    assert result["windows"] == len(rows) - DEMO_WINDOW + 1 == 11
+    assert [p["window_end"] for p in result["predictions"]] == [
+        start + (i + DEMO_WINDOW - 1) * PERIOD_S for i in range(11)
+    ]
+    got = np.array([p["probabilities"] for p in result["predictions"]])
+    np.testing.assert_allclose(got, [p.probabilities for p in expected], atol=1e-5)
+    code, _, err = predict("--config", str(config), "--input", str(export), "--stride", "5")
+    assert code == 0, err
