@@ -260,6 +260,31 @@ def test_enroll_accepts_the_longest_valid_id(state: Path) -> None:
     assert invoke(state, "enroll", "x" * 64, new_key()).exit_code == 0
 
 
+def test_enroll_issues_the_broker_login_at_once(state: Path, tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    no_ca = invoke(state, "enroll", "site-3", new_key(), "--broker-out", str(out))
+    assert no_ca.exit_code == ExitCode.CONFIG, no_ca.output
+    assert "run `fedgate-coordinator broker-config --out" in no_ca.output
+    with Store.open(f"sqlite:///{state / 'coordinator.db'}") as store:
+        assert "site-3" not in {a.agent_id for a in store.list_agents()}  # nothing half-done
+    broker_config(state, out)
+    result = invoke(state, "enroll", "site-3", new_key(), "--broker-out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    login = json.loads(result.output)["broker_login"]
+    assert login["issued"] is True
+    client = Path(login["directory"])
+    assert client == out / "clients" / "site-3"
+    cert = x509.load_pem_x509_certificate((client / "client.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=site-3"
+    cert.verify_directly_issued_by(ca)
+    assert stat.S_IMODE((client / "client.key").stat().st_mode) == 0o600
+    # broker-config later keeps it: the login issued at enrollment stays valid.
+    again = broker_config(state, out)
+    site3 = next(c for c in again["clients"] if c["user"] == "site-3")
+    assert site3["issued"] is False
+
+
 # -- rate-limit drops in `status` ---------------------------------------------------------
 
 

@@ -148,6 +148,25 @@ def test_agent_installs_without_coordinator_or_sqlalchemy(tmp_path: Path) -> Non
     help_text = _run([venv / "bin" / "fedgate-agent", "--help"], env=env, cwd=tmp_path, timeout=300)
     print(f"fedgate-agent --help: {time.monotonic() - started:.1f} s")
     assert "Usage:" in help_text
+    _installs_its_service(venv, env, tmp_path, "fedgate-agent", "agent.toml")
+
+
+def _installs_its_service(
+    venv: Path, env: dict[str, str], tmp_path: Path, program: str, config: str
+) -> None:
+    """`install-service --root` works from the installed package alone: the wheel carries
+    the commented configuration it writes (no source tree around)."""
+    stage = tmp_path / "stage"
+    _run(
+        [venv / "bin" / program, *(["--state-dir", str(tmp_path / "st")] if "coord" in program
+          else []), "install-service", "--root", stage, "--json"],
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    written = next(stage.glob(f"etc/fedgate/{config}*"))
+    assert written.read_text() == (REPO_ROOT / "packaging" / f"{config}.example").read_text()
+    assert (stage / "etc/systemd/system" / f"{program}.service").exists()
 
 
 @pytest.mark.slow
@@ -168,3 +187,4 @@ def test_coordinator_installs_without_torch(tmp_path: Path) -> None:
         [venv / "bin" / "fedgate-coordinator", "--help"], env=env, cwd=tmp_path, timeout=300
     )
     assert "Usage:" in help_text
+    _installs_its_service(venv, env, tmp_path, "fedgate-coordinator", "coordinator.toml")

@@ -4,6 +4,7 @@ commented configuration for the agent on a gateway."""
 from __future__ import annotations
 
 import sys
+from importlib.resources import files
 from typing import Any
 
 import click
@@ -81,7 +82,7 @@ def install_service(**options: Any) -> None:
     """
     code, text = run_install(
         service=SERVICE,
-        template_name="agent.toml.example",
+        template=files("fedgate_agent") / "templates" / "agent.toml.example",
         config_file=str(DEFAULT_CONFIG_PATH),
         build=lambda existing, program, template: agent_service_spec(
             program=program, template=template, config=existing

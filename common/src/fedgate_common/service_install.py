@@ -23,6 +23,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import IntEnum
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -83,9 +84,6 @@ def exit_code_of(error: InstallError) -> InstallExit:
 
 SYSTEMD_RUNNING = "/run/systemd/system"  # exists when systemd is the init system
 
-# <checkout>/<distribution>/src/<package>/<module>.py: the source tree's packaging/ folder.
-_PACKAGING = Path(__file__).resolve().parents[3] / "packaging"
-
 
 @dataclass(frozen=True)
 class StepOutcome:
@@ -119,16 +117,18 @@ def find_program(name: str, *, explicit: str | None, argv0: str) -> str:
     return os.path.abspath(found)
 
 
-def config_template(file_name: str, *, explicit: Path | None) -> str:
-    """The commented example configuration: ``explicit`` (``--config-template``) or
-    ``packaging/<file_name>`` of the source tree this package runs from."""
-    path = explicit or _PACKAGING / file_name
+def config_template(shipped: Traversable, *, explicit: Path | None) -> str:
+    """The commented example configuration: ``explicit`` (``--config-template``) or the
+    one ``shipped`` in the distribution's package (``<package>/templates/``)."""
     try:
-        return path.read_text(encoding="utf-8")
+        if explicit is not None:
+            return explicit.read_text(encoding="utf-8")
+        return shipped.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
+        where = explicit or shipped
         raise InstallConfigError(
-            f"cannot read the configuration template {path} ({exc}): pass "
-            f"--config-template packaging/{file_name} from the fedgate release"
+            f"cannot read the configuration template {where} ({exc}): reinstall the package, "
+            f"or pass --config-template with packaging/{shipped.name} of the fedgate release"
         ) from None
 
 
@@ -269,7 +269,7 @@ INSTALL_OPTIONS: Final[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = (
         {
             "default": None,
             "metavar": "FILE",
-            "help": "Commented configuration to install (default: from packaging/).",
+            "help": "Commented configuration to install (default: the one shipped in the package).",
         },
     ),
     (("--json", "as_json"), {"is_flag": True, "help": "Print the steps as JSON."}),
@@ -305,7 +305,7 @@ SpecBuilder = Callable[[dict[str, Any] | None, str, str], ServiceSpec]
 def install_service(
     *,
     service: str,
-    template_name: str,
+    template: Traversable,
     config_file: str,
     build: SpecBuilder,
     root: str,
@@ -328,7 +328,7 @@ def install_service(
         spec = build(
             existing,
             find_program(service, explicit=program, argv0=sys.argv[0]),
-            config_template(template_name, explicit=Path(template_path) if template_path else None),
+            config_template(template, explicit=Path(template_path) if template_path else None),
         )
         plan = plan_install(spec, root=root_text)
         outcomes = apply_plan(plan, dry_run=dry_run, force=force)

@@ -52,6 +52,7 @@ from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
+from fedgate_coordinator.broker_config import BrokerAuthority
 from fedgate_coordinator.broker_config_cli import broker_config
 from fedgate_coordinator.config import (
     CONFIG_NAME,
@@ -325,24 +326,58 @@ def init(
 @main.command()
 @click.argument("agent_id")
 @click.argument("public_key")
+@click.option(
+    "--broker-out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The `broker-config --out` directory: also issue the agent's broker certificate "
+    "(clients/AGENT_ID/) from the cloud's broker CA there.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the enrollment as JSON.")
 @click.pass_obj
 @_guard
-def enroll(obj: Context, agent_id: str, public_key: str, as_json: bool) -> None:
+def enroll(
+    obj: Context, agent_id: str, public_key: str, broker_out: Path | None, as_json: bool
+) -> None:
     """Enroll an agent: AGENT_ID and PUBLIC_KEY come from `fedgate-agent init`.
 
+    With --broker-out, the agent's broker login (client certificate and key, with the CA)
+    is issued at once into clients/AGENT_ID/ of that directory; the broker needs no reload.
+
     \b
-    Example:
+    Examples:
       fedgate-coordinator enroll site-1 ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73...
+      fedgate-coordinator enroll site-1 ed25519:3b6a... --broker-out /etc/mosquitto/fedgate
+
+    \b
+    Exit codes: 0 enrolled; 2 invalid agent id or key; 3 config error, or no broker CA in
+    --broker-out (run broker-config first); 4 store error; 5 the id is enrolled with
+    another key.
     """
     validate_identifier(agent_id, what="agent id")
     key_text = public_key_text(parse_public_key(public_key))
-    with obj.store() as store:
+    config = obj.config()
+    authority = None
+    if broker_out is not None:
+        authority = BrokerAuthority(broker_out, deployment=config.deployment, cloud=config.cloud)
+        if not authority.exists():
+            raise ConfigError(
+                f"no broker CA in {broker_out}: run `fedgate-coordinator broker-config --out "
+                f"{broker_out}` first (it also issues certificates for every enrolled agent)"
+            )
+        authority.load_or_create()
+    with obj.store(config) as store:
         record = store.enroll_agent(agent_id, key_text)
+    issued = None
+    if authority is not None and broker_out is not None:
+        issued = authority.issue_client(broker_out, agent_id, rotate=False)
     if as_json:
-        _echo_json(record)
-    else:
-        click.echo(f"enrolled {record.agent_id} ({record.public_key})")
+        _echo_json({**msgspec.to_builtins(record), "broker_login": issued})
+        return
+    click.echo(f"enrolled {record.agent_id} ({record.public_key})")
+    if issued is not None:
+        state = "issued" if issued.issued else "kept (it existed)"
+        click.echo(f"broker login {state}: {issued.directory} (ca.pem, client.pem, client.key)")
 
 
 @main.command()

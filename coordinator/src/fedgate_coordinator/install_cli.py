@@ -4,6 +4,7 @@ of a cloud's coordinator, and the commented example configuration."""
 from __future__ import annotations
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def install_service(ctx: click.Context, /, **options: Any) -> None:
     state_dir = str(Path(ctx.obj.state_dir).absolute())
     code, text = run_install(
         service=SERVICE,
-        template_name="coordinator.toml.example",
+        template=files("fedgate_coordinator") / "templates" / "coordinator.toml.example",
         config_file=f"{CONFIG_DIR}/coordinator.toml.example",
         existing_config=f"{state_dir}/{CONFIG_NAME}",
         build=lambda existing, program, template: coordinator_service_spec(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from importlib.resources import files
 from typing import Any
 
 import click
@@ -95,7 +96,7 @@ def install_service(serial_devices: tuple[str, ...], **options: Any) -> None:
     """
     code, text = run_install(
         service=SERVICE,
-        template_name="bridge.toml.example",
+        template=files("fedgate_bridge") / "templates" / "bridge.toml.example",
         config_file=str(DEFAULT_CONFIG_PATH),
         build=lambda existing, program, template: bridge_service_spec(
             program=program, template=template, config=existing, serial_devices=serial_devices
