@@ -15,8 +15,11 @@ Clouds, coordinators, secure aggregation and consensus are those of ``make demo`
 (``demo/run_demo.py``). Each site sees only normal operation and its own fault, so the
 federation is non-IID. The global model is scored after every height on windows from
 *other* runs of the same plant (other seeds, the same faults), simulated in this process
-and never seen by any agent. At the end the demo prints each site's ingest figures from
-``fedgate-agent status --json`` and the bridges' from ``fedgate-bridge status --json``.
+and never seen by any agent. After the last height the plants keep running until every
+agent scores live windows with the last certified model (exported to ONNX, onnxruntime) and
+its predictions reach the broker; a table shows that per site. At the end the demo prints
+each site's ingest figures from ``fedgate-agent status --json`` and the bridges' from
+``fedgate-bridge status --json``.
 
 The plant runs --speed simulated seconds per wall second (default 1800: one 3-minute
 sample every 0.1 s) with a 9 s control step (``--control-seconds``; 1.8 s is tep-studio's
@@ -35,6 +38,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +47,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import paho.mqtt.client as mqtt
 import tomli_w
 import torch
 from demo_broker import cloud_brokers
@@ -55,6 +60,7 @@ from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.store import Store
+from paho.mqtt.enums import CallbackAPIVersion
 from run_demo import (
     BIN,
     ROOT,
@@ -271,6 +277,100 @@ def ingest_rows(sites: list[Site]) -> list[list[Any]]:
     return rows
 
 
+class PredictionCounter:
+    """Counts the predictions each site publishes, read off its cloud's broker as a plant
+    system (SCADA, historian) would read them."""
+
+    def __init__(self, clouds: list[Any], deployment: str) -> None:
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._clients: list[mqtt.Client] = []
+        for cloud in clouds:
+            client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
+            client.on_message = self._on_message
+            client.connect(cloud.broker.host, cloud.broker.port, keepalive=30)
+            client.subscribe(f"fedgate/{deployment}/{cloud.name}/site/+/predictions", qos=1)
+            client.loop_start()
+            self._clients.append(client)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        site = message.topic.split("/")[-2]
+        with self._lock:
+            self.counts[site] = self.counts.get(site, 0) + 1
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.disconnect()
+            client.loop_stop()
+
+
+def scoring_of(site: Site) -> dict[str, Any]:
+    status = json.loads((site.config.parent / "status.json").read_text())
+    scoring: dict[str, Any] = status.get("scoring") or {}
+    return scoring
+
+
+def wait_for_live_scoring(
+    sites: list[Site], final_round: int, published: PredictionCounter, timeout_s: float = 240
+) -> list[list[Any]]:
+    """Until every agent scores live windows with the last decided model (its ONNX export
+    runs in a child process after the model arrives) and its predictions reach the broker;
+    then one row per site."""
+    deadline = time.monotonic() + timeout_s
+    wanted = 20
+    while True:
+        scoring = {site.name: scoring_of(site) for site in sites}
+        ready = {
+            name: s.get("model_round") == final_round and s.get("windows_scored", 0) >= wanted
+            for name, s in scoring.items()
+        }
+        if all(ready.values()) or time.monotonic() > deadline:
+            break
+        print(
+            "      scoring: "
+            + ", ".join(
+                f"{name} {s.get('state')} (model round {s.get('model_round')}, "
+                f"{s.get('windows_scored', 0)} windows)"
+                for name, s in scoring.items()
+            ),
+            flush=True,
+        )
+        time.sleep(5)
+    rows = []
+    for site in sites:
+        s = scoring[site.name]
+        last = s.get("last_prediction") or {}
+        rows.append(
+            [
+                site.name,
+                s.get("model_round"),
+                f"{s.get('parity_max_abs_diff') or 0:.1e}",
+                s.get("export_seconds"),
+                s.get("windows_scored", 0),
+                published.counts.get(site.name, 0),
+                last.get("predicted_class", "-"),
+                last.get("anomaly_score", "-"),
+                s.get("alerts_raised", 0),
+                sum((s.get("errors") or {}).values()),
+            ]
+        )
+    return rows
+
+
+SCORING_HEADERS = [
+    "site",
+    "model round",
+    "ONNX parity",
+    "export s",
+    "windows scored",
+    "on broker",
+    "last class",
+    "anomaly",
+    "alerts",
+    "errors",
+]
+
+
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -387,12 +487,21 @@ def main() -> int:
             print(
                 f"[5/6] {args.rounds} heights; each round re-cuts the growing buffers", flush=True
             )
+            published = PredictionCounter(clouds, deployment)
             rows, _ = follow_heights(clouds, stores, manifest, test, configs, args, out)
             for cloud in clouds:
                 if cloud.process is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         cloud.process.wait(timeout=60)
             fed_seconds = time.monotonic() - started
+            print(
+                "[live scoring] every agent exports the certified model to ONNX and scores "
+                "each new window with onnxruntime",
+                flush=True,
+            )
+            scoring_table = wait_for_live_scoring(sites, len(rows), published)
+            published.close()
+            print(format_table(SCORING_HEADERS, scoring_table), flush=True)
             print("[6/6] plants stopped; every site's data path once drained", flush=True)
             for plant in plants:
                 plant.send_signal(signal.SIGTERM)
@@ -430,6 +539,7 @@ def main() -> int:
         "federated_seconds": round(fed_seconds, 1),
         "total_seconds": round(time.monotonic() - started_all, 1),
         "ingest": [dict(zip(headers, row, strict=True)) for row in table],
+        "scoring": [dict(zip(SCORING_HEADERS, row, strict=True)) for row in scoring_table],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
