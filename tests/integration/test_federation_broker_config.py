@@ -92,15 +92,18 @@ def adapt(directory: Path, *, anonymous_peers: bool) -> tuple[Path, list[int]]:
 
 @contextlib.contextmanager
 def mosquitto(conf: Path, ports: list[int]) -> Iterator[None]:
-    process = subprocess.Popen(
-        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    # Its log goes to a file: a pipe nobody reads fills up and then blocks the broker.
+    log = conf.with_suffix(".log")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=sink
+        )
     try:
         deadline = time.monotonic() + 10
         waiting = set(ports)
         while waiting:
             if process.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {process.stderr.read()!r}")  # type: ignore[union-attr]
+                raise AssertionError(f"mosquitto exited: {log.read_text()!r}")
             assert time.monotonic() < deadline, f"mosquitto does not listen on {waiting}"
             for port in list(waiting):
                 with (

@@ -194,6 +194,11 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
                 (s.stage, len(everybody)) for s in stages
             ]
             seconds[number] = sum(s.seconds for s in stages)
+        print(
+            f"{flood_factor}x flood: quiet round {seconds[1]:.2f} s, flooded round "
+            f"{seconds[2]:.2f} s, dropped from {flooder.agent_id}: "
+            f"{service_drops(state_dir)} of {flooder.flooded} extra messages"
+        )
         # Same timing class: no stage waited for its deadline, and the flooded round took
         # about as long as the quiet one. (Without the limiter, the 400x flood made round 2
         # take 4x as long as round 1: each flood message examined and refused.)
@@ -212,6 +217,11 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
         status = json.loads((state_dir / INTAKE_STATUS_NAME).read_text())
         assert status["rate_limited"] == summary.rate_limited
         store.close()
+
+
+def service_drops(state_dir: Path) -> int:
+    status = json.loads((state_dir / INTAKE_STATUS_NAME).read_text())
+    return sum(int(v) for v in status["rate_limited"].values())
 
 
 # -- the limiter's rules, without IO ------------------------------------------------------
