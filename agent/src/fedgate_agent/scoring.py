@@ -306,18 +306,24 @@ class Alert(msgspec.Struct, kw_only=True):
 
 
 class AlertTracker:
-    """Edge detection: an :class:`Alert` when the alert state changes, else None."""
+    """Edge detection: an :class:`Alert` when the alert state changes, else None. The first
+    window of a run always gives one, so the retained alert of an earlier run (perhaps a
+    "raised" left behind by a stop) is replaced by this run's state at once."""
 
     def __init__(self, rule: AlertRule) -> None:
         self.rule = rule
-        self.active = False
+        self._state: bool | None = None  # None: nothing published by this run yet
         self.raised = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self._state)
 
     def observe(self, prediction: Prediction) -> Alert | None:
         reasons = self.rule.reasons(prediction)
-        if bool(reasons) == self.active:
+        if bool(reasons) == self._state:
             return None
-        self.active = bool(reasons)
+        self._state = bool(reasons)
         if self.active:
             self.raised += 1
         return Alert(
