@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fedgate_agent.config import set_config_value
 from fedgate_common.service_notify import ServiceNotifier
 
-from tests.bridge.bridge_support import free_port, mosquitto, write_bridge_config
+from tests.agent.test_data_cli import agent
+from tests.bridge.bridge_support import Mosquitto, free_port, mosquitto, write_bridge_config
 
 WATCHDOG_USEC = 200_000  # 0.2 s: pings every 0.1 s
 BLOCK_S = 0.8
@@ -214,12 +216,34 @@ def test_the_bridge_process_notifies_ready_pings_and_stopping(tmp_path: Path) ->
     assert 0.07 < gaps[len(gaps) // 2] < 0.15, f"pings not at WATCHDOG_USEC / 2: {gaps}"
 
 
+def ready_only_once_connected(
+    argv: list[str], broker: Mosquitto, name: str, *, startup_s: float
+) -> None:
+    """``argv`` started under a fake systemd while ``broker`` is down: it keeps running and
+    says nothing; once the broker is up, READY=1 "connected", pings at WatchdogSec/2 from
+    its event loop, and STOPPING=1 on SIGTERM."""
+    receiver = NotifySocket(f"@fedgate-test-{name}-{os.getpid()}-{time.monotonic_ns()}")
+    broker.stop()
+    with under_fake_systemd(argv, receiver) as process:
+        time.sleep(startup_s)  # long enough to import, open its state and try the broker
+        assert process.poll() is None, f"{name} exited while the broker was down"
+        assert receiver.snapshot() == [], "READY before the broker was reachable"
+        broker.start()
+        ready_at = receiver.wait_for("READY=1", 30.0)
+        time.sleep(0.6)
+        process.send_signal(signal.SIGTERM)
+        stopping_at = receiver.wait_for("STOPPING=1", 15.0)
+        process.wait(timeout=15)
+    messages = [m for _, m in receiver.snapshot()]
+    assert messages[0] == "READY=1\nSTATUS=connected"
+    pings = [s for s in receiver.pings() if ready_at <= s <= stopping_at]
+    assert len(pings) >= 4, f"expected a ping every 0.1 s, got {messages}"
+
+
 def test_the_coordinator_process_notifies_ready_once_connected(tmp_path: Path) -> None:
-    """`fedgate-coordinator serve`: nothing before the broker is reachable, READY=1 once it
-    is, pings at WatchdogSec/2, STOPPING=1 on SIGTERM."""
+    """`fedgate-coordinator serve`: see :func:`ready_only_once_connected`."""
     program = Path(sys.executable).parent / "fedgate-coordinator"
     state = tmp_path / "coordinator"
-    receiver = NotifySocket(f"@fedgate-test-coordinator-{os.getpid()}-{time.monotonic_ns()}")
     with mosquitto(tmp_path / "broker") as broker:
         init = subprocess.run(
             [
@@ -232,18 +256,15 @@ def test_the_coordinator_process_notifies_ready_once_connected(tmp_path: Path) -
             timeout=60,
         )
         assert init.returncode == 0, init.stderr
-        broker.stop()  # serve starts while the broker is down: not ready yet
         serve = [str(program), "--state-dir", str(state), "serve"]
-        with under_fake_systemd(serve, receiver) as process:
-            time.sleep(1.5)  # long enough to import, open the store and try the broker
-            assert process.poll() is None, "serve exited while the broker was down"
-            assert receiver.snapshot() == [], "READY before the broker was reachable"
-            broker.start()
-            ready_at = receiver.wait_for("READY=1", 30.0)
-            time.sleep(0.5)
-            process.send_signal(signal.SIGTERM)
-            stopping_at = receiver.wait_for("STOPPING=1", 15.0)
-            process.wait(timeout=15)
-    messages = [m for _, m in receiver.snapshot()]
-    assert messages[0] == "READY=1\nSTATUS=connected"
-    assert len([s for s in receiver.pings() if ready_at <= s <= stopping_at]) >= 3
+        ready_only_once_connected(serve, broker, "coordinator", startup_s=1.5)
+
+
+def test_the_agent_process_notifies_ready_once_connected(tmp_path: Path) -> None:
+    """`fedgate-agent run`: see :func:`ready_only_once_connected`."""
+    config = agent(tmp_path)  # initialised, manifest pinned, training from its buffer
+    program = Path(sys.executable).parent / "fedgate-agent"
+    with mosquitto(tmp_path / "broker") as broker:
+        set_config_value(config, "broker.port", str(broker.port))
+        run = [str(program), "run", "--config", str(config)]
+        ready_only_once_connected(run, broker, "agent", startup_s=2.0)
