@@ -1,6 +1,7 @@
 """``fedgate-coordinator broker-config``: write the cloud broker's locked-down configuration.
 
-``cli`` registers this command, so this module imports from ``cli`` only when it runs.
+``cli`` registers this command;
+exit codes, the error guard and JSON output come from ``cli_support``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
-from fedgate_common.errors import InvalidIdentifier
 
 from fedgate_coordinator.broker_config import (
     ACL_NAME,
@@ -38,7 +38,8 @@ from fedgate_coordinator.broker_config import (
     size_plan,
     write_private,
 )
-from fedgate_coordinator.errors import ConfigError, StoreError
+from fedgate_coordinator.cli_support import echo_json, guard
+from fedgate_coordinator.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedgate_coordinator.cli import Context
@@ -58,20 +59,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _guard(func: F) -> F:
+    """The coordinator's error guard; a file that cannot be written is a config error."""
+
+    @guard
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from fedgate_coordinator.cli import ExitCode, _fail
-
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
-            _fail(str(exc), ExitCode.CONFIG)
-        except StoreError as exc:
-            _fail(str(exc), ExitCode.STORE)
-        except InvalidIdentifier as exc:
-            _fail(str(exc), ExitCode.USAGE)
         except OSError as exc:
-            _fail(f"cannot write the broker files: {exc}", ExitCode.CONFIG)
+            raise ConfigError(f"cannot write the broker files: {exc}") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -303,9 +299,7 @@ def _coordinator_settings(out_dir: Path, cloud: str, port: int) -> dict[str, Any
 
 def _report(result: dict[str, Any], conf: str, *, as_json: bool) -> None:
     if as_json:
-        from fedgate_coordinator.cli import _echo_json
-
-        _echo_json(result)
+        echo_json(result)
         return
     if result["dry_run"]:
         click.echo(conf, nl=False)

@@ -24,14 +24,11 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from enum import IntEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 import msgspec
@@ -42,9 +39,9 @@ from fedgate_common.consensus.manifest import (
     manifest_problems,
 )
 from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, tolerance_text
-from fedgate_common.errors import FedgateError, InvalidIdentifier, ManifestInvalid
+from fedgate_common.errors import FedgateError, ManifestInvalid
 from fedgate_common.identifiers import validate_identifier
-from fedgate_common.keys import InvalidKey, parse_public_key, public_key_text
+from fedgate_common.keys import parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
@@ -54,6 +51,7 @@ from fedgate_common.text_table import format_table
 from fedgate_coordinator import __version__
 from fedgate_coordinator.broker_config import BrokerAuthority
 from fedgate_coordinator.broker_config_cli import broker_config
+from fedgate_coordinator.cli_support import ExitCode, echo_json, fail, guard
 from fedgate_coordinator.config import (
     CONFIG_NAME,
     DEFAULT_MODEL,
@@ -64,7 +62,7 @@ from fedgate_coordinator.config import (
     validate,
     write_config,
 )
-from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
+from fedgate_coordinator.errors import ConfigError, StoreError
 from fedgate_coordinator.federation import STATUS_NAME
 from fedgate_coordinator.federation_cli import (
     MANIFEST_NAME,
@@ -86,19 +84,6 @@ from fedgate_coordinator.site_privacy import (
 )
 from fedgate_coordinator.store import SITE_UNIT, PrivacyLedgerEntry, Store
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    FAILURE = 1
-    USAGE = 2
-    CONFIG = 3
-    STORE = 4
-    CONFLICT = 5
-    CHAIN = 6
-    NOT_FOUND = 7
-    MANIFEST = 8
-
-
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success          1 unexpected failure   2 bad command line
@@ -107,36 +92,7 @@ Exit codes:
   7 not found (rounds --detail N of a round that does not exist)
   8 the federation manifest is invalid or not signed by a quorum"""
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
-
-
-def _guard(func: F) -> F:
-    """Map fedgate errors to documented exit codes with a one-line message."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            _fail(str(exc), ExitCode.CONFIG)
-        except AgentConflict as exc:
-            _fail(str(exc), ExitCode.CONFLICT)
-        except ChainBroken as exc:
-            _fail(str(exc), ExitCode.CHAIN)
-        except StoreError as exc:
-            _fail(str(exc), ExitCode.STORE)
-        except (InvalidKey, InvalidIdentifier) as exc:
-            _fail(str(exc), ExitCode.USAGE)
-        except ManifestInvalid as exc:
-            _fail(str(exc), ExitCode.MANIFEST)
-
-    wrapper.__name__ = func.__name__
-    wrapper.__doc__ = func.__doc__
-    return wrapper  # type: ignore[return-value]
+__all__ = ["EXIT_CODES_HELP", "ExitCode", "main"]  # scripts and tests read exit codes here
 
 
 class Context(msgspec.Struct):
@@ -169,10 +125,6 @@ def _restrict_sqlite_file(url: str) -> None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and len(url) > len(prefix):
         Path(url[len(prefix) :]).chmod(0o640)
-
-
-def _echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -241,7 +193,7 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-@_guard
+@guard
 def init(
     obj: Context,
     cloud: str,
@@ -311,7 +263,7 @@ def init(
         "aggregation": aggregation,
     }
     if as_json:
-        _echo_json(result)
+        echo_json(result)
         return
     click.echo(f"initialised cloud {cloud!r} of deployment {deployment!r}")
     click.echo(f"  config:      {path}")
@@ -335,7 +287,7 @@ def init(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the enrollment as JSON.")
 @click.pass_obj
-@_guard
+@guard
 def enroll(
     obj: Context, agent_id: str, public_key: str, broker_out: Path | None, as_json: bool
 ) -> None:
@@ -372,7 +324,7 @@ def enroll(
     if authority is not None and broker_out is not None:
         issued = authority.issue_client(broker_out, agent_id, rotate=False)
     if as_json:
-        _echo_json({**msgspec.to_builtins(record), "broker_login": issued})
+        echo_json({**msgspec.to_builtins(record), "broker_login": issued})
         return
     click.echo(f"enrolled {record.agent_id} ({record.public_key})")
     if issued is not None:
@@ -384,7 +336,7 @@ def enroll(
 @click.argument("agent_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the agent record as JSON.")
 @click.pass_obj
-@_guard
+@guard
 def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
     """Revoke an agent: from the next round on, its messages are rejected as unknown_sender.
 
@@ -398,7 +350,7 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
         store.revoke_agent(agent_id)
         record = store.get_agent(agent_id)
     if as_json:
-        _echo_json(record)
+        echo_json(record)
     else:
         click.echo(f"revoked {agent_id}")
 
@@ -420,7 +372,7 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
 )
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
 @click.pass_obj
-@_guard
+@guard
 def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_json: bool) -> None:
     """Connect to the broker and run rounds (foreground; systemd runs this).
 
@@ -683,7 +635,7 @@ def _consensus_summary(state_dir: Path, config: CoordinatorConfig, store: Store)
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def status(obj: Context, as_json: bool) -> None:
     """Show the head model, round counts, the last round and rejected messages.
 
@@ -693,7 +645,7 @@ def status(obj: Context, as_json: bool) -> None:
     """
     data = _status_data(obj)
     if as_json:
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(f"deployment {data['deployment']}  cloud {data['cloud']}")
     click.echo(f"public key {data['coordinator_public_key']}")
@@ -790,7 +742,7 @@ STAGE_COLUMNS = ["stage", "expected", "received", "dropped", "bytes_in", "bytes_
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) -> None:
     """List rounds, newest first, or show one round and its stages with --detail N.
 
@@ -814,7 +766,7 @@ def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) ->
     with obj.store() as store:
         records = store.list_rounds(limit)
     if as_json:
-        _echo_json(records)
+        echo_json(records)
         return
     click.echo(
         format_table(
@@ -842,9 +794,9 @@ def _show_round_detail(obj: Context, number: int, *, as_json: bool) -> None:
         record = store.get_round(number)
         stages = store.stages(number)
     if record is None:
-        _fail(f"round {number} not found (see `fedgate-coordinator rounds`)", ExitCode.NOT_FOUND)
+        fail(f"round {number} not found (see `fedgate-coordinator rounds`)", ExitCode.NOT_FOUND)
     if as_json:
-        _echo_json({**msgspec.to_builtins(record), "stages": stages})
+        echo_json({**msgspec.to_builtins(record), "stages": stages})
         return
     fields: list[tuple[str, object]] = [
         ("status", record.status),
@@ -897,7 +849,7 @@ PRIVACY_COLUMNS = [
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def privacy(obj: Context, as_json: bool) -> None:
     """Show site-level privacy: the budget, ε spent so far and what each round spent.
 
@@ -923,7 +875,7 @@ def privacy(obj: Context, as_json: bool) -> None:
     summary = _privacy_summary(config, ledger, completed)
     warning = _federation_size_warning(config, active)
     if as_json:
-        _echo_json({**summary, "warning": warning, "rows": ledger})
+        echo_json({**summary, "warning": warning, "rows": ledger})
         return
     settings = config.privacy
     if not settings.enabled and not ledger:
@@ -1012,7 +964,7 @@ def _privacy_notes(
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def agents(obj: Context, as_json: bool) -> None:
     """List enrolled agents.
 
@@ -1023,7 +975,7 @@ def agents(obj: Context, as_json: bool) -> None:
     with obj.store() as store:
         records = store.list_agents()
     if as_json:
-        _echo_json(records)
+        echo_json(records)
         return
     click.echo(
         format_table(
@@ -1040,7 +992,7 @@ def agents(obj: Context, as_json: bool) -> None:
 @click.option("--verify", is_flag=True, help="Recompute every digest along the chain.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def models(obj: Context, verify: bool, as_json: bool) -> None:
     """List the global-model hash chain (genesis = round 0).
 
@@ -1052,7 +1004,7 @@ def models(obj: Context, verify: bool, as_json: bool) -> None:
         chain_length = store.verify_chain() if verify else None
         records = store.list_models()
     if as_json:
-        _echo_json({"verified_length": chain_length, "models": records})
+        echo_json({"verified_length": chain_length, "models": records})
         return
     click.echo(
         format_table(
@@ -1077,7 +1029,7 @@ def models(obj: Context, verify: bool, as_json: bool) -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def events(obj: Context, limit: int, as_json: bool) -> None:
     """List recent events (rejected messages, recovered rounds), newest first.
 
@@ -1088,7 +1040,7 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
     with obj.store() as store:
         records = store.list_events(limit)
     if as_json:
-        _echo_json(records)
+        echo_json(records)
         return
     click.echo(
         format_table(
@@ -1110,7 +1062,7 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
-@_guard
+@guard
 def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool) -> None:
     """List the federation's decisions (one global model per height) and their signers.
 
@@ -1126,7 +1078,7 @@ def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool)
         if votes_height is not None:
             votes = store.votes(height=votes_height)
             if as_json:
-                _echo_json(
+                echo_json(
                     [
                         {
                             "height": v.height,
@@ -1153,7 +1105,7 @@ def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool)
             return
         records = store.decisions(limit)
     if as_json:
-        _echo_json(
+        echo_json(
             [
                 {
                     "height": d.height,

@@ -5,7 +5,8 @@ clouds pass around: one creates it (``init``), every coordinator that must appro
 it (``sign``), each checks it (``verify``) and installs it (``install``) into its state
 directory as ``federation.json``.
 
-``cli`` registers this group, so this module imports from ``cli`` only when a command runs.
+``cli`` registers this group;
+exit codes, the error guard and JSON output come from ``cli_support``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from fedgate_common.consensus.quorum import quorum_size, tolerance_text
 from fedgate_common.errors import FedgateError, InvalidIdentifier, ManifestInvalid
 from fedgate_common.keys import InvalidKey, public_key_text
 
+from fedgate_coordinator.cli_support import ExitCode, echo_json, fail
 from fedgate_coordinator.config import KEY_NAME, CoordinatorConfig, load_config
 from fedgate_coordinator.errors import ConfigError, StoreError
 from fedgate_coordinator.genesis import federation_genesis, genesis_record
@@ -74,8 +76,6 @@ def _guard(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from fedgate_coordinator.cli import ExitCode, _fail
-
         try:
             return func(*args, **kwargs)
         except ManifestInvalid as exc:
@@ -83,19 +83,13 @@ def _guard(func: F) -> F:
                 click.echo(f"error: {problem}", err=True)
             sys.exit(int(ExitCode.MANIFEST))
         except ConfigError as exc:
-            _fail(str(exc), ExitCode.CONFIG)
+            fail(str(exc), ExitCode.CONFIG)
         except StoreError as exc:
-            _fail(str(exc), ExitCode.STORE)
+            fail(str(exc), ExitCode.STORE)
         except (InvalidKey, InvalidIdentifier) as exc:
-            _fail(str(exc), ExitCode.USAGE)
+            fail(str(exc), ExitCode.USAGE)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _echo_json(data: object) -> None:
-    from fedgate_coordinator.cli import _echo_json as echo_json
-
-    echo_json(data)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -518,7 +512,7 @@ def init_manifest(
     signers = approvers.cloud_ids()
     needed = len(signers) if manifest.version == 1 else quorum_size(len(signers))
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "file": str(path),
                 "notes": notes,
@@ -600,7 +594,7 @@ def sign(obj: Context, file: Path, previous_path: Path | None, as_json: bool) ->
     write_manifest_file(file, updated, mode=file.stat().st_mode & 0o777)
     status = signature_status(updated, previous=previous_manifest)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "file": str(file),
                 "cloud": config.cloud,
@@ -661,7 +655,7 @@ def show(obj: Context, file: Path | None, previous_path: Path | None, as_json: b
     ):
         status = signature_status(signed, previous=installed.manifest)
     if as_json:
-        _echo_json(
+        echo_json(
             {**manifest_summary(signed, status), "installed": file is None or signed == installed}
         )
         return
@@ -716,8 +710,6 @@ def verify(obj: Context, file: Path, previous_paths: tuple[Path, ...], as_json: 
       fedgate-coordinator federation verify federation-v1.json
       fedgate-coordinator federation verify federation-v2.json --previous federation-v1.json
     """
-    from fedgate_coordinator.cli import ExitCode
-
     signed = read_manifest_file(file)
     previous = _read_all(previous_paths)
     installed = None if previous else installed_manifest(obj.state_dir)
@@ -734,7 +726,7 @@ def verify(obj: Context, file: Path, previous_paths: tuple[Path, ...], as_json: 
             signed, previous=predecessor.manifest if predecessor is not None else None
         )
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "file": str(file),
                 "valid": not problems,
@@ -872,7 +864,7 @@ def _check_store_genesis(obj: Context, config: CoordinatorConfig, manifest: Mani
 def _echo_installed(path: Path, signed: SignedManifest, as_json: bool, *, already: bool) -> None:
     manifest = signed.manifest
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "installed": str(path),
                 "already_installed": already,
