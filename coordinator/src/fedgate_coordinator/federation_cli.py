@@ -46,12 +46,12 @@ from fedgate_common.consensus.manifest import (
     verify_chain,
 )
 from fedgate_common.consensus.quorum import quorum_size, tolerance_text
-from fedgate_common.errors import FedgateError, InvalidIdentifier, ManifestInvalid
-from fedgate_common.keys import InvalidKey, public_key_text
+from fedgate_common.errors import FedgateError, ManifestInvalid
+from fedgate_common.keys import public_key_text
 
-from fedgate_coordinator.cli_support import ExitCode, echo_json, fail
+from fedgate_coordinator.cli_support import ExitCode, echo_json, guard
 from fedgate_coordinator.config import KEY_NAME, CoordinatorConfig, load_config
-from fedgate_coordinator.errors import ConfigError, StoreError
+from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.genesis import federation_genesis, genesis_record
 from fedgate_coordinator.signing_key import load_signing_key
 
@@ -72,8 +72,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _guard(func: F) -> F:
-    """Map errors to the documented exit codes; a manifest's problems one per line."""
+    """The coordinator's error guard, with a manifest's problems one per line."""
 
+    @guard
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -82,12 +83,6 @@ def _guard(func: F) -> F:
             for problem in exc.problems:
                 click.echo(f"error: {problem}", err=True)
             sys.exit(int(ExitCode.MANIFEST))
-        except ConfigError as exc:
-            fail(str(exc), ExitCode.CONFIG)
-        except StoreError as exc:
-            fail(str(exc), ExitCode.STORE)
-        except (InvalidKey, InvalidIdentifier) as exc:
-            fail(str(exc), ExitCode.USAGE)
 
     return wrapper  # type: ignore[return-value]
 
