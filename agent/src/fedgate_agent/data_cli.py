@@ -48,27 +48,38 @@ def _progress_printer(enabled: bool) -> object:
     return show if enabled else None
 
 
-@click.command("import")
-@config_option
-@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
+# How a historian export's columns are read: `import` and `predict` take the same options.
+layout_option = click.option(
     "--layout",
     type=click.Choice(["auto", "long", "wide"]),
     default="auto",
     show_default=True,
     help="long: timestamp, tag, value columns; wide: timestamp and one column per tag.",
 )
-@click.option("--timestamp-column", default=None, help="Default: timestamp/time/ts/….")
-@click.option("--tag-column", default=None, help="Long layout. Default: tag/TagName/name/….")
-@click.option("--value-column", default=None, help="Long layout. Default: value/Value/….")
-@click.option("--source-column", default=None, help="Long layout: a column naming the source.")
-@click.option(
+timestamp_column_option = click.option(
+    "--timestamp-column", default=None, help="Default: timestamp/time/ts/…."
+)
+timestamp_format_option = click.option(
     "--timestamp-format",
     type=click.Choice(["auto", "iso", "epoch_s", "epoch_ms", "epoch_us"]),
     default="auto",
     show_default=True,
 )
-@click.option("--timezone", default=None, help="IANA zone of naive timestamps (default UTC).")
+timezone_option = click.option(
+    "--timezone", default=None, help="IANA zone of naive timestamps (default UTC)."
+)
+
+
+@click.command("import")
+@config_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@layout_option
+@timestamp_column_option
+@click.option("--tag-column", default=None, help="Long layout. Default: tag/TagName/name/….")
+@click.option("--value-column", default=None, help="Long layout. Default: value/Value/….")
+@click.option("--source-column", default=None, help="Long layout: a column naming the source.")
+@timestamp_format_option
+@timezone_option
 @click.option("--rename", multiple=True, metavar="OLD=NEW", help="Rename a tag (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Import only this tag (repeatable).")
 @click.option("--delimiter", default=None, help="CSV separator (default: guessed).")

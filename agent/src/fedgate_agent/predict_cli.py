@@ -29,6 +29,12 @@ import numpy.typing as npt
 
 from fedgate_agent.cli_support import ExitCode, config_option, echo_json, fail
 from fedgate_agent.config import AgentConfig, load_config
+from fedgate_agent.data_cli import (
+    layout_option,
+    timestamp_column_option,
+    timestamp_format_option,
+    timezone_option,
+)
 from fedgate_agent.data_settings import window_spec
 from fedgate_agent.errors import ConfigError, LocalDataError
 from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
@@ -122,21 +128,10 @@ def _iso(ts: float) -> str:
     show_default=True,
     help="Historian exports: grid steps between scored windows.",
 )
-@click.option(
-    "--layout",
-    type=click.Choice(["auto", "long", "wide"]),
-    default="auto",
-    show_default=True,
-    help="Historian exports: as for `import`.",
-)
-@click.option("--timestamp-column", default=None, help="Historian exports: as for `import`.")
-@click.option(
-    "--timestamp-format",
-    type=click.Choice(["auto", "iso", "epoch_s", "epoch_ms", "epoch_us"]),
-    default="auto",
-    show_default=True,
-)
-@click.option("--timezone", default=None, help="IANA zone of naive timestamps (default UTC).")
+@layout_option
+@timestamp_column_option
+@timestamp_format_option
+@timezone_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def predict_command(
     config_path: Path,
