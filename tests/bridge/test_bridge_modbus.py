@@ -21,6 +21,7 @@ from fedgate_bridge.counters import SourceCounters
 from fedgate_bridge.modbus_source import ModbusPoller
 from fedgate_bridge.outbox import AsyncOutbox, Outbox
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from pymodbus.framer import FramerType
 
 from tests.bridge.bridge_support import (
@@ -265,9 +266,7 @@ async def test_serial_rtu_without_a_device_is_counted_as_unavailable(tmp_path: P
         try:
             await wait_until(lambda: counters.errors >= 3, 10, "failed serial connects")
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
         assert outbox.depth == 0
     assert "/dev/fedgate-no-such-tty" in counters.last_error
     assert counters.readings == 0

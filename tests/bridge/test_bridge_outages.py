@@ -8,7 +8,6 @@ happen is a gap in a stream or one seq carrying two different readings.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summ
 from fedgate_bridge.publisher import MqttPublisher
 from fedgate_bridge.run_cli import status
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 
 from tests.bridge.bridge_support import (
     Mosquitto,
@@ -244,9 +244,7 @@ async def publish_five(tmp_path: Path, port: int, secret: Path) -> PublisherCoun
                 lambda: publisher.idle or counters.connect_failures >= 2, 10, "an outcome"
             )
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
     return counters
 
 

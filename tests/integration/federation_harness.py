@@ -26,6 +26,7 @@ from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import ModelUpdate, RoundStart
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
+from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import coordinator_broadcast_filter, round_topic
 
 BIN = Path(sys.executable).parent
@@ -223,9 +224,7 @@ class ScriptedAgents:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_until_done(self._tasks)
 
     async def _serve(self, cloud: Cloud, ready: asyncio.Event) -> None:
         while True:

@@ -31,6 +31,7 @@ from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
 from fedgate_agent.ingest.mqtt_source import MqttIngest, MqttIngestSettings, MqttSubscription
 from fedgate_agent.mqtt_link import MqttLink
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from fedgate_coordinator.broker_config import (
     CA_CERT_NAME,
     SERVER_CERT_NAME,
@@ -126,9 +127,7 @@ async def running(coroutine: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_until_done([task])
 
 
 def agent_config(tmp_path: Path, broker: BrokerConfig, ingest: IngestConfig) -> AgentConfig:

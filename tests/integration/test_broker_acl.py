@@ -39,6 +39,7 @@ from click.testing import CliRunner
 from fedgate_agent.config import BrokerConfig
 from fedgate_agent.mqtt_link import MqttLink as AgentLink
 from fedgate_common.keys import public_key_text
+from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import agent_inbound_filter, coordinator_broadcast_filter, round_topic
 from fedgate_coordinator.broker_config import BrokerAuthority
 from fedgate_coordinator.cli import main
@@ -414,9 +415,7 @@ async def test_coordinator_and_agent_links_use_the_generated_credentials(broker:
         received_down = await asyncio.wait_for(agent.inbound.get(), WAIT_S)
         assert (received_down.topic, received_down.payload) == (down, b"down")
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_until_done(tasks)
 
 
 def test_an_agent_cannot_take_over_another_clients_session(broker: Broker) -> None:

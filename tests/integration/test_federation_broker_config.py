@@ -20,6 +20,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import federation_filter, federation_topic
 from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
 
@@ -199,9 +200,7 @@ async def test_peers_read_the_federation_topics_only_and_only_the_coordinator_wr
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(link.connected.wait(), 2)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
         password_file = tmp_path / "peer-cloud-1.pass"
         password_file.write_text(PASSWORD + "\n")
         link = peer_link(peers, username="cloud-2", password_file=str(password_file))
@@ -210,9 +209,7 @@ async def test_peers_read_the_federation_topics_only_and_only_the_coordinator_wr
             message = await asyncio.wait_for(link.inbound.get(), 10)
             assert (message.topic, message.payload) == (topic("aggregate"), b"aggregate")
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
 
 
 async def test_the_anonymous_read_only_form_admits_todays_coordinator_link(
@@ -242,9 +239,7 @@ async def test_the_anonymous_read_only_form_admits_todays_coordinator_link(
                     await anonymous.subscribe(FEDERATION, qos=1)
                     assert await next_payload(anonymous) == b"aggregate"  # not "start"
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_until_done([task])
 
 
 def peer_link(port: int, *, username: str = "", password_file: str = "") -> MqttLink:

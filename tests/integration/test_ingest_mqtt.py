@@ -36,6 +36,7 @@ from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
 from fedgate_agent.ingest.mqtt_source import MqttIngest, MqttIngestSettings, MqttSubscription
 from fedgate_agent.ingest.sparkplug import DATA_TYPES, sparkplug_payload_class
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest.publisher import json_payload
@@ -206,9 +207,7 @@ async def running(ingest: MqttIngest) -> AsyncIterator[asyncio.Task[None]]:
         await asyncio.wait_for(ingest.connected.wait(), 15)
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_until_done([task])
 
 
 async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -35,6 +35,7 @@ from fedgate_agent.ingest.opcua_source import (
     data_value_to_sample,
 )
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 
 SERVER = Path(__file__).with_name("opcua_test_server.py")
 RATE_HZ = 50
@@ -176,9 +177,7 @@ async def test_server_freeze_and_restart_lose_nothing_that_was_delivered(
             await wait_until(lambda: not counters.connected, "the final shutdown")
             await asyncio.sleep(0.2)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
 
         assert ingest.queue_depth == 0  # what was received was handed to the buffer
         written = read_log(server.log)

@@ -12,7 +12,6 @@ model raises.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from fedgate_common.envelope import seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import GlobalModel
 from fedgate_common.model_spec import ModelSpec, initial_weights
+from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import model_topic
 
 from tests.bridge.bridge_support import mosquitto, subscriber, wait_until
@@ -148,11 +148,7 @@ async def test_scoring_publishes_and_swaps_models_without_a_pause(tmp_path: Path
             silent.clear()
             await wait_until(lambda: len(predictions()) >= before_outage + 15, 10, "resumed")
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_until_done(tasks)
             writer.close()
 
     seen = predictions()[:before_outage]  # the outage's gap is checked below

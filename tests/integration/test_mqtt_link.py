@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 
 AMQTT_BROKER = """
@@ -122,3 +123,55 @@ async def test_link_reconnects_after_the_broker_restarts(tmp_path: Path) -> None
 async def _until_disconnected(link: MqttLink) -> None:
     while link.connected.is_set():  # noqa: ASYNC110 - the link exposes no "lost" event
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary")
+@pytest.mark.parametrize("admit", [True, False], ids=["admit-at-receive", "no-admit-control"])
+async def test_a_flood_refused_at_receive_cannot_crowd_out_later_messages(
+    tmp_path: Path, admit: bool
+) -> None:
+    """A flood the consumer is not reading (the coordinator busy with a stage) that the
+    ``admit`` hook refuses is dropped as it arrives, so the honest messages behind it all
+    get through. The control shows why the hook runs before the queues: without it, the
+    flood fills the link's queue and aiomqtt's, and aiomqtt discards what comes next."""
+    port = free_port()
+    flood_topic = "fedgate/t/c/round/9/keys/flooder"
+    link = MqttLink(
+        settings=MqttSettings(port=port, client_id=f"flood-test-{port}", queue_size=200),
+        subscriptions=["fedgate/t/c/round/+/+/+"],
+        admit=(lambda topic: topic != flood_topic) if admit else None,
+    )
+    lines = tmp_path / "flood.txt"
+    lines.write_text("junk\n" * 5_000)
+    with broker(mosquitto_command(tmp_path, port), port):
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 15)
+            with lines.open("rb") as flood:
+                publisher = await asyncio.create_subprocess_exec(
+                    "mosquitto_pub",
+                    "-p",
+                    str(port),
+                    "-q",
+                    "0",
+                    "-t",
+                    flood_topic,
+                    "-l",
+                    stdin=flood,
+                )
+                assert await asyncio.wait_for(publisher.wait(), 60) == 0
+            honest = [f"fedgate/t/c/round/9/keys/site-{n}" for n in range(20)]
+            for topic in honest:
+                await link.publish(topic, b"real")
+            received: list[str] = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    received.append((await asyncio.wait_for(link.inbound.get(), 2)).topic)
+        finally:
+            await cancel_until_done([task])
+    arrived = [t for t in received if t in honest]
+    if admit:
+        assert received == honest
+    else:
+        assert flood_topic in received
+        assert len(arrived) < len(honest)  # crowded out

@@ -38,6 +38,7 @@ from fedgate_common.model_spec import ModelSpec, parameter_count, split_paramete
 from fedgate_common.secagg.encoding import decode_sum
 from fedgate_common.secagg.keystream import Words
 from fedgate_common.secagg.participant import Participant, encoding_params
+from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import (
     coordinator_broadcast_filter,
     coordinator_direct_filter,
@@ -214,9 +215,7 @@ async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
         injector = asyncio.create_task(_inject_bad_input(deployment, agents))
         summary = await asyncio.wait_for(service.run(max_rounds=1), 90)
         await asyncio.wait_for(injector, 5)
-        for task in agent_tasks:
-            task.cancel()
-        await asyncio.gather(*agent_tasks, return_exceptions=True)
+        await cancel_until_done(agent_tasks)
 
         assert summary.rounds_completed == 1, summary
         # Which refusal each injected message meets depends on the stage it reaches the
@@ -342,9 +341,7 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
         assert again.rounds_completed == 0
         assert "privacy budget" in again.stopped
         assert len(store.list_rounds()) == 2
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_until_done(tasks)
     finally:
         async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
             await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)

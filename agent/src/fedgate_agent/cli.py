@@ -31,6 +31,7 @@ from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.service_notify import ServiceNotifier
+from fedgate_common.tasks import cancel_persistently
 from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
@@ -349,7 +350,7 @@ def run(config_path: Path, log_json: bool) -> None:
     async def main_task() -> None:
         task = asyncio.current_task()
         if task is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, cancel_persistently, task)
         # READY=1 once connected to the broker, then watchdog pings from this event loop.
         lifecycle = asyncio.create_task(
             notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from fedgate_common.logs import log_event
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.tasks import BackgroundTasks
 
 from fedgate_agent.broker_login import ingest_login, read_password
 from fedgate_agent.config import AgentConfig
@@ -125,11 +126,11 @@ class DataPath:
     async def run(self, on_status: Callable[[], None] | None = None) -> None:
         """Run every source until cancelled, refreshing :attr:`status` every few seconds."""
         try:
-            async with asyncio.TaskGroup() as group:
+            async with BackgroundTasks() as background:
                 if self._mqtt is not None:
-                    group.create_task(self._mqtt.run())
+                    background.create_task(self._mqtt.run())
                 for opcua in self._opcua:
-                    group.create_task(opcua.run())
+                    background.create_task(opcua.run())
                 while True:
                     self.refresh_status()
                     if on_status is not None:

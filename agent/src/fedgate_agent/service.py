@@ -42,6 +42,7 @@ from fedgate_common.messages import (
 )
 from fedgate_common.model_spec import flatten_parameters
 from fedgate_common.secagg.participant import Participant
+from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import (
     coordinator_broadcast_filter,
     coordinator_direct_filter,
@@ -778,15 +779,15 @@ class AgentService:
         torch.set_num_threads(self.config.training.threads)
         self._save_status("connecting")
         try:
-            async with asyncio.TaskGroup() as group:
+            async with BackgroundTasks() as background:
                 if self.data_path is not None:
-                    group.create_task(self.data_path.run(on_status=self._save_status))
+                    background.create_task(self.data_path.run(on_status=self._save_status))
                 if self._export_on:
                     self._resume_scoring_model()
-                    group.create_task(self._export_loop())
+                    background.create_task(self._export_loop())
                 if self._live_spec is not None:
-                    group.create_task(self._score_live(self._live_spec))
-                group.create_task(self.link.run())
+                    background.create_task(self._score_live(self._live_spec))
+                background.create_task(self.link.run())
                 await self.link.connected.wait()
                 self._save_status("idle")
                 while True:

@@ -46,6 +46,7 @@ from fedgate_common.logs import configure_logging
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.service_notify import ServiceNotifier
+from fedgate_common.tasks import cancel_persistently
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
@@ -413,7 +414,7 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         if task is not None:
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(signal.SIGTERM, cancel_persistently, task)
         # READY=1 once connected to the broker, then watchdog pings from this event loop.
         lifecycle = asyncio.create_task(
             notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")

@@ -70,6 +70,7 @@ from fedgate_common.errors import FedgateError, MalformedMessage, ProtocolError
 from fedgate_common.logs import log_event
 from fedgate_common.messages import Certificate, CloudAggregate, GlobalModel
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
 
 from fedgate_coordinator.aggregation import apply_delta, as_float32
@@ -444,12 +445,13 @@ class FederationNode:
     async def run(self) -> None:
         """Peer links, intake, the core's input queue and gossip; runs until cancelled."""
         try:
-            async with asyncio.TaskGroup() as group:
+            async with BackgroundTasks() as background:
                 for cloud, link in self.peer_links.items():
-                    group.create_task(link.run())
-                    group.create_task(self._peer_intake(cloud, link))
-                group.create_task(self._feed_core())
-                group.create_task(self._gossip())
+                    background.create_task(link.run())
+                    background.create_task(self._peer_intake(cloud, link))
+                background.create_task(self._feed_core())
+                background.create_task(self._gossip())
+                await asyncio.Event().wait()  # until cancelled
         finally:
             self._write_status()
 

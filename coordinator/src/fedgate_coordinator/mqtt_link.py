@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiomqtt
 import msgspec
@@ -57,8 +57,27 @@ class InboundMessage(msgspec.Struct, frozen=True):
     payload: bytes
 
 
+def _admitting_queue(admit: Callable[[str], bool]) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming queue (its ``queue_type``), refusing what ``admit`` refuses
+    before the message takes a slot. aiomqtt fills it from paho's message callback."""
+
+    class AdmittingQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            if admit(str(item.topic)):
+                super().put_nowait(item)
+
+    return AdmittingQueue
+
+
 class MqttLink:
-    """One reconnecting broker connection; inbound messages go to a bounded queue."""
+    """One reconnecting broker connection; inbound messages go to a bounded queue.
+
+    ``admit(topic)``, if given, runs for each message as the MQTT client receives it,
+    before the message takes a place in the client's queue: a message it refuses is gone
+    at once. So a sender flooding the link is dropped at receive speed and cannot fill the
+    queues that honest messages pass through (aiomqtt discards what arrives while its
+    queue is full).
+    """
 
     def __init__(
         self,
@@ -66,9 +85,11 @@ class MqttLink:
         settings: MqttSettings,
         subscriptions: Sequence[str],
         backoff: Backoff | None = None,
+        admit: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
+        self._admit = admit
         self.inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.queue_size)
         self.connected = asyncio.Event()
         self._backoff = backoff or Backoff()
@@ -90,6 +111,8 @@ class MqttLink:
             "username": settings.username or None,
             "password": read_password(settings.password_file),
         }
+        if self._admit is not None:
+            common["queue_type"] = _admitting_queue(self._admit)
         if settings.tls_ca_file:
             common["tls_params"] = aiomqtt.TLSParameters(
                 ca_certs=settings.tls_ca_file,

@@ -39,6 +39,7 @@ from fedgate_common.messages import (
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.graph import effective_degree
+from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
 from fedgate_coordinator.aggregation import apply_delta, as_float32
@@ -138,7 +139,9 @@ class CoordinatorService:
                 settings, client_id=f"fedgate-coordinator-{config.deployment}-{config.cloud}"
             )
         self.link = MqttLink(
-            settings=settings, subscriptions=[agent_inbound_filter(config.deployment, config.cloud)]
+            settings=settings,
+            subscriptions=[agent_inbound_filter(config.deployment, config.cloud)],
+            admit=self.admit_topic,
         )
         self.current: RoundInProgress | Aggregator | None = None
         self._all_in = asyncio.Event()
@@ -203,22 +206,28 @@ class CoordinatorService:
             self._agent_keys[agent_id] = key
         return key
 
+    def admit_topic(self, topic: str) -> bool:
+        """The rate limit, by topic alone: run by the link on each message as it arrives,
+        before it is queued, so a flood is dropped at receive speed (decision 0040)."""
+        if _published_by_coordinator(topic):
+            return False  # our own directed messages (share deliveries) come back to us
+        current = self.current
+        if current is None:
+            self.rate_limiter.start_round(None)
+        else:
+            self.rate_limiter.start_round(current.round, current.selected)
+        now = time.monotonic()
+        if self.rate_limiter.admit(topic, now) is Admission.DROPPED:
+            self._report_rate_limited(now)
+            return False
+        if self.rate_limiter.pending:  # the tail of a flood, reported when due
+            self._report_rate_limited(now)
+        return True
+
     def handle_inbound(self, message: InboundMessage) -> None:
-        """Check one message and give it to the running round; reject and count otherwise."""
+        """Check one admitted message and give it to the running round; reject and count
+        otherwise."""
         try:
-            if _published_by_coordinator(message.topic):
-                return  # our own directed messages (share deliveries) come back to us
-            current = self.current
-            if current is None:
-                self.rate_limiter.start_round(None)
-            else:
-                self.rate_limiter.start_round(current.round, current.selected)
-            now = time.monotonic()
-            if self.rate_limiter.admit(message.topic, now) is Admission.DROPPED:
-                self._report_rate_limited(now)
-                return
-            if self.rate_limiter.pending:  # the tail of a flood, reported when due
-                self._report_rate_limited(now)
             checked = open_agent_message(
                 message.topic,
                 message.payload,
@@ -846,10 +855,10 @@ class CoordinatorService:
                 clouds=",".join(c.cloud for c in self.manifest.manifest.clouds),
             ),
         )
-        async with asyncio.TaskGroup() as group:
-            link_task = group.create_task(self.link.run())
-            intake_task = group.create_task(self._intake_loop())
-            federation_task = group.create_task(self.federation.run())
+        async with BackgroundTasks() as background:
+            background.create_task(self.link.run())
+            background.create_task(self._intake_loop())
+            background.create_task(self.federation.run())
             await self.link.connected.wait()
             await self._announce_recovered(recovered)
             await self.link.publish(
@@ -865,9 +874,6 @@ class CoordinatorService:
                 await self.run_round()
                 if self.config.rounds.pause_between_rounds_s:
                     await asyncio.sleep(self.config.rounds.pause_between_rounds_s)
-            intake_task.cancel()
-            federation_task.cancel()
-            link_task.cancel()
         self._report_rate_limited(time.monotonic() + self.config.rate_limit.report_every_s)
         self.write_intake_status()
         return self.summary

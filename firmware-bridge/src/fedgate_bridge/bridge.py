@@ -23,6 +23,7 @@ from typing import Final
 import msgspec
 from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
+from fedgate_common.tasks import cancel_until_done
 
 from fedgate_bridge import __version__
 from fedgate_bridge.config import BridgeConfig, client_id_of, read_password
@@ -37,7 +38,6 @@ __all__ = ["Bridge", "BridgeStatus", "read_status", "write_status"]
 log = logging.getLogger("fedgate.bridge")
 
 STATUS_FORMAT: Final = 1
-CANCEL_NUDGE_S: Final = 0.5  # how long a cancelled task gets before it is cancelled again
 
 
 class BridgeStatus(msgspec.Struct, kw_only=True):
@@ -52,20 +52,6 @@ class BridgeStatus(msgspec.Struct, kw_only=True):
     outbox: OutboxSummary
     publisher: PublisherCounters
     sources: list[SourceCounters]
-
-
-async def cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again while any is still running.
-
-    Python 3.11's ``asyncio.wait_for`` (used inside pymodbus and here) can swallow a
-    cancellation that arrives as its inner awaitable finishes; the task then goes on as if
-    nothing happened. One ``cancel()`` is therefore not enough to stop a source for certain.
-    """
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=CANCEL_NUDGE_S)
 
 
 def write_status(path: Path, status: BridgeStatus) -> None:

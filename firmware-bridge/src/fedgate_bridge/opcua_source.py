@@ -33,6 +33,7 @@ from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.uaerrors import UaError
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import BackgroundTasks
 
 from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, read_password
 from fedgate_bridge.counters import FailureLog, SourceCounters
@@ -139,10 +140,10 @@ class OpcuaReader:
         In subscribe mode a second task stores the queued notifications; if storing fails
         (the outbox is unusable) both stop and the error propagates.
         """
-        async with asyncio.TaskGroup() as group:
+        async with BackgroundTasks() as background:
             if self._subscribing:
-                group.create_task(self._drain_notifications())
-            group.create_task(self._connect_forever())
+                background.create_task(self._drain_notifications())
+            await self._connect_forever()
 
     async def _connect_forever(self) -> None:
         while True:

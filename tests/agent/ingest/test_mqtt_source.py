@@ -32,6 +32,7 @@ from fedgate_agent.ingest.mqtt_source import (
     topic_matches,
 )
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -277,9 +278,7 @@ async def ingesting(tmp_path: Path, port: int, **overrides: Any) -> AsyncIterato
             yield ingest
             assert not task.done(), "the ingest stopped on its own"
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done([task])
 
 
 async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:

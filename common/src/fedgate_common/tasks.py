@@ -1,0 +1,93 @@
+"""Stopping asyncio tasks for certain on Python 3.11.
+
+Python 3.11's ``asyncio.wait_for`` swallows a cancellation that arrives in the same loop
+turn as its inner awaitable finishes: the task goes on as if it had never been cancelled.
+aiomqtt waits for every QoS 1 acknowledgement with it and pymodbus waits for every reply,
+so a task that publishes or polls in a loop can survive one ``cancel()`` and then wait
+forever for a message that no longer comes. Every stop in fedgate therefore cancels until
+the task has ended. (3.12 rebuilt ``wait_for`` on ``asyncio.timeout`` and has no such race.)
+
+The only module of ``fedgate_common`` that uses asyncio; it does no IO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+__all__ = ["CANCEL_NUDGE_S", "BackgroundTasks", "cancel_persistently", "cancel_until_done"]
+
+T = TypeVar("T")
+
+CANCEL_NUDGE_S: Final = 0.5  # how long a cancelled task gets before it is cancelled again
+SIGNAL_NUDGE_S: Final = 2.0  # the same after a stop signal: time for the task's own cleanup
+
+
+async def cancel_until_done(
+    tasks: Iterable[asyncio.Future[Any]], *, nudge_s: float = CANCEL_NUDGE_S
+) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any is still running."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=nudge_s)
+
+
+def cancel_persistently(task: asyncio.Task[Any], *, nudge_s: float = SIGNAL_NUDGE_S) -> None:
+    """Cancel ``task`` now, and again every ``nudge_s`` seconds until it has ended.
+
+    Meant for a stop-signal handler (``loop.add_signal_handler(SIGTERM, ...)``), where
+    nothing awaits the task's end to cancel it again.
+    """
+    if task.done():
+        return
+    task.cancel()
+    task.get_loop().call_later(nudge_s, _cancel_again, task, nudge_s)
+
+
+def _cancel_again(task: asyncio.Task[Any], nudge_s: float) -> None:
+    if not task.done():  # not task.cancelling(): a swallowed cancellation still counts there
+        cancel_persistently(task, nudge_s=nudge_s)
+
+
+class BackgroundTasks:
+    """Tasks that live exactly as long as the ``async with`` body that started them.
+
+    An :class:`asyncio.TaskGroup` underneath (a task that fails cancels the body and the
+    others, and its error propagates), with one difference: when the body ends, however it
+    ends, the tasks are cancelled until they have stopped. A plain TaskGroup cancels them
+    once and then waits, which hangs forever behind a swallowed cancellation::
+
+        async with BackgroundTasks() as background:
+            background.create_task(link.run())
+            await serve()  # link.run() is stopped when this returns or raises
+    """
+
+    def __init__(self) -> None:
+        self._group = asyncio.TaskGroup()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def __aenter__(self) -> BackgroundTasks:
+        await self._group.__aenter__()
+        return self
+
+    def create_task(
+        self, coro: Coroutine[Any, Any, T], *, name: str | None = None
+    ) -> asyncio.Task[T]:
+        task = self._group.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await cancel_until_done(self._tasks)
+        finally:
+            await self._group.__aexit__(exc_type, exc, traceback)
