@@ -182,7 +182,6 @@ def test_reinstall_keeps_config_and_refuses_an_edited_unit(tmp_path: Path) -> No
             ),
             [
                 "LoadCredential=mqtt-password:/etc/fedgate/credentials/agent-mqtt",
-                "Environment=FEDGATE_INGEST_MQTT_PASSWORD_FILE=%d/mqtt-password",
             ],
         ),
         (

@@ -39,6 +39,7 @@ import tomli_w
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
+from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.atomic_files import atomic_write
@@ -53,6 +54,7 @@ __all__ = [
     "TrainingConfig",
     "config_as_dict",
     "config_keys",
+    "credential_names",
     "env_variable_name",
     "load_config",
     "set_config_value",
@@ -594,9 +596,12 @@ def load_config(
     """
     raw = _read_raw(path)
     where = str(path)
-    overrides = _env_overrides(os.environ if env is None else env)
+    environ = os.environ if env is None else env
+    overrides = _env_overrides(environ)
     for key, (_, value) in overrides.items():
         _set_raw(raw, key, value)
+    # Under systemd, secret files come from $CREDENTIALS_DIRECTORY (LoadCredential).
+    load_credentials_into(raw, credential_names(raw), environ, exists=os.path.isfile)
     _raise_problems(_shape_problems(raw, where), where)
     config = _from_raw(raw)
     sources = {key: variable for key, (variable, _) in overrides.items()}
@@ -606,6 +611,22 @@ def load_config(
     ]
     _raise_problems(problems, where)
     return config
+
+
+def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
+    """Secret-file settings of a raw agent.toml and their systemd credential names
+    (``fedgate-agent install-service`` writes the matching ``LoadCredential=``). OPC-UA
+    servers have no names: the n-th ``[[opcua_source]]`` (from 1) is ``opcua-<n>``."""
+    names: dict[SettingPath, str] = {
+        ("broker", "password_file"): "broker-password",
+        ("broker", "tls_key_file"): "broker-tls-key",
+        ("ingest", "mqtt_password_file"): "mqtt-password",
+        ("ingest", "mqtt_tls_key_file"): "mqtt-tls-key",
+    }
+    sources = raw.get("opcua_source", [])
+    for index in range(len(sources) if isinstance(sources, list) else 0):
+        names[("opcua_source", index, "password_file")] = f"opcua-{index + 1}-password"
+    return names
 
 
 def _check_range(key: str, value: int, bounds: tuple[int, int]) -> tuple[str, str] | None:

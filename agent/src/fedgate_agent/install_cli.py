@@ -16,28 +16,15 @@ from fedgate_common.service_install import (
 from fedgate_common.service_install import install_service as run_install
 from fedgate_common.service_units import (
     ServiceSpec,
-    SettingPath,
     credentials_in,
 )
 
-from fedgate_agent.config import DEFAULT_CONFIG_PATH, env_variable_name
+from fedgate_agent.config import DEFAULT_CONFIG_PATH, credential_names
 
-__all__ = ["CREDENTIALS", "agent_service_spec", "install_service"]
+__all__ = ["agent_service_spec", "install_service"]
 
 SERVICE = "fedgate-agent"
 DEFAULT_STATE_DIR = f"/var/lib/{SERVICE}"
-# Secret files named in agent.toml → their systemd credential names. The unit points the
-# setting at $CREDENTIALS_DIRECTORY (%d) through the FEDGATE_* override of that key.
-CREDENTIALS: dict[SettingPath, str] = {
-    ("broker", "password_file"): "broker-password",
-    ("broker", "tls_key_file"): "broker-tls-key",
-    ("ingest", "mqtt_password_file"): "mqtt-password",
-    ("ingest", "mqtt_tls_key_file"): "mqtt-tls-key",
-}
-_OVERRIDES = {
-    name: env_variable_name(".".join(str(part) for part in path))
-    for path, name in CREDENTIALS.items()
-}
 
 
 def agent_service_spec(
@@ -45,7 +32,7 @@ def agent_service_spec(
 ) -> ServiceSpec:
     """The agent's unit. ``config``: the gateway's agent.toml if it exists already (its
     secret files become ``LoadCredential=`` entries, a custom state_dir stays writable)."""
-    credentials = tuple(credentials_in(config or {}, CREDENTIALS))
+    credentials = tuple(credentials_in(config or {}, credential_names(config or {})))
     state_dir = str((config or {}).get("state_dir", DEFAULT_STATE_DIR))
     return ServiceSpec(
         name=SERVICE,
@@ -54,7 +41,6 @@ def agent_service_spec(
         config_file=str(DEFAULT_CONFIG_PATH),
         config_template=template,
         watchdog_s=120,
-        environment=tuple((_OVERRIDES[c.name], f"%d/{c.name}") for c in credentials),
         credentials=credentials,
         read_write_paths=(state_dir,) if state_dir != DEFAULT_STATE_DIR else (),
         next_steps=(

@@ -124,12 +124,17 @@ def validate(config: CoordinatorConfig) -> list[str]:
 def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
     """Secret-file settings of a raw coordinator.toml and their systemd credential names
     (``fedgate-coordinator install-service`` writes the matching ``LoadCredential=``)."""
-    names: dict[SettingPath, str] = {("broker", "password_file"): "broker-password"}
+    names: dict[SettingPath, str] = {
+        ("broker", "password_file"): "broker-password",
+        ("broker", "tls_key_file"): "broker-tls-key",
+    }
     federation = raw.get("federation", {})
     peers = federation.get("peers", {}) if isinstance(federation, dict) else {}
     for cloud in peers if isinstance(peers, dict) else {}:
         if re.fullmatch(r"[A-Za-z0-9_.-]{1,48}", str(cloud)):
-            names[("federation", "peers", str(cloud), "password_file")] = f"peer-{cloud}-password"
+            peer = ("federation", "peers", str(cloud))
+            names[(*peer, "password_file")] = f"peer-{cloud}-password"
+            names[(*peer, "tls_key_file")] = f"peer-{cloud}-tls-key"
     return names
 
 
