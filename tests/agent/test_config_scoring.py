@@ -26,6 +26,7 @@ def test_defaults_and_a_full_table(tmp_path: Path) -> None:
     default = load(tmp_path, BASE).scoring
     assert (default.enabled, default.topic, default.alert_threshold) == ("auto", "", 0.9)
     assert (default.normal_class, default.interval_s, default.settle_s) == (0, 0.0, 1.0)
+    assert (default.alert_raise_after, default.alert_clear_after) == (1, 3)
     config = load(
         tmp_path,
         BASE
@@ -36,12 +37,15 @@ topic = "plant-a/line3/scores"
 alert_topic = "plant-a/line3/alarms"
 alert_threshold = 0.75
 alert_classes = ["4", "6"]
+alert_raise_after = 2
+alert_clear_after = 5
 normal_class = -1
 interval_s = 10.0
 settle_s = 0.5
 """,
     ).scoring
     assert config.alert_classes == ("4", "6")
+    assert (config.alert_raise_after, config.alert_clear_after) == (2, 5)
     assert config.topic == "plant-a/line3/scores"
     assert config.normal_class == -1
 
@@ -67,6 +71,8 @@ topic = "plant/+/scores"
 alert_topic = "$SYS/x"
 alert_threshold = 1.5
 alert_classes = ["four"]
+alert_raise_after = 0
+alert_clear_after = 10001
 normal_class = -2
 interval_s = -1.0
 settle_s = 4000.0
@@ -79,9 +85,11 @@ settle_s = 4000.0
         "alert_topic",
         "alert_threshold",
         "alert_classes",
+        "alert_raise_after",
+        "alert_clear_after",
         "normal_class",
         "interval_s",
         "settle_s",
     ):
         assert f"scoring.{key} =" in problems
-    assert len(error.value.problems) == 8
+    assert len(error.value.problems) == 10

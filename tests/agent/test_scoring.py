@@ -125,6 +125,26 @@ def test_alerts_are_published_on_changes_only() -> None:
     assert AlertRule(threshold=0.0).reasons(prediction(1, 1.0)) == []  # 0: no threshold
 
 
+def test_alerts_need_a_run_of_windows_to_raise_and_to_clear() -> None:
+    tracker = AlertTracker(AlertRule(threshold=0.8), raise_after=2, clear_after=3)
+    scores = [0.9, 0.1, 0.85, 0.9, 0.95, 0.2, 0.9, 0.1, 0.1, 0.85, 0.1, 0.1, 0.1, 0.99]
+    changes = [
+        (index, alert.state, alert.reasons)
+        for index, score in enumerate(scores)
+        if (alert := tracker.observe(prediction(0, score))) is not None
+    ]
+    assert changes == [
+        (0, "cleared", []),  # first window: one alerting window is not yet an alert
+        (3, "raised", ["anomaly_score"]),  # second alerting window in a row
+        # 0.2 at 5, and 0.1 0.1 at 7-8, are too short a quiet run: no flapping
+        (12, "cleared", []),  # third quiet window in a row (10-12); 13 alone raises nothing
+    ]
+    assert tracker.raised == 1
+    assert not tracker.active
+    with pytest.raises(ValueError, match="at least 1"):
+        AlertTracker(AlertRule(threshold=0.8), clear_after=0)
+
+
 def test_topics() -> None:
     assert predictions_topic("plant-a", "cloud-1", "site-1") == (
         "fedgate/plant-a/cloud-1/site/site-1/predictions"

@@ -186,6 +186,8 @@ class ScoringConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     alert_topic: str = ""  # "" → fedgate/<deployment>/<cloud>/site/<agent_id>/alerts
     alert_threshold: float = 0.9  # anomaly score (1 − P(normal)) that raises an alert; 0 = off
     alert_classes: tuple[str, ...] = ()  # predicted class indices that raise an alert
+    alert_raise_after: int = 1  # consecutive alerting windows before "raised"
+    alert_clear_after: int = 3  # consecutive quiet windows before "cleared" (no flapping)
     normal_class: int = 0  # class meaning "no fault"; -1: no anomaly score
     interval_s: float = 0.0  # how often to look for a new window; 0 → windows.period_s
     settle_s: float = 1.0  # wait after a grid point before scoring its window (late samples)
@@ -339,6 +341,8 @@ _ALLOWED: Final[dict[str, str]] = {
     "scoring.alert_topic": 'an MQTT topic without wildcards; "" for the default alerts topic',
     "scoring.alert_threshold": "a number in [0, 1]: anomaly score raising an alert; 0 = none",
     "scoring.alert_classes": "a list of class indices (comma-separated in the environment)",
+    "scoring.alert_raise_after": "an integer 1..10000: alerting windows in a row to raise",
+    "scoring.alert_clear_after": "an integer 1..10000: quiet windows in a row to clear",
     "scoring.normal_class": "an integer -1..100000: the no-fault class; -1 = no anomaly score",
     "scoring.interval_s": "a number in [0, 86400]; 0 for windows.period_s",
     "scoring.settle_s": "a number in [0, 3600]: delay before a grid point's window is scored",
@@ -889,6 +893,12 @@ def _scoring_problems(config: AgentConfig) -> list[tuple[str, str]]:
         bad("scoring.alert_threshold", scoring.alert_threshold)
     if not all(c.isdigit() and int(c) <= 100_000 for c in scoring.alert_classes):
         bad("scoring.alert_classes", list(scoring.alert_classes))
+    for key, count in (
+        ("scoring.alert_raise_after", scoring.alert_raise_after),
+        ("scoring.alert_clear_after", scoring.alert_clear_after),
+    ):
+        if not 1 <= count <= 10_000:
+            bad(key, count)
     if not -1 <= scoring.normal_class <= 100_000:
         bad("scoring.normal_class", scoring.normal_class)
     if not 0 <= scoring.interval_s <= 86_400:

@@ -306,13 +306,22 @@ class Alert(msgspec.Struct, kw_only=True):
 
 
 class AlertTracker:
-    """Edge detection: an :class:`Alert` when the alert state changes, else None. The first
-    window of a run always gives one, so the retained alert of an earlier run (perhaps a
+    """Edge detection with hysteresis: an :class:`Alert` when the alert state changes, else
+    None. The state becomes "raised" after ``raise_after`` alerting windows in a row and
+    "cleared" after ``clear_after`` quiet windows in a row, so a score hovering at the
+    threshold does not flap. The first window of a run always gives one (cleared, unless
+    ``raise_after`` is 1 and it alerts), so the retained alert of an earlier run (perhaps a
     "raised" left behind by a stop) is replaced by this run's state at once."""
 
-    def __init__(self, rule: AlertRule) -> None:
+    def __init__(self, rule: AlertRule, *, raise_after: int = 1, clear_after: int = 1) -> None:
+        if raise_after < 1 or clear_after < 1:
+            raise ValueError("raise_after and clear_after must be at least 1")
         self.rule = rule
+        self.raise_after = raise_after
+        self.clear_after = clear_after
         self._state: bool | None = None  # None: nothing published by this run yet
+        self._alerting_run = 0  # alerting windows in a row, up to this one
+        self._quiet_run = 0  # quiet windows in a row, up to this one
         self.raised = 0
 
     @property
@@ -321,14 +330,22 @@ class AlertTracker:
 
     def observe(self, prediction: Prediction) -> Alert | None:
         reasons = self.rule.reasons(prediction)
-        if bool(reasons) == self._state:
+        if reasons:
+            self._alerting_run, self._quiet_run = self._alerting_run + 1, 0
+        else:
+            self._alerting_run, self._quiet_run = 0, self._quiet_run + 1
+        if self._state:
+            state = self._quiet_run < self.clear_after
+        else:
+            state = self._alerting_run >= self.raise_after
+        if state == self._state:
             return None
-        self._state = bool(reasons)
+        self._state = state
         if self.active:
             self.raised += 1
         return Alert(
             state="raised" if self.active else "cleared",
-            reasons=reasons,
+            reasons=reasons if self.active else [],
             window_end=prediction.window_end,
             model_digest=prediction.model_digest,
             model_round=prediction.model_round,

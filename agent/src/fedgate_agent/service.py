@@ -544,7 +544,9 @@ class AgentService:
             AlertRule(
                 threshold=scoring.alert_threshold,
                 classes=frozenset(int(c) for c in scoring.alert_classes),
-            )
+            ),
+            raise_after=scoring.alert_raise_after,
+            clear_after=scoring.alert_clear_after,
         )
         config = self.config
         self._predictions_topic = scoring.topic or predictions_topic(
