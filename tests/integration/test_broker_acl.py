@@ -36,6 +36,7 @@ import nacl.signing
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
+from fedgate_agent.broker_key_cli import certificate_request, load_or_make_key
 from fedgate_agent.config import BrokerConfig
 from fedgate_agent.mqtt_link import MqttLink as AgentLink
 from fedgate_common.keys import public_key_text
@@ -443,3 +444,58 @@ def test_a_reissued_certificate_dies_at_the_next_reload(broker: Broker, tmp_path
         time.sleep(0.05)
     new = credentials(broker.out, "site-2")
     assert connack_received(broker.port, context=tls_context(broker, new))
+
+
+def test_a_key_made_on_the_gateway_logs_in_and_its_rotation_revokes_the_old(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """`fedgate-agent broker-key` makes the key on the gateway; `enroll --broker-csr` signs
+    its request, so no key is written on the coordinator's side. A new key's request
+    replaces the certificate and revokes the old one at the next reload."""
+    identity = public_key_text(nacl.signing.SigningKey.generate().verify_key)
+    enroll = ["enroll", "site-4", identity, "--broker-out", str(broker.out), "--json"]
+    # A request for another name is refused before anything is stored.
+    key, _ = load_or_make_key(tmp_path / "gw.key", new=False)
+    (tmp_path / "other.csr").write_bytes(certificate_request(key, "site-9"))
+    refused = CliRunner().invoke(
+        main,
+        ["--state-dir", str(broker.state), *enroll, "--broker-csr", str(tmp_path / "other.csr")],
+    )
+    assert refused.exit_code == 3, refused.output
+    assert "is for ['site-9'], not ['site-4']" in refused.output
+    assert not credentials(broker.out, "site-4").exists()
+
+    (tmp_path / "first.csr").write_bytes(certificate_request(key, "site-4"))
+    first = json.loads(cli(broker.state, *enroll, "--broker-csr", str(tmp_path / "first.csr")))
+    issued = credentials(broker.out, "site-4")
+    assert first["broker_key_on_gateway"] is True
+    assert first["revoked_serial"] is None
+    assert sorted(p.name for p in issued.iterdir()) == ["ca.pem", "client.pem"]
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(issued / "client.pem", old / "client.pem")
+    shutil.copy(tmp_path / "gw.key", old / "client.key")
+    assert connack_received(broker.port, context=tls_context(broker, old))
+    # The same request again keeps the certificate.
+    again = json.loads(cli(broker.state, *enroll, "--broker-csr", str(tmp_path / "first.csr")))
+    assert again["broker_login"]["issued"] is False
+
+    new_key, made = load_or_make_key(tmp_path / "gw.key", new=True)
+    assert made
+    (tmp_path / "second.csr").write_bytes(certificate_request(new_key, "site-4"))
+    second = json.loads(cli(broker.state, *enroll, "--broker-csr", str(tmp_path / "second.csr")))
+    assert second["revoked_serial"] == first["broker_login"]["serial"]
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(issued / "client.pem", new / "client.pem")
+    shutil.copy(tmp_path / "gw.key", new / "client.key")
+    broker.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + WAIT_S
+    while connack_received(broker.port, context=tls_context(broker, old)):
+        assert time.monotonic() < deadline, "the replaced certificate still works"
+        time.sleep(0.05)
+    assert connack_received(broker.port, context=tls_context(broker, new))
+    # broker-config later keeps the certificate whose key is on the gateway.
+    cli(broker.state, "broker-config", *broker.arguments)
+    assert (issued / "client.pem").read_bytes() == (new / "client.pem").read_bytes()
+    assert not (issued / "client.key").exists()

@@ -35,6 +35,7 @@ from fedgate_common.tasks import cancel_persistently
 from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
+from fedgate_agent.broker_key_cli import broker_key_command
 from fedgate_agent.cli_support import (
     EXIT_CODES_HELP,
     ExitCode,
@@ -373,6 +374,7 @@ main.add_command(import_command)
 main.add_command(windows_command)
 main.add_command(install_service)
 main.add_command(predict_command)
+main.add_command(broker_key_command)
 
 
 def _process_alive(pid: int | None) -> bool:

@@ -35,7 +35,8 @@ from pathlib import Path
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.limits import DEFAULT_LIMITS
@@ -65,6 +66,7 @@ SERVER_KEY_NAME = "server.key"
 CLIENTS_DIR = "clients"
 CLIENT_CERT_NAME = "client.pem"
 CLIENT_KEY_NAME = "client.key"
+REVOKED_NAME = "revoked-serials.txt"
 
 
 def coordinator_user(cloud: str) -> str:
@@ -437,16 +439,21 @@ class BrokerAuthority:
         *,
         usage: x509.ObjectIdentifier,
         names: Sequence[x509.GeneralName] = (),
-    ) -> tuple[bytes, bytes, int]:
+        public_key: CertificatePublicKeyTypes | None = None,
+    ) -> tuple[bytes, bytes | None, int]:
+        """A certificate for ``common_name``; for a new key (returned PEM) unless
+        ``public_key`` is given (from a request: the key stays with its owner)."""
         ca_key, ca_cert = self._ca()
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
+        subject_key = key.public_key() if key is not None else public_key
+        assert subject_key is not None
         now = _now()
         serial = x509.random_serial_number()
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(subject_key)
             .serial_number(serial)
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
@@ -462,7 +469,8 @@ class BrokerAuthority:
                 x509.SubjectAlternativeName(list(names)), critical=False
             )
         cert = builder.sign(ca_key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), serial
+        key_pem = _key_pem(key) if key is not None else None
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem, serial
 
     def issue_server(self, out_dir: Path, hosts: Iterable[str], *, rotate: bool) -> bool:
         """The broker's certificate, valid for ``hosts`` (DNS names or IP addresses)."""
@@ -480,26 +488,70 @@ class BrokerAuthority:
         cert, key, _ = self._issue(
             f"fedgate broker {first}", usage=ExtendedKeyUsageOID.SERVER_AUTH, names=names
         )
+        assert key is not None
         write_private(key_path, key, mode=0o640)  # group: the broker's (chgrp mosquitto)
         write_private(cert_path, cert, mode=0o644)
         return True
 
     def issue_client(self, out_dir: Path, user: str, *, rotate: bool) -> IssuedClient:
         """A client certificate with common name ``user`` in ``out_dir/clients/<user>/``
-        (``client.pem``, ``client.key`` mode 0600, ``ca.pem``); kept if it exists."""
+        (``client.pem``, ``client.key`` mode 0600, ``ca.pem``); kept if it exists (also one
+        issued for a request, whose key is not here)."""
         directory = out_dir / CLIENTS_DIR / user.replace(":", "-")
-        cert_path, key_path = directory / CLIENT_CERT_NAME, directory / CLIENT_KEY_NAME
-        if cert_path.exists() and key_path.exists() and not rotate:
+        cert_path = directory / CLIENT_CERT_NAME
+        if cert_path.exists() and not rotate:
             serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
             return IssuedClient(user=user, directory=str(directory), serial=serial, issued=False)
         cert, key, serial = self._issue(user, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-        write_private(key_path, key)
-        write_private(cert_path, cert, mode=0o644)
+        assert key is not None
+        self._write_client(directory, cert, key)
+        return IssuedClient(user=user, directory=str(directory), serial=serial, issued=True)
+
+    def issue_client_for_request(
+        self, out_dir: Path, user: str, request_pem: bytes
+    ) -> tuple[IssuedClient, int | None]:
+        """A client certificate for the key of a certificate request made on the gateway
+        (``fedgate-agent broker-key``): the private key never leaves it. Kept when the
+        existing certificate is for the same key; otherwise issued, and the serial of the
+        certificate it replaces returned (to be revoked)."""
+        public_key = verified_request_key(request_pem, user)
+        directory = out_dir / CLIENTS_DIR / user.replace(":", "-")
+        cert_path = directory / CLIENT_CERT_NAME
+        replaced: int | None = None
+        if cert_path.exists():
+            existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            if existing.public_key() == public_key:
+                serial = existing.serial_number
+                kept = IssuedClient(
+                    user=user, directory=str(directory), serial=serial, issued=False
+                )
+                return kept, None
+            replaced = existing.serial_number
+        cert, _, serial = self._issue(
+            user, usage=ExtendedKeyUsageOID.CLIENT_AUTH, public_key=public_key
+        )
+        self._write_client(directory, cert, None)
+        issued = IssuedClient(user=user, directory=str(directory), serial=serial, issued=True)
+        return issued, replaced
+
+    def _write_client(self, directory: Path, cert: bytes, key: bytes | None) -> None:
+        key_path = directory / CLIENT_KEY_NAME
+        if key is None:
+            key_path.unlink(missing_ok=True)  # a key made here earlier no longer matches
+        else:
+            write_private(key_path, key)
+        write_private(directory / CLIENT_CERT_NAME, cert, mode=0o644)
         _, ca_cert = self._ca()
         write_private(
             directory / CA_CERT_NAME, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644
         )
-        return IssuedClient(user=user, directory=str(directory), serial=serial, issued=True)
+
+    def revoke(self, out_dir: Path, serials: Iterable[int]) -> set[int]:
+        """Add ``serials`` to ``revoked-serials.txt`` and rewrite the CRL; all revoked."""
+        revoked = read_revoked(out_dir) | set(serials)
+        write_private(out_dir / REVOKED_NAME, "".join(f"{s:x}\n" for s in sorted(revoked)).encode())
+        self.write_crl(out_dir / CRL_NAME, revoked)
+        return revoked
 
     def write_crl(self, path: Path, serials: Iterable[int]) -> int:
         """A CRL revoking ``serials`` (possibly none: Mosquitto needs the file)."""
@@ -524,6 +576,39 @@ class BrokerAuthority:
         crl = builder.sign(ca_key, hashes.SHA256())
         write_private(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return count
+
+
+def read_revoked(out_dir: Path) -> set[int]:
+    """The serials ``revoked-serials.txt`` in ``out_dir`` lists (none if it is missing)."""
+    path = out_dir / REVOKED_NAME
+    if not path.exists():
+        return set()
+    return {int(line, 16) for line in path.read_text().split() if line}
+
+
+def verified_request_key(request_pem: bytes, user: str) -> CertificatePublicKeyTypes:
+    """The public key of a PEM certificate request for ``user``: its signature must hold
+    (the requester has the private key), its common name must be ``user``, and the key
+    must be EC P-256/P-384 or RSA of at least 2048 bits. ConfigError otherwise."""
+    try:
+        request = x509.load_pem_x509_csr(request_pem)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate request: {exc}") from None
+    if not request.is_signature_valid:
+        raise ConfigError("the certificate request's signature does not verify")
+    names = [a.value for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [user]:
+        raise ConfigError(f"the certificate request is for {names!r}, not [{user!r}]")
+    key = request.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1"):
+            raise ConfigError(f"the request's EC key uses {key.curve.name}: use P-256 or P-384")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise ConfigError(f"the request's RSA key has {key.key_size} bits: at least 2048")
+    else:
+        raise ConfigError(f"the request's key is {type(key).__name__}: use EC P-256")
+    return key
 
 
 def _server_names(path: Path) -> set[x509.GeneralName]:

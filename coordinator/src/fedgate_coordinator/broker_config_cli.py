@@ -22,8 +22,8 @@ from fedgate_coordinator.broker_config import (
     CLIENT_CERT_NAME,
     CLIENT_KEY_NAME,
     CONF_NAME,
-    CRL_NAME,
     HEADROOM,
+    REVOKED_NAME,
     BrokerAuthority,
     IssuedClient,
     SizePlan,
@@ -33,6 +33,7 @@ from fedgate_coordinator.broker_config import (
     host_problem,
     mosquitto_conf,
     peer_user,
+    read_revoked,
     reader_user,
     share_with_group,
     size_plan,
@@ -44,7 +45,6 @@ from fedgate_coordinator.errors import ConfigError
 if TYPE_CHECKING:
     from fedgate_coordinator.cli import Context
 
-REVOKED_NAME = "revoked-serials.txt"
 
 BROKER_EXIT_CODES = """\b
 Exit codes:
@@ -70,12 +70,6 @@ def _guard(func: F) -> F:
             raise ConfigError(f"cannot write the broker files: {exc}") from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _read_revoked(path: Path) -> set[int]:
-    if not path.exists():
-        return set()
-    return {int(line, 16) for line in path.read_text().split() if line}
 
 
 @click.command("broker-config", epilog=BROKER_EXIT_CODES)
@@ -238,9 +232,8 @@ def broker_config(
         _report(result, conf, as_json=as_json)
         return
     authority = BrokerAuthority(out_dir, deployment=config.deployment, cloud=config.cloud)
-    revoked_path = out_dir / REVOKED_NAME
     created = authority.load_or_create(rotate=rotate)
-    revoked = set() if created else _read_revoked(revoked_path)
+    revoked = set() if created else read_revoked(out_dir)
     for user in reissue:
         old = client_serial(out_dir, user)
         if old is not None:
@@ -253,8 +246,9 @@ def broker_config(
         serial = client_serial(out_dir, agent)
         if serial is not None:
             revoked.add(serial)
-    write_private(revoked_path, "".join(f"{s:x}\n" for s in sorted(revoked)).encode())
-    authority.write_crl(out_dir / CRL_NAME, revoked)
+    if created:
+        (out_dir / REVOKED_NAME).unlink(missing_ok=True)  # a new CA: the old serials are moot
+    revoked = authority.revoke(out_dir, revoked)
     write_private(out_dir / ACL_NAME, acl.encode(), mode=0o644)
     write_private(out_dir / CONF_NAME, conf.encode(), mode=0o644)
     persistence_dir.mkdir(parents=True, exist_ok=True)

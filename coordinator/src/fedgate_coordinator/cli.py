@@ -50,7 +50,7 @@ from fedgate_common.tasks import cancel_persistently
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
-from fedgate_coordinator.broker_config import BrokerAuthority
+from fedgate_coordinator.broker_config import BrokerAuthority, verified_request_key
 from fedgate_coordinator.broker_config_cli import broker_config
 from fedgate_coordinator.cli_support import ExitCode, echo_json, fail, guard
 from fedgate_coordinator.config import (
@@ -286,29 +286,53 @@ def init(
     help="The `broker-config --out` directory: also issue the agent's broker certificate "
     "(clients/AGENT_ID/) from the cloud's broker CA there.",
 )
+@click.option(
+    "--broker-csr",
+    "broker_csr",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="With --broker-out: sign this certificate request from `fedgate-agent broker-key` "
+    "instead of making the agent's key here (the key then never leaves the gateway).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the enrollment as JSON.")
 @click.pass_obj
 @guard
 def enroll(
-    obj: Context, agent_id: str, public_key: str, broker_out: Path | None, as_json: bool
+    obj: Context,
+    agent_id: str,
+    public_key: str,
+    broker_out: Path | None,
+    broker_csr: Path | None,
+    as_json: bool,
 ) -> None:
     """Enroll an agent: AGENT_ID and PUBLIC_KEY come from `fedgate-agent init`.
 
     With --broker-out, the agent's broker login (client certificate and key, with the CA)
     is issued at once into clients/AGENT_ID/ of that directory; the broker needs no reload.
+    With --broker-csr as well, the certificate is for the key in that request (made on the
+    gateway by `fedgate-agent broker-key`) and no key is written here; a certificate it
+    replaces (another key: a rotation) is revoked in the CRL (reload the broker).
 
     \b
     Examples:
       fedgate-coordinator enroll site-1 ed25519:3b6a27bcceb6a42d62a3a8d02a6f0d73...
       fedgate-coordinator enroll site-1 ed25519:3b6a... --broker-out /etc/mosquitto/fedgate
+      fedgate-coordinator enroll site-1 ed25519:3b6a... --broker-out /etc/mosquitto/fedgate \\
+          --broker-csr site-1.csr
 
     \b
-    Exit codes: 0 enrolled; 2 invalid agent id or key; 3 config error, or no broker CA in
-    --broker-out (run broker-config first); 4 store error; 5 the id is enrolled with
-    another key.
+    Exit codes: 0 enrolled; 2 invalid agent id or key, or --broker-csr without
+    --broker-out; 3 config error, no broker CA in --broker-out (run broker-config first),
+    or a certificate request that is unreadable, badly signed, for another name or with a
+    weak key; 4 store error; 5 the id is enrolled with another key.
     """
     validate_identifier(agent_id, what="agent id")
     key_text = public_key_text(parse_public_key(public_key))
+    if broker_csr is not None and broker_out is None:
+        raise click.UsageError("--broker-csr needs --broker-out (the broker CA's directory)")
+    request = broker_csr.read_bytes() if broker_csr is not None else None
+    if request is not None:
+        verified_request_key(request, agent_id)  # refused before anything is stored
     config = obj.config()
     authority = None
     if broker_out is not None:
@@ -322,15 +346,34 @@ def enroll(
     with obj.store(config) as store:
         record = store.enroll_agent(agent_id, key_text)
     issued = None
+    replaced: int | None = None
     if authority is not None and broker_out is not None:
-        issued = authority.issue_client(broker_out, agent_id, rotate=False)
+        if request is None:
+            issued = authority.issue_client(broker_out, agent_id, rotate=False)
+        else:
+            issued, replaced = authority.issue_client_for_request(broker_out, agent_id, request)
+            if replaced is not None:
+                authority.revoke(broker_out, [replaced])
     if as_json:
-        echo_json({**msgspec.to_builtins(record), "broker_login": issued})
+        echo_json(
+            {
+                **msgspec.to_builtins(record),
+                "broker_login": issued,
+                "broker_key_on_gateway": request is not None,
+                "revoked_serial": replaced,
+            }
+        )
         return
     click.echo(f"enrolled {record.agent_id} ({record.public_key})")
     if issued is not None:
         state = "issued" if issued.issued else "kept (it existed)"
-        click.echo(f"broker login {state}: {issued.directory} (ca.pem, client.pem, client.key)")
+        files = "ca.pem, client.pem" + ("" if request is not None else ", client.key")
+        click.echo(f"broker login {state}: {issued.directory} ({files})")
+    if replaced is not None:
+        click.echo(
+            f"revoked the certificate it replaces (serial {replaced:x}): "
+            "reload the broker (systemctl reload mosquitto)"
+        )
 
 
 @main.command()
