@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from fedgate_bridge.config import BrokerSettings, read_password
+from fedgate_bridge.counters import PublisherCounters
+from fedgate_bridge.outbox import AsyncOutbox, Reading
+from fedgate_bridge.publisher import MqttPublisher
 from fedgate_bridge.registers import encode_raw
+from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import cancel_until_done
 from paho.mqtt.enums import CallbackAPIVersion
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
@@ -250,3 +256,32 @@ def write_bridge_config(
         f"[outbox]\n{outbox}\n\n{sources}\n"
     )
     return path
+
+
+async def publish_five(
+    database: Path, settings: BrokerSettings, *, client_id: str
+) -> tuple[PublisherCounters, int]:
+    """Run a publisher of five readings (outbox in ``database``) until it drains them or
+    has failed to connect twice; its counters and the readings still in the outbox."""
+    counters = PublisherCounters()
+    async with await AsyncOutbox.open(database, max_messages=100, policy="drop_oldest") as outbox:
+        await outbox.append(
+            [Reading(topic="plant/test/plc/A", ts=1.0, value=float(i)) for i in range(5)]
+        )
+        publisher = MqttPublisher(
+            settings=settings,
+            client_id=client_id,
+            outbox=outbox,
+            counters=counters,
+            password=read_password(settings.password_file),
+            backoff=Backoff(initial_s=0.05, factor=2.0, max_s=0.3),
+        )
+        task = asyncio.create_task(publisher.run())
+        try:
+            await wait_until(
+                lambda: publisher.idle or counters.connect_failures >= 2, 15, "an outcome"
+            )
+        finally:
+            await cancel_until_done([task])
+        waiting = outbox.depth
+    return counters, waiting

@@ -18,17 +18,16 @@ from typing import Any
 
 from click.testing import CliRunner
 from fedgate_bridge.bridge import Bridge
-from fedgate_bridge.config import BrokerSettings, load_config, read_password
+from fedgate_bridge.config import BrokerSettings, load_config
 from fedgate_bridge.counters import PublisherCounters
-from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summary
-from fedgate_bridge.publisher import MqttPublisher
+from fedgate_bridge.outbox import Outbox, read_outbox_summary
 from fedgate_bridge.run_cli import status
 from fedgate_common.backoff import Backoff
-from fedgate_common.tasks import cancel_until_done
 
 from tests.bridge.bridge_support import (
     Mosquitto,
     modbus_server,
+    publish_five,
     registers_of,
     sim_device,
     subscriber,
@@ -220,31 +219,11 @@ class _Empty:
 _empty = _Empty()
 
 
-async def publish_five(tmp_path: Path, port: int, secret: Path) -> PublisherCounters:
-    """Run a publisher with ``secret`` as its password file until it drains or gives up."""
-    counters = PublisherCounters()
+async def publish_with(tmp_path: Path, port: int, secret: Path) -> PublisherCounters:
+    """A publisher with ``secret`` as its password file, until it drains or gives up."""
     settings = BrokerSettings(port=port, username="bridge", password_file=str(secret))
-    async with await AsyncOutbox.open(
-        tmp_path / f"{secret.name}.db", max_messages=100, policy="drop_oldest"
-    ) as outbox:
-        await outbox.append(
-            [Reading(topic="plant/test/plc/A", ts=1.0, value=float(i)) for i in range(5)]
-        )
-        publisher = MqttPublisher(
-            settings=settings,
-            client_id=f"auth-{secret.name}",
-            outbox=outbox,
-            counters=counters,
-            password=read_password(settings.password_file),
-            backoff=FAST,
-        )
-        task = asyncio.create_task(publisher.run())
-        try:
-            await wait_until(
-                lambda: publisher.idle or counters.connect_failures >= 2, 10, "an outcome"
-            )
-        finally:
-            await cancel_until_done([task])
+    database = tmp_path / f"{secret.name}.db"
+    counters, _ = await publish_five(database, settings, client_id=f"auth-{secret.name}")
     return counters
 
 
@@ -260,8 +239,8 @@ async def test_broker_credentials_come_from_the_password_file(tmp_path: Path) ->
     bad.write_text("guess")
     await asyncio.to_thread(broker.start)
     try:
-        refused = await publish_five(tmp_path, broker.port, bad)
-        accepted = await publish_five(tmp_path, broker.port, good)
+        refused = await publish_with(tmp_path, broker.port, bad)
+        accepted = await publish_with(tmp_path, broker.port, good)
     finally:
         broker.stop()
     assert refused.acked == 0

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ __all__ = [
     "parse_config",
     "read_password",
     "source_names",
+    "tls_context",
+    "tls_problems",
     "validate_config",
 ]
 
@@ -79,6 +82,9 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     client_id: str = ""  # "" → "fedgate-bridge-<hostname>"
     username: str = ""
     password_file: str = ""  # file holding the password (systemd LoadCredential friendly)
+    tls_ca_file: str = ""  # CA of the broker's certificate: turns TLS on
+    tls_cert_file: str = ""  # client certificate (with tls_key_file), when the broker asks
+    tls_key_file: str = ""
     keepalive_s: int = 30
     max_inflight: int = 100  # QoS 1 messages awaiting PUBACK
 
@@ -205,6 +211,9 @@ _ALLOWED: Final[dict[str, str]] = {
     "broker.client_id": '1-128 characters without spaces, or "" for fedgate-bridge-<hostname>',
     "broker.username": 'a user name, or "" for anonymous',
     "broker.password_file": 'a readable file holding the password, or "" for none',
+    "broker.tls_ca_file": 'a readable CA certificate file (PEM) turning TLS on, or ""',
+    "broker.tls_cert_file": 'a client certificate file (with broker.tls_key_file), or ""',
+    "broker.tls_key_file": 'the client certificate\'s key file, or ""',
     "broker.keepalive_s": f"an integer {KEEPALIVE_RANGE[0]}..{KEEPALIVE_RANGE[1]} (seconds)",
     "broker.max_inflight": f"an integer {INFLIGHT_RANGE[0]}..{INFLIGHT_RANGE[1]}",
     "outbox.max_messages": f"an integer {OUTBOX_RANGE[0]}..{OUTBOX_RANGE[1]}",
@@ -378,6 +387,40 @@ def _password_problem(path: str, value: str, label: str = "") -> str | None:
     return None
 
 
+def tls_context(broker: BrokerSettings) -> ssl.SSLContext | None:
+    """The TLS context for ``broker`` (None without ``tls_ca_file``): the broker's
+    certificate checked against that CA and its host name, the client certificate loaded.
+    Raises OSError or ssl.SSLError for files that do not load."""
+    if not broker.tls_ca_file:
+        return None
+    context = ssl.create_default_context(cafile=broker.tls_ca_file)
+    if broker.tls_cert_file:
+        context.load_cert_chain(broker.tls_cert_file, broker.tls_key_file or None)
+    return context
+
+
+def tls_problems(broker: BrokerSettings) -> list[str]:
+    """What is wrong with the TLS settings of ``broker`` (empty: fine, or no TLS)."""
+    files = {
+        "broker.tls_ca_file": broker.tls_ca_file,
+        "broker.tls_cert_file": broker.tls_cert_file,
+        "broker.tls_key_file": broker.tls_key_file,
+    }
+    problems = [_password_problem(key, value) for key, value in files.items()]
+    if (broker.tls_cert_file or broker.tls_key_file) and not broker.tls_ca_file:
+        problems.append("broker.tls_cert_file/tls_key_file need broker.tls_ca_file (TLS)")
+    if bool(broker.tls_cert_file) != bool(broker.tls_key_file):
+        problems.append("broker.tls_cert_file and broker.tls_key_file: set both or neither")
+    found = [problem for problem in problems if problem is not None]
+    if found:
+        return found
+    try:
+        tls_context(broker)
+    except (OSError, ssl.SSLError) as exc:
+        found.append(f"broker TLS files do not load: {exc}")
+    return found
+
+
 def _node_id_problem(text: str) -> str | None:
     """Parse an OPC-UA node id offline (no server needed)."""
     # asyncua takes a second to import; only configs with OPC-UA sources need it.
@@ -516,6 +559,7 @@ def validate_config(config: BridgeConfig) -> list[str]:
     if len(broker.client_id) > 128 or any(c.isspace() for c in broker.client_id):
         problems.append(_bad("broker.client_id", broker.client_id))
     problems.append(_password_problem("broker.password_file", broker.password_file))
+    problems.extend(tls_problems(broker))
     problems.append(_int_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE))
     problems.append(_int_range("broker.max_inflight", broker.max_inflight, INFLIGHT_RANGE))
     problems.append(_int_range("outbox.max_messages", config.outbox.max_messages, OUTBOX_RANGE))
@@ -592,7 +636,10 @@ def load_config(path: Path) -> BridgeConfig:
 def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
     """The secret-file settings of a raw configuration and their systemd credential
     names (``fedgate-bridge install-service`` writes the matching ``LoadCredential=``)."""
-    names: dict[SettingPath, str] = {("broker", "password_file"): "broker-password"}
+    names: dict[SettingPath, str] = {
+        ("broker", "password_file"): "broker-password",
+        ("broker", "tls_key_file"): "broker-tls-key",
+    }
     sources = raw.get("opcua", [])
     for index, source in enumerate(sources if isinstance(sources, list) else []):
         name = source.get("name", "") if isinstance(source, dict) else ""

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from fedgate_common.logs import log_event
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedgate_bridge.config import BrokerSettings
+from fedgate_bridge.config import BrokerSettings, tls_context
 from fedgate_bridge.counters import FailureLog, PublisherCounters
 from fedgate_bridge.outbox import AsyncOutbox
 
@@ -78,6 +79,9 @@ class _Session:
         )
         if settings.username:
             client.username_pw_set(settings.username, password)
+        context = tls_context(settings)  # checked when the configuration was loaded
+        if context is not None:
+            client.tls_set_context(context)
         client.max_inflight_messages_set(settings.max_inflight)
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.on_connect = self._on_connect
@@ -139,6 +143,12 @@ class _Session:
 
     def _read(self) -> None:
         rc = self.client.loop_read()
+        sock = self.client.socket()
+        # TLS: bytes already decrypted inside the SSL object do not wake the selector.
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket):
+            if not sock.pending():
+                break
+            rc = self.client.loop_read()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._mark_lost(f"read: {mqtt.error_string(rc)}")
 
