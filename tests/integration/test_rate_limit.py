@@ -15,34 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
-import aiomqtt
 import nacl.signing
 import numpy as np
 import pytest
-from fedgate_common.consensus.wire import graph_seed_material
-from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
-from fedgate_common.messages import (
-    GlobalModel,
-    KeyRoster,
-    Payload,
-    RoundStart,
-    ShareDelivery,
-    SurvivorCheck,
-    UnmaskRequest,
-)
 from fedgate_common.model_spec import ModelSpec, parameter_count
-from fedgate_common.secagg.participant import Participant
 from fedgate_common.tasks import cancel_until_done
-from fedgate_common.topics import (
-    coordinator_broadcast_filter,
-    coordinator_direct_filter,
-    model_topic,
-    round_topic,
-)
 from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rate_limit import Admission, RateLimiter, RateLimitSettings
@@ -53,86 +33,12 @@ from fedgate_coordinator.store import Store
 
 from tests.bridge.bridge_support import mosquitto
 from tests.federation_support import one_cloud
+from tests.integration.secagg_agent import SimulatedAgent
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 CLOUD = "c1"
 FLOOD_FACTOR = 10
 STAGE_TIMEOUT_S = 20.0  # a stage that waited for its deadline would show in the timing
-
-
-@dataclass
-class Gateway:
-    """One agent's secure-aggregation side over its own MQTT connection."""
-
-    agent_id: str
-    deployment: str
-    port: int
-    key: nacl.signing.SigningKey
-    update: np.ndarray
-    flood_from_round: int | None = None  # from this round on, flood_factor x its normal rate
-    flood_factor: int = 0
-    participant: Participant | None = None
-    certificate: bytes = b""
-    flooded: int = 0
-
-    async def send(self, client: aiomqtt.Client, payload: Payload) -> None:
-        stage = type(payload).__struct_config__.tag
-        assert isinstance(stage, str)
-        topic = round_topic(self.deployment, CLOUD, payload.round, stage, self.agent_id)
-        raw = seal(
-            payload,
-            signing_key=self.key,
-            deployment=self.deployment,
-            cloud=CLOUD,
-            sender=self.agent_id,
-        )
-        await client.publish(topic, raw, qos=1)
-        if self.flood_from_round is not None and payload.round >= self.flood_from_round:
-            for index in range(self.flood_factor):
-                junk = index % 2 == 1
-                await client.publish(topic, secrets.token_bytes(64) if junk else raw, qos=1)
-                self.flooded += 1
-
-    async def run(self, ready: asyncio.Event) -> None:
-        async with aiomqtt.Client("127.0.0.1", self.port) as client:
-            await client.subscribe(coordinator_broadcast_filter(self.deployment, CLOUD), qos=1)
-            await client.subscribe(
-                coordinator_direct_filter(self.deployment, CLOUD, self.agent_id), qos=1
-            )
-            await client.subscribe(model_topic(self.deployment, CLOUD), qos=1)
-            ready.set()
-            async for message in client.messages:
-                raw = bytes(message.payload) if isinstance(message.payload, bytes) else b""
-                if raw:
-                    await self.on_message(client, raw)
-
-    async def on_message(self, client: aiomqtt.Client, raw: bytes) -> None:
-        payload = decode_payload(open_envelope(raw))
-        if isinstance(payload, GlobalModel):
-            self.certificate = graph_seed_material(payload)
-        elif isinstance(payload, RoundStart):
-            self.participant = Participant(
-                agent_id=self.agent_id,
-                deployment=self.deployment,
-                cloud=CLOUD,
-                start=payload,
-                base_certificate=self.certificate,
-                pinned_identities={},
-            )
-            await self.send(client, self.participant.advertise_keys())
-        elif self.participant is None:
-            return
-        elif isinstance(payload, KeyRoster):
-            await self.send(client, self.participant.on_roster(payload))
-        elif isinstance(payload, ShareDelivery):
-            self.participant.on_delivery(payload)
-            encoded = self.participant.encode(self.update, 100)
-            await self.send(client, self.participant.mask_input(encoded))
-        elif isinstance(payload, SurvivorCheck):
-            await self.send(client, self.participant.on_check(payload))
-        elif isinstance(payload, UnmaskRequest):
-            await self.send(client, self.participant.on_unmask(payload))
-            self.participant = None
 
 
 @pytest.mark.slow
@@ -153,12 +59,14 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
         )
         rng = np.random.default_rng(5)
         gateways = [
-            Gateway(
+            SimulatedAgent(
                 agent_id=f"gw-{index}",
                 deployment=deployment,
+                cloud=CLOUD,
                 port=broker.port,
                 key=nacl.signing.SigningKey.generate(),
                 update=rng.normal(0, 0.05, parameter_count(SPEC)),
+                num_samples=100,
                 flood_from_round=2 if index == 0 else None,
                 flood_factor=flood_factor,
             )

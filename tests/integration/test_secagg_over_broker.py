@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiomqtt
@@ -20,28 +19,16 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_array
-from fedgate_common.consensus.wire import graph_seed_material
-from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import (
-    GlobalModel,
-    KeyRoster,
     MaskedInput,
-    Payload,
-    RoundStart,
-    ShareDelivery,
-    SurvivorCheck,
     SurvivorConfirmation,
-    UnmaskRequest,
 )
 from fedgate_common.model_spec import ModelSpec, parameter_count, split_parameters
 from fedgate_common.secagg.encoding import decode_sum
-from fedgate_common.secagg.keystream import Words
-from fedgate_common.secagg.participant import Participant, encoding_params
+from fedgate_common.secagg.participant import encoding_params
 from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import (
-    coordinator_broadcast_filter,
-    coordinator_direct_filter,
     model_topic,
     round_topic,
 )
@@ -55,87 +42,13 @@ from fedgate_coordinator.site_privacy import SitePrivacySettings, epsilon
 from fedgate_coordinator.store import Store
 
 from tests.federation_support import one_cloud
+from tests.integration.secagg_agent import SimulatedAgent
 
 BROKER = MqttSettings(host="127.0.0.1", port=1883)
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 CLOUD = "c1"
 AGENTS = 20
 DROPPED = 6  # 30 %: gone after sending shares, before their masked input
-
-
-@dataclass
-class SimulatedAgent:
-    """A gateway's secure-aggregation side over its own MQTT connection."""
-
-    agent_id: str
-    deployment: str
-    key: nacl.signing.SigningKey
-    update: np.ndarray
-    num_samples: int
-    drop_after_shares: bool
-    encoded: Words | None = None
-    participant: Participant | None = None
-    certificate: bytes = b""
-    sent: list[str] = field(default_factory=list)
-
-    def seal(self, payload: Payload) -> bytes:
-        return seal(
-            payload,
-            signing_key=self.key,
-            deployment=self.deployment,
-            cloud=CLOUD,
-            sender=self.agent_id,
-        )
-
-    async def send(self, client: aiomqtt.Client, payload: Payload) -> None:
-        stage = type(payload).__struct_config__.tag
-        assert isinstance(stage, str)
-        topic = round_topic(self.deployment, CLOUD, payload.round, stage, self.agent_id)
-        await client.publish(topic, self.seal(payload), qos=1)
-        self.sent.append(stage)
-
-    async def run(self, ready: asyncio.Event) -> None:
-        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
-            await client.subscribe(coordinator_broadcast_filter(self.deployment, CLOUD), qos=1)
-            await client.subscribe(
-                coordinator_direct_filter(self.deployment, CLOUD, self.agent_id), qos=1
-            )
-            await client.subscribe(model_topic(self.deployment, CLOUD), qos=1)
-            ready.set()
-            async for message in client.messages:
-                raw = bytes(message.payload) if isinstance(message.payload, bytes) else b""
-                if not raw:
-                    continue
-                envelope = open_envelope(raw)
-                payload = decode_payload(envelope)
-                if isinstance(payload, GlobalModel):
-                    self.certificate = graph_seed_material(payload)  # next round's base
-                elif isinstance(payload, RoundStart):
-                    self.participant = Participant(
-                        agent_id=self.agent_id,
-                        deployment=self.deployment,
-                        cloud=CLOUD,
-                        start=payload,
-                        base_certificate=self.certificate,
-                        pinned_identities={},
-                    )
-                    self.encoded = self.participant.encode(self.update, self.num_samples)
-                    await self.send(client, self.participant.advertise_keys())
-                elif self.participant is None:
-                    continue
-                elif isinstance(payload, KeyRoster):
-                    await self.send(client, self.participant.on_roster(payload))
-                    if self.drop_after_shares:
-                        return  # the gateway loses power mid-round
-                elif isinstance(payload, ShareDelivery):
-                    self.participant.on_delivery(payload)
-                    assert self.encoded is not None
-                    await self.send(client, self.participant.mask_input(self.encoded))
-                elif isinstance(payload, SurvivorCheck):
-                    await self.send(client, self.participant.on_check(payload))
-                elif isinstance(payload, UnmaskRequest):
-                    await self.send(client, self.participant.on_unmask(payload))
-                    self.participant = None  # ready for the next round
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -197,6 +110,7 @@ async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
             update=rng.normal(0, 0.05, dimension),
             num_samples=int(rng.integers(100, 800)),
             drop_after_shares=index % 3 == 0 and index < 3 * DROPPED,
+            cloud=CLOUD,
         )
         for index in range(AGENTS)
     ]
@@ -301,7 +215,7 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
             key=nacl.signing.SigningKey.generate(),
             update=rng.normal(0, 0.02 if index < 4 else 1.0, dimension),  # 4 within C = 1
             num_samples=100 + index,
-            drop_after_shares=False,
+            cloud=CLOUD,
         )
         for index in range(6)
     ]
