@@ -30,14 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
-from fedgate_agent.datasets.tep import (
-    N_CLASSES,
-    TEST_START,
-    Segment,
-    load_tep_runs,
-    make_windows,
-    tep_model_spec,
-)
+from fedgate_agent.datasets.tep import held_out_test_set, tep_model_spec
 from fedgate_agent.model import build_model
 from fedgate_agent.onnx_export import export_model, parity_windows
 from fedgate_agent.scoring import INPUT_NAME, OUTPUT_NAME, ScoringModel
@@ -85,12 +78,7 @@ class Timing:
 
 def test_windows(count: int) -> npt.NDArray[np.float32]:
     """``count`` held-out TEP windows of every class (repeated when more are asked for)."""
-    runs = load_tep_runs()
-    parts = [
-        make_windows(runs.samples(s), runs.labels(s), 20, 2).x
-        for s in (Segment(k, True, TEST_START, 960) for k in range(N_CLASSES))
-    ]
-    pool = np.concatenate(parts)
+    pool = held_out_test_set(window=20, stride=2).x
     chosen = np.random.default_rng(0).permutation(len(pool))
     return np.ascontiguousarray(np.resize(pool[chosen], (count, *pool.shape[1:])))
 

@@ -6,14 +6,7 @@ import functools
 
 import numpy as np
 import numpy.typing as npt
-from fedgate_agent.datasets.tep import (
-    N_CLASSES,
-    TEST_START,
-    Segment,
-    load_tep_runs,
-    make_windows,
-    tep_model_spec,
-)
+from fedgate_agent.datasets.tep import held_out_test_set, tep_model_spec
 from fedgate_agent.onnx_export import ExportedModel, export_model, parity_windows
 from fedgate_agent.training import LocalDataset
 from fedgate_common.model_spec import ModelSpec, initial_weights
@@ -25,14 +18,7 @@ DEMO_WINDOW = 20
 @functools.cache
 def tep_test_set() -> LocalDataset:
     """The held-out TEP windows of every class (the demo's test set, stride 2)."""
-    runs = load_tep_runs()
-    parts = [
-        make_windows(runs.samples(s), runs.labels(s), DEMO_WINDOW, 2)
-        for s in (Segment(k, True, TEST_START, 960) for k in range(N_CLASSES))
-    ]
-    return LocalDataset(
-        x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts])
-    )
+    return held_out_test_set(DEMO_WINDOW, stride=2)
 
 
 @functools.cache

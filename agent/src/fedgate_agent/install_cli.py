@@ -32,8 +32,9 @@ def agent_service_spec(
 ) -> ServiceSpec:
     """The agent's unit. ``config``: the gateway's agent.toml if it exists already (its
     secret files become ``LoadCredential=`` entries, a custom state_dir stays writable)."""
-    credentials = tuple(credentials_in(config or {}, credential_names(config or {})))
-    state_dir = str((config or {}).get("state_dir", DEFAULT_STATE_DIR))
+    raw = config or {}
+    credentials = tuple(credentials_in(raw, credential_names(raw)))
+    state_dir = str(raw.get("state_dir", DEFAULT_STATE_DIR))
     return ServiceSpec(
         name=SERVICE,
         description="fedgate agent: federated learning on this gateway",

@@ -65,6 +65,7 @@ __all__ = [
     "fault_assignment",
     "feature_statistics",
     "federated_split",
+    "held_out_test_set",
     "load_tep_runs",
     "make_windows",
     "tep_model_spec",
@@ -248,6 +249,16 @@ def _windows_of(
     return _concatenate(parts, window)
 
 
+def _test_segments() -> tuple[Segment, ...]:
+    return tuple(Segment(k, True, TEST_START, _TEST_RUN_LENGTH) for k in range(N_CLASSES))
+
+
+def held_out_test_set(window: int = 20, stride: int = 2) -> LocalDataset:
+    """The held-out windows of every class: the test set of every :func:`federated_split`
+    with the same ``window`` and ``stride``."""
+    return _windows_of(load_tep_runs(), _test_segments(), window, stride)
+
+
 def _time_parts(fault: int, te: bool, stop: int, n_parts: int) -> list[Segment]:
     bounds = [stop * j // n_parts for j in range(n_parts + 1)]
     return [Segment(fault, te, bounds[j], bounds[j + 1]) for j in range(n_parts)]
@@ -298,14 +309,14 @@ def federated_split(
         te_parts = _time_parts(fault, True, TRAIN_STOP, len(holders))
         for site, train_part, te_part in zip(holders, train_parts, te_parts, strict=True):
             segments[site].extend((train_part, te_part))
-    test_segments = tuple(Segment(k, True, TEST_START, _TEST_RUN_LENGTH) for k in range(N_CLASSES))
+    test_segments = _test_segments()
     site_faults = tuple(
         frozenset(f for f, holders in assignment.items() if site in holders)
         for site in range(n_sites)
     )
     return FederatedSplit(
         sites=[_windows_of(runs, s, window, stride) for s in segments],
-        test=_windows_of(runs, test_segments, window, stride),
+        test=held_out_test_set(window, stride),
         spec=tep_model_spec(window, channels=channels),
         site_segments=tuple(tuple(s) for s in segments),
         test_segments=test_segments,
