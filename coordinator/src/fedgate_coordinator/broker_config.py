@@ -444,16 +444,17 @@ class BrokerAuthority:
         """A certificate for ``common_name``; for a new key (returned PEM) unless
         ``public_key`` is given (from a request: the key stays with its owner)."""
         ca_key, ca_cert = self._ca()
-        key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
-        subject_key = key.public_key() if key is not None else public_key
-        assert subject_key is not None
+        key = None
+        if public_key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            public_key = key.public_key()
         now = _now()
         serial = x509.random_serial_number()
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_cert.subject)
-            .public_key(subject_key)
+            .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
@@ -507,14 +508,13 @@ class BrokerAuthority:
         self._write_client(directory, cert, key)
         return IssuedClient(user=user, directory=str(directory), serial=serial, issued=True)
 
-    def issue_client_for_request(
-        self, out_dir: Path, user: str, request_pem: bytes
+    def issue_client_for_key(
+        self, out_dir: Path, user: str, public_key: CertificatePublicKeyTypes
     ) -> tuple[IssuedClient, int | None]:
-        """A client certificate for the key of a certificate request made on the gateway
-        (``fedgate-agent broker-key``): the private key never leaves it. Kept when the
-        existing certificate is for the same key; otherwise issued, and the serial of the
-        certificate it replaces returned (to be revoked)."""
-        public_key = verified_request_key(request_pem, user)
+        """A client certificate for ``public_key``, taken from a certificate request made on
+        the gateway (:func:`verified_request_key`): the private key never leaves it. Kept
+        when the existing certificate is for the same key; otherwise issued, and the serial
+        of the certificate it replaces returned (to be revoked)."""
         directory = out_dir / CLIENTS_DIR / user.replace(":", "-")
         cert_path = directory / CLIENT_CERT_NAME
         replaced: int | None = None
@@ -546,12 +546,11 @@ class BrokerAuthority:
             directory / CA_CERT_NAME, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644
         )
 
-    def revoke(self, out_dir: Path, serials: Iterable[int]) -> set[int]:
-        """Add ``serials`` to ``revoked-serials.txt`` and rewrite the CRL; all revoked."""
-        revoked = read_revoked(out_dir) | set(serials)
-        write_private(out_dir / REVOKED_NAME, "".join(f"{s:x}\n" for s in sorted(revoked)).encode())
-        self.write_crl(out_dir / CRL_NAME, revoked)
-        return revoked
+    def write_revocations(self, out_dir: Path, serials: set[int]) -> None:
+        """``revoked-serials.txt`` and the CRL in ``out_dir``: exactly ``serials``."""
+        listing = "".join(f"{s:x}\n" for s in sorted(serials))
+        write_private(out_dir / REVOKED_NAME, listing.encode())
+        self.write_crl(out_dir / CRL_NAME, serials)
 
     def write_crl(self, path: Path, serials: Iterable[int]) -> int:
         """A CRL revoking ``serials`` (possibly none: Mosquitto needs the file)."""

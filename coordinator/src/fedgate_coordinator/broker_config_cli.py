@@ -23,7 +23,6 @@ from fedgate_coordinator.broker_config import (
     CLIENT_KEY_NAME,
     CONF_NAME,
     HEADROOM,
-    REVOKED_NAME,
     BrokerAuthority,
     IssuedClient,
     SizePlan,
@@ -246,9 +245,7 @@ def broker_config(
         serial = client_serial(out_dir, agent)
         if serial is not None:
             revoked.add(serial)
-    if created:
-        (out_dir / REVOKED_NAME).unlink(missing_ok=True)  # a new CA: the old serials are moot
-    revoked = authority.revoke(out_dir, revoked)
+    authority.write_revocations(out_dir, revoked)
     write_private(out_dir / ACL_NAME, acl.encode(), mode=0o644)
     write_private(out_dir / CONF_NAME, conf.encode(), mode=0o644)
     persistence_dir.mkdir(parents=True, exist_ok=True)

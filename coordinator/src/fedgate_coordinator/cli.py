@@ -50,7 +50,11 @@ from fedgate_common.tasks import cancel_persistently
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
-from fedgate_coordinator.broker_config import BrokerAuthority, verified_request_key
+from fedgate_coordinator.broker_config import (
+    BrokerAuthority,
+    read_revoked,
+    verified_request_key,
+)
 from fedgate_coordinator.broker_config_cli import broker_config
 from fedgate_coordinator.cli_support import ExitCode, echo_json, fail, guard
 from fedgate_coordinator.config import (
@@ -330,9 +334,9 @@ def enroll(
     key_text = public_key_text(parse_public_key(public_key))
     if broker_csr is not None and broker_out is None:
         raise click.UsageError("--broker-csr needs --broker-out (the broker CA's directory)")
-    request = broker_csr.read_bytes() if broker_csr is not None else None
-    if request is not None:
-        verified_request_key(request, agent_id)  # refused before anything is stored
+    requested = None  # the key of --broker-csr, checked before anything is stored
+    if broker_csr is not None:
+        requested = verified_request_key(broker_csr.read_bytes(), agent_id)
     config = obj.config()
     authority = None
     if broker_out is not None:
@@ -348,18 +352,18 @@ def enroll(
     issued = None
     replaced: int | None = None
     if authority is not None and broker_out is not None:
-        if request is None:
+        if requested is None:
             issued = authority.issue_client(broker_out, agent_id, rotate=False)
         else:
-            issued, replaced = authority.issue_client_for_request(broker_out, agent_id, request)
+            issued, replaced = authority.issue_client_for_key(broker_out, agent_id, requested)
             if replaced is not None:
-                authority.revoke(broker_out, [replaced])
+                authority.write_revocations(broker_out, read_revoked(broker_out) | {replaced})
     if as_json:
         echo_json(
             {
                 **msgspec.to_builtins(record),
                 "broker_login": issued,
-                "broker_key_on_gateway": request is not None,
+                "broker_key_on_gateway": requested is not None,
                 "revoked_serial": replaced,
             }
         )
@@ -367,7 +371,7 @@ def enroll(
     click.echo(f"enrolled {record.agent_id} ({record.public_key})")
     if issued is not None:
         state = "issued" if issued.issued else "kept (it existed)"
-        files = "ca.pem, client.pem" + ("" if request is not None else ", client.key")
+        files = "ca.pem, client.pem" + ("" if requested is not None else ", client.key")
         click.echo(f"broker login {state}: {issued.directory} ({files})")
     if replaced is not None:
         click.echo(

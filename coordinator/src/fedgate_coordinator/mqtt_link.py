@@ -89,7 +89,7 @@ class MqttLink:
     ) -> None:
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
-        self._admit = admit
+        self._queue_type = None if admit is None else _admitting_queue(admit)
         self.inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.queue_size)
         self.connected = asyncio.Event()
         self._backoff = backoff or Backoff()
@@ -111,8 +111,8 @@ class MqttLink:
             "username": settings.username or None,
             "password": read_password(settings.password_file),
         }
-        if self._admit is not None:
-            common["queue_type"] = _admitting_queue(self._admit)
+        if self._queue_type is not None:
+            common["queue_type"] = self._queue_type
         if settings.tls_ca_file:
             common["tls_params"] = aiomqtt.TLSParameters(
                 ca_certs=settings.tls_ca_file,
