@@ -54,6 +54,9 @@ def port_open(port: int) -> bool:
     return False
 
 
+FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)  # reconnects within a test
+
+
 class Mosquitto:
     """A private mosquitto on ``port``; :meth:`stop` and :meth:`start` keep the port."""
 
@@ -274,7 +277,7 @@ async def publish_five(
             outbox=outbox,
             counters=counters,
             password=read_password(settings.password_file),
-            backoff=Backoff(initial_s=0.05, factor=2.0, max_s=0.3),
+            backoff=FAST,
         )
         task = asyncio.create_task(publisher.run())
         try:

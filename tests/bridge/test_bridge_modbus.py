@@ -20,11 +20,11 @@ from fedgate_bridge.config import load_config
 from fedgate_bridge.counters import SourceCounters
 from fedgate_bridge.modbus_source import ModbusPoller
 from fedgate_bridge.outbox import AsyncOutbox, Outbox
-from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from pymodbus.framer import FramerType
 
 from tests.bridge.bridge_support import (
+    FAST,
     modbus_server,
     mosquitto,
     registers_of,
@@ -82,9 +82,6 @@ def modbus_source(port: int, transport: str, tables: str, interval: float = 0.1)
         f'[[modbus]]\nname = "plc-1"\ntransport = "{transport}"\nhost = "127.0.0.1"\n'
         f"port = {port}\nunit = 1\npoll_interval_s = {interval}\ntimeout_s = 0.5\n\n{tables}"
     )
-
-
-FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)
 
 
 @contextlib.asynccontextmanager

@@ -15,9 +15,9 @@ from asyncua.server.server import Server
 from fedgate_bridge.bridge import Bridge
 from fedgate_bridge.config import load_config
 from fedgate_bridge.opcua_source import numeric_value
-from fedgate_common.backoff import Backoff
 
 from tests.bridge.bridge_support import (
+    FAST,
     Subscriber,
     free_port,
     mosquitto,
@@ -25,8 +25,6 @@ from tests.bridge.bridge_support import (
     wait_until,
     write_bridge_config,
 )
-
-FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)
 
 
 @contextlib.asynccontextmanager

@@ -22,9 +22,9 @@ from fedgate_bridge.config import BrokerSettings, load_config
 from fedgate_bridge.counters import PublisherCounters
 from fedgate_bridge.outbox import Outbox, read_outbox_summary
 from fedgate_bridge.run_cli import status
-from fedgate_common.backoff import Backoff
 
 from tests.bridge.bridge_support import (
+    FAST,
     Mosquitto,
     modbus_server,
     publish_five,
@@ -39,7 +39,6 @@ TABLES = (
     '  [[modbus.registers]]\n  tag = "A"\n  address = 0\n  type = "uint16"\n'
     '  [[modbus.registers]]\n  tag = "B"\n  address = 1\n  type = "float32"\n'
 )
-FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)
 
 
 def source(port: int, interval: float = 0.05) -> str:

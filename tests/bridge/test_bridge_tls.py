@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 from fedgate_bridge.config import BrokerSettings, tls_problems
-from fedgate_common.backoff import Backoff
 from fedgate_coordinator.broker_config import BrokerAuthority
 
 from tests.bridge.bridge_support import Mosquitto, publish_five
-
-FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)
 
 
 def authority(directory: Path) -> BrokerAuthority:
