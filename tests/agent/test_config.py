@@ -483,6 +483,8 @@ def test_set_value_keeps_file_mode(tmp_path: Path) -> None:
         ("agent_id", "a/b", "'a/b'"),
         ("log_level", "verbose", "log_level = 'verbose'"),
         ("coordinator_public_key", "ed25519:zz", "not hex"),
+        ("privacy.report_epsilon", "yes", "privacy.report_epsilon = 'yes' is not"),
+        ("privacy.record_level", "1", "privacy.record_level = '1' is not"),
     ],
 )
 def test_set_invalid_value_leaves_file_unchanged(

@@ -154,36 +154,51 @@ def _work(round: int, model: GlobalModel) -> TrainForRound:
     return TrainForRound(start, model, b"certificate")
 
 
-def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Path) -> None:
+def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> AgentConfig:
+    """An agent's configuration with ``windows`` random training windows, pinned to a
+    one-cloud federation."""
     rng = np.random.default_rng(3)
-    y = rng.integers(0, 2, 200).astype(np.int64)
-    x = rng.normal(0, 1, (200, SPEC.window, SPEC.n_features)).astype(np.float32)
+    y = rng.integers(0, 2, windows).astype(np.int64)
+    x = rng.normal(0, 1, (windows, SPEC.window, SPEC.n_features)).astype(np.float32)
+    coordinator = nacl.signing.SigningKey.generate()
     config = AgentConfig(
         agent_id="gw-1",
         deployment="plant",
         cloud="c1",
         state_dir=str(tmp_path / "state"),
-        coordinator_public_key=public_key_text(nacl.signing.SigningKey.generate().verify_key),
-        privacy=PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2),
+        coordinator_public_key=public_key_text(coordinator.verify_key),
+        privacy=privacy,
     )
     save_local_dataset(config.data_path, LocalDataset(x=x, y=y))
-    coordinator = nacl.signing.SigningKey.generate()
     digest = install_manifest(
         config.state_path,
         federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=SPEC),
     )
-    config = msgspec.structs.replace(
-        config,
-        manifest_digest=digest,
-        coordinator_public_key=public_key_text(coordinator.verify_key),
-    )
+    return msgspec.structs.replace(config, manifest_digest=digest)
+
+
+def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2)
+    config = _private_agent(tmp_path, privacy, windows=200)
     model = _model()
     service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    reports = []
     for number in (1, 2):
         service._pending_spend = service._privacy_spend(_work(number, model))
         update = service._train(_work(number, model))
         assert math.isfinite(update.train_loss)
+        reports.append(update.record_privacy)
     ledger = read_ledger(config.state_path)
+    # Each update carries what the ledger now says, for the coordinator's privacy_ledger.
+    for report, kept in zip(reports, ledger.entries, strict=True):
+        assert report is not None
+        assert (report.epsilon_round, report.epsilon_total) == (
+            kept.epsilon_round,
+            kept.epsilon_total,
+        )
+        assert (report.delta, report.target_epsilon, report.max_grad_norm) == (1e-5, 2.0, 4.0)
+        assert report.noise_multiplier == ledger.noise_multiplier
+        assert report.accountant.startswith("rdp")
     assert [e.spend.round for e in ledger.entries] == [1, 2]
     # The budget is planned with the steps Opacus's Poisson loader really takes.
     assert [e.spend.steps for e in ledger.entries] == [steps_per_round(200, 16, 2)] * 2
@@ -209,3 +224,15 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     broken = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
     assert broken.exit_code == 4
     assert "privacy.json" in broken.output
+
+
+def test_report_epsilon_off_keeps_the_spend_on_the_gateway(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(record_level="on", report_epsilon="off")
+    config = _private_agent(tmp_path, privacy, windows=64)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    model = _model()
+    service._pending_spend = service._privacy_spend(_work(1, model))
+    update = service._train(_work(1, model))
+    assert update.record_privacy is None
+    assert "record_privacy" not in msgspec.to_builtins(update)  # encodes as before
+    assert read_ledger(config.state_path).epsilon_total > 0  # still spent and kept locally

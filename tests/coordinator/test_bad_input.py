@@ -8,6 +8,7 @@ table, and still complete the round with the honest agents.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 from fedgate_common.arrays import WireArray, encode_arrays
 from fedgate_common.envelope import decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
-from fedgate_common.messages import GlobalModel, ModelUpdate, RoundStart
+from fedgate_common.messages import GlobalModel, ModelUpdate, RecordPrivacyReport, RoundStart
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import model_topic, round_topic
 from fedgate_coordinator.config import CoordinatorConfig
@@ -29,7 +30,7 @@ from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService, ServeSummary
-from fedgate_coordinator.store import Store
+from fedgate_coordinator.store import RECORD_UNIT, Store
 
 from tests.federation_support import one_cloud
 
@@ -53,6 +54,7 @@ class Harness:
         round: int | None = None,
         delta: tuple[WireArray, ...] | None = None,
         num_samples: int = 10,
+        record_privacy: RecordPrivacyReport | None = None,
     ) -> ModelUpdate:
         zeros = {name: np.zeros(shape, np.float32) for name, shape in parameter_shapes(SPEC)}
         return ModelUpdate(
@@ -61,6 +63,7 @@ class Harness:
             delta=encode_arrays(zeros) if delta is None else delta,
             num_samples=num_samples,
             train_loss=0.5,
+            record_privacy=record_privacy,
         )
 
     def sealed(
@@ -193,6 +196,30 @@ async def _inf_in_update(h: Harness) -> None:
     await h.send(h.sealed(h.update(delta=encode_arrays(weights)), sender="site-b"), sender="site-b")
 
 
+def report(**changes: float | str) -> RecordPrivacyReport:
+    """A record-level privacy report as an agent's accountant writes it."""
+    honest = RecordPrivacyReport(
+        epsilon_round=0.25,
+        epsilon_total=0.25,
+        target_epsilon=3.0,
+        delta=1e-5,
+        noise_multiplier=3.9,
+        max_grad_norm=1.0,
+        accountant="rdp (opacus.accountants.RDPAccountant)",
+    )
+    return msgspec.structs.replace(honest, **changes)
+
+
+async def _nan_in_privacy_report(h: Harness) -> None:
+    update = h.update(record_privacy=report(epsilon_total=math.nan))
+    await h.send(h.sealed(update, sender="site-a"), sender="site-a")
+
+
+async def _impossible_privacy_report(h: Harness) -> None:
+    update = h.update(record_privacy=report(epsilon_round=2.0, epsilon_total=1.0, delta=1.5))
+    await h.send(h.sealed(update, sender="site-a"), sender="site-a")
+
+
 @pytest.mark.parametrize(
     ("bad_input", "kind"),
     [
@@ -204,6 +231,8 @@ async def _inf_in_update(h: Harness) -> None:
         (_future_round, "wrong_round"),
         (_nan_in_update, "non_finite"),
         (_inf_in_update, "non_finite"),
+        (_nan_in_privacy_report, "non_finite"),
+        (_impossible_privacy_report, "malformed"),
     ],
     ids=[
         "malformed",
@@ -214,6 +243,8 @@ async def _inf_in_update(h: Harness) -> None:
         "future-round",
         "nan",
         "inf",
+        "nan-in-privacy-report",
+        "impossible-privacy-report",
     ],
 )
 async def test_bad_input_is_rejected_counted_and_the_round_completes(
@@ -242,3 +273,26 @@ async def test_update_replayed_into_another_round_fails_the_signature(harness: H
     await harness.send(msgspec.msgpack.encode(moved), sender="site-a", round=envelope.round + 5)
     summary = await harness.send_honest_updates()
     _assert_rejected_once(harness, summary, "bad_signature")
+
+
+async def test_privacy_reports_are_booked_per_agent_once(harness: Harness) -> None:
+    """Each agent's record-level report lands in privacy_ledger with its update; a replay
+    of the same signed update is rejected and books nothing twice."""
+    first = harness.sealed(
+        harness.update(record_privacy=report(epsilon_total=0.75)), sender="site-a"
+    )
+    await harness.send(first, sender="site-a")
+    await harness.send(first, sender="site-a")
+    second = harness.update(record_privacy=report(noise_multiplier=2.5, max_grad_norm=4.0))
+    await harness.send(harness.sealed(second, sender="site-b"), sender="site-b")
+    summary = await asyncio.wait_for(harness.serving, 30)
+
+    _assert_rejected_once(harness, summary, "replay")
+    rows = harness.store.privacy_ledger(RECORD_UNIT)
+    assert [(r.round, r.agent, r.epsilon_total) for r in rows] == [
+        (harness.start.round, "site-a", 0.75),
+        (harness.start.round, "site-b", 0.25),
+    ]
+    assert (rows[1].noise_multiplier, rows[1].clip_norm, rows[1].delta) == (2.5, 4.0, 1e-5)
+    assert rows[1].target_epsilon == 3.0
+    assert harness.store.privacy_ledger("site") == []

@@ -29,7 +29,13 @@ from fedgate_coordinator.site_privacy import (
     SitePrivacySettings,
     epsilon,
 )
-from fedgate_coordinator.store import SITE_UNIT, ModelRecord, PrivacyLedgerEntry, Store
+from fedgate_coordinator.store import (
+    RECORD_UNIT,
+    SITE_UNIT,
+    ModelRecord,
+    PrivacyLedgerEntry,
+    Store,
+)
 
 from tests.federation_support import add_genesis
 
@@ -220,7 +226,9 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "unrecorded_rounds",
         "warning",
         "rows",
+        "record_level",
     ]
+    assert data["record_level"] == {"agents": [], "rows": []}
     assert data["settings"] == {
         "site_level": "on",
         "unit": UNIT,
@@ -253,11 +261,66 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "epsilon_total",
         "target_epsilon",
         "recorded_at",
+        "agent",
     ]
     assert rows[1]["epsilon_total"] == data["epsilon_spent"]
     assert (rows[0]["unit"], rows[0]["inputs"], rows[0]["min_inputs"]) == ("site", 3, 2)
     assert (rows[0]["effective_noise_multiplier"], rows[0]["count_noise"]) == (EFFECTIVE, 0.15)
     assert all(row["recorded_at"] for row in rows)
+
+
+def _report(round: int, agent: str, epsilon_total: float) -> PrivacyLedgerEntry:
+    """An agent's record-level report as the coordinator books it."""
+    return PrivacyLedgerEntry(
+        round=round,
+        unit=RECORD_UNIT,
+        agent=agent,
+        accountant="rdp (opacus.accountants.RDPAccountant)",
+        delta=DELTA,
+        noise_multiplier=3.90625,
+        effective_noise_multiplier=3.90625,
+        clip_norm=1.0,
+        count_noise=0.0,
+        min_inputs=0,
+        inputs=0,
+        epsilon_round=0.5,
+        epsilon_total=epsilon_total,
+        target_epsilon=3.0,
+    )
+
+
+@on_disk_stores
+def test_privacy_shows_each_agents_last_record_level_report(private: Coordinator) -> None:
+    with Store.open(private.database_url) as store:
+        store.record_privacy(_report(1, "gw-2", 0.5))
+        store.record_privacy(_report(1, "gw-1", 0.5))
+        store.record_privacy(_report(2, "gw-1", 0.875))
+
+    result = private.run("privacy")
+
+    assert result.exit_code == 0, result.output
+    site, record = result.output.split("record level, as the agents report it")
+    assert "ε spent" in site  # the site-level part is unchanged
+    _, rows = _table(record)
+    assert rows == [
+        ["gw-1", "2", "2", "0.8750", "3", "1e-05", "3.9062", "1.0000"],
+        ["gw-2", "1", "1", "0.5000", "3", "1e-05", "3.9062", "1.0000"],
+    ]
+    data = json.loads(private.run("privacy", "--json").output)
+    agents = data["record_level"]["agents"]
+    assert [(a["agent"], a["last_round"], a["rounds_reported"]) for a in agents] == [
+        ("gw-1", 2, 2),
+        ("gw-2", 1, 1),
+    ]
+    assert agents[0]["epsilon_total"] == 0.875
+    assert agents[0]["budget_left"] == pytest.approx(2.125)
+    assert agents[0]["accountant"].startswith("rdp")
+    assert [(r["round"], r["agent"]) for r in data["record_level"]["rows"]] == [
+        (1, "gw-1"),
+        (1, "gw-2"),
+        (2, "gw-1"),
+    ]
+    assert [r["unit"] for r in data["rows"]] == ["site", "site"]  # site rows stay apart
 
 
 @on_disk_stores

@@ -21,6 +21,7 @@ from alembic import command
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_coordinator.errors import RoundStateError, StoreError
 from fedgate_coordinator.store import (
+    RECORD_UNIT,
     SITE_UNIT,
     Aggregation,
     ModelRecord,
@@ -330,10 +331,11 @@ def test_ledger_table_and_round_columns_exist(store: Store) -> None:
         "epsilon_total",
         "target_epsilon",
         "recorded_at",
+        "agent",
     ]
     assert not any(column["nullable"] for column in columns.values())
     (unique,) = inspector.get_unique_constraints("privacy_ledger")
-    assert unique["column_names"] == ["round", "unit"]
+    assert unique["column_names"] == ["round", "unit", "agent"]
     (foreign_key,) = inspector.get_foreign_keys("privacy_ledger")
     assert (foreign_key["referred_table"], foreign_key["referred_columns"]) == (
         "rounds",
@@ -573,3 +575,91 @@ def test_set_round_clip_refuses_values_out_of_range(
     record = store.get_round(1)
     assert record is not None
     assert record.clip_norm is None
+
+
+# -- record level: the agents' reports (migration 0005) ---------------------------------------
+
+
+def record_entry(round: int, agent: str, **overrides: Any) -> PrivacyLedgerEntry:
+    values: dict[str, Any] = {
+        "unit": RECORD_UNIT,
+        "agent": agent,
+        "accountant": "rdp (opacus.accountants.RDPAccountant)",
+        "noise_multiplier": 3.9,
+        "effective_noise_multiplier": 3.9,
+        "clip_norm": 1.0,
+        "count_noise": 0.0,
+        "min_inputs": 0,
+        "inputs": 0,
+        "epsilon_round": 0.4,
+        "epsilon_total": 0.4 * round,
+        "target_epsilon": 3.0,
+    }
+    values.update(overrides)
+    return entry(round, **values)
+
+
+def test_record_rows_are_kept_per_agent_next_to_the_site_row(store: Store) -> None:
+    begin_rounds(store, 2)
+    store.record_privacy(record_entry(1, "site-b"))
+    store.record_privacy(entry(1))
+    store.record_privacy(record_entry(1, "site-a"))
+    store.record_privacy(record_entry(2, "site-a"))
+
+    assert [(e.round, e.unit, e.agent) for e in store.privacy_ledger()] == [
+        (1, RECORD_UNIT, "site-a"),
+        (1, RECORD_UNIT, "site-b"),
+        (1, SITE_UNIT, ""),
+        (2, RECORD_UNIT, "site-a"),
+    ]
+    assert store.privacy_ledger(SITE_UNIT) == [replace(entry(1), recorded_at=ANY_TIME)]
+    assert store.privacy_ledger(RECORD_UNIT)[2] == replace(
+        record_entry(2, "site-a"), recorded_at=ANY_TIME
+    )
+
+
+def test_second_report_of_an_agent_for_a_round_is_refused(store: Store) -> None:
+    begin_rounds(store, 1)
+    store.record_privacy(record_entry(1, "site-a"))
+    with pytest.raises(RoundStateError, match="agent 'site-a' is recorded already"):
+        store.record_privacy(record_entry(1, "site-a", epsilon_total=0.0, epsilon_round=0.0))
+    (kept,) = store.privacy_ledger()
+    assert kept.epsilon_total == 0.4
+
+
+def test_record_row_with_an_overlong_agent_is_refused(store: Store) -> None:
+    begin_rounds(store, 1)
+    with pytest.raises(StoreError, match="agent must be at most 64"):
+        store.record_privacy(record_entry(1, "a" * 65))
+    assert store.privacy_ledger() == []
+
+
+def test_downgrade_to_0004_keeps_site_rows_and_drops_the_agents_reports(
+    store_backend: StoreBackend,
+) -> None:
+    with Store.open(store_backend.url) as store:
+        begin_rounds(store, 2)
+        store.record_privacy(entry(1))
+        store.record_privacy(record_entry(1, "site-a"))
+        store.record_privacy(entry(2))
+
+        _downgrade(store, "0004")
+
+        assert store.schema_revision() == "0004"
+        inspector = sa.inspect(store.engine)
+        assert "agent" not in {c["name"] for c in inspector.get_columns("privacy_ledger")}
+        (unique,) = inspector.get_unique_constraints("privacy_ledger")
+        assert unique["column_names"] == ["round", "unit"]
+        with store.engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT round, unit FROM privacy_ledger"))
+            assert sorted(tuple(row) for row in rows) == [(1, "site"), (2, "site")]
+
+        store.upgrade_schema()
+
+        assert store.schema_revision() == head_revision()
+        assert [(e.round, e.unit, e.agent) for e in store.privacy_ledger()] == [
+            (1, SITE_UNIT, ""),
+            (2, SITE_UNIT, ""),
+        ]
+        store.record_privacy(record_entry(2, "site-a"))
+        assert len(store.privacy_ledger(RECORD_UNIT)) == 1

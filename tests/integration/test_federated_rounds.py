@@ -1,6 +1,6 @@
 """Real processes end to end: `fedgate-coordinator serve` and two `fedgate-agent run`,
 configured with the CLIs exactly as an operator would, over the machine's Mosquitto, with
-secure aggregation (the default)."""
+secure aggregation (the default); gw-1 trains with record-level DP and reports its ε."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         assert "federation pin" in unpinned.stderr
         run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
         run("fedgate-agent", "config", "validate", "--config", str(config))
+        if name == "gw-1":
+            for key, value in (("privacy.record_level", "on"), ("privacy.target_epsilon", "8")):
+                run("fedgate-agent", "config", "set", "--config", str(config), key, value)
         run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
         save_local_dataset(
             tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
@@ -171,7 +174,20 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         assert status["last_answered_round"] == 2
         assert status["bytes_up"] > 0
         assert status["rejected"] == {}
-        assert status["last_train_loss"] < 0.69  # better than chance on a learnable task
+    assert statuses[1]["last_train_loss"] < 0.69  # better than chance on a learnable task
+    # gw-1's record-level ε, as its own ledger has it, is in the coordinator's ledger too.
+    agent_privacy = as_json("fedgate-agent", "privacy", "--config", str(configs[0]))
+    booked = as_json("fedgate-coordinator", "--state-dir", str(coord), "privacy")
+    reports = booked["record_level"]["rows"]
+    assert [(r["round"], r["agent"], r["unit"]) for r in reports] == [
+        (1, "gw-1", "record"),
+        (2, "gw-1", "record"),
+    ]
+    assert [r["epsilon_total"] for r in reports] == pytest.approx(
+        [r["epsilon_total"] for r in agent_privacy["rounds"]]
+    )
+    assert 0 < reports[0]["epsilon_total"] < reports[1]["epsilon_total"] <= 8.0
+    assert booked["record_level"]["agents"][0]["target_epsilon"] == 8.0
     final = [as_json("fedgate-agent", "status", "--config", str(c)) for c in configs]
     assert all(s["running"] is False for s in final)
     assert {s["model_digest"] for s in final} == {models["models"][-1]["digest"]}

@@ -121,6 +121,9 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delta: float = 1e-5
     max_grad_norm: float = 4.0  # per-window gradient clipping norm
     planned_rounds: int = 20  # rounds the budget is spread over; the agent stops after it
+    # "on": send ε (round and total), δ, σ and C with each update, for the coordinator's
+    # privacy ledger; "off" keeps them on the gateway (docs/privacy.md section 4).
+    report_epsilon: str = "on"
     # Site level: refuse secure rounds whose distributed noise multiplier is below this.
     site_min_noise_multiplier: float = 0.0
 
@@ -302,6 +305,7 @@ _ALLOWED: Final[dict[str, str]] = {
     ),
     "secagg.plaintext_rounds": '"refuse" (default) | "allow": rounds without secure aggregation',
     "privacy.record_level": '"on" | "off" (default): DP-SGD for local training',
+    "privacy.report_epsilon": '"on" (default) | "off": send record-level ε to the coordinator',
     "privacy.target_epsilon": "a number in (0, 100]: the record-level ε budget at delta",
     "privacy.delta": "a number in (0, 0.01]: the δ of the budget (below 1 / windows)",
     "privacy.max_grad_norm": "a number in (0, 1000]: per-window gradient clipping norm",
@@ -718,14 +722,12 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         _check_range("secagg.assumed_colluders", config.secagg.assumed_colluders, COLLUDERS_RANGE),
     ]
     privacy = config.privacy
-    if privacy.record_level not in ("on", "off"):
-        problems.append(
-            (
-                "privacy.record_level",
-                f"privacy.record_level = {privacy.record_level!r} is not "
-                f"{_ALLOWED['privacy.record_level']}",
-            )
-        )
+    for key, switch in (
+        ("privacy.record_level", privacy.record_level),
+        ("privacy.report_epsilon", privacy.report_epsilon),
+    ):
+        if switch not in ("on", "off"):
+            problems.append((key, f"{key} = {switch!r} is not {_ALLOWED[key]}"))
     for key, value, low, high in (
         ("privacy.target_epsilon", privacy.target_epsilon, 0.0, 100.0),
         ("privacy.delta", privacy.delta, 0.0, 0.01),

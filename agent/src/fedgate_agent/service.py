@@ -37,6 +37,7 @@ from fedgate_common.messages import (
     KeyRoster,
     ModelUpdate,
     Payload,
+    RecordPrivacyReport,
     ShareDelivery,
     SurvivorCheck,
 )
@@ -68,6 +69,7 @@ from fedgate_agent.onnx_export import (
 )
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
 from fedgate_agent.record_privacy import (
+    ACCOUNTANT,
     RecordPrivacySettings,
     RoundSpend,
     epsilon,
@@ -153,7 +155,11 @@ class AgentService:
             else None
         )
         self.secure: Participant | None = None  # this round's secure-aggregation state
-        self._masked_update: tuple[npt.NDArray[np.float64], int] | None = None
+        # This round's flattened update, its windows, and the record-level privacy report
+        # to send with it, until the shares are delivered and it can be masked.
+        self._masked_update: (
+            tuple[npt.NDArray[np.float64], int, RecordPrivacyReport | None] | None
+        ) = None
         self._training: asyncio.Task[None] | None = None
         privacy = config.privacy
         self._record_privacy = (
@@ -309,8 +315,11 @@ class AgentService:
             )
         return spend
 
-    def _record_spend(self, spend: RoundSpend, trained: PrivateTrainResult) -> None:
-        """Add the round to privacy.json before its update leaves the gateway."""
+    def _record_spend(
+        self, spend: RoundSpend, trained: PrivateTrainResult
+    ) -> RecordPrivacyReport | None:
+        """Add the round to privacy.json before its update leaves the gateway; return the
+        report for the coordinator's ledger (``None`` with ``privacy.report_epsilon = "off"``)."""
         settings = self._record_privacy
         assert settings is not None
         ledger = read_ledger(self.config.state_path)
@@ -321,18 +330,28 @@ class AgentService:
             steps=trained.steps,
         )
         ledger.noise_multiplier = trained.noise_multiplier
-        ledger.entries.append(
-            LedgerEntry(
-                spend=actual,
-                epsilon_round=epsilon([actual], settings.delta),
-                epsilon_total=epsilon([*ledger.history, actual], settings.delta),
-                delta=settings.delta,
-                max_grad_norm=settings.max_grad_norm,
-                num_samples=trained.result.num_samples,
-            )
+        entry = LedgerEntry(
+            spend=actual,
+            epsilon_round=epsilon([actual], settings.delta),
+            epsilon_total=epsilon([*ledger.history, actual], settings.delta),
+            delta=settings.delta,
+            max_grad_norm=settings.max_grad_norm,
+            num_samples=trained.result.num_samples,
         )
+        ledger.entries.append(entry)
         write_ledger(self.config.state_path, ledger)
         self.status.privacy_epsilon = ledger.epsilon_total
+        if self.config.privacy.report_epsilon != "on":
+            return None
+        return RecordPrivacyReport(
+            epsilon_round=entry.epsilon_round,
+            epsilon_total=entry.epsilon_total,
+            target_epsilon=settings.target_epsilon,
+            delta=settings.delta,
+            noise_multiplier=actual.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            accountant=ACCOUNTANT,
+        )
 
     async def _refresh_windows(self, model: GlobalModel) -> None:
         """With ``training.source = "buffer"``, cut this round's windows from the buffer as it
@@ -422,8 +441,10 @@ class AgentService:
         participant, pending = self.secure, self._masked_update
         if participant is None or pending is None or not participant.ready_to_mask:
             return
-        flat, num_samples = pending
+        flat, num_samples, report = pending
         masked = participant.mask_input(participant.encode(flat, num_samples))
+        if report is not None:
+            masked = msgspec.structs.replace(masked, record_privacy=report)
         size = await self._send(masked, "masked")
         log_event(
             log,
@@ -446,6 +467,7 @@ class AgentService:
         net = build_model(model_msg.spec, weights=base)
         seed = round_seed(self.config.training.seed, work.start.round)
         spend, settings = self._pending_spend, self._record_privacy
+        report = None
         if spend is not None and settings is not None:
             private = train_locally_private(
                 net,
@@ -455,7 +477,7 @@ class AgentService:
                 max_grad_norm=settings.max_grad_norm,
                 seed=seed,
             )
-            self._record_spend(spend, private)
+            report = self._record_spend(spend, private)
             result = private.result
         else:
             result = train_locally(net, self._local_dataset(model_msg), work.start.plan, seed=seed)
@@ -474,6 +496,7 @@ class AgentService:
             delta=encode_arrays(delta),
             num_samples=result.num_samples,
             train_loss=result.mean_loss,
+            record_privacy=report,
         )
 
     async def train_and_send(self, work: TrainForRound) -> None:
@@ -513,6 +536,7 @@ class AgentService:
             self._masked_update = (
                 flatten_parameters(delta, work.model.spec),
                 update.num_samples,
+                update.record_privacy,
             )
             await self._send_masked()
         else:

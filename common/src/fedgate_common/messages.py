@@ -113,14 +113,43 @@ class ShareBundle(
     shares: tuple[SealedShare, ...]
 
 
+class RecordPrivacyReport(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the sending agent's record-level accountant says after the round it trained.
+
+    Self-reported, for the coordinator's privacy ledger: ``epsilon_round`` is ε of this
+    round's DP-SGD alone, ``epsilon_total`` of every round in the agent's ``privacy.json``
+    so far, both at ``delta``, against the agent's ``target_epsilon``. ``noise_multiplier``
+    (σ) and ``max_grad_norm`` (C) are its DP-SGD settings. The sampling rate and steps are
+    left out: with the plan they would tell the coordinator the site's number of windows.
+    """
+
+    epsilon_round: float
+    epsilon_total: float
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+
+
 class MaskedInput(
-    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="masked"
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+    tag="masked",
 ):
-    """Agent → coordinator: encoded update plus masks, mod 2^b (uint16 or uint32 words)."""
+    """Agent → coordinator: encoded update plus masks, mod 2^b (uint16 or uint32 words).
+
+    ``record_privacy`` is present when the agent trained with record-level DP (and reports
+    it); omitted otherwise, so such inputs encode as they did before it existed.
+    """
 
     round: int
     roster_digest: bytes
     words: WireArray
+    record_privacy: RecordPrivacyReport | None = None
 
 
 class SurvivorConfirmation(
@@ -201,15 +230,24 @@ class UnmaskRequest(
 
 
 class ModelUpdate(
-    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="update"
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+    tag="update",
 ):
-    """Agent → coordinator: ``delta`` = locally trained weights minus the base model."""
+    """Agent → coordinator: ``delta`` = locally trained weights minus the base model.
+
+    ``record_privacy`` as in :class:`MaskedInput`.
+    """
 
     round: int
     base_digest: str
     delta: tuple[WireArray, ...]
     num_samples: int
     train_loss: float
+    record_privacy: RecordPrivacyReport | None = None
 
 
 class Certificate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

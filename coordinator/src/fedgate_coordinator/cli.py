@@ -12,8 +12,9 @@ Exit codes (also in ``fedgate-coordinator --help``):
     7  not found: the round asked for (``rounds --detail N``) does not exist
     8  the federation manifest is invalid or not signed by a quorum
 
-``privacy`` shows the site-level privacy ledger (what each round spent of the ε budget);
-record-level ε is kept by each agent (``fedgate-agent privacy``).
+``privacy`` shows the privacy ledger: what each round spent of the site-level ε budget, and
+the record-level ε agents reported with their updates (each agent keeps its own ledger:
+``fedgate-agent privacy``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ from fedgate_coordinator.site_privacy import (
     UNIT,
     federation_size_warning,
 )
-from fedgate_coordinator.store import SITE_UNIT, PrivacyLedgerEntry, Store
+from fedgate_coordinator.store import RECORD_UNIT, SITE_UNIT, PrivacyLedgerEntry, Store
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -899,13 +900,16 @@ PRIVACY_COLUMNS = [
 @click.pass_obj
 @guard
 def privacy(obj: Context, as_json: bool) -> None:
-    """Show site-level privacy: the budget, ε spent so far and what each round spent.
+    """Show the privacy ledger: site-level budget and spend, and the agents' record-level ε.
 
-    The unit of privacy is one site's whole contribution to a round; the settings come
-    from [privacy] in coordinator.toml, the rounds from the store's privacy ledger. Per
-    round: inputs summed, the configured and effective noise multipliers, the clip norm,
-    ε of the round alone and of every round so far (at δ). Record-level ε is kept by
-    each agent: `fedgate-agent privacy`.
+    Site level: the unit of privacy is one site's whole contribution to a round; the
+    settings come from [privacy] in coordinator.toml, the rounds from the store's privacy
+    ledger. Per round: inputs summed, the configured and effective noise multipliers, the
+    clip norm, ε of the round alone and of every round so far (at δ).
+
+    Record level: what each agent training with DP-SGD reported with its last update (ε
+    of its whole run at its δ, its target, σ and clip). The coordinator cannot check these
+    numbers; each agent's own ledger is `fedgate-agent privacy`.
 
     \b
     Example:
@@ -918,13 +922,92 @@ def privacy(obj: Context, as_json: bool) -> None:
     config = obj.config()
     with obj.store(config) as store:
         ledger = store.privacy_ledger(SITE_UNIT)
+        reports = store.privacy_ledger(RECORD_UNIT)
         completed = [r.round for r in store.list_rounds() if r.status == "completed"]
         active = sum(1 for a in store.list_agents() if a.status == "active")
     summary = _privacy_summary(config, ledger, completed)
     warning = _federation_size_warning(config, active)
+    agents = _record_level_agents(reports)
     if as_json:
-        echo_json({**summary, "warning": warning, "rows": ledger})
+        echo_json(
+            {
+                **summary,
+                "warning": warning,
+                "rows": ledger,
+                "record_level": {"agents": agents, "rows": reports},
+            }
+        )
         return
+    _echo_site_level(config, summary, ledger, warning)
+    if agents:
+        click.echo("")
+        _echo_record_level(agents)
+
+
+RECORD_LEVEL_COLUMNS = [
+    "agent",
+    "rounds",
+    "last round",
+    "ε total",
+    "target ε",
+    "δ",
+    "noise multiplier",
+    "clip norm",
+]
+
+
+def _record_level_agents(reports: list[PrivacyLedgerEntry]) -> list[dict[str, Any]]:
+    """Per agent (by id), its last record-level report and how many rounds reported."""
+    last: dict[str, PrivacyLedgerEntry] = {}
+    counts: dict[str, int] = {}
+    for entry in reports:  # by round: the last one per agent wins
+        last[entry.agent] = entry
+        counts[entry.agent] = counts.get(entry.agent, 0) + 1
+    return [
+        {
+            "agent": agent,
+            "rounds_reported": counts[agent],
+            "last_round": entry.round,
+            "epsilon_total": entry.epsilon_total,
+            "target_epsilon": entry.target_epsilon,
+            "budget_left": entry.target_epsilon - entry.epsilon_total,
+            "delta": entry.delta,
+            "noise_multiplier": entry.noise_multiplier,
+            "clip_norm": entry.clip_norm,
+            "accountant": entry.accountant,
+        }
+        for agent, entry in sorted(last.items())
+    ]
+
+
+def _echo_record_level(agents: list[dict[str, Any]]) -> None:
+    click.echo("record level, as the agents report it (unit: one training window)")
+    click.echo(
+        format_table(
+            RECORD_LEVEL_COLUMNS,
+            [
+                [
+                    a["agent"],
+                    a["rounds_reported"],
+                    a["last_round"],
+                    a["epsilon_total"],
+                    f"{a['target_epsilon']:g}",
+                    f"{a['delta']:g}",
+                    a["noise_multiplier"],
+                    a["clip_norm"],
+                ]
+                for a in agents
+            ],
+        )
+    )
+
+
+def _echo_site_level(
+    config: CoordinatorConfig,
+    summary: dict[str, Any],
+    ledger: list[PrivacyLedgerEntry],
+    warning: str,
+) -> None:
     settings = config.privacy
     if not settings.enabled and not ledger:
         click.echo(SITE_LEVEL_OFF)

@@ -22,7 +22,7 @@ from fedgate_common.consensus.manifest import Manifest, SignedManifest
 from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.consensus.wire import graph_seed_material
 from fedgate_common.envelope import decode_payload, open_envelope, seal
-from fedgate_common.errors import ProtocolError, WrongRound
+from fedgate_common.errors import FedgateError, ProtocolError, WrongRound
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.logs import log_event
@@ -50,6 +50,7 @@ from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
 from fedgate_coordinator.rate_limit import MALFORMED, OVERFLOW, Admission, RateLimiter
+from fedgate_coordinator.record_privacy_reports import record_privacy_entry
 from fedgate_coordinator.rounds import (
     Contribution,
     RoundAborted,
@@ -250,8 +251,10 @@ class CoordinatorService:
                         f"{checked.payload.__struct_config__.tag!r} messages",
                         sender=checked.sender,
                     )
+                report = record_privacy_entry(checked.sender, checked.payload)
                 current.accept(checked.sender, checked.payload, bytes_up=checked.size)
             else:
+                report = record_privacy_entry(checked.sender, checked.payload)
                 current.add(
                     checked.sender,
                     checked.payload,
@@ -261,6 +264,8 @@ class CoordinatorService:
         except ProtocolError as exc:
             self._reject(exc, message.topic)
             return
+        if report is not None:
+            self._book_record_privacy(report)
         self.store.touch_agent(checked.sender)
         self._bytes_up[checked.sender] = self._bytes_up.get(checked.sender, 0) + checked.size
         log_event(
@@ -276,6 +281,33 @@ class CoordinatorService:
         )
         if current.all_in:
             self._all_in.set()
+
+    def _book_record_privacy(self, entry: PrivacyLedgerEntry) -> None:
+        """Keep an agent's record-level report in the privacy ledger. The input it came with
+        is in the round already, so a ledger that refuses the row (a second report for the
+        round) is logged, not fatal."""
+        try:
+            self.store.record_privacy(entry)
+        except FedgateError as exc:
+            log_event(
+                log,
+                logging.WARNING,
+                "record privacy report not kept",
+                **self._fields(round=entry.round, agent=entry.agent, error=str(exc)),
+            )
+            return
+        log_event(
+            log,
+            logging.INFO,
+            "record privacy reported",
+            **self._fields(
+                round=entry.round,
+                agent=entry.agent,
+                epsilon_round=round(entry.epsilon_round, 4),
+                epsilon_total=round(entry.epsilon_total, 4),
+                target_epsilon=entry.target_epsilon,
+            ),
+        )
 
     def _reject(self, exc: ProtocolError, topic: str) -> None:
         self.summary.rejected[exc.kind] = self.summary.rejected.get(exc.kind, 0) + 1

@@ -22,6 +22,7 @@ __all__ = [
     "CONSENSUS_STEPS",
     "NIL_VALUE",
     "PLAINTEXT_STAGE",
+    "RECORD_UNIT",
     "SECAGG_STAGES",
     "SITE_UNIT",
     "AgentRecord",
@@ -50,6 +51,10 @@ PLAINTEXT_STAGE = "update"
 
 SITE_UNIT = "site"
 """Unit of privacy of site-level DP: one agent's whole contribution to a round."""
+
+RECORD_UNIT = "record"
+"""Unit of privacy of record-level DP: one training window; rows are per agent, as the
+agents report them (:mod:`fedgate_coordinator.record_privacy_reports`)."""
 
 CONSENSUS_STEPS = ("proposal", "prevote", "precommit")
 """The signed messages of cross-cloud consensus, in protocol order (DESIGN.md section 5)."""
@@ -258,7 +263,11 @@ class RoundStageRecord:
 @dataclass(frozen=True, slots=True)
 class PrivacyLedgerEntry:
     """What one round spent of the privacy budget of one unit, as :meth:`.Store.record_privacy`
-    keeps it: one entry per (round, unit); ``unit`` is :data:`SITE_UNIT` for site-level DP.
+    keeps it: one entry per (round, unit, agent). ``unit`` is :data:`SITE_UNIT` for
+    site-level DP, with ``agent`` empty (the federation's spend), or :data:`RECORD_UNIT` for
+    what ``agent`` reported of its record-level DP-SGD (then ``noise_multiplier`` and
+    ``effective_noise_multiplier`` are its σ, ``clip_norm`` its per-window clip, and
+    ``count_noise``, ``min_inputs`` and ``inputs`` are 0: they do not apply).
 
     ``accountant`` names how ε was computed; ``delta`` is the δ every ε here is stated at.
     ``noise_multiplier`` is the configured z, ``effective_noise_multiplier`` the one the
@@ -283,6 +292,7 @@ class PrivacyLedgerEntry:
     epsilon_total: float
     target_epsilon: float
     recorded_at: datetime | None = None
+    agent: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,8 @@ NAMING_CONVENTION = {
 
 DIGEST_LENGTH = 64  # SHA-256 hex
 STAGE_LENGTH = 32  # a protocol stage name: keys, shares, masked, confirm, reveal, update
-UNIT_LENGTH = 32  # a unit of privacy: site
+UNIT_LENGTH = 32  # a unit of privacy: site or record
+AGENT_ID_LENGTH = 64  # an agent id (fedgate_common.identifiers: 1-64 characters)
 CLOUD_LENGTH = 64  # a cloud id (fedgate_common.identifiers: 1-64 characters)
 STEP_LENGTH = 16  # a consensus step: proposal, prevote, precommit
 _STEP_CHECK = "step IN ('proposal', 'prevote', 'precommit')"
@@ -208,9 +209,10 @@ class RoundStageRow(Base):
 
 
 class PrivacyLedgerRow(Base):
-    """What one round spent of one unit's privacy budget; one row per (round, unit).
+    """What one round spent of one unit's privacy budget; one row per (round, unit, agent).
 
-    ``unit`` is ``site`` for site-level DP (one agent's whole contribution to a round).
+    ``unit`` is ``site`` for site-level DP (one agent's whole contribution to a round), with
+    ``agent`` empty, or ``record`` for one agent's self-reported record-level DP-SGD.
     Every ε is stated at ``delta``: ``epsilon_round`` for this round alone,
     ``epsilon_total`` for all recorded rounds up to this one, against ``target_epsilon``.
     ``noise_multiplier`` is the configured z, ``effective_noise_multiplier`` what the
@@ -219,7 +221,7 @@ class PrivacyLedgerRow(Base):
 
     __tablename__ = "privacy_ledger"
     __table_args__ = (
-        UniqueConstraint("round", "unit"),
+        UniqueConstraint("round", "unit", "agent"),
         CheckConstraint("delta > 0 AND delta < 1", name="delta"),
         CheckConstraint(
             "noise_multiplier >= 0 AND effective_noise_multiplier >= 0 AND count_noise >= 0",
@@ -235,6 +237,7 @@ class PrivacyLedgerRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     round: Mapped[int] = mapped_column(ForeignKey("rounds.round"))
     unit: Mapped[str] = mapped_column(String(UNIT_LENGTH))
+    agent: Mapped[str] = mapped_column(String(AGENT_ID_LENGTH), server_default="")
     accountant: Mapped[str] = mapped_column(Text)
     delta: Mapped[float] = mapped_column(Float)
     noise_multiplier: Mapped[float] = mapped_column(Float)

@@ -68,6 +68,7 @@ from fedgate_coordinator.store.records import (
     stage_order,
 )
 from fedgate_coordinator.store.schema import (
+    AGENT_ID_LENGTH,
     STAGE_LENGTH,
     UNIT_LENGTH,
     AgentRow,
@@ -701,23 +702,29 @@ class Store:
     # -- privacy ledger ----------------------------------------------------------------
 
     def record_privacy(self, entry: PrivacyLedgerEntry) -> None:
-        """Add what round ``entry.round`` spent of the privacy budget of ``entry.unit``.
+        """Add what round ``entry.round`` spent of the privacy budget of ``entry.unit``
+        (for record level: what ``entry.agent`` reported it spent).
 
         The round must have been begun (any status: the sum may be released just before
         the round completes). ``recorded_at`` is set to now when ``None``. The ledger is
         append-only: an entry is never replaced.
 
         Raises :class:`RoundStateError` if the round was never begun or already has an entry
-        for ``entry.unit``, :class:`StoreError` if a value is out of range (see
-        :func:`_check_privacy`).
+        for ``entry.unit`` and ``entry.agent``, :class:`StoreError` if a value is out of
+        range (see :func:`_check_privacy`).
         """
         _check_privacy(entry)
-        duplicate = f"privacy of round {entry.round} for unit {entry.unit!r} is recorded already"
+        whose = f" of agent {entry.agent!r}" if entry.agent else ""
+        duplicate = (
+            f"privacy of round {entry.round} for unit {entry.unit!r}{whose} is recorded already"
+        )
         with self._transaction() as session:
             self._begun_round(session, entry.round)
             existing = session.scalar(
                 select(PrivacyLedgerRow.id).where(
-                    PrivacyLedgerRow.round == entry.round, PrivacyLedgerRow.unit == entry.unit
+                    PrivacyLedgerRow.round == entry.round,
+                    PrivacyLedgerRow.unit == entry.unit,
+                    PrivacyLedgerRow.agent == entry.agent,
                 )
             )
             if existing is not None:
@@ -726,6 +733,7 @@ class Store:
                 PrivacyLedgerRow(
                     round=entry.round,
                     unit=entry.unit,
+                    agent=entry.agent,
                     accountant=entry.accountant,
                     delta=float(entry.delta),
                     noise_multiplier=float(entry.noise_multiplier),
@@ -746,8 +754,11 @@ class Store:
                 raise RoundStateError(duplicate, round=entry.round) from exc
 
     def privacy_ledger(self, unit: str | None = None) -> list[PrivacyLedgerEntry]:
-        """The privacy ledger by round (then unit); only ``unit``'s entries when given."""
-        query = select(PrivacyLedgerRow).order_by(PrivacyLedgerRow.round, PrivacyLedgerRow.unit)
+        """The privacy ledger by round (then unit, agent); only ``unit``'s entries when
+        given."""
+        query = select(PrivacyLedgerRow).order_by(
+            PrivacyLedgerRow.round, PrivacyLedgerRow.unit, PrivacyLedgerRow.agent
+        )
         if unit is not None:
             query = query.where(PrivacyLedgerRow.unit == unit)
         with self._transaction() as session:
@@ -1107,6 +1118,8 @@ def _check_privacy(entry: PrivacyLedgerEntry) -> None:
             f"{where}: unit {entry.unit!r} is not 1-{UNIT_LENGTH} characters a-z 0-9 _ "
             "starting with a letter"
         )
+    if not isinstance(entry.agent, str) or len(entry.agent) > AGENT_ID_LENGTH:
+        raise StoreError(f"{where}: agent must be at most {AGENT_ID_LENGTH} characters")
     if not isinstance(entry.accountant, str) or not entry.accountant.strip():
         raise StoreError(f"{where}: accountant must name how ε was computed")
     floats = {
@@ -1366,6 +1379,7 @@ def _privacy_entry(row: PrivacyLedgerRow) -> PrivacyLedgerEntry:
         epsilon_total=row.epsilon_total,
         target_epsilon=row.target_epsilon,
         recorded_at=row.recorded_at,
+        agent=row.agent,
     )
 
 

@@ -1,0 +1,94 @@
+"""The check of agents' record-level privacy reports, and the ledger row each becomes."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pytest
+from fedgate_common.arrays import encode_array
+from fedgate_common.errors import MalformedMessage, NonFiniteValues
+from fedgate_common.messages import MaskedInput, RecordPrivacyReport, SurvivorConfirmation
+from fedgate_coordinator.record_privacy_reports import record_privacy_entry
+from fedgate_coordinator.store import RECORD_UNIT
+
+REPORT = RecordPrivacyReport(
+    epsilon_round=0.5,
+    epsilon_total=1.25,
+    target_epsilon=3.0,
+    delta=1e-5,
+    noise_multiplier=3.9,
+    max_grad_norm=1.0,
+    accountant="rdp (opacus.accountants.RDPAccountant)",
+)
+
+
+def masked(report: RecordPrivacyReport | None) -> MaskedInput:
+    words = encode_array("words", np.zeros(4, np.uint32))
+    return MaskedInput(round=7, roster_digest=b"r" * 32, words=words, record_privacy=report)
+
+
+def test_a_masked_input_with_a_report_becomes_a_record_row() -> None:
+    entry = record_privacy_entry("gw-3", masked(REPORT))
+    assert entry is not None
+    assert (entry.round, entry.unit, entry.agent) == (7, RECORD_UNIT, "gw-3")
+    assert (entry.epsilon_round, entry.epsilon_total, entry.target_epsilon) == (0.5, 1.25, 3.0)
+    assert (entry.delta, entry.noise_multiplier, entry.clip_norm) == (1e-5, 3.9, 1.0)
+    assert entry.effective_noise_multiplier == 3.9
+    assert (entry.count_noise, entry.min_inputs, entry.inputs) == (0.0, 0, 0)
+    assert entry.accountant == REPORT.accountant
+
+
+def test_messages_without_a_report_book_nothing() -> None:
+    assert record_privacy_entry("gw-3", masked(None)) is None
+    confirmation = SurvivorConfirmation(round=7, roster_digest=b"r" * 32, survivors=("gw-3",))
+    assert record_privacy_entry("gw-3", confirmation) is None
+
+
+def test_a_masked_input_without_a_report_encodes_without_the_field() -> None:
+    """Agents without record-level DP send what coordinators before reports accepted."""
+    encoded = msgspec.msgpack.decode(msgspec.msgpack.encode(masked(None)))
+    assert "record_privacy" not in encoded
+    assert "record_privacy" in msgspec.msgpack.decode(msgspec.msgpack.encode(masked(REPORT)))
+
+
+@pytest.mark.parametrize("field", ["epsilon_total", "delta", "noise_multiplier"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_numbers_are_refused(field: str, value: float) -> None:
+    bad = msgspec.structs.replace(REPORT, **{field: value})
+    with pytest.raises(NonFiniteValues, match=field) as caught:
+        record_privacy_entry("gw-3", masked(bad))
+    assert caught.value.sender == "gw-3"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"epsilon_round": -0.1}, "epsilon_round < 0"),
+        ({"epsilon_total": 0.25}, "epsilon_total < epsilon_round"),
+        ({"delta": 0.0}, "delta outside (0, 1)"),
+        ({"delta": 1.0}, "delta outside (0, 1)"),
+        ({"target_epsilon": 0.0}, "target_epsilon <= 0"),
+        ({"noise_multiplier": -1.0}, "noise_multiplier <= 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm <= 0"),
+        ({"accountant": " "}, "accountant must be"),
+        ({"accountant": "x" * 201}, "accountant must be"),
+    ],
+)
+def test_reports_no_accountant_could_write_are_refused(
+    changes: dict[str, object], fragment: str
+) -> None:
+    bad = msgspec.structs.replace(REPORT, **changes)
+    with pytest.raises(MalformedMessage, match="record privacy report") as caught:
+        record_privacy_entry("gw-3", masked(bad))
+    assert fragment in str(caught.value)
+    assert caught.value.sender == "gw-3"
+
+
+def test_a_report_past_its_own_target_is_booked_as_reported() -> None:
+    """Self-reported: the ledger shows an agent over its budget rather than hiding it."""
+    over = msgspec.structs.replace(REPORT, epsilon_total=4.0)
+    entry = record_privacy_entry("gw-3", masked(over))
+    assert entry is not None
+    assert entry.epsilon_total > entry.target_epsilon
