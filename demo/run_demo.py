@@ -56,7 +56,7 @@ from fedgate_common.errors import FedgateError
 from fedgate_common.model_spec import initial_weights
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
-from fedgate_coordinator.store import DecisionRecord, Store
+from fedgate_coordinator.store import RECORD_UNIT, DecisionRecord, PrivacyLedgerEntry, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -633,6 +633,7 @@ def main() -> int:
                     )
                 )
         stores: list[Store] = []
+        reported: list[PrivacyLedgerEntry] = []
         try:
             wait_until_connected(agent_configs, processes, out)
             start_coordinators(clouds, args.rounds, out, env)
@@ -653,6 +654,7 @@ def main() -> int:
                         cloud.process.wait(timeout=60)
             fed_seconds = time.monotonic() - started
             chains = [store.verify_chain() for store in stores]
+            reported = [e for store in stores for e in store.privacy_ledger(unit=RECORD_UNIT)]
         finally:
             for store in stores:
                 store.close()
@@ -699,6 +701,11 @@ def main() -> int:
         "record_level_dp": args.dp == "record",
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_spent,
+        # What the agents reported with their updates, as the coordinators booked it.
+        "record_epsilon_booked": round(max(e.epsilon_total for e in reported), 4)
+        if reported
+        else None,
+        "record_epsilon_reporting_agents": len({e.agent for e in reported}),
         "site_level_dp": args.dp == "site",
         "site_epsilon_budget": args.site_epsilon if args.dp == "site" else None,
         "site_epsilon_spent": rows[-1][11] if args.dp == "site" and rows else None,
@@ -755,6 +762,12 @@ def main() -> int:
         f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model}); "
         f"total {summary['total_seconds']} s"
     )
+    if args.dp == "record":
+        print(
+            f"record-level ε booked by the coordinators: {summary['record_epsilon_booked']} "
+            f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
+            "fedgate-coordinator privacy)"
+        )
     print(f"summary: {out / 'summary.json'}")
     print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {clouds[0].state} status")
     return 0
