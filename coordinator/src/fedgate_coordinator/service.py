@@ -237,6 +237,9 @@ class CoordinatorService:
                 agent_key=self._agent_key,
                 limits=self._limits,
             )
+            # A report no accountant could have written rejects the message before the
+            # round sees it; a good one is booked once the round has accepted the message.
+            report = record_privacy_entry(checked.sender, checked.payload)
             current = self.current
             if current is None:
                 raise WrongRound(
@@ -251,10 +254,8 @@ class CoordinatorService:
                         f"{checked.payload.__struct_config__.tag!r} messages",
                         sender=checked.sender,
                     )
-                report = record_privacy_entry(checked.sender, checked.payload)
                 current.accept(checked.sender, checked.payload, bytes_up=checked.size)
             else:
-                report = record_privacy_entry(checked.sender, checked.payload)
                 current.add(
                     checked.sender,
                     checked.payload,
