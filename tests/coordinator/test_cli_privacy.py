@@ -321,6 +321,14 @@ def test_privacy_shows_each_agents_last_record_level_report(private: Coordinator
         (2, "gw-1"),
     ]
     assert [r["unit"] for r in data["rows"]] == ["site", "site"]  # site rows stay apart
+    status = private.run("status")
+    assert status.exit_code == 0, status.output
+    assert (
+        "           record-level: ε reported by 2 agent(s); largest 0.8750 of 3 (gw-1)"
+        in status.output.splitlines()
+    )
+    reporting = json.loads(private.run("status", "--json").output)["record_level_privacy"]
+    assert reporting == agents
 
 
 @on_disk_stores

@@ -605,6 +605,7 @@ def _status_data(obj: Context) -> dict[str, Any]:
             "privacy": _privacy_summary(
                 config, ledger, [r.round for r in rounds if r.status == "completed"]
             ),
+            "record_level_privacy": _record_level_agents(store.privacy_ledger(RECORD_UNIT)),
             "rejected_messages": {
                 k: v
                 for k, v in store.event_counts().items()
@@ -726,6 +727,13 @@ def status(obj: Context, as_json: bool) -> None:
     else:
         click.echo("secagg     off: updates travel in plaintext")
     click.echo(f"privacy    {_privacy_line(data['privacy'])}")
+    reporting = data["record_level_privacy"]
+    if reporting:
+        top = max(reporting, key=lambda a: a["epsilon_total"])
+        click.echo(
+            f"           record-level: ε reported by {len(reporting)} agent(s); largest "
+            f"{top['epsilon_total']:.4f} of {top['target_epsilon']:g} ({top['agent']})"
+        )
     consensus = data["consensus"]
     click.echo(f"federation {consensus['tolerance']}")
     if consensus["height"] is not None:
