@@ -57,6 +57,7 @@ import numpy.typing as npt
 import torch
 from fedgate_agent.datasets.tep import FederatedSplit, federated_split
 from fedgate_agent.model import build_model, load_weights, weights_of
+from fedgate_agent.private_training import train_locally_private
 from fedgate_agent.record_privacy import (
     RecordPrivacySettings,
     RoundSpend,
@@ -65,7 +66,7 @@ from fedgate_agent.record_privacy import (
     sample_rate,
     steps_per_round,
 )
-from fedgate_agent.training import LocalDataset, evaluate, train_locally, train_locally_private
+from fedgate_agent.training import LocalDataset, evaluate, train_locally
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.aggregation import apply_delta, weighted_mean_delta

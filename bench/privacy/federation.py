@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_agent.datasets.tep import FederatedSplit, centralized_dataset, federated_split
 from fedgate_agent.model import build_model, load_weights, weights_of
+from fedgate_agent.private_training import PrivateTrainResult, train_locally_private
 from fedgate_agent.record_privacy import (
     RecordPrivacySettings,
     RoundSpend,
@@ -48,13 +49,7 @@ from fedgate_agent.record_privacy import (
     sample_rate,
     steps_per_round,
 )
-from fedgate_agent.training import (
-    LocalDataset,
-    PrivateTrainResult,
-    evaluate,
-    train_locally,
-    train_locally_private,
-)
+from fedgate_agent.training import LocalDataset, evaluate, train_locally
 from fedgate_common.model_spec import initial_weights
 from fedgate_coordinator.aggregation import apply_delta, weighted_mean_delta
 from fedgate_coordinator.rounds import RoundSettings

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from fedgate_agent.model import build_model
+from fedgate_agent.private_training import CsprngDPOptimizer, train_locally_private
 from fedgate_agent.secure_random import ChaCha20Stream
-from fedgate_agent.training import CsprngDPOptimizer, LocalDataset, train_locally_private
+from fedgate_agent.training import LocalDataset
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.model_spec import ModelSpec, initial_weights, parameter_count
 from fedgate_common.text_table import format_table

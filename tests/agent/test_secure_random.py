@@ -10,15 +10,15 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from fedgate_agent.model import build_model, weights_of
-from fedgate_agent.record_privacy import steps_per_round
-from fedgate_agent.secure_random import ChaCha20Stream
-from fedgate_agent.training import (
+from fedgate_agent.private_training import (
     CsprngDPOptimizer,
     CsprngPoissonSampler,
-    LocalDataset,
     _csprng_poisson_loader,
     train_locally_private,
 )
+from fedgate_agent.record_privacy import steps_per_round
+from fedgate_agent.secure_random import ChaCha20Stream
+from fedgate_agent.training import LocalDataset
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from opacus import GradSampleModule

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,16 @@ def test_dataset_checks_its_own_arrays() -> None:
 def test_errors_share_the_fedgate_root() -> None:
     assert issubclass(LocalDataError, AgentError)
     assert issubclass(AgentError, FedgateError)
+
+
+def test_the_command_line_and_plain_training_do_not_load_opacus() -> None:
+    """Only DP-SGD (private_training) imports Opacus: every `fedgate-agent` command starts
+    without it, and so does an agent that trains without record-level DP."""
+    probe = (
+        "import sys, fedgate_agent.cli, fedgate_agent.training; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert shown.stdout.strip() == "[]"

@@ -68,6 +68,7 @@ from fedgate_agent.onnx_export import (
     save_exported_model,
 )
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
+from fedgate_agent.private_training import PrivateTrainResult, train_locally_private
 from fedgate_agent.record_privacy import (
     ACCOUNTANT,
     RecordPrivacySettings,
@@ -104,13 +105,7 @@ from fedgate_agent.state import (
     write_pinned_peers,
     write_status,
 )
-from fedgate_agent.training import (
-    LocalDataset,
-    PrivateTrainResult,
-    load_local_dataset,
-    train_locally,
-    train_locally_private,
-)
+from fedgate_agent.training import LocalDataset, load_local_dataset, train_locally
 
 log = logging.getLogger("fedgate.agent")
 
