@@ -222,9 +222,9 @@ def test_errors_share_the_fedgate_root() -> None:
 
 def test_the_command_line_and_plain_training_do_not_load_opacus() -> None:
     """Only DP-SGD (private_training) imports Opacus: every `fedgate-agent` command starts
-    without it, and so does an agent that trains without record-level DP."""
+    without it, and so does an agent (its service) that trains without record-level DP."""
     probe = (
-        "import sys, fedgate_agent.cli, fedgate_agent.training; "
+        "import sys, fedgate_agent.cli, fedgate_agent.training, fedgate_agent.service; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
     )
     shown = subprocess.run(

@@ -20,6 +20,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import aiomqtt
 import msgspec
@@ -68,7 +69,6 @@ from fedgate_agent.onnx_export import (
     save_exported_model,
 )
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
-from fedgate_agent.private_training import PrivateTrainResult, train_locally_private
 from fedgate_agent.record_privacy import (
     ACCOUNTANT,
     RecordPrivacySettings,
@@ -106,6 +106,9 @@ from fedgate_agent.state import (
     write_status,
 )
 from fedgate_agent.training import LocalDataset, load_local_dataset, train_locally
+
+if TYPE_CHECKING:
+    from fedgate_agent.private_training import PrivateTrainResult
 
 log = logging.getLogger("fedgate.agent")
 
@@ -464,6 +467,9 @@ class AgentService:
         spend, settings = self._pending_spend, self._record_privacy
         report = None
         if spend is not None and settings is not None:
+            # Here, not at the top: an agent without record-level DP never loads Opacus.
+            from fedgate_agent.private_training import train_locally_private
+
             private = train_locally_private(
                 net,
                 self._local_dataset(model_msg),
