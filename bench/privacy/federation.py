@@ -42,6 +42,8 @@ from fedgate_agent.datasets.tep import FederatedSplit, centralized_dataset, fede
 from fedgate_agent.model import build_model, load_weights, weights_of
 from fedgate_agent.private_training import PrivateTrainResult, train_locally_private
 from fedgate_agent.record_privacy import (
+    DEFAULT_ACCOUNTANT,
+    Accountant,
     RecordPrivacySettings,
     RoundSpend,
     epsilon,
@@ -159,6 +161,7 @@ class RecordDp:
     target_epsilon: float
     max_grad_norm: float
     delta: float = 1e-5
+    accountant: Accountant = DEFAULT_ACCOUNTANT
 
     def settings(self, planned_rounds: int) -> RecordPrivacySettings:
         return RecordPrivacySettings(
@@ -166,6 +169,7 @@ class RecordDp:
             delta=self.delta,
             max_grad_norm=self.max_grad_norm,
             planned_rounds=planned_rounds,
+            accountant=self.accountant,
         )
 
 
@@ -191,7 +195,11 @@ class SiteLedger:
         spend = RoundSpend(
             round=round_number, noise_multiplier=sigma, sample_rate=rate, steps=steps
         )
-        if epsilon([*self.history, spend], self.settings.delta) > self.settings.target_epsilon:
+        settings = self.settings
+        if (
+            epsilon([*self.history, spend], settings.delta, accountant=settings.accountant)
+            > settings.target_epsilon
+        ):
             if self.refused_from is None:
                 self.refused_from = round_number
             return None
@@ -211,7 +219,7 @@ class SiteLedger:
 
     @property
     def epsilon(self) -> float:
-        return epsilon(self.history, self.settings.delta)
+        return epsilon(self.history, self.settings.delta, accountant=self.settings.accountant)
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -24,6 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fedgate_agent.record_privacy import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    Accountant,
+    as_accountant,
+)
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
 
@@ -77,6 +83,7 @@ def run_seed(
     epsilons: Sequence[float],
     clip: float,
     stride: int = 2,
+    accountant: Accountant = DEFAULT_ACCOUNTANT,
 ) -> list[Row]:
     split = demo_split(seed, stride)
     rows: list[Row] = []
@@ -123,13 +130,13 @@ def run_seed(
         )
         log(f"  accuracy {result.accuracy:.4f} ({result.seconds:.0f} s)")
     for target in epsilons:
-        log(f"FedAvg, dp plan, record-level DP ε = {target:g}, C = {clip:g}")
+        log(f"FedAvg, dp plan, record-level DP ε = {target:g} ({accountant}), C = {clip:g}")
         result = run_fedavg(
             split,
             DP_PLAN,
             rounds=dp_rounds,
             seed=seed,
-            dp=RecordDp(target_epsilon=target, max_grad_norm=clip),
+            dp=RecordDp(target_epsilon=target, max_grad_norm=clip, accountant=accountant),
         )
         rows.append(
             Row(
@@ -258,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--stride", type=int, default=2, help="window stride (the demo's: 2; 1 doubles the data)"
     )
+    parser.add_argument(
+        "--accountant",
+        choices=sorted(ACCOUNTANTS),
+        default=DEFAULT_ACCOUNTANT,
+        help="how the sites count ε (the agent's privacy.accountant; default %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench-privacy"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -279,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 epsilons=args.epsilons,
                 clip=args.clip,
                 stride=args.stride,
+                accountant=as_accountant(args.accountant),
             )
         )
     summary = summarize(rows)
@@ -291,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds": seconds,
         "default_plan": {"rounds": default_rounds, **_plan_dict(DEFAULT_PLAN)},
         "dp_plan": {"rounds": dp_rounds, "clip": args.clip, **_plan_dict(DP_PLAN)},
+        "accountant": args.accountant,
         "rows": [
             {**asdict(row), "epsilon": None if math.isinf(row.epsilon) else row.epsilon}
             for row in rows

@@ -485,6 +485,7 @@ def test_set_value_keeps_file_mode(tmp_path: Path) -> None:
         ("coordinator_public_key", "ed25519:zz", "not hex"),
         ("privacy.report_epsilon", "yes", "privacy.report_epsilon = 'yes' is not"),
         ("privacy.record_level", "1", "privacy.record_level = '1' is not"),
+        ("privacy.accountant", "prv", "privacy.accountant = 'prv' is not"),
     ],
 )
 def test_set_invalid_value_leaves_file_unchanged(

@@ -67,7 +67,7 @@ from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.privacy_ledger import read_ledger
-from fedgate_agent.record_privacy import ACCOUNTANT, SAMPLING, UNIT
+from fedgate_agent.record_privacy import SAMPLING, UNIT, accountant_name, as_accountant
 from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
 
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
@@ -405,10 +405,11 @@ def privacy(config_path: Path, as_json: bool) -> None:
     cfg = load_config(config_path, require_complete=False)
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
+    accountant = accountant_name(as_accountant(settings.accountant))
     data = {
         "record_level": settings.record_level,
         "unit": UNIT,
-        "accountant": ACCOUNTANT,
+        "accountant": accountant,
         "sampling": SAMPLING,
         "delta": settings.delta,
         "budget_epsilon": settings.target_epsilon,
@@ -427,6 +428,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
                 "steps": e.spend.steps,
                 "clip_norm": e.max_grad_norm,
                 "windows": e.num_samples,
+                "accountant": e.accountant,
             }
             for e in ledger.entries
         ],
@@ -435,7 +437,12 @@ def privacy(config_path: Path, as_json: bool) -> None:
         echo_json(data)
         return
     click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
-    click.echo(f"accountant       {ACCOUNTANT}, {SAMPLING} sampling")
+    click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
+    if any(e.accountant != accountant for e in ledger.entries):
+        click.echo(
+            "                 (earlier rounds were counted by another accountant: "
+            "see --json; the next round counts the whole history again with this one)"
+        )
     click.echo(
         f"budget           ε {settings.target_epsilon} at δ {settings.delta} over "
         f"{settings.planned_rounds} rounds; spent ε {ledger.epsilon_total:.4f}"

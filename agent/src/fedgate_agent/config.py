@@ -121,6 +121,7 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delta: float = 1e-5
     max_grad_norm: float = 4.0  # per-window gradient clipping norm
     planned_rounds: int = 20  # rounds the budget is spread over; the agent stops after it
+    accountant: str = "pld"  # "pld" | "rdp": how ε is counted (docs/privacy.md section 3)
     # "on": send ε (round and total), δ, σ and C with each update, for the coordinator's
     # privacy ledger; "off" keeps them on the gateway (docs/privacy.md section 4).
     report_epsilon: str = "on"
@@ -310,6 +311,9 @@ _ALLOWED: Final[dict[str, str]] = {
     "privacy.delta": "a number in (0, 0.01]: the δ of the budget (below 1 / windows)",
     "privacy.max_grad_norm": "a number in (0, 1000]: per-window gradient clipping norm",
     "privacy.planned_rounds": "an integer 1..100000: rounds the budget is spread over",
+    "privacy.accountant": (
+        '"pld" (default, the tighter bound) | "rdp": the accountant that counts record-level ε'
+    ),
     "privacy.site_min_noise_multiplier": (
         "a number in [0, 1000]: refuse secure rounds with less site-level noise (0 = accept any)"
     ),
@@ -728,6 +732,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     ):
         if switch not in ("on", "off"):
             problems.append((key, f"{key} = {switch!r} is not {_ALLOWED[key]}"))
+    if privacy.accountant not in ("pld", "rdp"):
+        key = "privacy.accountant"
+        problems.append((key, f"{key} = {privacy.accountant!r} is not {_ALLOWED[key]}"))
     for key, value, low, high in (
         ("privacy.target_epsilon", privacy.target_epsilon, 0.0, 100.0),
         ("privacy.delta", privacy.delta, 0.0, 0.01),

@@ -12,7 +12,7 @@ import msgspec
 
 from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import AgentError
-from fedgate_agent.record_privacy import RoundSpend
+from fedgate_agent.record_privacy import ACCOUNTANTS, RoundSpend
 
 LEDGER_FILE = "privacy.json"
 
@@ -30,6 +30,8 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     delta: float
     max_grad_norm: float
     num_samples: int
+    # Which accountant computed the two ε; entries written before there was a choice: RDP.
+    accountant: str = ACCOUNTANTS["rdp"]
 
 
 class PrivacyLedger(msgspec.Struct, kw_only=True):

@@ -70,9 +70,10 @@ from fedgate_agent.onnx_export import (
 )
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
 from fedgate_agent.record_privacy import (
-    ACCOUNTANT,
     RecordPrivacySettings,
     RoundSpend,
+    accountant_name,
+    as_accountant,
     epsilon,
     noise_multiplier_for,
     sample_rate,
@@ -166,6 +167,7 @@ class AgentService:
                 delta=privacy.delta,
                 max_grad_norm=privacy.max_grad_norm,
                 planned_rounds=privacy.planned_rounds,
+                accountant=as_accountant(privacy.accountant),
             )
             if privacy.record_level == "on"
             else None
@@ -302,7 +304,7 @@ class AgentService:
         spend = RoundSpend(
             round=work.start.round, noise_multiplier=sigma, sample_rate=rate, steps=steps
         )
-        after = epsilon([*ledger.history, spend], settings.delta)
+        after = epsilon([*ledger.history, spend], settings.delta, accountant=settings.accountant)
         if after > settings.target_epsilon:
             raise PrivacyBudgetExhausted(
                 f"round {work.start.round} would take record-level ε from "
@@ -330,11 +332,14 @@ class AgentService:
         ledger.noise_multiplier = trained.noise_multiplier
         entry = LedgerEntry(
             spend=actual,
-            epsilon_round=epsilon([actual], settings.delta),
-            epsilon_total=epsilon([*ledger.history, actual], settings.delta),
+            epsilon_round=epsilon([actual], settings.delta, accountant=settings.accountant),
+            epsilon_total=epsilon(
+                [*ledger.history, actual], settings.delta, accountant=settings.accountant
+            ),
             delta=settings.delta,
             max_grad_norm=settings.max_grad_norm,
             num_samples=trained.result.num_samples,
+            accountant=accountant_name(settings.accountant),
         )
         ledger.entries.append(entry)
         write_ledger(self.config.state_path, ledger)
@@ -348,7 +353,7 @@ class AgentService:
             delta=settings.delta,
             noise_multiplier=actual.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
-            accountant=ACCOUNTANT,
+            accountant=entry.accountant,
         )
 
     async def _refresh_windows(self, model: GlobalModel) -> None:
@@ -364,7 +369,9 @@ class AgentService:
         number = work.start.round
         try:
             await self._refresh_windows(work.model)
-            spend = self._privacy_spend(work)
+            # In a worker thread: the first DP round searches σ (about a second with the
+            # PLD accountant), and the loop must keep serving MQTT meanwhile.
+            spend = await asyncio.to_thread(self._privacy_spend, work)
         except FedgateError as exc:  # budget spent, ledger unreadable, or no usable data
             self.logic.answered(number)
             self.status.last_answered_round = number
