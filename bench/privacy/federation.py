@@ -298,15 +298,17 @@ def run_fedavg(
     fixed_site_seeds: bool = False,
     track_accuracy: bool = False,
     progress: Progress | None = None,
+    initial: Weights | None = None,
 ) -> FederationResult:
     """``rounds`` rounds of FedAvg over ``split.sites`` from the genesis of ``seed``.
 
     With ``dp`` every site runs DP-SGD under its own budget (``planned_rounds = rounds``),
     and a site whose next round would pass the budget contributes nothing from then on.
-    ``track_accuracy`` evaluates the global model after every round (slower).
+    ``track_accuracy`` evaluates the global model after every round (slower). ``initial``
+    replaces the genesis weights of ``seed`` (a pre-trained model, public_pretraining.py).
     """
     started = time.perf_counter()
-    global_weights = genesis(split, seed)
+    global_weights = genesis(split, seed) if initial is None else initial
     model = build_model(split.spec, weights=global_weights)
     ledgers = [SiteLedger(dp.settings(rounds)) for _ in split.sites] if dp is not None else []
     trained_rounds = [0] * len(split.sites)
@@ -386,13 +388,18 @@ class CentralizedResult:
 
 
 def run_centralized(
-    split: FederatedSplit, plan: RoundSettings, *, rounds: int, seed: int
+    split: FederatedSplit,
+    plan: RoundSettings,
+    *,
+    rounds: int,
+    seed: int,
+    initial: Weights | None = None,
 ) -> CentralizedResult:
     """The union of the sites' windows, trained like ``demo/run_demo.py`` does it: one
     ``plan.plan_for(r)`` for r = 1..rounds, i.e. as many epochs as one site trains in the
     federation, with the same lr decay; the same genesis weights."""
     started = time.perf_counter()
-    model = build_model(split.spec, weights=genesis(split, seed))
+    model = build_model(split.spec, weights=genesis(split, seed) if initial is None else initial)
     union: LocalDataset = centralized_dataset(split)
     for round_number in range(1, rounds + 1):
         train_locally(

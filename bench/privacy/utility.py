@@ -24,12 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fedgate_agent.datasets.tep import FederatedSplit
+from fedgate_agent.model import build_model
 from fedgate_agent.record_privacy import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     Accountant,
     as_accountant,
 )
+from fedgate_agent.training import LocalDataset, evaluate
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
 
@@ -39,14 +42,18 @@ from bench.privacy.federation import (
     DP_PLAN,
     DP_ROUNDS,
     RecordDp,
+    Weights,
     demo_split,
+    genesis,
     memoize_accountant,
     quiet_opacus,
     run_centralized,
     run_fedavg,
 )
+from bench.privacy.public_pretraining import load_or_simulate, pretrain, public_windows
 
 DEMO_ROUNDS = 20
+DEMO_WINDOW = 20
 QUICK_ROUNDS = 10
 
 
@@ -71,6 +78,10 @@ def _plan_text(plan: RoundSettings) -> str:
     )
 
 
+def _accuracy(split: FederatedSplit, weights: Weights) -> float:
+    return evaluate(build_model(split.spec, weights=weights), split.test).accuracy
+
+
 def _log(message: str) -> None:
     print(f"[utility {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -84,15 +95,25 @@ def run_seed(
     clip: float,
     stride: int = 2,
     accountant: Accountant = DEFAULT_ACCOUNTANT,
+    public: LocalDataset | None = None,
 ) -> list[Row]:
+    """Every row for one seed; with ``public`` windows, every row starts from the genesis
+    of ``seed`` pre-trained on them (public_pretraining.py) instead of the genesis itself."""
     split = demo_split(seed, stride)
     rows: list[Row] = []
 
     def log(text: str) -> None:
         _log(f"seed {seed}: {text}")
 
+    initial = None
+    if public is not None:
+        initial = pretrain(split.spec, genesis(split, seed), public, seed=seed)
+        accuracy = _accuracy(split, initial)
+        log(f"pre-trained on {len(public)} public windows: test accuracy {accuracy:.4f}")
     log("centralized, default plan")
-    central = run_centralized(split, DEFAULT_PLAN, rounds=default_rounds, seed=seed)
+    central = run_centralized(
+        split, DEFAULT_PLAN, rounds=default_rounds, seed=seed, initial=initial
+    )
     rows.append(
         Row(
             "centralized",
@@ -113,7 +134,7 @@ def run_seed(
         ("dp", DP_PLAN, dp_rounds),
     ):
         log(f"FedAvg, {label} plan, no DP")
-        result = run_fedavg(split, plan, rounds=rounds, seed=seed)
+        result = run_fedavg(split, plan, rounds=rounds, seed=seed, initial=initial)
         rows.append(
             Row(
                 "fedavg",
@@ -137,6 +158,7 @@ def run_seed(
             rounds=dp_rounds,
             seed=seed,
             dp=RecordDp(target_epsilon=target, max_grad_norm=clip, accountant=accountant),
+            initial=initial,
         )
         rows.append(
             Row(
@@ -271,6 +293,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=DEFAULT_ACCOUNTANT,
         help="how the sites count ε (the agent's privacy.accountant; default %(default)s)",
     )
+    parser.add_argument(
+        "--public-seeds",
+        type=int,
+        default=0,
+        help="pre-train every row's genesis on this many simulated TEP runs sets (0: none)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench-privacy"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -282,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     _log(f"default plan: {_plan_text(DEFAULT_PLAN)}; {default_rounds} rounds")
     _log(f"DP plan: {_plan_text(DP_PLAN)}; {dp_rounds} rounds; clip {args.clip:g}")
     started = time.perf_counter()
+    public = None
+    if args.public_seeds > 0:
+        runs = load_or_simulate(range(1, args.public_seeds + 1), args.out, _log)
+        public = public_windows(runs, DEMO_WINDOW, args.stride)
     rows: list[Row] = []
     for seed in seeds:
         rows.extend(
@@ -293,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 clip=args.clip,
                 stride=args.stride,
                 accountant=as_accountant(args.accountant),
+                public=public,
             )
         )
     summary = summarize(rows)
@@ -306,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "default_plan": {"rounds": default_rounds, **_plan_dict(DEFAULT_PLAN)},
         "dp_plan": {"rounds": dp_rounds, "clip": args.clip, **_plan_dict(DP_PLAN)},
         "accountant": args.accountant,
+        "public_seeds": args.public_seeds,
         "rows": [
             {**asdict(row), "epsilon": None if math.isinf(row.epsilon) else row.epsilon}
             for row in rows
