@@ -29,8 +29,8 @@ from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.ingest.mqtt_source import MqttIngest, MqttIngestSettings, MqttSubscription
 from fedgate_agent.ingest.opcua_source import OpcUaIngest, OpcUaIngestSettings, OpcUaNode
 from fedgate_agent.ingest.windows import build_windows
+from fedgate_agent.local_dataset import LocalDataset
 from fedgate_agent.state import IngestStatus, SourceStatus
-from fedgate_agent.training import LocalDataset
 
 __all__ = ["DataPath"]
 

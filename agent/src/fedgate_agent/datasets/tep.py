@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_common.model_spec import ModelSpec
 
-from fedgate_agent.training import LocalDataset, save_local_dataset
+from fedgate_agent.local_dataset import LocalDataset, save_local_dataset
 
 __all__ = [
     "FAULT_ONSET",

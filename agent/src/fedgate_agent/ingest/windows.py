@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedgate_agent.ingest.errors import WindowingError
-from fedgate_agent.training import LocalDataset
+from fedgate_agent.local_dataset import LocalDataset
 
 __all__ = [
     "LabelMode",

@@ -1,0 +1,128 @@
+"""A site's local data set: windows and labels in one ``.npz``, read and written without torch.
+
+The file holds two arrays and nothing pickled:
+
+- ``x``: float32 ``(n, window, n_features)``, raw sensor values (the model standardises),
+- ``y``: int64 ``(n,)``, class labels in ``0 .. n_classes - 1``.
+
+Only numpy: the command line and the data path cut and check windows without loading torch
+(:mod:`fedgate_agent.training` trains on them).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from fedgate_common.model_spec import ModelSpec
+
+from fedgate_agent.atomic_files import atomic_write
+from fedgate_agent.errors import LocalDataError
+
+__all__ = ["LocalDataset", "check_dataset", "load_local_dataset", "save_local_dataset"]
+
+
+@dataclass(frozen=True, eq=False)
+class LocalDataset:
+    """Windows ``x`` (float32 ``(n, window, n_features)``) and labels ``y`` (int64 ``(n,)``)."""
+
+    x: npt.NDArray[np.float32]
+    y: npt.NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != np.float32 or self.x.ndim != 3:
+            raise LocalDataError(
+                f"x must be float32 with 3 dimensions (n, window, n_features); "
+                f"got {self.x.dtype} with shape {self.x.shape}"
+            )
+        if self.y.dtype != np.int64 or self.y.ndim != 1:
+            raise LocalDataError(
+                f"y must be int64 with 1 dimension (n,); "
+                f"got {self.y.dtype} with shape {self.y.shape}"
+            )
+        if len(self.x) != len(self.y):
+            raise LocalDataError(f"x has {len(self.x)} windows but y has {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def check_dataset(dataset: LocalDataset, spec: ModelSpec) -> None:
+    """Raise :class:`LocalDataError` unless ``dataset`` fits ``spec`` and is finite."""
+    want = (spec.window, spec.n_features)
+    if dataset.x.shape[1:] != want:
+        raise LocalDataError(
+            f"windows have shape {dataset.x.shape[1:]} (window, n_features) but the model "
+            f"needs {want}; re-window the data for this model"
+        )
+    if len(dataset) == 0:
+        raise LocalDataError("the data set holds no windows; collect data before training")
+    if not np.isfinite(dataset.x).all():
+        bad = int(np.count_nonzero(~np.isfinite(dataset.x).all(axis=(1, 2))))
+        raise LocalDataError(f"{bad} windows contain NaN or Inf; drop or repair them")
+    low, high = int(dataset.y.min()), int(dataset.y.max())
+    if low < 0 or high >= spec.n_classes:
+        raise LocalDataError(
+            f"labels span {low}..{high} but the model knows classes 0..{spec.n_classes - 1}; "
+            "fix the labels or the model spec"
+        )
+
+
+def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
+    """Read and validate the ``.npz`` at ``path`` (arrays ``x`` and ``y``; never unpickled).
+
+    Floating ``x`` is converted to float32 and integer ``y`` to int64; everything else that
+    does not fit ``spec`` raises :class:`LocalDataError` saying what to fix.
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise LocalDataError(
+                f"{path}: holds a single array, not an .npz archive; save it with "
+                "numpy.savez(path, x=windows, y=labels)",
+                path=path,
+            )
+        with loaded as archive:
+            missing = sorted({"x", "y"} - set(archive.files))
+            if missing:
+                raise LocalDataError(
+                    f"{path}: arrays {missing} missing; save windows as 'x' and labels as 'y'",
+                    path=path,
+                )
+            x = archive["x"]
+            y = archive["y"]
+    except LocalDataError:
+        raise
+    except ValueError as exc:  # object arrays refuse to load without pickle
+        raise LocalDataError(
+            f"{path}: cannot read arrays without pickle ({exc}); save plain numeric arrays",
+            path=path,
+        ) from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise LocalDataError(f"{path}: not a readable .npz file ({exc})", path=path) from exc
+    if not np.issubdtype(x.dtype, np.floating):
+        raise LocalDataError(f"{path}: x has dtype {x.dtype}; store float32 values", path=path)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise LocalDataError(f"{path}: y has dtype {y.dtype}; store int64 labels", path=path)
+    if x.ndim != 3 or y.ndim != 1:
+        raise LocalDataError(
+            f"{path}: x must be (n, window, n_features) and y (n,); got x{x.shape} and y{y.shape}",
+            path=path,
+        )
+    try:
+        dataset = LocalDataset(x=x.astype(np.float32), y=y.astype(np.int64))
+        check_dataset(dataset, spec)
+    except LocalDataError as exc:
+        raise LocalDataError(f"{path}: {exc}", path=path) from exc
+    return dataset
+
+
+def save_local_dataset(path: Path, dataset: LocalDataset) -> None:
+    """Write ``dataset`` to ``path`` atomically (mode 0600: it is the site's private data)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=dataset.x, y=dataset.y)
+    atomic_write(path, buffer.getvalue(), mode=0o600)
