@@ -76,6 +76,7 @@ __all__ = [
     "quiet_opacus",
     "run_centralized",
     "run_fedavg",
+    "score",
     "site_seed",
     "training_plan",
     "weighted_fedavg",
@@ -279,7 +280,9 @@ class FederationResult:
     weights: Weights = field(repr=False)
 
 
-def _score(split: FederatedSplit, weights: Weights) -> tuple[float, float]:
+def score(split: FederatedSplit, weights: Weights) -> tuple[float, float]:
+    """Test accuracy and loss of ``weights`` on the split's held-out windows (NaN when not
+    finite)."""
     if not _finite(weights):
         return float("nan"), float("nan")
     result = evaluate(build_model(split.spec, weights=weights), split.test)
@@ -361,12 +364,12 @@ def run_fedavg(
         else:
             global_weights = candidate
         if track_accuracy:
-            curve.append(_score(split, global_weights)[0])
+            curve.append(score(split, global_weights)[0])
         if progress is not None:
             spent = f", max ε {max(ledger.epsilon for ledger in ledgers):.2f}" if ledgers else ""
             shown = f", acc {curve[-1]:.3f}" if track_accuracy else ""
             progress(f"round {round_number}/{rounds}: {len(updates)} updates{spent}{shown}")
-    accuracy, loss = _score(split, global_weights)
+    accuracy, loss = score(split, global_weights)
     return FederationResult(
         accuracy=accuracy,
         test_loss=loss,
@@ -405,7 +408,7 @@ def run_centralized(
         train_locally(
             model, union, plan.plan_for(round_number), seed=site_seed(seed, round_number, 99)
         )
-    accuracy, loss = _score(split, weights_of(model))
+    accuracy, loss = score(split, weights_of(model))
     return CentralizedResult(
         accuracy=accuracy, test_loss=loss, seconds=time.perf_counter() - started
     )

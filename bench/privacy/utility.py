@@ -24,15 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from fedgate_agent.datasets.tep import FederatedSplit
-from fedgate_agent.model import build_model
 from fedgate_agent.record_privacy import (
     ACCOUNTANTS,
     DEFAULT_ACCOUNTANT,
     Accountant,
     as_accountant,
 )
-from fedgate_agent.training import LocalDataset, evaluate
+from fedgate_agent.training import LocalDataset
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
 
@@ -42,13 +40,13 @@ from bench.privacy.federation import (
     DP_PLAN,
     DP_ROUNDS,
     RecordDp,
-    Weights,
     demo_split,
     genesis,
     memoize_accountant,
     quiet_opacus,
     run_centralized,
     run_fedavg,
+    score,
 )
 from bench.privacy.public_pretraining import load_or_simulate, pretrain, public_windows
 
@@ -78,10 +76,6 @@ def _plan_text(plan: RoundSettings) -> str:
     )
 
 
-def _accuracy(split: FederatedSplit, weights: Weights) -> float:
-    return evaluate(build_model(split.spec, weights=weights), split.test).accuracy
-
-
 def _log(message: str) -> None:
     print(f"[utility {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -108,7 +102,7 @@ def run_seed(
     initial = None
     if public is not None:
         initial = pretrain(split.spec, genesis(split, seed), public, seed=seed)
-        accuracy = _accuracy(split, initial)
+        accuracy = score(split, initial)[0]
         log(f"pre-trained on {len(public)} public windows: test accuracy {accuracy:.4f}")
     log("centralized, default plan")
     central = run_centralized(

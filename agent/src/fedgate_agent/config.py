@@ -44,6 +44,7 @@ from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import ConfigError
+from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -121,7 +122,7 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     delta: float = 1e-5
     max_grad_norm: float = 4.0  # per-window gradient clipping norm
     planned_rounds: int = 20  # rounds the budget is spread over; the agent stops after it
-    accountant: str = "pld"  # "pld" | "rdp": how ε is counted (docs/privacy.md section 3)
+    accountant: str = DEFAULT_ACCOUNTANT  # a key of ACCOUNTANTS: how ε is counted (privacy.md §4)
     # "on": send ε (round and total), δ, σ and C with each update, for the coordinator's
     # privacy ledger; "off" keeps them on the gateway (docs/privacy.md section 4).
     report_epsilon: str = "on"
@@ -732,7 +733,7 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     ):
         if switch not in ("on", "off"):
             problems.append((key, f"{key} = {switch!r} is not {_ALLOWED[key]}"))
-    if privacy.accountant not in ("pld", "rdp"):
+    if privacy.accountant not in ACCOUNTANTS:
         key = "privacy.accountant"
         problems.append((key, f"{key} = {privacy.accountant!r} is not {_ALLOWED[key]}"))
     for key, value, low, high in (
