@@ -96,4 +96,4 @@ def add_genesis(state_dir: Path, database_url: str) -> None:
     manifest = installed_manifest(state_dir)
     assert manifest is not None
     with Store.open(database_url) as store:
-        ensure_genesis(store, load_config(state_dir), manifest.manifest)
+        ensure_genesis(store, load_config(state_dir), manifest.manifest, state_dir)

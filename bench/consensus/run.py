@@ -23,9 +23,8 @@ from typing import Any
 
 import msgspec
 from fedgate_common.consensus.manifest import ConsensusParams
-from fedgate_common.model_spec import ModelSpec, parameter_count
+from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec, parameter_count
 from fedgate_common.text_table import format_table
-from fedgate_coordinator.config import DEFAULT_MODEL
 
 from bench.consensus.scenario import (
     KINDS,

@@ -119,6 +119,20 @@ def test_digest_known_answer() -> None:
     assert manifest_digest(manifest) == hashlib.sha256(plain).hexdigest()
 
 
+def test_genesis_source_is_encoded_only_when_the_genesis_is_pre_trained() -> None:
+    """Manifests from before ``genesis_source`` keep their digests (the known answer above
+    has the default); a pre-trained genesis is part of what is digested and signed."""
+    seeded = first_version(FOUR)
+    assert b"genesis_source" not in encode_manifest_file(SignedManifest(manifest=seeded))
+    pretrained = msgspec.structs.replace(seeded, genesis_source="weights")
+    data = encode_manifest_file(signed_by(pretrained, FOUR))
+    assert b'"genesis_source": "weights"' in data
+    again = decode_manifest_file(data)
+    assert again.manifest.genesis_source == "weights"
+    assert manifest_digest(again.manifest) != manifest_digest(seeded)
+    verify_manifest(again)
+
+
 def test_file_round_trip_keeps_digest_and_signatures() -> None:
     signed = signed_by(first_version(FOUR), FOUR)
     data = encode_manifest_file(signed)
@@ -195,6 +209,7 @@ def test_version_1_missing_one_signature_names_the_missing_cloud() -> None:
         {"deployment": "plant-b"},
         {"genesis_seed": 43},
         {"genesis_digest": "cd" * 32},
+        {"genesis_source": "weights"},
         {"consensus": ConsensusParams(rule="median")},
         {"consensus": ConsensusParams(timeout_propose_s=11.0)},
         {"created_at": "2025-01-31T12:00:01Z"},
@@ -353,6 +368,7 @@ def test_removed_cloud_can_approve_its_removal(v1: SignedManifest) -> None:
         ({"version": 3}, "version 3 does not follow version 1"),
         ({"deployment": "plant-b"}, "differs from 'plant-a'"),
         ({"genesis_seed": 7}, "a new model is a new deployment"),
+        ({"genesis_source": "weights"}, "a new model is a new deployment"),
         ({"model_spec": msgspec.structs.replace(SPEC, channels=8)}, "new deployment"),
     ],
 )

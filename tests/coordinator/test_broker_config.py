@@ -19,10 +19,9 @@ from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.keys import public_key_text
 from fedgate_common.limits import DEFAULT_LIMITS
 from fedgate_common.messages import MaskedInput, ModelUpdate
-from fedgate_common.model_spec import ModelSpec, initial_weights, parameter_count
+from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec, initial_weights, parameter_count
 from fedgate_coordinator.broker_config import size_plan
 from fedgate_coordinator.cli import ExitCode, main
-from fedgate_coordinator.config import DEFAULT_MODEL
 from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.store import Store
 

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner, Result
 from fedgate_common.consensus.manifest import decode_manifest_file, manifest_digest
 from fedgate_common.keys import public_key_text
+from fedgate_common.model_spec import DEFAULT_MODEL
 from fedgate_coordinator.cli import EXIT_CODES_HELP, ExitCode, main
-from fedgate_coordinator.config import DEFAULT_MODEL
 from fedgate_coordinator.federation_cli import MANIFEST_NAME
 from fedgate_coordinator.genesis import genesis_record
 from nacl.signing import SigningKey

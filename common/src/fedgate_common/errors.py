@@ -24,7 +24,10 @@ Tree::
      │         ├── ConflictingUnmaskRequest an agent listed as survivor and as dropped
      │         └── ConsistencyCheckFailed   fewer than t signatures on this agent's survivor set
      ├── InvalidIdentifier       an id that is not safe inside an MQTT topic
-     └── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
+     ├── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
+     └── FileInvalid             a data file (simulated runs, genesis weights) cannot be used
+          ├── PlantRunsInvalid       not a readable, consistent simulated-runs file
+          └── GenesisWeightsInvalid  not a readable genesis-weights file for its model spec
 
 Every ProtocolError carries ``kind``: the short name stored in the events table and
 used as a counter label.
@@ -145,3 +148,19 @@ class ManifestInvalid(FedgateError):
     def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class FileInvalid(FedgateError):
+    """A data file that cannot be used; ``path`` names it (``None`` for bytes in memory)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class PlantRunsInvalid(FileInvalid):
+    """A simulated plant-runs file that is unreadable, inconsistent or has NaN/Inf."""
+
+
+class GenesisWeightsInvalid(FileInvalid):
+    """A genesis-weights file that is unreadable or does not fit its model spec."""

@@ -53,6 +53,11 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise MalformedMessage("model spec: feature_scale must be positive")
 
 
+# The TEP model a coordinator uses unless told otherwise: 52 sensors, windows of 20 samples,
+# normal operation and faults 1-21; no standardisation.
+DEFAULT_MODEL = ModelSpec(n_features=52, window=20, n_classes=22)
+
+
 def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the trainable parameters, in state-dict order."""
     c, k = spec.channels, spec.kernel_size

@@ -41,10 +41,11 @@ from fedgate_common.consensus.manifest import (
 )
 from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, tolerance_text
 from fedgate_common.errors import FedgateError, ManifestInvalid
+from fedgate_common.genesis_weights import GenesisWeights, read_genesis_weights
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
-from fedgate_common.model_spec import ModelSpec, parameter_count
+from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.tasks import cancel_persistently
@@ -60,7 +61,6 @@ from fedgate_coordinator.broker_config_cli import broker_config
 from fedgate_coordinator.cli_support import ExitCode, echo_json, fail, guard
 from fedgate_coordinator.config import (
     CONFIG_NAME,
-    DEFAULT_MODEL,
     DEFAULT_STATE_DIR,
     KEY_NAME,
     CoordinatorConfig,
@@ -76,7 +76,7 @@ from fedgate_coordinator.federation_cli import (
     installed_manifest,
     write_manifest_file,
 )
-from fedgate_coordinator.genesis import first_manifest
+from fedgate_coordinator.genesis import first_manifest, install_genesis_weights
 from fedgate_coordinator.install_cli import install_service
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
@@ -197,6 +197,14 @@ def main(ctx: click.Context, state_dir: Path) -> None:
     help="Seed for the initial model's weights, for reproducible experiments "
     "(default: fresh randomness).",
 )
+@click.option(
+    "--genesis-weights",
+    "genesis_weights_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Start from a model pre-trained on public data: the file `fedgate-agent pretrain` "
+    "wrote. Its model spec becomes this coordinator's; not with --genesis-seed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @guard
@@ -212,6 +220,7 @@ def init(
     model_spec: Path | None,
     aggregation: str,
     genesis_seed: int | None,
+    genesis_weights_path: Path | None,
     as_json: bool,
 ) -> None:
     """Create the signing key, coordinator.toml and the store schema.
@@ -221,16 +230,29 @@ def init(
       fedgate-coordinator --state-dir /var/lib/fedgate-coordinator init \\
           --cloud cloud-1 --deployment plant-a \\
           --db postgresql+psycopg://fedgate@127.0.0.1:5432/fedgate
+      fedgate-coordinator --state-dir ./coord init --cloud cloud-1 \\
+          --genesis-weights genesis.msgpack     # start from a pre-trained model
     """
     state_dir = obj.state_dir.absolute()
     if (state_dir / CONFIG_NAME).exists():
         raise ConfigError(f"{state_dir / CONFIG_NAME} exists: this coordinator is initialised")
-    spec = DEFAULT_MODEL
+    if genesis_weights_path is not None and genesis_seed is not None:
+        raise click.UsageError(
+            "--genesis-seed and --genesis-weights exclude each other: the weights file "
+            "names the seed its training started from"
+        )
+    weights = read_genesis_weights(genesis_weights_path) if genesis_weights_path else None
+    spec = DEFAULT_MODEL if weights is None else weights.spec
     if model_spec is not None:
         try:
             spec = msgspec.json.decode(model_spec.read_bytes(), type=ModelSpec)
         except (msgspec.DecodeError, ValueError, FedgateError) as exc:
             raise ConfigError(f"{model_spec}: not a valid model spec: {exc}") from None
+        if weights is not None and weights.spec != spec:
+            raise ConfigError(
+                f"{genesis_weights_path} holds weights for another model spec than "
+                f"{model_spec}; leave out --model-spec to use the weights file's"
+            )
     config = CoordinatorConfig(
         deployment=deployment,
         cloud=cloud,
@@ -254,7 +276,10 @@ def init(
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
     key = load_signing_key(key_path) if key_path.exists() else create_signing_key(key_path)
-    manifest = _one_cloud_manifest(config, key, genesis_seed)
+    if weights is not None:
+        install_genesis_weights(state_dir, weights)
+        genesis_seed = weights.pretraining.start_seed
+    manifest = _one_cloud_manifest(config, key, genesis_seed, weights)
     write_manifest_file(state_dir / MANIFEST_NAME, manifest)
     genesis_digest = manifest.manifest.genesis_digest
     path = write_config(state_dir, config)
@@ -265,6 +290,7 @@ def init(
         "coordinator_public_key": public_key_text(key.verify_key),
         "database_url": _redact(config.database_url),
         "genesis_model": genesis_digest,
+        "genesis_source": manifest.manifest.genesis_source,
         "manifest": str(state_dir / MANIFEST_NAME),
         "aggregation": aggregation,
     }
@@ -274,7 +300,8 @@ def init(
     click.echo(f"initialised cloud {cloud!r} of deployment {deployment!r}")
     click.echo(f"  config:      {path}")
     click.echo(f"  store:       {_redact(config.database_url)}")
-    click.echo(f"  genesis:     {genesis_digest}")
+    origin = "pre-trained weights" if weights is not None else "random weights"
+    click.echo(f"  genesis:     {genesis_digest} ({origin})")
     click.echo(f"  manifest:    {state_dir / MANIFEST_NAME} (this cloud alone)")
     click.echo(f"  public key:  {public_key_text(key.verify_key)}")
     click.echo("Agents pin the manifest: fedgate-agent federation pin federation.json")
@@ -489,7 +516,10 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
 
 
 def _one_cloud_manifest(
-    config: CoordinatorConfig, key: nacl.signing.SigningKey, seed: int | None
+    config: CoordinatorConfig,
+    key: nacl.signing.SigningKey,
+    seed: int | None,
+    genesis_weights: GenesisWeights | None,
 ) -> SignedManifest:
     """A federation of this cloud alone (quorum 1), signed by its coordinator.
 
@@ -503,6 +533,7 @@ def _one_cloud_manifest(
         spec=config.model,
         seed=secrets.randbits(63) if seed is None else seed,
         created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        genesis_weights=genesis_weights,
     )
 
 

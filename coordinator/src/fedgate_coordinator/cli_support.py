@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
+from fedgate_common.errors import GenesisWeightsInvalid, InvalidIdentifier, ManifestInvalid
 from fedgate_common.keys import InvalidKey
 
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
@@ -48,7 +48,7 @@ def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
+        except (ConfigError, GenesisWeightsInvalid) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
             fail(str(exc), ExitCode.CONFLICT)

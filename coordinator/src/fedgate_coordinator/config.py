@@ -14,7 +14,7 @@ import msgspec
 import tomli_w
 from fedgate_common.errors import FedgateError
 from fedgate_common.identifiers import validate_identifier
-from fedgate_common.model_spec import ModelSpec
+from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec
 from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
@@ -28,7 +28,6 @@ from fedgate_coordinator.site_privacy import SitePrivacySettings, site_privacy_p
 CONFIG_NAME = "coordinator.toml"
 KEY_NAME = "coordinator.key"
 DEFAULT_STATE_DIR = Path("/var/lib/fedgate-coordinator")
-DEFAULT_MODEL = ModelSpec(n_features=52, window=20, n_classes=22)
 
 
 class PeerBroker(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -47,12 +47,23 @@ from fedgate_common.consensus.manifest import (
 )
 from fedgate_common.consensus.quorum import quorum_size, tolerance_text
 from fedgate_common.errors import FedgateError, ManifestInvalid
+from fedgate_common.genesis_weights import (
+    GenesisWeights,
+    genesis_weights_digest,
+    read_genesis_weights,
+)
 from fedgate_common.keys import public_key_text
 
 from fedgate_coordinator.cli_support import ExitCode, echo_json, guard
 from fedgate_coordinator.config import KEY_NAME, CoordinatorConfig, load_config
 from fedgate_coordinator.errors import ConfigError
-from fedgate_coordinator.genesis import federation_genesis, genesis_record
+from fedgate_coordinator.genesis import (
+    GENESIS_WEIGHTS_NAME,
+    federation_genesis,
+    genesis_record,
+    install_genesis_weights,
+    installed_genesis_weights,
+)
 from fedgate_coordinator.signing_key import load_signing_key
 
 if TYPE_CHECKING:
@@ -60,11 +71,14 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "federation.json"
 
+_WEIGHTS_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
 FEDERATION_EXIT_CODES = """\b
 Exit codes:
   0 success          1 unexpected failure   2 bad command line
   3 config/key error (coordinator.toml or coordinator.key missing or invalid,
-    --cloud lists this cloud with another key, model spec differs from the manifest)
+    --cloud lists this cloud with another key, model spec differs from the manifest,
+    a --genesis-weights file unreadable or not for this model spec)
   4 store error (install: the store cannot be opened)
   8 the federation manifest is invalid or not signed by a quorum"""
 
@@ -235,6 +249,7 @@ def manifest_summary(
         "model_spec": msgspec.to_builtins(manifest.model_spec),
         "genesis_seed": manifest.genesis_seed,
         "genesis_digest": manifest.genesis_digest,
+        "genesis_source": manifest.genesis_source,
         "signatures": _signatures_data(signed, status),
     }
 
@@ -265,7 +280,7 @@ def _echo_summary(signed: SignedManifest, status: SignatureStatus | None) -> Non
         f"+{params.timeout_delta_s:g}s per consensus round; aggregates "
         f"{params.aggregate_wait_s:g}s"
     )
-    click.echo(f"  genesis:    {manifest.genesis_digest} (seed {manifest.genesis_seed})")
+    click.echo(f"  genesis:    {manifest.genesis_digest} ({_genesis_origin(manifest)})")
     if status is None:
         present = ", ".join(signed.signed_by()) or "none"
         click.echo(
@@ -274,6 +289,38 @@ def _echo_summary(signed: SignedManifest, status: SignatureStatus | None) -> Non
         )
     else:
         click.echo(f"  {_signatures_line(manifest, status)}")
+
+
+def _genesis_origin(manifest: Manifest) -> str:
+    if manifest.genesis_source == "weights":
+        return f"pre-trained weights, trained from seed {manifest.genesis_seed}"
+    return f"seed {manifest.genesis_seed}"
+
+
+def _weights_for(path: Path, config: CoordinatorConfig) -> GenesisWeights:
+    """The genesis weights in ``path``, which must be for coordinator.toml's model spec."""
+    weights = read_genesis_weights(path)
+    if weights.spec != config.model:
+        raise ConfigError(
+            f"{path} holds weights for another model spec than coordinator.toml [model]: "
+            f"{msgspec.json.encode(weights.spec).decode()}"
+        )
+    return weights
+
+
+def _genesis_weights(obj: Context, manifest: Manifest, path: Path | None) -> GenesisWeights | None:
+    """The weights to check a pre-trained genesis against: ``path``, else the file kept in
+    the state directory; ``None`` for a genesis derived from the seed."""
+    if manifest.genesis_source == "seed":
+        if path is not None:
+            raise click.UsageError(
+                "--genesis-weights: this manifest's genesis is derived from its seed, "
+                "not pre-trained"
+            )
+        return None
+    return (
+        read_genesis_weights(path) if path is not None else installed_genesis_weights(obj.state_dir)
+    )
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -385,6 +432,15 @@ def federation() -> None:
     help="Seed of the genesis model's weights (default: fresh randomness; not with --next).",
 )
 @click.option(
+    "--genesis-weights",
+    "genesis_weights_path",
+    type=_WEIGHTS_FILE,
+    default=None,
+    help="Start the federation from a model pre-trained on public data: the file "
+    "`fedgate-agent pretrain` wrote, for coordinator.toml's model spec. Every cloud needs "
+    "the same file to sign and install the manifest. Not with --genesis-seed or --next.",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -402,6 +458,7 @@ def init_manifest(
     cloud_weight_cap: int | None,
     max_update_norm: float | None,
     genesis_seed: int | None,
+    genesis_weights_path: Path | None,
     out: Path | None,
     as_json: bool,
 ) -> None:
@@ -409,8 +466,9 @@ def init_manifest(
 
     Version 1 lists the --cloud entries; this coordinator's cloud is added from its
     coordinator.toml and key when it is not among them. The genesis model is derived from
-    the model spec in coordinator.toml and a fresh seed. With --next FILE, the version
-    after FILE: its clouds with the --cloud / --remove-cloud changes.
+    the model spec in coordinator.toml and a fresh seed, or is the pre-trained model of
+    --genesis-weights. With --next FILE, the version after FILE: its clouds with the
+    --cloud / --remove-cloud changes.
 
     \b
     Example:
@@ -419,8 +477,15 @@ def init_manifest(
           --cloud cloud-2=ed25519:9f1c...@mqtt.cloud-2.example:8883 ...
       fedgate-coordinator federation init --next federation-v1.json \\
           --cloud cloud-2=ed25519:77d0...@mqtt.cloud-2.example:8883 --out federation-v2.json
+      fedgate-coordinator federation init --genesis-weights genesis.msgpack \\
+          --cloud cloud-2=ed25519:9f1c...@mqtt.cloud-2.example:8883 ...
     """
     config, key = _own_identity(obj.state_dir)
+    if genesis_weights_path is not None and (genesis_seed is not None or current_path):
+        raise click.UsageError(
+            "--genesis-weights excludes --genesis-seed (the file names the seed its training "
+            "started from) and --next (the genesis stays that of version 1)"
+        )
     own_key = public_key_text(key.verify_key)
     entries = [parse_cloud_option(text) for text in clouds]
     own_entry = next((entry for entry in entries if entry.cloud == config.cloud), None)
@@ -455,6 +520,11 @@ def init_manifest(
                     f"--cloud {config.cloud}={own_key}@HOST:PORT"
                 )
         seed = secrets.randbits(63) if genesis_seed is None else genesis_seed
+        genesis_digest = genesis_record(config.model, seed).digest
+        if genesis_weights_path is not None:
+            weights = _weights_for(genesis_weights_path, config)
+            seed = weights.pretraining.start_seed
+            genesis_digest = genesis_weights_digest(weights)
         manifest = Manifest(
             deployment=config.deployment,
             version=1,
@@ -463,8 +533,9 @@ def init_manifest(
             consensus=ConsensusParams(**params_changes),
             model_spec=config.model,
             genesis_seed=seed,
-            genesis_digest=genesis_record(config.model, seed).digest,
+            genesis_digest=genesis_digest,
             created_at=_utc_now(),
+            genesis_source="seed" if genesis_weights_path is None else "weights",
         )
         approvers = manifest
     else:
@@ -523,7 +594,12 @@ def init_manifest(
     click.echo(f"  digest:     {manifest_digest(manifest)}")
     click.echo(f"  federation: {tolerance_text(len(manifest.clouds))}")
     click.echo(f"  clouds:     {', '.join(manifest.cloud_ids())}")
-    click.echo(f"  genesis:    {manifest.genesis_digest}")
+    click.echo(f"  genesis:    {manifest.genesis_digest} ({_genesis_origin(manifest)})")
+    if manifest.genesis_source == "weights":
+        click.echo(
+            f"Every cloud needs {genesis_weights_path} to sign and install it "
+            "(--genesis-weights); check its digest above before signing."
+        )
     who = "every one of" if manifest.version == 1 else f"{needed} of"
     click.echo(
         f"Next: {who} {', '.join(signers)} signs it "
@@ -532,6 +608,15 @@ def init_manifest(
 
 
 _MANIFEST_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+_GENESIS_WEIGHTS_OPTION = click.option(
+    "--genesis-weights",
+    "genesis_weights_path",
+    type=_WEIGHTS_FILE,
+    default=None,
+    help="The pre-trained genesis model's file (`fedgate-agent pretrain`), for a manifest "
+    f"whose genesis is pre-trained (default: {GENESIS_WEIGHTS_NAME} in the state "
+    "directory, if installed).",
+)
 
 
 @federation.command("sign", epilog=FEDERATION_EXIT_CODES)
@@ -544,20 +629,29 @@ _MANIFEST_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Version n-1 of the manifest, whose clouds approve version n "
     "(default: the installed manifest).",
 )
+@_GENESIS_WEIGHTS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @_guard
-def sign(obj: Context, file: Path, previous_path: Path | None, as_json: bool) -> None:
+def sign(
+    obj: Context,
+    file: Path,
+    previous_path: Path | None,
+    genesis_weights_path: Path | None,
+    as_json: bool,
+) -> None:
     """Add this coordinator's signature to FILE (rewritten in place, atomically).
 
     Refuses a manifest of another deployment, with structural problems, or whose genesis
-    digest is not what its model spec and seed give. Version n+1 is signed with the key
-    this cloud has in version n.
+    digest is not what its model spec and seed give (or, for a pre-trained genesis, not
+    the digest of the --genesis-weights file). Version n+1 is signed with the key this
+    cloud has in version n.
 
     \b
     Example:
       fedgate-coordinator federation sign federation-v1.json
       fedgate-coordinator federation sign federation-v3.json --previous federation-v2.json
+      fedgate-coordinator federation sign federation-v1.json --genesis-weights genesis.msgpack
     """
     config, key = _own_identity(obj.state_dir)
     signed = read_manifest_file(file)
@@ -575,7 +669,7 @@ def sign(obj: Context, file: Path, previous_path: Path | None, as_json: bool) ->
         problems.extend(succession_problems(manifest, previous.manifest))
     if not problems:
         try:
-            federation_genesis(manifest)
+            federation_genesis(manifest, _genesis_weights(obj, manifest, genesis_weights_path))
         except ManifestInvalid as exc:
             problems.extend(exc.problems)
     if problems:
@@ -769,11 +863,17 @@ def verify(obj: Context, file: Path, previous_paths: tuple[Path, ...], as_json: 
     "manifest `init` wrote) by FILE of another chain, verified from version 1. Refused "
     "once the store holds models of another genesis.",
 )
+@_GENESIS_WEIGHTS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @_guard
 def install(
-    obj: Context, file: Path, previous_paths: tuple[Path, ...], replace: bool, as_json: bool
+    obj: Context,
+    file: Path,
+    previous_paths: tuple[Path, ...],
+    replace: bool,
+    genesis_weights_path: Path | None,
+    as_json: bool,
 ) -> None:
     """Verify FILE and make it this coordinator's manifest (<state-dir>/federation.json).
 
@@ -781,13 +881,16 @@ def install(
     installed one to FILE is verified against the one before (versions in between come
     from --previous). With no manifest installed, or with --replace, the chain starts at
     version 1. FILE must list this coordinator's cloud with its key, name the genesis
-    model its spec and seed give, and have the model spec of coordinator.toml.
+    model its spec and seed give (or the digest of the --genesis-weights file, which is
+    kept in the state directory), and have the model spec of coordinator.toml.
 
     \b
     Example:
       fedgate-coordinator federation install federation-v1.json --replace   # after init
       fedgate-coordinator federation install federation-v2.json
       fedgate-coordinator federation install federation-v4.json --previous federation-v3.json
+      fedgate-coordinator federation install federation-v1.json --replace \\
+          --genesis-weights genesis.msgpack       # a federation of a pre-trained genesis
     """
     config, key = _own_identity(obj.state_dir)
     signed = read_manifest_file(file)
@@ -832,7 +935,8 @@ def install(
             f"coordinator's key ({obj.state_dir / KEY_NAME}) is {own_key}; when rotating, "
             "replace the key file first"
         )
-    federation_genesis(manifest)
+    weights = _genesis_weights(obj, manifest, genesis_weights_path)
+    federation_genesis(manifest, weights)
     if manifest.model_spec != config.model:
         raise ConfigError(
             f"the model spec in {obj.state_dir / 'coordinator.toml'} differs from the "
@@ -840,6 +944,8 @@ def install(
         )
     if anchor is None:
         _check_store_genesis(obj, config, manifest)
+    if weights is not None and genesis_weights_path is not None:
+        install_genesis_weights(obj.state_dir, weights)
     write_manifest_file(path, signed, mode=0o640)
     _echo_installed(path, signed, as_json, already=False)
 

@@ -22,7 +22,13 @@ from fedgate_common.consensus.manifest import Manifest, SignedManifest
 from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.consensus.wire import graph_seed_material
 from fedgate_common.envelope import decode_payload, open_envelope, seal
-from fedgate_common.errors import FedgateError, ProtocolError, WrongRound
+from fedgate_common.errors import (
+    FedgateError,
+    GenesisWeightsInvalid,
+    ManifestInvalid,
+    ProtocolError,
+    WrongRound,
+)
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.logs import log_event
@@ -46,7 +52,11 @@ from fedgate_coordinator.aggregation import apply_delta, as_float32
 from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.federation import DecidedModel, FederationNode, global_model_message
-from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.genesis import (
+    GENESIS_WEIGHTS_NAME,
+    federation_genesis,
+    installed_genesis_weights,
+)
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
 from fedgate_coordinator.rate_limit import MALFORMED, OVERFLOW, Admission, RateLimiter
@@ -94,11 +104,14 @@ def recover_interrupted_rounds(store: Store) -> list[int]:
     return interrupted
 
 
-def ensure_genesis(store: Store, config: CoordinatorConfig, manifest: Manifest) -> ModelRecord:
+def ensure_genesis(
+    store: Store, config: CoordinatorConfig, manifest: Manifest, state_dir: Path
+) -> ModelRecord:
     """Return the head of the model chain, creating the genesis model on first start.
 
-    Every cloud derives the same genesis from the manifest's model spec and seed; its
-    digest must be the one the manifest names.
+    Every cloud derives the same genesis from the manifest's model spec and seed, or, for
+    a pre-trained genesis, reads the weights file kept in ``state_dir``; its digest must be
+    the one the manifest names.
     """
     head = store.head_model()
     if head is not None:
@@ -108,12 +121,22 @@ def ensure_genesis(store: Store, config: CoordinatorConfig, manifest: Manifest) 
             "the federation manifest's model spec differs from coordinator.toml [model]; "
             "use the manifest's"
         )
-    genesis = genesis_record(manifest.model_spec, manifest.genesis_seed)
-    if genesis.digest != manifest.genesis_digest:
-        raise ConfigError(
-            f"the genesis model derived from the manifest has digest {genesis.digest[:16]}…, "
-            f"the manifest names {manifest.genesis_digest[:16]}…"
+    try:
+        weights = (
+            installed_genesis_weights(state_dir) if manifest.genesis_source == "weights" else None
         )
+        genesis = federation_genesis(manifest, weights)
+    except (ManifestInvalid, GenesisWeightsInvalid) as exc:
+        raise ConfigError(
+            f"cannot create the genesis model: {exc}",
+            problems=[
+                f"cannot create the genesis model: {exc}",
+                f"install the federation's genesis weights: fedgate-coordinator federation "
+                f"install <manifest> --genesis-weights FILE (kept as {GENESIS_WEIGHTS_NAME})",
+            ]
+            if manifest.genesis_source == "weights"
+            else None,
+        ) from None
     store.add_model(genesis)
     return genesis
 
@@ -877,7 +900,7 @@ class CoordinatorService:
                 "aborted round interrupted by a restart",
                 **self._fields(round=number),
             )
-        head = ensure_genesis(self.store, self.config, self.manifest.manifest)
+        head = ensure_genesis(self.store, self.config, self.manifest.manifest, self._state_dir)
         self._warn_if_too_small(head.decode_spec())
         log_event(
             log,

@@ -13,9 +13,11 @@ at once so an operator can fix a proposal in one go. :func:`verify_manifest` add
 signature checks and raises :class:`~fedgate_common.errors.ManifestInvalid`.
 
 The digest covers the msgpack encoding of the :class:`Manifest` struct (field order and
-all fields, defaults included) behind the domain ``fedgate-manifest-v1``; a change to the
-fields is a new domain. Signatures are Ed25519 over the signing domain and the 32 digest
-bytes.
+all fields) behind the domain ``fedgate-manifest-v1``; a change to the fields is a new
+domain. The one exception is ``genesis_source``, added later: it is left out of the
+encoding while it is ``"seed"``, so every manifest written before it keeps its digest and
+signatures, and a manifest with ``"weights"`` cannot be read by a release without it.
+Signatures are Ed25519 over the signing domain and the 32 digest bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Literal
 
 import msgspec
 import nacl.exceptions
@@ -39,6 +42,7 @@ from fedgate_common.topics import FEDERATION
 
 __all__ = [
     "CROSS_CLOUD_RULES",
+    "GENESIS_SOURCES",
     "MANIFEST_DOMAIN",
     "MAX_MANIFEST_BYTES",
     "MAX_SEED",
@@ -46,6 +50,7 @@ __all__ = [
     "ROBUST_RULES",
     "CloudEntry",
     "ConsensusParams",
+    "GenesisSource",
     "Manifest",
     "ManifestSignature",
     "SignatureStatus",
@@ -143,12 +148,21 @@ class ConsensusParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     aggregate_wait_s: float = 30.0
 
 
-class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+GenesisSource = Literal["seed", "weights"]
+GENESIS_SOURCES: tuple[GenesisSource, ...] = ("seed", "weights")
+
+
+class Manifest(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """One version of a deployment's federation manifest (see the module docstring).
 
     ``previous_digest`` is ``""`` for version 1, else :func:`manifest_digest` of version
-    n − 1. ``genesis_digest`` is the digest of the genesis model every coordinator derives
-    from ``model_spec`` and ``genesis_seed``. ``created_at`` is ISO 8601 in UTC.
+    n − 1. ``genesis_digest`` is the digest of the genesis model. With ``genesis_source``
+    ``"seed"`` every coordinator derives it from ``model_spec`` and ``genesis_seed``; with
+    ``"weights"`` it is a pre-trained model (``fedgate_common.genesis_weights``) that each
+    coordinator is given as a file, whose training started from the seed's weights.
+    ``created_at`` is ISO 8601 in UTC.
     """
 
     deployment: str
@@ -160,6 +174,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     genesis_seed: int
     genesis_digest: str
     created_at: str
+    genesis_source: GenesisSource = "seed"
 
     def cloud_ids(self) -> tuple[str, ...]:
         return tuple(entry.cloud for entry in self.clouds)
@@ -435,6 +450,7 @@ def succession_problems(manifest: Manifest, previous: Manifest) -> list[str]:
     if (
         manifest.genesis_seed != previous.genesis_seed
         or manifest.genesis_digest != previous.genesis_digest
+        or manifest.genesis_source != previous.genesis_source
         or manifest.model_spec != previous.model_spec
     ):
         problems.append(

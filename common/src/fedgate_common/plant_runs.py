@@ -1,0 +1,171 @@
+"""Simulated plant runs on disk: the public data a genesis model is pre-trained on.
+
+``fedgate-bridge simulate-runs`` writes them, ``fedgate-agent pretrain`` reads them. One
+file is a numpy ``.npz`` archive (read with ``allow_pickle=False``) holding:
+
+- ``meta``: a JSON text (:class:`RunsMeta`) saying how the runs were simulated;
+- ``x``: every run's samples one after another, float64, shape (samples, features);
+- ``y``: the fault label of each sample, int64 (0 = normal operation);
+- ``run_lengths``, ``run_faults``, ``run_sets``: per run, its sample count, the fault it
+  simulates and the set it belongs to (a set is one run per fault).
+
+Reading checks every array against the others and refuses NaN/Inf, so a truncated or
+hand-edited file fails with :class:`~fedgate_common.errors.PlantRunsInvalid` instead of
+training a model on garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from fedgate_common.errors import PlantRunsInvalid
+
+__all__ = [
+    "PLANT_RUNS_FORMAT",
+    "PlantRun",
+    "RunsMeta",
+    "load_plant_runs",
+    "save_plant_runs",
+]
+
+PLANT_RUNS_FORMAT = "fedgate-plant-runs/1"
+_ARRAYS = ("meta", "x", "y", "run_lengths", "run_faults", "run_sets")
+
+
+class RunsMeta(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How the runs of a file were simulated (reported, not used to train)."""
+
+    format: str = PLANT_RUNS_FORMAT
+    simulator: str
+    seed: int
+    sets: int
+    hours: float
+    fault_start_h: float
+    sample_minutes: float
+    control_seconds: float
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlantRun:
+    """One simulated run: ``x`` (samples × features) labelled sample by sample by ``y``."""
+
+    fault: int
+    set: int
+    x: npt.NDArray[np.float64]
+    y: npt.NDArray[np.int64]
+
+
+def save_plant_runs(path: Path, runs: Sequence[PlantRun], meta: RunsMeta) -> None:
+    """Write ``runs`` to ``path`` atomically (a temporary file renamed into place)."""
+    if not runs:
+        raise PlantRunsInvalid("no run to write", path=str(path))
+    widths = {run.x.shape[1] for run in runs if run.x.ndim == 2}
+    if len(widths) != 1 or any(run.x.ndim != 2 for run in runs):
+        raise PlantRunsInvalid("every run needs the same number of features", path=str(path))
+    width = widths.pop()
+    arrays: dict[str, npt.NDArray[np.generic]] = {
+        "meta": np.asarray(msgspec.json.encode(meta).decode()),
+        "x": np.concatenate([np.asarray(run.x, dtype=np.float64) for run in runs]).reshape(
+            -1, width
+        ),
+        "y": np.concatenate([np.asarray(run.y, dtype=np.int64) for run in runs]),
+        "run_lengths": np.asarray([len(run.y) for run in runs], dtype=np.int64),
+        "run_faults": np.asarray([run.fault for run in runs], dtype=np.int64),
+        "run_sets": np.asarray([run.set for run in runs], dtype=np.int64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, **arrays)  # type: ignore[arg-type]
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
+    """The metadata and runs of ``path``; raises :class:`PlantRunsInvalid` on anything
+    unreadable or inconsistent."""
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            missing = [name for name in _ARRAYS if name not in stored.files]
+            if missing:
+                raise PlantRunsInvalid(
+                    f"not a simulated-runs file: no {', '.join(missing)}", path=where
+                )
+            meta_text = str(stored["meta"])
+            x = np.asarray(stored["x"])
+            y = np.asarray(stored["y"])
+            lengths = np.asarray(stored["run_lengths"])
+            faults = np.asarray(stored["run_faults"])
+            sets = np.asarray(stored["run_sets"])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise PlantRunsInvalid(f"cannot read it: {exc}", path=where) from None
+    try:
+        meta = msgspec.json.decode(meta_text, type=RunsMeta)
+    except msgspec.DecodeError as exc:
+        raise PlantRunsInvalid(f"bad meta: {exc}", path=where) from None
+    if meta.format != PLANT_RUNS_FORMAT:
+        raise PlantRunsInvalid(
+            f"format {meta.format!r}; this release reads {PLANT_RUNS_FORMAT!r}", path=where
+        )
+    _check_arrays(x, y, lengths, faults, sets, where)
+    runs: list[PlantRun] = []
+    offset = 0
+    for length, fault, run_set in zip(
+        lengths.tolist(), faults.tolist(), sets.tolist(), strict=True
+    ):
+        runs.append(
+            PlantRun(
+                fault=fault,
+                set=run_set,
+                x=x[offset : offset + length].astype(np.float64),
+                y=y[offset : offset + length].astype(np.int64),
+            )
+        )
+        offset += length
+    return meta, runs
+
+
+def _check_arrays(
+    x: npt.NDArray[np.generic],
+    y: npt.NDArray[np.integer],
+    lengths: npt.NDArray[np.integer],
+    faults: npt.NDArray[np.integer],
+    sets: npt.NDArray[np.integer],
+    where: str,
+) -> None:
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise PlantRunsInvalid(f"x must be a 2-D float array, not {x.dtype} {x.shape}", path=where)
+    for name, array in (
+        ("y", y),
+        ("run_lengths", lengths),
+        ("run_faults", faults),
+        ("run_sets", sets),
+    ):
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise PlantRunsInvalid(f"{name} must be a 1-D integer array", path=where)
+    if len(y) != len(x):
+        raise PlantRunsInvalid(f"{len(x)} samples but {len(y)} labels", path=where)
+    if not len(lengths) == len(faults) == len(sets) or len(lengths) == 0:
+        raise PlantRunsInvalid("run_lengths, run_faults and run_sets disagree", path=where)
+    if (lengths < 0).any() or int(lengths.sum()) != len(x):
+        raise PlantRunsInvalid(
+            f"run lengths add up to {int(lengths.sum())}, not the {len(x)} samples", path=where
+        )
+    if (y < 0).any() or (faults < 0).any():
+        raise PlantRunsInvalid("negative fault label", path=where)
+    if not np.isfinite(x).all():
+        raise PlantRunsInvalid("samples contain NaN or Inf", path=where)

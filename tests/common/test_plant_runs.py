@@ -1,0 +1,98 @@
+"""Simulated plant-runs files: what `fedgate-bridge simulate-runs` writes and
+`fedgate-agent pretrain` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedgate_common.errors import PlantRunsInvalid
+from fedgate_common.plant_runs import PlantRun, RunsMeta, load_plant_runs, save_plant_runs
+
+META = RunsMeta(
+    simulator="tep-studio 0.2.0",
+    seed=1,
+    sets=1,
+    hours=2.0,
+    fault_start_h=1.0,
+    sample_minutes=3.0,
+    control_seconds=9.0,
+    created_at="2026-11-29T12:00:00Z",
+)
+
+
+def _runs() -> list[PlantRun]:
+    rng = np.random.default_rng(0)
+    return [
+        PlantRun(fault=0, set=0, x=rng.normal(size=(40, 3)), y=np.zeros(40, dtype=np.int64)),
+        PlantRun(
+            fault=4,
+            set=0,
+            x=rng.normal(size=(25, 3)),
+            y=np.where(np.arange(25) < 20, 0, 4).astype(np.int64),
+        ),
+    ]
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "runs.npz"
+    save_plant_runs(path, _runs(), META)
+    meta, runs = load_plant_runs(path)
+    assert meta == META
+    assert [(r.fault, r.set, len(r.y)) for r in runs] == [(0, 0, 40), (4, 0, 25)]
+    for got, want in zip(runs, _runs(), strict=True):
+        np.testing.assert_array_equal(got.x, want.x)
+        np.testing.assert_array_equal(got.y, want.y)
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.npz"]
+
+
+def _rewrite(path: Path, **changes: object) -> None:
+    with np.load(path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    arrays.update(changes)  # type: ignore[arg-type]
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"x": np.full((65, 3), np.nan)}, "NaN or Inf"),
+        ({"y": np.zeros(64, dtype=np.int64)}, "65 samples but 64 labels"),
+        ({"run_lengths": np.asarray([40, 20])}, "add up to 60"),
+        ({"run_sets": np.asarray([0])}, "disagree"),
+        ({"y": np.full(65, -1, dtype=np.int64)}, "negative"),
+        ({"x": np.zeros(65)}, "2-D float"),
+        ({"meta": None}, "no meta"),
+        ({"meta": np.asarray('{"format": "fedgate-plant-runs/7"}')}, "bad meta"),
+    ],
+)
+def test_inconsistent_files_are_refused(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "runs.npz"
+    save_plant_runs(path, _runs(), META)
+    _rewrite(path, **changes)
+    with pytest.raises(PlantRunsInvalid, match=message):
+        load_plant_runs(path)
+
+
+def test_unreadable_and_truncated_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "runs.npz"
+    save_plant_runs(path, _runs(), META)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(PlantRunsInvalid, match=r"runs\.npz: cannot read it"):
+        load_plant_runs(path)
+    with pytest.raises(PlantRunsInvalid, match="cannot read it"):
+        load_plant_runs(tmp_path / "missing.npz")
+
+
+def test_nothing_or_ragged_runs_are_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "runs.npz"
+    with pytest.raises(PlantRunsInvalid, match="no run"):
+        save_plant_runs(path, [], META)
+    ragged = [*_runs(), PlantRun(fault=1, set=0, x=np.zeros((3, 5)), y=np.zeros(3, np.int64))]
+    with pytest.raises(PlantRunsInvalid, match="same number of features"):
+        save_plant_runs(path, ragged, META)
+    assert not path.exists()
