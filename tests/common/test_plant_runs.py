@@ -50,9 +50,9 @@ def test_round_trip(tmp_path: Path) -> None:
 def _rewrite(path: Path, **changes: object) -> None:
     with np.load(path) as stored:
         arrays = {name: stored[name] for name in stored.files}
-    arrays.update(changes)  # type: ignore[arg-type]
+    arrays.update(changes)
     arrays = {k: v for k, v in arrays.items() if v is not None}
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,9 @@ def _rewrite(path: Path, **changes: object) -> None:
         ({"y": np.full(65, -1, dtype=np.int64)}, "negative"),
         ({"x": np.zeros(65)}, "2-D float"),
         ({"meta": None}, "no meta"),
-        ({"meta": np.asarray('{"format": "fedgate-plant-runs/7"}')}, "bad meta"),
+        ({"meta": np.asarray('{"format": "fedgate-plant-runs/7"}')}, "this release reads"),
+        ({"meta": np.asarray('{"format": "fedgate-plant-runs/1"}')}, "bad meta"),
+        ({"meta": np.asarray("{not json")}, "bad meta"),
     ],
 )
 def test_inconsistent_files_are_refused(
@@ -95,4 +97,21 @@ def test_nothing_or_ragged_runs_are_not_written(tmp_path: Path) -> None:
     ragged = [*_runs(), PlantRun(fault=1, set=0, x=np.zeros((3, 5)), y=np.zeros(3, np.int64))]
     with pytest.raises(PlantRunsInvalid, match="same number of features"):
         save_plant_runs(path, ragged, META)
-    assert not path.exists()
+    short = [*_runs(), PlantRun(fault=1, set=0, x=np.zeros((3, 3)), y=np.zeros(4, np.int64))]
+    with pytest.raises(PlantRunsInvalid, match="fault 1: 3 samples, 4 labels"):
+        save_plant_runs(path, short, META)
+    nan = [*_runs(), PlantRun(fault=1, set=0, x=np.full((2, 3), np.inf), y=np.zeros(2, np.int64))]
+    with pytest.raises(PlantRunsInvalid, match="NaN or Inf"):
+        save_plant_runs(path, nan, META)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_run_is_kept_and_the_file_is_readable_by_others(tmp_path: Path) -> None:
+    """A run that tripped at once has no sample; the file is not private to its writer."""
+    path = tmp_path / "runs.npz"
+    empty = PlantRun(fault=6, set=0, x=np.asarray([]), y=np.asarray([], dtype=np.int64))
+    save_plant_runs(path, [*_runs(), empty], META)
+    _, runs = load_plant_runs(path)
+    assert [len(r.y) for r in runs] == [40, 25, 0]
+    assert runs[2].x.shape == (0, 3)
+    assert path.stat().st_mode & 0o044 == 0o044

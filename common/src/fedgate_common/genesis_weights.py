@@ -154,12 +154,15 @@ def read_genesis_weights(path: Path) -> GenesisWeights:
 
 
 def write_genesis_weights(path: Path, genesis: GenesisWeights, *, mode: int = 0o644) -> None:
-    """Write ``genesis`` to ``path`` atomically (a temporary file renamed into place)."""
+    """Write ``genesis`` to ``path`` atomically (a temporary file, synced, renamed into
+    place) with ``mode``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(encode_genesis_weights(genesis))
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:

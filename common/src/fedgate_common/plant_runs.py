@@ -66,32 +66,57 @@ class PlantRun:
 
 
 def save_plant_runs(path: Path, runs: Sequence[PlantRun], meta: RunsMeta) -> None:
-    """Write ``runs`` to ``path`` atomically (a temporary file renamed into place)."""
+    """Write ``runs`` to ``path`` atomically (a temporary file, synced, renamed into place;
+    readable as the umask allows). What :func:`load_plant_runs` would refuse is refused
+    here, before anything is written."""
+    where = str(path)
     if not runs:
-        raise PlantRunsInvalid("no run to write", path=str(path))
-    widths = {run.x.shape[1] for run in runs if run.x.ndim == 2}
-    if len(widths) != 1 or any(run.x.ndim != 2 for run in runs):
-        raise PlantRunsInvalid("every run needs the same number of features", path=str(path))
-    width = widths.pop()
+        raise PlantRunsInvalid("no run to write", path=where)
+    xs = [np.asarray(run.x, dtype=np.float64) for run in runs]
+    widths = {x.shape[1] for x in xs if x.ndim == 2 and x.size}
+    if len(widths) > 1 or any(x.ndim != 2 and x.size for x in xs):
+        raise PlantRunsInvalid("every run needs the same number of features", path=where)
+    width = widths.pop() if widths else 0
+    for run, x in zip(runs, xs, strict=True):
+        if len(x) != len(run.y):
+            raise PlantRunsInvalid(
+                f"run of set {run.set}, fault {run.fault}: {len(x)} samples, {len(run.y)} labels",
+                path=where,
+            )
     arrays: dict[str, npt.NDArray[np.generic]] = {
         "meta": np.asarray(msgspec.json.encode(meta).decode()),
-        "x": np.concatenate([np.asarray(run.x, dtype=np.float64) for run in runs]).reshape(
-            -1, width
-        ),
+        "x": np.concatenate([x.reshape(-1, width) for x in xs]),
         "y": np.concatenate([np.asarray(run.y, dtype=np.int64) for run in runs]),
         "run_lengths": np.asarray([len(run.y) for run in runs], dtype=np.int64),
         "run_faults": np.asarray([run.fault for run in runs], dtype=np.int64),
         "run_sets": np.asarray([run.set for run in runs], dtype=np.int64),
     }
+    _check_arrays(
+        arrays["x"],
+        arrays["y"],  # type: ignore[arg-type]
+        arrays["run_lengths"],  # type: ignore[arg-type]
+        arrays["run_faults"],  # type: ignore[arg-type]
+        arrays["run_sets"],  # type: ignore[arg-type]
+        where,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     try:
         with os.fdopen(handle, "wb") as out:
             np.savez(out, **arrays)  # type: ignore[arg-type]
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
@@ -114,13 +139,18 @@ def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise PlantRunsInvalid(f"cannot read it: {exc}", path=where) from None
     try:
-        meta = msgspec.json.decode(meta_text, type=RunsMeta)
+        declared = msgspec.json.decode(meta_text)
     except msgspec.DecodeError as exc:
         raise PlantRunsInvalid(f"bad meta: {exc}", path=where) from None
-    if meta.format != PLANT_RUNS_FORMAT:
+    found = declared.get("format") if isinstance(declared, dict) else None
+    if found != PLANT_RUNS_FORMAT:
         raise PlantRunsInvalid(
-            f"format {meta.format!r}; this release reads {PLANT_RUNS_FORMAT!r}", path=where
+            f"format {found!r}; this release reads {PLANT_RUNS_FORMAT!r}", path=where
         )
+    try:
+        meta = msgspec.convert(declared, type=RunsMeta)
+    except msgspec.ValidationError as exc:
+        raise PlantRunsInvalid(f"bad meta: {exc}", path=where) from None
     _check_arrays(x, y, lengths, faults, sets, where)
     runs: list[PlantRun] = []
     offset = 0

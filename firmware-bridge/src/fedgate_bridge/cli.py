@@ -1,4 +1,5 @@
-"""Command line of fedgate-bridge: ``run`` (the polling bridge) and ``simulate`` (a plant)."""
+"""Command line of fedgate-bridge: ``run`` (the polling bridge), ``simulate`` (a plant) and
+``simulate-runs`` (simulated runs to a file)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from fedgate_bridge import __version__
 from fedgate_bridge.install_cli import install_service
 from fedgate_bridge.run_cli import check, run, status
 from fedgate_bridge.simulate_cli import simulate
+from fedgate_bridge.simulate_runs_cli import simulate_runs_command
 
 MAIN_EXIT_CODES = """\b
 Exit codes (every command):
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 outbox unusable        7 simulator failed (simulate)
-  5 install-service: an installed file was changed by hand (use a drop-in, or --force)"""
+  3 config invalid     4 outbox unusable        7 simulator failed (simulate, simulate-runs)
+  5 install-service: an installed file was changed by hand (use a drop-in, or --force);
+    simulate-runs: --out exists (use --force)
+  130 simulate-runs interrupted (nothing written)"""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EXIT_CODES)
@@ -24,6 +28,7 @@ def main() -> None:
     \b
     Example:
       fedgate-bridge simulate --plant tep --seed 1 --opcua-port 4840 --modbus-port 5020
+      fedgate-bridge simulate-runs --out public/sim-runs-1.npz --seed 1 --sets 3
       fedgate-bridge check --config /etc/fedgate/bridge.toml
       fedgate-bridge run --config /etc/fedgate/bridge.toml
       fedgate-bridge status --config /etc/fedgate/bridge.toml --json
@@ -35,4 +40,5 @@ main.add_command(run)
 main.add_command(check)
 main.add_command(status)
 main.add_command(simulate)
+main.add_command(simulate_runs_command)
 main.add_command(install_service)
