@@ -19,12 +19,21 @@ plaintext`` runs the baseline with the same seeds (``--seed``), so final accurac
 ``--clouds 1`` runs a single cloud. At the end the same model is trained centrally on the
 union of the sites' data, and both accuracies are printed and written to
 ``out/demo/summary.json``.
+
+The federation starts from a genesis model pre-trained on public data (``--genesis
+pretrained``, the default): plant runs simulated by ``fedgate-bridge simulate-runs``,
+``fedgate-agent pretrain`` on them, and the manifest names the weights file
+(``federation init --genesis-weights``). Nothing in the simulated runs comes from a site,
+so this costs no privacy. The runs and the weights are cached in ``out/cache`` (the first
+run simulates for a few minutes). ``--genesis random`` starts from the seed's random
+weights instead. The centralized comparison starts from the same genesis.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +62,7 @@ from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.consensus.wire import content_aggregates, open_proposal
 from fedgate_common.envelope import open_envelope
 from fedgate_common.errors import FedgateError
+from fedgate_common.genesis_weights import read_genesis_weights
 from fedgate_common.model_spec import initial_weights
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
@@ -107,13 +117,19 @@ def shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def run_cli(*args: str) -> dict[str, Any]:
-    """Run a fedgate CLI command with ``--json``; exit with its message if it fails."""
+def run_cli(*args: str, progress: bool = False) -> dict[str, Any]:
+    """Run a fedgate CLI command with ``--json``; exit with its message if it fails. With
+    ``progress``, the command's progress lines (stderr) show on the terminal."""
     result = subprocess.run(
-        [str(BIN / args[0]), *args[1:], "--json"], check=False, capture_output=True, text=True
+        [str(BIN / args[0]), *args[1:], "--json"],
+        check=False,
+        stdout=subprocess.PIPE,
+        stderr=None if progress else subprocess.PIPE,
+        text=True,
     )
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:5])} failed ({result.returncode}): {result.stderr}")
+        shown_error = "see above" if progress else result.stderr
+        raise SystemExit(f"{' '.join(args[:5])} failed ({result.returncode}): {shown_error}")
     data: dict[str, Any] = json.loads(result.stdout)
     return data
 
@@ -187,6 +203,13 @@ class Setup:
     args: argparse.Namespace
     spec_file: Path
     plan: dict[str, Any]  # coordinator.toml [rounds]: the training plan
+    genesis_weights: Path | None  # the pre-trained genesis, or None: the seed's random one
+
+    def genesis_options(self) -> tuple[str, ...]:
+        """What `init` and `federation init` take to start from this run's genesis."""
+        if self.genesis_weights is None:
+            return ("--genesis-seed", str(self.args.seed))
+        return ("--genesis-weights", str(self.genesis_weights))
 
 
 @dataclass
@@ -224,8 +247,7 @@ def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
         str(setup.spec_file),
         "--aggregation",
         args.aggregation,
-        "--genesis-seed",
-        str(args.seed),
+        *setup.genesis_options(),
     )
     cloud.public_key = init["coordinator_public_key"]
     cloud.database_url = init["database_url"]
@@ -296,20 +318,21 @@ def pin_manifest(site: Site) -> None:
     )
 
 
-def form_federation(clouds: list[Cloud], out: Path, seed: int, pool: ThreadPoolExecutor) -> Path:
+def form_federation(clouds: list[Cloud], setup: Setup, pool: ThreadPoolExecutor) -> Path:
     """One manifest for all clouds: written by c1, short timeouts set before anyone signs,
-    signed by every coordinator (a first version needs all), installed on every one."""
-    manifest = out / "federation.json"
+    signed by every coordinator (a first version needs all), installed on every one. A
+    pre-trained genesis's weights file goes with it to every cloud."""
+    manifest = setup.out / "federation.json"
     entries = [f"--cloud={c.name}={c.public_key}@{c.broker.address}" for c in clouds]
-    clouds[0].coordinator(
-        "federation", "init", *entries, "--genesis-seed", str(seed), "--out", str(manifest)
-    )
+    genesis = setup.genesis_options()
+    clouds[0].coordinator("federation", "init", *entries, *genesis, "--out", str(manifest))
     unsigned = json.loads(manifest.read_text())
     unsigned["manifest"]["consensus"].update(CONSENSUS)
     manifest.write_text(json.dumps(unsigned, indent=2))
+    weights = genesis if setup.genesis_weights is not None else ()
     for cloud in clouds:  # one after the other: each adds its signature to the file
-        cloud.coordinator("federation", "sign", str(manifest))
-    install = ("federation", "install", str(manifest), "--replace")
+        cloud.coordinator("federation", "sign", str(manifest), *weights)
+    install = ("federation", "install", str(manifest), "--replace", *weights)
     list(pool.map(lambda c: c.coordinator(*install), clouds))
     return manifest
 
@@ -444,16 +467,73 @@ HEADERS = [
 
 
 def centralized(
-    train: LocalDataset, test: LocalDataset, spec: Any, plan: RoundSettings, rounds: int, seed: int
+    train: LocalDataset,
+    test: LocalDataset,
+    spec: Any,
+    plan: RoundSettings,
+    rounds: int,
+    setup: Setup,
 ) -> float:
     """The same model and optimiser, trained on the union for as many epochs as one site
-    trains in the whole federation (rounds × local epochs), with the same lr decay."""
-    # The same initial weights as the federation's genesis model (federation init
-    # --genesis-seed).
-    model = build_model(spec, weights=initial_weights(spec, np.random.default_rng(seed)))
+    trains in the whole federation (rounds × local epochs), with the same lr decay, from
+    the federation's genesis model."""
+    if setup.genesis_weights is None:
+        start = initial_weights(spec, np.random.default_rng(setup.args.seed))
+    else:
+        start = read_genesis_weights(setup.genesis_weights).named_weights()
+    model = build_model(spec, weights=start)
     for number in range(1, rounds + 1):
         train_locally(model, train, plan.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
+
+
+def pretrained_genesis(spec_file: Path, args: argparse.Namespace) -> Path:
+    """The genesis model pre-trained on simulated plant runs, as an operator makes it:
+    `fedgate-bridge simulate-runs`, then `fedgate-agent pretrain`. Both files are cached
+    in out/cache by seed, number of sets and model spec, so later runs start at once."""
+    cache = ROOT / "out" / "cache"
+    runs = cache / f"plant-runs-seed{args.seed}-sets{args.public_sets}.npz"
+    if runs.exists():
+        print(f"      simulated plant runs: {shown(runs)} (cached)", flush=True)
+    else:
+        print(
+            f"      simulating {args.public_sets} set(s) of 21 plant runs (normal operation "
+            f"and faults 1-20, 25 h each) with fedgate-bridge simulate-runs",
+            flush=True,
+        )
+        run_cli(
+            "fedgate-bridge",
+            "simulate-runs",
+            "--out",
+            str(runs),
+            "--seed",
+            str(args.seed),
+            "--sets",
+            str(args.public_sets),
+            "--jobs",
+            str(os.cpu_count() or 1),
+            progress=True,
+        )
+    spec_digest = hashlib.sha256(spec_file.read_bytes()).hexdigest()[:12]
+    weights = cache / f"genesis-seed{args.seed}-sets{args.public_sets}-{spec_digest}.msgpack"
+    if weights.exists():
+        print(f"      pre-trained genesis: {shown(weights)} (cached)", flush=True)
+        return weights
+    print("      pre-training the genesis model on them (fedgate-agent pretrain)", flush=True)
+    trained = run_cli(
+        "fedgate-agent",
+        "pretrain",
+        str(runs),
+        "--out",
+        str(weights),
+        "--model-spec",
+        str(spec_file),
+        "--seed",
+        str(args.seed),
+        progress=True,
+    )
+    print(f"      genesis {str(trained['digest'])[:16]}: {shown(weights)}", flush=True)
+    return weights
 
 
 def plan_section(plan: RoundSettings) -> dict[str, Any]:
@@ -483,7 +563,7 @@ def set_up_federation(
     list(pool.map(lambda c: init_coordinator(c, sum(s.cloud is c for s in sites), setup), clouds))
     list(pool.map(lambda s: init_agent(s, setup), sites))
     list(pool.map(lambda c: enroll_agents(c, sites), clouds))
-    return form_federation(clouds, setup.out, setup.args.seed, pool)
+    return form_federation(clouds, setup, pool)
 
 
 def spread_sites(sites: int, clouds: list[Cloud]) -> list[Cloud]:
@@ -534,6 +614,19 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--epsilon", type=float, default=3.0, help="record-level ε budget")
     parser.add_argument("--site-epsilon", type=float, default=8.0, help="site-level ε budget")
     parser.add_argument(
+        "--genesis",
+        choices=("pretrained", "random"),
+        default="pretrained",
+        help="pretrained (default): start from a model pre-trained on simulated plant runs "
+        "(public data, no privacy cost); random: from the seed's random weights",
+    )
+    parser.add_argument(
+        "--public-sets",
+        type=int,
+        default=3,
+        help="sets of 21 simulated runs to pre-train on (about 80 CPU-seconds each)",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=1,
@@ -556,6 +649,8 @@ def parse_arguments() -> argparse.Namespace:
         )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.public_sets < 1:
+        parser.error("--public-sets must be at least 1")
     if args.dp == "site" and args.aggregation != "secagg":
         parser.error("--dp site needs --aggregation secagg: the agents add the noise")
     return args
@@ -579,6 +674,15 @@ def main() -> int:
     print(f"[1/6] splitting Tennessee Eastman data over {args.sites} sites (non-IID)", flush=True)
     split = federated_split(args.sites)
     print(f"      test set: {len(split.test)} windows, 22 classes")
+    spec_file = out / "model-spec.json"
+    spec_file.write_bytes(msgspec.json.encode(split.spec))
+    plan_settings = plan_section(plan)
+    genesis_weights = None
+    if args.genesis == "pretrained":
+        print("      genesis model: pre-trained on public (simulated) plant runs", flush=True)
+        genesis_weights = pretrained_genesis(spec_file, args)
+    else:
+        print(f"      genesis model: random weights of seed {args.seed}", flush=True)
 
     names = [f"c{index + 1}" for index in range(args.clouds)]
     processes: list[subprocess.Popen[bytes]] = []
@@ -592,11 +696,13 @@ def main() -> int:
             + ", ".join(f"{c.name} at {c.broker.address}" for c in clouds),
             flush=True,
         )
-        spec_file = out / "model-spec.json"
-        spec_file.write_bytes(msgspec.json.encode(split.spec))
-        plan_settings = plan_section(plan)
         setup = Setup(
-            deployment=deployment, out=out, args=args, spec_file=spec_file, plan=plan_settings
+            deployment=deployment,
+            out=out,
+            args=args,
+            spec_file=spec_file,
+            plan=plan_settings,
+            genesis_weights=genesis_weights,
         )
         sites = demo_sites(args.sites, clouds, out)
         # The CLIs take seconds to start (imports), so independent steps run side by side.
@@ -683,7 +789,7 @@ def main() -> int:
     )
     central_started = time.monotonic()
     central_accuracy = centralized(
-        centralized_dataset(split), split.test, split.spec, plan, args.rounds, args.seed
+        centralized_dataset(split), split.test, split.spec, plan, args.rounds, setup
     )
     central_seconds = time.monotonic() - central_started
     done = [row for row in rows if row[6]]
@@ -711,6 +817,8 @@ def main() -> int:
         "site_epsilon_spent": rows[-1][11] if args.dp == "site" and rows else None,
         "training_plan": plan_settings,
         "seed": args.seed,
+        "genesis": args.genesis,
+        "genesis_weights": str(setup.genesis_weights) if setup.genesis_weights else None,
         "sites": args.sites,
         "rounds_requested": args.rounds,
         "heights_decided": len(rows),

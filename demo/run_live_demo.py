@@ -424,7 +424,14 @@ def main() -> int:
         spec_file = out / "model-spec.json"
         spec_file.write_bytes(msgspec.json.encode(tep_model_spec(WINDOW)))
         plan = plan_section(ROUNDS)
-        setup = Setup(deployment=deployment, out=out, args=args, spec_file=spec_file, plan=plan)
+        setup = Setup(
+            deployment=deployment,
+            out=out,
+            args=args,
+            spec_file=spec_file,
+            plan=plan,
+            genesis_weights=None,  # the seed's random weights
+        )
         sites = demo_sites(args.sites, clouds, out)
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
             manifest = set_up_federation(clouds, sites, setup, pool)

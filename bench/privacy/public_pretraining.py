@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from fedgate_agent.datasets.tep import make_windows
-from fedgate_agent.model import build_model, weights_of
-from fedgate_agent.training import LocalDataset, train_locally
-from fedgate_common.messages import TrainingPlan
+from fedgate_agent import pretraining
+from fedgate_agent.training import LocalDataset
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.plant_runs import PlantRun
 
 from bench.fedavg_sim import Weights
 
@@ -95,21 +94,26 @@ def load_or_simulate(seeds: Sequence[int], cache: Path, progress: Progress) -> R
 
 
 def public_windows(runs: Runs, window: int, stride: int) -> LocalDataset:
-    """The runs cut into labelled windows as the sites' data is (one label per window)."""
-    parts = [make_windows(x, y, window, stride) for x, y in runs if len(x) >= window]
-    return LocalDataset(
-        x=np.concatenate([p.x for p in parts]), y=np.concatenate([p.y for p in parts])
+    """The runs cut into labelled windows as the sites' data is (one label per window), by
+    ``fedgate-agent pretrain``'s own windowing."""
+    return pretraining.public_windows(
+        [
+            PlantRun(fault=int(y.max(initial=0)), set=0, x=x, y=y)  # fault, set: not used
+            for x, y in runs
+        ],
+        window=window,
+        stride=stride,
     )
 
 
-# Plain SGD with the coordinator's default lr, momentum and batch. Two epochs: on seed 1
-# the sites' test accuracy of the pre-trained model peaks there (0.34 at 2, 0.32 at 4).
-PRETRAIN_PLAN = TrainingPlan(learning_rate=0.01, momentum=0.9, local_epochs=2, batch_size=32)
+# What `fedgate-agent pretrain` trains with: plain SGD with the coordinator's default lr,
+# momentum and batch, 2 epochs (see fedgate_agent.pretraining).
+PRETRAIN_PLAN = pretraining.PRETRAIN_PLAN
 
 
 def pretrain(spec: ModelSpec, genesis: Weights, public: LocalDataset, *, seed: int) -> Weights:
     """``genesis`` trained with :data:`PRETRAIN_PLAN` on ``public`` (no DP: nothing in it is
-    private)."""
-    model = build_model(spec, weights=genesis)
-    train_locally(model, public, PRETRAIN_PLAN, seed=seed)
-    return weights_of(model)
+    private), as ``fedgate-agent pretrain --seed seed`` trains the genesis of ``seed``."""
+    return pretraining.pretrain_weights(
+        spec, genesis, public, seed=seed, epochs=PRETRAIN_PLAN.local_epochs
+    )

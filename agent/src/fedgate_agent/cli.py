@@ -66,6 +66,7 @@ from fedgate_agent.ingest.buffer import IngestBuffer
 from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
+from fedgate_agent.pretrain_cli import pretrain_command
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.record_privacy import SAMPLING, UNIT, accountant_name, as_accountant
 from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
@@ -374,6 +375,7 @@ main.add_command(import_command)
 main.add_command(windows_command)
 main.add_command(install_service)
 main.add_command(predict_command)
+main.add_command(pretrain_command)
 main.add_command(broker_key_command)
 
 

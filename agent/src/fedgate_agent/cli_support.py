@@ -37,7 +37,7 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
   3 config invalid     4 data, buffer, import or privacy ledger unusable
-  5 identity exists already
+  5 identity key exists (init) or output file exists (pretrain: use --force)
   6 federation manifest invalid
   7 no exported model yet (predict)"""
 

@@ -11,7 +11,9 @@ Tree::
           ├── PlanRejected       a training plan from the coordinator is outside safe bounds
           ├── ModelRejected      a model from the federation is refused (shape, digest, cert)
           ├── PrivacyBudgetExhausted  the next round would spend more than the ε budget
-          └── LedgerUnreadable   privacy.json cannot be read (fedgate_agent.privacy_ledger)
+          ├── LedgerUnreadable   privacy.json cannot be read (fedgate_agent.privacy_ledger)
+          └── PretrainingRefused simulated runs or settings unusable for pre-training
+                                 (fedgate_agent.pretraining)
 
 Messages say what to fix; details a caller may act on are attributes.
 """

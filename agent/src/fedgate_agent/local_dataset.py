@@ -23,7 +23,13 @@ from fedgate_common.model_spec import ModelSpec
 from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import LocalDataError
 
-__all__ = ["LocalDataset", "check_dataset", "load_local_dataset", "save_local_dataset"]
+__all__ = [
+    "LocalDataset",
+    "check_dataset",
+    "load_local_dataset",
+    "make_windows",
+    "save_local_dataset",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,3 +132,29 @@ def save_local_dataset(path: Path, dataset: LocalDataset) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, x=dataset.x, y=dataset.y)
     atomic_write(path, buffer.getvalue(), mode=0o600)
+
+
+def make_windows(
+    samples: npt.NDArray[np.floating], labels: npt.NDArray[np.integer], window: int, stride: int
+) -> LocalDataset:
+    """Windows ``samples[s : s + window]`` for s = 0, stride, 2·stride, …; a window is kept
+    only when all its samples share one label, which becomes the window's label."""
+    if window < 1 or stride < 1:
+        raise ValueError("window and stride must be at least 1")
+    if samples.ndim != 2 or labels.shape != samples.shape[:1]:
+        raise ValueError(f"samples {samples.shape} and labels {labels.shape} do not match")
+    n_features = samples.shape[1]
+    if len(samples) < window:
+        return LocalDataset(
+            x=np.empty((0, window, n_features), dtype=np.float32), y=np.empty(0, dtype=np.int64)
+        )
+    starts = np.arange(0, len(samples) - window + 1, stride)
+    label_windows = np.lib.stride_tricks.sliding_window_view(labels, window)[starts]
+    uniform = (label_windows == label_windows[:, :1]).all(axis=1)
+    kept = starts[uniform]
+    # sliding_window_view gives (n, n_features, window); move time before features.
+    x = np.lib.stride_tricks.sliding_window_view(samples, window, axis=0)[kept]
+    return LocalDataset(
+        x=np.ascontiguousarray(x.transpose(0, 2, 1), dtype=np.float32),
+        y=labels[kept].astype(np.int64),
+    )

@@ -12,6 +12,7 @@ a local :class:`torch.Generator`; nothing here changes torch's global state. DP-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +86,19 @@ def check_fits(model: nn.Module, dataset: LocalDataset) -> None:
 
 
 def train_locally(
-    model: nn.Module, dataset: LocalDataset, plan: TrainingPlan, *, seed: int | None = None
+    model: nn.Module,
+    dataset: LocalDataset,
+    plan: TrainingPlan,
+    *,
+    seed: int | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``plan.local_epochs`` epochs of shuffled mini-batches.
 
     With ``seed`` the shuffling, hence the result, is reproducible (given the same torch
     build and thread count); without it the order comes from fresh OS entropy.
+    ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based), e.g. to report
+    progress; it does not change the training.
     """
     check_plan(plan)
     check_fits(model, dataset)
@@ -108,7 +116,7 @@ def train_locally(
     model.train()
     epoch_loss = 0.0
     try:
-        for _ in range(plan.local_epochs):
+        for epoch in range(1, plan.local_epochs + 1):
             order = torch.randperm(n, generator=generator)
             epoch_loss = 0.0
             for start in range(0, n, plan.batch_size):
@@ -118,6 +126,8 @@ def train_locally(
                 loss.backward()
                 optimizer.step()
                 epoch_loss += float(loss.detach()) * len(batch)
+            if on_epoch is not None:
+                on_epoch(epoch, epoch_loss / n)
     finally:
         model.train(was_training)
     return TrainResult(num_samples=n, mean_loss=epoch_loss / n)

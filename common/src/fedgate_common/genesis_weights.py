@@ -48,7 +48,8 @@ class Pretraining(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """How the weights were trained, for the people who sign the manifest naming them.
 
     ``start_seed`` gave the random weights training started from (the manifest's
-    ``genesis_seed``); ``runs_sha256`` are the SHA-256 digests of the simulated-runs files.
+    ``genesis_seed``); ``runs_sha256`` are the SHA-256 digests of the simulated-runs files;
+    ``trainer`` names what trained (library versions, threads), which the weights depend on.
     """
 
     start_seed: int
@@ -61,6 +62,7 @@ class Pretraining(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     momentum: float
     batch_size: int
     created_at: str
+    trainer: str = ""
 
 
 class GenesisWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

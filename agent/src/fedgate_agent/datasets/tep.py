@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_common.model_spec import ModelSpec
 
-from fedgate_agent.local_dataset import LocalDataset, save_local_dataset
+from fedgate_agent.local_dataset import LocalDataset, make_windows, save_local_dataset
 
 __all__ = [
     "FAULT_ONSET",
@@ -203,32 +203,6 @@ def tep_model_spec(window: int = 20, *, channels: int = 64, kernel_size: int = 3
         kernel_size=kernel_size,
         feature_mean=mean,
         feature_scale=scale,
-    )
-
-
-def make_windows(
-    samples: npt.NDArray[np.floating], labels: npt.NDArray[np.integer], window: int, stride: int
-) -> LocalDataset:
-    """Windows ``samples[s : s + window]`` for s = 0, stride, 2·stride, …; a window is kept
-    only when all its samples share one label, which becomes the window's label."""
-    if window < 1 or stride < 1:
-        raise ValueError("window and stride must be at least 1")
-    if samples.ndim != 2 or labels.shape != samples.shape[:1]:
-        raise ValueError(f"samples {samples.shape} and labels {labels.shape} do not match")
-    n_features = samples.shape[1]
-    if len(samples) < window:
-        return LocalDataset(
-            x=np.empty((0, window, n_features), dtype=np.float32), y=np.empty(0, dtype=np.int64)
-        )
-    starts = np.arange(0, len(samples) - window + 1, stride)
-    label_windows = np.lib.stride_tricks.sliding_window_view(labels, window)[starts]
-    uniform = (label_windows == label_windows[:, :1]).all(axis=1)
-    kept = starts[uniform]
-    # sliding_window_view gives (n, n_features, window); move time before features.
-    x = np.lib.stride_tricks.sliding_window_view(samples, window, axis=0)[kept]
-    return LocalDataset(
-        x=np.ascontiguousarray(x.transpose(0, 2, 1), dtype=np.float32),
-        y=labels[kept].astype(np.int64),
     )
 
 
