@@ -52,24 +52,21 @@ Progress = Callable[[str], None]
 
 def simulate(seed: int, *, faults: Sequence[int] = PUBLIC_FAULTS, hours: float = RUN_HOURS) -> Runs:
     """One run per fault in ``faults`` (0: normal operation), ``hours`` long, the fault on
-    from :data:`FAULT_START_H`; samples every 3 minutes, as in the sites' data."""
-    from fedgate_bridge.errors import SimulatorError
-    from fedgate_bridge.simulator.tep_plant import FaultSpec, PlantShutdown, TepPlant
+    from :data:`FAULT_START_H`; samples every 3 minutes, as in the sites' data. The runs of
+    ``fedgate-bridge simulate-runs --seed SEED --sets 1``."""
+    from fedgate_bridge.simulator.plant_runs import simulate_run
 
     runs: Runs = []
     for fault in faults:
-        schedule = [FaultSpec(idv=fault, start_h=FAULT_START_H, magnitude=1.0)] if fault else []
-        plant = TepPlant(seed=seed * 100 + fault, faults=schedule, control_seconds=CONTROL_SECONDS)
-        samples: list[tuple[float, ...]] = []
-        labels: list[int] = []
-        try:
-            for _ in range(round(hours / plant.sample_hours)):
-                sample = plant.step()
-                samples.append(sample.values[:-1])
-                labels.append(sample.fault)
-        except (PlantShutdown, SimulatorError):
-            pass  # the run ends where the plant tripped
-        runs.append((np.asarray(samples, dtype=np.float64), np.asarray(labels, dtype=np.int64)))
+        run = simulate_run(
+            seed=seed,
+            set_index=0,
+            fault=fault,
+            hours=hours,
+            fault_start_h=FAULT_START_H,
+            control_seconds=CONTROL_SECONDS,
+        )
+        runs.append((run.x, run.y))
     return runs
 
 

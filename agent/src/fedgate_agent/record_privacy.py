@@ -153,13 +153,17 @@ def _rdp_noise_multiplier(target: float, delta: float, rate: float, steps: int) 
     )
 
 
+_MAX_NOISE_MULTIPLIER = 1e6
+
+
 def _pld_noise_multiplier(target: float, delta: float, rate: float, steps: int) -> float:
     """dp-accounting's calibration (Brent's method, then a check that the σ it returns
-    does not overshoot ``target``), bracketed from the RDP σ.
+    does not overshoot ``target``), bracketed by doubling or halving from σ = 1.
 
-    The RDP σ is where the search starts because small σ make the PLD large and slow (σ =
-    0.13 takes seconds); it is nearly always an upper end already, as the PLD bound is the
-    tighter one. Both ends are moved until they bracket the target.
+    Small σ make the PLD large and slow (σ = 0.5 at q = 0.38 over 80 steps takes 2 s, σ =
+    0.13 more), so the bracket is found from σ = 1 outwards and never goes below half the
+    answer. Starting from the RDP σ instead cost 8-18 s of Opacus's own search for the
+    demo's plan, which made a busy gateway's first round miss its stage deadline.
     """
     from dp_accounting.mechanism_calibration import (
         ExplicitBracketInterval,
@@ -169,12 +173,19 @@ def _pld_noise_multiplier(target: float, delta: float, rate: float, steps: int) 
     def spent(sigma: float) -> float:
         return _pld_epsilon({(sigma, rate): steps}, delta)
 
-    upper = _rdp_noise_multiplier(target, delta, rate, steps)
-    while spent(upper) > target:
-        upper *= 1.25
-    lower = upper / 2
-    while spent(lower) <= target and lower > 1e-3:
-        lower /= 2
+    sigma = 1.0
+    if spent(sigma) > target:
+        while spent(2 * sigma) > target:
+            sigma *= 2
+            if sigma > _MAX_NOISE_MULTIPLIER:
+                raise ValueError(
+                    f"no noise multiplier up to {_MAX_NOISE_MULTIPLIER:g} keeps ε within {target}"
+                )
+        lower, upper = sigma, 2 * sigma
+    else:
+        while sigma / 2 > 1e-3 and spent(sigma / 2) <= target:
+            sigma /= 2
+        lower, upper = sigma / 2, sigma
     return float(
         calibrate_dp_mechanism(
             _pld_accountant,
