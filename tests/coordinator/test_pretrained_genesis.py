@@ -132,7 +132,7 @@ def test_four_clouds_sign_and_install_a_pre_trained_genesis(
 ) -> None:
     clouds: list[Coordinator] = [make_coordinator(tmp_path, f"cloud-{i}") for i in range(1, 5)]
     v1 = tmp_path / "federation-v1.json"
-    created = write_v1(clouds[0], clouds, v1, "--genesis-weights", weights_file)
+    created = write_v1(clouds[0], clouds, v1, "--genesis-weights", str(weights_file))
     digest = genesis_weights_digest(pretrained(5))
     assert created["genesis_source"] == "weights"
     assert created["genesis_digest"] == digest

@@ -1,6 +1,8 @@
 """Real processes end to end: `fedgate-coordinator serve` and two `fedgate-agent run`,
 configured with the CLIs exactly as an operator would, over the machine's Mosquitto, with
-secure aggregation (the default); gw-1 trains with record-level DP and reports its ε."""
+secure aggregation (the default); gw-1 trains with record-level DP and reports its ε. The
+federation starts from a genesis pre-trained with `fedgate-agent pretrain` on public runs
+(here synthetic ones in the plant-runs format), which the agents take as round 0."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 from fedgate_agent.training import LocalDataset, save_local_dataset
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.plant_runs import PlantRun, RunsMeta, save_plant_runs
 from fedgate_common.topics import model_topic
 
 BIN = Path(sys.executable).parent
@@ -53,12 +56,48 @@ def learnable_dataset(seed: int, n: int = 120) -> LocalDataset:
     return LocalDataset(x=x, y=y)
 
 
+def public_runs_file(path: Path) -> Path:
+    """Runs in the plant-runs format with the same signal as the sites' data: label 1
+    raises the first channel (from the middle of each run)."""
+    rng = np.random.default_rng(99)
+    runs = []
+    for fault in (0, 1):
+        y = np.where(np.arange(200) < 100, 0, fault).astype(np.int64)
+        x = rng.normal(0, 1, (200, SPEC.n_features))
+        x[:, 0] += 2.0 * y
+        runs.append(PlantRun(fault=fault, set=0, x=x, y=y))
+    meta = RunsMeta(
+        simulator="synthetic (test)",
+        seed=99,
+        sets=1,
+        hours=10.0,
+        fault_start_h=5.0,
+        sample_minutes=3.0,
+        control_seconds=9.0,
+        created_at="2026-11-29T00:00:00Z",
+    )
+    save_plant_runs(path, runs, meta)
+    return path
+
+
 @pytest.mark.slow
 def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
     deployment = f"e2e-{secrets.token_hex(4)}"
     coord = tmp_path / "coordinator"
     spec_file = tmp_path / "spec.json"
     spec_file.write_bytes(msgspec.json.encode(SPEC))
+    genesis_file = tmp_path / "genesis.msgpack"
+    pretrained = as_json(
+        "fedgate-agent",
+        "pretrain",
+        str(public_runs_file(tmp_path / "runs.npz")),
+        "--model-spec",
+        str(spec_file),
+        "--seed",
+        "3",
+        "--out",
+        str(genesis_file),
+    )
     init = as_json(
         "fedgate-coordinator",
         "--state-dir",
@@ -74,7 +113,10 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         "90",
         "--model-spec",
         str(spec_file),
+        "--genesis-weights",
+        str(genesis_file),
     )
+    assert init["genesis_model"] == pretrained["digest"]
     configs: list[Path] = []
     for index, name in enumerate(("gw-1", "gw-2")):
         config = tmp_path / name / "agent.toml"
@@ -168,6 +210,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
     assert all(s["received"] == 2 for s in detail["stages"])
     models = as_json("fedgate-coordinator", "--state-dir", str(coord), "models", "--verify")
     assert models["verified_length"] == 3
+    assert models["models"][0]["digest"] == pretrained["digest"]  # round 0: pre-trained
     for status in statuses:
         assert status["running"] is True
         assert status["rounds_trained"] == 2
