@@ -631,9 +631,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--stride",
         type=int,
-        default=2,
-        help="samples between the starts of two windows of the sites' data and the test set "
-        "(1: twice the windows; each reading then lies in up to 20 windows, not 10)",
+        default=1,
+        help="samples between the starts of two windows of the sites' data and the test set; "
+        "1 (default) is the agent's windows.stride default; 2 halves the windows (each "
+        "reading then lies in up to 10 windows, not 20)",
     )
     parser.add_argument(
         "--public-sets",
