@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from fedgate_common.genesis_weights import (
     GenesisWeights,
-    Pretraining,
     genesis_weights_digest,
     make_genesis_weights,
     write_genesis_weights,
@@ -24,6 +24,7 @@ from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.genesis import GENESIS_WEIGHTS_NAME, genesis_record
 from fedgate_coordinator.store import Store
 
+from tests.common.test_genesis_weights import PRETRAINING
 from tests.coordinator.test_cli_federation import Coordinator, make_coordinator, write_v1
 from tests.federation_support import add_genesis
 
@@ -33,20 +34,7 @@ def pretrained(seed: int, spec: ModelSpec = DEFAULT_MODEL) -> GenesisWeights:
     start = initial_weights(spec, np.random.default_rng(seed))
     trained = {name: array + np.float32(0.01) for name, array in start.items()}
     return make_genesis_weights(
-        spec,
-        trained,
-        Pretraining(
-            start_seed=seed,
-            runs_sha256=("0f" * 32,),
-            runs=21,
-            windows=4000,
-            stride=2,
-            epochs=2,
-            learning_rate=0.01,
-            momentum=0.9,
-            batch_size=32,
-            created_at="2026-11-29T12:00:00Z",
-        ),
+        spec, trained, msgspec.structs.replace(PRETRAINING, start_seed=seed)
     )
 
 

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fedgate_common.atomic_files import atomic_write
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.cli_support import EXIT_CODES_HELP, config_option, echo_json, guard
 from fedgate_agent.config import load_config
 from fedgate_agent.errors import ConfigError

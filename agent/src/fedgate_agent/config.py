@@ -36,13 +36,13 @@ from typing import Any, Final
 
 import msgspec
 import tomli_w
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import ConfigError
 from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 

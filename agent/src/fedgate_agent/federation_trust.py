@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import nacl.signing
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.consensus.manifest import (
     SignedManifest,
     decode_manifest_file,
@@ -24,7 +25,6 @@ from fedgate_common.consensus.wire import verify_certificate
 from fedgate_common.errors import CertificateInvalid, ManifestInvalid
 from fedgate_common.messages import GlobalModel
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import ConfigError, ModelRejected
 
 MANIFEST_NAME = "federation.json"

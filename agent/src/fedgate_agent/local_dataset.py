@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.model_spec import ModelSpec
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import LocalDataError
 
 __all__ = [

@@ -38,9 +38,9 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 import torch
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.model_spec import ModelSpec
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import AgentError
 from fedgate_agent.model import build_model
 from fedgate_agent.scoring import (

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+from fedgate_common.atomic_files import atomic_write
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import AgentError
 from fedgate_agent.record_privacy import ACCOUNTANTS, RoundSpend
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import msgspec
+from fedgate_common.atomic_files import atomic_write
 
-from fedgate_agent.atomic_files import atomic_write
 from fedgate_agent.errors import AgentError
 
 STATUS_FILE = "status.json"

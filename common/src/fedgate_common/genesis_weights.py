@@ -13,8 +13,6 @@ the size before anything is allocated.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedgate_common.arrays import WireArray, check_shapes, decode_arrays, encode_arrays
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.digests import GENESIS_PARENT, model_digest
 from fedgate_common.errors import FedgateError, GenesisWeightsInvalid
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
@@ -156,17 +155,5 @@ def read_genesis_weights(path: Path) -> GenesisWeights:
 
 
 def write_genesis_weights(path: Path, genesis: GenesisWeights, *, mode: int = 0o644) -> None:
-    """Write ``genesis`` to ``path`` atomically (a temporary file, synced, renamed into
-    place) with ``mode``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(encode_genesis_weights(genesis))
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write ``genesis`` to ``path`` atomically (:func:`atomic_write`) with ``mode``."""
+    atomic_write(path, encode_genesis_weights(genesis), mode=mode)

@@ -16,8 +16,7 @@ training a model on garbage.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.errors import PlantRunsInvalid
 
 __all__ = [
@@ -66,9 +66,9 @@ class PlantRun:
 
 
 def save_plant_runs(path: Path, runs: Sequence[PlantRun], meta: RunsMeta) -> None:
-    """Write ``runs`` to ``path`` atomically (a temporary file, synced, renamed into place;
-    readable as the umask allows). What :func:`load_plant_runs` would refuse is refused
-    here, before anything is written."""
+    """Write ``runs`` to ``path`` atomically (:func:`atomic_write`), readable by everyone:
+    the runs are public data. What :func:`load_plant_runs` would refuse is refused here,
+    before anything is written."""
     where = str(path)
     if not runs:
         raise PlantRunsInvalid("no run to write", path=where)
@@ -99,24 +99,9 @@ def save_plant_runs(path: Path, runs: Sequence[PlantRun], meta: RunsMeta) -> Non
         arrays["run_sets"],  # type: ignore[arg-type]
         where,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            np.savez(out, **arrays)  # type: ignore[arg-type]
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    atomic_write(path, buffer.getvalue(), mode=0o644)
 
 
 def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:

@@ -1,4 +1,5 @@
-"""Crash-safe file replacement for everything the agent writes (config, status, models, data).
+"""Crash-safe file replacement: the agent's config, status, models and data, and the
+simulated-runs and genesis-weights files.
 
 A reader sees either the old file or the complete new one, never a torn write, and the
 rename survives a power cut once :func:`atomic_write` returns.
