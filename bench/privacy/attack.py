@@ -87,6 +87,7 @@ from bench.privacy.mia import (
     loss_scores,
     true_class_log_odds,
 )
+from bench.privacy.public_pretraining import load_pretrained
 
 N_SITES = 6
 SPLIT_SEED = 1
@@ -222,12 +223,16 @@ def train_federation(
     *,
     seed: int,
     accountant: Accountant,
+    initial: Weights | None = None,
 ) -> Federation:
-    """FedAvg over ``sites`` from the genesis of ``seed`` (see the module docstring)."""
+    """FedAvg over ``sites`` from the genesis of ``seed``, or from ``initial`` (a
+    pre-trained genesis) when given (see the module docstring)."""
     started = time.perf_counter()
     plan = setting.plan()
     privacy = setting.privacy()
-    global_weights: Weights = initial_weights(spec, np.random.default_rng(seed))
+    global_weights: Weights = (
+        initial_weights(spec, np.random.default_rng(seed)) if initial is None else initial
+    )
     model = build_model(spec, weights=global_weights)
     histories: list[list[RoundSpend]] = [[] for _ in sites]
     sigmas = [
@@ -320,6 +325,7 @@ def train_setting(
     pool: LocalDataset,
     accountant: Accountant,
     seed: int,
+    initial: Weights | None = None,
 ) -> Trained:
     n_models = site_membership[0].shape[0]
     membership = np.concatenate(site_membership, axis=1)
@@ -338,7 +344,12 @@ def train_setting(
             for site, flags in zip(split.sites, site_membership, strict=True)
         ]
         federation = train_federation(
-            sites, split.spec, setting, seed=seed * 10_000 + m, accountant=accountant
+            sites,
+            split.spec,
+            setting,
+            seed=seed * 10_000 + m,
+            accountant=accountant,
+            initial=initial,
         )
         logits = pool_logits(split.spec, federation.weights, pool.x)
         phi[m] = true_class_log_odds(logits, pool.y)
@@ -661,6 +672,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="window stride of the TEP split (2: the demo's; 20 = the window: no two "
         "windows share a sample)",
     )
+    parser.add_argument(
+        "--genesis-weights",
+        type=Path,
+        default=None,
+        help="start every federation from this pre-trained genesis (a `fedgate-agent "
+        "pretrain` file for the split's model spec) instead of random weights",
+    )
     parser.add_argument("--bootstrap", type=int, default=None, help="resamples (1000)")
     parser.add_argument("--seed", type=int, default=0, help="membership and training seed")
     parser.add_argument("--threads", type=int, default=1)
@@ -702,6 +720,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"members {int(membership[0].sum())}, non-members {int((~membership[0]).sum())}; "
         f"test set {len(split.test)}; {torch.get_num_threads()} thread(s)"
     )
+    initial = None
+    if args.genesis_weights is not None:
+        initial = load_pretrained(args.genesis_weights, split.spec)
+        progress(
+            f"genesis: pre-trained {args.genesis_weights} (test acc "
+            f"{evaluate(build_model(split.spec, weights=initial), split.test).accuracy:.3f})"
+        )
     settings = build_settings(args)
     accountant = Accountant(delta=args.delta)
     rows: list[Row] = []
@@ -709,7 +734,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     trained_all: list[Trained] = []
     for setting in settings:
         progress(f"{setting.name}: {setting.description}")
-        trained = train_setting(setting, split, site_membership, pool, accountant, args.seed)
+        trained = train_setting(
+            setting, split, site_membership, pool, accountant, args.seed, initial
+        )
         trained_all.append(trained)
         new_rows, pooled = run_attacks(trained, membership, args.bootstrap)
         rows.extend(new_rows)
@@ -739,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "pool_windows": len(pool),
         "site_windows": [len(site) for site in split.sites],
         "test_windows": len(split.test),
+        "genesis_weights": None if args.genesis_weights is None else str(args.genesis_weights),
         "models_per_setting": n_models,
         "bootstrap_resamples": args.bootstrap,
         "confidence": 0.95,

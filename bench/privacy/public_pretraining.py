@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_agent import pretraining
 from fedgate_agent.training import LocalDataset
+from fedgate_common.genesis_weights import read_genesis_weights
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.plant_runs import PlantRun
 
@@ -36,6 +37,7 @@ __all__ = [
     "PRETRAIN_PLAN",
     "PUBLIC_FAULTS",
     "load_or_simulate",
+    "load_pretrained",
     "pretrain",
     "public_windows",
     "simulate",
@@ -114,3 +116,15 @@ def pretrain(spec: ModelSpec, genesis: Weights, public: LocalDataset, *, seed: i
     return pretraining.pretrain_weights(
         spec, genesis, public, seed=seed, epochs=PRETRAIN_PLAN.local_epochs
     )
+
+
+def load_pretrained(path: Path, spec: ModelSpec) -> Weights:
+    """The weights of a genesis-weights file (``fedgate-agent pretrain --out``), which must
+    be for ``spec``: the benchmark's federations start from it as the product's would."""
+    pretrained = read_genesis_weights(path)
+    if pretrained.spec != spec:
+        raise SystemExit(
+            f"{path}: genesis weights for another model spec than the benchmark's (make it "
+            "with `fedgate-agent pretrain --model-spec` for the same data and --channels)"
+        )
+    return pretrained.named_weights()

@@ -39,8 +39,10 @@ from bench.privacy.federation import (
     genesis,
     run_centralized,
     run_fedavg,
+    score,
     training_plan,
 )
+from bench.privacy.public_pretraining import load_pretrained
 from bench.privacy.site_level import SiteDp, SiteDpAggregator
 
 # Many small sites train few steps per round at the default plan: a larger learning rate
@@ -91,18 +93,23 @@ def run_size(
     adaptive: bool,
     channels: int = 64,
     exact_noise: bool = False,
+    genesis_weights: Path | None = None,
 ) -> list[Row]:
     split = split_for(sites, seed, channels)
     plan = plan_for(sites)
+    initial = None if genesis_weights is None else load_pretrained(genesis_weights, split.spec)
     dimension = sum(int(v.size) for v in genesis(split, seed).values())
     rows: list[Row] = []
+    if initial is not None:
+        start = score(split, initial)[0]
+        rows.append(Row(sites, "pre-trained genesis", math.inf, start, 0.0, 0.0, 0.0, 0.0, 0.0))
     print(f"[{sites} sites] centralized", file=sys.stderr, flush=True)
-    central = run_centralized(split, plan, rounds=rounds, seed=seed)
+    central = run_centralized(split, plan, rounds=rounds, seed=seed, initial=initial)
     rows.append(
         Row(sites, "centralized", math.inf, central.accuracy, 0.0, 0.0, 0.0, 0.0, central.seconds)
     )
     print(f"[{sites} sites] plain FedAvg", file=sys.stderr, flush=True)
-    plain = run_fedavg(split, plan, rounds=rounds, seed=seed, progress=progress)
+    plain = run_fedavg(split, plan, rounds=rounds, seed=seed, progress=progress, initial=initial)
     rows.append(Row(sites, "fedavg", math.inf, plain.accuracy, 0.0, 0.0, 0.0, 0.0, plain.seconds))
     for target in epsilons:
         label = "inf (clip only)" if math.isinf(target) else f"{target:g}"
@@ -126,6 +133,7 @@ def run_size(
             aggregate=aggregator,
             min_participants=min_participants_for(sites),
             progress=progress,
+            initial=initial,
         )
         z = aggregator.noise_multipliers[0] if aggregator.noise_multipliers else 0.0
         rows.append(
@@ -167,6 +175,8 @@ def plot(rows: list[Row], path: Path) -> None:
                     label=r.method,
                     color="C1" if r.method == "fedavg" else "C2",
                 )
+            elif r.method == "pre-trained genesis":
+                axis.axhline(r.accuracy, linestyle="-.", label=r.method, color="C4")
             elif math.isinf(r.epsilon):
                 axis.axhline(r.accuracy, linestyle=":", label="clip, no noise (ε ∞)", color="C3")
         axis.set_xscale("log")
@@ -196,6 +206,13 @@ def main() -> int:
         action="store_true",
         help="draw shares with the product's exact discrete Gaussian sampler (slow)",
     )
+    parser.add_argument(
+        "--genesis-weights",
+        type=Path,
+        default=None,
+        help="start every row from this pre-trained genesis (`fedgate-agent pretrain` for "
+        "the split's model spec) instead of the random genesis of --seed",
+    )
     parser.add_argument("--quick", action="store_true", help="6 sites, 3 rounds, ε 8 and inf")
     parser.add_argument("--out", type=Path, default=Path("out/bench-privacy"))
     args = parser.parse_args()
@@ -216,6 +233,7 @@ def main() -> int:
                 adaptive=args.adaptive,
                 channels=args.channels,
                 exact_noise=args.exact_noise,
+                genesis_weights=args.genesis_weights,
             )
         )
     headers = ["sites", "method", "ε target", "accuracy", "ε spent", "z", "noise/clip", "clip", "s"]

@@ -5,10 +5,15 @@
     .venv/bin/python -m bench.privacy.tune_record --table         # only print the table
 
 Every configuration is a training plan (applied to every site), a number of rounds, a
-clip C and a target ε (``inf`` = the same plan without DP). Results are appended to
-``--out/tune.jsonl`` as they come, and configurations already there are skipped, so an
-interrupted sweep resumes. Stages are in the order they were run; each was chosen from the
-results of the ones before (the comments say why).
+clip C and a target ε (``inf`` = the same plan without DP). Stages 1-3 run the 6-site
+split at stride 2 from the random genesis of the seed. Stage 4 runs the federation of
+``make demo`` (12 sites of ``federated_split(12, stride=1)``, the demo's own split) from a
+pre-trained genesis (``--genesis-weights``, the file ``make demo`` caches in ``out/cache``),
+with each site's whole update clipped to ``secagg.clip_norm`` as secure aggregation does.
+
+Results are appended to ``--out/tune.jsonl`` as they come, and configurations already
+there are skipped, so an interrupted sweep resumes. Stages are in the order they were run;
+each was chosen from the results of the ones before (the comments say why).
 """
 
 from __future__ import annotations
@@ -23,16 +28,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fedgate_agent.datasets.tep import federated_split
 from fedgate_common.text_table import format_table
 
 from bench.privacy.federation import (
     RecordDp,
+    clipped_fedavg,
     demo_split,
     memoize_accountant,
     quiet_opacus,
     run_fedavg,
     training_plan,
+    weighted_fedavg,
 )
+from bench.privacy.public_pretraining import load_pretrained
+
+DEMO_SITES = 12  # make demo: 4 clouds of 3 sites
 
 
 @dataclass(frozen=True)
@@ -45,13 +56,20 @@ class Config:
     decay: float = 0.98
     clip: float = 4.0
     eps: float = 3.0  # math.inf: no DP
+    demo: bool = False  # the demo's federation from --genesis-weights (stage 4)
+    update_clip: float = 0.0  # secagg.clip_norm applied to every site's delta; 0: none
 
     @property
     def key(self) -> str:
-        return (
+        key = (
             f"lr={self.lr:g} B={self.batch} E={self.epochs} R={self.rounds} "
             f"m={self.momentum:g} d={self.decay:g} C={self.clip:g} eps={self.eps:g}"
         )
+        if self.demo:
+            key += " demo-12-stride1-pretrained"
+        if self.update_clip:
+            key += f" U={self.update_clip:g}"
+        return key
 
 
 INF = math.inf
@@ -94,11 +112,38 @@ STAGES: dict[int, list[Config]] = {
         Config(lr=0.5, batch=256, epochs=2, clip=1.0, eps=INF),
         Config(lr=1.0, batch=256, epochs=1, clip=1.0, eps=INF),
     ],
+    # 4. After public pre-training (decision 0046) and stride 1 (decision 0048), the demo
+    #    itself (12 sites of ~1,350-1,650 windows) loses 3.8 points at ε = 3 with the plan
+    #    of stage 3. Without the SecAgg clip (U) its updates have norms of 30-37 in round 1
+    #    and 5 in round 20, mostly noise; SecAgg clips them to 10, which acts as a smaller
+    #    learning rate in the first ~14 rounds. The references without DP, the demo's plan
+    #    with and without that clip, then: a tighter and a looser clip, batch 512 with 4
+    #    epochs (less noise per step), a smaller model, and other lr schedules.
+    4: [
+        Config(lr=0.01, batch=32, epochs=5, clip=1.0, eps=INF, demo=True, update_clip=10),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.9, demo=True, update_clip=10),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.9, demo=True),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.9, demo=True, update_clip=3),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.9, demo=True, update_clip=20),
+        Config(lr=1.0, batch=512, epochs=4, clip=1.0, decay=0.9, demo=True, update_clip=10),
+        Config(lr=1.0, batch=512, epochs=4, clip=1.0, decay=0.9, demo=True),
+        Config(lr=2.0, batch=256, epochs=2, clip=0.5, decay=0.9, demo=True),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.85, demo=True),
+        Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.95, demo=True),
+        Config(lr=0.5, batch=256, epochs=3, clip=1.0, decay=0.95, demo=True),
+    ],
 }
 
 
-def run_config(config: Config, seed: int) -> dict[str, object]:
-    split = demo_split(seed)
+def run_config(config: Config, seed: int, genesis_weights: Path | None) -> dict[str, object]:
+    initial = None
+    if config.demo:
+        if genesis_weights is None:
+            raise SystemExit(f"{config.key}: needs --genesis-weights (make demo's out/cache)")
+        split = federated_split(DEMO_SITES, stride=1)
+        initial = load_pretrained(genesis_weights, split.spec)
+    else:
+        split = demo_split(seed)
     plan = training_plan(
         learning_rate=config.lr,
         lr_decay=config.decay,
@@ -107,7 +152,10 @@ def run_config(config: Config, seed: int) -> dict[str, object]:
         batch_size=config.batch,
     )
     dp = None if math.isinf(config.eps) else RecordDp(config.eps, config.clip)
-    result = run_fedavg(split, plan, rounds=config.rounds, seed=seed, dp=dp)
+    aggregate = clipped_fedavg(config.update_clip) if config.update_clip else weighted_fedavg
+    result = run_fedavg(
+        split, plan, rounds=config.rounds, seed=seed, dp=dp, aggregate=aggregate, initial=initial
+    )
     return {
         "key": config.key,
         "seed": seed,
@@ -145,6 +193,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stage", type=int, nargs="+", default=sorted(STAGES))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("out/bench-privacy"))
+    parser.add_argument(
+        "--genesis-weights",
+        type=Path,
+        default=None,
+        help="stage 4's pre-trained genesis, for the demo's model spec (make demo caches "
+        "it as out/cache/genesis-seed1-sets3-<spec>.msgpack)",
+    )
     parser.add_argument("--table", action="store_true", help="print the table, run nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -162,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if (config.key, args.seed) in done:
                     continue
                 started = time.perf_counter()
-                row = run_config(config, args.seed)
+                row = run_config(config, args.seed, args.genesis_weights)
                 rows.append(row)
                 with log.open("a") as stream:
                     stream.write(json.dumps(row) + "\n")

@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedgate_agent.datasets.tep import N_FEATURES, tep_model_spec
+from fedgate_common.genesis_weights import make_genesis_weights, write_genesis_weights
 from fedgate_common.model_spec import initial_weights
 
 from bench.privacy import public_pretraining
-from bench.privacy.public_pretraining import pretrain, public_windows, simulate
+from bench.privacy.public_pretraining import load_pretrained, pretrain, public_windows, simulate
+from tests.common.test_genesis_weights import PRETRAINING
 
 
 def test_a_simulated_run_is_labelled_from_the_fault_onset() -> None:
@@ -59,3 +61,18 @@ def test_pretraining_changes_the_weights_and_keeps_their_shapes() -> None:
         assert trained[name].shape == before.shape
         assert np.isfinite(trained[name]).all()
     assert any(not np.array_equal(trained[n], genesis[n]) for n in genesis)
+
+
+def test_a_genesis_weights_file_loads_for_its_spec_and_is_refused_for_another(
+    tmp_path: Path,
+) -> None:
+    spec = tep_model_spec(channels=8)
+    weights = initial_weights(spec, np.random.default_rng(4))
+    path = tmp_path / "genesis.msgpack"
+    write_genesis_weights(path, make_genesis_weights(spec, weights, PRETRAINING))
+    loaded = load_pretrained(path, spec)
+    assert list(loaded) == list(weights)
+    for name, array in weights.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    with pytest.raises(SystemExit, match="another model spec"):
+        load_pretrained(path, tep_model_spec(channels=16))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 
-from bench.privacy.federation import RoundContext, SiteUpdate
+from bench.privacy.federation import RoundContext, SiteUpdate, clipped_fedavg, weighted_fedavg
 from bench.privacy.site_level import SiteDp, SiteDpAggregator
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
@@ -83,3 +83,26 @@ def test_adaptive_clipping_moves_towards_the_median_norm() -> None:
     assert aggregator.clip_norms[-1] < 0.5 * 100.0  # all within: it shrinks every round
     assert aggregator.within_fraction[0] == 1.0
     assert min(aggregator.clip_norms) > 0.5 * float(np.median(norms))
+
+
+def test_the_secagg_clip_shortens_only_updates_above_it_before_the_weighted_mean() -> None:
+    big, small = updates(2, scale=1.0, seed=3)
+    small = SiteUpdate(
+        site=small.site,
+        delta={name: value * np.float32(1e-3) for name, value in small.delta.items()},
+        num_samples=small.num_samples,
+        train_loss=small.train_loss,
+    )
+    clip = 0.5
+    assert np.linalg.norm(flat(big.delta)) > 10 * clip  # far above the clip
+    assert np.linalg.norm(flat(small.delta)) < clip  # within it: left as it is
+    mean = clipped_fedavg(clip)([big, small], context(2))
+    assert mean is not None
+    clipped_big = flat(big.delta) * (clip / np.linalg.norm(flat(big.delta)))
+    expected = (big.num_samples * clipped_big + small.num_samples * flat(small.delta)) / (
+        big.num_samples + small.num_samples
+    )
+    np.testing.assert_allclose(flat(mean), expected, rtol=1e-5, atol=1e-7)
+    unclipped = weighted_fedavg([big, small], context(2))
+    assert unclipped is not None
+    assert np.linalg.norm(flat(unclipped)) > 10 * np.linalg.norm(flat(mean))
