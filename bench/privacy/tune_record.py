@@ -131,6 +131,9 @@ STAGES: dict[int, list[Config]] = {
         Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.85, demo=True),
         Config(lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.95, demo=True),
         Config(lr=0.5, batch=256, epochs=3, clip=1.0, decay=0.95, demo=True),
+        Config(
+            lr=1.0, batch=256, epochs=2, clip=1.0, decay=0.9, eps=INF, demo=True, update_clip=10
+        ),
     ],
 }
 
