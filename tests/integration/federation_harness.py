@@ -277,6 +277,34 @@ def decisions(cloud: Cloud) -> dict[int, str]:
         return {d.height: d.value for d in store.decisions()}
 
 
+async def wait_for_exit(clouds: list[Cloud], seconds: float) -> None:
+    """Every cloud's coordinator exits 0 within ``seconds`` (one deadline for all).
+
+    On a timeout or a failed exit the error names each cloud's state: its exit code or
+    "running", the heights it decided, and the tail of its log. A federation that stalls
+    then says where.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        codes = [c.process.poll() if c.process is not None else None for c in clouds]
+        if any(code not in (None, 0) for code in codes) or all(code == 0 for code in codes):
+            break
+        await asyncio.sleep(0.5)
+    reports = []
+    for cloud in clouds:
+        code = cloud.process.poll() if cloud.process is not None else None
+        if code == 0:
+            continue
+        heights = sorted(decisions(cloud))
+        tail = "\n".join(cloud.log.read_text(errors="replace").splitlines()[-25:])
+        state = "running" if code is None else f"exited {code}"
+        reports.append(f"--- {cloud.name}: {state}, decided heights {heights}\n{tail}")
+    if reports:
+        raise AssertionError(
+            f"not every coordinator exited 0 within {seconds} s:\n" + "\n".join(reports)
+        )
+
+
 async def wait_until(predicate: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from tests.integration.federation_harness import (
     decisions,
     make_federation,
     proposer,
+    wait_for_exit,
     wait_until,
 )
 
@@ -96,10 +97,7 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
                 stalled_at = max(decisions(frozen))
                 frozen.process.send_signal(signal.SIGCONT)
                 assert progressed >= 1, "no height decided while one of four was stopped"
-                for cloud in clouds:
-                    assert cloud.process is not None
-                    code = await asyncio.to_thread(cloud.process.wait, 240)
-                    assert code == 0, cloud.log.read_text()[-4000:]
+                await wait_for_exit(clouds, 240)
             finally:
                 for cloud in clouds:
                     cloud.stop()
@@ -161,10 +159,7 @@ async def test_a_byzantine_coordinator_proposing_a_poisoned_aggregate_is_not_dec
                 cloud.serve(heights)
             byzantine.serve(heights, script=BYZANTINE)
             try:
-                for cloud in honest:
-                    assert cloud.process is not None
-                    code = await asyncio.to_thread(cloud.process.wait, 240)
-                    assert code == 0, cloud.log.read_text()[-4000:]
+                await wait_for_exit(honest, 240)
             finally:
                 for cloud in clouds:
                     cloud.stop()
