@@ -53,7 +53,6 @@ from fedgate_agent.record_privacy import (
 )
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
 from fedgate_common.model_spec import initial_weights
-from fedgate_common.secagg.encoding import clip_factor
 from fedgate_coordinator.aggregation import apply_delta, weighted_mean_delta
 from fedgate_coordinator.rounds import RoundSettings
 from opacus.accountants.analysis import rdp as rdp_analysis
@@ -71,7 +70,6 @@ __all__ = [
     "RoundContext",
     "SiteLedger",
     "SiteUpdate",
-    "clipped_fedavg",
     "demo_split",
     "genesis",
     "memoize_accountant",
@@ -261,24 +259,6 @@ def weighted_fedavg(updates: Sequence[SiteUpdate], context: RoundContext) -> Wei
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def clipped_fedavg(clip_norm: float) -> Aggregator:
-    """The aggregate under secure aggregation: every site's whole delta clipped to
-    ``clip_norm`` (the coordinator's ``secagg.clip_norm``, as the agents' ``encode_update``
-    clips it), then the window-weighted mean. Clipping a DP update is post-processing: it
-    costs no privacy, and where noise dominates the update it shrinks the noise."""
-
-    def aggregate(updates: Sequence[SiteUpdate], context: RoundContext) -> Weights | None:
-        clipped = []
-        for update in updates:
-            flat = np.concatenate([v.ravel() for v in update.delta.values()]).astype(np.float64)
-            factor = np.float32(clip_factor(flat, clip_norm))
-            delta = {name: value * factor for name, value in update.delta.items()}
-            clipped.append(SiteUpdate(update.site, delta, update.num_samples, update.train_loss))
-        return weighted_fedavg(clipped, context)
-
-    return aggregate
 
 
 def _finite(weights: Weights) -> bool:

@@ -3,13 +3,15 @@ one process, as a :data:`~bench.privacy.federation.Aggregator`.
 
 Each round, exactly as the coordinator and agents do it:
 
-- :func:`round_params` (the coordinator's): 32-bit words, the clip norm (adaptive or
-  fixed), noise shares sized for ``min_inputs`` = max(t, min_participants) inputs, and the
-  noise multiplier z planned so that ``planned_rounds`` such rounds spend at most the
-  target ε (dp-accounting RDP of the effective multiplier);
-- every site's delta is flattened and encoded with :func:`encode_update` (clip, every site
-  weighs ``weight_cap``, stochastic rounding, its noise share, the within-clip word);
-- the words are summed mod 2^32 and decoded; the mean update is the coordinator's.
+- :func:`round_params` (the coordinator's): ``word_bits``-bit words (32 by default), the
+  clip norm (adaptive or fixed), noise shares sized for ``min_inputs`` =
+  max(t, min_participants) inputs, and the noise multiplier z planned so that
+  ``planned_rounds`` such rounds spend at most the target ε (dp-accounting RDP of the
+  effective multiplier);
+- every site's delta is flattened and encoded with :func:`encode_update` (clip, under
+  noise every site weighs ``weight_cap``, stochastic rounding, its noise share, the
+  within-clip word);
+- the words are summed mod 2^word_bits and decoded; the mean update is the coordinator's.
 
 Not the product: no masking (the masks cancel exactly in the sum, which
 ``tests/common/test_secagg_exactness.py`` checks bit for bit) and, unless
@@ -32,6 +34,7 @@ from fedgate_common.model_spec import ModelSpec, split_parameters
 from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.distributed_noise import sample_discrete_gaussian
 from fedgate_common.secagg.encoding import NoiseSampler, decode_sum, encode_update
+from fedgate_common.secagg.keystream import word_dtype
 from fedgate_common.secagg.participant import encoding_params
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.site_privacy import (
@@ -60,7 +63,13 @@ def rounded_gaussian(rng: np.random.Generator) -> NoiseSampler:
 
 @dataclass(frozen=True)
 class SiteDp:
-    """Site-level DP of a run. ``target_epsilon`` None: clip and encode, but no noise (ε = ∞)."""
+    """Site-level DP of a run. ``target_epsilon`` None: clip and encode, but no noise (ε = ∞).
+
+    ``word_bits`` and ``weight_cap`` are the coordinator's ``[secagg]`` settings; with
+    ``target_epsilon`` None and the product's defaults (:class:`SecAggSettings`) this is
+    plain secure aggregation as ``make demo`` runs it: every delta clipped to ``clip_norm``,
+    weighted by its windows (up to ``weight_cap``), quantised to ``word_bits``-bit words.
+    """
 
     target_epsilon: float | None
     clip_norm: float
@@ -68,6 +77,8 @@ class SiteDp:
     min_participants: int = 1
     delta: float = 1e-5
     exact_noise: bool = False
+    word_bits: int = 32
+    weight_cap: int = WEIGHT_CAP
 
 
 @dataclass
@@ -86,9 +97,9 @@ class SiteDpAggregator:
     @property
     def secagg(self) -> SecAggSettings:
         return SecAggSettings(
-            word_bits=32,
+            word_bits=self.dp.word_bits,
             clip_norm=self.dp.clip_norm,
-            weight_cap=WEIGHT_CAP,
+            weight_cap=self.dp.weight_cap,
             adaptive_clip=self.dp.adaptive_clip,
         )
 
@@ -140,7 +151,7 @@ class SiteDpAggregator:
                 lambda size: seed_bytes.bytes(size),
                 noise_sampler=sampler,
             )
-        words = (total % 2**32).astype(np.uint32)
+        words = (total % 2**encoding.word_bits).astype(word_dtype(encoding.word_bits))
         decoded = decode_sum(words, encoding)
         self.clip_norms.append(params.clip_norm)
         if decoded.within_clip is not None:

@@ -9,7 +9,9 @@ clip C and a target ε (``inf`` = the same plan without DP). Stages 1-3 run the 
 split at stride 2 from the random genesis of the seed. Stage 4 runs the federation of
 ``make demo`` (12 sites of ``federated_split(12, stride=1)``, the demo's own split) from a
 pre-trained genesis (``--genesis-weights``, the file ``make demo`` caches in ``out/cache``),
-with each site's whole update clipped to ``secagg.clip_norm`` as secure aggregation does.
+through secure aggregation's encoding with ``make demo``'s ``[secagg]`` settings (each site's
+whole update clipped to ``secagg.clip_norm``, 16-bit words; ``site_level.SiteDpAggregator``
+without noise).
 
 Results are appended to ``--out/tune.jsonl`` as they come, and configurations already
 there are skipped, so an interrupted sweep resumes. Stages are in the order they were run;
@@ -30,10 +32,11 @@ from pathlib import Path
 import torch
 from fedgate_agent.datasets.tep import federated_split
 from fedgate_common.text_table import format_table
+from fedgate_coordinator.secure_rounds import SecAggSettings
 
 from bench.privacy.federation import (
+    Aggregator,
     RecordDp,
-    clipped_fedavg,
     demo_split,
     memoize_accountant,
     quiet_opacus,
@@ -42,8 +45,10 @@ from bench.privacy.federation import (
     weighted_fedavg,
 )
 from bench.privacy.public_pretraining import load_pretrained
+from bench.privacy.site_level import SiteDp, SiteDpAggregator
 
 DEMO_SITES = 12  # make demo: 4 clouds of 3 sites
+DEMO_SECAGG = SecAggSettings()  # make demo's [secagg]: 16-bit words, weight cap 2000
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,18 @@ def run_config(config: Config, seed: int, genesis_weights: Path | None) -> dict[
         batch_size=config.batch,
     )
     dp = None if math.isinf(config.eps) else RecordDp(config.eps, config.clip)
-    aggregate = clipped_fedavg(config.update_clip) if config.update_clip else weighted_fedavg
+    aggregate: Aggregator = weighted_fedavg
+    if config.update_clip:
+        aggregate = SiteDpAggregator(
+            SiteDp(
+                target_epsilon=None,
+                clip_norm=config.update_clip,
+                word_bits=DEMO_SECAGG.word_bits,
+                weight_cap=DEMO_SECAGG.weight_cap,
+            ),
+            split.spec,
+            config.rounds,
+        )
     result = run_fedavg(
         split, plan, rounds=config.rounds, seed=seed, dp=dp, aggregate=aggregate, initial=initial
     )
