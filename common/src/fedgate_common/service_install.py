@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.service_units import (
     CREDENTIALS_SOURCE_DIR,
     InstallConfigError,
@@ -168,20 +168,6 @@ def _evaluate(step: InstallStep, *, real: bool, force: bool) -> str:
     return "replace" if force or is_unedited(current) else "refuse"
 
 
-def _write_atomically(path: Path, content: str, mode: int) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _chown(path: Path, owner: str) -> None:
     user, _, group = owner.partition(":")
     try:
@@ -202,7 +188,7 @@ def _carry_out(step: InstallStep, outcome: str, *, real: bool) -> str:
     if step.action == "write":
         if outcome in ("create", "replace"):
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, step.content, step.mode)
+            atomic_write(path, step.content.encode(), mode=step.mode)
             if real and step.owner:
                 _chown(path, step.owner)
             return "created" if outcome == "create" else "replaced"

@@ -12,10 +12,8 @@ exit codes, the error guard and JSON output come from ``cli_support``.
 from __future__ import annotations
 
 import functools
-import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import msgspec
 import nacl.signing
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.consensus.manifest import (
     CROSS_CLOUD_RULES,
     MAX_MANIFEST_BYTES,
@@ -118,24 +117,8 @@ def read_manifest_file(path: Path) -> SignedManifest:
 
 
 def write_manifest_file(path: Path, signed: SignedManifest, *, mode: int = 0o644) -> None:
-    """Write atomically: temporary file in the same directory, fsync, rename, fsync dir."""
-    directory = path.absolute().parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encode_manifest_file(signed))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write atomically (:func:`~fedgate_common.atomic_files.atomic_write`)."""
+    atomic_write(path, encode_manifest_file(signed), mode=mode)
 
 
 def installed_manifest(state_dir: Path) -> SignedManifest | None:

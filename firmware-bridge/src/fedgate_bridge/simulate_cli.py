@@ -15,13 +15,13 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import click
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.logs import configure_logging, log_event
 
 from fedgate_bridge.errors import ConfigError, SimulatorError
@@ -104,18 +104,6 @@ def _check_config_path(path: Path) -> None:
         raise ConfigError(f"--write-bridge-config: directory {str(parent)!r} is not writable")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 def _startup_document(options: SiteOptions, namespace_index: int) -> dict[str, object]:
     opcua = None
     if options.opcua_port:
@@ -184,7 +172,7 @@ async def _serve(options: SiteOptions, plant: TepPlant) -> None:
                 poll_interval_s=options.sample_period_s,
             )
             try:
-                _write_atomically(options.bridge_config, text)
+                atomic_write(options.bridge_config, text.encode())
             except OSError as exc:
                 raise ConfigError(
                     f"cannot write --write-bridge-config {str(options.bridge_config)!r}: {exc}"
