@@ -10,6 +10,7 @@ from fedgate_common.model_spec import ModelSpec, parameter_shapes
 
 from bench.privacy.federation import RoundContext, SiteUpdate, weighted_fedavg
 from bench.privacy.site_level import SiteDp, SiteDpAggregator
+from bench.privacy.site_utility import PLAN_100, PlanChange
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 
@@ -121,3 +122,12 @@ def test_without_noise_the_secagg_clip_shortens_only_updates_above_it_before_the
     unclipped = weighted_fedavg([big, small], context(2))
     assert unclipped is not None
     assert np.linalg.norm(flat(unclipped)) > 10 * np.linalg.norm(flat(mean))
+
+
+def test_the_dp_rows_plan_changes_only_the_fields_given() -> None:
+    changed = PlanChange(local_epochs=1, batch_size=32).apply(PLAN_100)
+    assert (changed.local_epochs, changed.batch_size) == (1, 32)
+    assert changed.learning_rate == PLAN_100.learning_rate
+    assert changed.lr_decay == PLAN_100.lr_decay
+    assert PLAN_100.local_epochs == 5  # the baselines' plan is left as it was
+    assert PlanChange().apply(PLAN_100) == PLAN_100
