@@ -285,8 +285,8 @@ async def wait_for_exit(clouds: list[Cloud], seconds: float) -> None:
     then says where.
     """
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        codes = [c.process.poll() if c.process is not None else None for c in clouds]
+    while time.monotonic() < deadline and all(c.process is not None for c in clouds):
+        codes = [c.process.poll() for c in clouds if c.process is not None]
         if any(code not in (None, 0) for code in codes) or all(code == 0 for code in codes):
             break
         await asyncio.sleep(0.5)
@@ -297,7 +297,10 @@ async def wait_for_exit(clouds: list[Cloud], seconds: float) -> None:
             continue
         heights = sorted(decisions(cloud))
         tail = "\n".join(cloud.log.read_text(errors="replace").splitlines()[-25:])
-        state = "running" if code is None else f"exited {code}"
+        if cloud.process is None:
+            state = "never started"
+        else:
+            state = "running" if code is None else f"exited {code}"
         reports.append(f"--- {cloud.name}: {state}, decided heights {heights}\n{tail}")
     if reports:
         raise AssertionError(

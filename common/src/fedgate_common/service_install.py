@@ -187,8 +187,7 @@ def _carry_out(step: InstallStep, outcome: str, *, real: bool) -> str:
         return "created" if outcome == "create" else outcome
     if step.action == "write":
         if outcome in ("create", "replace"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, step.content.encode(), mode=step.mode)
+            atomic_write(path, step.content.encode(), mode=step.mode)  # makes the parents
             if real and step.owner:
                 _chown(path, step.owner)
             return "created" if outcome == "create" else "replaced"
