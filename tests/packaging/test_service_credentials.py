@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fedgate_agent.config import load_config as load_agent_config
+from fedgate_agent.errors import ConfigError as AgentConfigError
 from fedgate_agent.install_cli import agent_service_spec
 from fedgate_bridge.config import load_config as load_bridge_config
 from fedgate_bridge.errors import ConfigError
@@ -121,3 +122,60 @@ def test_agent_reads_its_secrets_from_the_credentials_directory(tmp_path: Path) 
     outside = load_agent_config(config, env={})
     assert outside.broker.password_file == "/etc/fedgate/credentials/agent-broker"
     assert outside.opcua_source[1].password_file == "/etc/fedgate/credentials/opcua-line-4"
+
+
+def _opcua_sources(*names: str) -> str:
+    text = ""
+    for number, name in enumerate(names, start=1):
+        named = f'name = "{name}"\n' if name else ""
+        text += (
+            f'\n[[opcua_source]]\n{named}endpoint = "opc.tcp://10.0.3.{number}:4840"\n'
+            f'tags = {{ XMEAS_1 = "ns=2;s=XMEAS_1" }}\n'
+            f'password_file = "/etc/fedgate/credentials/opcua-{name or number}"\n'
+        )
+    return text
+
+
+def test_a_named_opcua_source_keeps_its_credential_when_the_sources_are_reordered(
+    tmp_path: Path,
+) -> None:
+    """By position, inserting a source in front would hand the first server's password to
+    the new one; by name, each server's credential follows it."""
+    base = (REPO / "packaging/agent.toml.example").read_text().split("[[opcua_source]]")[0]
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name in ("line-3", "line-4"):
+        (credentials / f"opcua-{name}-password").write_text(f"password of {name}\n")
+    for order in (("line-3", "line-4"), ("line-4", "line-3")):
+        text = base + _opcua_sources(*order)
+        spec = agent_service_spec(
+            program="/opt/fedgate/bin/fedgate-agent", template="", config=tomllib.loads(text)
+        )
+        assert {(c.name, c.source) for c in spec.credentials} >= {
+            ("opcua-line-3-password", "/etc/fedgate/credentials/opcua-line-3"),
+            ("opcua-line-4-password", "/etc/fedgate/credentials/opcua-line-4"),
+        }
+        config = tmp_path / "agent.toml"
+        config.write_text(text)
+        loaded = load_agent_config(config, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+        by_name = {s.name: Path(s.password_file).read_text() for s in loaded.opcua_source}
+        assert by_name == {"line-3": "password of line-3\n", "line-4": "password of line-4\n"}
+
+
+@pytest.mark.parametrize(
+    ("names", "needle"),
+    [
+        (("line-3", "line-3"), "'opcua-line-3-password' is also that of [[opcua_source]] 'line-3'"),
+        (("", "1"), "'opcua-1-password' is also that of [[opcua_source]] number 1"),
+        (("line/3",), "invalid name 'line/3'"),
+    ],
+)
+def test_opcua_source_names_that_clash_or_are_not_identifiers_are_refused(
+    tmp_path: Path, names: tuple[str, ...], needle: str
+) -> None:
+    base = (REPO / "packaging/agent.toml.example").read_text().split("[[opcua_source]]")[0]
+    config = tmp_path / "agent.toml"
+    config.write_text(base + _opcua_sources(*names))
+    with pytest.raises(AgentConfigError) as error:
+        load_agent_config(config, env={})
+    assert needle in "\n".join(error.value.problems)

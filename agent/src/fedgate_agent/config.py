@@ -178,6 +178,7 @@ class OpcUaSourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 
     endpoint: str  # opc.tcp://host:port[/path]
     tags: dict[str, str]  # tag → node id ("ns=2;s=XMEAS_1")
+    name: str = ""  # names its systemd credential (opcua-<name>-password); "" → by position
     sampling_interval_ms: float = 0.0  # 0 → the server's fastest
     username: str = ""
     password_file: str = ""
@@ -628,8 +629,12 @@ def load_config(
 
 def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
     """Secret-file settings of a raw agent.toml and their systemd credential names
-    (``fedgate-agent install-service`` writes the matching ``LoadCredential=``). OPC-UA
-    servers have no names: the n-th ``[[opcua_source]]`` (from 1) is ``opcua-<n>``."""
+    (``fedgate-agent install-service`` writes the matching ``LoadCredential=``).
+
+    An ``[[opcua_source]]`` with a ``name`` has ``opcua-<name>-password``, which follows it
+    when sources are inserted, removed or reordered; one without is numbered by position
+    (``opcua-<n>-password``, n from 1).
+    """
     names: dict[SettingPath, str] = {
         ("broker", "password_file"): "broker-password",
         ("broker", "tls_key_file"): "broker-tls-key",
@@ -637,9 +642,22 @@ def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
         ("ingest", "mqtt_tls_key_file"): "mqtt-tls-key",
     }
     sources = raw.get("opcua_source", [])
-    for index in range(len(sources) if isinstance(sources, list) else 0):
-        names[("opcua_source", index, "password_file")] = f"opcua-{index + 1}-password"
+    for index, source in enumerate(sources if isinstance(sources, list) else []):
+        names[("opcua_source", index, "password_file")] = _opcua_credential_name(
+            source.get("name", "") if isinstance(source, dict) else "", index
+        )
     return names
+
+
+def _opcua_credential_name(name: object, index: int) -> str:
+    """The credential of the ``index``-th (from 0) source's password: by ``name`` when it is
+    an identifier, else by position (an invalid name is reported by validation)."""
+    if isinstance(name, str) and name:
+        try:
+            return f"opcua-{validate_identifier(name)}-password"
+        except InvalidIdentifier:
+            pass
+    return f"opcua-{index + 1}-password"
 
 
 def _check_range(key: str, value: int, bounds: tuple[int, int]) -> tuple[str, str] | None:
@@ -861,8 +879,26 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
             problems.append(
                 ("mqtt_source", f"{where}: format {source.format!r} is not json | sparkplug")
             )
+    credentials: dict[str, str] = {}
     for index, opcua in enumerate(config.opcua_source, start=1):
         where = f"[[opcua_source]] number {index}"
+        if opcua.name:
+            try:
+                validate_identifier(opcua.name, what="name")
+            except InvalidIdentifier as exc:
+                problems.append(("opcua_source", f"{where}: {exc}"))
+            else:
+                where = f"[[opcua_source]] {opcua.name!r}"
+        credential = _opcua_credential_name(opcua.name, index - 1)
+        if credential in credentials:
+            problems.append(
+                (
+                    "opcua_source",
+                    f"{where}: its systemd credential name {credential!r} is also that of "
+                    f"{credentials[credential]}; give each source its own name",
+                )
+            )
+        credentials.setdefault(credential, where)
         if not opcua.endpoint.startswith("opc.tcp://"):
             problems.append(
                 ("opcua_source", f"{where}: endpoint {opcua.endpoint!r} is not opc.tcp://…")
