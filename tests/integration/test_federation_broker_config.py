@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import getpass
 import re
-import socket
 import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
@@ -24,25 +22,15 @@ from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import federation_filter, federation_topic
 from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
 
-MOSQUITTO = "/usr/sbin/mosquitto"
-MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
+from tests.mosquitto_support import HAVE_MOSQUITTO, MOSQUITTO_PASSWD, free_port, mosquitto
+
 CONF = Path(__file__).resolve().parents[2] / "packaging" / "mosquitto-federation.conf"
 DEPLOYMENT, CLOUD = "plant-a", "cloud-1"
 FEDERATION = federation_filter(DEPLOYMENT, CLOUD)
 FEDGATE_ALL = f"fedgate/{DEPLOYMENT}/#"
 PASSWORD = "peer-secret"
 
-pytestmark = pytest.mark.skipif(
-    not (Path(MOSQUITTO).exists() and Path(MOSQUITTO_PASSWD).exists()),
-    reason="needs mosquitto and mosquitto_passwd",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+pytestmark = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="needs mosquitto and mosquitto_passwd")
 
 
 def acl_lines(text: str, name: str) -> str:
@@ -89,34 +77,6 @@ def adapt(directory: Path, *, anonymous_peers: bool) -> tuple[Path, list[int]]:
     path.write_text(f"user {getpass.getuser()}\n{conf}")
     assert len(ports) == 3
     return path, ports
-
-
-@contextlib.contextmanager
-def mosquitto(conf: Path, ports: list[int]) -> Iterator[None]:
-    # Its log goes to a file: a pipe nobody reads fills up and then blocks the broker.
-    log = conf.with_suffix(".log")
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=sink
-        )
-    try:
-        deadline = time.monotonic() + 10
-        waiting = set(ports)
-        while waiting:
-            if process.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {log.read_text()!r}")
-            assert time.monotonic() < deadline, f"mosquitto does not listen on {waiting}"
-            for port in list(waiting):
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    waiting.discard(port)
-            time.sleep(0.05)
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @contextlib.asynccontextmanager

@@ -36,6 +36,7 @@ __all__ = [
     "OpcuaNode",
     "OpcuaSourceConfig",
     "OutboxSettings",
+    "bad_topic_prefix",
     "client_id_of",
     "credential_names",
     "load_config",
@@ -366,7 +367,8 @@ def _bad_host(host: str) -> bool:
     )
 
 
-def _bad_topic_prefix(prefix: str) -> bool:
+def bad_topic_prefix(prefix: str) -> bool:
+    """Whether ``prefix`` cannot be the first levels of an MQTT topic name."""
     levels = prefix.split("/")
     return (
         not prefix
@@ -548,7 +550,7 @@ def validate_config(config: BridgeConfig) -> list[str]:
     problems: list[str | None] = []
     if not os.path.isabs(config.state_dir):
         problems.append(_bad("state_dir", config.state_dir))
-    if _bad_topic_prefix(config.topic_prefix):
+    if bad_topic_prefix(config.topic_prefix):
         problems.append(_bad("topic_prefix", config.topic_prefix))
     if config.log_level not in LOG_LEVELS:
         problems.append(_bad("log_level", config.log_level))
