@@ -142,6 +142,7 @@ async def test_scoring_publishes_and_swaps_models_without_a_pause(tmp_path: Path
             # Sensor B goes silent for 8 periods: the windows it leaves incomplete are
             # counted, not scored, and scoring resumes by itself once B is back.
             before_outage = len(predictions())
+            incomplete_before = service.status.scoring.windows_incomplete
             silent.add("B")
             await wait_until(lambda: service.status.scoring.windows_incomplete > 0, 5, "gap")
             await asyncio.sleep(8 * PERIOD_S)  # the outage's length, not a wait for an event
@@ -161,12 +162,19 @@ async def test_scoring_publishes_and_swaps_models_without_a_pause(tmp_path: Path
     gaps = np.diff(ends)
     assert (gaps > 0).all()  # each window scored once, in order
     assert np.allclose(np.round(np.array(ends) / PERIOD_S), np.array(ends) / PERIOD_S)
-    # No pause while round 1 was exported and swapped in: consecutive scored windows are at
-    # most a few grid steps apart (a loaded machine may make the loop skip one). Exporting
-    # in a thread of the agent instead stalled scoring for 1.15 s here.
-    print(f"largest gap {gaps.max():.3f} s, at the swap {ends[swap] - ends[swap - 1]:.3f} s")
+    # No pause while round 1 was exported and swapped in. A grid point without a prediction
+    # is either a window the agent found incomplete (counted: this test's feed shares the
+    # event loop and the disk, and on a slow machine it missed samples for up to 0.5 s while
+    # the export's child process started) or one the scoring loop skipped because it was
+    # stalled. Skipped ones stay a few (a loaded machine may make the loop skip one);
+    # exporting in a thread of the agent instead stalled scoring for 1.15 s (23 windows).
+    missing = round((ends[-1] - ends[0]) / PERIOD_S) - len(gaps)
+    print(
+        f"largest gap {gaps.max():.3f} s, at the swap {ends[swap] - ends[swap - 1]:.3f} s; "
+        f"{missing} grid points without a prediction, {incomplete_before} windows incomplete"
+    )
     assert ends[swap] - ends[swap - 1] <= 5 * PERIOD_S + 1e-9
-    assert gaps.max() <= 10 * PERIOD_S + 1e-9
+    assert missing - incomplete_before <= 9
     for p in seen:
         assert abs(sum(p["probabilities"]) - 1) < 1e-4
     assert all(p["anomaly_score"] > 0.999 for p in seen[swap:])
