@@ -44,6 +44,7 @@ AGENT_ACL_NAME = "plant-agent.acl"
 BRIDGE_ACL_NAME = "plant-bridges.acl"
 ETC_DIR: Final = PurePosixPath("/etc/mosquitto")
 PERSISTENCE_DIR: Final = PurePosixPath("/var/lib/mosquitto")
+AUTOSAVE_INTERVAL_S: Final = 60  # seconds between saves of the queues (Mosquitto: 1800)
 PASSWD_NAME = "plant.passwd"  # noqa: S105 (a file name; mosquitto_passwd writes it, not fedgate)
 
 
@@ -82,7 +83,6 @@ class PlantBrokerPlan:
     agent_user: str = ""
     etc_dir: PurePosixPath = ETC_DIR
     persistence_dir: PurePosixPath = PERSISTENCE_DIR
-    autosave_interval_s: int = 60
 
 
 def parse_listener(text: str) -> Listener:
@@ -153,8 +153,6 @@ def plan_problems(plan: PlantBrokerPlan) -> list[str]:
         text = str(path)
         if not path.is_absolute() or any(c.isspace() for c in text) or '"' in text:
             problems.append(f"{name} {text!r} must be an absolute path without spaces")
-    if not 1 <= plan.autosave_interval_s <= 86_400:
-        problems.append(f"autosave interval {plan.autosave_interval_s} s is not 1-86400")
     return problems
 
 
@@ -174,7 +172,7 @@ def mosquitto_conf(plan: PlantBrokerPlan) -> str:
         "max_queued_messages 0\n"
         "persistence true\n"
         f"persistence_location {plan.persistence_dir}/\n"
-        f"autosave_interval {plan.autosave_interval_s}\n"
+        f"autosave_interval {AUTOSAVE_INTERVAL_S}\n"
         "\n"
         f"# The agent ({who}): reads the bridges' prefixes, writes nothing.\n"
         f"listener {plan.agent_listener.port} {plan.agent_listener.address}\n"

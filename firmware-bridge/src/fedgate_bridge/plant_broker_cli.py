@@ -229,11 +229,9 @@ def plant_broker_config(
         return
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"--out {out_dir} is not a directory", PlantBrokerExitCode.CONFIG)
-    differing = [
-        name
-        for name, text in files.items()
-        if (out_dir / name).exists() and _read(out_dir / name) != text
-    ]
+    current = {name: _read(out_dir / name) for name in files}  # None: absent or unreadable
+    unchanged = [name for name, text in files.items() if current[name] == text]
+    differing = [n for n in files if (out_dir / n).exists() and n not in unchanged]
     if differing and not force:
         _fail(
             f"{', '.join(str(out_dir / n) for n in differing)} differ from what would be "
@@ -243,11 +241,9 @@ def plant_broker_config(
     written = []
     try:
         for name, text in files.items():
-            path = out_dir / name
-            if path.exists() and _read(path) == text:
-                continue
-            atomic_write(path, text.encode(), mode=0o644)
-            written.append(str(path))
+            if name not in unchanged:
+                atomic_write(out_dir / name, text.encode(), mode=0o644)
+                written.append(str(out_dir / name))
     except OSError as exc:
         _fail(f"cannot write {out_dir}: {exc}", PlantBrokerExitCode.CONFIG)
     steps = _next_steps(plan, out_dir)
@@ -255,7 +251,7 @@ def plant_broker_config(
         result = {
             "out": str(out_dir),
             "written": written,
-            "unchanged": [str(out_dir / n) for n in files if str(out_dir / n) not in written],
+            "unchanged": [str(out_dir / n) for n in unchanged],
             "bridges": [{"user": b.username, "topic_prefix": b.topic_prefix} for b in plan.bridges],
             "agent_listener": str(plan.agent_listener),
             "bridge_listener": str(plan.bridge_listener),
@@ -265,8 +261,7 @@ def plant_broker_config(
         click.echo(json.dumps(result, indent=2))
         return
     for name in files:
-        state = "wrote" if str(out_dir / name) in written else "unchanged"
-        click.echo(f"{state:9} {out_dir / name}")
+        click.echo(f"{'unchanged' if name in unchanged else 'wrote':9} {out_dir / name}")
     click.echo("Next:")
     for step in steps:
         click.echo(f"  {step}")
