@@ -72,13 +72,31 @@ def cli(*args: str) -> dict[str, Any]:
     return data
 
 
-def wait_for(condition: object, timeout: float, what: str) -> None:
+# Every process the test started, with its log: a wait that fails says which one died or
+# what each was doing, instead of only that the time ran out.
+Watched = dict[str, tuple[subprocess.Popen[bytes], Path]]
+
+
+def log_tails(watched: Watched, lines: int = 20) -> str:
+    parts = []
+    for name, (proc, log) in watched.items():
+        code = proc.poll()
+        state = "running" if code is None else f"exited {code}"
+        tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+        parts.append(f"--- {name} ({state}), {log}:\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def wait_for(condition: object, timeout: float, what: str, watched: Watched) -> None:
+    """Poll ``condition`` until it holds; fail at once if a watched process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if callable(condition) and condition():
             return
+        if any(proc.poll() is not None for proc, _ in watched.values()):
+            pytest.fail(f"a process exited while waiting for {what}\n{log_tails(watched)}")
         time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{log_tails(watched)}")
 
 
 def agent_config(tmp_path: Path, broker_port: int) -> Path:
@@ -131,16 +149,21 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     config = agent_config(tmp_path, broker_port)
     bridge_toml = tmp_path / "bridge.toml"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process(["/usr/sbin/mosquitto", "-c", str(broker_conf)], logs / "b"))
+        watched: Watched = {}
+        broker = stack.enter_context(
+            process(["/usr/sbin/mosquitto", "-c", str(broker_conf)], logs / "b")
+        )
+        watched["mosquitto"] = (broker, logs / "b")
         agent = stack.enter_context(
             process([str(BIN / "fedgate-agent"), "run", "--config", str(config)], logs / "agent")
         )
+        watched["agent"] = (agent, logs / "agent")
 
         def subscribed() -> bool:
             ingest = cli("fedgate-agent", "status", "--config", str(config)).get("ingest")
             return isinstance(ingest, dict) and any(s["connected"] for s in ingest["sources"])
 
-        wait_for(subscribed, 60, "the agent's ingest session")  # then nothing is missed
+        wait_for(subscribed, 60, "the agent's ingest session", watched)  # then nothing is missed
         plant = stack.enter_context(
             process(
                 [
@@ -168,10 +191,12 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
                 logs / "plant",
             )
         )
-        wait_for(bridge_toml.exists, 60, "the simulator's bridge config")
+        watched["plant"] = (plant, logs / "plant")
+        wait_for(bridge_toml.exists, 60, "the simulator's bridge config", watched)
         bridge = stack.enter_context(
             process([str(BIN / "fedgate-bridge"), "run", "--config", str(bridge_toml)], logs / "br")
         )
+        watched["bridge"] = (bridge, logs / "br")
 
         def buffered() -> int:
             status = cli("fedgate-agent", "status", "--config", str(config))
@@ -181,7 +206,9 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             return int(samples)
 
         # IDV1 starts at 5 plant hours (sample 100), a few seconds after the bridge.
-        wait_for(lambda: buffered() >= 53 * 160, 120, "160 plant samples in the agent's buffer")
+        wait_for(
+            lambda: buffered() >= 53 * 160, 120, "160 plant samples in the agent's buffer", watched
+        )
         status = cli("fedgate-agent", "status", "--config", str(config))
         ingest = status["ingest"]
         assert isinstance(ingest, dict)
@@ -198,6 +225,7 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
 
         plant.send_signal(signal.SIGTERM)  # the plant stops producing; the pipes drain
         assert plant.wait(timeout=30) == 0
+        del watched["plant"]
         wait_for(
             lambda: (
                 cli("fedgate-bridge", "status", "--config", str(bridge_toml))["outbox"]["depth"]
@@ -205,6 +233,7 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             ),
             60,
             "the bridge's outbox to drain",
+            watched,
         )
         numbered = bridge_sequence_numbers(tmp_path / "bridge" / "outbox.db")
 
@@ -212,7 +241,7 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             return stored_per_topic(config.parent / "ingest" / "buffer.db") == numbered
 
         try:
-            wait_for(all_stored, 60, "every numbered reading in the agent's buffer")
+            wait_for(all_stored, 60, "every numbered reading in the agent's buffer", watched)
         except BaseException:
             stored = stored_per_topic(config.parent / "ingest" / "buffer.db")
             topics = sorted(set(numbered) | set(stored))
