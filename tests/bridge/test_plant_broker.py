@@ -100,6 +100,7 @@ def test_with_an_agent_user_the_agent_listener_needs_a_login() -> None:
             plan(("a", "plant/x"), bridge_listener=Listener("0.0.0.0", 1883)),
             "must not share",
         ),
+        (plan(("a", "plant/x"), bridge_listener=Listener("::", 1883)), "must not share"),
         (plan(("a", "plant/x"), etc_dir=Path("etc")), "must be an absolute path"),
     ],
 )

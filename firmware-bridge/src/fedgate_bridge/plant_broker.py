@@ -141,9 +141,11 @@ def plan_problems(plan: PlantBrokerPlan) -> list[str]:
                     f"{other.topic_prefix!r} ({other.username}) overlap: one bridge could "
                     "write the other's readings; give each its own prefix"
                 )
+    listeners = (plan.agent_listener, plan.bridge_listener)
     if plan.agent_listener == plan.bridge_listener or (
         plan.agent_listener.port == plan.bridge_listener.port
-        and "0.0.0.0" in (plan.agent_listener.address, plan.bridge_listener.address)  # noqa: S104
+        # 0.0.0.0 or :: binds the port on every address (:: on IPv4 too, by default)
+        and any(ipaddress.ip_address(listener.address).is_unspecified for listener in listeners)
     ):
         problems.append(
             f"the agent listener {plan.agent_listener} and the bridge listener "
