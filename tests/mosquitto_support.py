@@ -15,13 +15,6 @@ MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
 HAVE_MOSQUITTO = Path(MOSQUITTO).exists() and Path(MOSQUITTO_PASSWD).exists()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def mosquitto(conf: Path, ports: list[int]) -> Iterator[None]:
     """Run ``mosquitto -c conf`` until the block ends; fail if it does not listen on every

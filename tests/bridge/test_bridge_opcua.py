@@ -19,12 +19,12 @@ from fedgate_bridge.opcua_source import numeric_value
 from tests.bridge.bridge_support import (
     FAST,
     Subscriber,
-    free_port,
     mosquitto,
     subscriber,
     wait_until,
     write_bridge_config,
 )
+from tests.net_support import free_port
 
 
 @contextlib.asynccontextmanager

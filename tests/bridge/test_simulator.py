@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from fedgate_bridge.simulator.tep_plant import (
 )
 from pymodbus.client import AsyncModbusTcpClient
 
+from tests.net_support import free_port
+
 # Means and standard deviations of the fault-free Braatz training run (d00.dat, 500
 # samples at 3 min) for the tags the regulatory control holds tightest.
 D00_REFERENCE = {
@@ -62,13 +63,6 @@ D00_REFERENCE = {
     "XMEAS_40": (53.65, 0.535),
     "XMEAS_41": (43.89, 0.489),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def as_float32(value: float) -> float:

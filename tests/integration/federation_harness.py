@@ -29,16 +29,11 @@ from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import coordinator_broadcast_filter, round_topic
 
+from tests.net_support import free_port
+
 BIN = Path(sys.executable).parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
@@ -277,12 +272,43 @@ def decisions(cloud: Cloud) -> dict[int, str]:
         return {d.height: d.value for d in store.decisions()}
 
 
+class Budget:
+    """One deadline for all of a test's waits, inside pytest's own timeout (300 s).
+
+    A federation that stalls is then reported by the wait that noticed, with each cloud's
+    state and log, instead of being killed by pytest-timeout with nothing printed.
+    """
+
+    def __init__(self, seconds: float = 270.0) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self, cap: float) -> float:
+        """At most ``cap`` seconds, and never past the deadline."""
+        return max(0.0, min(cap, self.deadline - time.monotonic()))
+
+
+def describe(clouds: list[Cloud], *, skip_exited_ok: bool = False) -> list[str]:
+    """Each cloud's exit code or "running", the heights it decided, and its log's tail."""
+    reports = []
+    for cloud in clouds:
+        code = cloud.process.poll() if cloud.process is not None else None
+        if code == 0 and skip_exited_ok:
+            continue
+        heights = sorted(decisions(cloud))
+        tail = "\n".join(cloud.log.read_text(errors="replace").splitlines()[-25:])
+        if cloud.process is None:
+            state = "not running"
+        else:
+            state = "running" if code is None else f"exited {code}"
+        reports.append(f"--- {cloud.name}: {state}, decided heights {heights}\n{tail}")
+    return reports
+
+
 async def wait_for_exit(clouds: list[Cloud], seconds: float) -> None:
     """Every cloud's coordinator exits 0 within ``seconds`` (one deadline for all).
 
-    On a timeout or a failed exit the error names each cloud's state: its exit code or
-    "running", the heights it decided, and the tail of its log. A federation that stalls
-    then says where.
+    On a timeout or a failed exit the error describes each cloud that did not exit 0. A
+    federation that stalls then says where.
     """
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and all(c.process is not None for c in clouds):
@@ -290,31 +316,26 @@ async def wait_for_exit(clouds: list[Cloud], seconds: float) -> None:
         if any(code not in (None, 0) for code in codes) or all(code == 0 for code in codes):
             break
         await asyncio.sleep(0.5)
-    reports = []
-    for cloud in clouds:
-        code = cloud.process.poll() if cloud.process is not None else None
-        if code == 0:
-            continue
-        heights = sorted(decisions(cloud))
-        tail = "\n".join(cloud.log.read_text(errors="replace").splitlines()[-25:])
-        if cloud.process is None:
-            state = "never started"
-        else:
-            state = "running" if code is None else f"exited {code}"
-        reports.append(f"--- {cloud.name}: {state}, decided heights {heights}\n{tail}")
+    reports = describe(clouds, skip_exited_ok=True)
     if reports:
         raise AssertionError(
-            f"not every coordinator exited 0 within {seconds} s:\n" + "\n".join(reports)
+            f"not every coordinator exited 0 within {seconds:.0f} s:\n" + "\n".join(reports)
         )
 
 
-async def wait_until(predicate: Any, seconds: float, what: str) -> None:
+async def wait_until(
+    predicate: Any, seconds: float, what: str, clouds: list[Cloud] | None = None
+) -> None:
+    """Poll ``predicate``; on a timeout, describe ``clouds`` too."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if predicate():
             return
         await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+    reports = describe(clouds) if clouds else []
+    raise AssertionError(
+        f"timed out after {seconds:.0f} s waiting for {what}\n" + "\n".join(reports)
+    )
 
 
 def proposer(clouds: list[Cloud], height: int, round: int = 0) -> Cloud:

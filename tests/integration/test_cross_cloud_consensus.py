@@ -18,6 +18,7 @@ from fedgate_coordinator.store import Store
 
 from tests.integration.federation_harness import (
     MOSQUITTO,
+    Budget,
     Cloud,
     ScriptedAgents,
     brokers,
@@ -70,6 +71,7 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
     tmp_path: Path,
 ) -> None:
     heights = 8
+    budget = Budget()
     with brokers(tmp_path, 4) as ports:
         deployment, clouds = make_federation(tmp_path, ports, consensus=FAST)
         async with ScriptedAgents(deployment, clouds) as agents:
@@ -78,14 +80,24 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
             try:
                 # kill -9 the proposer of height 2 while its round runs.
                 victim = proposer(clouds, 2)
-                await wait_until(lambda: 2 in agents.answered[victim.name], 60, "height 2")
+                await wait_until(
+                    lambda: 2 in agents.answered[victim.name], budget.left(60), "height 2", clouds
+                )
                 victim.stop()
                 others = [c for c in clouds if c is not victim]
                 await wait_until(
-                    lambda: all(2 in decisions(c) for c in others), 90, "height 2 without it"
+                    lambda: all(2 in decisions(c) for c in others),
+                    budget.left(90),
+                    "height 2 without it",
+                    clouds,
                 )
                 victim.serve(heights)  # restarted: catches up from the peers' models
-                await wait_until(lambda: 2 in decisions(victim), 60, "the victim catching up")
+                await wait_until(
+                    lambda: 2 in decisions(victim),
+                    budget.left(60),
+                    "the victim catching up",
+                    clouds,
+                )
                 # SIGSTOP another coordinator for 10 s: the other three go on without it.
                 frozen = next(c for c in clouds if c is not victim)
                 running = [c for c in clouds if c is not frozen]
@@ -97,7 +109,7 @@ async def test_killed_proposer_and_stopped_coordinator_do_not_stop_the_federatio
                 stalled_at = max(decisions(frozen))
                 frozen.process.send_signal(signal.SIGCONT)
                 assert progressed >= 1, "no height decided while one of four was stopped"
-                await wait_for_exit(clouds, 240)
+                await wait_for_exit(clouds, budget.left(240))
             finally:
                 for cloud in clouds:
                     cloud.stop()
@@ -148,6 +160,7 @@ async def test_a_byzantine_coordinator_proposing_a_poisoned_aggregate_is_not_dec
     """c2 scales its aggregate by 1000, is proposer of height 1 and includes it; the honest
     three refuse every proposal carrying it (norm bound), decide without it, record why."""
     heights = 3
+    budget = Budget()
     consensus = {**FAST, "max_update_norm": 5.0, "rule": "median"}
     with brokers(tmp_path, 4) as ports:
         deployment, clouds = make_federation(tmp_path, ports, consensus=consensus)
@@ -159,7 +172,7 @@ async def test_a_byzantine_coordinator_proposing_a_poisoned_aggregate_is_not_dec
                 cloud.serve(heights)
             byzantine.serve(heights, script=BYZANTINE)
             try:
-                await wait_for_exit(honest, 240)
+                await wait_for_exit(honest, budget.left(240))
             finally:
                 for cloud in clouds:
                     cloud.stop()

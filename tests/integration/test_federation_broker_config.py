@@ -22,7 +22,8 @@ from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import federation_filter, federation_topic
 from fedgate_coordinator.mqtt_link import MqttLink, MqttSettings
 
-from tests.mosquitto_support import HAVE_MOSQUITTO, MOSQUITTO_PASSWD, free_port, mosquitto
+from tests.mosquitto_support import HAVE_MOSQUITTO, MOSQUITTO_PASSWD, mosquitto
+from tests.net_support import free_port
 
 CONF = Path(__file__).resolve().parents[2] / "packaging" / "mosquitto-federation.conf"
 DEPLOYMENT, CLOUD = "plant-a", "cloud-1"

@@ -40,6 +40,7 @@ from fedgate_common.tasks import cancel_until_done
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest.publisher import json_payload
+from tests.net_support import free_port
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 REPO = Path(__file__).resolve().parents[2]
@@ -49,13 +50,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs the mosquitto binary"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Mosquitto:

@@ -37,16 +37,11 @@ from fedgate_agent.ingest.opcua_source import (
 from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 
+from tests.net_support import free_port
+
 SERVER = Path(__file__).with_name("opcua_test_server.py")
 RATE_HZ = 50
 MISSING_NODE = "ns=2;s=does.not.exist"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

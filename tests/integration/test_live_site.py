@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import ModelSpec
 
 from tests.federation_support import federation_manifest
+from tests.net_support import free_port
 
 BIN = Path(sys.executable).parent
 SPEED = 3600.0  # one 3-minute sample every 0.05 s
@@ -38,13 +38,6 @@ PERIOD_S = 180.0 / SPEED
 SPEC = ModelSpec(n_features=len(FEATURE_TAGS), window=20, n_classes=22, channels=8)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 
+from tests.net_support import free_port
+
 AMQTT_BROKER = """
 import asyncio, sys
 from amqtt.broker import Broker
@@ -31,13 +33,6 @@ async def main() -> None:
 asyncio.run(main())
 """
 MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:

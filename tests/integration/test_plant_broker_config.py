@@ -18,7 +18,8 @@ from fedgate_bridge.cli import main
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.mosquitto_support import HAVE_MOSQUITTO, MOSQUITTO_PASSWD, free_port, mosquitto
+from tests.mosquitto_support import HAVE_MOSQUITTO, MOSQUITTO_PASSWD, mosquitto
+from tests.net_support import free_port
 
 PASSWORDS = {"bridge-line-3": "pw-3", "bridge-line-4": "pw-4", "agent-site-1": "pw-agent"}
 
