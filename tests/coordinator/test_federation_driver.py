@@ -346,3 +346,63 @@ async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_
     with pytest.raises(MalformedMessage, match="not a child"):
         await other.handle_peer_message("c2", InboundMessage(topic, raw))
     store.close()
+
+
+async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_is_adopted(
+    tmp_path: Path,
+) -> None:
+    """A coordinator that fell behind (stopped, then resumed) calls decide() while its
+    peers' certified model for that height is already in flight. If the model arrives
+    during the aggregate's publish, decide() returns it; before the fix it started the
+    height and then waited for ever (the peers had moved on, nobody would vote)."""
+    deployment = f"race-{secrets.token_hex(4)}"
+    keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
+    manifest = federation_manifest(deployment=deployment, keys=keys, spec=SPEC)
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
+    store.add_model(genesis)
+    rng = np.random.default_rng(4)
+    child = ModelRecord.from_weights(
+        round=1,
+        parent_digest=genesis.digest,
+        spec=SPEC,
+        weights={n: rng.normal(0, 1, s).astype(np.float32) for n, s in parameter_shapes(SPEC)},
+    )
+    cert = certificate(
+        deployment=deployment, height=1, digest=child.digest, keys=keys, signers=("c2", "c3", "c4")
+    )
+    certified = InboundMessage(
+        federation_topic(deployment, "c2", "model", 1),
+        global_model_message(
+            child, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
+        ),
+    )
+    delivered: list[str] = []
+
+    class PeerModelDuringPublish(MqttLink):
+        async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+            await super().publish(topic, payload, retain=retain)
+            if topic.endswith("/aggregate"):  # the real broker acknowledged; then the model
+                await node.handle_peer_message("c2", certified)
+                delivered.append(topic)
+
+    link = PeerModelDuringPublish(
+        settings=MqttSettings(client_id=f"{deployment}-c1"), subscriptions=[]
+    )
+    node = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=link,
+        state_dir=tmp_path,
+    )
+    async with asyncio.TaskGroup() as group:
+        runner = group.create_task(link.run())
+        decided = await asyncio.wait_for(node.decide(1, genesis, aggregate(1, genesis, 1)), 20)
+        runner.cancel()
+    assert delivered, "the model was not delivered during the publish"
+    assert decided.model.digest == child.digest
+    assert sorted(decided.signers) == ["c2", "c3", "c4"]
+    store.close()

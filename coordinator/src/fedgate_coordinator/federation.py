@@ -368,6 +368,12 @@ class FederationNode:
         self._contents.clear()
         for old in [h for h in self._aggregates if h < height]:
             del self._aggregates[old]
+        # Registered before the first await: a peer's certified model for this height that
+        # arrives while the aggregate is published must find someone to hand it to.
+        waiter = self._decision_waiters.get(height)
+        if waiter is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._decision_waiters[height] = waiter
         if aggregate is not None:
             raw = seal(
                 aggregate,
@@ -381,10 +387,6 @@ class FederationNode:
             await self.own_link.publish(
                 federation_topic(self.deployment, self.cloud, "aggregate"), raw, retain=True
             )
-        waiter = self._decision_waiters.get(height)
-        if waiter is None:
-            waiter = asyncio.get_running_loop().create_future()
-            self._decision_waiters[height] = waiter
         state = self._core.state
         if self._resumed and state.height == height:
             self._resumed = False
