@@ -39,6 +39,7 @@ SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 CLOUD = "c1"
 FLOOD_FACTOR = 10
 STAGE_TIMEOUT_S = 20.0  # a stage that waited for its deadline would show in the timing
+IN_TRANSIT = 100  # flood messages sent (QoS 0) that the coordinator had not read when it stopped
 
 
 @pytest.mark.slow
@@ -83,13 +84,15 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
         try:
             await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
             summary = await asyncio.wait_for(service.run(max_rounds=2), 60)
+            flooded_at_stop = flooder.flooded
         finally:
             # Not cancel() once: a publish loop can swallow it (fedgate_common.tasks).
             await cancel_until_done(tasks)
 
         assert summary.rounds_completed == 2, summary
-        # flood_factor after each protocol message; the round may end during the last flood
-        assert 4 * flood_factor <= flooder.flooded <= 5 * flood_factor
+        # The flood runs beside the protocol (its own connection, QoS 0): the floods after at
+        # least the first four of the flooder's five protocol messages went out in the round.
+        assert 4 * flood_factor <= flooded_at_stop <= 5 * flood_factor, flooded_at_stop
         everybody = {g.agent_id for g in gateways}
         seconds = {}
         for number in (1, 2):
@@ -105,18 +108,22 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
         print(
             f"{flood_factor}x flood: quiet round {seconds[1]:.2f} s, flooded round "
             f"{seconds[2]:.2f} s, dropped from {flooder.agent_id}: "
-            f"{service_drops(state_dir)} of {flooder.flooded} extra messages"
+            f"{service_drops(state_dir)} of the {flooded_at_stop} extra messages sent while it ran"
         )
         # Same timing class: no stage waited for its deadline, and the flooded round took
         # about as long as the quiet one; the flooder, its broker traffic and the coordinator
-        # share this process's CPU, so up to 3x. (Without the limiter, the 400x flood made
-        # round 2 take 12x as long as round 1: 5.2 s, each flood message examined and refused.)
+        # share this process's CPU, so up to 3x. The flood goes out beside the flooder's
+        # protocol messages, not before them: when it held them back, round 2 measured the
+        # flooder's own publishing (1.5 s of 1.8 s on a slow machine). What the limiter buys
+        # shows in the drop counts below and in test_mqtt_link's crowd-out test (without it,
+        # here: no drops, each flood message examined, round 2 0.94 s against 0.44 s).
         assert seconds[2] < STAGE_TIMEOUT_S / 4, seconds
         assert seconds[2] <= 3 * seconds[1] + 0.5, seconds
         # Drops: the flooder's alone, and every message beyond its budget.
         assert set(summary.rate_limited) == {flooder.agent_id}, summary.rate_limited
         burst = config.rate_limit.burst
-        assert summary.rate_limited[flooder.agent_id] >= 4 * flood_factor - burst - 5
+        dropped = summary.rate_limited[flooder.agent_id]
+        assert flooded_at_stop - burst - IN_TRANSIT <= dropped <= flooded_at_stop, dropped
         events = store.list_events(limit=500)
         limited = [e for e in events if e.kind == "rate_limited"]
         assert limited
