@@ -16,7 +16,7 @@ from fedgate_common.secagg.shamir import (
     reconstruct_secret,
     split_secret,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 SECRETS = st.binary(min_size=SECRET_BYTES, max_size=SECRET_BYTES)
@@ -86,6 +86,7 @@ def test_every_threshold_subset_reconstructs(case: tuple[bytes, int, list[int], 
 
 @settings(max_examples=60, deadline=None)
 @given(sharings(min_threshold=2), SECRETS)
+@example((bytes(32), 2, [1, PRIME - 1], 0), bytes(32))  # x = PRIME - 1 taken: no room above
 def test_fewer_than_threshold_shares_fit_every_secret(
     case: tuple[bytes, int, list[int], int], other: bytes
 ) -> None:
@@ -106,8 +107,7 @@ def test_fewer_than_threshold_shares_fit_every_secret(
     assert evaluate(forged, 0) == int.from_bytes(other, "big")
     for share in known:
         assert evaluate(forged, share.x) == _value(share)
-    fresh_x = max(xs) + 1 if max(xs) + 1 < PRIME else min(xs) - 1
-    assert fresh_x not in xs
+    fresh_x = next(x for x in range(1, len(xs) + 2) if x not in xs)  # 0 < x < PRIME, unused
     extra = Share(x=fresh_x, y=evaluate(forged, fresh_x).to_bytes(SHARE_BYTES, "big"))
     assert reconstruct_secret([*known, extra], threshold=threshold) == other
 
