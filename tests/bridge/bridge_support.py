@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import json
-import socket
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -38,58 +35,10 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from tests.mosquitto_support import Mosquitto
 from tests.net_support import free_port
 
-MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-        return True
-    return False
-
-
 FAST = Backoff(initial_s=0.05, factor=2.0, max_s=0.3)  # reconnects within a test
-
-
-class Mosquitto:
-    """A private mosquitto on ``port``; :meth:`stop` and :meth:`start` keep the port."""
-
-    def __init__(self, directory: Path, *, extra: str = "") -> None:
-        self.port = free_port()
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.conf = directory / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"allow_anonymous {'false' if 'password_file' in extra else 'true'}\n"
-            f"persistence true\npersistence_location {directory}/\nuser {getpass.getuser()}\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\n" + extra
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.process = process
-        deadline = time.monotonic() + 10
-        while not port_open(self.port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not listen on {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None
 
 
 @contextlib.contextmanager

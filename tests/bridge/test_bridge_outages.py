@@ -25,7 +25,6 @@ from fedgate_bridge.run_cli import status
 
 from tests.bridge.bridge_support import (
     FAST,
-    Mosquitto,
     modbus_server,
     publish_five,
     registers_of,
@@ -34,6 +33,7 @@ from tests.bridge.bridge_support import (
     wait_until,
     write_bridge_config,
 )
+from tests.mosquitto_support import Mosquitto
 
 TABLES = (
     '  [[modbus.registers]]\n  tag = "A"\n  address = 0\n  type = "uint16"\n'

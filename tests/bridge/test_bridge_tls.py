@@ -10,7 +10,8 @@ import pytest
 from fedgate_bridge.config import BrokerSettings, tls_problems
 from fedgate_coordinator.broker_config import BrokerAuthority
 
-from tests.bridge.bridge_support import Mosquitto, publish_five
+from tests.bridge.bridge_support import publish_five
+from tests.mosquitto_support import Mosquitto
 
 
 def authority(directory: Path) -> BrokerAuthority:

@@ -40,7 +40,7 @@ from fedgate_coordinator.broker_config import (
 )
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.bridge.bridge_support import Mosquitto
+from tests.mosquitto_support import Mosquitto
 
 PASSWD = Path("/usr/bin/mosquitto_passwd")
 FAST = Backoff(initial_s=0.05, max_s=0.3)

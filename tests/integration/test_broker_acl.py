@@ -48,7 +48,7 @@ from fedgate_coordinator.mqtt_link import MqttLink as CoordinatorLink
 from fedgate_coordinator.mqtt_link import MqttSettings
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.bridge.bridge_support import MOSQUITTO, port_open
+from tests.mosquitto_support import MOSQUITTO, port_open
 from tests.net_support import free_port
 
 D, C = "plant-a", "cloud-1"

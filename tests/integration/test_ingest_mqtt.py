@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,7 +38,7 @@ from fedgate_common.tasks import cancel_until_done
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.ingest.publisher import json_payload
-from tests.net_support import free_port
+from tests.mosquitto_support import Mosquitto
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 REPO = Path(__file__).resolve().parents[2]
@@ -52,57 +50,12 @@ pytestmark = [
 ]
 
 
-class Mosquitto:
-    """A private broker that keeps its port (and, with persistence, its sessions) across
-    restarts. ``max_queued_messages 0``: the broker itself never drops a queued message."""
-
-    def __init__(self, directory: Path, *, persistence: bool = False) -> None:
-        self.port = free_port()
-        self.conf = directory / f"mosquitto-{self.port}.conf"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "max_queued_messages 0",
-            "max_inflight_messages 0",
-            f"persistence {'true' if persistence else 'false'}",
-        ]
-        if persistence:
-            lines += [f"persistence_location {directory}/", "autosave_interval 0"]
-            if os.geteuid() == 0:
-                lines.append("user root")  # else it drops to "mosquitto", who cannot write here
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(MOSQUITTO), "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "mosquitto exited"
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"mosquitto does not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: with persistence, sessions are saved first
-            self.process.wait(timeout=15)
-        self.process = None
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     started: list[Mosquitto] = []
 
     def start(*, persistence: bool = False) -> Mosquitto:
-        instance = Mosquitto(tmp_path, persistence=persistence)
+        instance = Mosquitto(tmp_path / f"broker-{len(started)}", persistence=persistence)
         instance.start()
         started.append(instance)
         return instance

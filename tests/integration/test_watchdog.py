@@ -27,7 +27,8 @@ from fedgate_agent.config import set_config_value
 from fedgate_common.service_notify import ServiceNotifier
 
 from tests.agent.test_data_cli import agent
-from tests.bridge.bridge_support import Mosquitto, mosquitto, write_bridge_config
+from tests.bridge.bridge_support import mosquitto, write_bridge_config
+from tests.mosquitto_support import Mosquitto
 from tests.net_support import free_port
 
 WATCHDOG_USEC = 200_000  # 0.2 s: pings every 0.1 s
