@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -14,7 +15,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
-from fedgate_common.consensus.manifest import ConsensusParams
+from fedgate_common.consensus.manifest import ConsensusParams, SignedManifest
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import open_vote, proposal_content, seal_proposal, seal_vote
 from fedgate_common.envelope import Envelope, seal
@@ -287,27 +288,27 @@ def test_peer_logins_are_checked_before_any_connection(tmp_path: Path) -> None:
     assert problems == [f"federation.peers.c2.password_file={str(tmp_path / 'pw')!r}: no such file"]
 
 
-async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_decides(
-    tmp_path: Path,
-) -> None:
-    """Retained certified models reach a restarted coordinator as soon as its peer links
-    connect, before its round loop calls decide(): the store's head is their base."""
-    deployment = f"catch-up-{secrets.token_hex(4)}"
+@dataclass
+class CatchUp:
+    """Four clouds; c1's store holds the genesis; c2 sends the certified child at height 1."""
+
+    deployment: str
+    keys: dict[str, nacl.signing.SigningKey]
+    manifest: SignedManifest
+    store: Store
+    genesis: ModelRecord
+    child: ModelRecord
+    certified: InboundMessage
+
+
+def catch_up(tmp_path: Path, name: str, seed: int) -> CatchUp:
+    deployment = f"{name}-{secrets.token_hex(4)}"
     keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
     manifest = federation_manifest(deployment=deployment, keys=keys, spec=SPEC)
     store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
     genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
     store.add_model(genesis)
-    node = FederationNode(
-        deployment=deployment,
-        cloud="c1",
-        manifest=manifest,
-        signing_key=keys["c1"],
-        store=store,
-        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
-        state_dir=tmp_path,
-    )
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     child = ModelRecord.from_weights(
         round=1,
         parent_digest=genesis.digest,
@@ -317,11 +318,33 @@ async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_
     cert = certificate(
         deployment=deployment, height=1, digest=child.digest, keys=keys, signers=("c2", "c3", "c4")
     )
-    raw = global_model_message(
-        child, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
+    certified = InboundMessage(
+        federation_topic(deployment, "c2", "model", 1),
+        global_model_message(
+            child, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
+        ),
     )
-    topic = federation_topic(deployment, "c2", "model", 1)
-    await node.handle_peer_message("c2", InboundMessage(topic, raw))
+    return CatchUp(deployment, keys, manifest, store, genesis, child, certified)
+
+
+async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_decides(
+    tmp_path: Path,
+) -> None:
+    """Retained certified models reach a restarted coordinator as soon as its peer links
+    connect, before its round loop calls decide(): the store's head is their base."""
+    setup = catch_up(tmp_path, "catch-up", seed=3)
+    deployment, keys, manifest, store = setup.deployment, setup.keys, setup.manifest, setup.store
+    child, topic = setup.child, setup.certified.topic
+    node = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
+        state_dir=tmp_path,
+    )
+    await node.handle_peer_message("c2", setup.certified)
     decided = node.known_decision(1)
     assert decided is not None
     assert decided.model.digest == child.digest
@@ -355,35 +378,15 @@ async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_i
     peers' certified model for that height is already in flight. If the model arrives
     during the aggregate's publish, decide() returns it; before the fix it started the
     height and then waited for ever (the peers had moved on, nobody would vote)."""
-    deployment = f"race-{secrets.token_hex(4)}"
-    keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
-    manifest = federation_manifest(deployment=deployment, keys=keys, spec=SPEC)
-    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
-    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
-    store.add_model(genesis)
-    rng = np.random.default_rng(4)
-    child = ModelRecord.from_weights(
-        round=1,
-        parent_digest=genesis.digest,
-        spec=SPEC,
-        weights={n: rng.normal(0, 1, s).astype(np.float32) for n, s in parameter_shapes(SPEC)},
-    )
-    cert = certificate(
-        deployment=deployment, height=1, digest=child.digest, keys=keys, signers=("c2", "c3", "c4")
-    )
-    certified = InboundMessage(
-        federation_topic(deployment, "c2", "model", 1),
-        global_model_message(
-            child, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
-        ),
-    )
+    setup = catch_up(tmp_path, "race", seed=4)
+    deployment, store, genesis = setup.deployment, setup.store, setup.genesis
     delivered: list[str] = []
 
     class PeerModelDuringPublish(MqttLink):
         async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
             await super().publish(topic, payload, retain=retain)
             if topic.endswith("/aggregate"):  # the real broker acknowledged; then the model
-                await node.handle_peer_message("c2", certified)
+                await node.handle_peer_message("c2", setup.certified)
                 delivered.append(topic)
 
     link = PeerModelDuringPublish(
@@ -392,8 +395,8 @@ async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_i
     node = FederationNode(
         deployment=deployment,
         cloud="c1",
-        manifest=manifest,
-        signing_key=keys["c1"],
+        manifest=setup.manifest,
+        signing_key=setup.keys["c1"],
         store=store,
         own_link=link,
         state_dir=tmp_path,
@@ -403,6 +406,6 @@ async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_i
         decided = await asyncio.wait_for(node.decide(1, genesis, aggregate(1, genesis, 1)), 20)
         runner.cancel()
     assert delivered, "the model was not delivered during the publish"
-    assert decided.model.digest == child.digest
+    assert decided.model.digest == setup.child.digest
     assert sorted(decided.signers) == ["c2", "c3", "c4"]
     store.close()

@@ -143,53 +143,48 @@ def test_plant_bridge_agent_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     bridge_toml = tmp_path / "bridge.toml"
     with contextlib.ExitStack() as stack:
         watched: Watched = {}
-        broker = stack.enter_context(
-            process(["/usr/sbin/mosquitto", "-c", str(broker_conf)], logs / "b")
-        )
-        watched["mosquitto"] = (broker, logs / "b")
-        agent = stack.enter_context(
-            process([str(BIN / "fedgate-agent"), "run", "--config", str(config)], logs / "agent")
-        )
-        watched["agent"] = (agent, logs / "agent")
+
+        def start(name: str, command: list[str]) -> subprocess.Popen[bytes]:
+            """Run ``command`` until the test ends, logging to logs/<name>; watch it."""
+            proc = stack.enter_context(process(command, logs / name))
+            watched[name] = (proc, logs / name)
+            return proc
+
+        start("mosquitto", ["/usr/sbin/mosquitto", "-c", str(broker_conf)])
+        agent = start("agent", [str(BIN / "fedgate-agent"), "run", "--config", str(config)])
 
         def subscribed() -> bool:
             ingest = cli("fedgate-agent", "status", "--config", str(config)).get("ingest")
             return isinstance(ingest, dict) and any(s["connected"] for s in ingest["sources"])
 
         wait_for(subscribed, 60, "the agent's ingest session", watched)  # then nothing is missed
-        plant = stack.enter_context(
-            process(
-                [
-                    str(BIN / "fedgate-bridge"),
-                    "simulate",
-                    "--seed",
-                    "3",
-                    "--fault",
-                    "IDV1:5",
-                    "--modbus-port",
-                    str(modbus_port),
-                    "--speed",
-                    str(SPEED),
-                    "--control-seconds",
-                    "9",
-                    "--write-bridge-config",
-                    str(bridge_toml),
-                    "--topic-prefix",
-                    "plant/site-1",
-                    "--bridge-state-dir",
-                    str(tmp_path / "bridge"),
-                    "--broker-port",
-                    str(broker_port),
-                ],
-                logs / "plant",
-            )
+        plant = start(
+            "plant",
+            [
+                str(BIN / "fedgate-bridge"),
+                "simulate",
+                "--seed",
+                "3",
+                "--fault",
+                "IDV1:5",
+                "--modbus-port",
+                str(modbus_port),
+                "--speed",
+                str(SPEED),
+                "--control-seconds",
+                "9",
+                "--write-bridge-config",
+                str(bridge_toml),
+                "--topic-prefix",
+                "plant/site-1",
+                "--bridge-state-dir",
+                str(tmp_path / "bridge"),
+                "--broker-port",
+                str(broker_port),
+            ],
         )
-        watched["plant"] = (plant, logs / "plant")
         wait_for(bridge_toml.exists, 60, "the simulator's bridge config", watched)
-        bridge = stack.enter_context(
-            process([str(BIN / "fedgate-bridge"), "run", "--config", str(bridge_toml)], logs / "br")
-        )
-        watched["bridge"] = (bridge, logs / "br")
+        bridge = start("bridge", [str(BIN / "fedgate-bridge"), "run", "--config", str(bridge_toml)])
 
         def buffered() -> int:
             status = cli("fedgate-agent", "status", "--config", str(config))
