@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.net_support import free_port
+from tests.net_support import free_port, port_open
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
 HAVE_MOSQUITTO = Path(MOSQUITTO).exists() and Path(MOSQUITTO_PASSWD).exists()
-
-
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-        return True
-    return False
 
 
 class Mosquitto:
@@ -91,12 +84,7 @@ def mosquitto(conf: Path, ports: list[int]) -> Iterator[None]:
             if process.poll() is not None:
                 raise AssertionError(f"mosquitto exited: {log.read_text()!r}")
             assert time.monotonic() < deadline, f"mosquitto does not listen on {waiting}"
-            for port in list(waiting):
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    waiting.discard(port)
+            waiting = {port for port in waiting if not port_open(port)}
             time.sleep(0.05)
         yield
     finally:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import coordinator_broadcast_filter, round_topic
 
-from tests.net_support import free_port
+from tests.net_support import free_port, port_open
 
 BIN = Path(sys.executable).parent
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -39,7 +38,7 @@ SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        if port_open(port):
             return
         time.sleep(0.05)
     raise AssertionError(f"nothing listens on port {port}")

@@ -48,8 +48,8 @@ from fedgate_coordinator.mqtt_link import MqttLink as CoordinatorLink
 from fedgate_coordinator.mqtt_link import MqttSettings
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.mosquitto_support import MOSQUITTO, port_open
-from tests.net_support import free_port
+from tests.mosquitto_support import MOSQUITTO
+from tests.net_support import free_port, port_open
 
 D, C = "plant-a", "cloud-1"
 P = f"fedgate/{D}/{C}"

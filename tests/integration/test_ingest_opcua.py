@@ -10,11 +10,9 @@ restart and the resubscription, which OPC-UA subscriptions never deliver.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +35,7 @@ from fedgate_agent.ingest.opcua_source import (
 from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 
-from tests.net_support import free_port
+from tests.net_support import free_port, port_open
 
 SERVER = Path(__file__).with_name("opcua_test_server.py")
 RATE_HZ = 50
@@ -64,10 +62,7 @@ class ServerRuns:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process.poll() is None, "the OPC-UA test server exited"
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
+            if port_open(self.port):
                 return
             await asyncio.sleep(0.05)
         raise AssertionError(f"the OPC-UA test server did not listen on {self.port}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 
-from tests.net_support import free_port
+from tests.net_support import free_port, port_open
 
 AMQTT_BROKER = """
 import asyncio, sys
@@ -39,7 +38,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         assert process.poll() is None, "broker exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        if port_open(port):
             return
         time.sleep(0.05)
     raise AssertionError(f"broker did not listen on {port}")
