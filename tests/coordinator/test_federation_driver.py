@@ -300,6 +300,18 @@ class CatchUp:
     child: ModelRecord
     certified: InboundMessage
 
+    def node(self, state_dir: Path, link: MqttLink | None = None) -> FederationNode:
+        """c1's consensus driver on this store (a link that never connects by default)."""
+        return FederationNode(
+            deployment=self.deployment,
+            cloud="c1",
+            manifest=self.manifest,
+            signing_key=self.keys["c1"],
+            store=self.store,
+            own_link=link or MqttLink(settings=MqttSettings(), subscriptions=[]),
+            state_dir=state_dir,
+        )
+
 
 def catch_up(tmp_path: Path, name: str, seed: int) -> CatchUp:
     deployment = f"{name}-{secrets.token_hex(4)}"
@@ -333,17 +345,9 @@ async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_
     """Retained certified models reach a restarted coordinator as soon as its peer links
     connect, before its round loop calls decide(): the store's head is their base."""
     setup = catch_up(tmp_path, "catch-up", seed=3)
-    deployment, keys, manifest, store = setup.deployment, setup.keys, setup.manifest, setup.store
+    deployment, keys, store = setup.deployment, setup.keys, setup.store
     child, topic = setup.child, setup.certified.topic
-    node = FederationNode(
-        deployment=deployment,
-        cloud="c1",
-        manifest=manifest,
-        signing_key=keys["c1"],
-        store=store,
-        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
-        state_dir=tmp_path,
-    )
+    node = setup.node(tmp_path)
     await node.handle_peer_message("c2", setup.certified)
     decided = node.known_decision(1)
     assert decided is not None
@@ -353,15 +357,7 @@ async def test_a_restarted_coordinator_adopts_a_peers_certified_model_before_it_
     stranger = ModelRecord.from_weights(
         round=1, parent_digest="ef" * 32, spec=SPEC, weights=child.decode_weights()
     )
-    other = FederationNode(
-        deployment=deployment,
-        cloud="c1",
-        manifest=manifest,
-        signing_key=keys["c1"],
-        store=store,
-        own_link=MqttLink(settings=MqttSettings(), subscriptions=[]),
-        state_dir=tmp_path,
-    )
+    other = setup.node(tmp_path)
     cert = certificate(deployment=deployment, height=1, digest=stranger.digest, keys=keys)
     raw = global_model_message(
         stranger, cert, signing_key=keys["c2"], deployment=deployment, cloud="c2"
@@ -392,15 +388,7 @@ async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_i
     link = PeerModelDuringPublish(
         settings=MqttSettings(client_id=f"{deployment}-c1"), subscriptions=[]
     )
-    node = FederationNode(
-        deployment=deployment,
-        cloud="c1",
-        manifest=setup.manifest,
-        signing_key=setup.keys["c1"],
-        store=store,
-        own_link=link,
-        state_dir=tmp_path,
-    )
+    node = setup.node(tmp_path, link)
     async with asyncio.TaskGroup() as group:
         runner = group.create_task(link.run())
         decided = await asyncio.wait_for(node.decide(1, genesis, aggregate(1, genesis, 1)), 20)
