@@ -111,6 +111,9 @@ def test_half_configured_tls_is_a_config_problem(tmp_path: Path) -> None:
     assert "need broker.tls_ca_file" in problems(tls_cert_file=cert, tls_key_file=key)
     assert "cannot be read" in problems(tls_ca_file=str(tmp_path / "missing.pem"))
     mismatched = str(pki / "ca.key")  # a key that is not the certificate's
-    assert "do not load" in problems(
+    assert f"broker: cannot load the client certificate {cert} with key {mismatched}" in problems(
         tls_ca_file=str(pki / "ca.pem"), tls_cert_file=cert, tls_key_file=mismatched
     )
+    not_a_ca = tmp_path / "not-a-ca.pem"
+    not_a_ca.write_text("not a certificate\n")
+    assert f"broker: cannot load the CA file {not_a_ca}" in problems(tls_ca_file=str(not_a_ca))

@@ -19,10 +19,17 @@ from fedgate_common.consensus.manifest import ConsensusParams, SignedManifest
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import open_vote, proposal_content, seal_proposal, seal_vote
 from fedgate_common.envelope import Envelope, seal
-from fedgate_common.errors import BadSignature, EnvelopeMismatch, MalformedMessage, UnknownSender
+from fedgate_common.errors import (
+    BadSignature,
+    BrokerTlsInvalid,
+    EnvelopeMismatch,
+    MalformedMessage,
+    UnknownSender,
+)
 from fedgate_common.messages import CloudAggregate
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import federation_topic
+from fedgate_coordinator.broker_config import BrokerAuthority
 from fedgate_coordinator.config import CoordinatorConfig, FederationSettings, PeerBroker, validate
 from fedgate_coordinator.consensus_journal import read_journal
 from fedgate_coordinator.errors import ConfigError
@@ -271,8 +278,13 @@ def test_peer_logins_are_checked_before_any_connection(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"federation\.peers\.c2\.tls_ca_file"):
         FederationNode(**arguments)  # type: ignore[arg-type]
     ca = tmp_path / "ca.pem"
-    ca.write_text("not read until connecting")
+    ca.write_text("not a certificate")
     login = PeerBroker(username="c1", password_file=str(tmp_path / "pw"), tls_ca_file=str(ca))
+    with pytest.raises(BrokerTlsInvalid, match="cannot load the CA file"):
+        FederationNode(**arguments, peer_logins={"c2": login})  # type: ignore[arg-type]
+    authority = BrokerAuthority(tmp_path / "pki", deployment="plant", cloud="c2")
+    authority.load_or_create()
+    ca.write_bytes((tmp_path / "pki" / "ca.pem").read_bytes())
     node = FederationNode(**arguments, peer_logins={"c2": login})  # type: ignore[arg-type]
     settings = node.peer_links["c2"].settings
     assert (settings.username, settings.tls_ca_file) == ("c1", str(ca))

@@ -21,6 +21,9 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedgate_common.errors import BrokerTlsInvalid
+from fedgate_common.mqtt_tls import client_tls_context
+
 from fedgate_agent.config import AgentConfig, BrokerConfig
 from fedgate_agent.errors import ConfigError
 
@@ -48,28 +51,6 @@ def read_password(path: str, what: str) -> str | None:
     return lines[0].strip() if lines else ""
 
 
-def tls_context(*, ca_file: str, cert_file: str, key_file: str, what: str) -> ssl.SSLContext:
-    """A client context that verifies the broker against ``ca_file`` (and its host name)."""
-    if bool(cert_file) != bool(key_file):
-        raise ConfigError(
-            f"{what}: set both tls_cert_file and tls_key_file for a client certificate, or neither"
-        )
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_verify_locations(cafile=ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{what}: cannot load the CA file {ca_file}: {exc}") from None
-    if cert_file:
-        try:
-            context.load_cert_chain(certfile=cert_file, keyfile=key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"{what}: cannot load the client certificate {cert_file} with key {key_file}: {exc}"
-            ) from None
-    return context
-
-
 def broker_login(
     *,
     username: str,
@@ -82,11 +63,14 @@ def broker_login(
     """Read and check one connection's login settings ("" means not set)."""
     if (tls_cert_file or tls_key_file) and not tls_ca_file:
         raise ConfigError(f"{what}: a client certificate needs tls_ca_file (TLS) as well")
-    context = (
-        tls_context(ca_file=tls_ca_file, cert_file=tls_cert_file, key_file=tls_key_file, what=what)
-        if tls_ca_file
-        else None
-    )
+    context = None
+    if tls_ca_file:
+        try:
+            context = client_tls_context(
+                ca_file=tls_ca_file, cert_file=tls_cert_file, key_file=tls_key_file, what=what
+            )
+        except BrokerTlsInvalid as exc:
+            raise ConfigError(str(exc)) from None
     return BrokerLogin(
         username=username or None,
         password=read_password(password_file, what),

@@ -25,6 +25,7 @@ Tree::
      │         └── ConsistencyCheckFailed   fewer than t signatures on this agent's survivor set
      ├── InvalidIdentifier       an id that is not safe inside an MQTT topic
      ├── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
+     ├── BrokerTlsInvalid        a broker login's TLS files do not load or do not pair
      └── FileInvalid             a data file (simulated runs, genesis weights) cannot be used
           ├── PlantRunsInvalid       not a readable, consistent simulated-runs file
           └── GenesisWeightsInvalid  not a readable genesis-weights file for its model spec
@@ -148,6 +149,11 @@ class ManifestInvalid(FedgateError):
     def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or [message]
+
+
+class BrokerTlsInvalid(FedgateError):
+    """A broker login's CA, client certificate or key does not load, or only one of the
+    certificate and its key is set; the message names the file and what to set."""
 
 
 class FileInvalid(FedgateError):

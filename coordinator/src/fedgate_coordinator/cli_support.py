@@ -14,7 +14,12 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from fedgate_common.errors import GenesisWeightsInvalid, InvalidIdentifier, ManifestInvalid
+from fedgate_common.errors import (
+    BrokerTlsInvalid,
+    GenesisWeightsInvalid,
+    InvalidIdentifier,
+    ManifestInvalid,
+)
 from fedgate_common.keys import InvalidKey
 
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
@@ -48,7 +53,7 @@ def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, GenesisWeightsInvalid) as exc:
+        except (ConfigError, GenesisWeightsInvalid, BrokerTlsInvalid) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
             fail(str(exc), ExitCode.CONFLICT)

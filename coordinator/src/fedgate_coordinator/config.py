@@ -12,9 +12,10 @@ from typing import Any
 
 import msgspec
 import tomli_w
-from fedgate_common.errors import FedgateError
+from fedgate_common.errors import BrokerTlsInvalid, FedgateError
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec
+from fedgate_common.mqtt_tls import client_tls_context
 from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
@@ -80,12 +81,26 @@ def validate(config: CoordinatorConfig) -> list[str]:
     logins: list[tuple[str, MqttSettings | PeerBroker]] = [("broker", config.broker)]
     logins += [(f"federation.peers.{c}", p) for c, p in config.federation.peers.items()]
     for where, login in logins:
+        missing = False
         for name in ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(login, name)
             if path and not os.path.isfile(path):
                 problems.append(f"{where}.{name}={path!r}: no such file")
-        if login.tls_cert_file and not login.tls_ca_file:
-            problems.append(f"{where}.tls_cert_file needs {where}.tls_ca_file (TLS) as well")
+                missing = True
+        if (login.tls_cert_file or login.tls_key_file) and not login.tls_ca_file:
+            problems.append(
+                f"{where}.tls_cert_file/tls_key_file need {where}.tls_ca_file (TLS) as well"
+            )
+        elif login.tls_ca_file and not missing:
+            try:  # loads the files: a CA or key that does not load is caught here
+                client_tls_context(
+                    ca_file=login.tls_ca_file,
+                    cert_file=login.tls_cert_file,
+                    key_file=login.tls_key_file,
+                    what=where,
+                )
+            except BrokerTlsInvalid as exc:
+                problems.append(str(exc))
     r = config.rounds
     if r.min_participants < 1:
         problems.append("rounds.min_participants must be at least 1")

@@ -15,6 +15,7 @@ import aiomqtt
 import msgspec
 from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
+from fedgate_common.mqtt_tls import client_tls_context
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -89,6 +90,18 @@ class MqttLink:
     ) -> None:
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
+        # Loaded once, here: a file that does not load is a BrokerTlsInvalid now (a config
+        # error at start-up), not a connect that fails and is retried for ever.
+        self._tls = (
+            client_tls_context(
+                ca_file=settings.tls_ca_file,
+                cert_file=settings.tls_cert_file,
+                key_file=settings.tls_key_file,
+                what=f"MQTT link to {settings.host}:{settings.port}",
+            )
+            if settings.tls_ca_file
+            else None
+        )
         self._queue_type = None if admit is None else _admitting_queue(admit)
         self.inbound: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize=settings.queue_size)
         self.connected = asyncio.Event()
@@ -113,12 +126,8 @@ class MqttLink:
         }
         if self._queue_type is not None:
             common["queue_type"] = self._queue_type
-        if settings.tls_ca_file:
-            common["tls_params"] = aiomqtt.TLSParameters(
-                ca_certs=settings.tls_ca_file,
-                certfile=settings.tls_cert_file or None,
-                keyfile=settings.tls_key_file or None,
-            )
+        if self._tls is not None:
+            common["tls_context"] = self._tls
         # The first connection of this process starts a clean session; reconnections resume
         # it, so QoS 1 messages sent while the link was down are delivered afterwards.
         fresh = not self._connected_once

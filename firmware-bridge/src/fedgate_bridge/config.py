@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Final, get_args, get_origin
 
 import msgspec
+from fedgate_common.errors import BrokerTlsInvalid
+from fedgate_common.mqtt_tls import client_tls_context
 from fedgate_common.service_units import SettingPath, load_credentials_into
 
 from fedgate_bridge.errors import ConfigError
@@ -390,15 +392,17 @@ def _password_problem(path: str, value: str, label: str = "") -> str | None:
 
 
 def tls_context(broker: BrokerSettings) -> ssl.SSLContext | None:
-    """The TLS context for ``broker`` (None without ``tls_ca_file``): the broker's
-    certificate checked against that CA and its host name, the client certificate loaded.
-    Raises OSError or ssl.SSLError for files that do not load."""
+    """The TLS context for ``broker`` (None without ``tls_ca_file``): fedgate's client
+    policy (:func:`~fedgate_common.mqtt_tls.client_tls_context`). Raises
+    :class:`~fedgate_common.errors.BrokerTlsInvalid` for files that do not load or pair."""
     if not broker.tls_ca_file:
         return None
-    context = ssl.create_default_context(cafile=broker.tls_ca_file)
-    if broker.tls_cert_file:
-        context.load_cert_chain(broker.tls_cert_file, broker.tls_key_file or None)
-    return context
+    return client_tls_context(
+        ca_file=broker.tls_ca_file,
+        cert_file=broker.tls_cert_file,
+        key_file=broker.tls_key_file,
+        what="broker",
+    )
 
 
 def tls_problems(broker: BrokerSettings) -> list[str]:
@@ -418,8 +422,8 @@ def tls_problems(broker: BrokerSettings) -> list[str]:
         return found
     try:
         tls_context(broker)
-    except (OSError, ssl.SSLError) as exc:
-        found.append(f"broker TLS files do not load: {exc}")
+    except BrokerTlsInvalid as exc:
+        found.append(str(exc))
     return found
 
 
