@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import time
 
 
 def free_port() -> int:
@@ -19,3 +21,18 @@ def port_open(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
         return True
     return False
+
+
+def wait_for_port(
+    port: int, *, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0
+) -> None:
+    """Wait until something listens on 127.0.0.1:``port``; fail at once if ``process`` (the
+    server started for it) exits first, and after ``timeout`` seconds otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server for port {port} exited ({process.returncode})")
+        if port_open(port):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout:g} s")

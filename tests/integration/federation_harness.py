@@ -28,20 +28,11 @@ from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.tasks import cancel_until_done
 from fedgate_common.topics import coordinator_broadcast_filter, round_topic
 
-from tests.net_support import free_port, port_open
+from tests.net_support import free_port, wait_for_port
 
 BIN = Path(sys.executable).parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(port):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port}")
 
 
 @contextlib.contextmanager
@@ -62,8 +53,8 @@ def brokers(directory: Path, count: int) -> Iterator[list[int]]:
                 )
             )
             ports.append(port)
-        for port in ports:
-            wait_for_port(port)
+        for port, process in zip(ports, processes, strict=True):
+            wait_for_port(port, process=process)
         yield ports
     finally:
         for process in processes:

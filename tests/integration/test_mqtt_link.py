@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 
-from tests.net_support import free_port, port_open
+from tests.net_support import free_port, wait_for_port
 
 AMQTT_BROKER = """
 import asyncio, sys
@@ -34,21 +33,11 @@ asyncio.run(main())
 MOSQUITTO = "/usr/sbin/mosquitto"
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "broker exited"
-        if port_open(port):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"broker did not listen on {port}")
-
-
 @contextlib.contextmanager
 def broker(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, process)
+        wait_for_port(port, process=process)
         yield process
     finally:
         process.terminate()
