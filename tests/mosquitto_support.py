@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.net_support import free_port, port_open
+from tests.net_support import free_port, wait_for_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
@@ -50,11 +50,7 @@ class Mosquitto:
             [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.process = process
-        deadline = time.monotonic() + 15
-        while not port_open(self.port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"mosquitto did not listen on {self.port}")
-            time.sleep(0.02)
+        wait_for_port(self.port, process=process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -78,14 +74,11 @@ def mosquitto(conf: Path, ports: list[int]) -> Iterator[None]:
             [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=sink
         )
     try:
-        deadline = time.monotonic() + 10
-        waiting = set(ports)
-        while waiting:
-            if process.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {log.read_text()!r}")
-            assert time.monotonic() < deadline, f"mosquitto does not listen on {waiting}"
-            waiting = {port for port in waiting if not port_open(port)}
-            time.sleep(0.05)
+        deadline = time.monotonic() + 10  # for all the ports together
+        for port in ports:
+            wait_for_port(
+                port, process=process, timeout=max(0.0, deadline - time.monotonic()), log=log
+            )
         yield
     finally:
         process.terminate()

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -24,14 +25,20 @@ def port_open(port: int) -> bool:
 
 
 def wait_for_port(
-    port: int, *, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0
+    port: int,
+    *,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 15.0,
+    log: Path | None = None,
 ) -> None:
     """Wait until something listens on 127.0.0.1:``port``; fail at once if ``process`` (the
-    server started for it) exits first, and after ``timeout`` seconds otherwise."""
+    server started for it) exits first, with its ``log`` if it has one, and after
+    ``timeout`` seconds otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server for port {port} exited ({process.returncode})")
+            said = f": {log.read_text()!r}" if log is not None else ""
+            raise AssertionError(f"the server for port {port} exited ({process.returncode}){said}")
         if port_open(port):
             return
         time.sleep(0.05)

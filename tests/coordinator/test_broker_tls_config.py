@@ -97,6 +97,11 @@ def test_a_missing_file_is_reported_once_without_loading_the_rest(
     missing = str(tmp_path / "gone.pem")
     problems = peer_problems(PeerBroker(tls_ca_file=missing))
     assert problems == [f"federation.peers.c2.tls_ca_file={missing!r}: no such file"]
+    # A missing password file does not stop the TLS files from being loaded and checked.
+    problems = peer_problems(PeerBroker(password_file=missing, tls_ca_file=pki["junk"]))
+    assert problems[0] == f"federation.peers.c2.password_file={missing!r}: no such file"
+    assert problems[1].startswith(f"federation.peers.c2: cannot load the CA file {pki['junk']}")
+    assert len(problems) == 2, problems
 
 
 def test_serve_with_a_ca_that_does_not_load_exits_config_before_connecting(

@@ -49,7 +49,7 @@ from fedgate_coordinator.mqtt_link import MqttSettings
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.mosquitto_support import MOSQUITTO
-from tests.net_support import free_port, port_open
+from tests.net_support import free_port, wait_for_port
 
 D, C = "plant-a", "cloud-1"
 P = f"fedgate/{D}/{C}"
@@ -96,11 +96,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
     )
-    deadline = time.monotonic() + 10
-    while not port_open(port):
-        assert process.poll() is None, (root / "mosquitto.log").read_text()
-        assert time.monotonic() < deadline, "mosquitto did not listen"
-        time.sleep(0.02)
+    wait_for_port(port, process=process, timeout=10, log=log)
     try:
         yield Broker(
             port=port,

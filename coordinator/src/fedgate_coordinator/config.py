@@ -81,17 +81,16 @@ def validate(config: CoordinatorConfig) -> list[str]:
     logins: list[tuple[str, MqttSettings | PeerBroker]] = [("broker", config.broker)]
     logins += [(f"federation.peers.{c}", p) for c, p in config.federation.peers.items()]
     for where, login in logins:
-        missing = False
         for name in ("password_file", "tls_ca_file", "tls_cert_file", "tls_key_file"):
             path = getattr(login, name)
             if path and not os.path.isfile(path):
                 problems.append(f"{where}.{name}={path!r}: no such file")
-                missing = True
+        tls_files = [login.tls_ca_file, login.tls_cert_file, login.tls_key_file]
         if (login.tls_cert_file or login.tls_key_file) and not login.tls_ca_file:
             problems.append(
                 f"{where}.tls_cert_file/tls_key_file need {where}.tls_ca_file (TLS) as well"
             )
-        elif login.tls_ca_file and not missing:
+        elif login.tls_ca_file and all(os.path.isfile(path) for path in tls_files if path):
             try:  # loads the files: a CA or key that does not load is caught here
                 client_tls_context(
                     ca_file=login.tls_ca_file,
