@@ -17,7 +17,9 @@ by default. ``--dp site`` adds site-level distributed noise instead (coordinator
 ``[privacy] site_level = "on"``), ``--dp off`` trains without DP, and ``--aggregation
 plaintext`` runs the baseline with the same seeds (``--seed``), so final accuracies compare.
 ``--clouds 1`` runs a single cloud. At the end the same model is trained centrally on the
-union of the sites' data, and both accuracies are printed and written to
+union of the sites' data, and by plain FedAvg on the same sites (no DP, no secure
+aggregation, the coordinator's default plan; in this process with the privacy benchmark's
+simulator, cached in ``out/cache``); the three accuracies are printed and written to
 ``out/demo/summary.json``.
 
 The federation starts from a genesis model pre-trained on public data (``--genesis
@@ -53,7 +55,12 @@ import tomli_w
 import torch
 from demo_broker import BrokerEndpoint, cloud_brokers  # this script's directory is on sys.path
 from fedgate_agent.config import set_config_value
-from fedgate_agent.datasets.tep import centralized_dataset, federated_split, write_site_files
+from fedgate_agent.datasets.tep import (
+    FederatedSplit,
+    centralized_dataset,
+    federated_split,
+    write_site_files,
+)
 from fedgate_agent.model import build_model
 from fedgate_agent.privacy_ledger import read_ledger
 from fedgate_agent.training import LocalDataset, evaluate, train_locally
@@ -69,6 +76,9 @@ from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.store import RECORD_UNIT, DecisionRecord, PrivacyLedgerEntry, Store
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # the plain FedAvg baseline is the privacy benchmark's simulator
+from bench.privacy.federation import run_fedavg  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ROUND_DEFAULTS = RoundSettings()  # the coordinator's defaults; the baseline uses the same
 # The training plan under record-level DP: large Poisson batches, few steps, a small clip
@@ -487,6 +497,64 @@ def centralized(
     return evaluate(model, test).accuracy
 
 
+# Bump when what plain_fedavg computes changes, so that older cached results are not used.
+PLAIN_FEDAVG_VERSION = 1
+
+
+def plain_fedavg_cache(spec_file: Path, setup: Setup) -> Path:
+    """Where :func:`plain_fedavg`'s result for this run's inputs is kept: out/cache, under a
+    digest of everything the result depends on."""
+    args = setup.args
+    genesis = (
+        hashlib.sha256(setup.genesis_weights.read_bytes()).hexdigest()
+        if setup.genesis_weights is not None
+        else f"seed {args.seed}"
+    )
+    key = {
+        "version": PLAIN_FEDAVG_VERSION,
+        "spec": hashlib.sha256(spec_file.read_bytes()).hexdigest(),
+        "genesis": genesis,
+        "sites": args.sites,
+        "stride": args.stride,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "plan": msgspec.to_builtins(ROUND_DEFAULTS),
+        "torch": torch.__version__,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return ROOT / "out" / "cache" / f"plain-fedavg-{digest}.json"
+
+
+def plain_fedavg(split: FederatedSplit, cache: Path, setup: Setup) -> tuple[float, float]:
+    """Test accuracy and seconds of non-private FedAvg on the same sites: the coordinator's
+    default plan, window-weighted means, no DP, no secure aggregation, no consensus, in this
+    process (bench/privacy/federation.py, a worker per core), from the same genesis for as
+    many rounds. Read from ``cache`` when it exists, else measured and written there."""
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        return float(cached["accuracy"]), float(cached["seconds"])
+    args = setup.args
+    initial = (
+        None
+        if setup.genesis_weights is None
+        else read_genesis_weights(setup.genesis_weights).named_weights()
+    )
+    result = run_fedavg(
+        split,
+        ROUND_DEFAULTS,
+        rounds=args.rounds,
+        seed=args.seed,
+        initial=initial,
+        jobs=os.cpu_count() or 1,
+        progress=lambda line: print(f"      plain FedAvg {line}", flush=True),
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(
+        json.dumps({"accuracy": result.accuracy, "seconds": round(result.seconds, 1)}, indent=2)
+    )
+    return result.accuracy, result.seconds
+
+
 def pretrained_genesis(spec_file: Path, args: argparse.Namespace) -> Path:
     """The genesis model pre-trained on simulated plant runs, as an operator makes it:
     `fedgate-bridge simulate-runs`, then `fedgate-agent pretrain`. Both files are cached
@@ -802,8 +870,10 @@ def main() -> int:
     final_digest = next(iter(finals.values())) or ""
     fedavg_accuracy = float(rows[-1][7]) if rows else 0.0
     print(
-        f"[6/6] centralized training of the same model on the union "
-        f"({len(centralized_dataset(split))} windows)",
+        f"[6/6] the same model from the same genesis without the federation: centralized "
+        f"on the union ({len(centralized_dataset(split))} windows), then plain FedAvg on "
+        f"the same {args.sites} sites (no DP, no secure aggregation, the coordinator's "
+        "default plan)",
         flush=True,
     )
     central_started = time.monotonic()
@@ -811,6 +881,12 @@ def main() -> int:
         centralized_dataset(split), split.test, split.spec, plan, args.rounds, setup
     )
     central_seconds = time.monotonic() - central_started
+    print(f"      centralized: {central_accuracy:.4f} ({central_seconds:.0f} s)", flush=True)
+    cached = plain_fedavg_cache(spec_file, setup)
+    if cached.exists():
+        print(f"      plain FedAvg: cached in {shown(cached)}", flush=True)
+    plain_accuracy, plain_seconds = plain_fedavg(split, cached, setup)
+    print(f"      plain FedAvg: {plain_accuracy:.4f} ({plain_seconds:.0f} s)", flush=True)
     done = [row for row in rows if row[6]]
     bytes_up = int(np.mean([row[8] for row in done])) if done else 0
     bytes_down = int(np.mean([row[9] for row in done])) if done else 0
@@ -850,11 +926,15 @@ def main() -> int:
         "fedavg_accuracy": fedavg_accuracy,
         "centralized_accuracy": central_accuracy,
         "accuracy_gap_points": round(100 * (central_accuracy - fedavg_accuracy), 2),
+        "plain_fedavg_accuracy": plain_accuracy,
+        "plain_fedavg_plan": plan_section(ROUND_DEFAULTS),
+        "points_below_plain_fedavg": round(100 * (plain_accuracy - fedavg_accuracy), 2),
         "bytes_up_per_agent_round": bytes_up,
         "bytes_down_per_agent_round": bytes_down,
         "float32_model_bytes": float32_model,
         "federated_seconds": round(fed_seconds, 1),
         "centralized_seconds": round(central_seconds, 1),
+        "plain_fedavg_seconds": round(plain_seconds, 1),
         "total_seconds": round(time.monotonic() - started_all, 1),
         "coordinator_state_dirs": {c.name: str(c.state) for c in clouds},
         "heights": [
@@ -878,6 +958,11 @@ def main() -> int:
                     fedavg_accuracy,
                     f"{fed_seconds:.1f}",
                 ],
+                [
+                    "plain FedAvg (same sites; no DP, no secure aggregation; default plan)",
+                    plain_accuracy,
+                    f"{plain_seconds:.1f}",
+                ],
                 ["centralized (union of sites)", central_accuracy, f"{central_seconds:.1f}"],
             ],
         )
@@ -887,7 +972,8 @@ def main() -> int:
         f"cloud's final model is {final_digest[:16]}; conflicting votes recorded: {evidence}"
     )
     print(
-        f"gap: {summary['accuracy_gap_points']} points; bytes per agent per round: "
+        f"below plain FedAvg: {summary['points_below_plain_fedavg']} points; below "
+        f"centralized: {summary['accuracy_gap_points']} points; bytes per agent per round: "
         f"up {bytes_up}, down {bytes_down} (float32 model: {float32_model}); "
         f"total {summary['total_seconds']} s"
     )

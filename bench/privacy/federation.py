@@ -29,15 +29,19 @@ site's delta, add noise to the sum) would be another :data:`Aggregator`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import multiprocessing
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from fedgate_agent.datasets.tep import FederatedSplit, centralized_dataset, federated_split
 from fedgate_agent.model import build_model, load_weights, weights_of
 from fedgate_agent.private_training import PrivateTrainResult, train_locally_private
@@ -51,11 +55,13 @@ from fedgate_agent.record_privacy import (
     sample_rate,
     steps_per_round,
 )
-from fedgate_agent.training import LocalDataset, evaluate, train_locally
-from fedgate_common.model_spec import initial_weights
+from fedgate_agent.training import LocalDataset, TrainResult, evaluate, train_locally
+from fedgate_common.messages import TrainingPlan
+from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_coordinator.aggregation import apply_delta, weighted_mean_delta
 from fedgate_coordinator.rounds import RoundSettings
 from opacus.accountants.analysis import rdp as rdp_analysis
+from torch import nn
 
 __all__ = [
     "DEFAULT_PLAN",
@@ -68,7 +74,9 @@ __all__ = [
     "FederationResult",
     "RecordDp",
     "RoundContext",
+    "SiteJob",
     "SiteLedger",
+    "SiteTrained",
     "SiteUpdate",
     "demo_split",
     "genesis",
@@ -78,6 +86,8 @@ __all__ = [
     "run_fedavg",
     "score",
     "site_seed",
+    "site_trainer",
+    "train_site",
     "training_plan",
     "weighted_fedavg",
 ]
@@ -289,6 +299,88 @@ def score(split: FederatedSplit, weights: Weights) -> tuple[float, float]:
     return result.accuracy, result.loss
 
 
+@dataclass(frozen=True)
+class SiteJob:
+    """One site's training in one round: what a worker needs besides the site's windows."""
+
+    site: int
+    weights: Weights  # the global model the site starts from
+    plan: TrainingPlan
+    seed: int
+    noise_multiplier: float | None  # None: plain training; else DP-SGD with this σ
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class SiteTrained:
+    delta: Weights
+    result: TrainResult
+    private: PrivateTrainResult | None
+
+
+def train_site(model: nn.Module, data: LocalDataset, job: SiteJob) -> SiteTrained:
+    """The site's round, as its agent trains it: from ``job.weights``, with or without DP."""
+    load_weights(model, job.weights)
+    private = None
+    if job.noise_multiplier is None:
+        result = train_locally(model, data, job.plan, seed=job.seed)
+    else:
+        private = train_locally_private(
+            model,
+            data,
+            job.plan,
+            noise_multiplier=job.noise_multiplier,
+            max_grad_norm=job.max_grad_norm,
+            seed=job.seed,
+        )
+        result = private.result
+    trained = weights_of(model)
+    delta = {name: trained[name] - job.weights[name] for name in job.weights}
+    return SiteTrained(delta, result, private)
+
+
+class _Worker:
+    """A worker process's sites and model, set once by :func:`_start_worker` (the process
+    is spawned, so it inherits nothing of the parent's torch state)."""
+
+    sites: Sequence[LocalDataset] = ()
+    model: nn.Module | None = None
+
+
+def _start_worker(sites: Sequence[LocalDataset], spec: ModelSpec) -> None:
+    torch.set_num_threads(1)  # the benchmarks' setting, so results match jobs=1
+    quiet_opacus()
+    _Worker.sites = sites
+    _Worker.model = build_model(spec)
+
+
+def _train_in_worker(job: SiteJob) -> SiteTrained:
+    if _Worker.model is None:
+        raise RuntimeError("site worker used before _start_worker")
+    return train_site(_Worker.model, _Worker.sites[job.site], job)
+
+
+@contextlib.contextmanager
+def site_trainer(
+    split: FederatedSplit, jobs: int
+) -> Iterator[Callable[[Sequence[SiteJob]], list[SiteTrained]]]:
+    """Train a round's sites one after another (``jobs`` 1), or in ``jobs`` worker
+    processes, each with the split's windows loaded once. Each site's training is seeded,
+    and a worker runs one torch thread, as the benchmarks and the demo do: with one thread
+    here too, the results are the same either way."""
+    if jobs <= 1:
+        model = build_model(split.spec)
+        yield lambda batch: [train_site(model, split.sites[job.site], job) for job in batch]
+        return
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(tuple(split.sites), split.spec),
+    ) as pool:
+        yield lambda batch: list(pool.map(_train_in_worker, batch))
+
+
 def run_fedavg(
     split: FederatedSplit,
     plan: RoundSettings,
@@ -302,6 +394,7 @@ def run_fedavg(
     track_accuracy: bool = False,
     progress: Progress | None = None,
     initial: Weights | None = None,
+    jobs: int = 1,
 ) -> FederationResult:
     """``rounds`` rounds of FedAvg over ``split.sites`` from the genesis of ``seed``.
 
@@ -309,66 +402,75 @@ def run_fedavg(
     and a site whose next round would pass the budget contributes nothing from then on.
     ``track_accuracy`` evaluates the global model after every round (slower). ``initial``
     replaces the genesis weights of ``seed`` (a pre-trained model, public_pretraining.py).
+    ``jobs`` > 1 trains a round's sites in that many processes (same results).
     """
     started = time.perf_counter()
     global_weights = genesis(split, seed) if initial is None else initial
-    model = build_model(split.spec, weights=global_weights)
     ledgers = [SiteLedger(dp.settings(rounds)) for _ in split.sites] if dp is not None else []
     trained_rounds = [0] * len(split.sites)
     aborted = 0
     curve: list[float] = []
-    for round_number in range(1, rounds + 1):
-        round_plan = plan.plan_for(round_number)
-        updates: list[SiteUpdate] = []
-        for index, site in enumerate(split.sites):
-            load_weights(model, global_weights)
-            train_seed = (
-                seed * 1_000 + index if fixed_site_seeds else site_seed(seed, round_number, index)
+    with site_trainer(split, jobs) as train:
+        for round_number in range(1, rounds + 1):
+            round_plan = plan.plan_for(round_number)
+            batch: list[SiteJob] = []
+            spends: dict[int, RoundSpend] = {}
+            for index, site in enumerate(split.sites):
+                sigma = None
+                if dp is not None:
+                    spend = ledgers[index].plan_round(
+                        round_number, len(site), round_plan.batch_size, round_plan.local_epochs
+                    )
+                    if spend is None:
+                        continue  # PrivacyBudgetExhausted: the site answers but sends nothing
+                    spends[index] = spend
+                    sigma = spend.noise_multiplier
+                train_seed = (
+                    seed * 1_000 + index
+                    if fixed_site_seeds
+                    else site_seed(seed, round_number, index)
+                )
+                batch.append(
+                    SiteJob(
+                        site=index,
+                        weights=global_weights,
+                        plan=round_plan,
+                        seed=train_seed,
+                        noise_multiplier=sigma,
+                        max_grad_norm=dp.max_grad_norm if dp is not None else 0.0,
+                    )
+                )
+            updates: list[SiteUpdate] = []
+            for job, done in zip(batch, train(batch), strict=True):
+                if done.private is not None:
+                    ledgers[job.site].record(spends[job.site], done.private)
+                if not math.isfinite(done.result.mean_loss) or not _finite(done.delta):
+                    continue  # TrainingDiverged: the update is not sent
+                trained_rounds[job.site] += 1
+                updates.append(
+                    SiteUpdate(job.site, done.delta, done.result.num_samples, done.result.mean_loss)
+                )
+            context = RoundContext(
+                round=round_number,
+                rounds=rounds,
+                n_sites=len(split.sites),
+                global_weights=global_weights,
+                rng=np.random.default_rng([seed, round_number]),
             )
-            if dp is not None:
-                ledger = ledgers[index]
-                spend = ledger.plan_round(
-                    round_number, len(site), round_plan.batch_size, round_plan.local_epochs
-                )
-                if spend is None:
-                    continue  # PrivacyBudgetExhausted: the site answers but sends nothing
-                private = train_locally_private(
-                    model,
-                    site,
-                    round_plan,
-                    noise_multiplier=spend.noise_multiplier,
-                    max_grad_norm=dp.max_grad_norm,
-                    seed=train_seed,
-                )
-                ledger.record(spend, private)
-                result = private.result
+            mean = aggregate(updates, context) if len(updates) >= min_participants else None
+            candidate = apply_delta(global_weights, mean) if mean is not None else None
+            if candidate is None or not _finite(candidate):
+                aborted += 1
             else:
-                result = train_locally(model, site, round_plan, seed=train_seed)
-            trained = weights_of(model)
-            delta = {name: trained[name] - global_weights[name] for name in global_weights}
-            if not math.isfinite(result.mean_loss) or not _finite(delta):
-                continue  # TrainingDiverged: the update is not sent
-            trained_rounds[index] += 1
-            updates.append(SiteUpdate(index, delta, result.num_samples, result.mean_loss))
-        context = RoundContext(
-            round=round_number,
-            rounds=rounds,
-            n_sites=len(split.sites),
-            global_weights=global_weights,
-            rng=np.random.default_rng([seed, round_number]),
-        )
-        mean = aggregate(updates, context) if len(updates) >= min_participants else None
-        candidate = apply_delta(global_weights, mean) if mean is not None else None
-        if candidate is None or not _finite(candidate):
-            aborted += 1
-        else:
-            global_weights = candidate
-        if track_accuracy:
-            curve.append(score(split, global_weights)[0])
-        if progress is not None:
-            spent = f", max ε {max(ledger.epsilon for ledger in ledgers):.2f}" if ledgers else ""
-            shown = f", acc {curve[-1]:.3f}" if track_accuracy else ""
-            progress(f"round {round_number}/{rounds}: {len(updates)} updates{spent}{shown}")
+                global_weights = candidate
+            if track_accuracy:
+                curve.append(score(split, global_weights)[0])
+            if progress is not None:
+                spent = (
+                    f", max ε {max(ledger.epsilon for ledger in ledgers):.2f}" if ledgers else ""
+                )
+                shown = f", acc {curve[-1]:.3f}" if track_accuracy else ""
+                progress(f"round {round_number}/{rounds}: {len(updates)} updates{spent}{shown}")
     accuracy, loss = score(split, global_weights)
     return FederationResult(
         accuracy=accuracy,
