@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import numpy.typing as npt
@@ -226,6 +227,16 @@ def test_unseeded_runs_draw_from_the_keystream_and_differ(
     assert torch.equal(torch.get_rng_state(), global_state)
     assert noise_steps > 0
     assert any(not np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_private_training_warns_nothing_and_restores_the_callers_filters() -> None:
+    """torch warns on Opacus's hooks at the first backward of a process; the agent's log
+    is structured, so the product path (unseeded) must not print that bare warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        before = list(warnings.filters)
+        train_private(dataset(32, seed=3), PLAN, None)
+        assert warnings.filters == before
 
 
 @pytest.mark.parametrize("seed", [None, 5])

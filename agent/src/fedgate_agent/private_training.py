@@ -11,6 +11,7 @@ record-level DP (and every CLI command) never loads them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.secure_random import ChaCha20Stream
 from fedgate_agent.training import LocalDataset, TrainResult, check_fits, check_plan
+
+_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module"
 
 __all__ = [
     "CsprngDPOptimizer",
@@ -188,24 +191,30 @@ def train_locally_private(
     was_training = model.training
     private_model.train()
     steps, loss_sum, seen = 0, 0.0, 0
-    try:
-        for _ in range(plan.local_epochs):
-            loss_sum, seen = 0.0, 0  # the last epoch's mean, as train_locally reports
-            for x, y in loader:
-                # An empty Poisson batch is a step too, for the accountant and here: the
-                # clipped sum is zero and the noise is added all the same (its loss, the
-                # mean of nothing, is NaN and is not counted).
-                steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(private_model(x), y)
-                loss.backward()
-                optimizer.step()
-                if len(y):
-                    loss_sum += float(loss.detach()) * len(y)
-                    seen += len(y)
-    finally:
-        private_model._close()
-        model.train(was_training)
+    with warnings.catch_warnings():
+        # Opacus's per-window gradient hooks sit on every layer, so torch warns on each
+        # process's first backward that the first layer's input needs no gradient. It is
+        # expected, and it would land in the agent's structured log as a bare traceback line.
+        # (The filters are the process's; nothing else in the agent changes them.)
+        warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+        try:
+            for _ in range(plan.local_epochs):
+                loss_sum, seen = 0.0, 0  # the last epoch's mean, as train_locally reports
+                for x, y in loader:
+                    # An empty Poisson batch is a step too, for the accountant and here: the
+                    # clipped sum is zero and the noise is added all the same (its loss, the
+                    # mean of nothing, is NaN and is not counted).
+                    steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(private_model(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    if len(y):
+                        loss_sum += float(loss.detach()) * len(y)
+                        seen += len(y)
+        finally:
+            private_model._close()
+            model.train(was_training)
     return PrivateTrainResult(
         result=TrainResult(num_samples=n, mean_loss=loss_sum / max(seen, 1)),
         noise_multiplier=noise_multiplier,
