@@ -296,10 +296,24 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert data["accountant"] == ACCOUNTANTS["pld"]
     assert [r["accountant"] for r in data["rounds"]] == [ACCOUNTANTS["pld"]] * 2
     assert data["sampling"] == "poisson"
+    text = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    assert text.exit_code == 0, text.output
+    assert f"noise multiplier {ledger.noise_multiplier:.4f}\n" in text.output
     (config.state_path / "privacy.json").write_text("{not json")
     broken = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
     assert broken.exit_code == 4
     assert "privacy.json" in broken.output
+
+
+def test_privacy_before_the_first_private_round(tmp_path: Path) -> None:
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    assert shown.exit_code == 0, shown.output
+    assert "spent ε 0.0000" in shown.output
+    assert "noise multiplier chosen at the first private round" in shown.output
+    assert "no private rounds yet" in shown.output
 
 
 def test_report_epsilon_off_keeps_the_spend_on_the_gateway(tmp_path: Path) -> None:

@@ -449,9 +449,12 @@ def privacy(config_path: Path, as_json: bool) -> None:
         f"budget           ε {settings.target_epsilon} at δ {settings.delta} over "
         f"{settings.planned_rounds} rounds; spent ε {ledger.epsilon_total:.4f}"
     )
-    click.echo(
-        f"clip norm        {settings.max_grad_norm}, noise multiplier {ledger.noise_multiplier}"
+    sigma = (
+        "chosen at the first private round"
+        if ledger.noise_multiplier is None
+        else f"{ledger.noise_multiplier:.4f}"
     )
+    click.echo(f"clip norm        {settings.max_grad_norm}, noise multiplier {sigma}")
     rows = [
         [
             e.spend.round,
