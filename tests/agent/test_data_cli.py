@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import nacl.signing
@@ -143,3 +145,25 @@ def test_status_shows_the_scoring_model_and_alerts(tmp_path: Path) -> None:
         "alert ACTIVE" in human.output
     )
     assert "last scoring error window incomplete: XMEAS_3 missing" in human.output
+
+
+def test_status_tells_a_clean_stop_from_an_agent_that_died(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    dead = subprocess.Popen(["true"])  # a pid whose process has exited
+    dead.wait()
+
+    def shown(status: AgentStatus) -> str:
+        write_status(tmp_path / "state", status)
+        result = CliRunner().invoke(agent_main, ["status", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "agent      gw-1 (stopped)\n" in shown(AgentStatus(agent_id="site-1"))
+    died = shown(AgentStatus(agent_id="site-1", state="training", pid=dead.pid))
+    assert "(not running; it ended while training, without a clean stop)" in died
+    alive = shown(
+        AgentStatus(agent_id="site-1", state="idle", pid=os.getpid(), last_train_loss=0.61234567)
+    )
+    assert "agent      gw-1 (running, idle)\n" in alive
+    assert "last loss 0.6123\n" in alive
+    assert "last loss -\n" in shown(AgentStatus(agent_id="site-1"))

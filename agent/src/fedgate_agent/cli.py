@@ -588,9 +588,13 @@ def status(config_path: Path, as_json: bool) -> None:
     if as_json:
         echo_json(data)
         return
-    click.echo(
-        f"agent      {cfg.agent_id} ({'running' if running else 'stopped'}, {data['state']})"
-    )
+    if running:
+        condition = f"running, {state.state}"
+    elif state.state == "stopped" or state.pid is None:
+        condition = "stopped"
+    else:  # status.json was last written by a process that is gone without stopping
+        condition = f"not running; it ended while {state.state}, without a clean stop"
+    click.echo(f"agent      {cfg.agent_id} ({condition})")
     click.echo(f"broker     {data['broker']}")
     click.echo(f"model      round {state.model_round} {state.model_digest or '-'}")
     federation_info = data["federation"]
@@ -605,7 +609,8 @@ def status(config_path: Path, as_json: bool) -> None:
     )
     click.echo(
         f"rounds     answered up to {state.last_answered_round}, trained "
-        f"{state.rounds_trained}, last loss {state.last_train_loss}"
+        f"{state.rounds_trained}, last loss "
+        + ("-" if state.last_train_loss is None else f"{state.last_train_loss:.4f}")
     )
     click.echo(f"traffic    up {state.bytes_up} B, down {state.bytes_down} B")
     if state.privacy != "off":
