@@ -91,7 +91,7 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
         "dropouts_tolerated_per_group": 1,
     }
     text = runner.invoke(coordinator_main, [*state, "status"]).output
-    assert "threshold 3 (tolerates 1 dropouts per group of holders)" in text
+    assert "threshold 3 (tolerates 1 dropout per group of holders)" in text
     models = json.loads(
         runner.invoke(coordinator_main, [*state, "models", "--verify", "--json"]).output
     )

@@ -750,9 +750,10 @@ def status(obj: Context, as_json: bool) -> None:
     click.echo(f"agents     {data['agents_enrolled']} enrolled")
     agg = data["aggregation"]
     if agg["mode"] == "secagg":
+        tolerated = agg["dropouts_tolerated_per_group"]
         click.echo(
             f"secagg     {agg['word_bits']}-bit words, {agg['degree']} neighbours, threshold "
-            f"{agg['threshold']} (tolerates {agg['dropouts_tolerated_per_group']} dropouts "
+            f"{agg['threshold']} (tolerates {tolerated} dropout{'' if tolerated == 1 else 's'} "
             "per group of holders)"
         )
     else:
