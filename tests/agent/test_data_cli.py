@@ -158,12 +158,19 @@ def test_status_tells_a_clean_stop_from_an_agent_that_died(tmp_path: Path) -> No
         assert result.exit_code == 0, result.output
         return result.output
 
+    def stopped_cleanly() -> object:
+        result = CliRunner().invoke(agent_main, ["status", "--config", str(config), "--json"])
+        return json.loads(result.output)["stopped_cleanly"]
+
     assert "agent      gw-1 (stopped)\n" in shown(AgentStatus(agent_id="site-1"))
+    assert stopped_cleanly() is True
     died = shown(AgentStatus(agent_id="site-1", state="training", pid=dead.pid))
     assert "(not running; it ended while training, without a clean stop)" in died
+    assert stopped_cleanly() is False
     alive = shown(
         AgentStatus(agent_id="site-1", state="idle", pid=os.getpid(), last_train_loss=0.61234567)
     )
     assert "agent      gw-1 (running, idle)\n" in alive
     assert "last loss 0.6123\n" in alive
+    assert stopped_cleanly() is None  # it runs
     assert "last loss -\n" in shown(AgentStatus(agent_id="site-1"))

@@ -582,6 +582,8 @@ def status(config_path: Path, as_json: bool) -> None:
             "federation": _federation_status(cfg),
         }
     )
+    # A process that is gone without writing "stopped" was killed or crashed.
+    data["stopped_cleanly"] = None if running else state.state == "stopped" or state.pid is None
     if not running:
         data["state"] = "stopped"
     data["ingest"] = _ingest_status(cfg, state, running)
@@ -590,9 +592,9 @@ def status(config_path: Path, as_json: bool) -> None:
         return
     if running:
         condition = f"running, {state.state}"
-    elif state.state == "stopped" or state.pid is None:
+    elif data["stopped_cleanly"]:
         condition = "stopped"
-    else:  # status.json was last written by a process that is gone without stopping
+    else:
         condition = f"not running; it ended while {state.state}, without a clean stop"
     click.echo(f"agent      {cfg.agent_id} ({condition})")
     click.echo(f"broker     {data['broker']}")
