@@ -90,9 +90,12 @@ async def test_a_flooding_agent_does_not_change_the_others_round(
             await cancel_until_done(tasks)
 
         assert summary.rounds_completed == 2, summary
-        # The flood runs beside the protocol (its own connection, QoS 0): the floods after at
-        # least the first four of the flooder's five protocol messages went out in the round.
-        assert 4 * flood_factor <= flooded_at_stop <= 5 * flood_factor, flooded_at_stop
+        # The flood runs beside the protocol (its own connection, QoS 0): a burst after each of
+        # the flooder's five protocol messages of round 2. More than the limiter's burst went
+        # out while the round ran, so it had to drop some (checked below); the later bursts
+        # may still be going out when the round ends (at 400x: 1,503 of 2,000 in CI, 348
+        # under 3 CPU hogs).
+        assert config.rate_limit.burst < flooded_at_stop <= 5 * flood_factor, flooded_at_stop
         everybody = {g.agent_id for g in gateways}
         seconds = {}
         for number in (1, 2):
