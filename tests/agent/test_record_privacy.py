@@ -11,7 +11,7 @@ import nacl.signing
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from fedgate_agent.cli import main as agent_main
 from fedgate_agent.config import AgentConfig, PrivacyConfig, write_config
 from fedgate_agent.errors import PrivacyBudgetExhausted
@@ -228,6 +228,13 @@ def _work(round: int, model: GlobalModel) -> TrainForRound:
     return TrainForRound(start, model, b"certificate")
 
 
+def _privacy_command(tmp_path: Path, config: AgentConfig, *options: str) -> Result:
+    """`fedgate-agent privacy` for ``config``, written to tmp_path/agent.toml."""
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    return CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file), *options])
+
+
 def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> AgentConfig:
     """An agent's configuration with ``windows`` random training windows, pinned to a
     one-cloud federation."""
@@ -286,9 +293,7 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert refused.value.spent == pytest.approx(ledger.epsilon_total)
     assert refused.value.next_round > 2.0
 
-    config_file = tmp_path / "agent.toml"
-    write_config(config_file, config)
-    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file), "--json"])
+    shown = _privacy_command(tmp_path, config, "--json")
     assert shown.exit_code == 0, shown.output
     data = json.loads(shown.output)
     assert data["spent_epsilon"] == pytest.approx(ledger.epsilon_total)
@@ -296,20 +301,18 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert data["accountant"] == ACCOUNTANTS["pld"]
     assert [r["accountant"] for r in data["rounds"]] == [ACCOUNTANTS["pld"]] * 2
     assert data["sampling"] == "poisson"
-    text = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    text = _privacy_command(tmp_path, config)
     assert text.exit_code == 0, text.output
     assert f"noise multiplier {ledger.noise_multiplier:.4f}\n" in text.output
     (config.state_path / "privacy.json").write_text("{not json")
-    broken = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    broken = _privacy_command(tmp_path, config)
     assert broken.exit_code == 4
     assert "privacy.json" in broken.output
 
 
 def test_privacy_before_the_first_private_round(tmp_path: Path) -> None:
     config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
-    config_file = tmp_path / "agent.toml"
-    write_config(config_file, config)
-    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    shown = _privacy_command(tmp_path, config)
     assert shown.exit_code == 0, shown.output
     assert "spent ε 0.0000" in shown.output
     assert "noise multiplier chosen at the first private round" in shown.output
@@ -357,9 +360,7 @@ def test_switching_the_accountant_recounts_the_whole_history(tmp_path: Path) -> 
     assert update.record_privacy is not None
     assert update.record_privacy.accountant == ACCOUNTANTS["pld"]
 
-    config_file = tmp_path / "agent.toml"
-    write_config(config_file, pld_config)
-    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    shown = _privacy_command(tmp_path, pld_config)
     assert shown.exit_code == 0, shown.output
     assert "accountant       pld (dp_accounting.pld.PLDAccountant)" in shown.output
     assert "earlier rounds were counted by another accountant" in shown.output
