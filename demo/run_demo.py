@@ -51,6 +51,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import tomli_w
 import torch
 from demo_broker import BrokerEndpoint, cloud_brokers  # this script's directory is on sys.path
@@ -70,7 +71,7 @@ from fedgate_common.consensus.wire import content_aggregates, open_proposal
 from fedgate_common.envelope import open_envelope
 from fedgate_common.errors import FedgateError
 from fedgate_common.genesis_weights import read_genesis_weights
-from fedgate_common.model_spec import initial_weights
+from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_common.text_table import format_table
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.store import RECORD_UNIT, DecisionRecord, PrivacyLedgerEntry, Store
@@ -476,6 +477,14 @@ HEADERS = [
 ]
 
 
+def genesis_weights_of(spec: ModelSpec, setup: Setup) -> dict[str, npt.NDArray[np.float32]]:
+    """The federation's genesis model: the pre-trained weights file, or the seed's random
+    weights (those `init --genesis-seed` draws)."""
+    if setup.genesis_weights is None:
+        return initial_weights(spec, np.random.default_rng(setup.args.seed))
+    return read_genesis_weights(setup.genesis_weights).named_weights()
+
+
 def centralized(
     train: LocalDataset,
     test: LocalDataset,
@@ -487,11 +496,7 @@ def centralized(
     """The same model and optimiser, trained on the union for as many epochs as one site
     trains in the whole federation (rounds × local epochs), with the same lr decay, from
     the federation's genesis model."""
-    if setup.genesis_weights is None:
-        start = initial_weights(spec, np.random.default_rng(setup.args.seed))
-    else:
-        start = read_genesis_weights(setup.genesis_weights).named_weights()
-    model = build_model(spec, weights=start)
+    model = build_model(spec, weights=genesis_weights_of(spec, setup))
     for number in range(1, rounds + 1):
         train_locally(model, train, plan.plan_for(number), seed=number)
     return evaluate(model, test).accuracy
@@ -534,17 +539,12 @@ def plain_fedavg(split: FederatedSplit, cache: Path, setup: Setup) -> tuple[floa
         cached = json.loads(cache.read_text())
         return float(cached["accuracy"]), float(cached["seconds"])
     args = setup.args
-    initial = (
-        None
-        if setup.genesis_weights is None
-        else read_genesis_weights(setup.genesis_weights).named_weights()
-    )
     result = run_fedavg(
         split,
         ROUND_DEFAULTS,
         rounds=args.rounds,
         seed=args.seed,
-        initial=initial,
+        initial=genesis_weights_of(split.spec, setup),
         jobs=os.cpu_count() or 1,
         progress=lambda line: print(f"      plain FedAvg {line}", flush=True),
     )
