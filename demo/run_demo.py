@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -502,8 +504,26 @@ def centralized(
     return evaluate(model, test).accuracy
 
 
-# Bump when what plain_fedavg computes changes, so that older cached results are not used.
-PLAIN_FEDAVG_VERSION = 1
+# The modules whose code decides plain_fedavg's result: a change to any of them is a new
+# cache key, so an older cached result is never read back for different code.
+PLAIN_FEDAVG_CODE = (
+    "bench.privacy.federation",
+    "fedgate_agent.datasets.tep",
+    "fedgate_agent.model",
+    "fedgate_agent.training",
+    "fedgate_coordinator.aggregation",
+)
+
+
+def code_digest(modules: tuple[str, ...]) -> str:
+    """SHA-256 over the source files of ``modules`` (imported if they are not yet)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        source = inspect.getsourcefile(importlib.import_module(name))
+        if source is None:
+            raise FedgateError(f"no source file for {name}")
+        digest.update(name.encode() + b"\0" + Path(source).read_bytes())
+    return digest.hexdigest()
 
 
 def plain_fedavg_cache(spec_file: Path, setup: Setup) -> Path:
@@ -516,7 +536,7 @@ def plain_fedavg_cache(spec_file: Path, setup: Setup) -> Path:
         else f"seed {args.seed}"
     )
     key = {
-        "version": PLAIN_FEDAVG_VERSION,
+        "code": code_digest(PLAIN_FEDAVG_CODE),
         "spec": hashlib.sha256(spec_file.read_bytes()).hexdigest(),
         "genesis": genesis,
         "sites": args.sites,
