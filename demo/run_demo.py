@@ -835,6 +835,7 @@ def main() -> int:
             flush=True,
         )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        agents_started = time.monotonic()
         for config in agent_configs:
             with (out / "logs" / f"{config.parent.name}.log").open("wb") as log:
                 processes.append(
@@ -849,12 +850,13 @@ def main() -> int:
         reported: list[PrivacyLedgerEntry] = []
         try:
             wait_until_connected(agent_configs, processes, out)
+            connected_after = time.monotonic() - agents_started
             start_coordinators(clouds, args.rounds, out, env)
             processes.extend(c.process for c in clouds if c.process is not None)
             started = time.monotonic()
             stores = [Store.open(cloud.database_url, migrate=False) for cloud in clouds]
             print(
-                f"[5/6] agents connected after {time.monotonic() - started_all:.0f} s; "
+                f"[5/6] agents connected {connected_after:.0f} s after they started; "
                 f"{args.rounds} heights, one global model each",
                 flush=True,
             )
