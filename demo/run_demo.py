@@ -511,7 +511,9 @@ PLAIN_FEDAVG_CODE = (
     "fedgate_agent.datasets.tep",
     "fedgate_agent.model",
     "fedgate_agent.training",
+    "fedgate_common.model_spec",
     "fedgate_coordinator.aggregation",
+    "fedgate_coordinator.rounds",
 )
 
 
