@@ -364,3 +364,29 @@ def test_switching_the_accountant_recounts_the_whole_history(tmp_path: Path) -> 
     assert shown.exit_code == 0, shown.output
     assert "accountant       pld (dp_accounting.pld.PLDAccountant)" in shown.output
     assert "earlier rounds were counted by another accountant" in shown.output
+
+
+def test_privacy_warns_when_a_training_seed_makes_the_noise_reproducible(tmp_path: Path) -> None:
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
+    unseeded = _privacy_command(tmp_path, config)
+    assert unseeded.exit_code == 0, unseeded.output
+    assert "warning" not in unseeded.output
+    assert (
+        json.loads(_privacy_command(tmp_path, config, "--json").output)["reproducible_noise"]
+        is False
+    )
+
+    seeded = msgspec.structs.replace(
+        config, training=msgspec.structs.replace(config.training, seed=1000)
+    )
+    text = _privacy_command(tmp_path, seeded)
+    assert text.exit_code == 0, text.output
+    assert "warning          training.seed is set" in text.output
+    assert "no privacy guarantee" in text.output
+    assert json.loads(_privacy_command(tmp_path, seeded, "--json").output)["reproducible_noise"]
+
+    # Without record-level DP there is no noise to repeat, and nothing to warn about.
+    plain = msgspec.structs.replace(
+        seeded, privacy=msgspec.structs.replace(seeded.privacy, record_level="off")
+    )
+    assert "warning" not in _privacy_command(tmp_path, plain).output

@@ -68,7 +68,13 @@ from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.pretrain_cli import pretrain_command
 from fedgate_agent.privacy_ledger import read_ledger
-from fedgate_agent.record_privacy import SAMPLING, UNIT, accountant_name, as_accountant
+from fedgate_agent.record_privacy import (
+    SAMPLING,
+    SEEDED_DP_WARNING,
+    UNIT,
+    accountant_name,
+    as_accountant,
+)
 from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
 
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
@@ -408,8 +414,10 @@ def privacy(config_path: Path, as_json: bool) -> None:
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
     accountant = accountant_name(as_accountant(settings.accountant))
+    reproducible = settings.record_level == "on" and cfg.training.seed is not None
     data = {
         "record_level": settings.record_level,
+        "reproducible_noise": reproducible,
         "unit": UNIT,
         "accountant": accountant,
         "sampling": SAMPLING,
@@ -439,6 +447,8 @@ def privacy(config_path: Path, as_json: bool) -> None:
         echo_json(data)
         return
     click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
+    if reproducible:
+        click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
     if any(e.accountant != accountant for e in ledger.entries):
         click.echo(

@@ -37,6 +37,11 @@ SAMPLING = "poisson"
 # pessimistic either way.
 PLD_DISCRETISATION = 1e-3
 UNIT = "record (one training window)"
+# What the agent says when record-level DP runs with ``training.seed`` set (privacy.md §5).
+SEEDED_DP_WARNING = (
+    "training.seed is set: batches and noise repeat from that seed, so this agent has no "
+    "privacy guarantee whatever ε says (tests and demos only; leave training.seed empty)"
+)
 
 
 class RecordPrivacySettings(msgspec.Struct, frozen=True, kw_only=True):

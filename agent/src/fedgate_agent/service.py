@@ -70,6 +70,7 @@ from fedgate_agent.onnx_export import (
 )
 from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
 from fedgate_agent.record_privacy import (
+    SEEDED_DP_WARNING,
     RecordPrivacySettings,
     RoundSpend,
     accountant_name,
@@ -812,6 +813,8 @@ class AgentService:
     async def run(self) -> None:
         torch.set_num_threads(self.config.training.threads)
         self._save_status("connecting")
+        if self._record_privacy is not None and self.config.training.seed is not None:
+            log_event(log, logging.WARNING, SEEDED_DP_WARNING, **self._fields())
         try:
             async with BackgroundTasks() as background:
                 if self.data_path is not None:
