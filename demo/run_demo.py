@@ -1007,6 +1007,11 @@ def main() -> int:
             f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
             "fedgate-coordinator privacy)"
         )
+        print(
+            "      the demo seeds every agent (training.seed) so that runs repeat: its noise "
+            "can be regenerated, so this ε measures the noise added and guarantees nothing "
+            "(docs/privacy.md §5)"
+        )
     print(f"summary: {out / 'summary.json'}")
     print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {clouds[0].state} status")
     return 0

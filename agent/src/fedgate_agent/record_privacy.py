@@ -40,7 +40,8 @@ UNIT = "record (one training window)"
 # What the agent says when record-level DP runs with ``training.seed`` set (privacy.md §5).
 SEEDED_DP_WARNING = (
     "training.seed is set: batches and noise repeat from that seed, so this agent has no "
-    "privacy guarantee whatever ε says (tests and demos only; leave training.seed empty)"
+    "privacy guarantee whatever epsilon it reports (tests and demos only; leave "
+    "training.seed empty)"
 )
 
 
