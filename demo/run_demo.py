@@ -13,7 +13,9 @@ the manifest's coordinators. After each height the demo prints the decided model
 consensus round, the clouds that signed its certificate, its test accuracy and the ε spent.
 
 Every agent trains with record-level DP (DP-SGD, ε = 3 at δ = 1e-5 per site over the run)
-by default. ``--dp site`` adds site-level distributed noise instead (coordinator.toml
+by default, its batches and noise drawn from ChaCha20 keyed by the OS as in production;
+``--reproducible`` seeds them instead, so that runs repeat (the noise then protects nothing).
+``--dp site`` adds site-level distributed noise instead (coordinator.toml
 ``[privacy] site_level = "on"``), ``--dp off`` trains without DP, and ``--aggregation
 plaintext`` runs the baseline with the same seeds (``--seed``), so final accuracies compare.
 ``--clouds 1`` runs a single cloud. At the end the same model is trained centrally on the
@@ -299,7 +301,9 @@ def init_agent(site: Site, setup: Setup) -> None:
         cloud.public_key,
     )
     site.public_key = agent["public_key"]
-    settings = {"training.seed": str(args.seed * 1000 + site.index)}
+    settings = {}
+    if agents_seeded(args):
+        settings["training.seed"] = str(args.seed * 1000 + site.index)
     if args.aggregation == "plaintext":
         settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
     if args.dp == "record":
@@ -309,6 +313,16 @@ def init_agent(site: Site, setup: Setup) -> None:
         settings["privacy.max_grad_norm"] = str(DP_CLIP)
     for key, value in settings.items():
         set_config_value(site.config, key, value)  # what `fedgate-agent config set` does
+
+
+def agents_seeded(args: argparse.Namespace) -> bool:
+    """Whether the agents get a ``training.seed`` (batches, and DP noise, repeat from it).
+
+    With record-level DP they do not, unless ``--reproducible``: a seeded agent's noise can
+    be regenerated and protects nothing, so by default the demo's agents draw their batches
+    and noise from ChaCha20 keyed by the OS, as in production (docs/privacy.md §5).
+    """
+    return bool(args.reproducible) or args.dp != "record"
 
 
 def enroll_agents(cloud: Cloud, sites: list[Site]) -> None:
@@ -736,7 +750,14 @@ def parse_arguments() -> argparse.Namespace:
         "--seed",
         type=int,
         default=1,
-        help="fixes the initial model and each site's training order, so runs compare",
+        help="fixes the initial model and, except under record-level DP without "
+        "--reproducible, each site's training order, so runs compare",
+    )
+    parser.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="with --dp record, seed every agent too (training.seed), so that runs repeat: "
+        "the DP noise can then be regenerated and protects nothing (the agents warn)",
     )
     args = parser.parse_args()
     if args.clouds < 1:
@@ -836,6 +857,16 @@ def main() -> int:
             f"(serve --until-height {args.rounds})",
             flush=True,
         )
+        if args.dp == "record":
+            print(
+                "      DP-SGD batches and noise: "
+                + (
+                    "seeded (--reproducible: runs repeat, the noise protects nothing)"
+                    if agents_seeded(args)
+                    else "ChaCha20 keyed by the OS on every agent, as in production"
+                ),
+                flush=True,
+            )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         agents_started = time.monotonic()
         for config in agent_configs:
@@ -924,6 +955,8 @@ def main() -> int:
         "sites_per_cloud": {c.name: [s.name for s in sites if s.cloud is c] for c in clouds},
         "aggregation": args.aggregation,
         "record_level_dp": args.dp == "record",
+        # Seeded agents repeat their batches and DP noise: no guarantee (privacy.md §5).
+        "agents_seeded": agents_seeded(args),
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_spent,
         # What the agents reported with their updates, as the coordinators booked it.
@@ -1007,11 +1040,12 @@ def main() -> int:
             f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
             "fedgate-coordinator privacy)"
         )
-        print(
-            "      the demo seeds every agent (training.seed) so that runs repeat: its noise "
-            "can be regenerated, so this ε measures the noise added and guarantees nothing "
-            "(docs/privacy.md §5)"
-        )
+        if agents_seeded(args):
+            print(
+                "      --reproducible seeds every agent (training.seed): its noise can be "
+                "regenerated, so this ε measures the noise added and guarantees nothing "
+                "(docs/privacy.md §5)"
+            )
     print(f"summary: {out / 'summary.json'}")
     print(f"inspect: .venv/bin/fedgate-coordinator --state-dir {clouds[0].state} status")
     return 0
