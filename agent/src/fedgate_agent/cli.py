@@ -414,10 +414,9 @@ def privacy(config_path: Path, as_json: bool) -> None:
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
     accountant = accountant_name(as_accountant(settings.accountant))
-    reproducible = settings.record_level == "on" and cfg.training.seed is not None
     data = {
         "record_level": settings.record_level,
-        "reproducible_noise": reproducible,
+        "reproducible_noise": cfg.reproducible_noise,
         "unit": UNIT,
         "accountant": accountant,
         "sampling": SAMPLING,
@@ -447,7 +446,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
         echo_json(data)
         return
     click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
-    if reproducible:
+    if cfg.reproducible_noise:
         click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
     if any(e.accountant != accountant for e in ledger.entries):

@@ -239,6 +239,12 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
             return self.state_path / "ingest" / "buffer.db"
         return self.state_path / self.ingest.buffer_file  # absolute buffer_file wins
 
+    @property
+    def reproducible_noise(self) -> bool:
+        """Record-level DP with ``training.seed`` set: its batches and noise repeat from the
+        seed, so they protect nothing (privacy.md §5)."""
+        return self.privacy.record_level == "on" and self.training.seed is not None
+
 
 def _config_error(message: str, problems: list[str] | None = None) -> ConfigError:
     """A :class:`ConfigError` listing every problem found, one message each."""

@@ -813,7 +813,7 @@ class AgentService:
     async def run(self) -> None:
         torch.set_num_threads(self.config.training.threads)
         self._save_status("connecting")
-        if self._record_privacy is not None and self.config.training.seed is not None:
+        if self.config.reproducible_noise:
             log_event(log, logging.WARNING, SEEDED_DP_WARNING, **self._fields())
         try:
             async with BackgroundTasks() as background:
