@@ -217,6 +217,37 @@ def test_a_damaged_ca_is_a_config_error(state: Path, tmp_path: Path) -> None:
     assert "--rotate" in result.output
 
 
+@pytest.mark.parametrize("lost", [["ca.key"], ["ca.pem"], ["ca.key", "ca.pem"]])
+def test_a_lost_ca_file_is_refused_not_replaced(
+    state: Path, tmp_path: Path, lost: list[str]
+) -> None:
+    out = tmp_path / "broker"
+    broker_config(state, out)
+    client = (out / "clients" / "site-1" / "client.pem").read_bytes()
+    for name in lost:
+        (out / name).unlink()
+    result = invoke(state, "broker-config", "--out", str(out))
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert "missing" in result.output
+    assert "--rotate" in result.output
+    assert (out / "clients" / "site-1" / "client.pem").read_bytes() == client
+    assert all(not (out / name).exists() for name in lost)
+    assert broker_config(state, out, "--rotate")["ca_created"] is True
+
+
+def test_a_lost_revocation_list_is_refused_not_emptied(state: Path, tmp_path: Path) -> None:
+    out = tmp_path / "broker"
+    broker_config(state, out)
+    assert invoke(state, "revoke", "site-2").exit_code == 0
+    broker_config(state, out)
+    crl = (out / "crl.pem").read_bytes()
+    (out / "revoked-serials.txt").unlink()
+    result = invoke(state, "broker-config", "--out", str(out))
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert "revoked-serials.txt is missing" in result.output
+    assert (out / "crl.pem").read_bytes() == crl
+
+
 def test_help_has_an_example_and_exit_codes() -> None:
     result = CliRunner().invoke(main, ["broker-config", "--help"])
     assert result.exit_code == 0

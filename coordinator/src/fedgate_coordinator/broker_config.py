@@ -373,7 +373,27 @@ class BrokerAuthority:
         return self.ca_cert_path.exists() and self.ca_key_path.exists()
 
     def load_or_create(self, *, rotate: bool = False) -> bool:
-        """Load the CA, or create it (also when ``rotate``); True if created."""
+        """Load the CA, or create it (also when ``rotate``); True if created.
+
+        Half a CA (the certificate without its key, or the key alone), or no CA in a
+        directory that a CA has issued for (a server certificate, a CRL), is refused with a
+        :class:`ConfigError` unless ``rotate``: a new CA would lock out every client, and
+        that must be asked for, not happen because a restore missed a file.
+        """
+        if not rotate and not self.exists():
+            present = [p.name for p in (self.ca_cert_path, self.ca_key_path) if p.exists()]
+            issued = [
+                name
+                for name in (SERVER_CERT_NAME, CRL_NAME, REVOKED_NAME)
+                if (self.directory / name).exists()
+            ]
+            if present or issued:
+                missing = [n for n in (CA_CERT_NAME, CA_KEY_NAME) if n not in present]
+                raise ConfigError(
+                    f"cannot read the broker CA in {self.directory}: {' and '.join(missing)} "
+                    f"missing beside {', '.join(present + issued)}; restore it from the backup "
+                    "or pass --rotate (a new CA: every client needs new certificates)"
+                )
         if self.exists() and not rotate:
             try:
                 key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), None)
@@ -578,11 +598,25 @@ class BrokerAuthority:
 
 
 def read_revoked(out_dir: Path) -> set[int]:
-    """The serials ``revoked-serials.txt`` in ``out_dir`` lists (none if it is missing)."""
+    """The serials ``revoked-serials.txt`` in ``out_dir`` lists (none before the first CRL).
+
+    Raises :class:`ConfigError` when the list is missing or unreadable while a CRL exists:
+    writing the CRL again from an empty list would let revoked certificates back in.
+    """
     path = out_dir / REVOKED_NAME
     if not path.exists():
+        if (out_dir / CRL_NAME).exists():
+            raise ConfigError(
+                f"{path} is missing but {out_dir / CRL_NAME} exists: the revoked serials "
+                "would be forgotten; restore the file from the backup or pass --rotate"
+            )
         return set()
-    return {int(line, 16) for line in path.read_text().split() if line}
+    try:
+        return {int(line, 16) for line in path.read_text().split() if line}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc}; restore it from the backup or pass --rotate"
+        ) from None
 
 
 def verified_request_key(request_pem: bytes, user: str) -> CertificatePublicKeyTypes:
