@@ -211,19 +211,30 @@ def configure_coordinator(state_dir: Path, changes: dict[str, dict[str, Any]]) -
 
 @dataclass(frozen=True)
 class Setup:
-    """What every cloud's and site's set-up needs to know about the run."""
+    """What every cloud's and site's set-up needs to know about the run.
+
+    Both demos build one from their own command line; the fields are spelled out (not the
+    parsed arguments) so that a choice one demo does not offer is a type error, not an
+    AttributeError half-way through the set-up.
+    """
 
     deployment: str
     out: Path
-    args: argparse.Namespace
     spec_file: Path
     plan: dict[str, Any]  # coordinator.toml [rounds]: the training plan
     genesis_weights: Path | None  # the pre-trained genesis, or None: the seed's random one
+    seed: int
+    rounds: int
+    aggregation: str  # "secagg" or "plaintext"
+    dp: str  # "record", "site" or "off"
+    epsilon: float  # record-level budget per site
+    site_epsilon: float  # site-level budget of each cloud
+    seed_agents: bool  # training.seed on every agent: see agents_seeded
 
     def genesis_options(self) -> tuple[str, ...]:
         """What `init` and `federation init` take to start from this run's genesis."""
         if self.genesis_weights is None:
-            return ("--genesis-seed", str(self.args.seed))
+            return ("--genesis-seed", str(self.seed))
         return ("--genesis-weights", str(self.genesis_weights))
 
 
@@ -243,7 +254,6 @@ class Site:
 
 def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
     """`fedgate-coordinator init` with its own store, then the run's coordinator.toml edits."""
-    args = setup.args
     init = cloud.coordinator(
         "init",
         "--cloud",
@@ -261,17 +271,17 @@ def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
         "--model-spec",
         str(setup.spec_file),
         "--aggregation",
-        args.aggregation,
+        setup.aggregation,
         *setup.genesis_options(),
     )
     cloud.public_key = init["coordinator_public_key"]
     cloud.database_url = init["database_url"]
     changes: dict[str, dict[str, Any]] = {"rounds": setup.plan}
-    if args.dp == "site":
+    if setup.dp == "site":
         changes["privacy"] = {
             "site_level": "on",
-            "target_epsilon": args.site_epsilon,
-            "planned_rounds": args.rounds,
+            "target_epsilon": setup.site_epsilon,
+            "planned_rounds": setup.rounds,
         }
         changes["secagg"] = {"word_bits": 32}
     configure_coordinator(cloud.state, changes)
@@ -279,7 +289,7 @@ def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
 
 def init_agent(site: Site, setup: Setup) -> None:
     """`fedgate-agent init` for the site's cloud and broker, then the run's settings."""
-    args, cloud = setup.args, site.cloud
+    cloud = site.cloud
     agent = run_cli(
         "fedgate-agent",
         "init",
@@ -302,27 +312,27 @@ def init_agent(site: Site, setup: Setup) -> None:
     )
     site.public_key = agent["public_key"]
     settings = {}
-    if agents_seeded(args):
-        settings["training.seed"] = str(args.seed * 1000 + site.index)
-    if args.aggregation == "plaintext":
+    if setup.seed_agents:
+        settings["training.seed"] = str(setup.seed * 1000 + site.index)
+    if setup.aggregation == "plaintext":
         settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
-    if args.dp == "record":
+    if setup.dp == "record":
         settings["privacy.record_level"] = "on"
-        settings["privacy.target_epsilon"] = str(args.epsilon)
-        settings["privacy.planned_rounds"] = str(args.rounds)
+        settings["privacy.target_epsilon"] = str(setup.epsilon)
+        settings["privacy.planned_rounds"] = str(setup.rounds)
         settings["privacy.max_grad_norm"] = str(DP_CLIP)
     for key, value in settings.items():
         set_config_value(site.config, key, value)  # what `fedgate-agent config set` does
 
 
-def agents_seeded(args: argparse.Namespace) -> bool:
+def agents_seeded(dp: str, reproducible: bool) -> bool:
     """Whether the agents get a ``training.seed`` (batches, and DP noise, repeat from it).
 
     With record-level DP they do not, unless ``--reproducible``: a seeded agent's noise can
     be regenerated and protects nothing, so by default the demo's agents draw their batches
     and noise from ChaCha20 keyed by the OS, as in production (docs/privacy.md §5).
     """
-    return bool(args.reproducible) or args.dp != "record"
+    return reproducible or dp != "record"
 
 
 def enroll_agents(cloud: Cloud, sites: list[Site]) -> None:
@@ -497,7 +507,7 @@ def genesis_weights_of(spec: ModelSpec, setup: Setup) -> dict[str, npt.NDArray[n
     """The federation's genesis model: the pre-trained weights file, or the seed's random
     weights (those `init --genesis-seed` draws)."""
     if setup.genesis_weights is None:
-        return initial_weights(spec, np.random.default_rng(setup.args.seed))
+        return initial_weights(spec, np.random.default_rng(setup.seed))
     return read_genesis_weights(setup.genesis_weights).named_weights()
 
 
@@ -542,23 +552,22 @@ def code_digest(modules: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def plain_fedavg_cache(spec_file: Path, setup: Setup) -> Path:
+def plain_fedavg_cache(spec_file: Path, setup: Setup, *, sites: int, stride: int) -> Path:
     """Where :func:`plain_fedavg`'s result for this run's inputs is kept: out/cache, under a
-    digest of everything the result depends on."""
-    args = setup.args
+    digest of everything the result depends on (``sites`` and ``stride`` made the split)."""
     genesis = (
         hashlib.sha256(setup.genesis_weights.read_bytes()).hexdigest()
         if setup.genesis_weights is not None
-        else f"seed {args.seed}"
+        else f"seed {setup.seed}"
     )
     key = {
         "code": code_digest(PLAIN_FEDAVG_CODE),
         "spec": hashlib.sha256(spec_file.read_bytes()).hexdigest(),
         "genesis": genesis,
-        "sites": args.sites,
-        "stride": args.stride,
-        "rounds": args.rounds,
-        "seed": args.seed,
+        "sites": sites,
+        "stride": stride,
+        "rounds": setup.rounds,
+        "seed": setup.seed,
         "plan": msgspec.to_builtins(ROUND_DEFAULTS),
         "torch": torch.__version__,
     }
@@ -574,12 +583,11 @@ def plain_fedavg(split: FederatedSplit, cache: Path, setup: Setup) -> tuple[floa
     if cache.exists():
         cached = json.loads(cache.read_text())
         return float(cached["accuracy"]), float(cached["seconds"])
-    args = setup.args
     result = run_fedavg(
         split,
         ROUND_DEFAULTS,
-        rounds=args.rounds,
-        seed=args.seed,
+        rounds=setup.rounds,
+        seed=setup.seed,
         initial=genesis_weights_of(split.spec, setup),
         jobs=os.cpu_count() or 1,
         progress=lambda line: print(f"      plain FedAvg {line}", flush=True),
@@ -829,10 +837,16 @@ def main() -> int:
         setup = Setup(
             deployment=deployment,
             out=out,
-            args=args,
             spec_file=spec_file,
             plan=plan_settings,
             genesis_weights=genesis_weights,
+            seed=args.seed,
+            rounds=args.rounds,
+            aggregation=args.aggregation,
+            dp=args.dp,
+            epsilon=args.epsilon,
+            site_epsilon=args.site_epsilon,
+            seed_agents=agents_seeded(args.dp, args.reproducible),
         )
         sites = demo_sites(args.sites, clouds, out)
         # The CLIs take seconds to start (imports), so independent steps run side by side.
@@ -862,7 +876,7 @@ def main() -> int:
                 "      DP-SGD batches and noise: "
                 + (
                     "seeded (--reproducible: runs repeat, the noise protects nothing)"
-                    if agents_seeded(args)
+                    if setup.seed_agents
                     else "ChaCha20 keyed by the OS on every agent, as in production"
                 ),
                 flush=True,
@@ -937,7 +951,7 @@ def main() -> int:
     )
     central_seconds = time.monotonic() - central_started
     print(f"      centralized: {central_accuracy:.4f} ({central_seconds:.0f} s)", flush=True)
-    cached = plain_fedavg_cache(spec_file, setup)
+    cached = plain_fedavg_cache(spec_file, setup, sites=args.sites, stride=args.stride)
     if cached.exists():
         print(f"      plain FedAvg: cached in {shown(cached)}", flush=True)
     plain_accuracy, plain_seconds = plain_fedavg(split, cached, setup)
@@ -956,7 +970,7 @@ def main() -> int:
         "aggregation": args.aggregation,
         "record_level_dp": args.dp == "record",
         # Seeded agents repeat their batches and DP noise: no guarantee (privacy.md §5).
-        "agents_seeded": agents_seeded(args),
+        "agents_seeded": agents_seeded(args.dp, args.reproducible),
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_spent,
         # What the agents reported with their updates, as the coordinators booked it.
@@ -1040,7 +1054,7 @@ def main() -> int:
             f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
             "fedgate-coordinator privacy)"
         )
-        if agents_seeded(args):
+        if agents_seeded(args.dp, args.reproducible):
             print(
                 "      --reproducible seeds every agent (training.seed): its noise can be "
                 "regenerated, so this ε measures the noise added and guarantees nothing "

@@ -68,6 +68,7 @@ from run_demo import (
     Cloud,
     Setup,
     Site,
+    agents_seeded,
     demo_sites,
     follow_heights,
     pin_manifest,
@@ -388,14 +389,18 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--dp", choices=("off", "record"), default="off")
     parser.add_argument("--epsilon", type=float, default=8.0, help="record-level ε budget")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="with --dp record, seed every agent too (training.seed), so that runs repeat: "
+        "the DP noise can then be regenerated and protects nothing (the agents warn)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: out/demo-live")
     args = parser.parse_args()
     if args.sites is None:
         args.sites = 3 * args.clouds
     if args.clouds < 1 or args.sites < 2 * args.clouds:
         parser.error("every cloud needs at least 2 sites (secure aggregation)")
-    args.aggregation = "secagg"
-    args.site_epsilon = 0.0
     return args
 
 
@@ -427,10 +432,16 @@ def main() -> int:
         setup = Setup(
             deployment=deployment,
             out=out,
-            args=args,
             spec_file=spec_file,
             plan=plan,
             genesis_weights=None,  # the seed's random weights
+            seed=args.seed,
+            rounds=args.rounds,
+            aggregation="secagg",
+            dp=args.dp,
+            epsilon=args.epsilon,
+            site_epsilon=0.0,  # no site-level DP here
+            seed_agents=agents_seeded(args.dp, args.reproducible),
         )
         sites = demo_sites(args.sites, clouds, out)
         with ThreadPoolExecutor(SETUP_WORKERS) as pool:
