@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from fedgate_agent.cli import ExitCode as AgentExit
 from fedgate_agent.cli import main as agent_main
 from fedgate_bridge.cli import main as bridge_main
-from fedgate_common.consensus.manifest import encode_manifest_file
+from fedgate_common.consensus.manifest import encode_manifest_file, manifest_digest
 from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import ModelSpec
 from fedgate_coordinator.cli import ExitCode as CoordinatorExit
@@ -42,8 +42,9 @@ def test_every_command_has_help_with_an_example(main: click.Group) -> None:
     for path in [(), *paths]:
         result = runner.invoke(main, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
-        assert "Example" in result.output, f"{' '.join(path) or 'main'} --help has no example"
-    assert "Exit codes" in runner.invoke(main, ["--help"]).output
+        name = " ".join(path) or "main"
+        assert "Example" in result.output, f"{name} --help has no example"
+        assert "exit code" in result.output.lower(), f"{name} --help lists no exit codes"
 
 
 def test_coordinator_exit_codes(tmp_path: Path) -> None:
@@ -176,3 +177,46 @@ def test_agent_exit_codes(tmp_path: Path) -> None:
     status = json.loads(runner.invoke(agent_main, ["status", "--config", config, "--json"]).output)
     assert status["running"] is False
     assert status["identity_present"] is True
+
+
+def test_pin_replace_swaps_a_first_manifest_for_another(tmp_path: Path) -> None:
+    """A cloud that ran alone (init pins its one-cloud manifest, version 1) joins a
+    federation whose manifest is a version 1 too: pin refuses it, pin --replace takes it."""
+    runner = CliRunner()
+    config = str(tmp_path / "agent.toml")
+    init = runner.invoke(
+        agent_main,
+        ["init", "--config", config, "--agent-id", "gw-1", "--state-dir", str(tmp_path / "s")],
+    )
+    assert init.exit_code == 0, init.output
+    own, other = SigningKey.generate(), SigningKey.generate()
+    alone = tmp_path / "alone.json"
+    alone.write_bytes(
+        encode_manifest_file(
+            federation_manifest(deployment="fedgate", keys={"cloud-1": own}, spec=SPEC)
+        )
+    )
+    joined_manifest = federation_manifest(
+        deployment="fedgate", keys={"cloud-1": own, "cloud-2": other}, spec=SPEC
+    )
+    joined = tmp_path / "joined.json"
+    joined.write_bytes(encode_manifest_file(joined_manifest))
+    pin = ["federation", "pin", "--config", config]
+    assert runner.invoke(agent_main, [*pin, str(alone)]).exit_code == 0
+    refused = runner.invoke(agent_main, [*pin, str(joined)])
+    assert refused.exit_code == AgentExit.MANIFEST
+    assert "--replace" in refused.output
+    unsigned = json.loads(joined.read_text())
+    unsigned["signatures"] = unsigned["signatures"][:1]
+    half = tmp_path / "half.json"
+    half.write_text(json.dumps(unsigned))
+    assert runner.invoke(agent_main, [*pin, "--replace", str(half)]).exit_code == (
+        AgentExit.MANIFEST
+    )
+    replaced = runner.invoke(agent_main, [*pin, "--replace", str(joined), "--json"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.output)["clouds"] == ["cloud-1", "cloud-2"]
+    shown = json.loads(
+        runner.invoke(agent_main, ["federation", "show", "--config", config, "--json"]).output
+    )
+    assert shown["digest"] == manifest_digest(joined_manifest.manifest)

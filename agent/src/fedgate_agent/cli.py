@@ -248,17 +248,25 @@ def federation() -> None:
 @federation.command("pin")
 @config_option
 @click.argument("manifest_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Pin MANIFEST_FILE as a new first manifest in place of the pinned one (it must be "
+    "signed by every coordinator it lists), e.g. when this cloud joins a federation.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guard
-def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> None:
+def federation_pin(config_path: Path, manifest_file: Path, replace: bool, as_json: bool) -> None:
     """Verify MANIFEST_FILE and pin it: copy it into the state directory, set its digest.
 
     A first manifest must be signed by every coordinator it lists; a newer version by a
-    quorum of the currently pinned one. Restart the agent afterwards.
+    quorum of the currently pinned one. With --replace the file is checked as a first
+    manifest whatever is pinned. Restart the agent afterwards.
 
     \b
     Example:
       fedgate-agent federation pin --config /etc/fedgate/agent.toml federation.json
+      fedgate-agent federation pin --replace federation-v1.json   # the cloud joined others
     """
     cfg = load_config(config_path, require_complete=False)
     raw = manifest_file.read_bytes()
@@ -267,7 +275,7 @@ def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> Non
         deployment=cfg.deployment,
         cloud=cfg.cloud,
         coordinator_key=cfg.coordinator_public_key,
-        current=read_pinned(cfg.state_path),
+        current=None if replace else read_pinned(cfg.state_path),
     )
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     write_manifest(cfg.state_path, raw)
@@ -288,7 +296,7 @@ def federation_pin(config_path: Path, manifest_file: Path, as_json: bool) -> Non
     if as_json:
         echo_json(result)
         return
-    click.echo(f"pinned manifest version {result['version']} ({digest[:16]}…)")
+    click.echo(f"pinned manifest version {result['version']}, digest {digest}")
     click.echo(f"clouds: {', '.join(clouds)} — {result['tolerance']}")
 
 
@@ -651,3 +659,15 @@ def _print_scoring(scoring: ScoringStatus) -> None:
     )
     if scoring.last_error:
         click.echo(f"           last scoring error {scoring.last_error}")
+
+
+def _show_exit_codes(group: click.Group) -> None:
+    """Give every command that lists no exit codes of its own the table of them all."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _show_exit_codes(command)
+        if command.epilog is None and "exit code" not in (command.help or "").lower():
+            command.epilog = EXIT_CODES_HELP
+
+
+_show_exit_codes(main)

@@ -118,7 +118,8 @@ def check_new_manifest(
         version, pinned = signed.manifest.version, current.manifest.version
         if version <= pinned:
             raise ManifestInvalid(
-                f"manifest version {version} is not newer than the pinned version {pinned}"
+                f"manifest version {version} is not newer than the pinned version {pinned} "
+                "(to start over from a new first manifest, pin it with --replace)"
             )
         if version != pinned + 1:
             raise ManifestInvalid(

@@ -1300,3 +1300,15 @@ def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool)
 main.add_command(federation)
 main.add_command(install_service)
 main.add_command(broker_config)
+
+
+def _show_exit_codes(group: click.Group) -> None:
+    """Give every command that lists no exit codes of its own the table of them all."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _show_exit_codes(command)
+        if command.epilog is None and "exit code" not in (command.help or "").lower():
+            command.epilog = EXIT_CODES_HELP
+
+
+_show_exit_codes(main)
