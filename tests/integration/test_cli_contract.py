@@ -220,3 +220,47 @@ def test_pin_replace_swaps_a_first_manifest_for_another(tmp_path: Path) -> None:
         runner.invoke(agent_main, ["federation", "show", "--config", config, "--json"]).output
     )
     assert shown["digest"] == manifest_digest(joined_manifest.manifest)
+
+
+def test_config_validate_reads_the_login_files_run_reads(tmp_path: Path) -> None:
+    """A password or TLS file that `run` could not load fails `config validate` (exit 3),
+    every such file named, instead of passing it and failing at start-up."""
+    runner = CliRunner()
+    config = str(tmp_path / "agent.toml")
+    assert (
+        runner.invoke(
+            agent_main,
+            ["init", "--config", config, "--agent-id", "gw-1", "--state-dir", str(tmp_path / "s")],
+        ).exit_code
+        == 0
+    )
+    key = SigningKey.generate()
+    manifest = tmp_path / "federation.json"
+    manifest.write_bytes(
+        encode_manifest_file(
+            federation_manifest(deployment="fedgate", keys={"cloud-1": key}, spec=SPEC)
+        )
+    )
+    pinned = runner.invoke(agent_main, ["federation", "pin", "--config", config, str(manifest)])
+    assert pinned.exit_code == 0, pinned.output
+    validate = ["config", "validate", "--config", config]
+    assert runner.invoke(agent_main, validate).exit_code == 0
+    garbage_ca = tmp_path / "ca.pem"
+    garbage_ca.write_text("not a certificate\n")
+    text = Path(config).read_text()
+    text = text.replace('password_file = ""', f'password_file = "{tmp_path / "missing"}"', 1)
+    text = text.replace('tls_ca_file = ""', f'tls_ca_file = "{garbage_ca}"', 1)
+    text += (
+        '\n[[opcua_source]]\nendpoint = "opc.tcp://127.0.0.1:4840"\n'
+        'tags = { XMEAS_1 = "ns=2;s=XMEAS_1" }\n'
+        f'password_file = "{tmp_path / "opcua-missing"}"\n'
+    )
+    Path(config).write_text(text)
+    broken = runner.invoke(agent_main, validate)
+    assert broken.exit_code == AgentExit.CONFIG, broken.output
+    assert str(garbage_ca) in broken.output
+    assert str(tmp_path / "opcua-missing") in broken.output
+    (tmp_path / "opcua-missing").write_text("secret\n")
+    still = runner.invoke(agent_main, validate)
+    assert still.exit_code == AgentExit.CONFIG
+    assert str(tmp_path / "opcua-missing") not in still.output

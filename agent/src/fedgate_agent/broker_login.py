@@ -17,7 +17,9 @@ certificate when the broker asks for one.
 
 from __future__ import annotations
 
+import functools
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,14 @@ from fedgate_common.mqtt_tls import client_tls_context
 from fedgate_agent.config import AgentConfig, BrokerConfig
 from fedgate_agent.errors import ConfigError
 
-__all__ = ["BrokerLogin", "broker_login", "cloud_login", "ingest_login", "read_password"]
+__all__ = [
+    "BrokerLogin",
+    "broker_login",
+    "check_login_files",
+    "cloud_login",
+    "ingest_login",
+    "read_password",
+]
 
 
 @dataclass(frozen=True)
@@ -110,3 +119,25 @@ def ingest_login(config: AgentConfig) -> BrokerLogin:
         tls_key_file=ingest.mqtt_tls_key_file,
         what="[ingest] mqtt_*",
     )
+
+
+def check_login_files(config: AgentConfig) -> None:
+    """Read every password and TLS file `run` reads: the cloud link's, the MQTT ingest's (when
+    there are MQTT sources) and each OPC-UA source's, so that `config validate` fails where
+    `run` would. Raises one :class:`ConfigError` listing every file that does not load."""
+    checks: list[Callable[[], object]] = [lambda: cloud_login(config.broker)]
+    if config.mqtt_source:
+        checks.append(lambda: ingest_login(config))
+    for source in config.opcua_source:
+        checks.append(functools.partial(read_password, source.password_file, "OPC-UA"))
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise ConfigError(f"login files that do not load:\n{listing}", problems=problems)

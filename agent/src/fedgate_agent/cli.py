@@ -36,6 +36,7 @@ from fedgate_common.text_table import format_table
 
 from fedgate_agent import __version__
 from fedgate_agent.broker_key_cli import broker_key_command
+from fedgate_agent.broker_login import check_login_files
 from fedgate_agent.cli_support import (
     EXIT_CODES_HELP,
     ExitCode,
@@ -222,12 +223,16 @@ def config_set(config_path: Path, key: str, value: str) -> None:
 def config_validate(config_path: Path) -> None:
     """Check the configuration is complete and valid to run (exit 0) or say what to fix (3).
 
+    Besides the file itself: the identity key, and every password and TLS file that `run`
+    reads (the broker's, the MQTT ingest's, each OPC-UA source's).
+
     \b
     Example:
       fedgate-agent config validate && systemctl restart fedgate-agent
     """
     cfg = load_config(config_path)
     load_identity(cfg.state_path)
+    check_login_files(cfg)
     click.echo(f"{config_path}: valid")
 
 
