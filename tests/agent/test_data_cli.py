@@ -97,6 +97,36 @@ def test_import_twice_stores_once_and_windows_follow(tmp_path: Path) -> None:
     assert f"{rows:,} samples of 5,000,000 (reject_new)" in human.output
 
 
+def test_a_damaged_buffer_is_a_data_error_for_windows_and_a_status_line(tmp_path: Path) -> None:
+    """Pages that SQLite finds malformed when windows or a stopped agent's status reads
+    them: windows exits 4 naming the way out, status still shows the rest; the file stays
+    for `run` or `import` to move aside."""
+    config = agent(tmp_path)
+    export = tmp_path / "line3.csv"
+    historian_csv(export, minutes=600)
+    runner = CliRunner()
+    assert (
+        runner.invoke(agent_main, ["import", "--config", str(config), str(export)]).exit_code == 0
+    )
+    buffer = tmp_path / "state" / "ingest" / "buffer.db"
+    data = bytearray(buffer.read_bytes())
+    page_size = int.from_bytes(data[16:18], "big")
+    for offset in range(4 * page_size, len(data), page_size):  # keep the schema and meta
+        data[offset : offset + 64] = b"\xa5" * 64
+    buffer.write_bytes(bytes(data))
+    windows = runner.invoke(agent_main, ["windows", "--config", str(config)])
+    assert windows.exit_code == ExitCode.DATA, windows.output
+    assert "malformed" in windows.output
+    assert "moves it aside" in windows.output
+    status = runner.invoke(agent_main, ["status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "buffer     unreadable:" in status.output
+    assert buffer.read_bytes() == bytes(data)
+    moved = runner.invoke(agent_main, ["import", "--config", str(config), str(export)])
+    assert moved.exit_code == 0, moved.output
+    assert list(buffer.parent.glob("buffer.db.corrupt-*"))
+
+
 def test_import_errors_exit_with_the_data_code(tmp_path: Path) -> None:
     config = agent(tmp_path)
     export = tmp_path / "odd.csv"

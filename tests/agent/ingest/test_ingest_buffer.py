@@ -23,7 +23,7 @@ from fedgate_agent.ingest.buffer import (
     InsertResult,
     RejectedPayload,
 )
-from fedgate_agent.ingest.errors import IngestError
+from fedgate_agent.ingest.errors import BufferCorrupted, IngestError
 from fedgate_agent.ingest.samples import Sample
 
 
@@ -208,11 +208,12 @@ def test_schema_is_plain_sqlite(tmp_path: Path) -> None:
     assert "samples_by_tag_ts" in plan
 
 
-def _corrupt_pages(path: Path) -> None:
-    """Keep SQLite's header, overwrite every later page's first bytes with junk."""
+def _corrupt_pages(path: Path, first: int = 1) -> None:
+    """Keep SQLite's header (and the pages before ``first``), overwrite the first bytes of
+    every later page with junk."""
     data = bytearray(path.read_bytes())
     page_size = int.from_bytes(data[16:18], "big")
-    for offset in range(page_size, len(data), page_size):
+    for offset in range(first * page_size, len(data), page_size):
         data[offset : offset + 64] = b"\xa5" * 64
     path.write_bytes(bytes(data))
 
@@ -256,6 +257,24 @@ def test_read_only_open_reports_corruption_without_moving_the_file(tmp_path: Pat
     with pytest.raises(IngestError, match="not an SQLite database"):
         IngestBuffer.open_read_only(path)
     assert path.exists()
+
+
+def test_read_only_reads_of_damaged_pages_are_buffer_corrupted(tmp_path: Path) -> None:
+    """The read-only open checks the header only; the damaged pages show when a read reaches
+    them, and that is a typed error naming the way out, with the file left in place."""
+    path = tmp_path / "buffer.db"
+    with open_buffer(path) as buffer:
+        buffer.insert([sample(i) for i in range(3000)])
+    _corrupt_pages(path, first=4)  # the schema and meta still read: the open succeeds
+    damaged = path.read_bytes()
+    with IngestBuffer.open_read_only(path) as buffer:
+        with pytest.raises(BufferCorrupted, match="moves it aside"):
+            buffer.stats()
+        with pytest.raises(BufferCorrupted):
+            buffer.tags()
+        with pytest.raises(BufferCorrupted):
+            buffer.read_series([sample(0).tag])
+    assert path.read_bytes() == damaged
 
 
 WRITER = """

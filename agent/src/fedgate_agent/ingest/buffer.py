@@ -507,10 +507,26 @@ class IngestBuffer:
 
     # -- reading ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The lock and the connection for one read. A damaged page the read runs into is a
+        :class:`BufferCorrupted`; the file stays where it is (a reader may sit beside the
+        running agent), and `run` or `import` move it aside when they open it."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.DatabaseError as exc:
+                if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPTION_CODES:
+                    raise
+                raise BufferCorrupted(
+                    f"cannot read the buffer at {self._settings.path}: {exc} (damaged; "
+                    "`fedgate-agent run` or `import` moves it aside and starts a new one)",
+                    path=self._settings.path,
+                ) from exc
+
     def stats(self) -> BufferStats:
         """Counters, per-source state, cap, quarantines and file size, read in one snapshot."""
-        with self._lock:
-            db = self._db
+        with self._reading() as db:
             db.execute("BEGIN")
             try:
                 counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
@@ -551,12 +567,9 @@ class IngestBuffer:
 
     def tags(self) -> list[str]:
         """Tags that have at least one stored sample, sorted."""
-        with self._lock:
+        with self._reading() as db:
             return [
-                tag
-                for (tag,) in self._db.execute(
-                    "SELECT tag FROM tags WHERE samples > 0 ORDER BY tag"
-                )
+                tag for (tag,) in db.execute("SELECT tag FROM tags WHERE samples > 0 ORDER BY tag")
             ]
 
     def read_series(
@@ -567,9 +580,9 @@ class IngestBuffer:
         low = -math.inf if start is None else start
         high = math.inf if end is None else end
         series: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]] = {}
-        with self._lock:
+        with self._reading() as db:
             for tag in tags:
-                rows = self._db.execute(
+                rows = db.execute(
                     "SELECT ts, value FROM samples WHERE tag = ? AND ts >= ? AND ts < ? "
                     "ORDER BY ts",
                     (tag, low, high),
