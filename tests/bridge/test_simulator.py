@@ -397,17 +397,19 @@ def test_help_has_an_example_and_the_exit_codes() -> None:
     assert "Exit codes" in result.stdout
 
 
-def test_usage_and_config_errors_exit_before_serving() -> None:
+def test_usage_and_config_errors_exit_before_serving(tmp_path: Path) -> None:
     no_server = run_simulate("--seed", "1")
     assert no_server.returncode == SimulateExitCode.USAGE
     assert "--modbus-port" in no_server.stderr
     bad_fault = run_simulate("--modbus-port", str(free_port()), "--fault", "IDV99:1")
     assert bad_fault.returncode == SimulateExitCode.CONFIG
     assert "IDV 1..28" in bad_fault.stderr
+    (tmp_path / "a-file").write_text("")
     bad_dir = run_simulate(
-        "--modbus-port", str(free_port()), "--write-bridge-config", "/nonexistent-dir/bridge.toml"
+        "--modbus-port", str(free_port()), "--write-bridge-config", str(tmp_path / "a-file/b.toml")
     )
     assert bad_dir.returncode == SimulateExitCode.CONFIG
+    assert "cannot create directory" in bad_dir.stderr
 
 
 @pytest.fixture
@@ -418,7 +420,7 @@ def simulate_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], di
             *SIMULATE,
             *("--seed", "2", "--fault", "IDV1:0.1", "--speed", "1800", "--json"),
             *("--modbus-port", str(modbus_port), "--opcua-port", str(opcua_port)),
-            *("--write-bridge-config", str(tmp_path / "bridge.toml")),
+            *("--write-bridge-config", str(tmp_path / "site-7" / "bridge.toml")),
             *("--topic-prefix", "plant/site-7", "--broker-port", "18830"),
             *("--bridge-state-dir", str(tmp_path / "state")),
         ],
@@ -451,7 +453,7 @@ async def test_simulate_serves_and_stops_on_sigterm(
     assert isinstance(modbus, dict)
     assert isinstance(opcua, dict)
     # The bridge's own loader accepts what the simulator wrote.
-    config = load_config(tmp_path / "bridge.toml")
+    config = load_config(tmp_path / "site-7" / "bridge.toml")
     assert config.modbus[0].port == modbus["port"]
     assert config.opcua[0].endpoint == opcua["endpoint"]
     assert config.broker.port == 18830

@@ -12,7 +12,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.model_spec import ModelSpec, initial_weights
-from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
+from fedgate_coordinator.errors import (
+    AgentConflict,
+    AgentRevoked,
+    ChainBroken,
+    RoundStateError,
+    StoreError,
+)
 from fedgate_coordinator.store import (
     AgentStatus,
     ModelRecord,
@@ -182,6 +188,10 @@ def test_touch_and_revoke_agent(store: Store) -> None:
     assert_aware_utc(touched.last_seen_at)
     assert revoked.status is AgentStatus.REVOKED
     assert revoked.last_seen_at is None
+    for key in (KEY_B, KEY_A):  # the same key or another: a revoked id is not enrolled again
+        with pytest.raises(AgentRevoked, match="stays revoked"):
+            store.enroll_agent("plant-2", key)
+    assert store.list_agents()[1].status is AgentStatus.REVOKED
     with pytest.raises(StoreError):
         store.touch_agent("nobody")
 

@@ -72,6 +72,9 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     assert runner.invoke(coordinator_main, [*state, "revoke", "gw-1"]).exit_code == 0
     agents = json.loads(runner.invoke(coordinator_main, [*state, "agents", "--json"]).output)
     assert agents[0]["status"] == "revoked"
+    again = runner.invoke(coordinator_main, [*state, "enroll", "gw-1", key])
+    assert again.exit_code == CoordinatorExit.CONFLICT
+    assert "stays revoked" in again.output
     status = json.loads(runner.invoke(coordinator_main, [*state, "status", "--json"]).output)
     assert status["head_model"] is None  # the genesis model is made by the first `serve`
     assert status["consensus"]["tolerance"] == "1 cloud: quorum 1, tolerates no faulty coordinator"

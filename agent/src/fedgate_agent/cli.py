@@ -89,8 +89,8 @@ def main() -> None:
     \b
     Example (first install):
       fedgate-agent init --agent-id site-1 --deployment plant-a --cloud cloud-1
-      # enroll the printed key at the coordinator, then:
-      fedgate-agent config set coordinator_public_key ed25519:9f2c...
+      # enroll the printed key at the coordinator; with the manifest its operator gives:
+      fedgate-agent federation pin federation.json
       fedgate-agent run
 
     Settings come from the TOML file, overridden by FEDGATE_<KEY> environment variables

@@ -54,7 +54,20 @@ class AgentConflict(StoreError):
     def __init__(self, agent_id: str) -> None:
         super().__init__(
             f"agent {agent_id!r} is already enrolled with a different public key; "
-            "choose another id or remove the old enrollment first"
+            "enroll the gateway under another id (ids are never reused: the store keeps "
+            "every enrollment for the audit trail)"
+        )
+        self.agent_id = agent_id
+
+
+class AgentRevoked(AgentConflict):
+    """``agent_id`` was revoked: it stays revoked, whatever key it is enrolled with again."""
+
+    def __init__(self, agent_id: str) -> None:
+        StoreError.__init__(
+            self,
+            f"agent {agent_id!r} is revoked and stays revoked (there is no reactivation); "
+            "enroll the gateway under a new id",
         )
         self.agent_id = agent_id
 

@@ -95,9 +95,15 @@ def _check_topic_prefix(prefix: str) -> None:
 
 
 def _check_config_path(path: Path) -> None:
+    """Fail before the plant starts if the bridge config cannot be written; a missing
+    directory is created (as simulate-runs creates its own)."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"--write-bridge-config: directory {str(parent)!r} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"--write-bridge-config: cannot create directory {str(parent)!r}: {exc}"
+        ) from None
     if path.is_dir():
         raise ConfigError(f"--write-bridge-config: {str(path)!r} is a directory, give a file")
     if not os.access(parent, os.W_OK):

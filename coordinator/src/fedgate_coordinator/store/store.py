@@ -46,7 +46,13 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from fedgate_coordinator.errors import AgentConflict, ChainBroken, RoundStateError, StoreError
+from fedgate_coordinator.errors import (
+    AgentConflict,
+    AgentRevoked,
+    ChainBroken,
+    RoundStateError,
+    StoreError,
+)
 from fedgate_coordinator.store.records import (
     CONSENSUS_STEPS,
     NIL_VALUE,
@@ -251,8 +257,9 @@ class Store:
     def enroll_agent(self, agent_id: str, public_key: str) -> AgentRecord:
         """Enroll an agent; enrolling the same id with the same key again changes nothing.
 
-        Raises :class:`AgentConflict` if ``agent_id`` is enrolled with another key, and
-        ``InvalidIdentifier`` if it cannot be used in a topic.
+        Raises :class:`AgentRevoked` if ``agent_id`` was revoked (with any key; it is not
+        enrolled again, and no broker login is issued for it), :class:`AgentConflict` if it is
+        enrolled with another key, and ``InvalidIdentifier`` if it cannot be used in a topic.
         """
         validate_identifier(agent_id, what="agent id")
         if not public_key:
@@ -269,6 +276,8 @@ class Store:
                 )
                 session.add(row)
                 session.flush()
+            elif row.status == AgentStatus.REVOKED.value:
+                raise AgentRevoked(agent_id)
             elif row.public_key != public_key:
                 raise AgentConflict(agent_id)
             return _agent_record(row)
