@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 from click.testing import CliRunner
@@ -188,15 +189,21 @@ def test_status_tells_a_clean_stop_from_an_agent_that_died(tmp_path: Path) -> No
         assert result.exit_code == 0, result.output
         return result.output
 
-    def stopped_cleanly() -> object:
+    def as_json() -> dict[str, Any]:
         result = CliRunner().invoke(agent_main, ["status", "--config", str(config), "--json"])
-        return json.loads(result.output)["stopped_cleanly"]
+        return dict(json.loads(result.output))
 
-    assert "agent      gw-1 (stopped)\n" in shown(AgentStatus(agent_id="site-1"))
+    def stopped_cleanly() -> object:
+        return as_json()["stopped_cleanly"]
+
+    never_ran = shown(AgentStatus(agent_id="site-1"))
+    assert "agent      gw-1 (stopped)\n" in never_ran
+    assert "model      none yet\n" in never_ran
     assert stopped_cleanly() is True
     died = shown(AgentStatus(agent_id="site-1", state="training", pid=dead.pid))
     assert "(not running; it ended while training, without a clean stop)" in died
     assert stopped_cleanly() is False
+    assert (as_json()["state"], as_json()["last_state"]) == ("stopped", "training")
     alive = shown(
         AgentStatus(agent_id="site-1", state="idle", pid=os.getpid(), last_train_loss=0.61234567)
     )

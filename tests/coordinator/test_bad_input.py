@@ -29,7 +29,7 @@ from fedgate_coordinator.config import CoordinatorConfig
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings
-from fedgate_coordinator.service import CoordinatorService, ServeSummary
+from fedgate_coordinator.service import STOP_REASON, CoordinatorService, ServeSummary
 from fedgate_coordinator.store import RECORD_UNIT, Store
 
 from tests.federation_support import one_cloud
@@ -47,6 +47,7 @@ class Harness:
     keys: dict[str, nacl.signing.SigningKey]
     start: RoundStart
     serving: asyncio.Task[ServeSummary]
+    service: CoordinatorService
 
     def update(
         self,
@@ -112,7 +113,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await client.subscribe(model_topic(deployment, CLOUD), qos=1)
         serving = asyncio.create_task(service.run(max_rounds=1))
         start = await asyncio.wait_for(_first_start(client), 20)
-        yield Harness(deployment, store, client, keys, start, serving)
+        yield Harness(deployment, store, client, keys, start, serving, service)
         if not serving.done():
             serving.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -296,3 +297,17 @@ async def test_privacy_reports_are_booked_per_agent_once(harness: Harness) -> No
     assert (rows[1].noise_multiplier, rows[1].clip_norm, rows[1].delta) == (2.5, 4.0, 1e-5)
     assert rows[1].target_epsilon == 3.0
     assert harness.store.privacy_ledger("site") == []
+
+
+async def test_a_round_cut_short_by_a_stop_is_aborted_and_counted(harness: Harness) -> None:
+    """serve stopped (SIGTERM) while a round waits for updates: the round is recorded as
+    aborted, and the closing summary counts it."""
+    harness.serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await harness.serving
+    record = harness.store.get_round(harness.start.round)
+    assert record is not None
+    assert record.status == "aborted"
+    assert record.abort_reason == STOP_REASON
+    assert harness.service.summary.rounds_aborted == 1
+    assert harness.service.summary.rounds_completed == 0

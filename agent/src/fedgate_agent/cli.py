@@ -607,6 +607,7 @@ def status(config_path: Path, as_json: bool) -> None:
     # A process that is gone without writing "stopped" was killed or crashed.
     data["stopped_cleanly"] = None if running else state.state == "stopped" or state.pid is None
     if not running:
+        data["last_state"] = state.state  # what the agent was doing when it ended
         data["state"] = "stopped"
     data["ingest"] = _ingest_status(cfg, state, running)
     if as_json:
@@ -620,7 +621,10 @@ def status(config_path: Path, as_json: bool) -> None:
         condition = f"not running; it ended while {state.state}, without a clean stop"
     click.echo(f"agent      {cfg.agent_id} ({condition})")
     click.echo(f"broker     {data['broker']}")
-    click.echo(f"model      round {state.model_round} {state.model_digest or '-'}")
+    if state.model_round is None:
+        click.echo("model      none yet")
+    else:
+        click.echo(f"model      round {state.model_round} {state.model_digest or '-'}")
     federation_info = data["federation"]
     click.echo(
         "federation "

@@ -617,6 +617,7 @@ class CoordinatorService:
             self.current = None
             if not closed:
                 self.store.abort_round(round=number, reason=STOP_REASON)
+                self.summary.rounds_aborted += 1
 
     async def _wait_for_stage(self, seconds: float) -> None:
         current = self.current
