@@ -164,6 +164,13 @@ def test_reinstall_keeps_config_and_refuses_an_edited_unit(tmp_path: Path) -> No
     assert "--force" in err
     assert unit.read_text() == edited
 
+    code, out, err = install("fedgate-agent", tmp_path, "--dry-run")
+    assert code == InstallExit.CONFLICT
+    assert f"refuse     write  {unit}" in out  # the whole list, with what it would refuse
+    assert "unchanged  write" in out
+    assert "--force" in err
+    assert unit.read_text() == edited
+
     code, out, _ = install("fedgate-agent", tmp_path, "--force")
     assert code == 0
     assert "replaced" in out

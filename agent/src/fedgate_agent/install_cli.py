@@ -67,7 +67,7 @@ def install_service(**options: Any) -> None:
       sudo fedgate-agent install-service
       fedgate-agent install-service --root /tmp/stage --json
     """
-    code, text = run_install(
+    code, report, error = run_install(
         service=SERVICE,
         template=files("fedgate_agent") / "templates" / "agent.toml.example",
         config_file=str(DEFAULT_CONFIG_PATH),
@@ -76,5 +76,8 @@ def install_service(**options: Any) -> None:
         ),
         **options,
     )
-    click.echo(text, err=code != 0)
+    if report:
+        click.echo(report)
+    if error:
+        click.echo(error, err=True)
     sys.exit(int(code))

@@ -202,23 +202,29 @@ def _carry_out(step: InstallStep, outcome: str, *, real: bool) -> str:
     return outcome
 
 
+def install_conflict(paths: list[str]) -> InstallConflict:
+    """The error for installed files that were changed by hand (exit 5)."""
+    return InstallConflict(
+        "these files were changed since install-service wrote them: "
+        + ", ".join(paths)
+        + "; keep local changes in a drop-in (`systemctl edit`) and pass --force to "
+        "replace them",
+        paths=paths,
+    )
+
+
 def apply_plan(plan: InstallPlan, *, dry_run: bool, force: bool) -> list[StepOutcome]:
     """Install (or, with ``dry_run``, only evaluate) ``plan``.
 
     Raises :class:`InstallConflict` before changing anything when an existing file would
-    be replaced without ``force`` (in a dry run too: that is what would happen).
+    be replaced without ``force``. A dry run returns its outcomes with ``refuse`` for such
+    files instead, so that the whole list can be shown.
     """
     real = plan.root == "/"
     evaluated = [(step, _evaluate(step, real=real, force=force)) for step in plan.steps]
     refused = [step.path for step, outcome in evaluated if outcome == "refuse"]
-    if refused:
-        raise InstallConflict(
-            "these files were changed since install-service wrote them: "
-            + ", ".join(refused)
-            + "; keep local changes in a drop-in (`systemctl edit`) and pass --force to "
-            "replace them",
-            paths=refused,
-        )
+    if refused and not dry_run:
+        raise install_conflict(refused)
     outcomes: list[StepOutcome] = []
     for step, outcome in evaluated:
         done = outcome if dry_run else _carry_out(step, outcome, real=real)
@@ -300,12 +306,13 @@ def install_service(
     template_path: str | None,
     as_json: bool,
     existing_config: str = "",
-) -> tuple[InstallExit, str]:
+) -> tuple[InstallExit, str, str]:
     """What every ``install-service`` command does: check the privileges, read the
     service's existing configuration under ``root`` (``existing_config``, default
     ``config_file``; if any), let ``build(existing, program, template)`` make the spec,
-    plan and apply. Returns the exit code and the text to print (the error message when
-    the code is not OK)."""
+    plan and apply. Returns the exit code, the report for stdout ("" when nothing was
+    planned) and the error for stderr ("" when none; a dry run that would refuse a file
+    has both)."""
     try:
         root_text = str(Path(root).absolute())
         require_root(root=root_text, euid=0 if dry_run else os.geteuid())
@@ -318,8 +325,12 @@ def install_service(
         plan = plan_install(spec, root=root_text)
         outcomes = apply_plan(plan, dry_run=dry_run, force=force)
     except InstallError as exc:
-        return exit_code_of(exc), f"error: {exc}"
-    return InstallExit.OK, install_report(plan, outcomes, dry_run=dry_run, as_json=as_json)
+        return exit_code_of(exc), "", f"error: {exc}"
+    report = install_report(plan, outcomes, dry_run=dry_run, as_json=as_json)
+    refused = [o.target for o in outcomes if o.outcome == "refuse"]  # a dry run's only
+    if refused:
+        return InstallExit.CONFLICT, report, f"error: {install_conflict(refused)}"
+    return InstallExit.OK, report, ""
 
 
 def install_report(

@@ -83,7 +83,7 @@ def install_service(ctx: click.Context, /, **options: Any) -> None:
       fedgate-coordinator install-service --root /tmp/stage --json
     """
     state_dir = str(Path(ctx.obj.state_dir).absolute())
-    code, text = run_install(
+    code, report, error = run_install(
         service=SERVICE,
         template=files("fedgate_coordinator") / "templates" / "coordinator.toml.example",
         config_file=f"{CONFIG_DIR}/coordinator.toml.example",
@@ -93,5 +93,8 @@ def install_service(ctx: click.Context, /, **options: Any) -> None:
         ),
         **options,
     )
-    click.echo(text, err=code != 0)
+    if report:
+        click.echo(report)
+    if error:
+        click.echo(error, err=True)
     sys.exit(int(code))

@@ -94,7 +94,7 @@ def install_service(serial_devices: tuple[str, ...], **options: Any) -> None:
       sudo fedgate-bridge install-service --serial-device /dev/ttyUSB0
       fedgate-bridge install-service --root /tmp/stage --json
     """
-    code, text = run_install(
+    code, report, error = run_install(
         service=SERVICE,
         template=files("fedgate_bridge") / "templates" / "bridge.toml.example",
         config_file=str(DEFAULT_CONFIG_PATH),
@@ -103,5 +103,8 @@ def install_service(serial_devices: tuple[str, ...], **options: Any) -> None:
         ),
         **options,
     )
-    click.echo(text, err=code != 0)
+    if report:
+        click.echo(report)
+    if error:
+        click.echo(error, err=True)
     sys.exit(int(code))
