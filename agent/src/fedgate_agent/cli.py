@@ -129,7 +129,6 @@ def init(
 
     \b
     Example:
-      fedgate-agent --help
       fedgate-agent init --config /etc/fedgate/agent.toml --agent-id press-line-3 \\
           --deployment plant-a --cloud cloud-1 --broker-host 10.0.0.5
     """
