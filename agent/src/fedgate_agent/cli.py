@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 import msgspec
+from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.identifiers import validate_identifier
@@ -669,13 +670,4 @@ def _print_scoring(scoring: ScoringStatus) -> None:
         click.echo(f"           last scoring error {scoring.last_error}")
 
 
-def _show_exit_codes(group: click.Group) -> None:
-    """Give every command that lists no exit codes of its own the table of them all."""
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            _show_exit_codes(command)
-        if command.epilog is None and "exit code" not in (command.help or "").lower():
-            command.epilog = EXIT_CODES_HELP
-
-
-_show_exit_codes(main)
+show_exit_codes(main, EXIT_CODES_HELP)

@@ -34,6 +34,7 @@ from typing import Any
 import click
 import msgspec
 import nacl.signing
+from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.consensus.manifest import (
     SignedManifest,
     manifest_digest,
@@ -1302,13 +1303,4 @@ main.add_command(install_service)
 main.add_command(broker_config)
 
 
-def _show_exit_codes(group: click.Group) -> None:
-    """Give every command that lists no exit codes of its own the table of them all."""
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            _show_exit_codes(command)
-        if command.epilog is None and "exit code" not in (command.help or "").lower():
-            command.epilog = EXIT_CODES_HELP
-
-
-_show_exit_codes(main)
+show_exit_codes(main, EXIT_CODES_HELP)
