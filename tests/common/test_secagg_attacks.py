@@ -60,7 +60,12 @@ from fedgate_common.secagg.graph import (
     graph_seed,
     neighbour_graph,
 )
-from fedgate_common.secagg.participant import Participant, SharePlaintext, public_bytes
+from fedgate_common.secagg.participant import (
+    Participant,
+    SharePlaintext,
+    check_params,
+    public_bytes,
+)
 from fedgate_common.secagg.shamir import split_secret
 from fedgate_common.secagg.share_box import seal_share
 
@@ -643,6 +648,16 @@ def threshold_below_floor() -> Outcomes:
     return _new_participant(params, min_threshold=8)
 
 
+def graph_shrunk_below_the_default() -> Outcomes:
+    """degree 2 and t = 2 are a majority of 3 holders, but with them one colluding neighbour
+    and one declared dropout expose an input at any roster size: an agent without its own
+    floor (min_threshold 0) takes the default graph's t for the selected agents."""
+    return [
+        *_new_participant(default_params(10, degree=2, threshold=2), min_threshold=0),
+        *_new_participant(default_params(100, degree=4, threshold=4), min_threshold=0),
+    ]
+
+
 def threshold_not_a_majority() -> Outcomes:
     """t = 7 of 14 holders (n = 20, degree 13) and t = 5 of 10 (complete graph)."""
     return [
@@ -770,6 +785,7 @@ ATTACKS = [
     Attack("shares-moved-between-receivers", ShareRejected, shares_moved_between_receivers),
     Attack("threshold-below-floor", ThresholdTooLow, threshold_below_floor),
     Attack("threshold-not-majority", ThresholdTooLow, threshold_not_a_majority),
+    Attack("graph-shrunk-below-default", ThresholdTooLow, graph_shrunk_below_the_default),
     Attack("duplicate-agent-in-roster", DuplicateKeys, duplicate_agent_in_roster),
     Attack("colluder-copies-keys", DuplicateKeys, colluder_copies_victims_keys),
     Attack("second-unmask-after-reveal", ReplayedMessage, second_unmask_after_reveal),
@@ -870,3 +886,15 @@ def test_refusal_ends_the_participants_round() -> None:
     honest = round.unmask_request(check, list(confirmed.values()))
     assert isinstance(attempt(agent.on_unmask, honest), ReplayedMessage)
     assert isinstance(attempt(round.participants[round.ids[1]].on_unmask, honest), Reveal)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 6, 10, 12, 31, 100, 1000])
+def test_the_default_graph_meets_the_default_floor(n: int) -> None:
+    """An honest coordinator with default settings is never refused by the auto floor, and
+    one step below its threshold is."""
+    params = default_params(n)
+    check_params(params, selected=n, min_threshold=0)
+    if params.threshold > 2:
+        lower = msgspec.structs.replace(params, threshold=params.threshold - 1)
+        with pytest.raises(ThresholdTooLow):
+            check_params(lower, selected=n, min_threshold=0)

@@ -292,7 +292,10 @@ def test_hand_checked_refusals_and_reveal_abort() -> None:
     assert prediction == Prediction(Aborted, "reveal", (), frozenset({"agent-00", "agent-07"}))
     rng = random.Random(5)
     encoded, _ = encode_inputs(rng, ids, params, 20)
-    result = run_local_round(encoded, params, dropouts=dropouts, random_bytes=rng.randbytes)
+    # degree 4 at n = 10 is below the default graph: the agents take it with a floor of 2
+    result = run_local_round(
+        encoded, params, dropouts=dropouts, random_bytes=rng.randbytes, min_threshold=2
+    )
     assert isinstance(result.outcome, Aborted)
     assert result.outcome.stage == "reveal"
     assert result.refusals == {"agent-00": "too_few_neighbours", "agent-07": "too_few_neighbours"}

@@ -109,7 +109,9 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 class SecAggConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What this agent accepts from its coordinator for secure aggregation."""
 
-    min_threshold: int = 2  # refuse rounds whose Shamir threshold t is lower
+    # refuse rounds whose Shamir threshold t is lower; 0: the default graph's t for the
+    # round's selected agents (a coordinator may raise it, never lower it)
+    min_threshold: int = 0
     assumed_colluders: int = 0  # colluding agents to resist: raises the confirmation quorum
     plaintext_rounds: str = "refuse"  # "refuse" | "allow": rounds without secure aggregation
 
@@ -305,8 +307,8 @@ _ALLOWED: Final[dict[str, str]] = {
     "training.threads": f"an integer {THREADS_RANGE[0]}..{THREADS_RANGE[1]}",
     "training.seed": f'an integer {SEED_RANGE[0]}..{SEED_RANGE[1]}, or "" for random',
     "secagg.min_threshold": (
-        f"an integer {MIN_THRESHOLD_RANGE[0]}..{MIN_THRESHOLD_RANGE[1]}: the lowest Shamir "
-        "threshold this agent accepts"
+        f"0, or an integer {MIN_THRESHOLD_RANGE[0]}..{MIN_THRESHOLD_RANGE[1]}: the lowest "
+        "Shamir threshold this agent accepts (0: the default graph's for the round)"
     ),
     "secagg.assumed_colluders": (
         f"an integer {COLLUDERS_RANGE[0]}..{COLLUDERS_RANGE[1]}: colluding agents to resist; "
@@ -747,7 +749,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         _check_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE),
         _check_range("broker.queue_size", broker.queue_size, QUEUE_SIZE_RANGE),
         _check_range("training.threads", config.training.threads, THREADS_RANGE),
-        _check_range("secagg.min_threshold", config.secagg.min_threshold, MIN_THRESHOLD_RANGE),
+        None
+        if config.secagg.min_threshold == 0
+        else _check_range("secagg.min_threshold", config.secagg.min_threshold, MIN_THRESHOLD_RANGE),
         _check_range("secagg.assumed_colluders", config.secagg.assumed_colluders, COLLUDERS_RANGE),
     ]
     privacy = config.privacy

@@ -48,6 +48,12 @@ def default_threshold(degree: int) -> int:
     return -(-2 * group // 3)
 
 
+def default_threshold_for(selected: int) -> int:
+    """The threshold a coordinator with default settings uses for ``selected`` agents: the
+    floor an agent applies unless it is configured with its own (``secagg.min_threshold``)."""
+    return default_threshold(effective_degree(selected, default_degree(selected)))
+
+
 def neighbour_graph(agents: Sequence[str], degree: int, seed: bytes) -> dict[str, tuple[str, ...]]:
     """Each agent's neighbours (sorted), for the distinct ``agents`` and requested degree."""
     if len(set(agents)) != len(agents):

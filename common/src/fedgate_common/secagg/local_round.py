@@ -58,6 +58,7 @@ def run_local_round(
     min_participants: int = 1,
     dimension: int | None = None,
     random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    min_threshold: int = 0,
 ) -> LocalRoundResult:
     """Run a round over the already encoded inputs ``encoded`` (agent id → words)."""
     ids = tuple(sorted(encoded))
@@ -147,6 +148,7 @@ def run_local_round(
                 base_certificate=base_certificate,
                 pinned_identities={},
                 random_bytes=random_bytes,
+                min_threshold=min_threshold,
             )
             return participants[agent].advertise_keys()
 

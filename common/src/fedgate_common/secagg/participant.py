@@ -56,6 +56,7 @@ from fedgate_common.secagg.context import RoundContext, sha256
 from fedgate_common.secagg.encoding import EncodingParams, encode_update
 from fedgate_common.secagg.graph import (
     consistency_quorum,
+    default_threshold_for,
     effective_degree,
     graph_seed,
     is_connected,
@@ -120,7 +121,12 @@ def encoding_params(params: SecAggParams) -> EncodingParams:
 def check_params(
     params: SecAggParams, *, selected: int, min_threshold: int, min_noise_multiplier: float = 0.0
 ) -> None:
-    """The refusals an agent applies to a round's parameters before making any keys."""
+    """The refusals an agent applies to a round's parameters before making any keys.
+
+    ``min_threshold`` 0 is the default graph's threshold for ``selected`` agents
+    (:func:`default_threshold_for`): a coordinator may ask for more, never for less, so a
+    deviating one cannot shrink the graph until one colluding neighbour is enough.
+    """
     try:
         encoding_params(params).check()
     except ValueError as exc:
@@ -137,9 +143,11 @@ def check_params(
         raise MalformedMessage(
             f"{selected} agents selected but inputs sized for {params.max_inputs}"
         )
-    if params.threshold < min_threshold:
+    floor = min_threshold or default_threshold_for(selected)
+    if params.threshold < floor:
+        why = "" if min_threshold else f", the default graph's for {selected} agents"
         raise ThresholdTooLow(
-            f"threshold {params.threshold} is below this agent's floor of {min_threshold}"
+            f"threshold {params.threshold} is below this agent's floor of {floor}{why}"
         )
     group = effective_degree(selected, params.degree) + 1
     if 2 * params.threshold <= group:
@@ -162,7 +170,7 @@ class Participant:
         start: RoundStart,
         base_certificate: bytes,
         pinned_identities: Mapping[str, bytes],
-        min_threshold: int = 2,
+        min_threshold: int = 0,
         min_noise_multiplier: float = 0.0,
         assumed_colluders: int = 0,
         limits: Limits = DEFAULT_LIMITS,
