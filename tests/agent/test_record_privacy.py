@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from fedgate_agent.cli import main as agent_main
 from fedgate_agent.config import AgentConfig, PrivacyConfig, write_config
 from fedgate_agent.errors import PrivacyBudgetExhausted
 from fedgate_agent.model import build_model
-from fedgate_agent.privacy_ledger import read_ledger
+from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
 from fedgate_agent.record_privacy import (
     ACCOUNTANTS,
     Accountant,
@@ -390,3 +391,50 @@ def test_privacy_warns_when_a_training_seed_makes_the_noise_reproducible(tmp_pat
         seeded, privacy=msgspec.structs.replace(seeded.privacy, record_level="off")
     )
     assert "warning" not in _privacy_command(tmp_path, plain).output
+
+
+def test_a_lost_or_rolled_back_ledger_stops_training(tmp_path: Path) -> None:
+    """status.json keeps the ε the agent last reported; a privacy.json that holds less
+    (deleted, emptied, an older copy) would hand the spent budget out again: refused."""
+    privacy = PrivacyConfig(record_level="on", target_epsilon=8.0, planned_rounds=4)
+    config = _private_agent(tmp_path, privacy, windows=200)
+    model = _model()
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    for number in (1, 2):
+        service._pending_spend = service._privacy_spend(_work(number, model))
+        service._train(_work(number, model))
+    service._save_status()
+    ledger_file = config.state_path / "privacy.json"
+    full = ledger_file.read_bytes()
+    older = read_ledger(config.state_path)
+    older.entries = older.entries[:1]
+    for damage in (b"", b"{}", msgspec.json.encode(older)):
+        if damage:
+            ledger_file.write_bytes(damage)
+        else:
+            ledger_file.unlink()
+        restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+        with pytest.raises(LedgerUnreadable, match="had reported"):
+            restarted._privacy_spend(_work(3, model))
+    ledger_file.write_bytes(full)
+    restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    assert restarted._privacy_spend(_work(3, model)) is not None
+
+
+async def test_a_round_that_starts_while_the_last_one_trains_is_not_joined(
+    tmp_path: Path,
+) -> None:
+    """Two rounds must not draw on the budget at once: while a training task runs, the next
+    round start is answered as not joined, counted, and its spend never planned."""
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    busy = asyncio.create_task(asyncio.sleep(30))
+    service._training = busy
+    try:
+        await service.begin_round(_work(2, _model()))
+    finally:
+        busy.cancel()
+    assert service.rejected["still_training"] == 1
+    assert service.status.last_answered_round == 2
+    assert not (config.state_path / "privacy.json").exists()
+    assert service._training is busy

@@ -80,6 +80,13 @@ class ModelRejected(AgentError):
     kind = "model_rejected"
 
 
+class StillTraining(AgentError):
+    """A round started while this agent still trains for an earlier one: not joined, so that
+    two rounds never draw on the privacy budget at once."""
+
+    kind = "still_training"
+
+
 class PrivacyBudgetExhausted(AgentError):
     """Training this round would take record-level ε past ``privacy.target_epsilon``.
 

@@ -1,7 +1,8 @@
 """``privacy.json`` in the agent's state directory: every round's privacy spend.
 
 Written atomically after each DP round and read at start, so ε survives restarts. An
-unreadable ledger stops training (a lost ledger would reset the budget silently).
+unreadable ledger stops training (a lost ledger would reset the budget silently), and so
+does one that holds less than the agent last reported in ``status.json``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def read_ledger(state_dir: Path) -> PrivacyLedger:
             f"{path} is unreadable ({exc}); restore it from a backup. Training stays off: "
             "without it the privacy spent so far is unknown"
         ) from None
+
+
+def check_not_behind(ledger: PrivacyLedger, reported: float | None, state_dir: Path) -> None:
+    """Refuse a ledger that holds less spend than this agent last reported (``status.json``'s
+    ``privacy_epsilon``): deleted, emptied or rolled back to an older copy, it would hand the
+    spent budget out again."""
+    if reported is not None and ledger.epsilon_total < reported - 1e-9:
+        raise LedgerUnreadable(
+            f"{state_dir / LEDGER_FILE} holds ε {ledger.epsilon_total:.4f} spent, but this "
+            f"agent had reported ε {reported:.4f} (status.json): it was deleted, emptied or "
+            "replaced by an older copy. Restore the latest one from a backup. Training stays "
+            "off: without it the privacy spent so far is unknown"
+        )
 
 
 def write_ledger(state_dir: Path, ledger: PrivacyLedger) -> None:

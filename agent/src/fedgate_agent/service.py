@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -55,7 +56,12 @@ from fedgate_common.topics import (
 from fedgate_agent.config import AgentConfig
 from fedgate_agent.data_path import DataPath
 from fedgate_agent.data_settings import window_spec
-from fedgate_agent.errors import ConfigError, PrivacyBudgetExhausted, TrainingDiverged
+from fedgate_agent.errors import (
+    ConfigError,
+    PrivacyBudgetExhausted,
+    StillTraining,
+    TrainingDiverged,
+)
 from fedgate_agent.federation_trust import load_trust, read_pinned
 from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.ingest.windows import WindowSpec
@@ -68,7 +74,13 @@ from fedgate_agent.onnx_export import (
     parity_windows,
     save_exported_model,
 )
-from fedgate_agent.privacy_ledger import LedgerEntry, read_ledger, write_ledger
+from fedgate_agent.privacy_ledger import (
+    LedgerEntry,
+    PrivacyLedger,
+    check_not_behind,
+    read_ledger,
+    write_ledger,
+)
 from fedgate_agent.record_privacy import (
     SEEDED_DP_WARNING,
     RecordPrivacySettings,
@@ -161,6 +173,8 @@ class AgentService:
             tuple[npt.NDArray[np.float64], int, RecordPrivacyReport | None] | None
         ) = None
         self._training: asyncio.Task[None] | None = None
+        # privacy.json is read, checked and rewritten in worker threads: one at a time.
+        self._ledger_lock = threading.Lock()
         privacy = config.privacy
         self._record_privacy = (
             RecordPrivacySettings(
@@ -295,7 +309,8 @@ class AgentService:
         if settings is None:
             return None
         dataset = self._local_dataset(work.model)
-        ledger = read_ledger(self.config.state_path)
+        with self._ledger_lock:
+            ledger = self._read_ledger()
         plan = work.start.plan
         rate = sample_rate(len(dataset), plan.batch_size)
         steps = steps_per_round(len(dataset), plan.batch_size, plan.local_epochs)
@@ -323,7 +338,19 @@ class AgentService:
         report for the coordinator's ledger (``None`` with ``privacy.report_epsilon = "off"``)."""
         settings = self._record_privacy
         assert settings is not None
+        with self._ledger_lock:
+            return self._add_to_ledger(settings, spend, trained)
+
+    def _read_ledger(self) -> PrivacyLedger:
+        """privacy.json, refused when it holds less than this agent last reported."""
         ledger = read_ledger(self.config.state_path)
+        check_not_behind(ledger, self.status.privacy_epsilon, self.config.state_path)
+        return ledger
+
+    def _add_to_ledger(
+        self, settings: RecordPrivacySettings, spend: RoundSpend, trained: PrivateTrainResult
+    ) -> RecordPrivacyReport | None:
+        ledger = self._read_ledger()
         actual = RoundSpend(
             round=spend.round,
             noise_multiplier=trained.noise_multiplier,
@@ -368,6 +395,15 @@ class AgentService:
     async def begin_round(self, work: TrainForRound) -> None:
         """Join the round: with secure aggregation advertise keys first, then train."""
         number = work.start.round
+        if self._training is not None and not self._training.done():
+            # The coordinator moved on while this agent trains for the round before; that
+            # round's update is void, but its training still ends (and books its spend) in a
+            # worker thread. Joining now would draw on the budget twice at once.
+            self.logic.answered(number)
+            self.status.last_answered_round = number
+            busy = StillTraining(f"round {number} started while an earlier round still trains")
+            self._count_rejection(busy, "round not joined", round=number)
+            return
         try:
             await self._refresh_windows(work.model)
             # In a worker thread: the first DP round searches σ (about a second with the
