@@ -196,3 +196,11 @@ def test_agents_refuse_noise_below_their_floor_and_survivor_sets_below_min_input
         check_params(plain, selected=6, min_threshold=2, min_noise_multiplier=0.1)
     with pytest.raises(NoiseTooLow):
         check_params(noisy_params(6, z=1.0, min_inputs=4, count=True), selected=6, min_threshold=2)
+    # The encoding cannot dilute the nominal noise: 16-bit words, or inputs sized for more
+    # agents than selected (a security review measured z 0.27 for a nominal 3).
+    for diluted in (
+        msgspec.structs.replace(params, word_bits=16),
+        msgspec.structs.replace(params, max_inputs=1000),
+    ):
+        with pytest.raises(NoiseTooLow):
+            check_params(diluted, selected=6, min_threshold=2, min_noise_multiplier=0.5)

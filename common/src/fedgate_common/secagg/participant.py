@@ -139,6 +139,16 @@ def check_params(
         )
     if params.noise and params.count_within_clip and params.noise.count_noise <= 0:
         raise NoiseTooLow("adaptive clipping under site-level DP needs noise on the count")
+    # With noise, the encoding must not dilute it: 16-bit words, or inputs sized for more
+    # agents than were selected, shrink the level until rounding outweighs the noise, and
+    # the round's real noise multiplier falls far below the nominal one checked above.
+    if params.noise and params.word_bits != 32:
+        raise NoiseTooLow(f"site-level noise with {params.word_bits}-bit words (32 needed)")
+    if params.noise and params.max_inputs != max(selected, 1):
+        raise NoiseTooLow(
+            f"site-level noise with inputs sized for {params.max_inputs} agents, "
+            f"{selected} selected"
+        )
     if selected > params.max_inputs:
         raise MalformedMessage(
             f"{selected} agents selected but inputs sized for {params.max_inputs}"
