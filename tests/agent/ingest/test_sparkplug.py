@@ -138,6 +138,12 @@ def test_messages_without_measurements_give_no_samples(message_type: str) -> Non
         ("spBv1.0/g/NDATA", payload(T0), "not_sparkplug_topic"),
         ("spBv1.0/g/BOGUS/e", payload(T0), "not_sparkplug_topic"),
         ("spBv1.0/g/NDATA/e", b"\x12\xff\x01", "not_protobuf"),
+        # a metric named by two bytes that are not UTF-8 (protobuf returns them as bytes)
+        (
+            "spBv1.0/g/NDATA/n1",
+            b"\x12\x0f\x0a\x02\xff\xfe\x18\x01\x69\x00\x00\x00\x00\x00\x00\xf0\x3f",
+            "not_protobuf",
+        ),
         (
             "spBv1.0/g/NDATA/e",
             payload(None, {"name": "m", "double_value": 1.0}),

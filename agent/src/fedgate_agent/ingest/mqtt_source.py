@@ -926,6 +926,15 @@ class MqttIngest:
                     )
             except MalformedPayload as exc:
                 rejected.append(RejectedPayload(route.source, exc.reason, payload))
+            except Exception as exc:  # a decoder fault must not stop the agent: count it
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "MQTT payload not decoded",
+                    source=route.source,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                rejected.append(RejectedPayload(route.source, "undecodable", payload))
         return rows, rejected, acks
 
     def _call_in_loop(self, callback: Callable[..., object], *args: object) -> None:

@@ -247,7 +247,9 @@ def _metric_name(
 ) -> str | None:
     alias = metric.alias if metric.HasField("alias") else None
     if metric.HasField("name") and metric.name:
-        name: str = metric.name
+        name = metric.name
+        if not isinstance(name, str):  # protobuf hands back bytes that are not UTF-8
+            raise MalformedPayload("a metric name is not UTF-8", reason="not_protobuf")
         if birth:
             datatype = metric.datatype if metric.HasField("datatype") else None
             aliases.learn(group, edge_node, name, alias, datatype)
