@@ -155,10 +155,11 @@ def test_bad_rows_are_counted_with_line_numbers_not_fatal(
             [T0 + 5, "", 7],  # line 7
             ["1969-12-31T00:00:00Z", "A", 8],  # line 8
             [T0 + 9, "A", "true"],
+            ["9999-12-31T00:00:00Z", "A", 10],  # line 10: past the gateway's clock + 1 h
         ],
     )
     report = import_history(path, buffer, ColumnMapping())
-    assert (report.rows_read, report.inserted, report.rejected) == (8, 2, 6)
+    assert (report.rows_read, report.inserted, report.rejected) == (9, 2, 7)
     assert [(r.line, r.reason, r.column) for r in report.rejected_examples] == [
         (3, "bad_timestamp", "timestamp"),
         (4, "not_numeric", "value"),
@@ -166,6 +167,7 @@ def test_bad_rows_are_counted_with_line_numbers_not_fatal(
         (6, "empty", "value"),
         (7, "empty_tag", "tag"),
         (8, "before_epoch", "timestamp"),
+        (10, "ts_in_future", "timestamp"),
     ]
     assert report.rejected_examples[1].text == "n/a"
     assert series(buffer, "A") == ([T0, T0 + 9], [1.0, 1.0])

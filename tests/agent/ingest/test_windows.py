@@ -317,3 +317,35 @@ def test_windowing_a_million_samples_is_fast() -> None:
     assert len(data.train) + len(data.test) > 15_000
     assert np.isfinite(data.train.x).all()
     assert elapsed < 2.0, f"{elapsed:.2f} s for 10^6 samples"
+
+
+def test_a_value_beyond_float32_drops_the_windows_it_touches(buffer: IngestBuffer) -> None:
+    """1e308 is finite in the buffer (float64) and infinite in a float32 window: the windows
+    that hold it are dropped and counted, and the rest still train."""
+    ramps(buffer, skip_a=range(31, 32))
+    put(buffer, "A", [T0 + 30.5], [1e308])  # forward-filled to grid point 31 only
+    spec = WindowSpec(tags=("A", "B"), period_s=1.0, length=4, label=tag_label(), test_fraction=0)
+    data = build_windows(buffer, spec)
+    assert data.dropped_windows == {"not_finite": 4}  # windows starting at 28..31
+    assert len(data.train) == 37 - 4
+    assert np.isfinite(data.train.x).all()
+
+
+def test_one_stray_old_sample_does_not_stretch_the_grid(
+    buffer: IngestBuffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sample decades old would make a grid of millions of points; the grid keeps the
+    newest MAX_GRID_CELLS / tags points and counts what it leaves out."""
+    monkeypatch.setattr("fedgate_agent.ingest.windows.MAX_GRID_CELLS", 60)
+    ramps(buffer)
+    put(buffer, "A", [T0 - 1e9], [5.0])
+    put(buffer, "B", [T0 - 1e9], [5.0])
+    put(buffer, "FAULT", [T0 - 1e9], [0])
+    spec = WindowSpec(
+        tags=("A", "B"), period_s=1.0, length=4, max_gap_s=2.0, label=tag_label(), test_fraction=0
+    )
+    data = build_windows(buffer, spec)
+    assert data.grid_end == T0 + 39
+    assert data.grid_start == T0 + 39 - 29  # 60 cells / 2 tags = 30 grid points
+    assert data.dropped_windows["before_grid"] > 0
+    assert len(data.train) == 30 - 4 + 1

@@ -43,7 +43,7 @@ from typing import IO, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fedgate_agent.ingest.errors import ColumnMappingInvalid, ImportFailed
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
 
 __all__ = [
     "ColumnMapping",
@@ -160,7 +160,8 @@ class ColumnMapping:
 class RejectedValue:
     """One value not imported: ``line`` is the CSV line number (the header is line 1) or
     the 1-based Parquet row; ``reason`` is a stable key (``bad_timestamp``,
-    ``before_epoch``, ``not_numeric``, ``not_finite``, ``empty``, ``empty_tag``)."""
+    ``before_epoch``, ``ts_in_future``, ``not_numeric``, ``not_finite``, ``empty``,
+    ``empty_tag``)."""
 
     line: int
     column: str
@@ -550,8 +551,14 @@ class _Importer:
                 raise _Rejected("bad_timestamp")
             if raw < 0:
                 raise _Rejected("before_epoch")
-            return raw
-        return parse_timestamp(raw, self.mapping.timestamp_format, self.zone)
+            micros = raw
+        else:
+            micros = parse_timestamp(raw, self.mapping.timestamp_format, self.zone)
+        # As for live readings: a time far ahead of this gateway's clock is a wrong clock or
+        # a wrong column, and would stretch the windowing grid to that date.
+        if too_far_ahead(micros / 1e6):
+            raise _Rejected("ts_in_future")
+        return micros
 
     def _long_row(
         self, line: int, cells: Sequence[object], origin: str, micros_given: bool

@@ -64,6 +64,12 @@ DROP_LABEL_CHANGES = "label_changes"
 DROP_LABEL_NOT_INTEGER = "label_not_integer"
 DROP_LABEL_OUT_OF_RANGE = "label_out_of_range"
 DROP_SPLIT_GAP = "split_gap"
+DROP_NOT_FINITE = "not_finite"  # a feature too large for float32 (it became ±inf)
+DROP_BEFORE_GRID = "before_grid"  # older than the newest MAX_GRID_CELLS / tags grid points
+
+#: The most grid points × feature tags one windowing builds (float32: 4 bytes each). A
+#: buffer whose samples span longer is windowed over its newest part only.
+MAX_GRID_CELLS = 25_000_000
 
 
 class SeriesReader(Protocol):
@@ -312,6 +318,12 @@ def build_windows(
     # The grid starts once every tag has been seen (no window before that could be complete).
     first = max(float(s[0][0]) for s in series.values()) if start is None else start
     last = max(float(s[0][-1]) for s in series.values()) if end is None else end
+    dropped: dict[str, int] = {}
+    most = max(MAX_GRID_CELLS // max(len(spec.tags), 1), spec.length + 1)
+    span = math.floor(last / spec.period_s) - math.ceil(first / spec.period_s) + 1
+    if span > most:  # one stray old sample must not stretch the grid over decades
+        dropped[DROP_BEFORE_GRID] = (span - most) // spec.stride
+        first = (math.floor(last / spec.period_s) - most + 1) * spec.period_s
     grid = _grid(first, last, spec.period_s)
     n_grid = len(grid)
 
@@ -319,8 +331,10 @@ def build_windows(
     features_present = np.ones(n_grid, dtype=bool)
     for column, tag in enumerate(spec.tags):
         values, present = resample(series[tag], grid, spec.feature_max_gap_s)
-        features[:, column] = values
+        with np.errstate(over="ignore"):  # beyond float32: ±inf, dropped below
+            features[:, column] = values
         features_present &= present
+    features_finite: npt.NDArray[np.bool_] = np.asarray(np.isfinite(features).all(axis=1))
     label_raw, label_present = resample(series[spec.label.tag], grid, spec.label_max_gap_s)
     label_values, label_present = _labels_at(spec, label_raw, label_present)
 
@@ -329,7 +343,6 @@ def build_windows(
     ends = starts + spec.length - 1
     targets = ends + after
 
-    dropped: dict[str, int] = {}
     keep = np.ones(len(starts), dtype=bool)
 
     def drop(reason: str, bad: npt.NDArray[np.bool_]) -> None:
@@ -340,6 +353,7 @@ def build_windows(
         keep[newly] = False
 
     drop(DROP_MISSING_FEATURE, ~_window_all(features_present, starts, spec.length))
+    drop(DROP_NOT_FINITE, ~_window_all(features_finite, starts, spec.length))
     target_values = label_values[targets]
     drop(DROP_MISSING_LABEL, ~label_present[targets])
     if spec.label.mode is LabelMode.TAG and spec.label.uniform and len(starts):
