@@ -173,6 +173,7 @@ class AgentService:
             tuple[npt.NDArray[np.float64], int, RecordPrivacyReport | None] | None
         ) = None
         self._training: asyncio.Task[None] | None = None
+        self._stopping_cleanly = False
         # privacy.json is read, checked and rewritten in worker threads: one at a time.
         self._ledger_lock = threading.Lock()
         privacy = config.privacy
@@ -865,9 +866,24 @@ class AgentService:
                 self._save_status("idle")
                 while True:
                     await self.handle(await self.link.inbound.get())
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            self._stopping_cleanly = True  # SIGTERM, SIGINT: the service was asked to stop
+            raise
+        except BaseException as exc:
+            # A crash keeps the state it happened in, so that `status` reports an end
+            # without a clean stop (and monitoring sees a crash loop), with the reason.
+            self.status.last_error = f"agent failed: {_what_failed(exc)}"
+            raise
         finally:
             if self._training is not None:
                 self._training.cancel()
-            self._save_status("stopped")
+            self._save_status("stopped" if self._stopping_cleanly else None)
             if self.data_path is not None:
                 self.data_path.close()
+
+
+def _what_failed(exc: BaseException) -> str:
+    """The errors inside ``exc`` (the task group's sub-exceptions, not the group itself)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_what_failed(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
