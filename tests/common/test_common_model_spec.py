@@ -145,6 +145,10 @@ def test_smallest_window_for_the_kernel_is_accepted() -> None:
         ({"feature_mean": [math.inf, 0.0, 0.0]}, "NaN"),
         ({"feature_scale": [1.0, 1.0, math.nan]}, "NaN"),
         ({"feature_scale": [1.0, math.inf, 1.0]}, "NaN"),
+        # too large for the wire limits: refused at once, not by the first round's decode
+        ({"channels": 2400, "window": 5}, "conv2.weight would hold 17,280,000 values"),
+        ({"channels": 100_000}, "conv2.weight would hold"),
+        ({"n_features": 100_000, "channels": 100}, "conv1.weight would hold 30,000,000"),
     ],
     ids=str,
 )

@@ -16,8 +16,22 @@ import numpy as np
 import numpy.typing as npt
 
 from fedgate_common.errors import MalformedMessage
+from fedgate_common.limits import DEFAULT_LIMITS
 
 Architecture = Literal["cnn1d-v1"]
+
+
+def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the trainable parameters, in state-dict order."""
+    c, k = spec.channels, spec.kernel_size
+    return [
+        ("conv1.weight", (c, spec.n_features, k)),
+        ("conv1.bias", (c,)),
+        ("conv2.weight", (c, c, k)),
+        ("conv2.bias", (c,)),
+        ("head.weight", (spec.n_classes, c)),
+        ("head.bias", (spec.n_classes,)),
+    ]
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -51,24 +65,25 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                 raise MalformedMessage(f"model spec: {name} has NaN/Inf")
         if any(v <= 0 for v in self.feature_scale):
             raise MalformedMessage("model spec: feature_scale must be positive")
+        # Every tensor must fit the wire limits that models and updates are decoded with;
+        # checked here, before anything is allocated, rather than at the first round.
+        sizes = {name: math.prod(shape) for name, shape in parameter_shapes(self)}
+        for name, size in sizes.items():
+            if size > DEFAULT_LIMITS.max_array_elements:
+                raise MalformedMessage(
+                    f"model spec: {name} would hold {size:,} values, more than the "
+                    f"{DEFAULT_LIMITS.max_array_elements:,} one array may carry"
+                )
+        if sum(sizes.values()) > DEFAULT_LIMITS.max_total_elements:
+            raise MalformedMessage(
+                f"model spec: {sum(sizes.values()):,} parameters, more than the "
+                f"{DEFAULT_LIMITS.max_total_elements:,} a model may carry"
+            )
 
 
 # The TEP model a coordinator uses unless told otherwise: 52 sensors, windows of 20 samples,
 # normal operation and faults 1-21; no standardisation.
 DEFAULT_MODEL = ModelSpec(n_features=52, window=20, n_classes=22)
-
-
-def parameter_shapes(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of the trainable parameters, in state-dict order."""
-    c, k = spec.channels, spec.kernel_size
-    return [
-        ("conv1.weight", (c, spec.n_features, k)),
-        ("conv1.bias", (c,)),
-        ("conv2.weight", (c, c, k)),
-        ("conv2.bias", (c,)),
-        ("head.weight", (spec.n_classes, c)),
-        ("head.bias", (spec.n_classes,)),
-    ]
 
 
 def _fan_in(shape: tuple[int, ...]) -> int:
