@@ -970,7 +970,7 @@ def main() -> int:
         "aggregation": args.aggregation,
         "record_level_dp": args.dp == "record",
         # Seeded agents repeat their batches and DP noise: no guarantee (privacy.md §5).
-        "agents_seeded": agents_seeded(args.dp, args.reproducible),
+        "agents_seeded": setup.seed_agents,
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_spent,
         # What the agents reported with their updates, as the coordinators booked it.
@@ -1054,7 +1054,7 @@ def main() -> int:
             f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
             "fedgate-coordinator privacy)"
         )
-        if agents_seeded(args.dp, args.reproducible):
+        if setup.seed_agents:
             print(
                 "      --reproducible seeds every agent (training.seed): its noise can be "
                 "regenerated, so this ε measures the noise added and guarantees nothing "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
+from fedgate_agent.config import AgentConfig
 from fedgate_common.consensus.manifest import (
     ConsensusParams,
     SignedManifest,
@@ -15,6 +16,7 @@ from fedgate_common.consensus.manifest import (
 )
 from fedgate_common.consensus.types import Vote
 from fedgate_common.consensus.wire import seal_vote
+from fedgate_common.keys import public_key_text
 from fedgate_common.messages import Certificate
 from fedgate_common.model_spec import ModelSpec
 from fedgate_coordinator.config import CoordinatorConfig
@@ -49,6 +51,24 @@ def install_manifest(state_dir: Path, signed: SignedManifest) -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / MANIFEST_NAME).write_bytes(encode_manifest_file(signed))
     return manifest_digest(signed.manifest)
+
+
+def pinned_agent_config(state_dir: Path, spec: ModelSpec, **fields: Any) -> AgentConfig:
+    """Agent ``gw-1`` of cloud ``c1`` in deployment ``plant``, its state in ``state_dir``,
+    pinned to a fresh one-cloud manifest for ``spec``; ``fields`` set other config keys."""
+    coordinator = nacl.signing.SigningKey.generate()
+    digest = install_manifest(
+        state_dir, federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=spec)
+    )
+    return AgentConfig(
+        agent_id="gw-1",
+        deployment="plant",
+        cloud="c1",
+        state_dir=str(state_dir),
+        coordinator_public_key=public_key_text(coordinator.verify_key),
+        manifest_digest=digest,
+        **fields,
+    )
 
 
 def certificate(

@@ -33,7 +33,6 @@ from fedgate_agent.service import AgentService
 from fedgate_agent.training import LocalDataset, save_local_dataset
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.digests import GENESIS_PARENT, model_digest
-from fedgate_common.keys import public_key_text
 from fedgate_common.messages import GlobalModel, RoundStart, TrainingPlan
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from hypothesis import given, settings
@@ -41,7 +40,7 @@ from hypothesis import strategies as st
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from tests.federation_support import federation_manifest, install_manifest
+from tests.federation_support import pinned_agent_config
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 
@@ -242,21 +241,9 @@ def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> Agen
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, windows).astype(np.int64)
     x = rng.normal(0, 1, (windows, SPEC.window, SPEC.n_features)).astype(np.float32)
-    coordinator = nacl.signing.SigningKey.generate()
-    config = AgentConfig(
-        agent_id="gw-1",
-        deployment="plant",
-        cloud="c1",
-        state_dir=str(tmp_path / "state"),
-        coordinator_public_key=public_key_text(coordinator.verify_key),
-        privacy=privacy,
-    )
+    config = pinned_agent_config(tmp_path / "state", SPEC, privacy=privacy)
     save_local_dataset(config.data_path, LocalDataset(x=x, y=y))
-    digest = install_manifest(
-        config.state_path,
-        federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=SPEC),
-    )
-    return msgspec.structs.replace(config, manifest_digest=digest)
+    return config
 
 
 def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Path) -> None:

@@ -5,36 +5,23 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import msgspec
 import nacl.signing
 import pytest
-from fedgate_agent.config import AgentConfig, BrokerConfig
+from fedgate_agent.config import BrokerConfig
 from fedgate_agent.service import AgentService
 from fedgate_agent.state import read_status
-from fedgate_common.keys import public_key_text
 from fedgate_common.model_spec import ModelSpec
 
-from tests.federation_support import federation_manifest, install_manifest
+from tests.federation_support import pinned_agent_config
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 
 
 def _agent(tmp_path: Path) -> AgentService:
     """An agent whose broker port has nothing listening: it stays `connecting`."""
-    coordinator = nacl.signing.SigningKey.generate()
-    config = AgentConfig(
-        agent_id="gw-1",
-        deployment="plant",
-        cloud="c1",
-        state_dir=str(tmp_path / "state"),
-        coordinator_public_key=public_key_text(coordinator.verify_key),
-        broker=BrokerConfig(host="127.0.0.1", port=9),
+    config = pinned_agent_config(
+        tmp_path / "state", SPEC, broker=BrokerConfig(host="127.0.0.1", port=9)
     )
-    digest = install_manifest(
-        config.state_path,
-        federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=SPEC),
-    )
-    config = msgspec.structs.replace(config, manifest_digest=digest)
     return AgentService(config=config, identity=nacl.signing.SigningKey.generate())
 
 

@@ -125,9 +125,9 @@ def check_login_files(config: AgentConfig) -> None:
     """Read every password and TLS file `run` reads: the cloud link's, the MQTT ingest's (when
     there are MQTT sources) and each OPC-UA source's, so that `config validate` fails where
     `run` would. Raises one :class:`ConfigError` listing every file that does not load."""
-    checks: list[Callable[[], object]] = [lambda: cloud_login(config.broker)]
+    checks: list[Callable[[], object]] = [functools.partial(cloud_login, config.broker)]
     if config.mqtt_source:
-        checks.append(lambda: ingest_login(config))
+        checks.append(functools.partial(ingest_login, config))
     for source in config.opcua_source:
         checks.append(functools.partial(read_password, source.password_file, "OPC-UA"))
     problems: list[str] = []

@@ -74,9 +74,10 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                     f"model spec: {name} would hold {size:,} values, more than the "
                     f"{DEFAULT_LIMITS.max_array_elements:,} one array may carry"
                 )
-        if sum(sizes.values()) > DEFAULT_LIMITS.max_total_elements:
+        total = sum(sizes.values())
+        if total > DEFAULT_LIMITS.max_total_elements:
             raise MalformedMessage(
-                f"model spec: {sum(sizes.values()):,} parameters, more than the "
+                f"model spec: {total:,} parameters, more than the "
                 f"{DEFAULT_LIMITS.max_total_elements:,} a model may carry"
             )
 

@@ -51,11 +51,12 @@ class ChainBroken(StoreError):
 class AgentConflict(StoreError):
     """``agent_id`` is already enrolled with a different public key."""
 
-    def __init__(self, agent_id: str) -> None:
+    def __init__(
+        self, agent_id: str, why: str = "is already enrolled with a different public key"
+    ) -> None:
         super().__init__(
-            f"agent {agent_id!r} is already enrolled with a different public key; "
-            "enroll the gateway under another id (ids are never reused: the store keeps "
-            "every enrollment for the audit trail)"
+            f"agent {agent_id!r} {why}; enroll the gateway under another id (ids are never "
+            "reused: the store keeps every enrollment for the audit trail)"
         )
         self.agent_id = agent_id
 
@@ -64,12 +65,7 @@ class AgentRevoked(AgentConflict):
     """``agent_id`` was revoked: it stays revoked, whatever key it is enrolled with again."""
 
     def __init__(self, agent_id: str) -> None:
-        StoreError.__init__(
-            self,
-            f"agent {agent_id!r} is revoked and stays revoked (there is no reactivation); "
-            "enroll the gateway under a new id",
-        )
-        self.agent_id = agent_id
+        super().__init__(agent_id, "is revoked and stays revoked (there is no reactivation)")
 
 
 class RoundStateError(StoreError):

@@ -516,7 +516,7 @@ class IngestBuffer:
             try:
                 yield self._db
             except sqlite3.DatabaseError as exc:
-                if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPTION_CODES:
+                if not _is_corruption(exc):
                     raise
                 raise BufferCorrupted(
                     f"cannot read the buffer at {self._settings.path}: {exc} (damaged; "
@@ -643,6 +643,11 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     return connection
 
 
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the file is damaged or not a database (not busy, not full)."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPTION_CODES
+
+
 def _check_integrity(connection: sqlite3.Connection, path: Path, *, full: bool = True) -> None:
     """Raise :class:`BufferCorrupted` when ``path`` is not a sound SQLite file.
 
@@ -658,7 +663,7 @@ def _check_integrity(connection: sqlite3.Connection, path: Path, *, full: bool =
             return
         problems = [row[0] for row in connection.execute("PRAGMA quick_check(10)")]
     except sqlite3.DatabaseError as exc:
-        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPTION_CODES:
+        if _is_corruption(exc):
             connection.close()
             raise BufferCorrupted(f"{path}: {exc}", path=path) from exc
         raise
