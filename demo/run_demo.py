@@ -316,6 +316,9 @@ def init_agent(site: Site, setup: Setup) -> None:
         settings["training.seed"] = str(setup.seed * 1000 + site.index)
     if setup.aggregation == "plaintext":
         settings["secagg.plaintext_rounds"] = "allow"  # agents refuse it by default
+    if setup.dp == "site":
+        # Each agent's own count of the site-level noise it sends: the federation's budget.
+        settings["privacy.site_max_epsilon"] = str(setup.site_epsilon)
     if setup.dp == "record":
         settings["privacy.record_level"] = "on"
         settings["privacy.target_epsilon"] = str(setup.epsilon)

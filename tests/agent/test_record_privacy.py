@@ -401,7 +401,7 @@ def test_a_lost_or_rolled_back_ledger_stops_training(tmp_path: Path) -> None:
         else:
             ledger_file.unlink()
         restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
-        with pytest.raises(LedgerUnreadable, match="had reported"):
+        with pytest.raises(LedgerUnreadable, match="had recorded"):
             restarted._privacy_spend(_work(3, model))
     ledger_file.write_bytes(full)
     restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())

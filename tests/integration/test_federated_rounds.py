@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import aiomqtt
 import msgspec
 import numpy as np
 import pytest
+import tomli_w
 from fedgate_agent.training import LocalDataset, save_local_dataset
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.plant_runs import PlantRun, RunsMeta, save_plant_runs
@@ -80,6 +82,80 @@ def public_runs_file(path: Path) -> Path:
     return path
 
 
+def init_coordinator(coord: Path, deployment: str, spec_file: Path, *options: str) -> Any:
+    """`fedgate-coordinator init --json` of cloud c1, for two agents."""
+    return as_json(
+        "fedgate-coordinator",
+        "--state-dir",
+        str(coord),
+        "init",
+        "--cloud",
+        "c1",
+        "--deployment",
+        deployment,
+        "--min-participants",
+        "2",
+        "--update-timeout",
+        "90",
+        "--model-spec",
+        str(spec_file),
+        *options,
+    )
+
+
+def init_agent(config: Path, name: str, deployment: str, state: Path, *options: str) -> Any:
+    """`fedgate-agent init --json` for agent ``name`` of cloud c1."""
+    return as_json(
+        "fedgate-agent",
+        "init",
+        "--config",
+        str(config),
+        "--agent-id",
+        name,
+        "--deployment",
+        deployment,
+        "--cloud",
+        "c1",
+        "--state-dir",
+        str(state),
+        *options,
+    )
+
+
+def serve_two_rounds(
+    coord: Path, configs: list[Path], deployment: str, logs_dir: Path
+) -> list[dict[str, Any]]:
+    """`fedgate-agent run` for each config, `fedgate-coordinator serve --rounds 2` until it
+    ends (exit 0), then each agent's `status --json` while it still runs; agents stopped."""
+    logs = [(logs_dir / f"agent-{i}.log").open("wb") for i in range(len(configs))]
+    agents = [
+        subprocess.Popen(
+            [str(BIN / "fedgate-agent"), "run", "--config", str(c)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for c, log in zip(configs, logs, strict=True)
+    ]
+    try:
+        served = subprocess.run(
+            [str(BIN / "fedgate-coordinator"), "--state-dir", str(coord), "serve", "--rounds", "2"],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert served.returncode == 0, served.stderr[-3000:]
+        return [as_json("fedgate-agent", "status", "--config", str(c)) for c in configs]
+    finally:
+        for process in agents:
+            process.send_signal(signal.SIGTERM)
+        for process in agents:
+            process.wait(timeout=30)
+        for log in logs:
+            log.close()
+        asyncio.run(clear_retained_model(deployment))
+
+
 @pytest.mark.slow
 def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
     deployment = f"e2e-{secrets.token_hex(4)}"
@@ -98,42 +174,12 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         "--out",
         str(genesis_file),
     )
-    init = as_json(
-        "fedgate-coordinator",
-        "--state-dir",
-        str(coord),
-        "init",
-        "--cloud",
-        "c1",
-        "--deployment",
-        deployment,
-        "--min-participants",
-        "2",
-        "--update-timeout",
-        "90",
-        "--model-spec",
-        str(spec_file),
-        "--genesis-weights",
-        str(genesis_file),
-    )
+    init = init_coordinator(coord, deployment, spec_file, "--genesis-weights", str(genesis_file))
     assert init["genesis_model"] == pretrained["digest"]
     configs: list[Path] = []
     for index, name in enumerate(("gw-1", "gw-2")):
         config = tmp_path / name / "agent.toml"
-        agent = as_json(
-            "fedgate-agent",
-            "init",
-            "--config",
-            str(config),
-            "--agent-id",
-            name,
-            "--deployment",
-            deployment,
-            "--cloud",
-            "c1",
-            "--state-dir",
-            str(tmp_path / name / "state"),
-        )
+        agent = init_agent(config, name, deployment, tmp_path / name / "state")
         # Not enrolled with the coordinator's key yet: `config validate` says what to fix.
         invalid = run("fedgate-agent", "config", "validate", "--config", str(config), check=False)
         assert invalid.returncode == 3
@@ -162,31 +208,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         )
         configs.append(config)
 
-    logs = [(tmp_path / f"agent-{i}.log").open("wb") for i in range(2)]
-    agents = [
-        subprocess.Popen(
-            [str(BIN / "fedgate-agent"), "run", "--config", str(c)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        for c, log in zip(configs, logs, strict=True)
-    ]
-    try:
-        served = subprocess.run(
-            [str(BIN / "fedgate-coordinator"), "--state-dir", str(coord), "serve", "--rounds", "2"],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        assert served.returncode == 0, served.stderr[-3000:]
-        statuses = [as_json("fedgate-agent", "status", "--config", str(c)) for c in configs]
-    finally:
-        for process in agents:
-            process.send_signal(signal.SIGTERM)
-        for process in agents:
-            process.wait(timeout=30)
-        asyncio.run(clear_retained_model(deployment))
+    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
 
     assert all(s["federation"]["pinned"] for s in statuses)
     assert statuses[0]["federation"]["clouds"] == ["c1"]
@@ -234,3 +256,63 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
     final = [as_json("fedgate-agent", "status", "--config", str(c)) for c in configs]
     assert all(s["running"] is False for s in final)
     assert {s["model_digest"] for s in final} == {models["models"][-1]["digest"]}
+
+
+@pytest.mark.slow
+def test_agents_stop_at_their_own_site_level_budget(tmp_path: Path) -> None:
+    """The coordinator runs site-level DP with a budget of ε 8 over three rounds; the
+    agents' own `privacy.site_max_epsilon` of 5 holds one such round (ε 3.90 by their PLD
+    count, two would be 5.84). Round 1 completes and both agents book it before their
+    masked inputs leave; round 2 they refuse before sending keys, so it aborts and the
+    coordinator books nothing more."""
+    deployment = f"site-{secrets.token_hex(4)}"
+    coord = tmp_path / "coordinator"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_bytes(msgspec.json.encode(SPEC))
+    init = init_coordinator(coord, deployment, spec_file)
+    coordinator_toml = coord / "coordinator.toml"
+    settings = tomllib.loads(coordinator_toml.read_text())
+    settings.setdefault("privacy", {}).update(site_level="on", target_epsilon=8.0, planned_rounds=3)
+    settings.setdefault("secagg", {}).update(word_bits=32, stage_timeout_s=5.0)
+    coordinator_toml.write_text(tomli_w.dumps(settings))
+    configs: list[Path] = []
+    for index, name in enumerate(("gw-1", "gw-2")):
+        config = tmp_path / name / "agent.toml"
+        agent = init_agent(
+            config,
+            name,
+            deployment,
+            tmp_path / name / "state",
+            "--coordinator-key",
+            init["coordinator_public_key"],
+        )
+        run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
+        run(
+            "fedgate-agent",
+            "config",
+            "set",
+            "--config",
+            str(config),
+            "privacy.site_max_epsilon",
+            "5",
+        )
+        run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
+        save_local_dataset(
+            tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
+        )
+        configs.append(config)
+
+    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
+
+    rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
+    assert [(r["round"], r["status"]) for r in rounds][-1] == (1, "completed")
+    assert all(r["status"] != "completed" for r in rounds[:-1])
+    booked = as_json("fedgate-coordinator", "--state-dir", str(coord), "privacy")
+    assert [r["round"] for r in booked["rows"]] == [1]
+    coordinator_epsilon = booked["rows"][0]["epsilon_total"]
+    for config, status in zip(configs, statuses, strict=True):
+        assert status["rejected"] == {"site_privacy_budget_exhausted": 1}, status
+        assert status["site_privacy"] == "budget exhausted"
+        site = as_json("fedgate-agent", "privacy", "--config", str(config))["site_level"]
+        assert [r["round"] for r in site["rounds"]] == [1]
+        assert 3.0 < site["spent_epsilon"] <= coordinator_epsilon <= 5.0

@@ -77,6 +77,8 @@ from fedgate_agent.record_privacy import (
     accountant_name,
     as_accountant,
 )
+from fedgate_agent.site_privacy import SAMPLING as SITE_SAMPLING
+from fedgate_agent.site_privacy import UNIT as SITE_UNIT
 from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
 
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
@@ -415,9 +417,11 @@ def _process_alive(pid: int | None) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @guard
 def privacy(config_path: Path, as_json: bool) -> None:
-    """Show record-level privacy: ε per round and in total, δ, the budget, how it is counted.
+    """Show privacy spent: ε per round and in total, δ, the budgets, how it is counted.
 
-    Reads privacy.json in the state directory (written before each update leaves).
+    Record level (DP-SGD in local training), and site level as this agent counts it: every
+    noisy secure round it sent a masked input to. Reads privacy.json in the state directory
+    (written before each update leaves).
 
     \b
     Example:
@@ -454,6 +458,15 @@ def privacy(config_path: Path, as_json: bool) -> None:
             }
             for e in ledger.entries
         ],
+        "site_level": {
+            "unit": SITE_UNIT,
+            "sampling": SITE_SAMPLING,
+            "budget_epsilon": settings.site_max_epsilon,
+            "spent_epsilon": ledger.site_epsilon_total,
+            "delta": settings.delta,
+            "min_noise_multiplier": settings.site_min_noise_multiplier,
+            "rounds": [msgspec.to_builtins(e) for e in ledger.site_entries],
+        },
     }
     if as_json:
         echo_json(data)
@@ -492,6 +505,33 @@ def privacy(config_path: Path, as_json: bool) -> None:
         format_table(["round", "ε round", "ε total", "noise mult.", "sample rate", "steps"], rows)
         if rows
         else "no private rounds yet"
+    )
+    click.echo("")
+    click.echo(f"site-level DP    as this agent counts it ({SITE_UNIT})")
+    click.echo(f"accountant       {accountant}, {SITE_SAMPLING}")
+    click.echo(
+        f"budget           ε {settings.site_max_epsilon} at δ {settings.delta} "
+        f"(privacy.site_max_epsilon); spent ε {ledger.site_epsilon_total:.4f}"
+    )
+    site_rows = [
+        [
+            e.round,
+            round(e.epsilon_round, 4),
+            round(e.epsilon_total, 4),
+            round(e.noise_multiplier, 4),
+            round(e.effective_noise_multiplier, 4),
+            e.min_inputs,
+            e.base_digest[:12],
+        ]
+        for e in ledger.site_entries
+    ]
+    click.echo(
+        format_table(
+            ["round", "ε round", "ε total", "noise mult.", "effective", "min inputs", "base"],
+            site_rows,
+        )
+        if site_rows
+        else "no noisy secure rounds yet"
     )
 
 
@@ -645,6 +685,12 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo(
             f"privacy    record-level DP {state.privacy}: ε {state.privacy_epsilon or 0:.4f} "
             f"of {state.privacy_budget} spent (δ {state.privacy_delta})"
+        )
+    if state.site_privacy != "none":
+        click.echo(
+            f"privacy    site-level noise {state.site_privacy}: ε "
+            f"{state.site_privacy_epsilon or 0:.4f} of {state.site_privacy_budget} spent "
+            f"(δ {cfg.privacy.delta}, this agent's count)"
         )
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"
     click.echo(f"rejected   {rejected}")

@@ -45,6 +45,7 @@ from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.errors import ConfigError
 from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from fedgate_agent.site_privacy import DEFAULT_SITE_MAX_EPSILON
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -130,6 +131,9 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     report_epsilon: str = "on"
     # Site level: refuse secure rounds whose distributed noise multiplier is below this.
     site_min_noise_multiplier: float = 0.0
+    # Site level: this agent's own budget for the noisy rounds it sends masked inputs to,
+    # counted at delta by its accountant; rounds past it are refused (privacy.md §7.8).
+    site_max_epsilon: float = DEFAULT_SITE_MAX_EPSILON
 
 
 class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -326,6 +330,9 @@ _ALLOWED: Final[dict[str, str]] = {
     ),
     "privacy.site_min_noise_multiplier": (
         "a number in [0, 1000]: refuse secure rounds with less site-level noise (0 = accept any)"
+    ),
+    "privacy.site_max_epsilon": (
+        "a number in (0, 100]: this agent's own site-level ε budget at delta (default 10)"
     ),
     "ingest.buffer_file": 'a path (absolute, or relative to state_dir); "" for the default',
     "ingest.max_samples": "an integer 1000..10^10: samples the buffer holds at most",
@@ -768,6 +775,7 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         ("privacy.target_epsilon", privacy.target_epsilon, 0.0, 100.0),
         ("privacy.delta", privacy.delta, 0.0, 0.01),
         ("privacy.max_grad_norm", privacy.max_grad_norm, 0.0, 1000.0),
+        ("privacy.site_max_epsilon", privacy.site_max_epsilon, 0.0, 100.0),
     ):
         if not low < value <= high:
             problems.append((key, f"{key} = {value!r} is not {_ALLOWED[key]}"))

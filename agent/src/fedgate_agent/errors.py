@@ -99,3 +99,10 @@ class PrivacyBudgetExhausted(AgentError):
         super().__init__(message)
         self.spent = spent
         self.next_round = next_round
+
+
+class SiteBudgetExhausted(PrivacyBudgetExhausted):
+    """Sending this round's noisy input would take the agent's own count of site-level ε past
+    ``privacy.site_max_epsilon`` (:mod:`fedgate_agent.site_privacy`)."""
+
+    kind = "site_privacy_budget_exhausted"

@@ -59,6 +59,7 @@ from fedgate_agent.data_settings import window_spec
 from fedgate_agent.errors import (
     ConfigError,
     PrivacyBudgetExhausted,
+    SiteBudgetExhausted,
     StillTraining,
     TrainingDiverged,
 )
@@ -110,6 +111,7 @@ from fedgate_agent.scoring import (
     predictions_topic,
     window_ending_at,
 )
+from fedgate_agent.site_privacy import SiteBudget, SiteLedgerEntry, plan_site_round
 from fedgate_agent.state import (
     ScoringStatus,
     load_current_model_message,
@@ -167,6 +169,7 @@ class AgentService:
             else None
         )
         self.secure: Participant | None = None  # this round's secure-aggregation state
+        self._secure_work: TrainForRound | None = None  # the round ``secure`` belongs to
         # This round's flattened update, its windows, and the record-level privacy report
         # to send with it, until the shares are delivered and it can be masked.
         self._masked_update: (
@@ -189,6 +192,12 @@ class AgentService:
             else None
         )
         self._pending_spend: RoundSpend | None = None
+        self._site_budget = SiteBudget(
+            max_epsilon=privacy.site_max_epsilon,
+            delta=privacy.delta,
+            accountant=as_accountant(privacy.accountant),
+        )
+        self.status.site_privacy_budget = privacy.site_max_epsilon
         if self._record_privacy is not None:
             self.status.privacy_budget = privacy.target_epsilon
             self.status.privacy_delta = privacy.delta
@@ -345,7 +354,12 @@ class AgentService:
     def _read_ledger(self) -> PrivacyLedger:
         """privacy.json, refused when it holds less than this agent last reported."""
         ledger = read_ledger(self.config.state_path)
-        check_not_behind(ledger, self.status.privacy_epsilon, self.config.state_path)
+        check_not_behind(
+            ledger,
+            self.status.privacy_epsilon,
+            self.config.state_path,
+            site_reported=self.status.site_privacy_epsilon,
+        )
         return ledger
 
     def _add_to_ledger(
@@ -384,6 +398,40 @@ class AgentService:
             max_grad_norm=settings.max_grad_norm,
             accountant=entry.accountant,
         )
+
+    def _plan_site_round(self, work: TrainForRound) -> None:
+        """Refuse a noisy round past this agent's own site-level budget (no-op without
+        site-level noise); read-only."""
+        with self._ledger_lock:
+            ledger = self._read_ledger()
+        self._site_entry(ledger, work)
+
+    def _site_entry(self, ledger: PrivacyLedger, work: TrainForRound) -> SiteLedgerEntry | None:
+        secagg = work.start.secagg
+        if secagg is None:
+            return None
+        return plan_site_round(
+            ledger.site_entries,
+            round=work.start.round,
+            base_digest=work.start.base_digest,
+            params=secagg,
+            spec=work.model.spec,
+            budget=self._site_budget,
+        )
+
+    def _book_site_round(self, work: TrainForRound) -> None:
+        """Add a noisy round to privacy.json before its masked input leaves (planned again
+        from the ledger as it is now; refused past the budget)."""
+        with self._ledger_lock:
+            ledger = self._read_ledger()
+            entry = self._site_entry(ledger, work)
+            if entry is None:
+                return
+            ledger.site_entries.append(entry)
+            write_ledger(self.config.state_path, ledger)
+        self.status.site_privacy = "on"
+        self.status.site_privacy_epsilon = entry.epsilon_total
+        self._save_status()
 
     async def _refresh_windows(self, model: GlobalModel) -> None:
         """With ``training.source = "buffer"``, cut this round's windows from the buffer as it
@@ -431,11 +479,15 @@ class AgentService:
                     min_noise_multiplier=self.config.privacy.site_min_noise_multiplier,
                     assumed_colluders=self.config.secagg.assumed_colluders,
                 )
+                await asyncio.to_thread(self._plan_site_round, work)
             except FedgateError as exc:
                 self.logic.answered(number)  # refused for good: a restart does not retry
                 self.status.last_answered_round = number
+                if isinstance(exc, SiteBudgetExhausted):
+                    self.status.site_privacy = "budget exhausted"
                 self._count_rejection(exc, "secure aggregation refused", round=number)
                 return
+            self._secure_work = work
             self.secure, self._masked_update = participant, None
             await self._send(participant.advertise_keys(), "keys")
         # Record the answer before training: a restart never joins one round twice.
@@ -484,7 +536,20 @@ class AgentService:
         participant, pending = self.secure, self._masked_update
         if participant is None or pending is None or not participant.ready_to_mask:
             return
+        self._masked_update = None  # taken: a second caller while this one books finds none
         flat, num_samples, report = pending
+        work = self._secure_work
+        if work is not None and work.start.round == participant.round:
+            try:
+                await asyncio.to_thread(self._book_site_round, work)
+            except FedgateError as exc:  # past the budget after all, or the ledger is gone
+                self.secure = None
+                if isinstance(exc, SiteBudgetExhausted):
+                    self.status.site_privacy = "budget exhausted"
+                self._count_rejection(exc, "secure aggregation refused", round=participant.round)
+                return
+        if self.secure is not participant:
+            return  # the round was left, or the next one began, while it was booked
         masked = participant.mask_input(participant.encode(flat, num_samples))
         if report is not None:
             masked = msgspec.structs.replace(masked, record_privacy=report)

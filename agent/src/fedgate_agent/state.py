@@ -104,6 +104,10 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     privacy_epsilon: float | None = None  # record-level ε spent so far, at privacy_delta
     privacy_budget: float | None = None
     privacy_delta: float | None = None
+    # Site level, as this agent counts it: none (no noisy round yet) | on | budget exhausted
+    site_privacy: str = "none"
+    site_privacy_epsilon: float | None = None  # at privacy_delta
+    site_privacy_budget: float | None = None
     ingest: IngestStatus | None = None  # None: no buffer configured
     scoring: ScoringStatus = msgspec.field(default_factory=ScoringStatus)
 

@@ -1,0 +1,115 @@
+"""Site-level differential privacy as the agent counts it itself (no IO).
+
+The coordinator books each noisy round it unmasks in its ``privacy_ledger`` and stops at
+its budget. A deviating coordinator need not: it could run noisy rounds again and again on
+one base model and average the noise away, or announce count noise so small that one
+round gives away the within-clip bit. So every agent keeps its own count. Each noisy round
+whose masked input it sends is one Gaussian mechanism with the effective noise multiplier
+that the round's parameters give (:func:`fedgate_common.secagg.site_dp.effective_noise_multiplier`,
+the coordinator's own formula), composed by the agent's accountant without amplification
+(the agent is chosen, not sampled: q = 1). A round that would take the count past
+``privacy.site_max_epsilon`` is refused before the agent advertises its keys.
+
+A round is booked when its masked input leaves, not when the sum is unmasked: from then
+on the coordinator can remove the masks without this agent (its neighbours hold the
+shares), and the agent cannot tell whether it did. Rounds that abort after that point cost
+the agent and not the coordinator's ledger, so the agent's count is at least the
+coordinator's for the same rounds, up to the accountant (the agent's PLD is tighter than
+the coordinator's RDP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+from fedgate_common.messages import SecAggParams
+from fedgate_common.model_spec import ModelSpec, parameter_count
+from fedgate_common.secagg.participant import encoding_params
+from fedgate_common.secagg.site_dp import effective_noise_multiplier
+
+from fedgate_agent.errors import SiteBudgetExhausted
+from fedgate_agent.record_privacy import Accountant, RoundSpend, accountant_name, epsilon
+
+UNIT = "site (this agent's whole contribution to a round)"
+SAMPLING = "none (the coordinator chooses agents: no amplification)"
+DEFAULT_SITE_MAX_EPSILON = 10.0
+# Below this effective multiplier one round alone costs ε far above any budget the
+# configuration allows (100); the accountant is not asked (the PLD grows with 1/σ²).
+_NEGLIGIBLE_NOISE = 0.01
+
+
+class SiteBudget(msgspec.Struct, frozen=True, kw_only=True):
+    """``[privacy] site_max_epsilon`` and the δ and accountant it is counted with."""
+
+    max_epsilon: float
+    delta: float
+    accountant: Accountant
+
+
+class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One noisy round this agent sent a masked input to."""
+
+    round: int
+    base_digest: str  # the model the round trained on (repeats show up here)
+    noise_multiplier: float  # z as the coordinator announced it
+    effective_noise_multiplier: float  # what the accountant composes (site_dp)
+    min_inputs: int  # the fewest inputs the shares were sized for
+    epsilon_round: float
+    epsilon_total: float
+    delta: float
+    accountant: str
+
+
+def site_epsilon(multipliers: Sequence[float], delta: float, accountant: Accountant) -> float:
+    """ε at ``delta`` after one Gaussian mechanism (q = 1) per multiplier."""
+    if any(z < _NEGLIGIBLE_NOISE for z in multipliers):
+        return float("inf")
+    history = [
+        RoundSpend(round=0, noise_multiplier=z, sample_rate=1.0, steps=1) for z in multipliers
+    ]
+    return epsilon(history, delta, accountant=accountant)
+
+
+def plan_site_round(
+    booked: Sequence[SiteLedgerEntry],
+    *,
+    round: int,
+    base_digest: str,
+    params: SecAggParams,
+    spec: ModelSpec,
+    budget: SiteBudget,
+) -> SiteLedgerEntry | None:
+    """The entry this round will book, or ``None`` without site-level noise.
+
+    Raises :class:`SiteBudgetExhausted` when the round would take this agent's site-level
+    ε past its budget.
+    """
+    noise = params.noise
+    if noise is None:
+        return None
+    # The Gaussian-equivalent multiplier of the round, as the coordinator computes it.
+    multiplier = effective_noise_multiplier(encoding_params(params), parameter_count(spec))
+    history = [entry.effective_noise_multiplier for entry in booked]
+    spent = booked[-1].epsilon_total if booked else 0.0
+    after = site_epsilon([*history, multiplier], budget.delta, budget.accountant)
+    if after > budget.max_epsilon:
+        raise SiteBudgetExhausted(
+            f"round {round} (site-level noise multiplier {noise.noise_multiplier:g}, "
+            f"{multiplier:.4g} effective) would take this agent's site-level ε from "
+            f"{spent:.3f} to {after:.3f}, past privacy.site_max_epsilon = "
+            f"{budget.max_epsilon} (δ = {budget.delta}); it sends no more noisy inputs",
+            spent=spent,
+            next_round=after,
+        )
+    return SiteLedgerEntry(
+        round=round,
+        base_digest=base_digest,
+        noise_multiplier=noise.noise_multiplier,
+        effective_noise_multiplier=multiplier,
+        min_inputs=noise.min_inputs,
+        epsilon_round=site_epsilon([multiplier], budget.delta, budget.accountant),
+        epsilon_total=after,
+        delta=budget.delta,
+        accountant=accountant_name(budget.accountant),
+    )

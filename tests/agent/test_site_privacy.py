@@ -1,0 +1,208 @@
+"""Site-level DP as the agent counts it: every noisy round it sends a masked input to is
+booked in privacy.json, and rounds past ``privacy.site_max_epsilon`` are refused, whatever
+the coordinator books or announces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import nacl.signing
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fedgate_agent.cli import main as agent_main
+from fedgate_agent.config import AgentConfig, PrivacyConfig, validate_config, write_config
+from fedgate_agent.errors import SiteBudgetExhausted
+from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
+from fedgate_agent.round_logic import TrainForRound
+from fedgate_agent.service import AgentService
+from fedgate_agent.site_privacy import SiteBudget, SiteLedgerEntry, plan_site_round, site_epsilon
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.digests import GENESIS_PARENT, model_digest
+from fedgate_common.messages import GlobalModel, RoundStart, SecAggParams, TrainingPlan
+from fedgate_common.model_spec import ModelSpec, initial_weights, parameter_count
+from fedgate_coordinator.secure_rounds import SecAggSettings, with_site_noise
+from fedgate_coordinator.site_privacy import (
+    SitePrivacySettings,
+    epsilon,
+    round_effective_multiplier,
+    round_params,
+)
+
+from tests.federation_support import pinned_agent_config
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+SELECTED = tuple(f"gw-{i}" for i in range(1, 7))
+SECAGG = SecAggSettings(word_bits=32, clip_norm=1.0, weight_cap=500)
+
+
+def _noisy_params(*, target_epsilon: float = 8.0, planned_rounds: int = 4) -> SecAggParams:
+    """What a coordinator with site-level DP announces to six agents."""
+    return round_params(
+        SECAGG,
+        SitePrivacySettings(
+            site_level="on", target_epsilon=target_epsilon, planned_rounds=planned_rounds
+        ),
+        selected=len(SELECTED),
+        min_participants=4,
+        clip_norm=1.0,
+        dimension=parameter_count(SPEC),
+    )
+
+
+def _model() -> GlobalModel:
+    weights = encode_arrays(initial_weights(SPEC, np.random.default_rng(0)))
+    digest = model_digest(parent_digest=GENESIS_PARENT, round=0, spec=SPEC, weights=weights)
+    return GlobalModel(
+        round=0, digest=digest, parent_digest=GENESIS_PARENT, spec=SPEC, weights=weights
+    )
+
+
+def _work(round: int, params: SecAggParams | None) -> TrainForRound:
+    model = _model()
+    start = RoundStart(
+        round=round,
+        base_digest=model.digest,
+        selected=SELECTED,
+        plan=TrainingPlan(learning_rate=0.05, local_epochs=1, batch_size=16),
+        update_timeout_s=60.0,
+        min_participants=4,
+        secagg=params,
+    )
+    return TrainForRound(start, model, b"certificate")
+
+
+def _agent(tmp_path: Path, **privacy: object) -> AgentConfig:
+    return pinned_agent_config(tmp_path / "state", SPEC, privacy=PrivacyConfig(**privacy))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_the_agents_count_is_the_coordinators_formula(accountant: str) -> None:
+    """The agent books the effective multiplier the coordinator books; with RDP it reaches
+    the coordinator's ε, and PLD (the agent's default) never more."""
+    params = _noisy_params(planned_rounds=4)
+    z = round_effective_multiplier(params, parameter_count(SPEC))
+    budget = SiteBudget(max_epsilon=100.0, delta=1e-5, accountant=accountant)  # type: ignore[arg-type]
+    booked: list[SiteLedgerEntry] = []
+    for number in range(1, 5):
+        entry = plan_site_round(
+            booked, round=number, base_digest="ab", params=params, spec=SPEC, budget=budget
+        )
+        assert entry is not None
+        assert entry.effective_noise_multiplier == z
+        booked.append(entry)
+    coordinator = epsilon([z] * 4, 1e-5)
+    assert coordinator <= 8.0
+    if accountant == "rdp":
+        assert booked[-1].epsilon_total == pytest.approx(coordinator, rel=1e-6)
+    else:
+        assert booked[-1].epsilon_total < coordinator
+    assert booked[0].epsilon_round == pytest.approx(booked[0].epsilon_total)
+    assert [e.epsilon_total for e in booked] == sorted(e.epsilon_total for e in booked)
+
+
+def test_rounds_without_noise_book_nothing() -> None:
+    budget = SiteBudget(max_epsilon=1.0, delta=1e-5, accountant="pld")
+    plain = SECAGG.params_for(len(SELECTED))
+    assert (
+        plan_site_round([], round=1, base_digest="ab", params=plain, spec=SPEC, budget=budget)
+        is None
+    )
+
+
+def test_repeated_rounds_on_one_base_model_stop_at_the_agents_budget(tmp_path: Path) -> None:
+    """A coordinator that runs noisy rounds again and again (here all on one base model,
+    as one that averages the noise away would) gets inputs only until the agent's own
+    budget is spent; a restarted agent still refuses, and `privacy` shows every round."""
+    config = _agent(tmp_path, site_max_epsilon=8.0)
+    params = _noisy_params(planned_rounds=4)  # the coordinator plans 4 rounds within ε 8
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    booked = 4  # what the coordinator planned within ε 8; the fifth goes past it
+    for number in range(1, booked + 1):
+        service._plan_site_round(_work(number, params))
+        service._book_site_round(_work(number, params))
+    with pytest.raises(SiteBudgetExhausted) as refused:
+        service._plan_site_round(_work(booked + 1, params))
+    ledger = read_ledger(config.state_path)
+    assert [e.round for e in ledger.site_entries] == list(range(1, booked + 1))
+    assert len({e.base_digest for e in ledger.site_entries}) == 1
+    assert ledger.site_epsilon_total <= 8.0 < refused.value.next_round
+    assert refused.value.spent == pytest.approx(ledger.site_epsilon_total)
+    assert ledger.entries == []  # nothing at record level
+    assert service.status.site_privacy_epsilon == ledger.site_epsilon_total
+
+    restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    with pytest.raises(SiteBudgetExhausted):
+        restarted._plan_site_round(_work(booked + 1, params))
+
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    shown = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file), "--json"])
+    assert shown.exit_code == 0, shown.output
+    site = json.loads(shown.output)["site_level"]
+    assert site["budget_epsilon"] == 8.0
+    assert site["spent_epsilon"] == pytest.approx(ledger.site_epsilon_total)
+    assert [r["round"] for r in site["rounds"]] == list(range(1, booked + 1))
+    text = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    assert text.exit_code == 0, text.output
+    assert "site-level DP" in text.output
+    assert f"spent ε {ledger.site_epsilon_total:.4f}" in text.output
+    status = CliRunner().invoke(agent_main, ["status", "--config", str(config_file)])
+    assert "site-level noise on" in status.output, status.output
+
+
+async def test_a_round_past_the_budget_is_not_joined(tmp_path: Path) -> None:
+    """The refusal comes before the agent advertises keys: counted, answered, and
+    status says the site-level budget is spent."""
+    config = _agent(tmp_path, site_max_epsilon=0.5)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    await service.begin_round(_work(1, _noisy_params(planned_rounds=4)))
+    assert service.rejected["site_privacy_budget_exhausted"] == 1
+    assert service.secure is None
+    assert service._training is None
+    assert service.status.last_answered_round == 1
+    assert service.status.site_privacy == "budget exhausted"
+    assert read_ledger(config.state_path).site_entries == []
+
+
+def test_count_noise_too_small_to_hide_the_count_is_refused(tmp_path: Path) -> None:
+    """Adaptive clipping with almost no noise on the within-clip word would give the bit
+    away in one round: the agent's count makes that round cost more than any budget."""
+    adaptive = SecAggSettings(word_bits=32, clip_norm=1.0, weight_cap=500, adaptive_clip=True)
+    plain = adaptive.params_for(len(SELECTED))
+    params = with_site_noise(plain, noise_multiplier=5.0, min_inputs=4, count_noise=1e-4)
+    budget = SiteBudget(max_epsilon=100.0, delta=1e-5, accountant="pld")
+    with pytest.raises(SiteBudgetExhausted):
+        plan_site_round([], round=1, base_digest="ab", params=params, spec=SPEC, budget=budget)
+    sane = with_site_noise(plain, noise_multiplier=5.0, min_inputs=4, count_noise=2.0)
+    entry = plan_site_round([], round=1, base_digest="ab", params=sane, spec=SPEC, budget=budget)
+    assert entry is not None
+    assert entry.epsilon_round < 3
+
+
+def test_a_rolled_back_site_ledger_stops_training(tmp_path: Path) -> None:
+    config = _agent(tmp_path)
+    params = _noisy_params()
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    for number in (1, 2):
+        service._book_site_round(_work(number, params))
+    ledger_file = config.state_path / "privacy.json"
+    older = read_ledger(config.state_path)
+    older.site_entries = older.site_entries[:1]
+    ledger_file.write_bytes(msgspec.json.encode(older))
+    restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    with pytest.raises(LedgerUnreadable, match="site-level"):
+        restarted._plan_site_round(_work(3, params))
+
+
+def test_site_epsilon_of_negligible_noise_is_infinite() -> None:
+    assert site_epsilon([1.0, 0.001], 1e-5, "pld") == float("inf")
+    assert site_epsilon([], 1e-5, "pld") == 0.0
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 101.0, float("nan")])
+def test_site_max_epsilon_out_of_range_is_refused(tmp_path: Path, value: float) -> None:
+    config = _agent(tmp_path, site_max_epsilon=value)
+    assert any("privacy.site_max_epsilon" in problem for problem in validate_config(config))
