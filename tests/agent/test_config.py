@@ -224,6 +224,8 @@ def test_section_that_is_not_a_table_is_rejected(tmp_path: Path) -> None:
         ('protocol = "4"', "broker.protocol = '4'"),
         ('host = "mqtt://broker"', "broker.host = 'mqtt://broker'"),
         ('host = "broker:1883"', "broker.host = 'broker:1883'"),
+        ('host = "a..b"', "broker.host = 'a..b' is not a host name"),
+        (f'host = "{"b" * 64}.example"', "each label between dots needs 1 to 63 characters"),
         ("queue_size = 0", "broker.queue_size = 0"),
         ("keepalive_s = 0", "broker.keepalive_s = 0"),
     ],
@@ -235,14 +237,37 @@ def test_broker_values_outside_allowed_set(tmp_path: Path, line: str, fragment: 
     assert fragment in problem
 
 
-def test_ipv6_broker_host_is_accepted(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, MINIMAL + '\n[broker]\nhost = "::1"\n'), env={})
-    assert config.broker.host == "::1"
+@pytest.mark.parametrize("host", ["::1", "127.0.0.1", "localhost", "broker.example"])
+def test_ip_literals_and_host_names_are_accepted(tmp_path: Path, host: str) -> None:
+    config = load_config(write(tmp_path, MINIMAL + f'\n[broker]\nhost = "{host}"\n'), env={})
+    assert config.broker.host == host
+
+
+def test_unencodable_broker_host_from_the_environment_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"label empty or too long; .*\(set by FEDGATE_BROKER_HOST"
+    ):
+        load_config(write(tmp_path, MINIMAL), env={"FEDGATE_BROKER_HOST": "a..b"})
 
 
 def test_relative_state_dir_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"state_dir = 'state' is not an absolute"):
         load_config(write(tmp_path, MINIMAL + 'state_dir = "state"\n'), env={})
+
+
+@pytest.mark.parametrize("below", ["", "/state"])
+def test_state_dir_that_is_or_lies_under_a_file_is_rejected(tmp_path: Path, below: str) -> None:
+    regular = tmp_path / "regular-file"
+    regular.write_text("not a directory\n")
+    path = write(tmp_path, MINIMAL + f'state_dir = "{regular}{below}"\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env={})
+    (problem,) = problems_of(error)
+    assert f"{regular} exists and is not a directory" in problem
+    missing = load_config(
+        write(tmp_path, MINIMAL + f'state_dir = "{tmp_path}/new/state"\n'), env={}
+    )
+    assert missing.state_dir == f"{tmp_path}/new/state"
 
 
 def test_seed_empty_means_none_and_integer_is_kept(tmp_path: Path) -> None:
@@ -434,7 +459,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp_file(
     port=st.integers(1, 65535),
     threads=st.integers(1, 64),
     seed=st.none() | st.integers(0, 2**63 - 1),
-    host=st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True),
+    host=st.from_regex(r"[a-z][a-z0-9-]{0,14}(\.[a-z0-9-]{1,14}){0,2}", fullmatch=True),
     agent_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True),
 )
 def test_any_valid_config_round_trips(

@@ -133,3 +133,20 @@ def test_plant_data_from_a_locked_down_cloud_broker_is_refused(tmp_path: Path) -
         load(tmp_path, LIVE.replace("[training]", locked + "\n[training]"))
     site = LIVE.replace("[training]", locked + '\n[ingest]\nmqtt_host = "10.0.0.5"\n\n[training]')
     assert load(tmp_path, site).ingest.mqtt_host == "10.0.0.5"
+
+
+def test_plant_data_hosts_the_resolver_cannot_encode_are_refused(tmp_path: Path) -> None:
+    """The plant-data broker and an OPC-UA server's host are checked as broker.host is: a
+    name IDNA cannot encode would otherwise fail only when the agent connects."""
+    bad = LIVE.replace("opc.tcp://127.0.0.1:4840", "opc.tcp://a..b:4840").replace(
+        "[training]", '[ingest]\nmqtt_host = "plant..broker"\n\n[training]'
+    )
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, bad)
+    problems = error.value.problems
+    assert len(problems) == 2, problems
+    assert "ingest.mqtt_host = 'plant..broker' is not a host name" in problems[0]
+    assert "endpoint 'opc.tcp://a..b:4840' has a bad host" in problems[1]
+    assert all("label empty or too long" in problem for problem in problems)
+    ipv6 = LIVE.replace("opc.tcp://127.0.0.1:4840", "opc.tcp://[::1]:4840")
+    assert load(tmp_path, ipv6).opcua_source[0].endpoint == "opc.tcp://[::1]:4840"

@@ -141,6 +141,26 @@ def test_import_errors_exit_with_the_data_code(tmp_path: Path) -> None:
     assert bad_rename.exit_code == ExitCode.USAGE
 
 
+def test_import_lists_refused_lines_and_tags_without_raw_control_characters(
+    tmp_path: Path,
+) -> None:
+    config = agent(tmp_path)
+    export = tmp_path / "wide.csv"
+    stamp = "2026-11-01T00:0{}:00Z"
+    export.write_text(
+        f'timestamp,temp,"fl\x1bow"\n{stamp.format(0)},1,2\n{stamp.format(1)},"3,4\n'
+        f"{stamp.format(2)},5,6\n",
+        newline="",
+    )
+    result = CliRunner().invoke(agent_main, ["import", "--config", str(config), str(export)])
+    assert result.exit_code == 0, result.output
+    assert "rows 3: 2 samples new, 0 already in the buffer, 3 rejected" in result.output
+    assert "line 2 'fl\\x1bow': bad_tag ('2')" in result.output
+    assert "line 3 temp: unmatched_quote" in result.output
+    assert "line 4 'fl\\x1bow': bad_tag ('6')" in result.output
+    assert "\x1b" not in result.output
+
+
 def test_windows_without_data_say_what_is_missing(tmp_path: Path) -> None:
     config = agent(tmp_path)
     result = CliRunner().invoke(agent_main, ["windows", "--config", str(config)])

@@ -16,6 +16,7 @@ from fedgate_agent.onnx_export import save_exported_model
 from fedgate_agent.scoring import ScoringModel
 
 from tests.agent.scoring_support import DEMO_WINDOW, exported_demo_model, tep_test_set
+from tests.npz_support import npy_header_only, with_member
 
 TAGS = tuple(f"XMEAS_{i}" for i in range(1, 53))
 PERIOD_S = 180.0
@@ -83,7 +84,39 @@ def test_unusable_windows_files(config: Path, tmp_path: Path) -> None:
     np.savez(wrong_shape, x=np.zeros((1, 20, 51), dtype=np.float32))
     not_npz = tmp_path / "text.npz"
     not_npz.write_text("hello")
-    for path, message in [(no_x, "no array 'x'"), (wrong_shape, "do not fit"), (not_npz, "npz")]:
+    for path, message in [
+        (no_x, "arrays ['x'] missing"),
+        (wrong_shape, "do not fit"),
+        (not_npz, "npz"),
+    ]:
+        code, _, err = predict("--config", str(config), "--input", str(path))
+        assert code == ExitCode.DATA, err
+        assert message in err
+
+
+def test_truncated_corrupt_or_huge_windows_files_exit_data(config: Path, tmp_path: Path) -> None:
+    """An .npz cut short, with a member that fails its CRC, holding one bare .npy array, or
+    declaring an array no machine holds: exit 4 naming the file, no traceback."""
+    save_exported_model(tmp_path / "state", exported_demo_model(0))
+    valid = tmp_path / "valid.npz"
+    np.savez(valid, x=tep_test_set().x[:4])
+    data = valid.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt = tmp_path / "corrupt.npz"
+    middle = len(data) // 2  # inside the float data of x.npy (stored uncompressed)
+    corrupt.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    bare = tmp_path / "bare.npz"
+    with bare.open("wb") as stream:
+        np.save(stream, tep_test_set().x[:4])
+    huge = tmp_path / "huge.npz"
+    huge.write_bytes(with_member(data, "x.npy", npy_header_only((10**15, 20, 52))))
+    for path, message in [
+        (truncated, "truncated.npz: not a readable .npz archive"),
+        (corrupt, "corrupt.npz: not a readable .npz archive (Bad CRC-32"),
+        (bare, "bare.npz: holds a single array, not an .npz archive"),
+        (huge, "huge.npz: an array is larger than this machine can load"),
+    ]:
         code, _, err = predict("--config", str(config), "--input", str(path))
         assert code == ExitCode.DATA, err
         assert message in err

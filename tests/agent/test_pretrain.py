@@ -29,6 +29,8 @@ from fedgate_common.genesis_weights import genesis_weights_digest, read_genesis_
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_common.plant_runs import PlantRun, RunsMeta, save_plant_runs
 
+from tests.npz_support import HUGE_SHAPE, npy_header_only, with_member
+
 N_FEATURES = 52
 SPEC = ModelSpec(n_features=N_FEATURES, window=8, n_classes=3, channels=8)
 RUN_SAMPLES = 120
@@ -237,6 +239,36 @@ def test_bad_files_and_options_exit_with_the_documented_codes(
     help_text = CliRunner().invoke(agent_main, ["pretrain", "--help"]).stdout
     assert "Exit codes" in help_text
     assert "5 --out exists" in help_text
+
+
+def test_a_bare_npy_or_a_huge_array_header_exits_data(
+    tmp_path: Path, runs_files: list[Path], spec_file: Path
+) -> None:
+    """Runs files that are one .npy array, or whose header declares an array no machine
+    holds or is too long to parse: exit 4 with the file named, no traceback."""
+    out = tmp_path / "genesis.msgpack"
+    bare = tmp_path / "runs.npy"
+    np.save(bare, synthetic_runs(1)[0].x)
+    huge_npy = tmp_path / "huge.npy"
+    huge_npy.write_bytes(npy_header_only(HUGE_SHAPE))
+    huge_npz = tmp_path / "huge.npz"
+    huge_npz.write_bytes(
+        with_member(runs_files[0].read_bytes(), "x.npy", npy_header_only(HUGE_SHAPE))
+    )
+    long_header = tmp_path / "long-header.npz"
+    long_header.write_bytes(
+        with_member(runs_files[0].read_bytes(), "x.npy", npy_header_only((1, 52), padding=20_000))
+    )
+    for path, message in [
+        (bare, "runs.npy: holds a single array (.npy), not a simulated-runs .npz archive"),
+        (huge_npy, "huge.npy: an array is larger than this machine can load"),
+        (huge_npz, "huge.npz: an array is larger than this machine can load"),
+        (long_header, "long-header.npz: cannot read it: Header info length"),
+    ]:
+        code, _, stderr = pretrain(path, "--model-spec", spec_file, "--out", out)
+        assert code == ExitCode.DATA, stderr
+        assert message in stderr
+    assert not out.exists()
 
 
 def test_windows_straddling_a_fault_onset_are_dropped() -> None:

@@ -22,6 +22,8 @@ from fedgate_common.errors import FedgateError
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.model_spec import ModelSpec, initial_weights
 
+from tests.npz_support import npy_header_only, with_member
+
 torch.set_num_threads(1)
 
 SPEC = ModelSpec(n_features=3, window=8, n_classes=3, channels=8)
@@ -246,3 +248,14 @@ def test_the_command_line_starts_without_torch() -> None:
     takes well under a second instead of three."""
     modules = "fedgate_agent.cli, fedgate_agent.local_dataset, fedgate_agent.data_path"
     assert _packages_loaded(modules, {"torch", "dp_accounting"}) == []
+
+
+def test_a_header_declaring_a_huge_array_is_refused(tmp_path: Path) -> None:
+    """`run` reads the training file with the same checks as `predict`: a member whose header
+    declares petabytes is refused as data, not a MemoryError from the service."""
+    x, y = good_arrays()
+    valid = write_npz(tmp_path / "valid.npz", x=x, y=y)
+    huge = tmp_path / "huge.npz"
+    huge.write_bytes(with_member(valid.read_bytes(), "x.npy", npy_header_only((10**15, 8, 3))))
+    with pytest.raises(LocalDataError, match="larger than this machine can load"):
+        load_local_dataset(huge, SPEC)

@@ -248,3 +248,33 @@ def test_two_sources_on_one_serial_line_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert any("/dev/ttyUSB0" in problem for problem in error.value.problems)
+
+
+def test_hosts_the_resolver_cannot_encode_are_refused_by_check(tmp_path: Path) -> None:
+    """A broker, Modbus or OPC-UA host that IDNA cannot encode (an empty label, a label of
+    64 characters) is a config problem (exit 3), not a traceback once `run` connects."""
+    long_label = "p" * 64
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path}/state"\ntopic_prefix = "plant/a"\n'
+        '[broker]\nhost = "a..b"\n'
+        f'[[modbus]]\nname = "plc"\nhost = "{long_label}.example"\n'
+        '[[modbus.registers]]\ntag = "A"\naddress = 0\n'
+        '[[opcua]]\nname = "sim"\nendpoint = "opc.tcp://.server:4840"\n'
+        '[[opcua.nodes]]\ntag = "X"\nnode_id = "ns=2;s=X"\n'
+    )
+    result = CliRunner().invoke(check, ["--config", str(path), "--json"])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    problems = json.loads(result.output)["problems"]
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("broker.host = 'a..b' is not a host name or IP address")
+    assert problems[1].startswith(f"modbus[0].host = '{long_label}.example' (source 'plc')")
+    assert problems[2].startswith("opcua[0].endpoint = 'opc.tcp://.server:4840' (source 'sim')")
+    assert all("each label between dots needs 1 to 63 characters" in p for p in problems)
+    for host in ("::1", "localhost", "broker.example"):
+        path.write_text(
+            f'state_dir = "{tmp_path}/state"\ntopic_prefix = "plant/a"\n[broker]\n'
+            f'host = "{host}"\n[[modbus]]\nname = "plc"\nhost = "{host}"\n'
+            '[[modbus.registers]]\ntag = "A"\naddress = 0\n'
+        )
+        assert load_config(path).broker.host == host

@@ -66,6 +66,12 @@ def test_fault_lists_keep_the_order_given() -> None:
 # -- the command --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("hours", [1e308, 1000.5, float("inf")])
+def test_a_plan_longer_than_the_longest_run_is_a_config_error(hours: float) -> None:
+    with pytest.raises(ConfigError, match="at most 1000"):
+        RunsPlan(seed=1, sets=1, faults=(0,), hours=hours)
+
+
 def test_help_has_an_example_and_the_exit_codes() -> None:
     result = run_command("--help")
     assert result.returncode == 0
@@ -189,6 +195,10 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
         (("--fault-start-h", "-1"), "--fault-start-h"),
         (("--hours", "0.01"), "--hours"),
         (("--hours", "nan"), "hours must be"),
+        (("--hours", "1e308"), "Invalid value for '--hours'"),
+        (("--hours", "inf"), "Invalid value for '--hours'"),
+        (("--hours", "-1"), "Invalid value for '--hours'"),
+        (("--hours", "1000.5"), "0.05<=x<=1000.0"),
         (("--sets", "0"), "--sets"),
         (("--jobs", "0"), "--jobs"),
         (("--control-seconds", "7"), "control steps"),

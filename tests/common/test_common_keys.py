@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import nacl.bindings
 import nacl.signing
 import pytest
 from fedgate_common.errors import FedgateError
@@ -99,6 +100,37 @@ def test_wrong_length(size: int, text: str) -> None:
         parse_signing_key(text)
     raw = text.removeprefix("ed25519:")
     assert not raw or raw not in str(info.value)
+
+
+#: Encodings of points of order 1, 2, 4 and 8 (from libsodium's blocklist) and a
+#: non-canonical one (y = p + 1). No signing key has one of these as its public key.
+SMALL_ORDER_KEYS = [
+    "00" * 32,  # y = 0: order 4 (the all-zero encoding)
+    "01" + "00" * 31,  # the identity
+    "ec" + "ff" * 30 + "7f",  # y = -1: order 2
+    "00" * 31 + "80",  # y = 0 with the sign bit set
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "ee" + "ff" * 30 + "7f",  # y = p + 1: the identity, not canonically encoded
+]
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER_KEYS)
+@pytest.mark.parametrize("prefix", ["ed25519:", ""])
+def test_small_order_public_keys_are_refused(raw: str, prefix: str) -> None:
+    with pytest.raises(InvalidKey, match="not an Ed25519 public key") as info:
+        parse_public_key(prefix + raw)
+    assert "small-order point" in str(info.value)
+    assert raw in str(info.value)  # says which key
+
+
+def test_a_key_with_a_small_order_component_is_refused() -> None:
+    """A real public key plus the point of order 2: on the curve, but not in the
+    prime-order group that every signing key's public key lies in."""
+    order_2 = bytes.fromhex("ec" + "ff" * 30 + "7f")
+    mixed = nacl.bindings.crypto_core_ed25519_add(bytes(VERIFY), order_2)
+    with pytest.raises(InvalidKey, match="not an Ed25519 public key"):
+        parse_public_key(mixed.hex())
 
 
 def test_invalid_key_is_a_fedgate_value_error() -> None:

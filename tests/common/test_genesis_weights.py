@@ -120,6 +120,14 @@ def test_tampered_files_are_refused() -> None:
             decode_genesis_weights(data)
 
 
+@pytest.mark.parametrize("start_seed", [-1, 2**63, 2**64 - 1])
+def test_a_start_seed_no_manifest_can_hold_is_refused(start_seed: int) -> None:
+    """The manifest's genesis_seed is the start seed, and it must be 0..2**63-1."""
+    pretraining = msgspec.to_builtins(PRETRAINING) | {"start_seed": start_seed}
+    with pytest.raises(GenesisWeightsInvalid, match=f"start_seed {start_seed} is not a genesis"):
+        decode_genesis_weights(_tampered(pretraining=pretraining))
+
+
 def test_an_unreadable_file_names_its_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.msgpack"
     with pytest.raises(GenesisWeightsInvalid, match=r"nope\.msgpack: cannot read it"):

@@ -177,6 +177,29 @@ def test_file_with_unknown_field_or_bad_key_is_refused() -> None:
         decode_manifest_file(json.dumps(as_json).encode())
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("genesis_seed",), 2**64),
+        (("version",), 10**30),
+        (("consensus", "cloud_weight_cap"), 2**64),
+        (("genesis_seed",), -(2**63) - 1),
+    ],
+)
+def test_integers_beyond_the_digest_encoding_are_manifest_invalid(
+    path: tuple[str, ...], value: int
+) -> None:
+    """JSON integers have no bound; the msgpack encoding the digest covers holds
+    -2**63..2**64-1 only, so larger ones are refused when the file is read."""
+    as_json = json.loads(encode_manifest_file(signed_by(first_version(FOUR), FOUR)))
+    table = as_json["manifest"]
+    for name in path[:-1]:
+        table = table[name]
+    table[path[-1]] = value
+    with pytest.raises(ManifestInvalid, match=r"integer is outside -2\*\*63\.\.2\*\*64-1"):
+        decode_manifest_file(json.dumps(as_json).encode())
+
+
 def test_oversized_file_is_refused_before_decoding() -> None:
     with pytest.raises(ManifestInvalid, match="larger than"):
         decode_manifest_file(b" " * (MAX_MANIFEST_BYTES + 1))
@@ -201,6 +224,26 @@ def test_version_1_missing_one_signature_names_the_missing_cloud() -> None:
     assert "3 of 4 signatures" in problems[0]
     assert "every cloud" in problems[0]
     assert "missing: cloud-3" in problems[0]
+
+
+def test_version_1_with_a_tampered_signature_names_its_cloud_not_a_missing_one() -> None:
+    manifest = first_version(FOUR)
+
+    def tampered(keys: dict[str, nacl.signing.SigningKey]) -> SignedManifest:
+        signatures = list(signed_by(manifest, keys).signatures)
+        first = signatures[0]
+        signatures[0] = ManifestSignature(
+            cloud=first.cloud, signature=bytes([first.signature[0] ^ 1]) + first.signature[1:]
+        )
+        return SignedManifest(manifest=manifest, signatures=tuple(signatures))
+
+    assert problems_of(tampered(FOUR)) == [
+        "the signature of cloud cloud-1 does not verify with its listed key",
+        "3 of 4 signatures: version 1 must be signed by every cloud it lists; "
+        "not verifying: cloud-1",
+    ]
+    three = {c: k for c, k in FOUR.items() if c != "cloud-4"}
+    assert problems_of(tampered(three))[-1].endswith("; missing: cloud-4; not verifying: cloud-1")
 
 
 @pytest.mark.parametrize(

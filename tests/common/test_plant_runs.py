@@ -10,6 +10,8 @@ import pytest
 from fedgate_common.errors import PlantRunsInvalid
 from fedgate_common.plant_runs import PlantRun, RunsMeta, load_plant_runs, save_plant_runs
 
+from tests.npz_support import HUGE_SHAPE, npy_header_only, with_member
+
 META = RunsMeta(
     simulator="tep-studio 0.2.0",
     seed=1,
@@ -88,6 +90,29 @@ def test_unreadable_and_truncated_files_are_refused(tmp_path: Path) -> None:
         load_plant_runs(path)
     with pytest.raises(PlantRunsInvalid, match="cannot read it"):
         load_plant_runs(tmp_path / "missing.npz")
+
+
+def test_a_bare_npy_or_a_header_declaring_a_huge_array_is_refused(tmp_path: Path) -> None:
+    saved = tmp_path / "runs.npz"
+    save_plant_runs(saved, _runs(), META)
+    bare = tmp_path / "runs.npy"
+    np.save(bare, _runs()[0].x)
+    huge_npy = tmp_path / "huge.npy"
+    huge_npy.write_bytes(npy_header_only(HUGE_SHAPE))
+    huge_npz = tmp_path / "huge.npz"
+    huge_npz.write_bytes(with_member(saved.read_bytes(), "x.npy", npy_header_only(HUGE_SHAPE)))
+    long_header = tmp_path / "long-header.npz"
+    long_header.write_bytes(
+        with_member(saved.read_bytes(), "x.npy", npy_header_only((65, 3), padding=20_000))
+    )
+    for path, message in [
+        (bare, r"runs\.npy: holds a single array \(\.npy\), not a simulated-runs \.npz"),
+        (huge_npy, r"huge\.npy: an array is larger than this machine can load"),
+        (huge_npz, r"huge\.npz: an array is larger than this machine can load"),
+        (long_header, r"long-header\.npz: cannot read it: Header info length"),
+    ]:
+        with pytest.raises(PlantRunsInvalid, match=message):
+            load_plant_runs(path)
 
 
 def test_nothing_or_ragged_runs_are_not_written(tmp_path: Path) -> None:

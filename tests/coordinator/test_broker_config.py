@@ -290,6 +290,20 @@ def test_enroll_accepts_the_longest_valid_id(state: Path) -> None:
     assert invoke(state, "enroll", "x" * 64, new_key()).exit_code == 0
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["ed25519:" + "00" * 32, "ed25519:01" + "00" * 31, "ed25519:ec" + "ff" * 30 + "7f"],
+    ids=["all-zero", "identity", "order-2"],
+)
+def test_enroll_refuses_small_order_keys_like_other_malformed_keys(state: Path, key: str) -> None:
+    malformed = invoke(state, "enroll", "site-3", "ed25519:zz")
+    result = invoke(state, "enroll", "site-3", key)
+    assert result.exit_code == malformed.exit_code == ExitCode.USAGE, result.output
+    assert "small-order point" in result.output
+    with Store.open(f"sqlite:///{state / 'coordinator.db'}") as store:
+        assert "site-3" not in {a.agent_id for a in store.list_agents()}
+
+
 def test_enroll_issues_the_broker_login_at_once(state: Path, tmp_path: Path) -> None:
     out = tmp_path / "broker"
     no_ca = invoke(state, "enroll", "site-3", new_key(), "--broker-out", str(out))

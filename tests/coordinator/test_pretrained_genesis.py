@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from fedgate_common.genesis_weights import (
     GenesisWeights,
+    encode_genesis_weights,
     genesis_weights_digest,
     make_genesis_weights,
     write_genesis_weights,
@@ -113,6 +114,21 @@ def test_init_refuses_a_seed_with_weights_and_another_spec(
     assert code == ExitCode.CONFIG
     assert "garbage.msgpack: not a genesis-weights file" in output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("start_seed", [-1, 2**63, 2**64 - 1])
+def test_init_refuses_weights_whose_start_seed_no_manifest_can_hold(
+    tmp_path: Path, start_seed: int
+) -> None:
+    """Such a file once gave a manifest that `serve` and `federation verify` refuse."""
+    raw = msgspec.msgpack.decode(encode_genesis_weights(pretrained(5)))
+    raw["pretraining"]["start_seed"] = start_seed
+    weights_file = tmp_path / "genesis.msgpack"
+    weights_file.write_bytes(msgspec.msgpack.encode(raw))
+    code, output = _init(tmp_path / "coord", "--genesis-weights", weights_file)
+    assert code == ExitCode.CONFIG, output
+    assert f"start_seed {start_seed} is not a genesis seed (0..2**63-1)" in output
+    assert not (tmp_path / "coord").exists()
 
 
 def test_four_clouds_sign_and_install_a_pre_trained_genesis(

@@ -253,9 +253,19 @@ def test_settings_refuse_what_cannot_work() -> None:
     with pytest.raises(SourceError) as caught:
         OpcUaIngestSettings(
             endpoint="opc.tcp://user:secret@127.0.0.1:4840/",
-            nodes=(OpcUaNode("not a node id", "A"), OpcUaNode("ns=2;s=b", "A")),
+            nodes=(
+                OpcUaNode("not a node id", "A"),
+                OpcUaNode("ns=2;s=b", "A"),
+                OpcUaNode("ns=2;s=c", "C\n"),
+            ),
             queue_size=0,
         )
     message = str(caught.value)
-    for expected in ("credentials", "not an OPC-UA node id", "same tag", "queue_size"):
+    for expected in (
+        "credentials",
+        "not an OPC-UA node id",
+        "same tag",
+        "queue_size",
+        "node 'ns=2;s=c': tag 'C\\n' contains the control character U+000A",
+    ):
         assert expected in message

@@ -36,14 +36,16 @@ from typing import Any, Final
 
 import msgspec
 import tomli_w
-from fedgate_common.atomic_files import atomic_write
+from fedgate_common.atomic_files import atomic_write, file_in_the_way
 from fedgate_common.errors import InvalidIdentifier
+from fedgate_common.hosts import host_problem, url_host_problem
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.keys import InvalidKey, parse_public_key
 from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.errors import ConfigError
+from fedgate_agent.ingest.samples import tag_problem
 from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 from fedgate_agent.site_privacy import DEFAULT_SITE_MAX_EPSILON
 
@@ -697,6 +699,14 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         problems.append(
             ("state_dir", f"state_dir = {config.state_dir!r} is not {_ALLOWED['state_dir']}")
         )
+    elif (blocker := file_in_the_way(Path(config.state_dir))) is not None:
+        problems.append(
+            (
+                "state_dir",
+                f"state_dir = {config.state_dir!r}: {blocker} exists and is not a directory; "
+                "set state_dir to a directory (a missing one is created)",
+            )
+        )
 
     key_text = config.coordinator_public_key
     if key_text == "":
@@ -736,14 +746,10 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
 
     broker = config.broker
     host = broker.host
-    if (
-        not host
-        or any(c.isspace() for c in host)
-        or "://" in host
-        or "/" in host
-        or host.count(":") == 1  # host:port; IPv6 addresses have two or more colons
-    ):
-        problems.append(("broker.host", f"broker.host = {host!r} is not {_ALLOWED['broker.host']}"))
+    if (why := host_problem(host)) is not None:
+        problems.append(
+            ("broker.host", f"broker.host = {host!r} is not {_ALLOWED['broker.host']} ({why})")
+        )
     if broker.protocol not in BROKER_PROTOCOLS:
         problems.append(
             (
@@ -837,6 +843,14 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
         bad("training.source", config.training.source)
     if ingest.cap_policy not in ("reject_new", "drop_oldest"):
         bad("ingest.cap_policy", ingest.cap_policy)
+    if ingest.mqtt_host and (why := host_problem(ingest.mqtt_host)) is not None:
+        problems.append(
+            (
+                "ingest.mqtt_host",
+                f"ingest.mqtt_host = {ingest.mqtt_host!r} is not a host name or IP address "
+                f'({why}); "" for broker.host',
+            )
+        )
     for key, value, low, high in (
         ("ingest.max_samples", ingest.max_samples, 1000, 10**10),
         ("ingest.mqtt_port", ingest.mqtt_port, 0, 65535),
@@ -883,6 +897,11 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
                 "model's input order",
             )
         )
+    for tag in windows.tags:
+        if (why := tag_problem(tag, slash=True)) is not None:
+            problems.append(("windows.tags", f"windows.tags: tag {tag!r} {why}"))
+    if windows.label_tag and (why := tag_problem(windows.label_tag, slash=True)) is not None:
+        problems.append(("windows.label_tag", f"windows.label_tag = {windows.label_tag!r} {why}"))
     for index, source in enumerate(config.mqtt_source, start=1):
         where = f"[[mqtt_source]] number {index}"
         if not _is_topic_filter(source.topic):
@@ -897,6 +916,8 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
             problems.append(
                 ("mqtt_source", f"{where}: format {source.format!r} is not json | sparkplug")
             )
+        if source.tag and (why := tag_problem(source.tag, slash=source.format == "sparkplug")):
+            problems.append(("mqtt_source", f"{where}: tag {source.tag!r} {why}"))
     credentials: dict[str, str] = {}
     for index, opcua in enumerate(config.opcua_source, start=1):
         where = f"[[opcua_source]] number {index}"
@@ -921,9 +942,15 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
             problems.append(
                 ("opcua_source", f"{where}: endpoint {opcua.endpoint!r} is not opc.tcp://…")
             )
+        elif (why := url_host_problem(opcua.endpoint)) is not None:
+            problems.append(
+                ("opcua_source", f"{where}: endpoint {opcua.endpoint!r} has a bad host ({why})")
+            )
         if not opcua.tags:
             problems.append(("opcua_source", f"{where}: tags is empty; map tag = node id"))
         for tag, node_id in opcua.tags.items():
+            if (why := tag_problem(tag)) is not None:
+                problems.append(("opcua_source", f"{where}: tag {tag!r} {why}"))
             if not _NODE_ID.fullmatch(node_id):
                 problems.append(
                     (

@@ -155,7 +155,8 @@ def import_command(
             + (" …" if len(report.tags) > 12 else "")
         )
     for example in report.rejected_examples:
-        click.echo(f"  line {example.line} {example.column}: {example.reason} ({example.text!r})")
+        column = example.column if example.column.isprintable() else repr(example.column)
+        click.echo(f"  line {example.line} {column}: {example.reason} ({example.text!r})")
 
 
 @click.command("windows")

@@ -15,6 +15,7 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,7 @@ __all__ = [
     "check_dataset",
     "load_local_dataset",
     "make_windows",
+    "read_npz_arrays",
     "save_local_dataset",
 ]
 
@@ -78,38 +80,61 @@ def check_dataset(dataset: LocalDataset, spec: ModelSpec) -> None:
         )
 
 
-def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
-    """Read and validate the ``.npz`` at ``path`` (arrays ``x`` and ``y``; never unpickled).
+def read_npz_arrays(
+    path: Path, *, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, npt.NDArray[Any]]:
+    """The named arrays of the ``.npz`` at ``path`` (never unpickled); ``optional`` ones
+    only when present.
 
-    Floating ``x`` is converted to float32 and integer ``y`` to int64; everything else that
-    does not fit ``spec`` raises :class:`LocalDataError` saying what to fix.
+    Raises :class:`LocalDataError` naming the file for anything else: a single ``.npy``
+    array, a missing array, object arrays, a truncated or damaged archive, or a header
+    declaring an array larger than memory.
     """
+    save_as = ", ".join(f"{name}=..." for name in required)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise LocalDataError(
                 f"{path}: holds a single array, not an .npz archive; save it with "
-                "numpy.savez(path, x=windows, y=labels)",
+                f"numpy.savez(path, {save_as})",
                 path=path,
             )
         with loaded as archive:
-            missing = sorted({"x", "y"} - set(archive.files))
+            missing = sorted(set(required) - set(archive.files))
             if missing:
                 raise LocalDataError(
-                    f"{path}: arrays {missing} missing; save windows as 'x' and labels as 'y'",
+                    f"{path}: arrays {missing} missing; save them with numpy.savez(path, "
+                    f"{save_as})",
                     path=path,
                 )
-            x = archive["x"]
-            y = archive["y"]
+            return {
+                name: np.asarray(archive[name])
+                for name in (*required, *optional)
+                if name in archive.files
+            }
     except LocalDataError:
         raise
     except ValueError as exc:  # object arrays refuse to load without pickle
         raise LocalDataError(
             f"{path}: cannot read arrays without pickle ({exc}); save plain numeric arrays",
             path=path,
-        ) from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise LocalDataError(f"{path}: not a readable .npz file ({exc})", path=path) from exc
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:  # missing, truncated, damaged
+        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
+    except MemoryError as exc:  # a header declaring a huge shape
+        raise LocalDataError(
+            f"{path}: an array is larger than this machine can load ({exc})", path=path
+        ) from None
+
+
+def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:
+    """Read and validate the ``.npz`` at ``path`` (arrays ``x`` and ``y``; never unpickled).
+
+    Floating ``x`` is converted to float32 and integer ``y`` to int64; everything else that
+    does not fit ``spec`` raises :class:`LocalDataError` saying what to fix.
+    """
+    arrays = read_npz_arrays(path, required=("x", "y"))
+    x, y = arrays["x"], arrays["y"]
     if not np.issubdtype(x.dtype, np.floating):
         raise LocalDataError(f"{path}: x has dtype {x.dtype}; store float32 values", path=path)
     if not np.issubdtype(y.dtype, np.integer):

@@ -40,6 +40,7 @@ from fedgate_agent.errors import ConfigError, LocalDataError
 from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
 from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.ingest.historian import ColumnMapping, import_history
+from fedgate_agent.local_dataset import read_npz_arrays
 from fedgate_agent.scoring import (
     ScoringFailed,
     ScoringModel,
@@ -55,17 +56,8 @@ __all__ = ["predict_command"]
 
 
 def _read_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64] | None]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                raise LocalDataError(
-                    f"{path}: no array 'x'; save windows with numpy.savez(path, x=windows)",
-                    path=path,
-                )
-            x = np.asarray(archive["x"])
-            y = np.asarray(archive["y"]) if "y" in archive.files else None
-    except (OSError, ValueError, AttributeError) as exc:  # not an .npz, object arrays, …
-        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
+    arrays = read_npz_arrays(path, required=("x",), optional=("y",))
+    x, y = arrays["x"], arrays.get("y")
     if x.dtype.kind != "f" or not np.isfinite(x).all():
         raise LocalDataError(f"{path}: 'x' must hold finite floats, not {x.dtype}", path=path)
     if y is not None and (y.dtype.kind not in "iu" or y.shape != x.shape[:1]):

@@ -59,3 +59,13 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """``directory`` or the nearest of its parents that exists, when that is not a
+    directory: ``directory`` can then be neither used nor created. None otherwise (a
+    missing directory under an existing one is fine; it is created on first write)."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None

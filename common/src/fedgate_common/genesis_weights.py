@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from fedgate_common.arrays import WireArray, check_shapes, decode_arrays, encode_arrays
 from fedgate_common.atomic_files import atomic_write
+from fedgate_common.consensus.manifest import MAX_SEED
 from fedgate_common.digests import GENESIS_PARENT, model_digest
 from fedgate_common.errors import FedgateError, GenesisWeightsInvalid
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
@@ -123,6 +124,11 @@ def _checked(genesis: GenesisWeights, *, path: str | None = None) -> GenesisWeig
     if genesis.format != GENESIS_WEIGHTS_FORMAT:
         raise GenesisWeightsInvalid(
             f"format {genesis.format!r}; this release reads {GENESIS_WEIGHTS_FORMAT!r}", path=path
+        )
+    if not 0 <= genesis.pretraining.start_seed < MAX_SEED:
+        raise GenesisWeightsInvalid(
+            f"start_seed {genesis.pretraining.start_seed} is not a genesis seed (0..2**63-1)",
+            path=path,
         )
     if [item.name for item in genesis.weights] != [
         name for name, _ in parameter_shapes(genesis.spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nacl.exceptions
 import nacl.signing
 
 from fedgate_common.errors import FedgateError
@@ -18,7 +19,8 @@ def public_key_text(key: nacl.signing.VerifyKey) -> str:
 
 
 def parse_public_key(text: str) -> nacl.signing.VerifyKey:
-    """Parse ``ed25519:<64 hex digits>`` (the prefix is optional)."""
+    """Parse ``ed25519:<64 hex digits>`` (the prefix is optional) into a key that a
+    signing key can have: :class:`InvalidKey` for anything else."""
     raw = text.strip().removeprefix(_PREFIX)
     try:
         data = bytes.fromhex(raw)
@@ -28,7 +30,19 @@ def parse_public_key(text: str) -> nacl.signing.VerifyKey:
         ) from None
     if len(data) != 32:
         raise InvalidKey(f"public key has {len(data)} bytes; Ed25519 public keys have 32")
-    return nacl.signing.VerifyKey(data)
+    key = nacl.signing.VerifyKey(data)
+    try:
+        # libsodium refuses small-order points (the all-zero encoding, the identity, the
+        # other low-order points) and anything outside the prime-order group: keys that
+        # no signing key has, some of which accept forged signatures.
+        key.to_curve25519_public_key()
+    except nacl.exceptions.RuntimeError:
+        raise InvalidKey(
+            f"public key {text!r} is not an Ed25519 public key (a small-order point or not "
+            "a point of the curve's prime-order group); copy the key again from "
+            "`fedgate-agent init` or `fedgate-coordinator status`"
+        ) from None
+    return key
 
 
 def signing_key_text(key: nacl.signing.SigningKey) -> str:

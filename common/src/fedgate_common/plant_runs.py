@@ -109,7 +109,12 @@ def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
     unreadable or inconsistent."""
     where = str(path)
     try:
-        with np.load(path, allow_pickle=False) as stored:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise PlantRunsInvalid(
+                "holds a single array (.npy), not a simulated-runs .npz archive", path=where
+            )
+        with loaded as stored:
             missing = [name for name in _ARRAYS if name not in stored.files]
             if missing:
                 raise PlantRunsInvalid(
@@ -123,6 +128,10 @@ def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
             sets = np.asarray(stored["run_sets"])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise PlantRunsInvalid(f"cannot read it: {exc}", path=where) from None
+    except MemoryError as exc:  # a header declaring a huge shape
+        raise PlantRunsInvalid(
+            f"an array is larger than this machine can load ({exc})", path=where
+        ) from None
     try:
         declared = msgspec.json.decode(meta_text)
     except msgspec.DecodeError as exc:

@@ -65,6 +65,7 @@ from fedgate_coordinator.config import (
     DEFAULT_STATE_DIR,
     KEY_NAME,
     CoordinatorConfig,
+    check_state_dir,
     load_config,
     validate,
     write_config,
@@ -100,6 +101,10 @@ Exit codes:
   8 the federation manifest is invalid or not signed by a quorum"""
 
 __all__ = ["EXIT_CODES_HELP", "ExitCode", "main"]  # scripts and tests read exit codes here
+
+# Round numbers, heights and row limits as the store takes them: SQL integers of 64 bits.
+STORE_NUMBER = click.IntRange(0, 2**63 - 1)
+ROW_LIMIT = click.IntRange(1, 2**63 - 1)
 
 
 class Context(msgspec.Struct):
@@ -235,6 +240,7 @@ def init(
           --genesis-weights genesis.msgpack     # start from a pre-trained model
     """
     state_dir = obj.state_dir.absolute()
+    check_state_dir(state_dir)
     if (state_dir / CONFIG_NAME).exists():
         raise ConfigError(f"{state_dir / CONFIG_NAME} exists: this coordinator is initialised")
     if genesis_weights_path is not None and genesis_seed is not None:
@@ -821,11 +827,13 @@ STAGE_COLUMNS = ["stage", "expected", "received", "dropped", "bytes_in", "bytes_
 
 
 @main.command()
-@click.option("--limit", type=int, default=50, show_default=True, help="List at most N rounds.")
+@click.option(
+    "--limit", type=ROW_LIMIT, default=50, show_default=True, help="List at most N rounds."
+)
 @click.option(
     "--detail",
     "detail_round",
-    type=int,
+    type=STORE_NUMBER,
     default=None,
     metavar="N",
     help="Show round N: its parameters (threshold, degree, word bits) and one line per stage.",
@@ -848,7 +856,8 @@ def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) ->
       fedgate-coordinator rounds --detail 12 --json
 
     \b
-    Exit codes: 0 shown, 3 config missing, 4 store error, 7 round N does not exist.
+    Exit codes: 0 shown, 2 --limit or --detail out of range, 3 config missing, 4 store
+    error, 7 round N does not exist.
     """
     if detail_round is not None:
         _show_round_detail(obj, detail_round, as_json=as_json)
@@ -1198,7 +1207,7 @@ def models(obj: Context, verify: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=ROW_LIMIT, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
 @guard
@@ -1223,11 +1232,13 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--limit", type=int, default=50, show_default=True, help="Show the last N heights.")
+@click.option(
+    "--limit", type=ROW_LIMIT, default=50, show_default=True, help="Show the last N heights."
+)
 @click.option(
     "--votes",
     "votes_height",
-    type=int,
+    type=STORE_NUMBER,
     default=None,
     metavar="H",
     help="List every proposal and vote seen at height H instead.",

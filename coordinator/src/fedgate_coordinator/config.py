@@ -12,7 +12,9 @@ from typing import Any
 
 import msgspec
 import tomli_w
+from fedgate_common.atomic_files import file_in_the_way
 from fedgate_common.errors import BrokerTlsInvalid, FedgateError
+from fedgate_common.hosts import host_problem
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec
 from fedgate_common.mqtt_tls import client_tls_context
@@ -29,6 +31,8 @@ from fedgate_coordinator.site_privacy import SitePrivacySettings, site_privacy_p
 CONFIG_NAME = "coordinator.toml"
 KEY_NAME = "coordinator.key"
 DEFAULT_STATE_DIR = Path("/var/lib/fedgate-coordinator")
+# Longer than the default id (fedgate-coordinator-<deployment>-<cloud>, up to 149).
+MAX_CLIENT_ID = 256
 
 
 class PeerBroker(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -72,8 +76,21 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append(f"cloud={FEDERATION!r} is reserved for federation topics; pick another id")
     if config.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"log_level={config.log_level!r}: use debug, info, warning or error")
+    if (why := host_problem(config.broker.host)) is not None:
+        problems.append(
+            f"broker.host={config.broker.host!r} is not a host name or IP address ({why})"
+        )
     if not 1 <= config.broker.port <= 65535:
         problems.append(f"broker.port={config.broker.port}: use 1..65535")
+    if not 1 <= config.broker.keepalive_s <= 65535:
+        problems.append(f"broker.keepalive_s={config.broker.keepalive_s}: use 1..65535 (seconds)")
+    client_id = config.broker.client_id
+    if len(client_id) > MAX_CLIENT_ID or any(c.isspace() or not c.isprintable() for c in client_id):
+        problems.append(
+            f"broker.client_id={client_id[:40]!r}{'…' if len(client_id) > 40 else ''}: use "
+            f'at most {MAX_CLIENT_ID} characters without spaces, or "" for '
+            "fedgate-coordinator-<deployment>-<cloud>"
+        )
     if config.broker.protocol not in ("auto", "5", "3.1.1"):
         problems.append(f"broker.protocol={config.broker.protocol!r}: use auto, 5 or 3.1.1")
     if not 1 <= config.broker.queue_size <= 100_000:
@@ -105,6 +122,8 @@ def validate(config: CoordinatorConfig) -> list[str]:
         problems.append("rounds.min_participants must be at least 1")
     if not 0 < r.update_timeout_s <= 86_400:
         problems.append("rounds.update_timeout_s must be in (0, 86400]")
+    if not 0 <= r.pause_between_rounds_s <= 86_400:
+        problems.append("rounds.pause_between_rounds_s must be in [0, 86400]")
     if not 0 < r.learning_rate <= 10 or not 0 < r.lr_decay <= 1:
         problems.append("rounds.learning_rate must be in (0, 10] and rounds.lr_decay in (0, 1]")
     if not 0 <= r.momentum < 1:
@@ -151,7 +170,19 @@ def credential_names(raw: Mapping[str, Any]) -> dict[SettingPath, str]:
     return names
 
 
+def check_state_dir(state_dir: Path) -> None:
+    """Raise :class:`ConfigError` when ``state_dir``, or the nearest of its parents that
+    exists, is not a directory (a missing state directory is fine: ``init`` creates it)."""
+    if (blocker := file_in_the_way(state_dir)) is not None:
+        raise ConfigError(
+            f"state directory {state_dir}: {blocker} exists and is not a directory; "
+            "pass the coordinator's state directory (--state-dir or "
+            "FEDGATE_COORDINATOR_STATE_DIR)"
+        )
+
+
 def load_config(state_dir: Path) -> CoordinatorConfig:
+    check_state_dir(state_dir)
     path = state_dir / CONFIG_NAME
     try:
         raw = tomllib.loads(path.read_text())
@@ -161,6 +192,8 @@ def load_config(state_dir: Path) -> CoordinatorConfig:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not text
+        raise ConfigError(f"cannot read {path}: {exc}") from None
     # Under systemd, secret files come from $CREDENTIALS_DIRECTORY (LoadCredential).
     load_credentials_into(raw, credential_names(raw), os.environ, exists=os.path.isfile)
     try:

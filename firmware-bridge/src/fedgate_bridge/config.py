@@ -23,6 +23,7 @@ from typing import Any, Final, get_args, get_origin
 
 import msgspec
 from fedgate_common.errors import BrokerTlsInvalid
+from fedgate_common.hosts import host_problem, url_host_problem
 from fedgate_common.mqtt_tls import client_tls_context
 from fedgate_common.service_units import SettingPath, load_credentials_into
 
@@ -359,16 +360,6 @@ def _float_range(
     return None if ok else _bad(path, value, label)
 
 
-def _bad_host(host: str) -> bool:
-    return (
-        not host
-        or any(c.isspace() for c in host)
-        or "://" in host
-        or "/" in host
-        or host.count(":") == 1  # host:port; IPv6 addresses have two or more colons
-    )
-
-
 def bad_topic_prefix(prefix: str) -> bool:
     """Whether ``prefix`` cannot be the first levels of an MQTT topic name."""
     levels = prefix.split("/")
@@ -462,8 +453,8 @@ def _modbus_problems(index: int, source: ModbusSourceConfig) -> list[str]:
             problems.append(_bad(f"{path}.bytesize", source.bytesize, label))
         problems.append(_int_range(f"{path}.baudrate", source.baudrate, BAUDRATE_RANGE, label))
     elif source.transport in MODBUS_TRANSPORTS:
-        if _bad_host(source.host):
-            problems.append(_bad(f"{path}.host", source.host, label))
+        if (why := host_problem(source.host)) is not None:
+            problems.append(_bad(f"{path}.host", source.host, label) + f" ({why})")
         problems.append(_int_range(f"{path}.port", source.port, PORT_RANGE, label))
     problems.append(_int_range(f"{path}.unit", source.unit, DEVICE_ID_RANGE, label))
     problems.append(
@@ -518,6 +509,8 @@ def _opcua_problems(index: int, source: OpcuaSourceConfig) -> list[str]:
     endpoint = source.endpoint
     if not endpoint.startswith("opc.tcp://") or len(endpoint) <= len("opc.tcp://"):
         problems.append(_bad(f"{path}.endpoint", endpoint, label))
+    elif (why := url_host_problem(endpoint)) is not None:
+        problems.append(_bad(f"{path}.endpoint", endpoint, label) + f" (its host: {why})")
     if source.mode not in OPCUA_MODES:
         problems.append(_bad(f"{path}.mode", source.mode, label))
     problems.append(
@@ -559,8 +552,8 @@ def validate_config(config: BridgeConfig) -> list[str]:
     if config.log_level not in LOG_LEVELS:
         problems.append(_bad("log_level", config.log_level))
     broker = config.broker
-    if _bad_host(broker.host):
-        problems.append(_bad("broker.host", broker.host))
+    if (why := host_problem(broker.host)) is not None:
+        problems.append(_bad("broker.host", broker.host) + f" ({why})")
     problems.append(_int_range("broker.port", broker.port, PORT_RANGE))
     if len(broker.client_id) > 128 or any(c.isspace() for c in broker.client_id):
         problems.append(_bad("broker.client_id", broker.client_id))

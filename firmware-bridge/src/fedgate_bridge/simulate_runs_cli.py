@@ -29,6 +29,7 @@ import click
 from fedgate_bridge.errors import ConfigError, SimulatorError
 from fedgate_bridge.simulator.plant_runs import (
     FAULT_START_H,
+    MAX_RUN_HOURS,
     PUBLIC_FAULTS,
     RUN_CONTROL_SECONDS,
     RUN_HOURS,
@@ -215,7 +216,7 @@ Example (3 sets of faults 0-20, 25 h each, on 4 processes):
 )
 @click.option(
     "--hours",
-    type=click.FloatRange(min=SAMPLE_MINUTES / 60.0),
+    type=click.FloatRange(min=SAMPLE_MINUTES / 60.0, max=MAX_RUN_HOURS),
     default=RUN_HOURS,
     show_default=True,
     help="Simulated hours per run.",

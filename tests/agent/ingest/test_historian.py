@@ -173,6 +173,95 @@ def test_bad_rows_are_counted_with_line_numbers_not_fatal(
     assert series(buffer, "A") == ([T0, T0 + 9], [1.0, 1.0])
 
 
+def test_tag_names_with_control_characters_or_a_slash_are_rejected_rows(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    """Long layout: the row is refused (``bad_tag``), the rest of the file is imported;
+    wide layout: the column's values are; a rename can give such a tag a usable name."""
+    long = write_csv(
+        tmp_path / "long.csv",
+        [
+            ["timestamp", "tag", "value"],
+            [T0, "A", 1],
+            [T0 + 1, "B\x00", 2],  # line 3
+            [T0 + 2, "C\x1b[2J", 3],  # line 4
+            [T0 + 3, "line/2", 4],  # line 5: would make import:<source>/<tag> ambiguous
+            [T0 + 4, "A", 5],
+        ],
+    )
+    report = import_history(long, buffer, ColumnMapping())
+    assert (report.rows_read, report.inserted, report.rejected) == (5, 2, 3)
+    assert [(r.line, r.reason, r.column, r.text) for r in report.rejected_examples] == [
+        (3, "bad_tag", "tag", "B\x00"),
+        (4, "bad_tag", "tag", "C\x1b[2J"),
+        (5, "bad_tag", "tag", "line/2"),
+    ]
+    assert report.tags == ["A"]
+    assert buffer.tags() == ["A"]
+    renamed = import_history(long, buffer, ColumnMapping(rename={"line/2": "line_2"}))
+    assert (renamed.inserted, renamed.rejected) == (1, 2)
+    assert series(buffer, "line_2") == ([T0 + 3], [4.0])
+
+    wide = write_csv(
+        tmp_path / "wide.csv", [["timestamp", "X", "Y\x1b"], [T0, 1, 2], [T0 + 1, 3, 4]]
+    )
+    report = import_history(wide, buffer, ColumnMapping(layout=Layout.WIDE))
+    assert (report.inserted, report.rejected, report.tags) == (2, 2, ["X"])
+    assert {(r.line, r.reason, r.column) for r in report.rejected_examples} == {
+        (2, "bad_tag", "Y\x1b"),
+        (3, "bad_tag", "Y\x1b"),
+    }
+    with pytest.raises(ColumnMappingInvalid, match=r"rename to 'a\\tb'.*control character U\+0009"):
+        ColumnMapping(rename={"A": "a\tb"})
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_a_quote_left_open_refuses_its_line_and_keeps_the_rows_after(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    """csv alone reads a field from an unmatched quote to the next quote or the end of
+    the file: every row in between would be swallowed into one rejected value."""
+    path = write_text(
+        tmp_path / "quote.csv",
+        "timestamp,tag,value\n"
+        f"{T0},A,1\n"
+        f'{T0 + 1},A,"2\n'  # line 3: the quote is never closed
+        f"{T0 + 2},A,3\n"
+        f'{T0 + 3},"B,4\n'  # line 5: closed by the quote on line 7
+        f"{T0 + 4},B,5\r\n"
+        f'{T0 + 5},B,"6"\n'  # line 7: a quoted field closed on its own line is fine
+        f'{T0 + 6},A,"7',  # line 8: open at the end of the file, no line break
+    )
+    report = import_history(path, buffer, ColumnMapping())
+    assert [(r.line, r.reason, r.column, r.text) for r in report.rejected_examples] == [
+        (3, "unmatched_quote", "value", f'{T0 + 1},A,"2'),
+        (5, "unmatched_quote", "tag", f'{T0 + 3},"B,4'),
+        (8, "unmatched_quote", "value", f'{T0 + 6},A,"7'),
+    ]
+    assert (report.rows_read, report.inserted, report.rejected) == (7, 4, 3)
+    assert series(buffer, "A") == ([T0, T0 + 2], [1.0, 3.0])
+    assert series(buffer, "B") == ([T0 + 4, T0 + 5], [5.0, 6.0])
+
+    for first in ('timestamp,"tag,value', 'timestamp,"tag\n(name)",value'):
+        header = write_text(tmp_path / "header.csv", f"{first}\n{T0},A,1\n")
+        with pytest.raises(ImportFailed, match="line 1, the header, has a quoted field"):
+            import_history(header, buffer, ColumnMapping())
+
+
+def test_a_quote_left_open_before_more_than_the_csv_field_limit_is_one_rejected_line(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    rows = "".join(f"{T0 + k},A,{k}\n" for k in range(2, 12_000))  # > 131,072 characters
+    path = write_text(tmp_path / "long.csv", f'timestamp,tag,value\n{T0},A,"1\n{rows}')
+    report = import_history(path, buffer, ColumnMapping())
+    assert [(r.line, r.reason) for r in report.rejected_examples] == [(2, "unmatched_quote")]
+    assert (report.rejected, report.inserted) == (1, 11_998)
+
+
 def test_a_missing_mapped_column_names_the_columns_found(
     buffer: IngestBuffer, tmp_path: Path
 ) -> None:

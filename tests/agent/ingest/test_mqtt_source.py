@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from fedgate_agent.ingest.mqtt_source import (
     _BrokerStream,
     topic_matches,
 )
+from fedgate_agent.ingest.sparkplug import sparkplug_payload_class
 from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from hypothesis import given
@@ -390,6 +392,45 @@ async def test_a_protocol_violation_drops_the_connection_and_the_ingest_reconnec
         assert ingest.buffer.stats().samples == 1
 
 
+async def test_tags_with_control_characters_are_refused_and_counted_the_rest_stored(
+    tmp_path: Path,
+) -> None:
+    """A tag taken from a topic level, or a Sparkplug metric name, with a control character
+    is a ``bad_tag`` rejection (acknowledged, not redelivered); the other messages, and the
+    other metrics of the same Sparkplug message, are stored."""
+    metrics = sparkplug_payload_class()()
+    metrics.timestamp = 1_700_000_000_000
+    metrics.metrics.add(name="Pump/Speed", double_value=2.5)
+    metrics.metrics.add(name="Pump\x1b[2J", double_value=3.5)
+    messages = [
+        publish("plant/line1/XMEAS_1", sample(1), mid=1),
+        publish("plant/line1/XMEAS\x00", sample(2), mid=2),
+        publish("plant/line1/X\nMEAS_2", sample(3), mid=3),
+        publish("plant/line1/\x1b[31mXMEAS_3", sample(4), mid=4),
+        publish("spBv1.0/g/NDATA/edge1", metrics.SerializeToString(), mid=5),
+        publish("plant/line1/XMEAS_4", sample(6), mid=6),
+    ]
+    acked: list[int] = []
+
+    async def script(side: BrokerSide) -> None:
+        await side.handshake()
+        side.send(b"".join(messages))
+        acked.extend(await side.pubacks(len(messages)))
+
+    subscriptions = (
+        MqttSubscription("plant/+/+"),
+        MqttSubscription("spBv1.0/g/#", format="sparkplug"),
+    )
+    async with (
+        scripted_broker(script) as (port, _),
+        ingesting(tmp_path, port, subscriptions=subscriptions) as ingest,
+    ):
+        await until(lambda: len(acked) == len(messages), "every message acknowledged")
+        assert ingest.counters.malformed == {"bad_tag": 4}
+        assert ingest.buffer.tags() == ["Pump/Speed", "XMEAS_1", "XMEAS_4"]
+        assert ingest.buffer.stats().counters["rejected_bad_tag"] == 4
+
+
 async def test_a_refused_connection_is_retried(tmp_path: Path) -> None:
     async def refuse(side: BrokerSide) -> None:
         await side.next_packet()
@@ -437,6 +478,15 @@ def test_valid_topic_filters() -> None:
         assert MqttSubscription(topic_filter).topic_filter == topic_filter
     with pytest.raises(ConfigError, match="format"):
         MqttSubscription("a", format="xml")
+
+
+def test_a_subscriptions_tag_is_a_usable_tag_name() -> None:
+    for tag in ("X\x00", "X\n", "\x1b[2J", "line/3"):
+        with pytest.raises(ConfigError, match=re.escape(f"tag {tag!r}")):
+            MqttSubscription("plant/+", tag=tag)
+    assert MqttSubscription("spBv1.0/g/#", format="sparkplug", tag="line3/").tag == "line3/"
+    with pytest.raises(ConfigError, match="control character U\\+0007"):
+        MqttSubscription("spBv1.0/g/#", format="sparkplug", tag="\x07")
 
 
 @pytest.mark.parametrize(

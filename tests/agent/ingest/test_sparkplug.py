@@ -159,6 +159,25 @@ def test_malformed(topic: str, data: bytes, reason: str) -> None:
     assert refused.value.reason == reason
 
 
+def test_a_metric_named_with_a_control_character_is_refused_alone() -> None:
+    """The message's other metrics are kept; ``/`` is Sparkplug's folder separator."""
+    data = payload(
+        T0,
+        {"name": "Pump/Speed", "double_value": 1.0},
+        {"name": "bad\x00name", "double_value": 2.0},
+        {"name": "\x1b[2Jforged", "alias": 4, "double_value": 3.0},
+        {"name": "Label\n", "string_value": "not a reading: skipped, not refused"},
+    )
+    refused: list[MalformedPayload] = []
+    samples = decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, refused=refused)
+    assert [s.tag for s in samples] == ["Pump/Speed"]
+    assert [r.reason for r in refused] == ["bad_tag", "bad_tag"]
+    assert "U+0000" in str(refused[0])
+    assert [s.tag for s in decode_sparkplug_samples("spBv1.0/g/NDATA/e", data)] == ["Pump/Speed"]
+    prefixed = decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, tag_prefix="line3/")
+    assert [s.tag for s in prefixed] == ["line3/Pump/Speed"]
+
+
 def test_aliases_remember_a_bounded_number_of_edge_nodes() -> None:
     aliases = SparkplugAliases(max_edge_nodes=2)
     for node in ("a", "b", "c"):

@@ -14,7 +14,8 @@ sample per ``(source, seq)``, so importing the same file twice stores nothing th
 time (the report counts them as duplicates), and an import that failed half-way can simply
 be run again.
 
-Rows that do not parse (bad timestamp, non-numeric, NaN/Inf or empty value, empty tag) are
+Rows that do not parse (bad timestamp, non-numeric, NaN/Inf or empty value, empty tag, a
+tag name with a control character or ``/``, a CSV line whose quote is not closed on it) are
 counted and the first few are listed with line numbers in the :class:`ImportReport`; they
 never stop the import. A file that cannot be read, or a mapped column that is not there,
 raises :class:`~fedgate_agent.ingest.errors.ImportFailed` naming the columns found.
@@ -33,7 +34,7 @@ import itertools
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -43,7 +44,7 @@ from typing import IO, Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fedgate_agent.ingest.errors import ColumnMappingInvalid, ImportFailed
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, tag_problem, too_far_ahead
 
 __all__ = [
     "ColumnMapping",
@@ -141,6 +142,9 @@ class ColumnMapping:
         object.__setattr__(self, "rename", dict(self.rename))
         if any(not str(k) or not str(v) for k, v in self.rename.items()):
             problems.append("rename maps from or to an empty tag name")
+        for new in self.rename.values():
+            if str(new) and (why := tag_problem(str(new))) is not None:
+                problems.append(f"rename to {new!r}: the tag name {why}")
         if self.tags is not None:
             object.__setattr__(self, "tags", tuple(self.tags))
             if not self.tags:
@@ -161,7 +165,8 @@ class RejectedValue:
     """One value not imported: ``line`` is the CSV line number (the header is line 1) or
     the 1-based Parquet row; ``reason`` is a stable key (``bad_timestamp``,
     ``before_epoch``, ``ts_in_future``, ``not_numeric``, ``not_finite``, ``empty``,
-    ``empty_tag``)."""
+    ``empty_tag``, ``bad_tag``: a control character or ``/`` in the stored tag name,
+    ``unmatched_quote``: a CSV line whose quoted field does not close on it)."""
 
     line: int
     column: str
@@ -497,12 +502,19 @@ class _Importer:
         self.first_us = MAX_SEQ + 1  # none yet
         self.last_us = -1
         self._stored_tags: dict[str, str | None] = {}
+        #: Stored tag names refused (:func:`tag_problem`): their values are ``bad_tag``.
+        self._bad_tags = {stored for _, _, stored in columns.wide if tag_problem(stored)}
         # Tag and value positions of the long layout (unused, -1, in the wide layout).
         self._long_positions = (
             -1 if columns.tag is None else columns.tag,
             -1 if columns.value is None else columns.value,
         )
         self._sources: dict[tuple[str, str], str] = {}
+
+    def refuse_line(self, line: int, column: int, reason: str, text: str) -> None:
+        """A line that is no row (a quote left open on it): one rejected value."""
+        self.rows_read += 1
+        self.reject(line, min(column, len(self.header) - 1), reason, text.rstrip("\r\n"))
 
     def reject(self, line: int, column: int, reason: str, raw: object, count: int = 1) -> None:
         self.rejected += count
@@ -574,8 +586,13 @@ class _Importer:
             tag = self._stored_tags[export_tag]
         else:
             tag = self._stored_tags[export_tag] = _stored_tag(self.mapping, export_tag)
+            if tag is not None and tag_problem(tag) is not None:
+                self._bad_tags.add(tag)
         if tag is None:
             self.filtered_out += 1
+            return
+        if tag in self._bad_tags:
+            self.reject(line, tag_column, "bad_tag", cells[tag_column])
             return
         try:
             micros = self._timestamp(cells, micros_given)
@@ -607,6 +624,9 @@ class _Importer:
             self.reject(line, column, rejected.reason, cells[column], count=len(present))
             return
         for position, tag in present:
+            if tag in self._bad_tags:
+                self.reject(line, position, "bad_tag", cells[position])
+                continue
             try:
                 value = parse_value(cells[position])
             except _Rejected as rejected:
@@ -681,6 +701,69 @@ def _open_text(path: Path, raw: IO[bytes]) -> io.TextIOWrapper:
     return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
 
 
+class _CsvLines:
+    """The lines of a CSV file as :mod:`csv` reads them, keeping those of the record being
+    read (``record``) so that one that spans lines can be refused and the lines after its
+    first read again.
+
+    A historian export has one row per line, so a record spanning lines, or running to
+    the end of the file, is a quote left open (``"12.5`` for ``12.5``) that swallowed the
+    rows after it. The line that opened it is refused, the others are read again: each
+    line is read at most twice, and a legitimate line break inside a quoted field (which
+    no timestamp, tag or value holds) costs that one row, counted, not the file.
+    """
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self._lines = lines
+        self._again: list[str] = []  # to read again, the next one last
+        self.record: list[str] = []
+        self.line = 0  # number of the last line handed out
+        self.ended = False  # the file ended inside the current record
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            text = self._again.pop()
+        else:
+            try:
+                text = next(self._lines)
+            except StopIteration:
+                self.ended = True
+                raise
+        self.line += 1
+        self.record.append(text)
+        return text
+
+    def start_record(self) -> None:
+        self.record.clear()
+        self.ended = False
+
+    @property
+    def record_line(self) -> int:
+        """Number of the line the current record started on."""
+        return self.line - len(self.record) + 1
+
+    @property
+    def quote_left_open(self) -> bool:
+        """Whether the current record spans lines or ran to the end of the file."""
+        return len(self.record) > 1 or self.ended
+
+    def read_again_after_first(self) -> None:
+        """Hand out the current record's lines again, all but its first."""
+        rest = self.record[1:]
+        self._again.extend(reversed(rest))
+        self.line -= len(rest)
+
+
+def _open_quote_column(cells: Sequence[str] | None) -> int:
+    """The column of the field that swallowed a line break (else the last one)."""
+    if not cells:
+        return 0
+    return next((i for i, cell in enumerate(cells) if "\n" in cell or "\r" in cell), len(cells) - 1)
+
+
 def _import_csv(
     path: Path,
     sink: CountingSink,
@@ -689,7 +772,7 @@ def _import_csv(
     progress: Callable[[ImportProgress], None] | None,
 ) -> ImportReport:
     size = path.stat().st_size
-    line = 0
+    lines: _CsvLines | None = None
     try:
         with path.open("rb") as raw, _open_text(path, raw) as text:
 
@@ -700,8 +783,15 @@ def _import_csv(
             if not first.strip():
                 raise ImportFailed(f"{path}: the file is empty (no header line)", path=path)
             delimiter = mapping.delimiter or max(_DELIMITERS, key=first.count)
-            reader = csv.reader(itertools.chain([first], text), delimiter=delimiter)
+            lines = _CsvLines(itertools.chain([first], text))
+            reader = csv.reader(lines, delimiter=delimiter)
             header = next(reader)
+            if lines.quote_left_open:
+                raise ImportFailed(
+                    f"{path}: line 1, the header, has a quoted field that does not end on "
+                    "it (a quote left open, or a line break in a column name); fix that line",
+                    path=path,
+                )
             columns = _resolve_columns(header, mapping, path)
             width = max(columns.names_needed) + 1
             importer = _Importer(
@@ -713,18 +803,35 @@ def _import_csv(
                 chunk_rows=chunk_rows,
                 progress=progress,
             )
-            for cells in reader:
-                line = reader.line_num
+            while True:
+                lines.start_record()
+                try:
+                    cells: list[str] | None = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error:
+                    if len(lines.record) < 2:
+                        raise
+                    cells = None  # a swallowing field grew past csv's field size limit
+                if cells is None or lines.quote_left_open:
+                    importer.refuse_line(
+                        lines.record_line,
+                        _open_quote_column(cells),
+                        "unmatched_quote",
+                        lines.record[0],
+                    )
+                    lines.read_again_after_first()
+                    continue
                 if not cells:
                     continue  # a blank line
                 if len(cells) < width:
                     cells = cells + [""] * (width - len(cells))
-                importer.row(line, cells)
+                importer.row(lines.record_line, cells)
                 if importer.chunk_full:
                     importer.flush(fraction())
             importer.flush(1.0)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as exc:
-        where = f" at line {line}" if line else ""
+        where = f" at line {lines.line}" if lines is not None and lines.line else ""
         raise ImportFailed(
             f"{path}: cannot read the CSV file{where} ({exc}); rows before it were imported "
             "and running the import again is safe",

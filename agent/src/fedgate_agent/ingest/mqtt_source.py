@@ -87,6 +87,7 @@ from fedgate_agent.errors import ConfigError
 from fedgate_agent.ingest.buffer import IngestBuffer, RejectedPayload, SampleRow
 from fedgate_agent.ingest.errors import IngestError, MalformedPayload, MqttProtocolError
 from fedgate_agent.ingest.payloads import decode_json_row
+from fedgate_agent.ingest.samples import tag_problem
 from fedgate_agent.ingest.sparkplug import SparkplugAliases, decode_sparkplug_samples
 
 __all__ = [
@@ -156,6 +157,8 @@ class MqttSubscription:
                 f"{self.topic_filter!r} is not an MQTT topic filter ({problem}): '+' must be "
                 "a whole level, '#' the whole last level, at most 65,535 bytes"
             )
+        if self.tag and (why := tag_problem(self.tag, slash=self.format == "sparkplug")):
+            raise ConfigError(f"MQTT subscription {self.topic_filter!r}: tag {self.tag!r} {why}")
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,8 @@ class _TopicRouter:
                 tag = ""
             if not tag:
                 return _Route(topic, source, subscription.format, "", refusal="no_tag")
+            if tag_problem(tag) is not None:  # a control character (a level has no '/')
+                return _Route(topic, source, subscription.format, "", refusal="bad_tag")
             return _Route(topic, source, subscription.format, tag)
         # A subscription left in the broker's session by an earlier configuration.
         return _Route(topic, source, "json", "", refusal="unsubscribed_topic")
@@ -914,6 +919,7 @@ class MqttIngest:
                         decode_json_row(route.source, payload, tag=route.tag, max_bytes=max_bytes)
                     )
                 else:
+                    refused: list[MalformedPayload] = []
                     rows.extend(
                         (s.source, s.seq, s.tag, s.ts, s.value)
                         for s in decode_sparkplug_samples(
@@ -922,7 +928,11 @@ class MqttIngest:
                             tag_prefix=route.tag,
                             aliases=self._aliases,
                             max_bytes=max_bytes,
+                            refused=refused,
                         )
+                    )
+                    rejected.extend(
+                        RejectedPayload(route.source, r.reason, payload) for r in refused
                     )
             except MalformedPayload as exc:
                 rejected.append(RejectedPayload(route.source, exc.reason, payload))

@@ -45,7 +45,7 @@ from fedgate_common.logs import log_event
 
 from fedgate_agent.ingest.errors import MalformedPayload, SourceError
 from fedgate_agent.ingest.historian import CountingSink
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, tag_problem, too_far_ahead
 
 __all__ = [
     "OpcUaCounters",
@@ -129,8 +129,8 @@ class OpcUaIngestSettings:
                 ua.NodeId.from_string(node.node_id)
             except Exception:  # asyncua raises several types for malformed ids
                 problems.append(f"node id {node.node_id!r} is not an OPC-UA node id (ns=2;s=Name)")
-            if not node.tag:
-                problems.append(f"node {node.node_id!r} has an empty tag")
+            if (why := tag_problem(node.tag)) is not None:
+                problems.append(f"node {node.node_id!r}: tag {node.tag!r} {why}")
         node_ids = [n.node_id for n in self.nodes]
         if len(set(node_ids)) != len(node_ids):
             problems.append("a node id is listed twice")

@@ -7,12 +7,20 @@ good, so a redelivered or re-imported sample is recognised and stored once.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["MAX_CLOCK_SKEW_S", "MAX_SEQ", "Sample", "SampleSink", "too_far_ahead"]
+__all__ = [
+    "MAX_CLOCK_SKEW_S",
+    "MAX_SEQ",
+    "Sample",
+    "SampleSink",
+    "tag_problem",
+    "too_far_ahead",
+]
 
 #: Sequence numbers are non-negative and fit SQLite's signed 64-bit INTEGER.
 MAX_SEQ = 2**63 - 1
@@ -21,6 +29,33 @@ MAX_SEQ = 2**63 - 1
 #: is refused (reason ``ts_in_future``): one reading a year ahead would otherwise stretch
 #: every training window grid to that year.
 MAX_CLOCK_SKEW_S = 3600.0
+
+
+#: C0 controls, DEL and C1 controls (Unicode category Cc).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def tag_problem(tag: str, *, slash: bool = False) -> str | None:
+    """What is wrong with ``tag`` as a tag name, phrased as what to fix; ``None`` when it
+    is usable.
+
+    A tag name is non-empty text without control characters: tags reach status output,
+    reports and logs, where a NUL, a line break or an escape sequence would cut or forge
+    what an operator reads. ``/`` is refused too unless ``slash``: Sparkplug metric names
+    (so also ``windows.tags``, which may name them) put it between folders, but anywhere
+    else a tag is one level of an MQTT topic, and the part after the last ``/`` of an
+    imported stream ``import:<source>/<tag>``.
+    """
+    if not tag:
+        return "is empty; name the tag"
+    if (control := _CONTROL_CHARACTER.search(tag)) is not None:
+        return (
+            f"contains the control character U+{ord(control.group()):04X}; a tag name is "
+            "text without control characters"
+        )
+    if not slash and "/" in tag:
+        return "contains '/'; only Sparkplug metric names have '/' in a tag name"
+    return None
 
 
 def too_far_ahead(ts: float) -> bool:

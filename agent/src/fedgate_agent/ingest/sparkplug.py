@@ -26,7 +26,9 @@ Mapping, one :class:`~.samples.Sample` per metric that has a number or a boolean
   ``alias:<n>``. NCMD, DCMD, NDEATH, DDEATH and STATE carry no measurements: no samples.
 
 Refused with :class:`MalformedPayload`: ``too_large``, ``not_sparkplug_topic``,
-``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``, ``ts_in_future``.
+``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``, ``ts_in_future``. A metric
+whose name has a control character is refused alone (``bad_tag``); the message's other
+metrics are kept.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from fedgate_agent.ingest.errors import MalformedPayload
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample, too_far_ahead
+from fedgate_agent.ingest.samples import MAX_SEQ, Sample, tag_problem, too_far_ahead
 
 __all__ = [
     "DATA_TYPES",
@@ -178,9 +180,11 @@ def decode_sparkplug_samples(
     tag_prefix: str = "",
     aliases: SparkplugAliases | None = None,
     max_bytes: int = 1 << 20,
+    refused: list[MalformedPayload] | None = None,
 ) -> list[Sample]:
     """Decode one Sparkplug B message into samples (see the module docstring); BIRTH
-    messages also teach ``aliases``. Raises :class:`MalformedPayload`."""
+    messages also teach ``aliases``. Raises :class:`MalformedPayload` for the message;
+    a metric refused alone (``bad_tag``) is left out, its error appended to ``refused``."""
     levels = topic.split("/")
     if len(levels) not in (4, 5) or levels[0] != NAMESPACE or levels[2] not in _MESSAGE_TYPES:
         raise MalformedPayload(
@@ -216,6 +220,10 @@ def decode_sparkplug_samples(
         )
         value = _metric_value(metric, datatype)
         if value is None:
+            continue
+        if (why := tag_problem(tag_prefix + name, slash=True)) is not None:
+            if refused is not None:
+                refused.append(MalformedPayload(f"metric {name!r}: {why}", reason="bad_tag"))
             continue
         ms = metric.timestamp if metric.HasField("timestamp") else payload_ms
         if ms is None:

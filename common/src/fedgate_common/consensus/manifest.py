@@ -493,9 +493,11 @@ def verify_manifest(signed: SignedManifest, *, previous: SignedManifest | None =
             else f"version {manifest.version} needs a quorum of the "
             f"{len(status.signers)} clouds of version {manifest.version - 1}"
         )
+        gaps = [f"missing: {', '.join(status.missing)}"] if status.missing else []
+        if status.invalid:
+            gaps.append(f"not verifying: {', '.join(status.invalid)}")
         problems.append(
-            f"{len(status.valid)} of {status.needed} signatures: {who}; "
-            f"missing: {', '.join(status.missing) or '-'}"
+            f"{len(status.valid)} of {status.needed} signatures: {who}; " + "; ".join(gaps)
         )
     if problems:
         raise ManifestInvalid(
@@ -538,6 +540,14 @@ def decode_manifest_file(data: bytes) -> SignedManifest:
             f"manifest file of {len(data)} bytes is larger than {MAX_MANIFEST_BYTES}"
         )
     try:
-        return _file_decoder.decode(data)
+        signed = _file_decoder.decode(data)
     except (msgspec.DecodeError, ValueError, FedgateError) as exc:
         raise ManifestInvalid(f"not a valid manifest file: {exc}") from None
+    try:  # JSON integers are unbounded; the msgpack encoding the digest covers is not
+        manifest_digest(signed.manifest)
+    except OverflowError:
+        raise ManifestInvalid(
+            "not a valid manifest file: an integer is outside -2**63..2**64-1, the range "
+            "its digest can encode (no manifest field takes such a value)"
+        ) from None
+    return signed

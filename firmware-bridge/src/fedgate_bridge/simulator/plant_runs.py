@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # numpy (via the file format) is imported by a run, not by ev
 
 __all__ = [
     "FAULT_START_H",
+    "MAX_RUN_HOURS",
     "PUBLIC_FAULTS",
     "RUN_CONTROL_SECONDS",
     "RUN_HOURS",
@@ -56,6 +57,8 @@ __all__ = [
 #: counterpart there: runs of them would be mislabelled.
 PUBLIC_FAULTS: tuple[int, ...] = tuple(range(21))
 RUN_HOURS = 25.0
+#: Longest run: about 40 simulated days, 200 s of CPU and 20,000 samples.
+MAX_RUN_HOURS = 1000.0
 FAULT_START_H = 1.0
 #: 5 × Ricker's 1.8 s: about 3 times faster, less faithful (decision 0046).
 RUN_CONTROL_SECONDS = 9.0
@@ -132,9 +135,14 @@ class RunsPlan:
         elif not set(self.faults) <= set(PUBLIC_FAULTS):
             problems.append("faults must be in 0-20")
         sample_hours = SAMPLE_MINUTES / 60.0
-        if not (math.isfinite(self.hours) and samples_per_run(self.hours) >= 1):
+        if not (
+            math.isfinite(self.hours)
+            and self.hours <= MAX_RUN_HOURS
+            and samples_per_run(self.hours) >= 1
+        ):
             problems.append(
-                f"hours must be at least one sample ({sample_hours:g}), got {self.hours}"
+                f"hours must be at least one sample ({sample_hours:g}) and at most "
+                f"{MAX_RUN_HOURS:g}, got {self.hours}"
             )
         if not (math.isfinite(self.fault_start_h) and 0.0 <= self.fault_start_h < self.hours):
             problems.append(
