@@ -123,6 +123,7 @@ def test_repeated_rounds_on_one_base_model_stop_at_the_agents_budget(tmp_path: P
     for number in range(1, booked + 1):
         service._plan_site_round(_work(number, params))
         service._book_site_round(_work(number, params))
+    service._save_status()  # as _send_masked does after booking
     with pytest.raises(SiteBudgetExhausted) as refused:
         service._plan_site_round(_work(booked + 1, params))
     ledger = read_ledger(config.state_path)
@@ -188,6 +189,7 @@ def test_a_rolled_back_site_ledger_stops_training(tmp_path: Path) -> None:
     service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
     for number in (1, 2):
         service._book_site_round(_work(number, params))
+    service._save_status()  # as _send_masked does after booking
     ledger_file = config.state_path / "privacy.json"
     older = read_ledger(config.state_path)
     older.site_entries = older.site_entries[:1]

@@ -431,7 +431,6 @@ class AgentService:
             write_ledger(self.config.state_path, ledger)
         self.status.site_privacy = "on"
         self.status.site_privacy_epsilon = entry.epsilon_total
-        self._save_status()
 
     async def _refresh_windows(self, model: GlobalModel) -> None:
         """With ``training.source = "buffer"``, cut this round's windows from the buffer as it
@@ -548,6 +547,7 @@ class AgentService:
                     self.status.site_privacy = "budget exhausted"
                 self._count_rejection(exc, "secure aggregation refused", round=participant.round)
                 return
+            self._save_status()  # the count, for the rollback check (privacy_ledger)
         if self.secure is not participant:
             return  # the round was left, or the next one began, while it was booked
         masked = participant.mask_input(participant.encode(flat, num_samples))
