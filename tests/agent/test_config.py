@@ -263,7 +263,7 @@ def test_state_dir_that_is_or_lies_under_a_file_is_rejected(tmp_path: Path, belo
     with pytest.raises(ConfigError) as error:
         load_config(path, env={})
     (problem,) = problems_of(error)
-    assert f"{regular} exists and is not a directory" in problem
+    assert f"{regular} is not a directory" in problem
     missing = load_config(
         write(tmp_path, MINIMAL + f'state_dir = "{tmp_path}/new/state"\n'), env={}
     )
@@ -556,3 +556,21 @@ def test_set_value_on_missing_file_says_how_to_create_one(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="fedgate-agent init"):
         set_config_value(tmp_path / "absent.toml", "broker.port", "1884")
     assert not (tmp_path / "absent.toml").exists()
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_state_dir_through_a_broken_link_is_rejected(tmp_path: Path, kind: str) -> None:
+    """A link to nothing, or a link loop, can neither be used nor created as a directory:
+    refused when the configuration is read instead of a FileExistsError or ELOOP later."""
+    link = tmp_path / "state"
+    if kind == "dangling":
+        link.symlink_to(tmp_path / "nothing")
+    else:
+        other = tmp_path / "other"
+        link.symlink_to(other)
+        other.symlink_to(link)
+    path = write(tmp_path, MINIMAL + f'state_dir = "{link}/sub"\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env={})
+    (problem,) = problems_of(error)
+    assert f"{link} is not a directory (a file, or a link to nothing)" in problem

@@ -58,13 +58,13 @@ def test_tag_names_with_control_characters_or_a_misplaced_slash_are_refused(
         load_config(path, env={}, require_complete=False)
     assert error.value.problems == [
         "windows.tags: tag 'XMEAS\\x00_2' contains the control character U+0000; a tag name "
-        "is text without control characters",
+        "is text without control, format or separator characters",
         "windows.label_tag = 'FAULT\\n' contains the control character U+000A; a tag name is "
-        "text without control characters",
+        "text without control, format or separator characters",
         "[[mqtt_source]] number 1: tag 'line/3' contains '/'; only Sparkplug metric names have "
         "'/' in a tag name",
         "[[opcua_source]] number 1: tag '\\x1b[2JXMEAS_1' contains the control character "
-        "U+001B; a tag name is text without control characters",
+        "U+001B; a tag name is text without control, format or separator characters",
     ]
     # Not refused: "Reactor/Temp" in windows.tags and the Sparkplug prefix "line3/" (Sparkplug
     # metric names put '/' between folders). An environment override is checked alike.

@@ -208,3 +208,79 @@ def test_site_epsilon_of_negligible_noise_is_infinite() -> None:
 def test_site_max_epsilon_out_of_range_is_refused(tmp_path: Path, value: float) -> None:
     config = _agent(tmp_path, site_max_epsilon=value)
     assert any("privacy.site_max_epsilon" in problem for problem in validate_config(config))
+
+
+@pytest.mark.parametrize(
+    ("z", "count_noise"), [(1e-300, 0.0), (1.0, 1e-300), (1.0, 0.0102), (0.05, 0.0)]
+)
+async def test_noise_too_small_to_count_is_refused_at_once(
+    tmp_path: Path, z: float, count_noise: float
+) -> None:
+    """Tiny noise (also on adaptive clipping's count) is refused as infinite ε: no
+    ZeroDivisionError out of the round, and no accountant run that takes seconds and
+    gigabytes (a coordinator can announce such a round every time)."""
+    adaptive = SecAggSettings(
+        word_bits=32, clip_norm=1.0, weight_cap=500, adaptive_clip=count_noise > 0
+    )
+    params = with_site_noise(
+        adaptive.params_for(len(SELECTED)),
+        noise_multiplier=z,
+        min_inputs=4,
+        count_noise=count_noise,
+    )
+    budget = SiteBudget(max_epsilon=100.0, delta=1e-2, accountant="pld")
+    with pytest.raises(SiteBudgetExhausted) as refused:
+        plan_site_round([], round=1, base_digest="ab", params=params, spec=SPEC, budget=budget)
+    assert refused.value.next_round == float("inf")
+    service = AgentService(config=_agent(tmp_path), identity=nacl.signing.SigningKey.generate())
+    await service.begin_round(_work(1, params))
+    assert service.rejected["site_privacy_budget_exhausted"] == 1
+
+
+def test_rounds_compose_as_one_gaussian() -> None:
+    """Gaussian rounds of one sensitivity compose exactly into one Gaussian, which is what
+    the agent asks its accountant about: the same ε as composing them one by one."""
+    import dp_accounting
+
+    multipliers = [2.85] * 10 + [1.5] * 3
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for z in multipliers:
+        accountant.compose(dp_accounting.GaussianDpEvent(z))
+    composed = accountant.get_epsilon(1e-5)
+    assert site_epsilon(multipliers, 1e-5, "pld") == pytest.approx(composed, rel=2e-3)
+    assert site_epsilon(multipliers, 1e-5, "rdp") == pytest.approx(
+        epsilon(multipliers, 1e-5), rel=1e-9
+    )
+
+
+async def test_a_round_without_noise_does_not_need_the_ledger(tmp_path: Path) -> None:
+    """Secure rounds without site-level noise book nothing, so a damaged privacy.json does
+    not stop an agent without record-level DP from joining them."""
+    config = _agent(tmp_path)
+    config.state_path.mkdir(parents=True, exist_ok=True)
+    (config.state_path / "privacy.json").write_text("{not json")
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    service._plan_site_round(_work(1, SECAGG.params_for(len(SELECTED))))
+    service._book_site_round(_work(1, SECAGG.params_for(len(SELECTED))))
+    with pytest.raises(LedgerUnreadable):
+        service._plan_site_round(_work(1, _noisy_params()))
+
+
+def test_a_ledger_with_fewer_rounds_is_refused_whatever_its_totals(tmp_path: Path) -> None:
+    """After a change of δ or accountant the totals are counted differently; a restored
+    older copy is still refused, by its number of rounds."""
+    config = _agent(tmp_path)
+    params = _noisy_params(planned_rounds=8)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    for number in (1, 2, 3):
+        service._book_site_round(_work(number, params))
+    service._save_status()
+    older = read_ledger(config.state_path)
+    older.site_entries = [
+        msgspec.structs.replace(e, epsilon_total=e.epsilon_total * 10)
+        for e in older.site_entries[:2]
+    ]
+    (config.state_path / "privacy.json").write_bytes(msgspec.json.encode(older))
+    restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    with pytest.raises(LedgerUnreadable, match="holds 2 site-level rounds"):
+        restarted._plan_site_round(_work(4, params))

@@ -259,3 +259,17 @@ def test_a_header_declaring_a_huge_array_is_refused(tmp_path: Path) -> None:
     huge.write_bytes(with_member(valid.read_bytes(), "x.npy", npy_header_only((10**15, 8, 3))))
     with pytest.raises(LocalDataError, match="larger than this machine can load"):
         load_local_dataset(huge, SPEC)
+
+
+def test_a_header_numpy_cannot_parse_is_refused(tmp_path: Path) -> None:
+    """An unterminated header makes numpy's parser raise tokenize's TokenError: refused as
+    data, not a traceback out of `run` or `predict`."""
+    x, y = good_arrays()
+    valid = write_npz(tmp_path / "valid.npz", x=x, y=y)
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3,\n"
+    header += " " * (-(10 + len(header)) % 64)
+    broken = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+    path = tmp_path / "unterminated.npz"
+    path.write_bytes(with_member(valid.read_bytes(), "x.npy", broken))
+    with pytest.raises(LocalDataError, match=r"not a readable \.npz archive"):
+        load_local_dataset(path, SPEC)

@@ -53,6 +53,13 @@ def test_they_are_the_names_the_resolver_raises_unicode_error_for(host: str) -> 
         ("broker/x", "it has a scheme, a path or spaces; give the host alone"),
         ("bro ker", "it has a scheme, a path or spaces; give the host alone"),
         ("broker:1883", "it has a port; set the port in its own setting"),
+        ("[::1]", "it is in brackets; give an IPv6 address without them"),
+        ("[fe80::1%eth0]", "it is in brackets; give an IPv6 address without them"),
+        ("a\x00b", "it has control characters"),
+        (
+            ".".join(["a" * 63] * 4),  # 255 characters: labels fine, the name too long
+            "it is longer than the 253 characters a DNS name may have",
+        ),
     ],
 )
 def test_other_forms_that_are_not_a_host(host: str, problem: str) -> None:
@@ -68,6 +75,8 @@ def test_other_forms_that_are_not_a_host(host: str, problem: str) -> None:
         ("opc.tcp://a..b:4840", "IDNA cannot encode it: label empty or too long"),
         ("opc.tcp://:4840", "it is empty"),
         ("opc.tcp://[::1:4840", "the URL does not parse: Invalid IPv6 URL"),
+        ("opc.tcp://plc.example:99999", "the URL does not parse: Port out of range"),
+        ("opc.tcp://plc.example:abc/x", "the URL does not parse: Port could not be cast"),
     ],
 )
 def test_the_host_of_a_url(url: str, problem: str | None) -> None:

@@ -27,6 +27,7 @@ from fedgate_common.errors import (
     EnvelopeMismatch,
     KeySignatureInvalid,
     KeySubstituted,
+    NoiseTooLow,
     ProtocolError,
     ReplayedMessage,
     ShareRejected,
@@ -666,6 +667,21 @@ def threshold_not_a_majority() -> Outcomes:
     ]
 
 
+def roster_below_the_noises_min_inputs() -> Outcomes:
+    """Site-level noise sized for 8 inputs, and a roster of 7 (three of 10 advertisements
+    dropped, the victim's kept): no survivor set could reach 8, so the round can never
+    release a sum, and an agent that masked would have booked its site-level ε for
+    nothing. Refused at the roster, before anything is masked or booked."""
+    params = default_params(10, word_bits=32)
+    params = msgspec.structs.replace(
+        params, noise=SiteNoise(noise_multiplier=1.0, min_inputs=8, count_noise=0.0)
+    )
+    round = HonestRound(10, params=params)
+    roster = round.keys()
+    small = msgspec.structs.replace(roster, entries=roster.entries[:7])
+    return [attempt(round.participants["agent-00"].on_roster, small)]
+
+
 def duplicate_agent_in_roster() -> Outcomes:
     round = HonestRound(10)
     roster = round.keys()
@@ -786,6 +802,7 @@ ATTACKS = [
     Attack("threshold-below-floor", ThresholdTooLow, threshold_below_floor),
     Attack("threshold-not-majority", ThresholdTooLow, threshold_not_a_majority),
     Attack("graph-shrunk-below-default", ThresholdTooLow, graph_shrunk_below_the_default),
+    Attack("roster-below-noise-min-inputs", NoiseTooLow, roster_below_the_noises_min_inputs),
     Attack("duplicate-agent-in-roster", DuplicateKeys, duplicate_agent_in_roster),
     Attack("colluder-copies-keys", DuplicateKeys, colluder_copies_victims_keys),
     Attack("second-unmask-after-reveal", ReplayedMessage, second_unmask_after_reveal),

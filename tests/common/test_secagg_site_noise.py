@@ -204,3 +204,16 @@ def test_agents_refuse_noise_below_their_floor_and_survivor_sets_below_min_input
     ):
         with pytest.raises(NoiseTooLow):
             check_params(diluted, selected=6, min_threshold=2, min_noise_multiplier=0.5)
+
+
+@pytest.mark.parametrize(
+    ("z", "count_noise"), [(1e-300, 0.0), (1e-170, 0.0), (1.0, 1e-300), (1.0, 1e-170)]
+)
+def test_noise_too_small_to_square_counts_as_none_instead_of_failing(
+    z: float, count_noise: float
+) -> None:
+    """A coordinator may announce any positive number; ρ of a noise whose square underflows
+    is infinite (no noise), not a ZeroDivisionError in every agent."""
+    params = noisy_params(6, z=z, min_inputs=4, count=count_noise > 0, count_noise=count_noise)
+    assert math.isinf(round_rho(encoding_params(params), DIMENSION))
+    assert effective_noise_multiplier(encoding_params(params), DIMENSION) == 0.0

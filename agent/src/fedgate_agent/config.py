@@ -703,8 +703,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
         problems.append(
             (
                 "state_dir",
-                f"state_dir = {config.state_dir!r}: {blocker} exists and is not a directory; "
-                "set state_dir to a directory (a missing one is created)",
+                f"state_dir = {config.state_dir!r}: {blocker} is not a directory (a file, "
+                "or a link to nothing); set state_dir to a directory (a missing one is "
+                "created)",
             )
         )
 

@@ -10,8 +10,11 @@ Tree::
           ├── TrainingDiverged   local training produced NaN/Inf; the update is not sent
           ├── PlanRejected       a training plan from the coordinator is outside safe bounds
           ├── ModelRejected      a model from the federation is refused (shape, digest, cert)
+          ├── StillTraining      a round starts while the last one still trains
           ├── PrivacyBudgetExhausted  the next round would spend more than the ε budget
+          │    └── SiteBudgetExhausted  … more than this agent's own site-level budget
           ├── LedgerUnreadable   privacy.json cannot be read (fedgate_agent.privacy_ledger)
+          ├── LedgerUnwritable   a round cannot be booked in privacy.json (same module)
           └── PretrainingRefused simulated runs or settings unusable for pre-training
                                  (fedgate_agent.pretraining)
 
@@ -32,6 +35,8 @@ __all__ = [
     "ModelRejected",
     "PlanRejected",
     "PrivacyBudgetExhausted",
+    "SiteBudgetExhausted",
+    "StillTraining",
     "TrainingDiverged",
 ]
 

@@ -12,6 +12,7 @@ Only numpy: the command line and the data path cut and check windows without loa
 from __future__ import annotations
 
 import io
+import tokenize
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +115,16 @@ def read_npz_arrays(
             }
     except LocalDataError:
         raise
-    except ValueError as exc:  # object arrays refuse to load without pickle
-        raise LocalDataError(
-            f"{path}: cannot read arrays without pickle ({exc}); save plain numeric arrays",
-            path=path,
-        ) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:  # missing, truncated, damaged
+    except ValueError as exc:
+        if "pickle" in str(exc):  # object arrays refuse to load without it
+            raise LocalDataError(
+                f"{path}: cannot read arrays without pickle ({exc}); save plain numeric arrays",
+                path=path,
+            ) from None
+        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
+    # Missing, truncated, damaged; a header numpy cannot parse raises tokenize's TokenError
+    # or SyntaxError.
+    except (OSError, EOFError, zipfile.BadZipFile, SyntaxError, tokenize.TokenError) as exc:
         raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
     except MemoryError as exc:  # a header declaring a huge shape
         raise LocalDataError(

@@ -60,6 +60,8 @@ def _read_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64
     x, y = arrays["x"], arrays.get("y")
     if x.dtype.kind != "f" or not np.isfinite(x).all():
         raise LocalDataError(f"{path}: 'x' must hold finite floats, not {x.dtype}", path=path)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise LocalDataError(f"{path}: 'x' holds no windows; nothing to score", path=path)
     if y is not None and (y.dtype.kind not in "iu" or y.shape != x.shape[:1]):
         raise LocalDataError(f"{path}: 'y' must hold one integer label per window", path=path)
     return x.astype(np.float32), None if y is None else y.astype(np.int64)

@@ -17,6 +17,7 @@ from fedgate_common.atomic_files import atomic_write
 from fedgate_agent.errors import AgentError
 from fedgate_agent.record_privacy import ACCOUNTANTS, RoundSpend
 from fedgate_agent.site_privacy import SiteLedgerEntry
+from fedgate_agent.state import AgentStatus
 
 LEDGER_FILE = "privacy.json"
 
@@ -25,6 +26,12 @@ class LedgerUnreadable(AgentError):
     """``privacy.json`` exists but cannot be read; training stays off."""
 
     kind = "privacy_ledger_unreadable"
+
+
+class LedgerUnwritable(AgentError):
+    """A round cannot be booked in ``privacy.json``; its update does not leave."""
+
+    kind = "privacy_ledger_unwritable"
 
 
 class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,24 +76,44 @@ def read_ledger(state_dir: Path) -> PrivacyLedger:
         ) from None
 
 
-def check_not_behind(
-    ledger: PrivacyLedger, reported: float | None, state_dir: Path, *, site_reported: float | None
-) -> None:
-    """Refuse a ledger that holds less spend than this agent last recorded in
-    ``status.json`` (``privacy_epsilon``, ``site_privacy_epsilon``): deleted, emptied or
-    rolled back to an older copy, it would hand the spent budget out again."""
-    for level, held, last in (
-        ("record-level", ledger.epsilon_total, reported),
-        ("site-level", ledger.site_epsilon_total, site_reported),
+def check_not_behind(ledger: PrivacyLedger, status: AgentStatus, state_dir: Path) -> None:
+    """Refuse a ledger that holds less than this agent last recorded in ``status.json``:
+    fewer rounds, or less ε, at either level. Deleted, emptied or rolled back to an older
+    copy, it would hand the spent budget out again. (Rounds are compared as well as ε: after
+    a change of δ or accountant the totals are counted differently.)"""
+    for level, held, last, rounds, last_rounds in (
+        (
+            "record-level",
+            ledger.epsilon_total,
+            status.privacy_epsilon,
+            len(ledger.entries),
+            status.privacy_rounds,
+        ),
+        (
+            "site-level",
+            ledger.site_epsilon_total,
+            status.site_privacy_epsilon,
+            len(ledger.site_entries),
+            status.site_privacy_rounds,
+        ),
     ):
-        if last is not None and held < last - 1e-9:
+        if (last is not None and held < last - 1e-9) or (
+            last_rounds is not None and rounds < last_rounds
+        ):
             raise LedgerUnreadable(
-                f"{state_dir / LEDGER_FILE} holds {level} ε {held:.4f} spent, but this agent "
-                f"had recorded ε {last:.4f} (status.json): it was deleted, emptied or replaced "
-                "by an older copy. Restore the latest one from a backup. Training stays off: "
+                f"{state_dir / LEDGER_FILE} holds {rounds} {level} rounds and ε {held:.4f} "
+                f"spent, but this agent had recorded {last_rounds} rounds and ε "
+                f"{last or 0:.4f} (status.json): it was deleted, emptied or replaced by an "
+                "older copy. Restore the latest one from a backup. Training stays off: "
                 "without it the privacy spent so far is unknown"
             )
 
 
 def write_ledger(state_dir: Path, ledger: PrivacyLedger) -> None:
-    atomic_write(state_dir / LEDGER_FILE, msgspec.json.encode(ledger), mode=0o640)
+    path = state_dir / LEDGER_FILE
+    try:
+        atomic_write(path, msgspec.json.encode(ledger), mode=0o640)
+    except OSError as exc:  # a full disk, a read-only state directory
+        raise LedgerUnwritable(
+            f"cannot write {path} ({exc}); the round is not booked and its update not sent"
+        ) from None

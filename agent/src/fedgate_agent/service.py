@@ -77,6 +77,7 @@ from fedgate_agent.onnx_export import (
 )
 from fedgate_agent.privacy_ledger import (
     LedgerEntry,
+    LedgerUnwritable,
     PrivacyLedger,
     check_not_behind,
     read_ledger,
@@ -354,12 +355,7 @@ class AgentService:
     def _read_ledger(self) -> PrivacyLedger:
         """privacy.json, refused when it holds less than this agent last reported."""
         ledger = read_ledger(self.config.state_path)
-        check_not_behind(
-            ledger,
-            self.status.privacy_epsilon,
-            self.config.state_path,
-            site_reported=self.status.site_privacy_epsilon,
-        )
+        check_not_behind(ledger, self.status, self.config.state_path)
         return ledger
 
     def _add_to_ledger(
@@ -387,6 +383,7 @@ class AgentService:
         ledger.entries.append(entry)
         write_ledger(self.config.state_path, ledger)
         self.status.privacy_epsilon = ledger.epsilon_total
+        self.status.privacy_rounds = len(ledger.entries)
         if self.config.privacy.report_epsilon != "on":
             return None
         return RecordPrivacyReport(
@@ -401,7 +398,9 @@ class AgentService:
 
     def _plan_site_round(self, work: TrainForRound) -> None:
         """Refuse a noisy round past this agent's own site-level budget (no-op without
-        site-level noise); read-only."""
+        site-level noise, when the ledger is not even read); read-only."""
+        if not _noisy(work):
+            return
         with self._ledger_lock:
             ledger = self._read_ledger()
         self._site_entry(ledger, work)
@@ -422,6 +421,8 @@ class AgentService:
     def _book_site_round(self, work: TrainForRound) -> None:
         """Add a noisy round to privacy.json before its masked input leaves (planned again
         from the ledger as it is now; refused past the budget)."""
+        if not _noisy(work):
+            return
         with self._ledger_lock:
             ledger = self._read_ledger()
             entry = self._site_entry(ledger, work)
@@ -431,6 +432,7 @@ class AgentService:
             write_ledger(self.config.state_path, ledger)
         self.status.site_privacy = "on"
         self.status.site_privacy_epsilon = entry.epsilon_total
+        self.status.site_privacy_rounds = len(ledger.site_entries)
 
     async def _refresh_windows(self, model: GlobalModel) -> None:
         """With ``training.source = "buffer"``, cut this round's windows from the buffer as it
@@ -538,16 +540,18 @@ class AgentService:
         self._masked_update = None  # taken: a second caller while this one books finds none
         flat, num_samples, report = pending
         work = self._secure_work
-        if work is not None and work.start.round == participant.round:
-            try:
-                await asyncio.to_thread(self._book_site_round, work)
-            except FedgateError as exc:  # past the budget after all, or the ledger is gone
-                self.secure = None
-                if isinstance(exc, SiteBudgetExhausted):
-                    self.status.site_privacy = "budget exhausted"
-                self._count_rejection(exc, "secure aggregation refused", round=participant.round)
-                return
-            self._save_status()  # the count, for the rollback check (privacy_ledger)
+        try:
+            if work is None or work.start.round != participant.round:
+                # Fail closed: a masked input leaves only after its round is booked.
+                raise LedgerUnwritable(f"round {participant.round} has no start to book it by")
+            await asyncio.to_thread(self._book_site_round, work)
+        except FedgateError as exc:  # past the budget after all, or the ledger is gone
+            self.secure = None
+            if isinstance(exc, SiteBudgetExhausted):
+                self.status.site_privacy = "budget exhausted"
+            self._count_rejection(exc, "secure aggregation refused", round=participant.round)
+            return
+        self._save_status()  # the count, for the rollback check (privacy_ledger)
         if self.secure is not participant:
             return  # the round was left, or the next one began, while it was booked
         masked = participant.mask_input(participant.encode(flat, num_samples))
@@ -952,3 +956,8 @@ def _what_failed(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_what_failed(inner) for inner in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _noisy(work: TrainForRound) -> bool:
+    """Whether the round carries site-level noise (and so is counted by this agent)."""
+    return work.start.secagg is not None and work.start.secagg.noise is not None

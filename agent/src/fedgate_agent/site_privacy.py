@@ -20,6 +20,7 @@ the coordinator's RDP).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import msgspec
@@ -34,9 +35,11 @@ from fedgate_agent.record_privacy import Accountant, RoundSpend, accountant_name
 UNIT = "site (this agent's whole contribution to a round)"
 SAMPLING = "none (the coordinator chooses agents: no amplification)"
 DEFAULT_SITE_MAX_EPSILON = 10.0
-# Below this effective multiplier one round alone costs ε far above any budget the
-# configuration allows (100); the accountant is not asked (the PLD grows with 1/σ²).
-_NEGLIGIBLE_NOISE = 0.01
+# Below this noise multiplier one Gaussian mechanism alone costs more than the largest
+# budget the configuration allows (ε 100) even at the largest δ it allows (0.01): ε 106
+# at 0.08 (PLD). The accountant is not asked: its work grows with 1/σ², and a coordinator
+# announcing tiny noise must not make the agent spend seconds and gigabytes on it.
+_NEGLIGIBLE_NOISE = 0.08
 
 
 class SiteBudget(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,12 +65,20 @@ class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def site_epsilon(multipliers: Sequence[float], delta: float, accountant: Accountant) -> float:
-    """ε at ``delta`` after one Gaussian mechanism (q = 1) per multiplier."""
-    if any(z < _NEGLIGIBLE_NOISE for z in multipliers):
-        return float("inf")
-    history = [
-        RoundSpend(round=0, noise_multiplier=z, sample_rate=1.0, steps=1) for z in multipliers
-    ]
+    """ε at ``delta`` after one Gaussian mechanism (q = 1) per multiplier.
+
+    Gaussian mechanisms of one sensitivity compose exactly into one, with noise multiplier
+    (Σ zᵢ⁻²)^(-1/2); the accountant is asked about that one, so the work does not grow with
+    the rounds.
+    """
+    if not multipliers:
+        return 0.0
+    if min(multipliers) < _NEGLIGIBLE_NOISE:
+        return math.inf
+    combined = math.fsum(z**-2 for z in multipliers) ** -0.5
+    if combined < _NEGLIGIBLE_NOISE:
+        return math.inf
+    history = [RoundSpend(round=0, noise_multiplier=combined, sample_rate=1.0, steps=1)]
     return epsilon(history, delta, accountant=accountant)
 
 
@@ -88,8 +99,12 @@ def plan_site_round(
     noise = params.noise
     if noise is None:
         return None
-    # The Gaussian-equivalent multiplier of the round, as the coordinator computes it.
-    multiplier = effective_noise_multiplier(encoding_params(params), parameter_count(spec))
+    # The Gaussian-equivalent multiplier of the round, as the coordinator computes it; a
+    # number it cannot compute counts as no noise.
+    try:
+        multiplier = effective_noise_multiplier(encoding_params(params), parameter_count(spec))
+    except (ArithmeticError, ValueError):
+        multiplier = 0.0
     history = [entry.effective_noise_multiplier for entry in booked]
     spent = booked[-1].epsilon_total if booked else 0.0
     after = site_epsilon([*history, multiplier], budget.delta, budget.accountant)

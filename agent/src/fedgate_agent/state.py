@@ -108,6 +108,10 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     site_privacy: str = "none"
     site_privacy_epsilon: float | None = None  # at privacy_delta
     site_privacy_budget: float | None = None
+    # Rounds in privacy.json when it was last written, per level: a ledger with fewer was
+    # rolled back, whatever δ or accountant its totals were counted with.
+    privacy_rounds: int | None = None
+    site_privacy_rounds: int | None = None
     ingest: IngestStatus | None = None  # None: no buffer configured
     scoring: ScoringStatus = msgspec.field(default_factory=ScoringStatus)
 

@@ -63,9 +63,15 @@ def _fsync_directory(directory: Path) -> None:
 
 def file_in_the_way(directory: Path) -> Path | None:
     """``directory`` or the nearest of its parents that exists, when that is not a
-    directory: ``directory`` can then be neither used nor created. None otherwise (a
-    missing directory under an existing one is fine; it is created on first write)."""
+    directory (a file, a symbolic link to nothing, a link loop): ``directory`` can then be
+    neither used nor created. None otherwise (a missing directory under an existing one is
+    fine; it is created on first write)."""
     for candidate in (directory, *directory.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
+        try:
+            if candidate.exists():
+                return None if candidate.is_dir() else candidate
+        except OSError:  # a symbolic link loop
+            return candidate
+        if candidate.is_symlink():  # a link to nothing: nothing can be created through it
+            return candidate
     return None

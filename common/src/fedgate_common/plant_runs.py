@@ -21,6 +21,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError
 
 import msgspec
 import numpy as np
@@ -126,7 +127,7 @@ def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
             lengths = np.asarray(stored["run_lengths"])
             faults = np.asarray(stored["run_faults"])
             sets = np.asarray(stored["run_sets"])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError, TokenError) as exc:
         raise PlantRunsInvalid(f"cannot read it: {exc}", path=where) from None
     except MemoryError as exc:  # a header declaring a huge shape
         raise PlantRunsInvalid(

@@ -175,8 +175,8 @@ def check_state_dir(state_dir: Path) -> None:
     exists, is not a directory (a missing state directory is fine: ``init`` creates it)."""
     if (blocker := file_in_the_way(state_dir)) is not None:
         raise ConfigError(
-            f"state directory {state_dir}: {blocker} exists and is not a directory; "
-            "pass the coordinator's state directory (--state-dir or "
+            f"state directory {state_dir}: {blocker} is not a directory (a file, or a link "
+            "to nothing); pass the coordinator's state directory (--state-dir or "
             "FEDGATE_COORDINATOR_STATE_DIR)"
         )
 

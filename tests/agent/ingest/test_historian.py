@@ -187,19 +187,23 @@ def test_tag_names_with_control_characters_or_a_slash_are_rejected_rows(
             [T0 + 2, "C\x1b[2J", 3],  # line 4
             [T0 + 3, "line/2", 4],  # line 5: would make import:<source>/<tag> ambiguous
             [T0 + 4, "A", 5],
+            [T0 + 5, "D\u202eE", 6],  # line 7: a bidi override reverses what follows
+            [T0 + 6, "F\u2028G", 7],  # line 8: a line separator
         ],
     )
     report = import_history(long, buffer, ColumnMapping())
-    assert (report.rows_read, report.inserted, report.rejected) == (5, 2, 3)
+    assert (report.rows_read, report.inserted, report.rejected) == (7, 2, 5)
     assert [(r.line, r.reason, r.column, r.text) for r in report.rejected_examples] == [
         (3, "bad_tag", "tag", "B\x00"),
         (4, "bad_tag", "tag", "C\x1b[2J"),
         (5, "bad_tag", "tag", "line/2"),
+        (7, "bad_tag", "tag", "D\u202eE"),
+        (8, "bad_tag", "tag", "F\u2028G"),
     ]
     assert report.tags == ["A"]
     assert buffer.tags() == ["A"]
     renamed = import_history(long, buffer, ColumnMapping(rename={"line/2": "line_2"}))
-    assert (renamed.inserted, renamed.rejected) == (1, 2)
+    assert (renamed.inserted, renamed.rejected) == (1, 4)
     assert series(buffer, "line_2") == ([T0 + 3], [4.0])
 
     wide = write_csv(
@@ -250,6 +254,21 @@ def test_a_quote_left_open_refuses_its_line_and_keeps_the_rows_after(
         header = write_text(tmp_path / "header.csv", f"{first}\n{T0},A,1\n")
         with pytest.raises(ImportFailed, match="line 1, the header, has a quoted field"):
             import_history(header, buffer, ColumnMapping())
+
+
+def test_lines_that_each_open_a_quote_are_each_refused_once(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    """Every line opens a quote whether it is read on its own or inside another's field
+    (``ts",A,"v``): each is refused once and read once. Reading the lines a field swallowed
+    again made such a file quadratic (16,000 lines took 25 s)."""
+    lines = 5_000
+    rows = "".join(f'{T0 + k}",A,"{k}\n' for k in range(lines))
+    path = write_text(tmp_path / "quotes.csv", f"timestamp,tag,value\n{rows}{T0 - 1},A,1\n")
+    report = import_history(path, buffer, ColumnMapping())
+    assert (report.rows_read, report.rejected, report.inserted) == (lines + 1, lines, 1)
+    assert {r.reason for r in report.rejected_examples} == {"unmatched_quote"}
+    assert [r.line for r in report.rejected_examples[:3]] == [2, 3, 4]
 
 
 def test_a_quote_left_open_before_more_than_the_csv_field_limit_is_one_rejected_line(

@@ -701,67 +701,46 @@ def _open_text(path: Path, raw: IO[bytes]) -> io.TextIOWrapper:
     return io.TextIOWrapper(binary, encoding="utf-8-sig", newline="")
 
 
-class _CsvLines:
-    """The lines of a CSV file as :mod:`csv` reads them, keeping those of the record being
-    read (``record``) so that one that spans lines can be refused and the lines after its
-    first read again.
+class _RecordSpansLines(Exception):
+    """Raised into :mod:`csv`'s reader when a record asks for a second line."""
 
-    A historian export has one row per line, so a record spanning lines, or running to
-    the end of the file, is a quote left open (``"12.5`` for ``12.5``) that swallowed the
-    rows after it. The line that opened it is refused, the others are read again: each
-    line is read at most twice, and a legitimate line break inside a quoted field (which
-    no timestamp, tag or value holds) costs that one row, counted, not the file.
+
+class _CsvLines:
+    """The lines of a CSV file as :mod:`csv` reads them, one record per line.
+
+    A historian export has one row per line, so a record that asks for a second line has
+    a quoted field left open (``"12.5`` for ``12.5``) that would swallow the rows after it.
+    That line is not handed out: :class:`_RecordSpansLines` ends the record, the line that
+    opened it is refused, and reading goes on with the next one. Every line is read once.
+    A legitimate line break inside a quoted field (which no timestamp, tag or value holds)
+    costs the line that opened it; the field's other lines are read as rows of their own.
     """
 
     def __init__(self, lines: Iterator[str]) -> None:
         self._lines = lines
-        self._again: list[str] = []  # to read again, the next one last
-        self.record: list[str] = []
-        self.line = 0  # number of the last line handed out
-        self.ended = False  # the file ended inside the current record
+        self._in_record = False
+        self.text = ""  # the line of the current record
+        self.line = 0  # its number (the header is line 1)
 
     def __iter__(self) -> _CsvLines:
         return self
 
     def __next__(self) -> str:
-        if self._again:
-            text = self._again.pop()
-        else:
-            try:
-                text = next(self._lines)
-            except StopIteration:
-                self.ended = True
-                raise
+        if self._in_record:
+            raise _RecordSpansLines
+        self.text = next(self._lines)
         self.line += 1
-        self.record.append(text)
-        return text
+        self._in_record = True
+        return self.text
 
     def start_record(self) -> None:
-        self.record.clear()
-        self.ended = False
-
-    @property
-    def record_line(self) -> int:
-        """Number of the line the current record started on."""
-        return self.line - len(self.record) + 1
-
-    @property
-    def quote_left_open(self) -> bool:
-        """Whether the current record spans lines or ran to the end of the file."""
-        return len(self.record) > 1 or self.ended
-
-    def read_again_after_first(self) -> None:
-        """Hand out the current record's lines again, all but its first."""
-        rest = self.record[1:]
-        self._again.extend(reversed(rest))
-        self.line -= len(rest)
+        self._in_record = False
 
 
-def _open_quote_column(cells: Sequence[str] | None) -> int:
-    """The column of the field that swallowed a line break (else the last one)."""
-    if not cells:
-        return 0
-    return next((i for i, cell in enumerate(cells) if "\n" in cell or "\r" in cell), len(cells) - 1)
+def _open_quote_column(text: str, delimiter: str) -> int:
+    """The column of the field whose quote ``text`` leaves open: its last one."""
+    cells = next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter), [])
+    return max(len(cells) - 1, 0)
 
 
 def _import_csv(
@@ -785,13 +764,14 @@ def _import_csv(
             delimiter = mapping.delimiter or max(_DELIMITERS, key=first.count)
             lines = _CsvLines(itertools.chain([first], text))
             reader = csv.reader(lines, delimiter=delimiter)
-            header = next(reader)
-            if lines.quote_left_open:
+            try:
+                header = next(reader)
+            except _RecordSpansLines:
                 raise ImportFailed(
                     f"{path}: line 1, the header, has a quoted field that does not end on "
                     "it (a quote left open, or a line break in a column name); fix that line",
                     path=path,
-                )
+                ) from None
             columns = _resolve_columns(header, mapping, path)
             width = max(columns.names_needed) + 1
             importer = _Importer(
@@ -806,27 +786,18 @@ def _import_csv(
             while True:
                 lines.start_record()
                 try:
-                    cells: list[str] | None = next(reader)
+                    cells = next(reader)
                 except StopIteration:
                     break
-                except csv.Error:
-                    if len(lines.record) < 2:
-                        raise
-                    cells = None  # a swallowing field grew past csv's field size limit
-                if cells is None or lines.quote_left_open:
-                    importer.refuse_line(
-                        lines.record_line,
-                        _open_quote_column(cells),
-                        "unmatched_quote",
-                        lines.record[0],
-                    )
-                    lines.read_again_after_first()
+                except _RecordSpansLines:
+                    column = _open_quote_column(lines.text, delimiter)
+                    importer.refuse_line(lines.line, column, "unmatched_quote", lines.text)
                     continue
                 if not cells:
                     continue  # a blank line
                 if len(cells) < width:
                     cells = cells + [""] * (width - len(cells))
-                importer.row(lines.record_line, cells)
+                importer.row(lines.line, cells)
                 if importer.chunk_full:
                     importer.flush(fraction())
             importer.flush(1.0)

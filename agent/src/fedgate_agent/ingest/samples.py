@@ -7,8 +7,8 @@ good, so a redelivered or re-imported sample is recognised and stored once.
 
 from __future__ import annotations
 
-import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,15 +31,18 @@ MAX_SEQ = 2**63 - 1
 MAX_CLOCK_SKEW_S = 3600.0
 
 
-#: C0 controls, DEL and C1 controls (Unicode category Cc).
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Characters that change how text around them reads: controls (Cc), format characters
+#: such as bidi overrides and zero-width ones (Cf), and line and paragraph separators (Zl,
+#: Zp).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def tag_problem(tag: str, *, slash: bool = False) -> str | None:
     """What is wrong with ``tag`` as a tag name, phrased as what to fix; ``None`` when it
     is usable.
 
-    A tag name is non-empty text without control characters: tags reach status output,
+    A tag name is non-empty text without control, format or separator characters (bidi
+    overrides, zero-width and line separators included): tags reach status output,
     reports and logs, where a NUL, a line break or an escape sequence would cut or forge
     what an operator reads. ``/`` is refused too unless ``slash``: Sparkplug metric names
     (so also ``windows.tags``, which may name them) put it between folders, but anywhere
@@ -48,10 +51,11 @@ def tag_problem(tag: str, *, slash: bool = False) -> str | None:
     """
     if not tag:
         return "is empty; name the tag"
-    if (control := _CONTROL_CHARACTER.search(tag)) is not None:
+    control = next((c for c in tag if unicodedata.category(c) in _INVISIBLE_CATEGORIES), None)
+    if control is not None:
         return (
-            f"contains the control character U+{ord(control.group()):04X}; a tag name is "
-            "text without control characters"
+            f"contains the control character U+{ord(control):04X}; a tag name is text "
+            "without control, format or separator characters"
         )
     if not slash and "/" in tag:
         return "contains '/'; only Sparkplug metric names have '/' in a tag name"

@@ -266,6 +266,14 @@ class Participant:
             mine.seed_commitment,
         ):
             raise KeySubstituted("the key roster carries other round keys for this agent")
+        noise = self.params.noise
+        if noise is not None and len(roster.ids) < noise.min_inputs:
+            # No survivor set could reach min_inputs: refuse before masking, so that the
+            # agent books no site-level spend for a round that can never release a sum.
+            raise NoiseTooLow(
+                f"a roster of {len(roster.ids)} cannot reach the {noise.min_inputs} inputs the "
+                "site-level noise shares were sized for"
+            )
         if 2 * self.params.threshold <= effective_degree(len(roster.ids), self.params.degree) + 1:
             raise ThresholdTooLow(
                 f"threshold {self.params.threshold} is not a majority of the share holders "

@@ -1,9 +1,10 @@
 """Site-level DP of one secure round: what one site can change and how much noise hides it.
 
-The unit of privacy is one site (agent): its whole contribution to a round, added or
-removed. Under site-level DP (:mod:`.encoding`) every input weighs ``weight_cap``, so the
-contribution is the encoded update, the within-clip word (adaptive clipping) and constant
-weight limbs. In encoded units:
+The unit of privacy is one site (agent): its whole contribution to a round, replaced by a
+zero update (zero-out: its noise share stays in the sum; who took part is visible to the
+coordinator anyway). Under site-level DP (:mod:`.encoding`) every input weighs
+``weight_cap``, so the contribution is the encoded update, the within-clip word (adaptive
+clipping) and constant weight limbs. In encoded units:
 
 - update: L2 sensitivity Δ₂ ≤ level + √d. Clipping to ``clip_norm`` and scaling gives norm
   ≤ level; stochastic rounding moves each coordinate by less than 1 (≤ √d in L2); the
@@ -24,6 +25,7 @@ that of one Gaussian mechanism with noise multiplier 1/√(2ρ)
 from __future__ import annotations
 
 import math
+import sys
 
 from fedgate_common.secagg.distributed_noise import sum_of_shares_tau
 from fedgate_common.secagg.encoding import EncodingParams
@@ -34,14 +36,24 @@ def update_sensitivity(params: EncodingParams, dimension: int) -> float:
     return params.level + math.sqrt(dimension)
 
 
+def _variance_or_zero(std: float) -> float:
+    """``std``², or 0 when that is not a positive normal float (no noise, or so little that
+    its square underflows: as good as none)."""
+    variance = std * std if math.isfinite(std) and std > 0 else 0.0
+    return variance if variance >= sys.float_info.min else 0.0
+
+
 def round_rho(params: EncodingParams, dimension: int) -> float:
-    """ρ (zero-concentrated DP) of one round for one site; inf without noise."""
+    """ρ (zero-concentrated DP) of one round for one site; inf without noise, or with
+    noise too small to square (a coordinator may announce any number)."""
     if not params.noisy:
         return math.inf
-    if params.count_within_clip and params.count_noise <= 0:
+    if params.count_within_clip and _variance_or_zero(params.count_noise) == 0:
         return math.inf  # the count is released exactly
     delta2 = update_sensitivity(params, dimension)
     sigma = params.noise_multiplier * params.level
+    if _variance_or_zero(sigma) == 0:
+        return math.inf
     delta1 = min(delta2**2, math.sqrt(dimension) * delta2)
     tau = sum_of_shares_tau(share_sigma=params.update_share_sigma, inputs=params.max_inputs)
     rho = delta2**2 / (2 * sigma**2) + tau * (dimension + delta1)
@@ -50,7 +62,7 @@ def round_rho(params: EncodingParams, dimension: int) -> float:
             share_sigma=params.count_share_sigma, inputs=params.max_inputs
         )
         rho += 1 / (2 * params.count_noise**2) + count_tau * 2 * params.count_unit
-    return rho
+    return rho if math.isfinite(rho) else math.inf
 
 
 def effective_noise_multiplier(params: EncodingParams, dimension: int) -> float:
