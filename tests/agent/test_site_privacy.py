@@ -284,3 +284,28 @@ def test_a_ledger_with_fewer_rounds_is_refused_whatever_its_totals(tmp_path: Pat
     restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
     with pytest.raises(LedgerUnreadable, match="holds 2 site-level rounds"):
         restarted._plan_site_round(_work(4, params))
+
+
+def test_assumed_colluders_shares_are_not_counted_on() -> None:
+    """An agent that assumes c colluders (secagg.assumed_colluders) counts only the noise
+    of min_inputs − c honest shares: √((m − c)/m) of the announced; none at c ≥ m."""
+    params = _noisy_params(planned_rounds=4)  # min_inputs 4
+    assert params.noise is not None
+    counted = {}
+    for colluders in (0, 2):
+        budget = SiteBudget(
+            max_epsilon=100.0, delta=1e-5, accountant="pld", assumed_colluders=colluders
+        )
+        entry = plan_site_round(
+            [], round=1, base_digest="ab", params=params, spec=SPEC, budget=budget
+        )
+        assert entry is not None
+        assert entry.assumed_colluders == colluders
+        counted[colluders] = entry
+    assert counted[2].effective_noise_multiplier == pytest.approx(
+        counted[0].effective_noise_multiplier * (2 / 4) ** 0.5, rel=1e-6
+    )
+    assert counted[2].epsilon_round > counted[0].epsilon_round
+    everyone = SiteBudget(max_epsilon=100.0, delta=1e-5, accountant="pld", assumed_colluders=4)
+    with pytest.raises(SiteBudgetExhausted):
+        plan_site_round([], round=1, base_digest="ab", params=params, spec=SPEC, budget=everyone)

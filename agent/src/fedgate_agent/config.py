@@ -115,7 +115,9 @@ class SecAggConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # refuse rounds whose Shamir threshold t is lower; 0: the default graph's t for the
     # round's selected agents (a coordinator may raise it, never lower it)
     min_threshold: int = 0
-    assumed_colluders: int = 0  # colluding agents to resist: raises the confirmation quorum
+    # Colluding agents to resist: raises the confirmation quorum, and their site-level noise
+    # shares are not counted on (privacy.md §7.8).
+    assumed_colluders: int = 0
     plaintext_rounds: str = "refuse"  # "refuse" | "allow": rounds without secure aggregation
 
 

@@ -197,6 +197,7 @@ class AgentService:
             max_epsilon=privacy.site_max_epsilon,
             delta=privacy.delta,
             accountant=as_accountant(privacy.accountant),
+            assumed_colluders=config.secagg.assumed_colluders,
         )
         self.status.site_privacy_budget = privacy.site_max_epsilon
         if self._record_privacy is not None:

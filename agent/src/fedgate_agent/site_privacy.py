@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 
 import msgspec
-from fedgate_common.messages import SecAggParams
+from fedgate_common.messages import SecAggParams, SiteNoise
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.participant import encoding_params
 from fedgate_common.secagg.site_dp import effective_noise_multiplier
@@ -43,11 +43,14 @@ _NEGLIGIBLE_NOISE = 0.08
 
 
 class SiteBudget(msgspec.Struct, frozen=True, kw_only=True):
-    """``[privacy] site_max_epsilon`` and the δ and accountant it is counted with."""
+    """``[privacy] site_max_epsilon``, the δ and accountant it is counted with, and the
+    colluding agents assumed (``secagg.assumed_colluders``), whose noise shares are not
+    counted on."""
 
     max_epsilon: float
     delta: float
     accountant: Accountant
+    assumed_colluders: int = 0
 
 
 class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +61,7 @@ class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     noise_multiplier: float  # z as the coordinator announced it
     effective_noise_multiplier: float  # what the accountant composes (site_dp)
     min_inputs: int  # the fewest inputs the shares were sized for
+    assumed_colluders: int = 0  # whose shares were left out of the effective multiplier
     epsilon_round: float
     epsilon_total: float
     delta: float
@@ -102,7 +106,10 @@ def plan_site_round(
     # The Gaussian-equivalent multiplier of the round, as the coordinator computes it; a
     # number it cannot compute counts as no noise.
     try:
-        multiplier = effective_noise_multiplier(encoding_params(params), parameter_count(spec))
+        multiplier = effective_noise_multiplier(
+            encoding_params(_without_colluders(params, noise, budget.assumed_colluders)),
+            parameter_count(spec),
+        )
     except (ArithmeticError, ValueError):
         multiplier = 0.0
     history = [entry.effective_noise_multiplier for entry in booked]
@@ -123,8 +130,28 @@ def plan_site_round(
         noise_multiplier=noise.noise_multiplier,
         effective_noise_multiplier=multiplier,
         min_inputs=noise.min_inputs,
+        assumed_colluders=budget.assumed_colluders,
         epsilon_round=site_epsilon([multiplier], budget.delta, budget.accountant),
         epsilon_total=after,
         delta=budget.delta,
         accountant=accountant_name(budget.accountant),
     )
+
+
+def _without_colluders(params: SecAggParams, noise: SiteNoise, colluders: int) -> SecAggParams:
+    """``params`` with the noise that survives ``colluders`` withholding their shares.
+
+    The shares are sized so that ``min_inputs`` of them add up to the announced noise; with
+    c of the survivors colluding, at least ``min_inputs − c`` honest shares remain, so the
+    noise (and the count's) is at least √((min_inputs − c) / min_inputs) of the announced
+    (none at all when c ≥ min_inputs).
+    """
+    if colluders <= 0:
+        return params
+    kept = math.sqrt(max(noise.min_inputs - colluders, 0) / max(noise.min_inputs, 1))
+    scaled = msgspec.structs.replace(
+        noise,
+        noise_multiplier=noise.noise_multiplier * kept,
+        count_noise=noise.count_noise * kept,
+    )
+    return msgspec.structs.replace(params, noise=scaled)
