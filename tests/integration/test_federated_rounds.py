@@ -82,6 +82,11 @@ def public_runs_file(path: Path) -> Path:
     return path
 
 
+def config_set(config: Path, key: str, value: str) -> None:
+    """`fedgate-agent config set`, as an operator edits the agent's configuration."""
+    run("fedgate-agent", "config", "set", "--config", str(config), key, value)
+
+
 def init_coordinator(coord: Path, deployment: str, spec_file: Path, *options: str) -> Any:
     """`fedgate-coordinator init --json` of cloud c1, for two agents."""
     return as_json(
@@ -184,15 +189,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         invalid = run("fedgate-agent", "config", "validate", "--config", str(config), check=False)
         assert invalid.returncode == 3
         assert "coordinator_public_key" in invalid.stderr
-        run(
-            "fedgate-agent",
-            "config",
-            "set",
-            "--config",
-            str(config),
-            "coordinator_public_key",
-            init["coordinator_public_key"],
-        )
+        config_set(config, "coordinator_public_key", init["coordinator_public_key"])
         # Still no federation manifest pinned: the agent would accept no model.
         unpinned = run("fedgate-agent", "config", "validate", "--config", str(config), check=False)
         assert unpinned.returncode == 3
@@ -201,7 +198,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         run("fedgate-agent", "config", "validate", "--config", str(config))
         if name == "gw-1":
             for key, value in (("privacy.record_level", "on"), ("privacy.target_epsilon", "8")):
-                run("fedgate-agent", "config", "set", "--config", str(config), key, value)
+                config_set(config, key, value)
         run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
         save_local_dataset(
             tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
@@ -287,15 +284,7 @@ def test_agents_stop_at_their_own_site_level_budget(tmp_path: Path) -> None:
             init["coordinator_public_key"],
         )
         run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
-        run(
-            "fedgate-agent",
-            "config",
-            "set",
-            "--config",
-            str(config),
-            "privacy.site_max_epsilon",
-            "5",
-        )
+        config_set(config, "privacy.site_max_epsilon", "5")
         run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
         save_local_dataset(
             tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
