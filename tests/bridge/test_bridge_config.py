@@ -278,3 +278,26 @@ def test_hosts_the_resolver_cannot_encode_are_refused_by_check(tmp_path: Path) -
             '[[modbus.registers]]\ntag = "A"\naddress = 0\n'
         )
         assert load_config(path).broker.host == host
+
+
+def test_names_and_prefixes_the_broker_would_refuse_are_problems(tmp_path: Path) -> None:
+    """A tag ending in a newline (the name pattern's $ let it through), a prefix with a
+    control character or on the broker's own $ topics, a client id or user name with a
+    control character: each passed `check` and then made Mosquitto drop the connection at
+    the first PUBLISH, over and over, with the outbox growing behind the bad row."""
+    path = tmp_path / "bridge.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path}/state"\ntopic_prefix = "$plant/a\\u0001"\n'
+        '[broker]\nhost = "127.0.0.1"\nclient_id = "bridge\\u0007"\nusername = "u\\u0000"\n'
+        '[[modbus]]\nname = "plc"\nhost = "127.0.0.1"\n'
+        '[[modbus.registers]]\ntag = "TEMP\\n"\naddress = 0\n'
+    )
+    result = CliRunner().invoke(check, ["--config", str(path), "--json"])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    problems = json.loads(result.output)["problems"]
+    assert [p.split(" = ")[0] for p in problems] == [
+        "topic_prefix",
+        "broker.client_id",
+        "broker.username",
+        "modbus[0].registers[0].tag",
+    ], problems

@@ -18,10 +18,13 @@ import pytest
 from fedgate_bridge.bridge import Bridge, read_status
 from fedgate_bridge.config import load_config
 from fedgate_bridge.counters import SourceCounters
+from fedgate_bridge.errors import SourceUnavailable
 from fedgate_bridge.modbus_source import ModbusPoller
 from fedgate_bridge.outbox import AsyncOutbox, Outbox
+from fedgate_bridge.registers import ReadBlock
 from fedgate_common.tasks import cancel_until_done
 from pymodbus.framer import FramerType
+from pymodbus.pdu.register_message import ReadInputRegistersResponse
 
 from tests.bridge.bridge_support import (
     FAST,
@@ -268,3 +271,39 @@ async def test_serial_rtu_without_a_device_is_counted_as_unavailable(tmp_path: P
     assert "/dev/fedgate-no-such-tty" in counters.last_error
     assert counters.readings == 0
     assert not counters.connected
+
+
+class _AnswersAnotherFunction:
+    """The client side of a server that answers every read with an input-register response
+    (function 4): pymodbus hands it over unchecked."""
+
+    async def _input_answer(
+        self, address: int, *, count: int, device_id: int
+    ) -> ReadInputRegistersResponse:
+        return ReadInputRegistersResponse(registers=[9] * count)
+
+    read_holding_registers = read_input_registers = _input_answer
+    read_coils = read_discrete_inputs = _input_answer
+
+
+async def test_an_answer_to_another_function_is_refused_not_published(tmp_path: Path) -> None:
+    config = load_config(
+        write_bridge_config(
+            tmp_path / "bridge.toml",
+            state_dir=tmp_path / "state",
+            broker_port=1,
+            sources=modbus_source(1, "tcp", '  [[modbus.registers]]\n  tag = "A"\n  address = 0\n'),
+        )
+    )
+    async with await AsyncOutbox.open(
+        config.outbox_path, max_messages=10, policy="drop_oldest"
+    ) as outbox:
+        poller = ModbusPoller(
+            config=config.modbus[0],
+            topic_prefix=config.topic_prefix,
+            outbox=outbox,
+            counters=SourceCounters(name="plc-1", kind="modbus"),
+        )
+        block = ReadBlock(kind="holding", address=0, count=1, registers=())
+        with pytest.raises(SourceUnavailable, match="answered function 4 to a holding read"):
+            await poller._read_block(_AnswersAnotherFunction(), block)  # type: ignore[arg-type]

@@ -156,3 +156,50 @@ async def test_subscribe_and_poll_modes_publish_and_survive_a_server_restart(
 )
 def test_numeric_values(value: object, expected: float | None) -> None:
     assert numeric_value(value) == expected
+
+
+async def test_a_server_answering_with_too_few_results_is_counted_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers a Read of five nodes with four results used to end the whole
+    bridge (zip(strict=True) raised out of the source's task). The answer is made short
+    here on the client's side of the wire, as a broken server's would arrive; the source
+    counts it, reconnects, and publishes again once the answers are whole."""
+    from asyncua.client.client import Client
+
+    whole = Client.read_attributes
+    short = {"on": True}
+
+    async def answered(self: Client, *args: object, **kwargs: object) -> list[ua.DataValue]:
+        results = await whole(self, *args, **kwargs)  # type: ignore[arg-type]
+        return results[:-1] if short["on"] else results
+
+    monkeypatch.setattr(Client, "read_attributes", answered)
+    port = free_port()
+    with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
+        async with opcua_server(port) as (_server, nodes):
+            poll_only = opcua_sources(port).split("[[opcua]]")[2]
+            config = load_config(
+                write_bridge_config(
+                    tmp_path / "bridge.toml",
+                    state_dir=tmp_path / "state",
+                    broker_port=broker.port,
+                    sources="[[opcua]]" + poll_only,
+                )
+            )
+            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            (counters,) = bridge.source_counters
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.run(stop))
+            try:
+                await wait_until(lambda: counters.errors >= 2, 15, "short answers counted")
+                assert "answered Read for 5 nodes with 4 results" in counters.last_error
+                assert not task.done()
+                short["on"] = False
+                await nodes["XMEAS_1"].write_value(44.0)
+                await wait_until(
+                    lambda: 44.0 in values(sub, "plant/test/ua-poll/XMEAS_1"), 15, "published"
+                )
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 20)

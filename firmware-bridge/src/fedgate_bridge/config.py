@@ -73,7 +73,7 @@ BAUDRATE_RANGE: Final = (300, 4_000_000)
 INTERVAL_RANGE: Final = (0.01, 86_400.0)
 TIMEOUT_RANGE: Final = (0.01, 60.0)
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no "\n" at the end
 _NAME_TEXT: Final = "1-64 characters from A-Z a-z 0-9 _ . - (no / + # or spaces)"
 _INTERVAL_TEXT: Final = f"a number of seconds in [{INTERVAL_RANGE[0]}, {INTERVAL_RANGE[1]:g}]"
 
@@ -367,8 +367,9 @@ def bad_topic_prefix(prefix: str) -> bool:
         not prefix
         or len(prefix) > 512
         or any(level == "" for level in levels)
-        or any(c in prefix for c in "+#\0")
-        or any(c.isspace() for c in prefix)
+        or prefix.startswith("$")  # the broker's own topics; agents may not subscribe to $
+        or any(c in prefix for c in "+#")
+        or any(c.isspace() or not c.isprintable() for c in prefix)
     )
 
 
@@ -435,7 +436,7 @@ def _modbus_problems(index: int, source: ModbusSourceConfig) -> list[str]:
     path = f"modbus[{index}]"
     label = f"source {source.name!r}"
     problems: list[str | None] = []
-    if not _NAME_RE.match(source.name):
+    if not _NAME_RE.fullmatch(source.name):
         problems.append(_bad(f"{path}.name", source.name))
     if source.transport not in MODBUS_TRANSPORTS:
         problems.append(_bad(f"{path}.transport", source.transport, label))
@@ -472,7 +473,7 @@ def _modbus_problems(index: int, source: ModbusSourceConfig) -> list[str]:
 def _register_problems(path: str, register: ModbusRegister, seen: set[str]) -> list[str | None]:
     label = f"tag {register.tag!r}"
     problems: list[str | None] = []
-    if not _NAME_RE.match(register.tag):
+    if not _NAME_RE.fullmatch(register.tag):
         problems.append(_bad(f"{path}.tag", register.tag))
     elif register.tag in seen:
         problems.append(f"{path}.tag = {register.tag!r} is used twice in this source")
@@ -504,7 +505,7 @@ def _opcua_problems(index: int, source: OpcuaSourceConfig) -> list[str]:
     path = f"opcua[{index}]"
     label = f"source {source.name!r}"
     problems: list[str | None] = []
-    if not _NAME_RE.match(source.name):
+    if not _NAME_RE.fullmatch(source.name):
         problems.append(_bad(f"{path}.name", source.name))
     endpoint = source.endpoint
     if not endpoint.startswith("opc.tcp://") or len(endpoint) <= len("opc.tcp://"):
@@ -517,13 +518,15 @@ def _opcua_problems(index: int, source: OpcuaSourceConfig) -> list[str]:
         _float_range(f"{path}.poll_interval_s", source.poll_interval_s, INTERVAL_RANGE, label)
     )
     problems.append(_password_problem(f"{path}.password_file", source.password_file, label))
+    if not source.username.isprintable():
+        problems.append(_bad(f"{path}.username", source.username, label) + " (control characters)")
     if not source.nodes:
         problems.append(f"{path} ({label}) has no nodes; add {_allowed(f'{path}.nodes')}")
     seen: set[str] = set()
     for number, node in enumerate(source.nodes):
         node_path = f"{path}.nodes[{number}]"
         node_label = f"tag {node.tag!r}"
-        if not _NAME_RE.match(node.tag):
+        if not _NAME_RE.fullmatch(node.tag):
             problems.append(_bad(f"{node_path}.tag", node.tag))
         elif node.tag in seen:
             problems.append(f"{node_path}.tag = {node.tag!r} is used twice in this source")
@@ -555,8 +558,12 @@ def validate_config(config: BridgeConfig) -> list[str]:
     if (why := host_problem(broker.host)) is not None:
         problems.append(_bad("broker.host", broker.host) + f" ({why})")
     problems.append(_int_range("broker.port", broker.port, PORT_RANGE))
-    if len(broker.client_id) > 128 or any(c.isspace() for c in broker.client_id):
+    if len(broker.client_id) > 128 or any(
+        c.isspace() or not c.isprintable() for c in broker.client_id
+    ):
         problems.append(_bad("broker.client_id", broker.client_id))
+    if not broker.username.isprintable():
+        problems.append(_bad("broker.username", broker.username) + " (control characters)")
     problems.append(_password_problem("broker.password_file", broker.password_file))
     problems.extend(tls_problems(broker))
     problems.append(_int_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE))

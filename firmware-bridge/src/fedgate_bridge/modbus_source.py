@@ -41,6 +41,10 @@ def default_backoff(poll_interval_s: float) -> Backoff:
     return Backoff(initial_s=min(max(poll_interval_s, 0.1), 1.0), max_s=30.0)
 
 
+#: The Modbus function code of each kind of read (Modbus Application Protocol v1.1b3, 6).
+FUNCTION_CODES: Final = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+
+
 class ModbusPoller:
     """Polls one ``[[modbus]]`` source forever; see the module docstring."""
 
@@ -116,6 +120,8 @@ class ModbusPoller:
             raise SourceUnavailable(f"cannot connect to {self._where()}", source=self.config.name)
 
     async def _read_block(self, client: ModbusClient, block: ReadBlock) -> list[Any]:
+        """The block's values; a server error, or an answer to another function, raises
+        :class:`SourceUnavailable`."""
         unit = self.config.unit
         calls = {
             "holding": client.read_holding_registers,
@@ -130,6 +136,14 @@ class ModbusPoller:
             raise SourceUnavailable(
                 f"{self._where()} answered Modbus exception {code} to reading {block.count} "
                 f"{block.kind} from {block.address}",
+                source=self.config.name,
+            )
+        if response.function_code != FUNCTION_CODES[block.kind]:
+            # pymodbus does not check it: a server answering another read would have its
+            # values published under this block's tags.
+            raise SourceUnavailable(
+                f"{self._where()} answered function {response.function_code} to a "
+                f"{block.kind} read (function {FUNCTION_CODES[block.kind]})",
                 source=self.config.name,
             )
         return list(response.bits if block.reads_bits else response.registers)

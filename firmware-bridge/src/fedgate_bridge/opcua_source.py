@@ -37,7 +37,7 @@ from fedgate_common.tasks import BackgroundTasks
 
 from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, read_password
 from fedgate_bridge.counters import FailureLog, SourceCounters
-from fedgate_bridge.errors import SourceUnavailable
+from fedgate_bridge.errors import ConfigError, SourceUnavailable
 from fedgate_bridge.outbox import AsyncOutbox, Reading
 
 __all__ = ["OpcuaReader", "numeric_value"]
@@ -118,6 +118,16 @@ class OpcuaReader:
         if result.stored:
             self._on_stored()
 
+    def _check_answer_count(self, service: str, answered: int, asked: int) -> None:
+        """A server that answers a request for n nodes with another number of results is
+        broken: the source reconnects (counted), the bridge goes on."""
+        if answered != asked:
+            raise SourceUnavailable(
+                f"{self.config.endpoint} answered {service} for {asked} nodes with "
+                f"{answered} results",
+                source=self.config.name,
+            )
+
     def _node_failed(self, tag: str, status: object) -> None:
         self.counters.errors += 1
         self.counters.last_error = f"node {tag!r}: {status}"
@@ -129,7 +139,10 @@ class OpcuaReader:
         client = Client(self.config.endpoint, timeout=REQUEST_TIMEOUT_S)
         if self.config.username:
             client.set_user(self.config.username)
-            password = read_password(self.config.password_file)
+            try:
+                password = read_password(self.config.password_file)
+            except ConfigError as exc:  # gone or unreadable since the start: retried later
+                raise SourceUnavailable(str(exc), source=self.config.name) from None
             if password is not None:
                 client.set_password(password)
         return client
@@ -157,7 +170,11 @@ class OpcuaReader:
 
     async def _session(self) -> None:
         """One connection: until it is lost (logged, counted) or the task is cancelled."""
-        client = self._new_client()
+        try:
+            client = self._new_client()
+        except SourceUnavailable as exc:  # the password file went away: try again later
+            self._failed(exc)
+            return
         lost = asyncio.Event()
 
         async def connection_lost(exc: Exception) -> None:
@@ -169,7 +186,7 @@ class OpcuaReader:
                 await client.connect()
             except _FAILURES as exc:
                 raise SourceUnavailable(
-                    f"cannot connect to {self.config.endpoint}: {exc or type(exc).__name__}",
+                    f"cannot connect to {self.config.endpoint}: {str(exc) or type(exc).__name__}",
                     source=self.config.name,
                 ) from None
             self.counters.connected = True
@@ -209,9 +226,10 @@ class OpcuaReader:
             values = await client.read_attributes(list(nodes.values()))
         except _FAILURES as exc:
             raise SourceUnavailable(
-                f"reading {self.config.endpoint} failed: {exc or type(exc).__name__}",
+                f"reading {self.config.endpoint} failed: {str(exc) or type(exc).__name__}",
                 source=self.config.name,
             ) from None
+        self._check_answer_count("Read", len(values), len(nodes))
         now = self._clock()
         readings: list[Reading] = []
         for tag, data_value in zip(nodes, values, strict=True):
@@ -275,10 +293,11 @@ class OpcuaReader:
             )
         except _FAILURES as exc:
             raise SourceUnavailable(
-                f"subscribing at {self.config.endpoint} failed: {exc or type(exc).__name__}",
+                f"subscribing at {self.config.endpoint} failed: {str(exc) or type(exc).__name__}",
                 source=self.config.name,
             ) from None
         results = handles if isinstance(handles, list) else [handles]
+        self._check_answer_count("CreateMonitoredItems", len(results), len(nodes))
         for tag, handle in zip(nodes, results, strict=True):
             if isinstance(handle, ua.StatusCode):
                 self._node_failed(tag, handle)
