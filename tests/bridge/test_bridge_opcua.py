@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from asyncua.common.node import Node
 from asyncua.server.server import Server
 from fedgate_bridge.bridge import Bridge
 from fedgate_bridge.config import load_config
-from fedgate_bridge.opcua_source import numeric_value
+from fedgate_bridge.opcua_source import numeric_value, reading_timestamp
 
 from tests.bridge.bridge_support import (
     FAST,
@@ -203,3 +204,29 @@ async def test_a_server_answering_with_too_few_results_is_counted_not_fatal(
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 20)
+
+
+ARRIVAL = 1_800_000_000.0  # 2027-01-15
+
+
+@pytest.mark.parametrize(
+    ("source", "server", "expected"),
+    [
+        (ua.DateTime(2027, 1, 15, 7, 59, tzinfo=UTC), None, ARRIVAL - 60),
+        (ua.DateTime(1601, 1, 1, tzinfo=UTC), None, ARRIVAL),  # DateTime 0: "not set"
+        (ua.DateTime(9999, 12, 31, tzinfo=UTC), None, ARRIVAL),
+        (
+            ua.DateTime(2030, 1, 1, tzinfo=UTC),
+            ua.DateTime(2027, 1, 15, 7, 59, tzinfo=UTC),
+            ARRIVAL - 60,
+        ),
+        (None, None, ARRIVAL),
+    ],
+)
+def test_implausible_source_timestamps_fall_back(
+    source: ua.DateTime | None, server: ua.DateTime | None, expected: float
+) -> None:
+    """A stamp of 1601, 9999 or years ahead was published and then refused by the agent
+    (``ts_out_of_range``, ``ts_in_future``); the next plausible one is taken instead."""
+    value = ua.DataValue(ua.Variant(1.5), SourceTimestamp=source, ServerTimestamp=server)
+    assert reading_timestamp(value, ARRIVAL) == pytest.approx(expected)

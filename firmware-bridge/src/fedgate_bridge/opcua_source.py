@@ -25,7 +25,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, Final
 
 from asyncua import ua
@@ -59,11 +58,27 @@ def numeric_value(value: object) -> float | None:
     return None
 
 
-def _timestamp(data_value: ua.DataValue | None, fallback: float) -> float:
-    stamp: datetime | None = None
+#: How far ahead of the gateway's clock a server's timestamp may be (the agent refuses
+#: readings stamped later, as ``ts_in_future``).
+MAX_CLOCK_AHEAD_S: Final = 3600.0
+
+
+def reading_timestamp(data_value: ua.DataValue | None, arrival: float) -> float:
+    """The value's SourceTimestamp, else its ServerTimestamp, else ``arrival``: the first
+    that is set and plausible. OPC-UA's "not set" is DateTime 0 (the year 1601), and a
+    server's clock may be far ahead; such a stamp would be published and then refused by
+    the agent, so the next one is taken instead."""
     if data_value is not None:
-        stamp = data_value.SourceTimestamp or data_value.ServerTimestamp
-    return stamp.timestamp() if stamp is not None else fallback
+        for stamp in (data_value.SourceTimestamp, data_value.ServerTimestamp):
+            if stamp is None:
+                continue
+            try:
+                seconds = stamp.timestamp()
+            except (OverflowError, OSError, ValueError):
+                continue
+            if 0 < seconds <= arrival + MAX_CLOCK_AHEAD_S:
+                return seconds
+    return arrival
 
 
 #: Values the server keeps per monitored item between two publishes.
@@ -317,7 +332,7 @@ class OpcuaReader:
             self._node_failed(tag, status)
             return
         self.counters.reads += 1
-        reading = self._reading(tag, value, _timestamp(data_value, self._clock()))
+        reading = self._reading(tag, value, reading_timestamp(data_value, self._clock()))
         if reading is None:
             return
         try:
