@@ -12,8 +12,6 @@ Only numpy: the command line and the data path cut and check windows without loa
 from __future__ import annotations
 
 import io
-import tokenize
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from fedgate_common.atomic_files import atomic_write
+from fedgate_common.errors import NpzUnreadable
 from fedgate_common.model_spec import ModelSpec
+from fedgate_common.npz_files import read_npz
 
 from fedgate_agent.errors import LocalDataError
 
@@ -93,43 +93,19 @@ def read_npz_arrays(
     """
     save_as = ", ".join(f"{name}=..." for name in required)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise LocalDataError(
-                f"{path}: holds a single array, not an .npz archive; save it with "
-                f"numpy.savez(path, {save_as})",
-                path=path,
-            )
-        with loaded as archive:
-            missing = sorted(set(required) - set(archive.files))
-            if missing:
-                raise LocalDataError(
-                    f"{path}: arrays {missing} missing; save them with numpy.savez(path, "
-                    f"{save_as})",
-                    path=path,
-                )
-            return {
-                name: np.asarray(archive[name])
-                for name in (*required, *optional)
-                if name in archive.files
-            }
-    except LocalDataError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc):  # object arrays refuse to load without it
-            raise LocalDataError(
-                f"{path}: cannot read arrays without pickle ({exc}); save plain numeric arrays",
-                path=path,
-            ) from None
-        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
-    # Missing, truncated, damaged; a header numpy cannot parse raises tokenize's TokenError
-    # or SyntaxError.
-    except (OSError, EOFError, zipfile.BadZipFile, SyntaxError, tokenize.TokenError) as exc:
-        raise LocalDataError(f"{path}: not a readable .npz archive ({exc})", path=path) from None
-    except MemoryError as exc:  # a header declaring a huge shape
-        raise LocalDataError(
-            f"{path}: an array is larger than this machine can load ({exc})", path=path
-        ) from None
+        return read_npz(path, required=required, optional=optional)
+    except NpzUnreadable as exc:
+        message = {
+            "single_array": "holds a single array, not an .npz archive; save it with "
+            f"numpy.savez(path, {save_as})",
+            "missing": f"arrays {sorted(exc.missing)} missing; save them with "
+            f"numpy.savez(path, {save_as})",
+            "pickle": f"cannot read arrays without pickle ({exc.detail}); save plain "
+            "numeric arrays",
+            "unreadable": f"not a readable .npz archive ({exc.detail})",
+            "too_large": f"an array is larger than this machine can load ({exc.detail})",
+        }[exc.problem]
+        raise LocalDataError(f"{path}: {message}", path=path) from None
 
 
 def load_local_dataset(path: Path, spec: ModelSpec) -> LocalDataset:

@@ -27,6 +27,7 @@ Tree::
      ├── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
      ├── BrokerTlsInvalid        a broker login's TLS files do not load or do not pair
      └── FileInvalid             a data file (simulated runs, genesis weights) cannot be used
+          ├── NpzUnreadable          not an .npz archive with the arrays asked for (npz_files)
           ├── PlantRunsInvalid       not a readable, consistent simulated-runs file
           └── GenesisWeightsInvalid  not a readable genesis-weights file for its model spec
 
@@ -35,6 +36,9 @@ used as a counter label.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
 
 
 class FedgateError(Exception):
@@ -162,6 +166,22 @@ class FileInvalid(FedgateError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+
+
+NpzProblem = Literal["single_array", "missing", "pickle", "unreadable", "too_large"]
+
+
+class NpzUnreadable(FileInvalid):
+    """``problem`` says what is wrong; ``detail`` is numpy's or zipfile's own text, and
+    ``missing`` the required arrays not in the archive (in the order asked for)."""
+
+    def __init__(
+        self, problem: NpzProblem, detail: str, *, path: Path, missing: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(f"{problem}: {detail}", path=str(path))
+        self.problem: NpzProblem = problem
+        self.detail = detail
+        self.missing = missing
 
 
 class PlantRunsInvalid(FileInvalid):

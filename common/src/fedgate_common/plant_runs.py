@@ -17,18 +17,17 @@ training a model on garbage.
 from __future__ import annotations
 
 import io
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from tokenize import TokenError
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from fedgate_common.atomic_files import atomic_write
-from fedgate_common.errors import PlantRunsInvalid
+from fedgate_common.errors import NpzUnreadable, PlantRunsInvalid
+from fedgate_common.npz_files import read_npz
 
 __all__ = [
     "PLANT_RUNS_FORMAT",
@@ -110,29 +109,19 @@ def load_plant_runs(path: Path) -> tuple[RunsMeta, list[PlantRun]]:
     unreadable or inconsistent."""
     where = str(path)
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise PlantRunsInvalid(
-                "holds a single array (.npy), not a simulated-runs .npz archive", path=where
-            )
-        with loaded as stored:
-            missing = [name for name in _ARRAYS if name not in stored.files]
-            if missing:
-                raise PlantRunsInvalid(
-                    f"not a simulated-runs file: no {', '.join(missing)}", path=where
-                )
-            meta_text = str(stored["meta"])
-            x = np.asarray(stored["x"])
-            y = np.asarray(stored["y"])
-            lengths = np.asarray(stored["run_lengths"])
-            faults = np.asarray(stored["run_faults"])
-            sets = np.asarray(stored["run_sets"])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, SyntaxError, TokenError) as exc:
-        raise PlantRunsInvalid(f"cannot read it: {exc}", path=where) from None
-    except MemoryError as exc:  # a header declaring a huge shape
-        raise PlantRunsInvalid(
-            f"an array is larger than this machine can load ({exc})", path=where
-        ) from None
+        stored = read_npz(path, required=_ARRAYS)
+    except NpzUnreadable as exc:
+        message = {
+            "single_array": "holds a single array (.npy), not a simulated-runs .npz archive",
+            "missing": f"not a simulated-runs file: no {', '.join(exc.missing)}",
+            "pickle": f"cannot read it: {exc.detail}",
+            "unreadable": f"cannot read it: {exc.detail}",
+            "too_large": f"an array is larger than this machine can load ({exc.detail})",
+        }[exc.problem]
+        raise PlantRunsInvalid(message, path=where) from None
+    meta_text = str(stored["meta"])
+    x, y = stored["x"], stored["y"]
+    lengths, faults, sets = stored["run_lengths"], stored["run_faults"], stored["run_sets"]
     try:
         declared = msgspec.json.decode(meta_text)
     except msgspec.DecodeError as exc:
