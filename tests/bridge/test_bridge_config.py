@@ -27,6 +27,8 @@ port = 70000
 keepalive_s = "30"
 password_file = "/nonexistent/password"
 max_inflght = 5
+ack_timeout_s = 0
+protocol = "3"
 
 [outbox]
 max_messages = 0
@@ -84,6 +86,8 @@ EXPECTED_FRAGMENTS = [
     "broker.keepalive_s = string '30' has the wrong type; use an integer 5..65535",
     "broker.password_file = '/nonexistent/password': the file cannot be read",
     "unknown key 'broker.max_inflght'; did you mean 'max_inflight'?",
+    "broker.ack_timeout_s = 0 is not an integer 1..3600 (seconds)",
+    "broker.protocol = '3' is not '5' or '3.1.1'",
     "outbox.max_messages = 0 is not an integer 1..100000000",
     "outbox.policy = 'keep_everything' is not drop_oldest | reject_new",
     "modbus[0].name = 'plc/1' is not 1-64 characters",

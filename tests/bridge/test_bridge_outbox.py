@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import pytest
 from fedgate_bridge.errors import OutboxError
-from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summary
+from fedgate_bridge.outbox import (
+    AsyncOutbox,
+    Outbox,
+    Reading,
+    read_outbox_summary,
+    read_parked_topics,
+)
+from fedgate_common.backoff import Backoff
 
 
 def readings(*topics: str, ts: float = 1.0, value: float = 2.5, unit: str = "") -> list[Reading]:
@@ -151,6 +159,98 @@ async def test_async_outbox_runs_on_its_own_thread(tmp_path: Path) -> None:
         assert await outbox.remove([rows[0].id]) == 1
         assert outbox.depth == 1
         assert (await outbox.summary()).depth == 1
+
+
+def test_parked_rows_wait_apart_and_return_under_their_ids_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_messages=4) as outbox:
+        outbox.append(readings("t/ok", "t/no", "t/ok", "t/no"))
+        rows = outbox.pending()
+        refused = [(r.id, "Not authorized") for r in rows if r.topic == "t/no"]
+        assert outbox.park(refused) == 2
+        assert outbox.park(refused) == 0  # already parked: nothing moves twice
+        assert [r.topic for r in outbox.pending()] == ["t/ok", "t/ok"]
+        assert outbox.depth == 2
+        summary = outbox.summary()
+        assert (summary.depth, summary.parked, summary.dropped_parked) == (2, 2, 0)
+        [topic] = outbox.parked_topics()
+        assert (topic.topic, topic.count, topic.reason) == ("t/no", 2, "Not authorized")
+        outbox.remove([r.id for r in outbox.pending()])
+        outbox.append(readings("t/no", "t/no", "t/no"))  # three more refused: the cap drops one
+        outbox.park([(r.id, "Topic Name invalid") for r in outbox.pending()])
+        summary = outbox.summary()
+        assert (summary.parked, summary.dropped_parked) == (4, 1)
+        assert outbox.parked_topics()[0].reason == "Topic Name invalid"  # the newest reason
+    with Outbox(path, max_messages=4) as outbox:  # a restart: parked rows go again
+        assert outbox.requeued == 4
+        again = outbox.pending()
+        assert [(r.topic, r.seq) for r in again] == [("t/no", n) for n in (1, 2, 3, 4)]
+        assert [r.id for r in again] == [rows[3].id + n for n in range(4)]  # the old ids
+        assert outbox.summary().parked == 0
+        assert outbox.next_seqs() == {"t/ok": 2, "t/no": 5}  # no seq reused or skipped
+
+
+def test_a_version_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_messages=10) as outbox:
+        outbox.append(readings("t/a"))
+    with sqlite3.connect(path) as db:  # what a bridge before the parked table left behind
+        db.execute("DROP TABLE parked")
+        db.execute("PRAGMA user_version = 1")
+    assert read_parked_topics(path) == []
+    summary = read_outbox_summary(path)
+    assert summary is not None
+    assert (summary.depth, summary.parked) == (1, 0)
+    with Outbox(path, max_messages=10) as outbox:
+        assert [r.seq for r in outbox.pending()] == [0]
+        assert outbox.parked_topics() == []
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+async def test_a_full_disk_is_waited_out_and_the_batch_stored(tmp_path: Path) -> None:
+    fast = Backoff(initial_s=0.02, factor=2.0, max_s=0.1)
+    async with await AsyncOutbox.open(
+        tmp_path / "o.db", max_messages=100_000, policy="drop_oldest", backoff=fast
+    ) as outbox:
+        await outbox.append(readings("t/a"))
+        db = outbox.outbox._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk is full"
+        big = [Reading(topic="t/a", ts=1.0, value=float(i)) for i in range(5_000)]
+        storing = asyncio.create_task(outbox.append(big))
+        await asyncio.sleep(0.5)
+        assert not storing.done()  # waiting, not failed
+        assert outbox.health.failing
+        assert "full" in outbox.health.last_error
+        assert (await outbox.summary()).depth == 1  # the status still reads
+        db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        result = await asyncio.wait_for(storing, 10)
+        assert result.stored == 5_000
+        assert not outbox.health.failing
+        assert outbox.health.failures >= 2
+        assert outbox.depth == 5_001
+
+
+def test_only_failures_that_can_pass_are_transient(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_messages=10) as outbox:
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        outbox._db.execute("PRAGMA busy_timeout = 50")
+        try:
+            with pytest.raises(OutboxError, match="locked") as locked:
+                outbox.append(readings("t/a"))
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert locked.value.transient
+        outbox._db.execute("DROP TABLE streams")  # a damaged schema: retrying cannot help
+        with pytest.raises(OutboxError, match="no such table") as broken:
+            outbox.append(readings("t/a"))
+        assert not broken.value.transient
 
 
 WRITER = """

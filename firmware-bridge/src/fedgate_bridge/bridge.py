@@ -27,7 +27,8 @@ from fedgate_common.tasks import cancel_until_done
 
 from fedgate_bridge import __version__
 from fedgate_bridge.config import BridgeConfig, client_id_of, read_password
-from fedgate_bridge.counters import PublisherCounters, SourceCounters
+from fedgate_bridge.counters import OutboxHealth, PublisherCounters, SourceCounters
+from fedgate_bridge.errors import OutboxError
 from fedgate_bridge.modbus_source import ModbusPoller
 from fedgate_bridge.opcua_source import OpcuaReader
 from fedgate_bridge.outbox import AsyncOutbox, OutboxSummary
@@ -50,6 +51,7 @@ class BridgeStatus(msgspec.Struct, kw_only=True):
     started_at: float  # Unix seconds
     updated_at: float
     outbox: OutboxSummary
+    outbox_health: OutboxHealth = msgspec.field(default_factory=OutboxHealth)
     publisher: PublisherCounters
     sources: list[SourceCounters]
 
@@ -91,6 +93,7 @@ class Bridge:
         self._status_interval_s = status_interval_s
         self._flush_timeout_s = flush_timeout_s
         self.publisher_counters = PublisherCounters()
+        self.outbox_health = OutboxHealth()
         self.source_counters = [
             SourceCounters(name=source.name, kind="modbus") for source in config.modbus
         ] + [SourceCounters(name=source.name, kind="opcua") for source in config.opcua]
@@ -139,6 +142,7 @@ class Bridge:
             started_at=self.started_at,
             updated_at=time.time(),
             outbox=outbox,
+            outbox_health=self.outbox_health,
             publisher=self.publisher_counters,
             sources=self.source_counters,
         )
@@ -147,9 +151,26 @@ class Bridge:
         while True:
             try:
                 write_status(self.config.status_path, await self.status())
-            except OSError as exc:
+            except (OSError, OutboxError) as exc:
                 log_event(log, logging.WARNING, "cannot write status file", error=str(exc))
             await asyncio.sleep(self._status_interval_s)
+
+    async def _flush_sources(self, sources: list[Source]) -> None:
+        """Store what OPC-UA readers still queue, giving up after ``flush_timeout_s`` (an
+        outbox that cannot be written must not hold the stop up; the loss is logged)."""
+        for source in sources:
+            if not isinstance(source, OpcuaReader):
+                continue
+            try:
+                await asyncio.wait_for(source.flush(), self._flush_timeout_s)
+            except TimeoutError:
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "readings not stored at stop: the outbox cannot be written",
+                    source=source.config.name,
+                    lost=source.queued,
+                )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Bridge until ``stop`` is set, then flush and return (see the module docstring).
@@ -163,6 +184,7 @@ class Bridge:
             config.outbox_path,
             max_messages=config.outbox.max_messages,
             policy=config.outbox.policy,
+            health=self.outbox_health,
         )
         self._outbox = outbox
         async with outbox:
@@ -193,9 +215,7 @@ class Bridge:
                 self.running.set()
                 await stop.wait()
                 await cancel_until_done(reading)
-                for source in sources:
-                    if isinstance(source, OpcuaReader):
-                        await source.flush()
+                await self._flush_sources(sources)
                 flushed = await publisher.drain(self._flush_timeout_s)
                 await cancel_until_done([publishing, reporting])
             final = await self.status(state="stopped")

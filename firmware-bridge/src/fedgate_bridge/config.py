@@ -66,6 +66,8 @@ OPCUA_MODES: Final = ("subscribe", "poll")
 PORT_RANGE: Final = (1, 65535)
 KEEPALIVE_RANGE: Final = (5, 65535)
 INFLIGHT_RANGE: Final = (1, 65535)
+ACK_TIMEOUT_RANGE: Final = (1, 3600)
+MQTT_PROTOCOLS: Final = ("5", "3.1.1")
 OUTBOX_RANGE: Final = (1, 100_000_000)
 DEVICE_ID_RANGE: Final = (0, 255)
 ADDRESS_RANGE: Final = (0, 65535)
@@ -91,6 +93,8 @@ class BrokerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tls_key_file: str = ""
     keepalive_s: int = 30
     max_inflight: int = 100  # QoS 1 messages awaiting PUBACK
+    ack_timeout_s: int = 30  # a PUBACK later than this: reconnect and send again
+    protocol: str = "5"  # MQTT version: "5" (the broker says why it refuses) | "3.1.1"
 
 
 class OutboxSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -220,6 +224,10 @@ _ALLOWED: Final[dict[str, str]] = {
     "broker.tls_key_file": 'the client certificate\'s key file, or ""',
     "broker.keepalive_s": f"an integer {KEEPALIVE_RANGE[0]}..{KEEPALIVE_RANGE[1]} (seconds)",
     "broker.max_inflight": f"an integer {INFLIGHT_RANGE[0]}..{INFLIGHT_RANGE[1]}",
+    "broker.ack_timeout_s": (
+        f"an integer {ACK_TIMEOUT_RANGE[0]}..{ACK_TIMEOUT_RANGE[1]} (seconds)"
+    ),
+    "broker.protocol": " or ".join(repr(p) for p in MQTT_PROTOCOLS),
     "outbox.max_messages": f"an integer {OUTBOX_RANGE[0]}..{OUTBOX_RANGE[1]}",
     "outbox.policy": " | ".join(OUTBOX_POLICIES),
     "modbus.name": _NAME_TEXT + ", unique over all sources",
@@ -568,6 +576,9 @@ def validate_config(config: BridgeConfig) -> list[str]:
     problems.extend(tls_problems(broker))
     problems.append(_int_range("broker.keepalive_s", broker.keepalive_s, KEEPALIVE_RANGE))
     problems.append(_int_range("broker.max_inflight", broker.max_inflight, INFLIGHT_RANGE))
+    problems.append(_int_range("broker.ack_timeout_s", broker.ack_timeout_s, ACK_TIMEOUT_RANGE))
+    if broker.protocol not in MQTT_PROTOCOLS:
+        problems.append(_bad("broker.protocol", broker.protocol))
     problems.append(_int_range("outbox.max_messages", config.outbox.max_messages, OUTBOX_RANGE))
     if config.outbox.policy not in OUTBOX_POLICIES:
         problems.append(_bad("outbox.policy", config.outbox.policy))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import msgspec
 from fedgate_common.logs import log_event
 
-__all__ = ["FailureLog", "PublisherCounters", "SourceCounters"]
+__all__ = ["FailureLog", "OutboxHealth", "PublisherCounters", "SourceCounters"]
 
 
 class SourceCounters(msgspec.Struct, kw_only=True):
@@ -45,10 +45,23 @@ class PublisherCounters(msgspec.Struct, kw_only=True):
     disconnects: int = 0  # established connections that were lost
     sent: int = 0  # PUBLISH packets handed to the connection, resends included
     resent: int = 0  # of those, rows already sent on an earlier connection
-    acked: int = 0  # PUBACKs received; each deleted its outbox row
+    acked: int = 0  # successful PUBACKs; each deleted its outbox row
+    refused: int = 0  # PUBACKs with an MQTT 5 failure reason code
+    parked: int = 0  # of those, refused for good (not authorized, ...): parked in the outbox
     inflight: int = 0  # sent and awaiting PUBACK
+    last_refusal: str = ""  # "<topic>: <reason>"
+    last_refusal_at: float | None = None
     last_error: str = ""
     last_error_at: float | None = None
+
+
+class OutboxHealth(msgspec.Struct, kw_only=True):
+    """Write failures of the outbox that the bridge waited out (mutable)."""
+
+    failing: bool = False  # the last call failed; sources and publisher are waiting
+    failures: int = 0  # failed calls, each retried (locked, disk full, I/O error)
+    last_error: str = ""
+    last_error_at: float | None = None  # Unix seconds
 
 
 class FailureLog:

@@ -54,7 +54,15 @@ class SourceUnavailable(BridgeError):
 
 
 class OutboxError(BridgeError):
-    """The on-disk outbox cannot be opened or written."""
+    """The on-disk outbox cannot be opened or written.
+
+    ``transient`` is True for failures that can pass (locked by another process, disk
+    full, I/O error): a running bridge retries those instead of stopping.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class SimulatorError(BridgeError):

@@ -111,6 +111,7 @@ class OpcuaReader:
         self._ever_connected = False
         self._attempt = 0
         self._queue: asyncio.Queue[Reading] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._flushing = 0  # readings taken from the queue by flush() and not yet stored
 
     # ------------------------------------------------------------------ values
 
@@ -354,4 +355,11 @@ class OpcuaReader:
         while not self._queue.empty():
             batch.append(self._queue.get_nowait())
         if batch:
+            self._flushing = len(batch)
             await self._store(batch)
+            self._flushing = 0
+
+    @property
+    def queued(self) -> int:
+        """Readings received and not yet stored in the outbox."""
+        return self._queue.qsize() + self._flushing

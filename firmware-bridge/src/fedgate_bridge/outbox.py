@@ -5,7 +5,12 @@ One SQLite file (``<state_dir>/outbox.db``) in WAL mode with ``synchronous=FULL`
 * ``messages``: readings waiting for their PUBACK, oldest first (``id`` grows forever,
   ``AUTOINCREMENT`` never reuses one), ``UNIQUE(topic, seq)``;
 * ``streams``: the next sequence number of each topic;
-* ``counters``: what the size cap dropped or rejected, kept across restarts.
+* ``counters``: what the size cap dropped or rejected, kept across restarts;
+* ``parked``: readings the broker refused for good (MQTT 5 PUBACK "not authorized",
+  "topic name invalid", "payload format invalid"), kept with the broker's reason instead of
+  being deleted. Every start moves them back into ``messages`` under their old ids, so once
+  the broker's ACL is fixed a restart sends them, oldest first. At most ``max_messages``
+  are kept; beyond that the oldest parked rows go (counted in ``dropped_parked``).
 
 A batch of readings and the sequence numbers it consumes are written in ONE transaction, so
 after a crash (kill -9, power cut) either both are on disk or neither is: a sequence number
@@ -16,6 +21,10 @@ The size cap applies a policy when full: ``drop_oldest`` deletes the oldest rows
 numbers leave a visible gap, counted in ``dropped_oldest``), ``reject_new`` refuses the new
 readings before they get a number (counted in ``rejected_new``).
 
+Write failures that pass (the file locked by another process for longer than the busy
+timeout, a full disk, an I/O error) raise :class:`OutboxError` with ``transient=True``;
+:class:`AsyncOutbox` retries those with backoff, so the bridge waits instead of exiting.
+
 :class:`Outbox` is synchronous; :class:`AsyncOutbox` runs it on one dedicated thread so
 that fsyncs never stall the event loop and every SQLite call comes from the same thread.
 """
@@ -24,16 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
+from fedgate_common.backoff import Backoff
 
+from fedgate_bridge.counters import FailureLog, OutboxHealth
 from fedgate_bridge.errors import OutboxError
 
 __all__ = [
@@ -42,13 +56,15 @@ __all__ = [
     "Outbox",
     "OutboxMessage",
     "OutboxSummary",
+    "ParkedTopic",
     "Reading",
     "encode_payload",
     "read_outbox_summary",
+    "read_parked_topics",
 ]
 
 POLICIES: Final = ("drop_oldest", "reject_new")
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2  # 2 added ``parked``; a version 1 file is upgraded in place
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS messages (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -58,8 +74,28 @@ _SCHEMA: Final = (
         UNIQUE (topic, seq))""",
     "CREATE TABLE IF NOT EXISTS streams (topic TEXT PRIMARY KEY, next_seq INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS parked (
+        id INTEGER PRIMARY KEY,
+        topic TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        parked_at REAL NOT NULL)""",
+)
+# SQLite result codes (the low byte of an extended code) of failures that can pass: another
+# process holds the lock, the disk is full, an I/O error, the file turned read-only.
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+    }
 )
 _T = TypeVar("_T")
+log = logging.getLogger("fedgate.bridge.outbox")
 
 
 class Reading(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,6 +132,17 @@ class OutboxSummary(msgspec.Struct, frozen=True, kw_only=True):
     streams: int
     dropped_oldest: int
     rejected_new: int
+    parked: int = 0  # refused by the broker for good; sent again after a restart
+    dropped_parked: int = 0  # parked rows deleted by the cap
+
+
+class ParkedTopic(msgspec.Struct, frozen=True, kw_only=True):
+    """Parked readings of one topic (``fedgate-bridge status`` lists them)."""
+
+    topic: str
+    count: int
+    reason: str  # the broker's reason for the newest of them
+    last_parked_at: float  # Unix seconds
 
 
 class _Payload(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -164,7 +211,7 @@ class Outbox:
                 "topic_prefix (sequence numbers restart at 0)"
             )
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, _SCHEMA_VERSION):
+        if version not in (0, 1, _SCHEMA_VERSION):
             raise OutboxError(
                 f"outbox {self.path} has schema version {version}; this bridge knows "
                 f"{_SCHEMA_VERSION}"
@@ -174,6 +221,7 @@ class Outbox:
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self.requeued = _requeue_parked(db)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -216,7 +264,9 @@ class Outbox:
                         db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self.path} write failed: {exc}") from None
+                raise OutboxError(
+                    f"outbox {self.path} write failed: {exc}", transient=_is_transient(exc)
+                ) from None
             finally:
                 if not durable:
                     db.execute("PRAGMA synchronous = FULL")
@@ -267,13 +317,8 @@ class Outbox:
                 "ON CONFLICT (topic) DO UPDATE SET next_seq = excluded.next_seq",
                 list(next_seq.items()),
             )
-            for name, amount in (("dropped_oldest", dropped), ("rejected_new", rejected)):
-                if amount:
-                    db.execute(
-                        "INSERT INTO counters (name, value) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                        (name, amount),
-                    )
+            _add_counter(db, "dropped_oldest", dropped)
+            _add_counter(db, "rejected_new", rejected)
             self._depth = depth - deleted + len(batch)
             return AppendResult(stored=len(batch), dropped_oldest=dropped, rejected_new=rejected)
 
@@ -288,7 +333,9 @@ class Outbox:
                     (after_id, limit),
                 ).fetchall()
             except sqlite3.Error as exc:
-                raise OutboxError(f"outbox {self.path} read failed: {exc}") from None
+                raise OutboxError(
+                    f"outbox {self.path} read failed: {exc}", transient=_is_transient(exc)
+                ) from None
         return [OutboxMessage(int(r[0]), str(r[1]), int(r[2]), bytes(r[3])) for r in rows]
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -310,6 +357,42 @@ class Outbox:
 
         return self._write(work, durable=False)
 
+    def park(self, refused: Sequence[tuple[int, str]]) -> int:
+        """Move rows the broker refused for good (``(id, reason)``) to ``parked``.
+
+        Durable: a parked row must not come back as pending after a power cut only to be
+        refused again, nor be lost. Ids already gone are ignored. Returns the rows moved.
+        """
+        if not refused:
+            return 0
+        now = time.time()
+
+        def work(db: sqlite3.Connection) -> int:
+            moved = 0
+            for row_id, reason in refused:
+                moved += db.execute(
+                    "INSERT INTO parked (id, topic, seq, payload, reason, parked_at) "
+                    "SELECT id, topic, seq, payload, ?, ? FROM messages WHERE id = ?",
+                    (reason, now, int(row_id)),
+                ).rowcount
+                db.execute("DELETE FROM messages WHERE id = ?", (int(row_id),))
+            over = int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0]) - self.max_messages
+            if over > 0:
+                db.execute(
+                    "DELETE FROM parked WHERE id IN (SELECT id FROM parked ORDER BY id LIMIT ?)",
+                    (over,),
+                )
+                _add_counter(db, "dropped_parked", over)
+            self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            return moved
+
+        return self._write(work)
+
+    def parked_topics(self) -> list[ParkedTopic]:
+        """Parked readings grouped by topic, the most recently parked first."""
+        with self._lock:
+            return _parked_topics(self._db)
+
     def next_seqs(self) -> dict[str, int]:
         """The next sequence number of every stream seen so far."""
         with self._lock:
@@ -321,16 +404,67 @@ class Outbox:
             return _summary(self._db)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _is_transient(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # no code: judge by the message SQLite gave
+        return "locked" in str(exc) or "disk" in str(exc)
+    return (int(code) & 0xFF) in _TRANSIENT_CODES
+
+
+def _add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
+    if amount:
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )
+
+
+def _requeue_parked(db: sqlite3.Connection) -> int:
+    """Move every parked row back into ``messages`` under its old id (inside a transaction)."""
+    moved = db.execute(
+        "INSERT OR IGNORE INTO messages (id, topic, seq, payload) "
+        "SELECT id, topic, seq, payload FROM parked ORDER BY id"
+    ).rowcount
+    db.execute("DELETE FROM parked")
+    return int(moved)
+
+
+def _parked_topics(db: sqlite3.Connection) -> list[ParkedTopic]:
+    if db.execute(_HAS_PARKED_TABLE).fetchone() is None:
+        return []  # a version 1 file that no bridge has opened since the upgrade
+    rows = db.execute(
+        "SELECT topic, COUNT(*), MAX(parked_at), "
+        "(SELECT reason FROM parked AS p WHERE p.topic = parked.topic "
+        " ORDER BY parked_at DESC, id DESC LIMIT 1) "
+        "FROM parked GROUP BY topic ORDER BY MAX(parked_at) DESC, topic"
+    ).fetchall()
+    return [
+        ParkedTopic(topic=str(t), count=int(n), reason=str(r), last_parked_at=float(at))
+        for t, n, at, r in rows
+    ]
+
+
 def _summary(db: sqlite3.Connection) -> OutboxSummary:
     depth, oldest = db.execute("SELECT COUNT(*), MIN(id) FROM messages").fetchone()
     streams = db.execute("SELECT COUNT(*) FROM streams").fetchone()[0]
     counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+    parked = 0
+    if db.execute(_HAS_PARKED_TABLE).fetchone() is not None:
+        parked = int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0])
     return OutboxSummary(
         depth=int(depth),
         oldest_id=None if oldest is None else int(oldest),
         streams=int(streams),
         dropped_oldest=int(counters.get("dropped_oldest", 0)),
         rejected_new=int(counters.get("rejected_new", 0)),
+        parked=parked,
+        dropped_parked=int(counters.get("dropped_parked", 0)),
     )
 
 
@@ -353,22 +487,59 @@ def read_outbox_summary(path: Path) -> OutboxSummary | None:
         raise OutboxError(f"outbox {path} cannot be read: {exc}") from None
 
 
+def read_parked_topics(path: Path) -> list[ParkedTopic]:
+    """The outbox's parked readings by topic, read-only; [] if there is no outbox."""
+    if not path.exists():
+        return []
+    try:
+        db = _connect(path, read_only=True)
+        try:
+            return _parked_topics(db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox {path} cannot be read: {exc}") from None
+
+
 _HAS_MESSAGES_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+_HAS_PARKED_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'parked'"
 
 
 class AsyncOutbox:
     """An :class:`Outbox` used from asyncio: every call runs on one dedicated thread.
 
     ``async with AsyncOutbox.open(...) as outbox:`` opens the file on that thread and
-    closes it (and the thread) on exit.
+    closes it (and the thread) on exit. A call that fails transiently (see the module
+    docstring) is retried with backoff until it succeeds; each failure is counted in
+    :attr:`health` and logged rate-limited. The caller simply waits: a source stops polling
+    and the publisher stops sending until the outbox can be written again.
     """
 
-    def __init__(self, outbox: Outbox, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        executor: ThreadPoolExecutor,
+        *,
+        backoff: Backoff | None = None,
+        health: OutboxHealth | None = None,
+    ) -> None:
         self.outbox = outbox
         self._executor = executor
+        self._backoff = backoff or Backoff(initial_s=0.5, max_s=30.0)
+        self.health = OutboxHealth() if health is None else health
+        self._failures = FailureLog(log, what="outbox", path=str(outbox.path))
+        self._last_summary: OutboxSummary | None = None
 
     @classmethod
-    async def open(cls, path: Path, *, max_messages: int, policy: str) -> AsyncOutbox:
+    async def open(
+        cls,
+        path: Path,
+        *,
+        max_messages: int,
+        policy: str,
+        backoff: Backoff | None = None,
+        health: OutboxHealth | None = None,
+    ) -> AsyncOutbox:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgate-outbox")
         loop = asyncio.get_running_loop()
         try:
@@ -378,7 +549,7 @@ class AsyncOutbox:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(outbox, executor)
+        return cls(outbox, executor, backoff=backoff, health=health)
 
     async def __aenter__(self) -> AsyncOutbox:
         return self
@@ -391,11 +562,39 @@ class AsyncOutbox:
         await loop.run_in_executor(self._executor, self.outbox.close)
         self._executor.shutdown(wait=True)
 
-    async def _call(self, work: Callable[[], _T]) -> _T:
+    async def _once(self, work: Callable[[], _T]) -> _T:
         # Shielded: a cancelled caller must not leave a transaction half-observed; the
         # thread finishes the call either way and the result is simply dropped.
         future = asyncio.get_running_loop().run_in_executor(self._executor, work)
+        future.add_done_callback(_retrieve)  # an abandoned call's error is not "unretrieved"
         return await asyncio.shield(future)
+
+    async def _call(self, work: Callable[[], _T], *, writes: bool = True) -> _T:
+        """Run ``work``, retrying transient failures; only a write that succeeds ends a
+        failing streak (in WAL mode reads go on working while writes are locked out)."""
+        attempt = 0
+        while True:
+            try:
+                result = await self._once(work)
+            except OutboxError as exc:
+                if not exc.transient:
+                    raise
+                self._failed(str(exc))
+                await asyncio.sleep(self._backoff.delay(attempt, random.random()))
+                attempt += 1
+                continue
+            if writes and self.health.failing:
+                self.health.failing = False
+                self._failures.success()
+            return result
+
+    def _failed(self, error: str) -> None:
+        health = self.health
+        health.failing = True
+        health.failures += 1
+        health.last_error = error
+        health.last_error_at = time.time()
+        self._failures.failure(error)
 
     @property
     def depth(self) -> int:
@@ -405,10 +604,24 @@ class AsyncOutbox:
         return await self._call(lambda: self.outbox.append(readings))
 
     async def pending(self, *, after_id: int = 0, limit: int = 100) -> list[OutboxMessage]:
-        return await self._call(lambda: self.outbox.pending(after_id=after_id, limit=limit))
+        return await self._call(
+            lambda: self.outbox.pending(after_id=after_id, limit=limit), writes=False
+        )
 
     async def remove(self, ids: Sequence[int]) -> int:
         return await self._call(lambda: self.outbox.remove(ids))
 
+    async def park(self, refused: Sequence[tuple[int, str]]) -> int:
+        return await self._call(lambda: self.outbox.park(refused))
+
     async def summary(self) -> OutboxSummary:
-        return await self._call(self.outbox.summary)
+        """The current summary; while the outbox fails, the last one read (not retried:
+        ``status.json`` must go on being written)."""
+        try:
+            summary = await self._once(self.outbox.summary)
+        except (OutboxError, sqlite3.Error) as exc:
+            if self._last_summary is None:
+                raise OutboxError(f"outbox {self.outbox.path} cannot be read: {exc}") from None
+            return self._last_summary
+        self._last_summary = summary
+        return summary

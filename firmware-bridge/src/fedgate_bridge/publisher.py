@@ -4,7 +4,24 @@ Each connection is a fresh paho-mqtt client with a clean session: the outbox, no
 client library, is the record of what still has to be delivered. After every (re)connect
 the publisher starts again at the oldest row, so a message whose PUBACK was lost with the
 connection is sent again; the agent deduplicates on (topic, seq). At most
-``broker.max_inflight`` messages await their PUBACK at any time.
+``broker.max_inflight`` messages await their PUBACK at any time; one that waits longer
+than ``broker.ack_timeout_s`` ends the connection, and everything unacknowledged goes again.
+
+With MQTT 5 (the default) every PUBACK carries a reason code:
+
+* success (below 0x80, "no matching subscribers" included): the row is deleted;
+* a refusal that repeating cannot cure (:data:`PERMANENT_REFUSALS`: not authorized,
+  topic name invalid, payload format invalid): the row is *parked* in the outbox with the
+  broker's reason, counted and logged; the next start of the bridge sends it again;
+* any other refusal (quota exceeded, unspecified error, ...): the row stays, the
+  connection is closed and the publisher reconnects with backoff.
+
+With MQTT 3.1.1 a broker cannot refuse a publish: Mosquitto acknowledges one its ACL
+denies and drops it, so the row is deleted and the reading lost (docs/operations.md).
+
+Reconnects back off exponentially; the backoff starts again only after a connection stayed
+up for :data:`STABLE_AFTER_S`, so a broker that accepts each login and then drops the
+connection is not hammered.
 
 paho-mqtt runs on the asyncio loop through its external-loop hooks (``on_socket_open``,
 ``loop_read`` / ``loop_write`` / ``loop_misc``). Only the blocking TCP connect runs in a
@@ -21,8 +38,10 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Final
 
+import msgspec
 import paho.mqtt.client as mqtt
 from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
@@ -31,7 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedgate_bridge.config import BrokerSettings, tls_context
 from fedgate_bridge.counters import FailureLog, PublisherCounters
-from fedgate_bridge.outbox import AsyncOutbox
+from fedgate_bridge.outbox import AsyncOutbox, OutboxMessage
 
 __all__ = ["BrokerUnavailable", "MqttPublisher"]
 
@@ -39,6 +58,9 @@ log = logging.getLogger("fedgate.bridge.publisher")
 
 CONNECT_TIMEOUT_S: Final = 10.0
 MISC_INTERVAL_S: Final = 1.0  # paho keepalive bookkeeping
+STABLE_AFTER_S: Final = 10.0  # a connection this old resets the reconnect backoff
+# MQTT 5 PUBACK reason codes after which sending the same message again cannot succeed.
+PERMANENT_REFUSALS: Final = frozenset({0x87, 0x90, 0x99})
 
 
 class BrokerUnavailable(ConnectionError):
@@ -57,7 +79,7 @@ class _Session:
         settings: BrokerSettings,
         client_id: str,
         password: str | None,
-        on_ack: Callable[[int], None],
+        on_ack: Callable[[int, ReasonCode], None],
         wake: asyncio.Event,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -70,13 +92,22 @@ class _Session:
         self.lost_reason = ""
         self._closed = False
         self._misc: asyncio.Task[None] | None = None
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-            reconnect_on_failure=False,
-        )
+        self._v5 = settings.protocol == "5"
+        if self._v5:  # MQTT 5 has no clean_session; connect() asks for a clean start
+            client = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv5,
+                reconnect_on_failure=False,
+            )
+        else:
+            client = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=True,
+                protocol=mqtt.MQTTv311,
+                reconnect_on_failure=False,
+            )
         if settings.username:
             client.username_pw_set(settings.username, password)
         context = tls_context(settings)  # checked when the configuration was loaded
@@ -178,12 +209,17 @@ class _Session:
     def _on_disconnect(
         self, client: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _p: Any
     ) -> None:
+        # The broker's reason (MQTT 5 DISCONNECT, e.g. "Session taken over") says more
+        # than the socket closing, which paho reports first.
         self._mark_lost(f"disconnected: {reason}")
+        said_why = reason.is_failure and reason.value != 0x80  # 0x80: paho's "connection lost"
+        if said_why and self.lost_reason == "socket closed":
+            self.lost_reason = f"disconnected: {reason}"
 
     def _on_publish(
-        self, client: mqtt.Client, _u: Any, mid: int, _reason: ReasonCode, _p: Any
+        self, client: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any
     ) -> None:
-        self._on_ack(mid)
+        self._on_ack(mid, reason)
         self._wake.set()
 
     def _mark_lost(self, reason: str) -> None:
@@ -199,10 +235,11 @@ class _Session:
     async def open(self) -> None:
         """TCP connect (worker thread), CONNECT, wait for a successful CONNACK."""
         settings = self._settings
+        connect = self.client.connect
+        if self._v5:
+            connect = partial(connect, clean_start=True)
         try:
-            await asyncio.to_thread(
-                self.client.connect, settings.host, settings.port, settings.keepalive_s
-            )
+            await asyncio.to_thread(connect, settings.host, settings.port, settings.keepalive_s)
         except (OSError, ValueError) as exc:
             where = f"{settings.host}:{settings.port}"
             raise BrokerUnavailable(f"cannot connect to {where}: {exc}") from None
@@ -241,6 +278,14 @@ class _Session:
         self.lost.set()
 
 
+class _Sent(msgspec.Struct, frozen=True):
+    """One message awaiting its PUBACK."""
+
+    row: int  # outbox row id
+    topic: str
+    sent_at: float  # time.monotonic()
+
+
 class MqttPublisher:
     """Sends the outbox to the broker forever; see the module docstring."""
 
@@ -261,12 +306,15 @@ class MqttPublisher:
         self._password = password
         self._backoff = backoff or Backoff(initial_s=0.5, max_s=30.0)
         self._wake = asyncio.Event()
-        self._inflight: dict[int, int] = {}  # packet id → outbox row id
+        self._inflight: dict[int, _Sent] = {}  # packet id → what it carries, oldest first
         self._acked: list[int] = []  # row ids whose PUBACK arrived, not yet deleted
+        self._refused: list[tuple[int, str]] = []  # (row id, reason) refused for good
+        self._retry_reason = ""  # a refusal that a new connection may cure
         self._highest_sent = 0  # highest row id ever sent by this process
         self._failures = FailureLog(
             log, what="broker connection", host=settings.host, port=settings.port
         )
+        self._refusals = FailureLog(log, what="delivery", host=settings.host)
 
     def notify(self) -> None:
         """New rows are in the outbox."""
@@ -274,8 +322,10 @@ class MqttPublisher:
 
     @property
     def idle(self) -> bool:
-        """Nothing waits in the outbox and nothing awaits a PUBACK."""
-        return self.outbox.depth == 0 and not self._inflight and not self._acked
+        """Nothing waits in the outbox and nothing awaits a PUBACK or its outbox update."""
+        return (
+            self.outbox.depth == 0 and not self._inflight and not self._acked and not self._refused
+        )
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until :attr:`idle` (everything acknowledged), at most ``timeout_s``."""
@@ -286,16 +336,34 @@ class MqttPublisher:
             await asyncio.sleep(0.02)
         return True
 
-    def _ack(self, mid: int) -> None:
-        row = self._inflight.pop(mid, None)
-        if row is not None:
-            self._acked.append(row)
+    def _ack(self, mid: int, reason: ReasonCode) -> None:
+        sent = self._inflight.pop(mid, None)
+        if sent is None:
+            return
+        if not reason.is_failure:
+            self._acked.append(sent.row)
             self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
+            return
+        self.counters.refused += 1
+        if reason.value in PERMANENT_REFUSALS:
+            self._refused.append((sent.row, str(reason)))
+            self.counters.parked += 1
+            outcome = "parked in the outbox; sent again when the bridge restarts"
+        else:
+            self._retry_reason = f"broker refused a message on {sent.topic}: {reason}"
+            outcome = "kept in the outbox; reconnecting to send it again"
+        self.counters.last_refusal = f"{sent.topic}: {reason}"
+        self.counters.last_refusal_at = time.time()
+        self._refusals.failure(str(reason), topic=sent.topic, outcome=outcome)
 
-    async def _remove_acked(self) -> None:
+    async def _settle(self) -> None:
+        """Delete acknowledged rows and park refused ones in the outbox."""
         if self._acked:
             rows, self._acked = self._acked, []
             await self.outbox.remove(rows)
+        if self._refused:
+            refused, self._refused = self._refused, []
+            await self.outbox.park(refused)
         self.counters.inflight = len(self._inflight)
 
     async def run(self) -> None:
@@ -309,9 +377,10 @@ class MqttPublisher:
                 on_ack=self._ack,
                 wake=self._wake,
             )
+            connected_at: float | None = None
             try:
                 await session.open()
-                attempt = 0
+                connected_at = time.monotonic()
                 self._connected()
                 await self._pump(session)
             except BrokerUnavailable as exc:
@@ -320,7 +389,9 @@ class MqttPublisher:
                 was_connected = self.counters.connected
                 session.close()
                 self._lost_connection(was_connected)
-            await self._remove_acked()
+            await self._settle()
+            if connected_at is not None and time.monotonic() - connected_at >= STABLE_AFTER_S:
+                attempt = 0  # it worked for a while: this outage starts a fresh backoff
             await asyncio.sleep(self._backoff.delay(attempt, random.random()))
             attempt += 1
 
@@ -335,6 +406,7 @@ class MqttPublisher:
             host=self.settings.host,
             port=self.settings.port,
             client_id=self.client_id,
+            protocol=self.settings.protocol,
             outbox=self.outbox.depth,
         )
 
@@ -351,7 +423,22 @@ class MqttPublisher:
         self.counters.connected = False
         # Whatever awaited a PUBACK goes again on the next connection.
         self._inflight.clear()
+        self._retry_reason = ""
         self.counters.inflight = 0
+
+    def _check_inflight(self) -> None:
+        """End the connection when the broker refused a message for now, or when the
+        oldest message has waited longer than ``ack_timeout_s`` for its PUBACK."""
+        if self._retry_reason:
+            raise BrokerUnavailable(self._retry_reason)
+        if self._inflight:
+            oldest = next(iter(self._inflight.values()))
+            waited = time.monotonic() - oldest.sent_at
+            if waited > self.settings.ack_timeout_s:
+                raise BrokerUnavailable(
+                    f"no PUBACK within {self.settings.ack_timeout_s} s "
+                    f"({len(self._inflight)} messages unacknowledged)"
+                )
 
     async def _pump(self, session: _Session) -> None:
         """Publish oldest first, at most ``max_inflight`` unacknowledged, until lost."""
@@ -360,21 +447,25 @@ class MqttPublisher:
         limit = self.settings.max_inflight
         while not session.lost.is_set():
             self._wake.clear()
-            await self._remove_acked()
+            self._check_inflight()
+            await self._settle()
             room = limit - len(self._inflight)
             rows = await self.outbox.pending(after_id=cursor, limit=room) if room > 0 else []
             for row in rows:
                 if session.lost.is_set():
                     break
-                mid = session.publish(row.topic, row.payload)
-                self._inflight[mid] = row.id
+                self._send(session, row, resent=row.id <= sent_before)
                 cursor = row.id
-                self.counters.sent += 1
-                if row.id <= sent_before:
-                    self.counters.resent += 1
-                self._highest_sent = max(self._highest_sent, row.id)
             self.counters.inflight = len(self._inflight)
             if not rows or len(self._inflight) >= limit:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
         raise BrokerUnavailable(f"connection lost ({session.lost_reason})")
+
+    def _send(self, session: _Session, row: OutboxMessage, *, resent: bool) -> None:
+        mid = session.publish(row.topic, row.payload)
+        self._inflight[mid] = _Sent(row.id, row.topic, time.monotonic())
+        self.counters.sent += 1
+        if resent:
+            self.counters.resent += 1
+        self._highest_sent = max(self._highest_sent, row.id)

@@ -6,7 +6,8 @@ Exit codes (also in each command's ``--help``):
     1  unexpected failure (see the log)
     2  bad command line
     3  configuration missing or invalid (the message lists every problem)
-    4  the outbox in state_dir cannot be opened or written
+    4  the outbox in state_dir cannot be opened, is damaged, or has an unknown schema
+       (a locked outbox or a full disk is waited out, not an exit)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fedgate_bridge.config import (
     load_config,
 )
 from fedgate_bridge.errors import ConfigError, OutboxError
-from fedgate_bridge.outbox import read_outbox_summary
+from fedgate_bridge.outbox import read_outbox_summary, read_parked_topics
 from fedgate_bridge.registers import plan_reads
 
 __all__ = ["ExitCode", "check", "run", "status"]
@@ -266,6 +267,7 @@ def status(config_path: Path, as_json: bool) -> None:
     config = _load(config_path)
     try:
         outbox = read_outbox_summary(config.outbox_path)
+        parked = read_parked_topics(config.outbox_path)
     except OutboxError as exc:
         _fail(str(exc), ExitCode.OUTBOX)
     last = read_status(config.status_path)
@@ -276,6 +278,7 @@ def status(config_path: Path, as_json: bool) -> None:
                 "config": str(config_path),
                 "running": running,
                 "outbox": outbox,
+                "parked": parked,
                 "status": last,
             }
         )
@@ -289,7 +292,18 @@ def status(config_path: Path, as_json: bool) -> None:
     else:
         click.echo(
             f"outbox:   {outbox.depth} waiting, {outbox.dropped_oldest} dropped (oldest), "
-            f"{outbox.rejected_new} rejected (new)"
+            f"{outbox.rejected_new} rejected (new), {outbox.parked} parked"
+        )
+    if parked:
+        click.echo(
+            "parked:   readings the broker refused; they are sent again when the bridge "
+            "restarts (fix the broker's ACL first)"
+        )
+        click.echo(
+            format_table(
+                ["topic", "parked", "reason", "last parked"],
+                [[t.topic, t.count, t.reason, _clock(t.last_parked_at)] for t in parked],
+            )
         )
     if last is None:
         click.echo(f"no status file at {config.status_path}: the bridge has not run yet")
@@ -301,6 +315,18 @@ def status(config_path: Path, as_json: bool) -> None:
         f"{pub.disconnects} disconnects"
         + (f", last error: {pub.last_error}" if pub.last_error else "")
     )
+    if pub.refused:
+        click.echo(
+            f"refused:  {pub.refused} by the broker ({pub.parked} parked), last: "
+            f"{pub.last_refusal} at {_clock(pub.last_refusal_at)}"
+        )
+    health = last.outbox_health
+    if health.failures:
+        state = "FAILING, sources and publisher wait" if health.failing else "writable again"
+        click.echo(
+            f"outbox:   {state}; {health.failures} failed writes, last: {health.last_error} "
+            f"at {_clock(health.last_error_at)}"
+        )
     click.echo(
         format_table(
             ["source", "kind", "up", "reads", "readings", "errors", "last read", "last error"],

@@ -1,0 +1,248 @@
+"""Faults between the outbox and the broker that must lose no reading.
+
+* a publish the broker's ACL refuses (MQTT 5 PUBACK "Not authorized") is parked in the
+  outbox, not deleted, and sent after the ACL is fixed and the bridge restarted;
+* a broker that stops answering (SIGSTOP: the TCP connection stays up, no PUBACK comes)
+  ends the connection after ``ack_timeout_s``, and everything goes again;
+* two bridges sharing one client id (a cloned gateway) throw each other off the broker:
+  the reconnect backoff grows instead of starting over after each short connection;
+* an outbox locked by another process for longer than SQLite's busy timeout makes the
+  bridge wait, not exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+from fedgate_bridge.bridge import Bridge
+from fedgate_bridge.config import BrokerSettings, load_config
+from fedgate_bridge.counters import PublisherCounters
+from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summary
+from fedgate_bridge.publisher import MqttPublisher
+from fedgate_bridge.run_cli import status
+from fedgate_common.tasks import cancel_until_done
+
+from tests.bridge.bridge_support import (
+    FAST,
+    modbus_server,
+    registers_of,
+    sim_device,
+    subscriber,
+    wait_until,
+    write_bridge_config,
+)
+from tests.bridge.test_bridge_outages import assert_complete_and_unambiguous, source
+from tests.mosquitto_support import Mosquitto
+
+ALLOWED = "plant/test/plc-1/A"
+DENIED = "plant/test/plc-1/B"
+
+
+def acl_broker(directory: Path, acl: Path, rules: str) -> Mosquitto:
+    """A broker whose anonymous clients may write only what ``rules`` allow, read all."""
+    acl.write_text(rules + "topic read plant/#\n")
+    return Mosquitto(directory, extra=f"acl_file {acl}\n")  # keeps the subscriber's session
+
+
+def plc_bridge_config(tmp_path: Path, broker_port: int, modbus_port: int) -> Path:
+    """A bridge polling tags A and B of one Modbus device every 50 ms."""
+    return write_bridge_config(
+        tmp_path / "bridge.toml",
+        state_dir=tmp_path / "state",
+        broker_port=broker_port,
+        sources=source(modbus_port),
+    )
+
+
+async def run_bridge_until(bridge: Bridge, condition: object, what: str) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        await wait_until(condition, 20, what)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_readings_the_acl_refuses_are_parked_and_sent_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    acl = tmp_path / "bridge.acl"
+    broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
+    await asyncio.to_thread(broker.start)
+    device = sim_device(holding=registers_of([(7, "uint16", "big"), (1.5, "float32", "big")]))
+    try:
+        with subscriber(broker.port, "plant/#") as sub:
+            async with modbus_server(device) as server:
+                config_path = plc_bridge_config(tmp_path, broker.port, server.port)
+                config = load_config(config_path)
+                assert config.broker.protocol == "5"  # the default
+                first = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+                published = first.publisher_counters
+                await run_bridge_until(
+                    first,
+                    lambda: published.parked >= 10 and published.acked >= 10,
+                    "readings of B refused and parked, readings of A delivered",
+                )
+                parked = read_outbox_summary(config.outbox_path)
+                assert parked is not None
+                assert parked.parked == published.parked == published.refused
+                assert "Not authorized" in published.last_refusal
+                assert DENIED not in sub.by_topic()  # the broker dropped them, as it should
+
+                report = CliRunner().invoke(status, ["--config", str(config_path)])
+                assert report.exit_code == 0, report.output
+                assert f"{parked.parked} parked" in report.output
+                assert DENIED in report.output
+                assert "Not authorized" in report.output
+
+                # The operator fixes the ACL and restarts broker and bridge.
+                await asyncio.to_thread(broker.stop)
+                sub.connected.clear()
+                acl.write_text(f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n")
+                await asyncio.to_thread(broker.start)
+                assert await asyncio.to_thread(sub.connected.wait, 15), "subscriber is back"
+                second = Bridge(
+                    config, source_backoff=FAST, broker_backoff=FAST, flush_timeout_s=20.0
+                )
+                await run_bridge_until(
+                    second,
+                    lambda: second.publisher_counters.acked >= parked.parked + 10,
+                    "parked readings sent after the restart",
+                )
+            with Outbox(config.outbox_path, max_messages=10) as outbox:
+                summary = outbox.summary()
+                next_seqs = outbox.next_seqs()
+            assert summary.parked == 0
+            assert summary.depth == 0
+            await wait_until(
+                lambda: len({(t, p["seq"]) for t, p in sub.snapshot()}) >= sum(next_seqs.values()),
+                15,
+                "every reading delivered",
+            )
+            # Nothing lost: B's stream is complete from seq 0, the parked ones included.
+            assert_complete_and_unambiguous(sub.by_topic(), next_seqs)
+    finally:
+        broker.stop()
+    assert second.publisher_counters.refused == 0
+
+
+async def five_rows(outbox: AsyncOutbox, first: int) -> None:
+    await outbox.append([Reading(topic=ALLOWED, ts=1.0, value=float(first + i)) for i in range(5)])
+
+
+async def test_a_broker_that_stops_acknowledging_is_left_and_everything_sent_again(
+    tmp_path: Path,
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=False)
+    await asyncio.to_thread(broker.start)
+    assert broker.process is not None
+    settings = BrokerSettings(port=broker.port, keepalive_s=600, ack_timeout_s=1)
+    counters = PublisherCounters()
+    path = tmp_path / "outbox.db"
+    try:
+        with subscriber(broker.port, "plant/#") as sub:
+            async with await AsyncOutbox.open(path, max_messages=100, policy="drop_oldest") as ob:
+                publisher = MqttPublisher(
+                    settings=settings, client_id="stalled", outbox=ob, counters=counters
+                )
+                task = asyncio.create_task(publisher.run())
+                try:
+                    await five_rows(ob, 0)
+                    publisher.notify()
+                    await wait_until(lambda: counters.acked == 5, 15, "first five acknowledged")
+                    os.kill(broker.process.pid, signal.SIGSTOP)
+                    try:
+                        await five_rows(ob, 5)
+                        publisher.notify()
+                        await wait_until(
+                            lambda: "no PUBACK within 1 s" in counters.last_error,
+                            15,
+                            "the missing PUBACKs noticed",
+                        )
+                        assert not counters.connected
+                        assert counters.acked == 5
+                        assert ob.depth == 5  # unacknowledged rows stay
+                    finally:
+                        os.kill(broker.process.pid, signal.SIGCONT)
+                    await wait_until(lambda: publisher.idle, 30, "the rest acknowledged")
+                finally:
+                    await cancel_until_done([task])
+            await wait_until(lambda: len(sub.snapshot()) >= 10, 10, "ten messages received")
+            values = {p["value"] for _, p in sub.snapshot()}
+    finally:
+        broker.stop()
+    assert values == {float(i) for i in range(10)}
+    assert counters.acked >= 10
+    assert counters.disconnects >= 1
+
+
+async def test_two_bridges_with_one_client_id_back_off_instead_of_storming(
+    tmp_path: Path,
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=False)
+    await asyncio.to_thread(broker.start)
+    settings = BrokerSettings(port=broker.port)
+    counters = [PublisherCounters(), PublisherCounters()]
+    try:
+        async with (
+            await AsyncOutbox.open(tmp_path / "a.db", max_messages=10, policy="drop_oldest") as a,
+            await AsyncOutbox.open(tmp_path / "b.db", max_messages=10, policy="drop_oldest") as b,
+        ):
+            publishers = [
+                MqttPublisher(settings=settings, client_id="cloned", outbox=ob, counters=c)
+                for ob, c in zip((a, b), counters, strict=True)
+            ]  # the default backoff, as in production
+            tasks = [asyncio.create_task(p.run()) for p in publishers]
+            started = time.monotonic()
+            try:
+                await asyncio.sleep(6.0)
+            finally:
+                await cancel_until_done(tasks)
+            elapsed = time.monotonic() - started
+    finally:
+        broker.stop()
+    connects = sum(c.connects for c in counters)
+    # Each takes the other's session: every connection is short. Restarting the backoff at
+    # each CONNACK reconnected every 0.25-0.5 s (about 24 connects each in 6 s); growing
+    # it allows 0.25 + 0.5 + 1 + 2 s at the least between the first five.
+    assert 3 <= connects <= 12, (connects, elapsed)
+    assert all(c.disconnects >= 1 for c in counters), counters  # they did collide
+
+
+async def test_a_locked_outbox_is_waited_for_not_fatal(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=False)
+    await asyncio.to_thread(broker.start)
+    device = sim_device(holding=registers_of([(7, "uint16", "big"), (1.5, "float32", "big")]))
+    try:
+        async with modbus_server(device) as server:
+            config = load_config(plc_bridge_config(tmp_path, broker.port, server.port))
+            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST, flush_timeout_s=20)
+            [plc] = bridge.source_counters
+            stop = asyncio.Event()
+            task = asyncio.create_task(bridge.run(stop))
+            await wait_until(lambda: plc.readings >= 10, 15, "first readings stored")
+            # Another process (here: another connection) holds the write lock for longer
+            # than the bridge's 5 s busy timeout, as a backup tool or a stray sqlite3 might.
+            locker = sqlite3.connect(config.outbox_path, isolation_level=None, timeout=10)
+            locker.execute("BEGIN EXCLUSIVE")
+            health = bridge.outbox_health
+            await wait_until(lambda: health.failing, 20, "the lock noticed")
+            assert not task.done()  # the bridge waits instead of exiting 4
+            stored = plc.readings
+            locker.execute("COMMIT")
+            locker.close()
+            await wait_until(lambda: plc.readings >= stored + 10, 20, "storing again")
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    finally:
+        broker.stop()
+    assert health.failures >= 1
+    assert not health.failing
+    assert "locked" in health.last_error
