@@ -253,10 +253,12 @@ def _process_alive(pid: int) -> bool:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def status(config_path: Path, as_json: bool) -> None:
-    """Show outbox depth, per-source reads / errors and publish counters.
+    """Show outbox depth, parked readings, per-source reads / errors and publish counters.
 
     Reads state_dir/status.json (rewritten by a running bridge every 2 s) and the
-    outbox itself, so the depth is current even when the bridge is stopped.
+    outbox itself, so the depth is current even when the bridge is stopped. Readings the
+    broker refused (MQTT 5 "not authorized", ...) are listed per topic: fix the broker's
+    ACL, then restart the bridge to send them again.
 
     \b
     Example:
