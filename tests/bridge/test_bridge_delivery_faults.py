@@ -83,16 +83,22 @@ async def test_readings_the_acl_refuses_are_parked_and_sent_after_a_restart(
                 config_path = plc_bridge_config(tmp_path, broker.port, server.port)
                 config = load_config(config_path)
                 assert config.broker.protocol == "5"  # the default
-                first = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+                # The production backoff: with max_queued_messages 0 (as section 16.4 of
+                # operations.md asks) Mosquitto closes the connection after the refusal.
+                first = Bridge(config, source_backoff=FAST)
                 published = first.publisher_counters
                 await run_bridge_until(
                     first,
                     lambda: published.parked >= 10 and published.acked >= 10,
                     "readings of B refused and parked, readings of A delivered",
                 )
+                # One refusal per topic costs at most one reconnect, at once: B's later rows
+                # are parked without being sent, and A keeps flowing.
+                assert published.connects <= 2
+                assert published.refused <= 2
                 parked = read_outbox_summary(config.outbox_path)
                 assert parked is not None
-                assert parked.parked == published.parked == published.refused
+                assert parked.parked == published.parked
                 assert "Not authorized" in published.last_refusal
                 assert DENIED not in sub.by_topic()  # the broker dropped them, as it should
 
@@ -246,3 +252,124 @@ async def test_a_locked_outbox_is_waited_for_not_fatal(tmp_path: Path) -> None:
     assert health.failures >= 1
     assert not health.failing
     assert "locked" in health.last_error
+
+
+async def test_a_row_the_broker_will_never_take_is_parked_not_blocking_the_rest(
+    tmp_path: Path,
+) -> None:
+    # A payload above the broker's size limit: Mosquitto closes the connection, no PUBACK.
+    broker = Mosquitto(tmp_path / "broker", persistence=False, extra="message_size_limit 70\n")
+    await asyncio.to_thread(broker.start)
+    settings = BrokerSettings(port=broker.port)
+    counters = PublisherCounters()
+    try:
+        async with await AsyncOutbox.open(
+            tmp_path / "o.db", max_messages=100, policy="drop_oldest"
+        ) as outbox:
+            poison = Reading(topic=ALLOWED, ts=1.0, value=1.0, unit="x" * 80)
+            await outbox.append([poison])
+            await five_rows(outbox, 10)
+            publisher = MqttPublisher(
+                settings=settings,
+                client_id="poisoned",
+                outbox=outbox,
+                counters=counters,
+                backoff=FAST,
+            )
+            task = asyncio.create_task(publisher.run())
+            try:
+                await wait_until(lambda: publisher.idle, 30, "the rest delivered")
+            finally:
+                await cancel_until_done([task])
+            summary = await outbox.summary()
+            [parked] = outbox.outbox.parked_topics()
+    finally:
+        broker.stop()
+    assert counters.acked == 5
+    assert summary.parked == 1
+    assert "closed the connection each time it was sent (5 times)" in parked.reason
+    assert counters.connects == 6  # five lost with the row in front, one that delivered
+
+
+async def test_a_slow_link_that_keeps_acknowledging_is_not_cut_off(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=False)
+    await asyncio.to_thread(broker.start)
+    proxy = await SlowProxy.start(broker.port, bytes_per_s=20_000)
+    settings = BrokerSettings(port=proxy.port, max_inflight=2_000, ack_timeout_s=2)
+    counters = PublisherCounters()
+    try:
+        async with await AsyncOutbox.open(
+            tmp_path / "o.db", max_messages=10_000, policy="drop_oldest"
+        ) as outbox:
+            await outbox.append(
+                [Reading(topic=ALLOWED, ts=1.0, value=float(i)) for i in range(2_000)]
+            )
+            publisher = MqttPublisher(
+                settings=settings, client_id="slow", outbox=outbox, counters=counters
+            )
+            task = asyncio.create_task(publisher.run())
+            try:
+                await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
+            finally:
+                await cancel_until_done([task])
+    finally:
+        await proxy.close()
+        broker.stop()
+    # 2,000 messages at 20 kB/s take about 6 s: the last of the window waits three times
+    # ack_timeout_s for its PUBACK, yet PUBACKs never pause for that long.
+    assert proxy.elapsed_s > 2 * settings.ack_timeout_s
+    assert counters.connects == 1
+    assert counters.resent == 0
+    assert counters.acked == 2_000
+
+
+class SlowProxy:
+    """A loopback TCP proxy that passes client-to-broker bytes at a fixed rate."""
+
+    def __init__(self, server: asyncio.Server, broker_port: int, bytes_per_s: int) -> None:
+        self._server = server
+        self._broker_port = broker_port
+        self._rate = bytes_per_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._started = time.monotonic()
+        self.elapsed_s = 0.0
+
+    @classmethod
+    async def start(cls, broker_port: int, *, bytes_per_s: int) -> SlowProxy:
+        holder: list[SlowProxy] = []
+        server = await asyncio.start_server(lambda r, w: holder[0]._connect(r, w), "127.0.0.1", 0)
+        proxy = cls(server, broker_port, bytes_per_s)
+        holder.append(proxy)
+        return proxy
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._broker_port)
+        self._started = time.monotonic()
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer, slow=True)),
+            asyncio.create_task(self._pipe(up_reader, writer, slow=False)),
+        ):
+            self._tasks.add(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool
+    ) -> None:
+        try:
+            while chunk := await reader.read(1_000 if slow else 65_536):
+                writer.write(chunk)
+                await writer.drain()
+                if slow:
+                    await asyncio.sleep(len(chunk) / self._rate)
+                self.elapsed_s = time.monotonic() - self._started
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._server.close()
+        await self._server.wait_closed()

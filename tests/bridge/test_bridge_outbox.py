@@ -174,14 +174,16 @@ def test_parked_rows_wait_apart_and_return_under_their_ids_at_the_next_open(
         assert [r.topic for r in outbox.pending()] == ["t/ok", "t/ok"]
         assert outbox.depth == 2
         summary = outbox.summary()
-        assert (summary.depth, summary.parked, summary.dropped_parked) == (2, 2, 0)
+        assert (summary.depth, summary.parked) == (2, 2)
         [topic] = outbox.parked_topics()
         assert (topic.topic, topic.count, topic.reason) == ("t/no", 2, "Not authorized")
         outbox.remove([r.id for r in outbox.pending()])
-        outbox.append(readings("t/no", "t/no", "t/no"))  # three more refused: the cap drops one
+        # The cap counts parked rows too: 2 parked + 3 new is one over, the oldest goes.
+        result = outbox.append(readings("t/no", "t/no", "t/no"))
+        assert (result.stored, result.dropped_oldest) == (3, 1)
         outbox.park([(r.id, "Topic Name invalid") for r in outbox.pending()])
         summary = outbox.summary()
-        assert (summary.parked, summary.dropped_parked) == (4, 1)
+        assert (summary.depth, summary.parked, summary.dropped_oldest) == (0, 4, 1)
         assert outbox.parked_topics()[0].reason == "Topic Name invalid"  # the newest reason
     with Outbox(path, max_messages=4) as outbox:  # a restart: parked rows go again
         assert outbox.requeued == 4
@@ -190,6 +192,9 @@ def test_parked_rows_wait_apart_and_return_under_their_ids_at_the_next_open(
         assert [r.id for r in again] == [rows[3].id + n for n in range(4)]  # the old ids
         assert outbox.summary().parked == 0
         assert outbox.next_seqs() == {"t/ok": 2, "t/no": 5}  # no seq reused or skipped
+        # Back under the cap they came from: the next reading drops one, not four.
+        assert outbox.append(readings("t/ok")).dropped_oldest == 1
+        assert outbox.depth == 4
 
 
 def test_a_version_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:

@@ -9,15 +9,16 @@ One SQLite file (``<state_dir>/outbox.db``) in WAL mode with ``synchronous=FULL`
 * ``parked``: readings the broker refused for good (MQTT 5 PUBACK "not authorized",
   "topic name invalid", "payload format invalid"), kept with the broker's reason instead of
   being deleted. Every start moves them back into ``messages`` under their old ids, so once
-  the broker's ACL is fixed a restart sends them, oldest first. At most ``max_messages``
-  are kept; beyond that the oldest parked rows go (counted in ``dropped_parked``).
+  the broker's ACL is fixed a restart sends them, oldest first.
 
 A batch of readings and the sequence numbers it consumes are written in ONE transaction, so
 after a crash (kill -9, power cut) either both are on disk or neither is: a sequence number
 is never reused and never skipped by a reading that was produced. Rows leave the outbox
 only after the broker acknowledged them (:meth:`Outbox.remove`).
 
-The size cap applies a policy when full: ``drop_oldest`` deletes the oldest rows (their
+The size cap ``max_messages`` counts waiting and parked rows together, so moving parked
+rows back at a start never takes the outbox over its cap. When full, the policy decides:
+``drop_oldest`` deletes the oldest rows, waiting or parked (their
 numbers leave a visible gap, counted in ``dropped_oldest``), ``reject_new`` refuses the new
 readings before they get a number (counted in ``rejected_new``).
 
@@ -133,7 +134,6 @@ class OutboxSummary(msgspec.Struct, frozen=True, kw_only=True):
     dropped_oldest: int
     rejected_new: int
     parked: int = 0  # refused by the broker for good; sent again after a restart
-    dropped_parked: int = 0  # parked rows deleted by the cap
 
 
 class ParkedTopic(msgspec.Struct, frozen=True, kw_only=True):
@@ -282,9 +282,10 @@ class Outbox:
 
         def work(db: sqlite3.Connection) -> AppendResult:
             depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            held = depth + int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0])
             batch = list(readings)
-            dropped = rejected = deleted = 0
-            overflow = depth + len(batch) - self.max_messages
+            dropped = rejected = 0
+            overflow = held + len(batch) - self.max_messages
             if overflow > 0 and self.policy == "reject_new":
                 rejected = min(overflow, len(batch))
                 batch = batch[: len(batch) - rejected]
@@ -292,14 +293,9 @@ class Outbox:
                 if len(batch) > self.max_messages:  # keep the newest readings of a huge batch
                     dropped = len(batch) - self.max_messages
                     batch = batch[dropped:]
-                room_needed = depth + len(batch) - self.max_messages
+                room_needed = held + len(batch) - self.max_messages
                 if room_needed > 0:
-                    deleted = db.execute(
-                        "DELETE FROM messages WHERE id IN "
-                        "(SELECT id FROM messages ORDER BY id LIMIT ?)",
-                        (room_needed,),
-                    ).rowcount
-                    dropped += deleted
+                    dropped += _delete_oldest(db, room_needed)
             next_seq: dict[str, int] = {}
             rows: list[tuple[str, int, bytes]] = []
             for reading in batch:
@@ -319,7 +315,7 @@ class Outbox:
             )
             _add_counter(db, "dropped_oldest", dropped)
             _add_counter(db, "rejected_new", rejected)
-            self._depth = depth - deleted + len(batch)
+            self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
             return AppendResult(stored=len(batch), dropped_oldest=dropped, rejected_new=rejected)
 
         return self._write(work)
@@ -376,13 +372,6 @@ class Outbox:
                     (reason, now, int(row_id)),
                 ).rowcount
                 db.execute("DELETE FROM messages WHERE id = ?", (int(row_id),))
-            over = int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0]) - self.max_messages
-            if over > 0:
-                db.execute(
-                    "DELETE FROM parked WHERE id IN (SELECT id FROM parked ORDER BY id LIMIT ?)",
-                    (over,),
-                )
-                _add_counter(db, "dropped_parked", over)
             self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
             return moved
 
@@ -426,13 +415,31 @@ def _add_counter(db: sqlite3.Connection, name: str, amount: int) -> None:
 
 
 def _requeue_parked(db: sqlite3.Connection) -> int:
-    """Move every parked row back into ``messages`` under its old id (inside a transaction)."""
+    """Move every parked row back into ``messages`` under its old id (inside a transaction).
+
+    A conflict cannot happen (ids and (topic, seq) are unique over both tables); should one
+    appear, the INSERT fails and the outbox is not opened rather than a row deleted.
+    """
     moved = db.execute(
-        "INSERT OR IGNORE INTO messages (id, topic, seq, payload) "
+        "INSERT INTO messages (id, topic, seq, payload) "
         "SELECT id, topic, seq, payload FROM parked ORDER BY id"
     ).rowcount
     db.execute("DELETE FROM parked")
     return int(moved)
+
+
+def _delete_oldest(db: sqlite3.Connection, count: int) -> int:
+    """Delete the ``count`` oldest rows, waiting or parked alike; returns how many went."""
+    oldest = [
+        (int(row_id),)
+        for (row_id,) in db.execute(
+            "SELECT id FROM messages UNION ALL SELECT id FROM parked ORDER BY id LIMIT ?",
+            (count,),
+        )
+    ]
+    db.executemany("DELETE FROM messages WHERE id = ?", oldest)
+    db.executemany("DELETE FROM parked WHERE id = ?", oldest)
+    return len(oldest)
 
 
 def _parked_topics(db: sqlite3.Connection) -> list[ParkedTopic]:
@@ -464,7 +471,6 @@ def _summary(db: sqlite3.Connection) -> OutboxSummary:
         dropped_oldest=int(counters.get("dropped_oldest", 0)),
         rejected_new=int(counters.get("rejected_new", 0)),
         parked=parked,
-        dropped_parked=int(counters.get("dropped_parked", 0)),
     )
 
 

@@ -4,24 +4,33 @@ Each connection is a fresh paho-mqtt client with a clean session: the outbox, no
 client library, is the record of what still has to be delivered. After every (re)connect
 the publisher starts again at the oldest row, so a message whose PUBACK was lost with the
 connection is sent again; the agent deduplicates on (topic, seq). At most
-``broker.max_inflight`` messages await their PUBACK at any time; one that waits longer
-than ``broker.ack_timeout_s`` ends the connection, and everything unacknowledged goes again.
+``broker.max_inflight`` messages await their PUBACK at any time. When messages are in
+flight and no PUBACK at all arrives for ``broker.ack_timeout_s``, the connection is ended
+and everything unacknowledged goes again.
 
 With MQTT 5 (the default) every PUBACK carries a reason code:
 
 * success (below 0x80, "no matching subscribers" included): the row is deleted;
 * a refusal that repeating cannot cure (:data:`PERMANENT_REFUSALS`: not authorized,
   topic name invalid, payload format invalid): the row is *parked* in the outbox with the
-  broker's reason, counted and logged; the next start of the bridge sends it again;
+  broker's reason, counted and logged; the next start of the bridge sends it again. After
+  "not authorized" or "topic name invalid" the topic's later rows are parked without being
+  sent, for the life of the process: Mosquitto with ``max_queued_messages 0`` closes the
+  connection after each such refusal, and every denied reading would cost a reconnect;
 * any other refusal (quota exceeded, unspecified error, ...): the row stays, the
   connection is closed and the publisher reconnects with backoff.
 
 With MQTT 3.1.1 a broker cannot refuse a publish: Mosquitto acknowledges one its ACL
 denies and drops it, so the row is deleted and the reading lost (docs/operations.md).
 
+A row that was the oldest unacknowledged one each time the broker closed the connection
+before sending any PUBACK, :data:`POISON_AFTER` connections in a row, is parked too (a
+payload above the broker's size limit does that): one row must not stop every other.
+
 Reconnects back off exponentially; the backoff starts again only after a connection stayed
 up for :data:`STABLE_AFTER_S`, so a broker that accepts each login and then drops the
-connection is not hammered.
+connection is not hammered. A connection closed after a new topic's refusal reconnects at
+once: it is expected, and that topic is not sent again.
 
 paho-mqtt runs on the asyncio loop through its external-loop hooks (``on_socket_open``,
 ``loop_read`` / ``loop_write`` / ``loop_misc``). Only the blocking TCP connect runs in a
@@ -61,6 +70,12 @@ MISC_INTERVAL_S: Final = 1.0  # paho keepalive bookkeeping
 STABLE_AFTER_S: Final = 10.0  # a connection this old resets the reconnect backoff
 # MQTT 5 PUBACK reason codes after which sending the same message again cannot succeed.
 PERMANENT_REFUSALS: Final = frozenset({0x87, 0x90, 0x99})
+# Of those, the ones that hold for every message on the topic (ACL, topic name).
+TOPIC_REFUSALS: Final = frozenset({0x87, 0x90})
+# A row that was the oldest unacknowledged one each time the broker closed the connection
+# before any PUBACK, this many connections in a row, is parked (too large for the broker,
+# for example): one poisoned row must not stop every topic behind it.
+POISON_AFTER: Final = 5
 
 
 class BrokerUnavailable(ConnectionError):
@@ -283,7 +298,6 @@ class _Sent(msgspec.Struct, frozen=True):
 
     row: int  # outbox row id
     topic: str
-    sent_at: float  # time.monotonic()
 
 
 class MqttPublisher:
@@ -310,6 +324,11 @@ class MqttPublisher:
         self._acked: list[int] = []  # row ids whose PUBACK arrived, not yet deleted
         self._refused: list[tuple[int, str]] = []  # (row id, reason) refused for good
         self._retry_reason = ""  # a refusal that a new connection may cure
+        self._refused_topics: dict[str, str] = {}  # topic → the broker's reason, this process
+        self._new_refusal = False  # this connection brought a refusal for a new topic
+        self._acks_this_session = 0  # PUBACKs of any kind on the current connection
+        self._last_progress = 0.0  # monotonic: last PUBACK, or first send into an empty window
+        self._suspect: tuple[int, int] | None = None  # (row id, connections it ended)
         self._highest_sent = 0  # highest row id ever sent by this process
         self._failures = FailureLog(
             log, what="broker connection", host=settings.host, port=settings.port
@@ -340,21 +359,35 @@ class MqttPublisher:
         sent = self._inflight.pop(mid, None)
         if sent is None:
             return
+        self._acks_this_session += 1
+        self._last_progress = time.monotonic()
         if not reason.is_failure:
             self._acked.append(sent.row)
             self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
             return
         self.counters.refused += 1
         if reason.value in PERMANENT_REFUSALS:
-            self._refused.append((sent.row, str(reason)))
-            self.counters.parked += 1
-            outcome = "parked in the outbox; sent again when the bridge restarts"
+            if reason.value in TOPIC_REFUSALS and sent.topic not in self._refused_topics:
+                # Mosquitto may close the connection after such a refusal: the topic's
+                # other rows are parked without being sent, for the life of this process.
+                self._refused_topics[sent.topic] = str(reason)
+                self._new_refusal = True
+            self._park(sent.row, sent.topic, str(reason))
         else:
             self._retry_reason = f"broker refused a message on {sent.topic}: {reason}"
-            outcome = "kept in the outbox; reconnecting to send it again"
-        self.counters.last_refusal = f"{sent.topic}: {reason}"
+            self._note_refusal(
+                sent.topic, str(reason), "kept in the outbox; reconnecting to send it again"
+            )
+
+    def _park(self, row: int, topic: str, reason: str) -> None:
+        self._refused.append((row, reason))
+        self.counters.parked += 1
+        self._note_refusal(topic, reason, "parked in the outbox; sent again at the next start")
+
+    def _note_refusal(self, topic: str, reason: str, outcome: str) -> None:
+        self.counters.last_refusal = f"{topic}: {reason}"
         self.counters.last_refusal_at = time.time()
-        self._refusals.failure(str(reason), topic=sent.topic, outcome=outcome)
+        self._refusals.failure(reason, topic=topic, outcome=outcome)
 
     async def _settle(self) -> None:
         """Delete acknowledged rows and park refused ones in the outbox."""
@@ -378,6 +411,9 @@ class MqttPublisher:
                 wake=self._wake,
             )
             connected_at: float | None = None
+            self._new_refusal = False
+            self._acks_this_session = 0
+            head: _Sent | None = None
             try:
                 await session.open()
                 connected_at = time.monotonic()
@@ -387,11 +423,16 @@ class MqttPublisher:
                 self._failed(str(exc))
             finally:
                 was_connected = self.counters.connected
+                if session.lost_reason and self._inflight:  # the broker ended it
+                    head = next(iter(self._inflight.values()))
                 session.close()
                 self._lost_connection(was_connected)
+            self._watch_for_poison(head)
             await self._settle()
             if connected_at is not None and time.monotonic() - connected_at >= STABLE_AFTER_S:
                 attempt = 0  # it worked for a while: this outage starts a fresh backoff
+            if self._new_refusal:
+                attempt = 0  # an expected disconnect: that topic is not sent again
             await asyncio.sleep(self._backoff.delay(attempt, random.random()))
             attempt += 1
 
@@ -426,14 +467,27 @@ class MqttPublisher:
         self._retry_reason = ""
         self.counters.inflight = 0
 
+    def _watch_for_poison(self, head: _Sent | None) -> None:
+        """Park the oldest unacknowledged row once the broker has closed :data:`POISON_AFTER`
+        connections in a row, each without a single PUBACK, with that row oldest in flight."""
+        if head is None or self._acks_this_session:
+            self._suspect = None
+            return
+        ended = 1 if self._suspect is None or self._suspect[0] != head.row else self._suspect[1] + 1
+        self._suspect = (head.row, ended)
+        if ended >= POISON_AFTER:
+            self._suspect = None
+            reason = f"the broker closed the connection each time it was sent ({ended} times)"
+            self._park(head.row, head.topic, reason)
+
     def _check_inflight(self) -> None:
-        """End the connection when the broker refused a message for now, or when the
-        oldest message has waited longer than ``ack_timeout_s`` for its PUBACK."""
+        """End the connection when the broker refused a message for now, or when messages
+        are in flight and no PUBACK at all came for ``ack_timeout_s`` (a slow link that
+        acknowledges steadily is not cut off however deep its window)."""
         if self._retry_reason:
             raise BrokerUnavailable(self._retry_reason)
         if self._inflight:
-            oldest = next(iter(self._inflight.values()))
-            waited = time.monotonic() - oldest.sent_at
+            waited = time.monotonic() - self._last_progress
             if waited > self.settings.ack_timeout_s:
                 raise BrokerUnavailable(
                     f"no PUBACK within {self.settings.ack_timeout_s} s "
@@ -454,7 +508,11 @@ class MqttPublisher:
             for row in rows:
                 if session.lost.is_set():
                     break
-                self._send(session, row, resent=row.id <= sent_before)
+                refused = self._refused_topics.get(row.topic)
+                if refused is not None:
+                    self._park(row.id, row.topic, refused)
+                else:
+                    self._send(session, row, resent=row.id <= sent_before)
                 cursor = row.id
             self.counters.inflight = len(self._inflight)
             if not rows or len(self._inflight) >= limit:
@@ -464,7 +522,9 @@ class MqttPublisher:
 
     def _send(self, session: _Session, row: OutboxMessage, *, resent: bool) -> None:
         mid = session.publish(row.topic, row.payload)
-        self._inflight[mid] = _Sent(row.id, row.topic, time.monotonic())
+        if not self._inflight:
+            self._last_progress = time.monotonic()  # the wait for a PUBACK starts now
+        self._inflight[mid] = _Sent(row.id, row.topic)
         self.counters.sent += 1
         if resent:
             self.counters.resent += 1
