@@ -161,6 +161,32 @@ def test_import_lists_refused_lines_and_tags_without_raw_control_characters(
     assert "\x1b" not in result.output
 
 
+def test_import_says_how_to_take_tags_named_by_path(tmp_path: Path) -> None:
+    config = agent(tmp_path)
+    export = tmp_path / "ignition.csv"
+    export.write_text(
+        "t_stamp,tagpath,value\n2026-11-01T00:00:00Z,Line3/temp,1.5\n"
+        "2026-11-01T00:01:00Z,Line3/temp,1.6\n"
+    )
+    command = ["import", "--config", str(config), str(export)]
+    refused = CliRunner().invoke(
+        agent_main, [*command, "--timestamp-column", "t_stamp", "--tag-column", "tagpath"]
+    )
+    assert refused.exit_code == 0, refused.output
+    assert "2 rejected" in refused.output
+    assert "run again with --slash-as ." in refused.output
+    taken = CliRunner().invoke(
+        agent_main,
+        [*command, "--timestamp-column", "t_stamp", "--tag-column", "tagpath", "--slash-as", "."],
+    )
+    assert taken.exit_code == 0, taken.output
+    assert "2 samples new" in taken.output
+    assert "Line3.temp" in taken.output
+    bad = CliRunner().invoke(agent_main, [*command, "--slash-as", "/"])
+    assert bad.exit_code == ExitCode.DATA  # as every other invalid column mapping
+    assert "slash_as" in bad.output
+
+
 def test_windows_without_data_say_what_is_missing(tmp_path: Path) -> None:
     config = agent(tmp_path)
     result = CliRunner().invoke(agent_main, ["windows", "--config", str(config)])

@@ -82,6 +82,13 @@ timezone_option = click.option(
 @timezone_option
 @click.option("--rename", multiple=True, metavar="OLD=NEW", help="Rename a tag (repeatable).")
 @click.option("--tag", "tags", multiple=True, help="Import only this tag (repeatable).")
+@click.option(
+    "--slash-as",
+    default=None,
+    metavar="TEXT",
+    help="Replace '/' in tag names by TEXT (e.g. '.'), for historians that name tags by "
+    "path; without it such tags are refused (bad_tag).",
+)
 @click.option("--delimiter", default=None, help="CSV separator (default: guessed).")
 @click.option(
     "--format",
@@ -104,6 +111,7 @@ def import_command(
     timezone: str | None,
     rename: tuple[str, ...],
     tags: tuple[str, ...],
+    slash_as: str | None,
     delimiter: str | None,
     file_format: str | None,
     as_json: bool,
@@ -119,6 +127,7 @@ def import_command(
       fedgate-agent import line3-2026-10.csv
       fedgate-agent import export.parquet --layout wide --timestamp-column Time \\
           --rename "FIC101.PV=feed_flow" --tag feed_flow --json
+      fedgate-agent import ignition-line3.csv --slash-as .   # Line3/FIC101 → Line3.FIC101
     """
     cfg = load_config(config_path, require_complete=False)
     mapping = ColumnMapping(
@@ -132,6 +141,7 @@ def import_command(
         rename=_pairs(rename, "--rename"),
         tags=tags or None,
         delimiter=delimiter,
+        slash_as=slash_as,
     )
     with IngestBuffer.open(buffer_settings(cfg)) as buffer:
         report = import_history(
@@ -157,6 +167,10 @@ def import_command(
     for example in report.rejected_examples:
         column = example.column if example.column.isprintable() else repr(example.column)
         click.echo(f"  line {example.line} {column}: {example.reason} ({example.text!r})")
+    if slash_as is None and any(
+        e.reason == "bad_tag" and "/" in e.text + e.column for e in report.rejected_examples
+    ):
+        click.echo("  tag names with '/' are refused: run again with --slash-as . (or --rename)")
 
 
 @click.command("windows")

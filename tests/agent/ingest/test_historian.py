@@ -140,6 +140,49 @@ def test_rename_and_tag_filter(buffer: IngestBuffer, tmp_path: Path) -> None:
     assert series(buffer, "XMEAS_9")[1] == [10, 11, 12]
 
 
+def test_slash_as_stores_path_named_tags_and_refuses_what_it_would_merge(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    rows: list[list[object]] = [["timestamp", "tag", "value"]]
+    for k in range(3):
+        rows += [[T0 + k, "Line3/FIC101", k], [T0 + k, "Line3.FIC101", 100 + k]]
+        rows += [[T0 + k, "old/TIC", 10 + k], [T0 + k + 0.5, "TIC", 20 + k]]
+    path = write_csv(tmp_path / "ignition.csv", rows)
+    with IngestBuffer.open(BufferSettings(path=tmp_path / "plain.db")) as other:
+        plain = import_history(path, other, ColumnMapping())
+    assert plain.tags == ["Line3.FIC101", "TIC"]  # without slash_as, '/' is refused
+    assert {e.reason for e in plain.rejected_examples} == {"bad_tag"}
+    assert plain.rejected == 6
+    mapping = ColumnMapping(slash_as=".", rename={"old/TIC": "TIC"})  # a deliberate merge
+    report = import_history(path, buffer, mapping)
+    assert report.tags == ["Line3.FIC101", "TIC"]
+    # "Line3/FIC101" came first and keeps Line3.FIC101; the real "Line3.FIC101" would
+    # have been merged into it by the replacement alone, so its rows are refused.
+    assert {e.reason for e in report.rejected_examples} == {"tag_collision"}
+    assert report.rejected == 3
+    assert series(buffer, "Line3.FIC101")[1] == [0, 1, 2]
+    _, values = series(buffer, "TIC")
+    assert values == [10, 20, 11, 21, 12, 22]  # rename merged the two on purpose
+
+
+def test_slash_as_in_a_wide_export(buffer: IngestBuffer, tmp_path: Path) -> None:
+    rows: list[list[object]] = [["time", "Line3/FIC101", "Line3/TIC200"]]
+    rows += [[T0 + k, k, 2 * k] for k in range(4)]
+    path = write_csv(tmp_path / "wide.csv", rows)
+    report = import_history(path, buffer, ColumnMapping(slash_as="__"))
+    assert report.tags == ["Line3__FIC101", "Line3__TIC200"]
+    assert report.inserted == 8
+    clash = write_csv(tmp_path / "clash.csv", [["time", "a/b", "a.b"], [T0, 1, 2]])
+    with pytest.raises(ImportFailed, match=r"columns 'a/b' and 'a\.b' would both be stored"):
+        import_history(clash, buffer, ColumnMapping(slash_as="."))
+
+
+@pytest.mark.parametrize("bad", ["/", "", "\n", "a\u202eb"])
+def test_slash_as_must_itself_be_usable_in_a_tag_name(bad: str) -> None:
+    with pytest.raises(ColumnMappingInvalid, match="slash_as"):
+        ColumnMapping(slash_as=bad)
+
+
 def test_bad_rows_are_counted_with_line_numbers_not_fatal(
     buffer: IngestBuffer, tmp_path: Path
 ) -> None:

@@ -107,7 +107,10 @@ class ColumnMapping:
     UTC). ``rename``: export tag name → stored tag name. ``tags``: import only these tags
     (matched against the export's name or the renamed one); in wide layout every listed
     tag must be a column. ``delimiter``: CSV field separator; ``None`` picks the most
-    frequent of ``, ; TAB |`` in the header line.
+    frequent of ``, ; TAB |`` in the header line. ``slash_as``: replace every ``/`` in the
+    (renamed) tag names by this text, for historians that name tags by path (Ignition's
+    ``Line3/FIC101``); two export tags that become one stored tag only through it are
+    refused (``tag_collision``), while ``rename`` may merge tags on purpose.
     """
 
     layout: Layout = Layout.AUTO
@@ -120,6 +123,7 @@ class ColumnMapping:
     rename: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] | None = None
     delimiter: str | None = None
+    slash_as: str | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -142,15 +146,18 @@ class ColumnMapping:
         object.__setattr__(self, "rename", dict(self.rename))
         if any(not str(k) or not str(v) for k, v in self.rename.items()):
             problems.append("rename maps from or to an empty tag name")
-        for new in self.rename.values():
-            if str(new) and (why := tag_problem(str(new))) is not None:
-                problems.append(f"rename to {new!r}: the tag name {why}")
         if self.tags is not None:
             object.__setattr__(self, "tags", tuple(self.tags))
             if not self.tags:
                 problems.append("tags is an empty list; leave it out to import every tag")
         if self.delimiter is not None and len(self.delimiter) != 1:
             problems.append(f"delimiter {self.delimiter!r} must be one character")
+        if self.slash_as is not None and (why := tag_problem(self.slash_as)) is not None:
+            problems.append(f"slash_as {self.slash_as!r}: as part of a tag name it {why}")
+        for new in self.rename.values():
+            stored = str(new) if self.slash_as is None else str(new).replace("/", self.slash_as)
+            if stored and (why := tag_problem(stored)) is not None:
+                problems.append(f"rename to {new!r}: the tag name {why}")
         if problems:
             raise ColumnMappingInvalid(
                 "invalid column mapping: " + "; ".join(problems), problems=problems
@@ -165,7 +172,9 @@ class RejectedValue:
     """One value not imported: ``line`` is the CSV line number (the header is line 1) or
     the 1-based Parquet row; ``reason`` is a stable key (``bad_timestamp``,
     ``before_epoch``, ``ts_in_future``, ``not_numeric``, ``not_finite``, ``empty``,
-    ``empty_tag``, ``bad_tag``: a control character or ``/`` in the stored tag name,
+    ``empty_tag``, ``bad_tag``: a control character or ``/`` in the stored tag name
+    (``slash_as`` replaces ``/``), ``tag_collision``: a tag that ``slash_as`` turned into
+    the name of another one,
     ``unmatched_quote``: a CSV line whose quoted field does not close on it)."""
 
     line: int
@@ -402,10 +411,26 @@ def _find(
 
 def _stored_tag(mapping: ColumnMapping, tag: str) -> str | None:
     """The tag to store for export tag ``tag``, or ``None`` when ``tags`` leaves it out."""
-    stored = mapping.rename.get(tag, tag)
-    if mapping.tags is not None and tag not in mapping.tags and stored not in mapping.tags:
+    renamed = mapping.rename.get(tag, tag)
+    stored = renamed if mapping.slash_as is None else renamed.replace("/", mapping.slash_as)
+    if mapping.tags is not None and not {tag, renamed, stored} & set(mapping.tags):
         return None
     return stored
+
+
+class _SlashCollisions:
+    """Export tags that become one stored tag only through ``slash_as`` (``A/B`` and ``A.B``
+    with ``slash_as = "."``): the first keeps the stored name, the others are refused."""
+
+    def __init__(self, mapping: ColumnMapping) -> None:
+        self._mapping = mapping
+        self._renamed_of: dict[str, str] = {}  # stored tag → the renamed export tag it came from
+
+    def collides(self, export_tag: str, stored: str) -> str | None:
+        """The export tag ``export_tag`` collides with, or None."""
+        renamed = self._mapping.rename.get(export_tag, export_tag)
+        first = self._renamed_of.setdefault(stored, renamed)
+        return None if first == renamed else first
 
 
 def _resolve_columns(header: Sequence[str], mapping: ColumnMapping, path: Path) -> _Columns:
@@ -445,6 +470,15 @@ def _resolve_columns(header: Sequence[str], mapping: ColumnMapping, path: Path) 
         stored = _stored_tag(mapping, name)
         if stored is not None:
             wide.append((position, name, stored))
+    collisions = _SlashCollisions(mapping)
+    for _, name, stored in wide:
+        if (other := collisions.collides(name, stored)) is not None:
+            raise ImportFailed(
+                f"{path}: columns {other!r} and {name!r} would both be stored as tag "
+                f"{stored!r} with slash_as {mapping.slash_as!r}; pick another slash_as or "
+                "rename one of them",
+                path=path,
+            )
     if mapping.tags is not None:
         seen = {n for _, n, _ in wide} | {s for _, _, s in wide}
         absent = [t for t in mapping.tags if t not in seen]
@@ -502,6 +536,8 @@ class _Importer:
         self.first_us = MAX_SEQ + 1  # none yet
         self.last_us = -1
         self._stored_tags: dict[str, str | None] = {}
+        self._collisions = _SlashCollisions(mapping)
+        self._colliding: set[str] = set()  # export tags refused as ``tag_collision``
         #: Stored tag names refused (:func:`tag_problem`): their values are ``bad_tag``.
         self._bad_tags = {stored for _, _, stored in columns.wide if tag_problem(stored)}
         # Tag and value positions of the long layout (unused, -1, in the wide layout).
@@ -588,8 +624,13 @@ class _Importer:
             tag = self._stored_tags[export_tag] = _stored_tag(self.mapping, export_tag)
             if tag is not None and tag_problem(tag) is not None:
                 self._bad_tags.add(tag)
+            if tag is not None and self._collisions.collides(export_tag, tag) is not None:
+                self._colliding.add(export_tag)
         if tag is None:
             self.filtered_out += 1
+            return
+        if export_tag in self._colliding:
+            self.reject(line, tag_column, "tag_collision", cells[tag_column])
             return
         if tag in self._bad_tags:
             self.reject(line, tag_column, "bad_tag", cells[tag_column])
