@@ -373,3 +373,55 @@ class SlowProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._server.close()
         await self._server.wait_closed()
+
+
+async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
+    tmp_path: Path,
+) -> None:
+    acl = tmp_path / "bridge.acl"
+    broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
+    await asyncio.to_thread(broker.start)
+    assert broker.process is not None
+    counters = PublisherCounters()
+    try:
+        with subscriber(broker.port, "plant/#") as sub:
+            async with await AsyncOutbox.open(
+                tmp_path / "o.db", max_messages=100, policy="drop_oldest"
+            ) as outbox:
+                publisher = MqttPublisher(
+                    settings=BrokerSettings(port=broker.port),
+                    client_id="reloaded",
+                    outbox=outbox,
+                    counters=counters,
+                    backoff=FAST,
+                    topic_block_s=0.5,
+                )
+                task = asyncio.create_task(publisher.run())
+                try:
+                    await outbox.append(
+                        [Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(5)]
+                    )
+                    publisher.notify()
+                    await wait_until(lambda: counters.parked == 5, 15, "B refused and parked")
+                    # The operator fixes the ACL and reloads the broker, not the bridge.
+                    acl.write_text(
+                        f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n"
+                    )
+                    os.kill(broker.process.pid, signal.SIGHUP)
+                    await asyncio.sleep(1.0)
+                    await outbox.append(
+                        [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 8)]
+                    )
+                    publisher.notify()
+                    await wait_until(
+                        lambda: len(sub.seqs().get(DENIED, [])) >= 8, 20, "B delivered"
+                    )
+                    await wait_until(lambda: publisher.idle, 10, "nothing left")
+                finally:
+                    await cancel_until_done([task])
+                summary = await outbox.summary()
+    finally:
+        broker.stop()
+    assert sorted(set(sub.seqs()[DENIED])) == list(range(8))  # the parked five included
+    assert summary.parked == 0
+    assert summary.depth == 0

@@ -178,12 +178,13 @@ def test_parked_rows_wait_apart_and_return_under_their_ids_at_the_next_open(
         [topic] = outbox.parked_topics()
         assert (topic.topic, topic.count, topic.reason) == ("t/no", 2, "Not authorized")
         outbox.remove([r.id for r in outbox.pending()])
-        # The cap counts parked rows too: 2 parked + 3 new is one over, the oldest goes.
+        # The cap counts parked rows too: 2 parked + 3 new is one over, and the oldest
+        # parked row makes room (the new readings can be delivered, it cannot for now).
         result = outbox.append(readings("t/no", "t/no", "t/no"))
-        assert (result.stored, result.dropped_oldest) == (3, 1)
+        assert (result.stored, result.dropped_oldest) == (3, 0)
         outbox.park([(r.id, "Topic Name invalid") for r in outbox.pending()])
         summary = outbox.summary()
-        assert (summary.depth, summary.parked, summary.dropped_oldest) == (0, 4, 1)
+        assert (summary.depth, summary.parked, summary.dropped_parked) == (0, 4, 1)
         assert outbox.parked_topics()[0].reason == "Topic Name invalid"  # the newest reason
     with Outbox(path, max_messages=4) as outbox:  # a restart: parked rows go again
         assert outbox.requeued == 4
@@ -195,6 +196,33 @@ def test_parked_rows_wait_apart_and_return_under_their_ids_at_the_next_open(
         # Back under the cap they came from: the next reading drops one, not four.
         assert outbox.append(readings("t/ok")).dropped_oldest == 1
         assert outbox.depth == 4
+
+
+def test_parked_rows_never_crowd_out_new_readings(tmp_path: Path) -> None:
+    for policy in ("reject_new", "drop_oldest"):
+        with Outbox(tmp_path / f"{policy}.db", max_messages=4, policy=policy) as outbox:
+            outbox.append(readings("t/ok", "t/no", "t/no", "t/no"))
+            outbox.park([(r.id, "Not authorized") for r in outbox.pending() if r.topic == "t/no"])
+            result = outbox.append(readings("t/ok", "t/ok"))  # full: 1 waiting + 3 parked
+            assert (result.stored, result.rejected_new, result.dropped_oldest) == (2, 0, 0)
+            summary = outbox.summary()
+            assert (summary.depth, summary.parked, summary.dropped_parked) == (3, 1, 2)
+            result = outbox.append(readings("t/ok", "t/ok"))  # only then the policy acts
+            assert (result.rejected_new + result.dropped_oldest) == 1, policy
+            assert outbox.summary().parked == 0
+
+
+def test_a_topic_accepted_again_gets_its_parked_rows_back(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", max_messages=10) as outbox:
+        outbox.append(readings("t/a", "t/b", "t/a"))
+        rows = outbox.pending()
+        outbox.park([(r.id, "Not authorized") for r in rows])
+        assert outbox.requeue("t/a") == 2
+        assert [(r.id, r.topic) for r in outbox.pending()] == [
+            (rows[0].id, "t/a"),
+            (rows[2].id, "t/a"),
+        ]
+        assert outbox.summary().parked == 1
 
 
 def test_a_version_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:

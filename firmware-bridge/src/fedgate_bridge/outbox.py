@@ -17,8 +17,9 @@ is never reused and never skipped by a reading that was produced. Rows leave the
 only after the broker acknowledged them (:meth:`Outbox.remove`).
 
 The size cap ``max_messages`` counts waiting and parked rows together, so moving parked
-rows back at a start never takes the outbox over its cap. When full, the policy decides:
-``drop_oldest`` deletes the oldest rows, waiting or parked (their
+rows back at a start never takes the outbox over its cap. When full, the oldest parked rows
+make room first, whatever the policy (counted in ``dropped_parked``); then the policy
+decides: ``drop_oldest`` deletes the oldest waiting rows (their
 numbers leave a visible gap, counted in ``dropped_oldest``), ``reject_new`` refuses the new
 readings before they get a number (counted in ``rejected_new``).
 
@@ -134,6 +135,7 @@ class OutboxSummary(msgspec.Struct, frozen=True, kw_only=True):
     dropped_oldest: int
     rejected_new: int
     parked: int = 0  # refused by the broker for good; sent again after a restart
+    dropped_parked: int = 0  # parked rows deleted to make room for new readings
 
 
 class ParkedTopic(msgspec.Struct, frozen=True, kw_only=True):
@@ -282,9 +284,16 @@ class Outbox:
 
         def work(db: sqlite3.Connection) -> AppendResult:
             depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-            held = depth + int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0])
+            parked = int(db.execute("SELECT COUNT(*) FROM parked").fetchone()[0])
             batch = list(readings)
             dropped = rejected = 0
+            # Parked rows make room first, whatever the policy: they wait for an operator,
+            # the new readings can be delivered now.
+            evicted = _delete_oldest_parked(
+                db, min(parked, depth + parked + len(batch) - self.max_messages)
+            )
+            _add_counter(db, "dropped_parked", evicted)
+            held = depth + parked - evicted
             overflow = held + len(batch) - self.max_messages
             if overflow > 0 and self.policy == "reject_new":
                 rejected = min(overflow, len(batch))
@@ -377,6 +386,22 @@ class Outbox:
 
         return self._write(work)
 
+    def requeue(self, topic: str) -> int:
+        """Move ``topic``'s parked rows back to waiting, under their old ids (the broker
+        accepts the topic again); returns how many."""
+
+        def work(db: sqlite3.Connection) -> int:
+            moved = db.execute(
+                "INSERT INTO messages (id, topic, seq, payload) "
+                "SELECT id, topic, seq, payload FROM parked WHERE topic = ? ORDER BY id",
+                (topic,),
+            ).rowcount
+            db.execute("DELETE FROM parked WHERE topic = ?", (topic,))
+            self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            return int(moved)
+
+        return self._write(work)
+
     def parked_topics(self) -> list[ParkedTopic]:
         """Parked readings grouped by topic, the most recently parked first."""
         with self._lock:
@@ -428,6 +453,18 @@ def _requeue_parked(db: sqlite3.Connection) -> int:
     return int(moved)
 
 
+def _delete_oldest_parked(db: sqlite3.Connection, count: int) -> int:
+    """Delete the ``count`` oldest parked rows (none when ``count`` <= 0)."""
+    if count <= 0:
+        return 0
+    return int(
+        db.execute(
+            "DELETE FROM parked WHERE id IN (SELECT id FROM parked ORDER BY id LIMIT ?)",
+            (count,),
+        ).rowcount
+    )
+
+
 def _delete_oldest(db: sqlite3.Connection, count: int) -> int:
     """Delete the ``count`` oldest rows, waiting or parked alike; returns how many went."""
     oldest = [
@@ -471,6 +508,7 @@ def _summary(db: sqlite3.Connection) -> OutboxSummary:
         dropped_oldest=int(counters.get("dropped_oldest", 0)),
         rejected_new=int(counters.get("rejected_new", 0)),
         parked=parked,
+        dropped_parked=int(counters.get("dropped_parked", 0)),
     )
 
 
@@ -619,6 +657,9 @@ class AsyncOutbox:
 
     async def park(self, refused: Sequence[tuple[int, str]]) -> int:
         return await self._call(lambda: self.outbox.park(refused))
+
+    async def requeue(self, topic: str) -> int:
+        return await self._call(lambda: self.outbox.requeue(topic))
 
     async def summary(self) -> OutboxSummary:
         """The current summary; while the outbox fails, the last one read (not retried:

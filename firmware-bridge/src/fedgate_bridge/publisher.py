@@ -15,8 +15,10 @@ With MQTT 5 (the default) every PUBACK carries a reason code:
   topic name invalid, payload format invalid): the row is *parked* in the outbox with the
   broker's reason, counted and logged; the next start of the bridge sends it again. After
   "not authorized" or "topic name invalid" the topic's later rows are parked without being
-  sent, for the life of the process: Mosquitto with ``max_queued_messages 0`` closes the
-  connection after each such refusal, and every denied reading would cost a reconnect;
+  sent for :data:`TOPIC_BLOCK_S` (doubling up to :data:`TOPIC_BLOCK_MAX_S`): Mosquitto with
+  ``max_queued_messages 0`` closes the connection after each such refusal, and every
+  denied reading would cost a reconnect. Then the topic is tried again; once the broker
+  accepts it (an ACL fixed and reloaded), its parked rows go back to waiting and are sent;
 * any other refusal (quota exceeded, unspecified error, ...): the row stays, the
   connection is closed and the publisher reconnects with backoff.
 
@@ -67,11 +69,16 @@ log = logging.getLogger("fedgate.bridge.publisher")
 
 CONNECT_TIMEOUT_S: Final = 10.0
 MISC_INTERVAL_S: Final = 1.0  # paho keepalive bookkeeping
+KEEPALIVE_LOST: Final = "keepalive timeout"  # our own verdict, not the broker closing
 STABLE_AFTER_S: Final = 10.0  # a connection this old resets the reconnect backoff
 # MQTT 5 PUBACK reason codes after which sending the same message again cannot succeed.
 PERMANENT_REFUSALS: Final = frozenset({0x87, 0x90, 0x99})
 # Of those, the ones that hold for every message on the topic (ACL, topic name).
 TOPIC_REFUSALS: Final = frozenset({0x87, 0x90})
+# A refused topic is not sent for this long, then tried again (doubling up to the max):
+# an ACL fixed and reloaded without restarting the bridge is picked up by itself.
+TOPIC_BLOCK_S: Final = 60.0
+TOPIC_BLOCK_MAX_S: Final = 900.0
 # A row that was the oldest unacknowledged one each time the broker closed the connection
 # before any PUBACK, this many connections in a row, is parked (too large for the broker,
 # for example): one poisoned row must not stop every topic behind it.
@@ -208,7 +215,7 @@ class _Session:
         while True:
             await asyncio.sleep(MISC_INTERVAL_S)
             if self.client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._mark_lost("keepalive timeout")
+                self._mark_lost(KEEPALIVE_LOST)
                 return
 
     def _on_connect(
@@ -293,6 +300,14 @@ class _Session:
         self.lost.set()
 
 
+class _Block(msgspec.Struct, frozen=True):
+    """A topic the broker refused: its rows are parked unsent until ``until``."""
+
+    reason: str
+    until: float  # time.monotonic()
+    wait_s: float
+
+
 class _Sent(msgspec.Struct, frozen=True):
     """One message awaiting its PUBACK."""
 
@@ -312,8 +327,10 @@ class MqttPublisher:
         counters: PublisherCounters,
         password: str | None = None,
         backoff: Backoff | None = None,
+        topic_block_s: float = TOPIC_BLOCK_S,
     ) -> None:
         self.settings = settings
+        self._topic_block_s = topic_block_s
         self.client_id = client_id
         self.outbox = outbox
         self.counters = counters
@@ -324,7 +341,9 @@ class MqttPublisher:
         self._acked: list[int] = []  # row ids whose PUBACK arrived, not yet deleted
         self._refused: list[tuple[int, str]] = []  # (row id, reason) refused for good
         self._retry_reason = ""  # a refusal that a new connection may cure
-        self._refused_topics: dict[str, str] = {}  # topic → the broker's reason, this process
+        self._blocked: dict[str, _Block] = {}  # topics the broker refused, not sent for now
+        self._unblocked: list[str] = []  # accepted again: their parked rows go back
+        self._rewind = False  # parked rows came back: read the outbox from its start
         self._new_refusal = False  # this connection brought a refusal for a new topic
         self._acks_this_session = 0  # PUBACKs of any kind on the current connection
         self._last_progress = 0.0  # monotonic: last PUBACK, or first send into an empty window
@@ -364,20 +383,31 @@ class MqttPublisher:
         if not reason.is_failure:
             self._acked.append(sent.row)
             self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
+            if self._blocked.pop(sent.topic, None) is not None:
+                self._unblocked.append(sent.topic)  # the broker takes the topic again
             return
         self.counters.refused += 1
         if reason.value in PERMANENT_REFUSALS:
-            if reason.value in TOPIC_REFUSALS and sent.topic not in self._refused_topics:
+            if reason.value in TOPIC_REFUSALS:
                 # Mosquitto may close the connection after such a refusal: the topic's
-                # other rows are parked without being sent, for the life of this process.
-                self._refused_topics[sent.topic] = str(reason)
-                self._new_refusal = True
+                # other rows are parked unsent for a while, then the topic is tried again.
+                self._block(sent.topic, str(reason))
             self._park(sent.row, sent.topic, str(reason))
         else:
             self._retry_reason = f"broker refused a message on {sent.topic}: {reason}"
             self._note_refusal(
                 sent.topic, str(reason), "kept in the outbox; reconnecting to send it again"
             )
+
+    def _block(self, topic: str, reason: str) -> None:
+        previous = self._blocked.get(topic)
+        if previous is not None and time.monotonic() < previous.until:
+            return  # a refusal of a row sent before the block began
+        wait = (
+            self._topic_block_s if previous is None else min(previous.wait_s * 2, TOPIC_BLOCK_MAX_S)
+        )
+        self._blocked[topic] = _Block(reason, time.monotonic() + wait, wait)
+        self._new_refusal = True
 
     def _park(self, row: int, topic: str, reason: str) -> None:
         self._refused.append((row, reason))
@@ -397,6 +427,10 @@ class MqttPublisher:
         if self._refused:
             refused, self._refused = self._refused, []
             await self.outbox.park(refused)
+        while self._unblocked:
+            topic = self._unblocked.pop()
+            if await self.outbox.requeue(topic):
+                self._rewind = True
         self.counters.inflight = len(self._inflight)
 
     async def run(self) -> None:
@@ -423,7 +457,8 @@ class MqttPublisher:
                 self._failed(str(exc))
             finally:
                 was_connected = self.counters.connected
-                if session.lost_reason and self._inflight:  # the broker ended it
+                ours = session.lost_reason in ("", KEEPALIVE_LOST)  # not the broker's doing
+                if not ours and self._inflight:
                     head = next(iter(self._inflight.values()))
                 session.close()
                 self._lost_connection(was_connected)
@@ -503,17 +538,24 @@ class MqttPublisher:
             self._wake.clear()
             self._check_inflight()
             await self._settle()
+            if self._rewind:  # requeued rows sit below the cursor
+                self._rewind = False
+                cursor = 0
+            in_flight = {sent.row for sent in self._inflight.values()}
             room = limit - len(self._inflight)
             rows = await self.outbox.pending(after_id=cursor, limit=room) if room > 0 else []
+            now = time.monotonic()
             for row in rows:
                 if session.lost.is_set():
                     break
-                refused = self._refused_topics.get(row.topic)
-                if refused is not None:
-                    self._park(row.id, row.topic, refused)
+                cursor = row.id
+                if row.id in in_flight:
+                    continue
+                block = self._blocked.get(row.topic)
+                if block is not None and now < block.until:
+                    self._park(row.id, row.topic, block.reason)
                 else:
                     self._send(session, row, resent=row.id <= sent_before)
-                cursor = row.id
             self.counters.inflight = len(self._inflight)
             if not rows or len(self._inflight) >= limit:
                 with contextlib.suppress(TimeoutError):

@@ -295,6 +295,7 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo(
             f"outbox:   {outbox.depth} waiting, {outbox.dropped_oldest} dropped (oldest), "
             f"{outbox.rejected_new} rejected (new), {outbox.parked} parked"
+            + (f" ({outbox.dropped_parked} dropped for room)" if outbox.dropped_parked else "")
         )
     if parked:
         click.echo(
