@@ -153,16 +153,31 @@ def test_slash_as_stores_path_named_tags_and_refuses_what_it_would_merge(
     assert plain.tags == ["Line3.FIC101", "TIC"]  # without slash_as, '/' is refused
     assert {e.reason for e in plain.rejected_examples} == {"bad_tag"}
     assert plain.rejected == 6
-    mapping = ColumnMapping(slash_as=".", rename={"old/TIC": "TIC"})  # a deliberate merge
+    # The real "Line3.FIC101" and "Line3/FIC101" would become one tag through the
+    # replacement alone: the file is refused before anything is stored, in either row order.
+    for order in (path, write_csv(tmp_path / "reversed.csv", [rows[0], *rows[:0:-1]])):
+        with pytest.raises(ImportFailed, match=r"'Line3/FIC101' .*nothing was imported"):
+            import_history(order, buffer, ColumnMapping(slash_as="."))
+    assert buffer.tags() == []
+    mapping = ColumnMapping(slash_as="_", rename={"old/TIC": "TIC"})  # a deliberate merge
     report = import_history(path, buffer, mapping)
-    assert report.tags == ["Line3.FIC101", "TIC"]
-    # "Line3/FIC101" came first and keeps Line3.FIC101; the real "Line3.FIC101" would
-    # have been merged into it by the replacement alone, so its rows are refused.
-    assert {e.reason for e in report.rejected_examples} == {"tag_collision"}
-    assert report.rejected == 3
-    assert series(buffer, "Line3.FIC101")[1] == [0, 1, 2]
+    assert report.tags == ["Line3.FIC101", "Line3_FIC101", "TIC"]
+    assert report.rejected == 0
+    assert series(buffer, "Line3_FIC101")[1] == [0, 1, 2]
+    assert series(buffer, "Line3.FIC101")[1] == [100, 101, 102]
     _, values = series(buffer, "TIC")
     assert values == [10, 20, 11, 21, 12, 22]  # rename merged the two on purpose
+
+
+def test_slash_as_tag_filter_by_renamed_name(buffer: IngestBuffer, tmp_path: Path) -> None:
+    mapping = ColumnMapping(slash_as=".", rename={"X": "p/q"}, tags=("p/q",))
+    long_rows: list[list[object]] = [["timestamp", "tag", "value"]]
+    long_rows += [[T0 + k, "X", k] for k in range(3)] + [[T0, "Y", 9]]
+    report = import_history(write_csv(tmp_path / "long.csv", long_rows), buffer, mapping)
+    assert (report.tags, report.tags_not_found, report.inserted) == (["p.q"], [], 3)
+    wide_rows: list[list[object]] = [["time", "X", "Y"], [T0 + 5, 1, 2]]
+    wide = import_history(write_csv(tmp_path / "wide.csv", wide_rows), buffer, mapping)
+    assert wide.tags == ["p.q"]
 
 
 def test_slash_as_in_a_wide_export(buffer: IngestBuffer, tmp_path: Path) -> None:
@@ -173,7 +188,7 @@ def test_slash_as_in_a_wide_export(buffer: IngestBuffer, tmp_path: Path) -> None
     assert report.tags == ["Line3__FIC101", "Line3__TIC200"]
     assert report.inserted == 8
     clash = write_csv(tmp_path / "clash.csv", [["time", "a/b", "a.b"], [T0, 1, 2]])
-    with pytest.raises(ImportFailed, match=r"columns 'a/b' and 'a\.b' would both be stored"):
+    with pytest.raises(ImportFailed, match=r"columns 'a\.b' and 'a/b' would both be stored"):
         import_history(clash, buffer, ColumnMapping(slash_as="."))
 
 

@@ -34,7 +34,7 @@ import itertools
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -109,8 +109,8 @@ class ColumnMapping:
     tag must be a column. ``delimiter``: CSV field separator; ``None`` picks the most
     frequent of ``, ; TAB |`` in the header line. ``slash_as``: replace every ``/`` in the
     (renamed) tag names by this text, for historians that name tags by path (Ignition's
-    ``Line3/FIC101``); two export tags that become one stored tag only through it are
-    refused (``tag_collision``), while ``rename`` may merge tags on purpose.
+    ``Line3/FIC101``); a file in which two export tags become one stored tag only through
+    it is refused before anything is stored, while ``rename`` may merge tags on purpose.
     """
 
     layout: Layout = Layout.AUTO
@@ -173,8 +173,7 @@ class RejectedValue:
     the 1-based Parquet row; ``reason`` is a stable key (``bad_timestamp``,
     ``before_epoch``, ``ts_in_future``, ``not_numeric``, ``not_finite``, ``empty``,
     ``empty_tag``, ``bad_tag``: a control character or ``/`` in the stored tag name
-    (``slash_as`` replaces ``/``), ``tag_collision``: a tag that ``slash_as`` turned into
-    the name of another one,
+    (``slash_as`` replaces ``/``),
     ``unmatched_quote``: a CSV line whose quoted field does not close on it)."""
 
     line: int
@@ -418,19 +417,31 @@ def _stored_tag(mapping: ColumnMapping, tag: str) -> str | None:
     return stored
 
 
-class _SlashCollisions:
-    """Export tags that become one stored tag only through ``slash_as`` (``A/B`` and ``A.B``
-    with ``slash_as = "."``): the first keeps the stored name, the others are refused."""
+def _refuse_slash_collisions(
+    export_tags: Iterable[str], mapping: ColumnMapping, path: Path, *, what: str
+) -> None:
+    """Refuse the file when two export tags become one stored tag only through ``slash_as``
+    (``A/B`` and ``A.B`` with ``slash_as = "."``); ``rename`` may merge tags on purpose.
 
-    def __init__(self, mapping: ColumnMapping) -> None:
-        self._mapping = mapping
-        self._renamed_of: dict[str, str] = {}  # stored tag → the renamed export tag it came from
-
-    def collides(self, export_tag: str, stored: str) -> str | None:
-        """The export tag ``export_tag`` collides with, or None."""
-        renamed = self._mapping.rename.get(export_tag, export_tag)
-        first = self._renamed_of.setdefault(stored, renamed)
-        return None if first == renamed else first
+    The whole file is checked before anything is stored, so which tag wins never depends
+    on the order of the rows.
+    """
+    if mapping.slash_as is None:
+        return
+    renamed_of: dict[str, str] = {}  # stored tag → the renamed export tag it comes from
+    for tag in sorted(export_tags):  # the same message whatever the rows' order
+        stored = _stored_tag(mapping, tag)
+        if stored is None:
+            continue
+        renamed = mapping.rename.get(tag, tag)
+        first = renamed_of.setdefault(stored, renamed)
+        if first != renamed:
+            raise ImportFailed(
+                f"{path}: {what} {first!r} and {renamed!r} would both be stored as tag "
+                f"{stored!r} with slash_as {mapping.slash_as!r}; pick another slash_as or "
+                "rename one of them; nothing was imported",
+                path=path,
+            )
 
 
 def _resolve_columns(header: Sequence[str], mapping: ColumnMapping, path: Path) -> _Columns:
@@ -470,17 +481,10 @@ def _resolve_columns(header: Sequence[str], mapping: ColumnMapping, path: Path) 
         stored = _stored_tag(mapping, name)
         if stored is not None:
             wide.append((position, name, stored))
-    collisions = _SlashCollisions(mapping)
-    for _, name, stored in wide:
-        if (other := collisions.collides(name, stored)) is not None:
-            raise ImportFailed(
-                f"{path}: columns {other!r} and {name!r} would both be stored as tag "
-                f"{stored!r} with slash_as {mapping.slash_as!r}; pick another slash_as or "
-                "rename one of them",
-                path=path,
-            )
+    _refuse_slash_collisions((name for _, name, _ in wide), mapping, path, what="columns")
     if mapping.tags is not None:
         seen = {n for _, n, _ in wide} | {s for _, _, s in wide}
+        seen |= {mapping.rename.get(n, n) for _, n, _ in wide}
         absent = [t for t in mapping.tags if t not in seen]
         if absent:
             raise ImportFailed(
@@ -536,8 +540,6 @@ class _Importer:
         self.first_us = MAX_SEQ + 1  # none yet
         self.last_us = -1
         self._stored_tags: dict[str, str | None] = {}
-        self._collisions = _SlashCollisions(mapping)
-        self._colliding: set[str] = set()  # export tags refused as ``tag_collision``
         #: Stored tag names refused (:func:`tag_problem`): their values are ``bad_tag``.
         self._bad_tags = {stored for _, _, stored in columns.wide if tag_problem(stored)}
         # Tag and value positions of the long layout (unused, -1, in the wide layout).
@@ -624,13 +626,8 @@ class _Importer:
             tag = self._stored_tags[export_tag] = _stored_tag(self.mapping, export_tag)
             if tag is not None and tag_problem(tag) is not None:
                 self._bad_tags.add(tag)
-            if tag is not None and self._collisions.collides(export_tag, tag) is not None:
-                self._colliding.add(export_tag)
         if tag is None:
             self.filtered_out += 1
-            return
-        if export_tag in self._colliding:
-            self.reject(line, tag_column, "tag_collision", cells[tag_column])
             return
         if tag in self._bad_tags:
             self.reject(line, tag_column, "bad_tag", cells[tag_column])
@@ -701,7 +698,8 @@ class _Importer:
     def report(self) -> ImportReport:
         not_found: list[str] = []
         if self.mapping.tags is not None and not self.columns.wide:
-            seen = self.tags_seen | self.export_tags_seen
+            renamed = {self.mapping.rename.get(t, t) for t in self.export_tags_seen}
+            seen = self.tags_seen | self.export_tags_seen | renamed
             not_found = [t for t in self.mapping.tags if t not in seen]
         return ImportReport(
             path=self.path,
@@ -778,6 +776,28 @@ class _CsvLines:
         self._in_record = False
 
 
+def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
+    """The distinct tag names of a long-layout CSV file (a first pass, for ``slash_as``)."""
+    names: set[str] = set()
+    with path.open("rb") as raw, _open_text(path, raw) as text:
+        lines = _CsvLines(text)
+        reader = csv.reader(lines, delimiter=delimiter)
+        first = True
+        while True:
+            lines.start_record()
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except _RecordSpansLines:
+                continue  # the import pass refuses that line
+            if first:
+                first = False  # the header
+            elif len(cells) > position and (name := _text(cells[position])):
+                names.add(name)
+    return names
+
+
 def _open_quote_column(text: str, delimiter: str) -> int:
     """The column of the field whose quote ``text`` leaves open: its last one."""
     cells = next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter), [])
@@ -814,6 +834,9 @@ def _import_csv(
                     path=path,
                 ) from None
             columns = _resolve_columns(header, mapping, path)
+            if columns.tag is not None and mapping.slash_as is not None:
+                tags = _csv_tag_names(path, delimiter, columns.tag)
+                _refuse_slash_collisions(tags, mapping, path, what="tags")
             width = max(columns.names_needed) + 1
             importer = _Importer(
                 path=path,
@@ -896,6 +919,10 @@ def _import_parquet(
         parquet = pq.ParquetFile(path)
         header = list(parquet.schema_arrow.names)
         columns = _resolve_columns(header, mapping, path)
+        if columns.tag is not None and mapping.slash_as is not None:
+            tag_column = parquet.read(columns=[header[columns.tag]]).column(0)
+            tags = (_text(t) for t in pc.unique(tag_column).to_pylist())
+            _refuse_slash_collisions(tags, mapping, path, what="tags")
         total = parquet.metadata.num_rows
         importer = _Importer(
             path=path,
