@@ -782,20 +782,25 @@ def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
     with path.open("rb") as raw, _open_text(path, raw) as text:
         lines = _CsvLines(text)
         reader = csv.reader(lines, delimiter=delimiter)
-        first = True
-        while True:
-            lines.start_record()
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except _RecordSpansLines:
-                continue  # the import pass refuses that line
-            if first:
-                first = False  # the header
-            elif len(cells) > position and (name := _text(cells[position])):
-                names.add(name)
+        next(reader, None)  # the header (checked by the import pass)
+        for cells in _records(lines, reader):
+            if cells is not None and len(cells) > position and (name := _text(cells[position])):
+                names.add(name)  # a line whose quote stays open is the import pass's to refuse
     return names
+
+
+def _records(lines: _CsvLines, reader: Iterator[list[str]]) -> Iterator[list[str] | None]:
+    """The records ``reader`` reads from ``lines``; None for a line that opens a quoted
+    field it does not close (``lines.line`` and ``lines.text`` name it)."""
+    while True:
+        lines.start_record()
+        try:
+            cells: list[str] | None = next(reader)
+        except StopIteration:
+            return
+        except _RecordSpansLines:
+            cells = None
+        yield cells
 
 
 def _open_quote_column(text: str, delimiter: str) -> int:
@@ -847,13 +852,8 @@ def _import_csv(
                 chunk_rows=chunk_rows,
                 progress=progress,
             )
-            while True:
-                lines.start_record()
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    break
-                except _RecordSpansLines:
+            for cells in _records(lines, reader):
+                if cells is None:
                     column = _open_quote_column(lines.text, delimiter)
                     importer.refuse_line(lines.line, column, "unmatched_quote", lines.text)
                     continue
