@@ -324,10 +324,13 @@ async def test_a_slow_link_that_keeps_acknowledging_is_not_cut_off(tmp_path: Pat
 
 
 class SlowProxy:
-    """A loopback TCP proxy that passes client-to-broker bytes at a fixed rate."""
+    """A loopback TCP proxy that passes one direction's bytes at a fixed rate."""
 
-    def __init__(self, server: asyncio.Server, broker_port: int, bytes_per_s: int) -> None:
+    def __init__(
+        self, server: asyncio.Server, broker_port: int, bytes_per_s: int, *, downlink: bool
+    ) -> None:
         self._server = server
+        self._downlink = downlink  # slow the broker's answers instead of the client's bytes
         self._broker_port = broker_port
         self._rate = bytes_per_s
         self._tasks: set[asyncio.Task[None]] = set()
@@ -336,10 +339,12 @@ class SlowProxy:
         self.elapsed_s = 0.0
 
     @classmethod
-    async def start(cls, broker_port: int, *, bytes_per_s: int) -> SlowProxy:
+    async def start(
+        cls, broker_port: int, *, bytes_per_s: int, downlink: bool = False
+    ) -> SlowProxy:
         holder: list[SlowProxy] = []
         server = await asyncio.start_server(lambda r, w: holder[0]._connect(r, w), "127.0.0.1", 0)
-        proxy = cls(server, broker_port, bytes_per_s)
+        proxy = cls(server, broker_port, bytes_per_s, downlink=downlink)
         holder.append(proxy)
         return proxy
 
@@ -347,8 +352,8 @@ class SlowProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._broker_port)
         self._started = time.monotonic()
         for task in (
-            asyncio.create_task(self._pipe(reader, up_writer, slow=True)),
-            asyncio.create_task(self._pipe(up_reader, writer, slow=False)),
+            asyncio.create_task(self._pipe(reader, up_writer, slow=not self._downlink)),
+            asyncio.create_task(self._pipe(up_reader, writer, slow=self._downlink)),
         ):
             self._tasks.add(task)
 
@@ -356,7 +361,7 @@ class SlowProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool
     ) -> None:
         try:
-            while chunk := await reader.read(1_000 if slow else 65_536):
+            while chunk := await reader.read(48 if slow else 65_536):
                 writer.write(chunk)
                 await writer.drain()
                 if slow:
@@ -425,3 +430,55 @@ async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
     assert sorted(set(sub.seqs()[DENIED])) == list(range(8))  # the parked five included
     assert summary.parked == 0
     assert summary.depth == 0
+
+
+async def test_parked_rows_coming_back_on_a_slow_link_are_sent_once(tmp_path: Path) -> None:
+    """PUBACKs that arrive while parked rows are moved back must not make the publisher
+    send their rows a second time on the same connection."""
+    acl = tmp_path / "bridge.acl"
+    broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
+    await asyncio.to_thread(broker.start)
+    assert broker.process is not None
+    proxy = await SlowProxy.start(broker.port, bytes_per_s=24_000, downlink=True)
+    counters = PublisherCounters()
+    try:
+        with subscriber(broker.port, "plant/#") as sub:
+            async with await AsyncOutbox.open(
+                tmp_path / "o.db", max_messages=10_000, policy="drop_oldest"
+            ) as outbox:
+                publisher = MqttPublisher(
+                    settings=BrokerSettings(port=proxy.port, max_inflight=64),
+                    client_id="slow-acks",
+                    outbox=outbox,
+                    counters=counters,
+                    backoff=FAST,
+                    topic_block_s=0.5,
+                )
+                task = asyncio.create_task(publisher.run())
+                try:
+                    await outbox.append(
+                        [Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(20)]
+                    )
+                    publisher.notify()
+                    await wait_until(lambda: counters.parked >= 20, 15, "B parked")
+                    acl.write_text(
+                        f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n"
+                    )
+                    os.kill(broker.process.pid, signal.SIGHUP)
+                    await asyncio.sleep(1.0)
+                    batch = [Reading(topic=ALLOWED, ts=2.0, value=float(i)) for i in range(300)]
+                    batch.append(Reading(topic=DENIED, ts=2.0, value=20.0))
+                    batch += [Reading(topic=ALLOWED, ts=3.0, value=float(i)) for i in range(2000)]
+                    await outbox.append(batch)
+                    publisher.notify()
+                    await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
+                finally:
+                    await cancel_until_done([task])
+            await wait_until(lambda: len(sub.snapshot()) >= 2_321, 15, "all received")
+            received = [(topic, p["seq"]) for topic, p in sub.snapshot()]
+    finally:
+        await proxy.close()
+        broker.stop()
+    assert len(set(received)) == 2_321
+    assert counters.acked == 2_321  # each row acknowledged once: none sent twice
+    assert counters.resent == 0

@@ -214,15 +214,19 @@ def test_parked_rows_never_crowd_out_new_readings(tmp_path: Path) -> None:
 
 def test_a_topic_accepted_again_gets_its_parked_rows_back(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db", max_messages=10) as outbox:
-        outbox.append(readings("t/a", "t/b", "t/a"))
+        outbox.append(readings("t/a", "t/b", "t/a", "t/a"))
         rows = outbox.pending()
-        outbox.park([(r.id, "Not authorized") for r in rows])
-        assert outbox.requeue("t/a") == 2
+        outbox.park([(r.id, "Not authorized") for r in rows[:3]])
+        outbox.park([(rows[3].id, "Payload format invalid")])  # not a topic-wide refusal
+        assert outbox.requeue("t/a", {"Not authorized", "Topic name invalid"}) == [
+            rows[0].id,
+            rows[2].id,
+        ]
         assert [(r.id, r.topic) for r in outbox.pending()] == [
             (rows[0].id, "t/a"),
             (rows[2].id, "t/a"),
         ]
-        assert outbox.summary().parked == 1
+        assert outbox.summary().parked == 2  # t/b, and the payload the broker cannot take
 
 
 def test_a_version_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:

@@ -47,7 +47,8 @@ class PublisherCounters(msgspec.Struct, kw_only=True):
     resent: int = 0  # of those, rows already sent on an earlier connection
     acked: int = 0  # successful PUBACKs; each deleted its outbox row
     refused: int = 0  # PUBACKs with an MQTT 5 failure reason code
-    parked: int = 0  # of those, refused for good (not authorized, ...): parked in the outbox
+    parked: int = 0  # rows parked: refused for good, or held back while their topic is
+    # blocked after a refusal (a running total; rows sent again later stay counted)
     inflight: int = 0  # sent and awaiting PUBACK
     last_refusal: str = ""  # "<topic>: <reason>"
     last_refusal_at: float | None = None

@@ -41,7 +41,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -386,19 +386,28 @@ class Outbox:
 
         return self._write(work)
 
-    def requeue(self, topic: str) -> int:
-        """Move ``topic``'s parked rows back to waiting, under their old ids (the broker
-        accepts the topic again); returns how many."""
+    def requeue(self, topic: str, reasons: Collection[str]) -> list[int]:
+        """Move ``topic``'s rows parked for one of ``reasons`` back to waiting, under their
+        old ids (the broker accepts the topic again); returns their ids, oldest first."""
+        wanted = sorted(set(reasons))
+        marks = ", ".join("?" * len(wanted))
 
-        def work(db: sqlite3.Connection) -> int:
-            moved = db.execute(
+        def work(db: sqlite3.Connection) -> list[int]:
+            where = f"topic = ? AND reason IN ({marks})"
+            ids = [
+                int(row_id)
+                for (row_id,) in db.execute(
+                    f"SELECT id FROM parked WHERE {where} ORDER BY id", (topic, *wanted)
+                )
+            ]
+            db.execute(
                 "INSERT INTO messages (id, topic, seq, payload) "
-                "SELECT id, topic, seq, payload FROM parked WHERE topic = ? ORDER BY id",
-                (topic,),
-            ).rowcount
-            db.execute("DELETE FROM parked WHERE topic = ?", (topic,))
+                f"SELECT id, topic, seq, payload FROM parked WHERE {where} ORDER BY id",
+                (topic, *wanted),
+            )
+            db.execute(f"DELETE FROM parked WHERE {where}", (topic, *wanted))
             self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
-            return int(moved)
+            return ids
 
         return self._write(work)
 
@@ -658,8 +667,8 @@ class AsyncOutbox:
     async def park(self, refused: Sequence[tuple[int, str]]) -> int:
         return await self._call(lambda: self.outbox.park(refused))
 
-    async def requeue(self, topic: str) -> int:
-        return await self._call(lambda: self.outbox.requeue(topic))
+    async def requeue(self, topic: str, reasons: Collection[str]) -> list[int]:
+        return await self._call(lambda: self.outbox.requeue(topic, reasons))
 
     async def summary(self) -> OutboxSummary:
         """The current summary; while the outbox fails, the last one read (not retried:

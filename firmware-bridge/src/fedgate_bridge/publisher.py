@@ -57,6 +57,7 @@ import paho.mqtt.client as mqtt
 from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedgate_bridge.config import BrokerSettings, tls_context
@@ -75,6 +76,11 @@ STABLE_AFTER_S: Final = 10.0  # a connection this old resets the reconnect backo
 PERMANENT_REFUSALS: Final = frozenset({0x87, 0x90, 0x99})
 # Of those, the ones that hold for every message on the topic (ACL, topic name).
 TOPIC_REFUSALS: Final = frozenset({0x87, 0x90})
+# Their names, as parked rows record them: only those rows go back when a topic is accepted
+# again (a payload the broker cannot take, or a poisoned row, stays parked).
+TOPIC_REFUSAL_NAMES: Final = frozenset(
+    str(ReasonCode(PacketTypes.PUBACK, identifier=code)) for code in TOPIC_REFUSALS
+)
 # A refused topic is not sent for this long, then tried again (doubling up to the max):
 # an ACL fixed and reloaded without restarting the bridge is picked up by itself.
 TOPIC_BLOCK_S: Final = 60.0
@@ -344,6 +350,7 @@ class MqttPublisher:
         self._blocked: dict[str, _Block] = {}  # topics the broker refused, not sent for now
         self._unblocked: list[str] = []  # accepted again: their parked rows go back
         self._rewind = False  # parked rows came back: read the outbox from its start
+        self._requeued: set[int] = set()  # rows back from parking, not yet sent again
         self._new_refusal = False  # this connection brought a refusal for a new topic
         self._acks_this_session = 0  # PUBACKs of any kind on the current connection
         self._last_progress = 0.0  # monotonic: last PUBACK, or first send into an empty window
@@ -429,7 +436,9 @@ class MqttPublisher:
             await self.outbox.park(refused)
         while self._unblocked:
             topic = self._unblocked.pop()
-            if await self.outbox.requeue(topic):
+            back = await self.outbox.requeue(topic, TOPIC_REFUSAL_NAMES)
+            if back:
+                self._requeued.update(back)
                 self._rewind = True
         self.counters.inflight = len(self._inflight)
 
@@ -541,9 +550,12 @@ class MqttPublisher:
             if self._rewind:  # requeued rows sit below the cursor
                 self._rewind = False
                 cursor = 0
-            in_flight = {sent.row for sent in self._inflight.values()}
             room = limit - len(self._inflight)
             rows = await self.outbox.pending(after_id=cursor, limit=room) if room > 0 else []
+            # Rows already on their way: in flight, or answered and not yet settled (no await
+            # from here to the end of the loop, so no PUBACK moves them in between).
+            in_flight = {sent.row for sent in self._inflight.values()}
+            in_flight.update(self._acked, (row for row, _ in self._refused))
             now = time.monotonic()
             for row in rows:
                 if session.lost.is_set():
@@ -568,6 +580,8 @@ class MqttPublisher:
             self._last_progress = time.monotonic()  # the wait for a PUBACK starts now
         self._inflight[mid] = _Sent(row.id, row.topic)
         self.counters.sent += 1
-        if resent:
+        if row.id in self._requeued:
+            self._requeued.discard(row.id)  # held back or refused before: not a resend
+        elif resent:
             self.counters.resent += 1
         self._highest_sent = max(self._highest_sent, row.id)

@@ -192,6 +192,18 @@ def test_slash_as_in_a_wide_export(buffer: IngestBuffer, tmp_path: Path) -> None
         import_history(clash, buffer, ColumnMapping(slash_as="."))
 
 
+def test_slash_as_first_pass_says_nothing_was_imported(
+    buffer: IngestBuffer, tmp_path: Path
+) -> None:
+    body = "".join(f"{T0 + k},a/b,{k}\n" for k in range(20_000))
+    packed = gzip.compress(("timestamp,tag,value\n" + body).encode())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(packed[: len(packed) // 2])  # a transfer that stopped halfway
+    with pytest.raises(ImportFailed, match=r"at line \d+ .*slash_as; nothing was imported"):
+        import_history(path, buffer, ColumnMapping(slash_as="."))
+    assert buffer.tags() == []
+
+
 @pytest.mark.parametrize("bad", ["/", "", "\n", "a\u202eb"])
 def test_slash_as_must_itself_be_usable_in_a_tag_name(bad: str) -> None:
     with pytest.raises(ColumnMappingInvalid, match="slash_as"):

@@ -779,13 +779,24 @@ class _CsvLines:
 def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
     """The distinct tag names of a long-layout CSV file (a first pass, for ``slash_as``)."""
     names: set[str] = set()
-    with path.open("rb") as raw, _open_text(path, raw) as text:
-        lines = _CsvLines(text)
-        reader = csv.reader(lines, delimiter=delimiter)
-        next(reader, None)  # the header (checked by the import pass)
-        for cells in _records(lines, reader):
-            if cells is not None and len(cells) > position and (name := _text(cells[position])):
-                names.add(name)  # a line whose quote stays open is the import pass's to refuse
+    lines: _CsvLines | None = None
+    try:
+        with path.open("rb") as raw, _open_text(path, raw) as text:
+            lines = _CsvLines(text)
+            reader = csv.reader(lines, delimiter=delimiter)
+            next(reader, None)  # the header (checked by the import pass)
+            for cells in _records(lines, reader):
+                if cells is None or len(cells) <= position:
+                    continue  # a line whose quote stays open is the import pass's to refuse
+                if name := _text(cells[position]):
+                    names.add(name)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as exc:
+        where = f" at line {lines.line}" if lines is not None and lines.line else ""
+        raise ImportFailed(
+            f"{path}: cannot read the CSV file{where} ({exc}) while checking its tag names "
+            "for slash_as; nothing was imported",
+            path=path,
+        ) from exc
     return names
 
 
