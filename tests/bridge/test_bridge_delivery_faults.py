@@ -380,6 +380,21 @@ class SlowProxy:
         await self._server.wait_closed()
 
 
+async def park_then_allow(
+    outbox: AsyncOutbox, publisher: MqttPublisher, acl: Path, broker: Mosquitto, rows: int
+) -> None:
+    """``rows`` readings of the denied topic, refused and parked; then the operator fixes
+    the ACL and reloads the broker (SIGHUP), not the bridge."""
+    await outbox.append([Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(rows)])
+    publisher.notify()
+    await wait_until(lambda: publisher.counters.parked >= rows, 15, "B refused and parked")
+    rules = f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n"
+    await asyncio.to_thread(acl.write_text, rules)
+    assert broker.process is not None
+    os.kill(broker.process.pid, signal.SIGHUP)
+    await asyncio.sleep(1.0)
+
+
 async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
     tmp_path: Path,
 ) -> None:
@@ -403,17 +418,7 @@ async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
                 )
                 task = asyncio.create_task(publisher.run())
                 try:
-                    await outbox.append(
-                        [Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(5)]
-                    )
-                    publisher.notify()
-                    await wait_until(lambda: counters.parked == 5, 15, "B refused and parked")
-                    # The operator fixes the ACL and reloads the broker, not the bridge.
-                    acl.write_text(
-                        f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n"
-                    )
-                    os.kill(broker.process.pid, signal.SIGHUP)
-                    await asyncio.sleep(1.0)
+                    await park_then_allow(outbox, publisher, acl, broker, 5)
                     await outbox.append(
                         [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 8)]
                     )
@@ -456,16 +461,7 @@ async def test_parked_rows_coming_back_on_a_slow_link_are_sent_once(tmp_path: Pa
                 )
                 task = asyncio.create_task(publisher.run())
                 try:
-                    await outbox.append(
-                        [Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(20)]
-                    )
-                    publisher.notify()
-                    await wait_until(lambda: counters.parked >= 20, 15, "B parked")
-                    acl.write_text(
-                        f"topic write {ALLOWED}\ntopic write {DENIED}\ntopic read plant/#\n"
-                    )
-                    os.kill(broker.process.pid, signal.SIGHUP)
-                    await asyncio.sleep(1.0)
+                    await park_then_allow(outbox, publisher, acl, broker, 20)
                     batch = [Reading(topic=ALLOWED, ts=2.0, value=float(i)) for i in range(300)]
                     batch.append(Reading(topic=DENIED, ts=2.0, value=20.0))
                     batch += [Reading(topic=ALLOWED, ts=3.0, value=float(i)) for i in range(2000)]

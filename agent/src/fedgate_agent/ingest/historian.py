@@ -776,6 +776,17 @@ class _CsvLines:
         self._in_record = False
 
 
+_CSV_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error)
+
+
+def _unreadable_csv(
+    path: Path, lines: _CsvLines | None, exc: BaseException, outcome: str
+) -> ImportFailed:
+    where = f" at line {lines.line}" if lines is not None and lines.line else ""
+    sep = "" if outcome.startswith(";") else " "
+    return ImportFailed(f"{path}: cannot read the CSV file{where} ({exc}){sep}{outcome}", path=path)
+
+
 def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
     """The distinct tag names of a long-layout CSV file (a first pass, for ``slash_as``)."""
     names: set[str] = set()
@@ -790,12 +801,9 @@ def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
                     continue  # a line whose quote stays open is the import pass's to refuse
                 if name := _text(cells[position]):
                     names.add(name)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as exc:
-        where = f" at line {lines.line}" if lines is not None and lines.line else ""
-        raise ImportFailed(
-            f"{path}: cannot read the CSV file{where} ({exc}) while checking its tag names "
-            "for slash_as; nothing was imported",
-            path=path,
+    except _CSV_READ_ERRORS as exc:
+        raise _unreadable_csv(
+            path, lines, exc, "while checking its tag names for slash_as; nothing was imported"
         ) from exc
     return names
 
@@ -876,12 +884,9 @@ def _import_csv(
                 if importer.chunk_full:
                     importer.flush(fraction())
             importer.flush(1.0)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error) as exc:
-        where = f" at line {lines.line}" if lines is not None and lines.line else ""
-        raise ImportFailed(
-            f"{path}: cannot read the CSV file{where} ({exc}); rows before it were imported "
-            "and running the import again is safe",
-            path=path,
+    except _CSV_READ_ERRORS as exc:
+        raise _unreadable_csv(
+            path, lines, exc, "; rows before it were imported and running the import again is safe"
         ) from exc
     return importer.report()
 
