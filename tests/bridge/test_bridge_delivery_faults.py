@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -24,8 +26,9 @@ from fedgate_bridge.bridge import Bridge
 from fedgate_bridge.config import BrokerSettings, load_config
 from fedgate_bridge.counters import PublisherCounters
 from fedgate_bridge.outbox import AsyncOutbox, Outbox, Reading, read_outbox_summary
-from fedgate_bridge.publisher import MqttPublisher
+from fedgate_bridge.publisher import TOPIC_BLOCK_S, MqttPublisher
 from fedgate_bridge.run_cli import status
+from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 
 from tests.bridge.bridge_support import (
@@ -139,6 +142,39 @@ async def test_readings_the_acl_refuses_are_parked_and_sent_after_a_restart(
     assert second.publisher_counters.refused == 0
 
 
+@contextlib.asynccontextmanager
+async def running_publisher(
+    database: Path,
+    settings: BrokerSettings,
+    client_id: str,
+    *,
+    rows: Sequence[Reading] = (),
+    max_messages: int = 100,
+    backoff: Backoff | None = None,
+    topic_block_s: float = TOPIC_BLOCK_S,
+) -> AsyncIterator[MqttPublisher]:
+    """A publisher sending the outbox at ``database`` (``rows`` stored in it first) until
+    the block ends; its outbox and counters are ``publisher.outbox`` and ``.counters``."""
+    async with await AsyncOutbox.open(
+        database, max_messages=max_messages, policy="drop_oldest"
+    ) as outbox:
+        if rows:
+            await outbox.append(rows)
+        publisher = MqttPublisher(
+            settings=settings,
+            client_id=client_id,
+            outbox=outbox,
+            counters=PublisherCounters(),
+            backoff=backoff,
+            topic_block_s=topic_block_s,
+        )
+        task = asyncio.create_task(publisher.run())
+        try:
+            yield publisher
+        finally:
+            await cancel_until_done([task])
+
+
 async def five_rows(outbox: AsyncOutbox, first: int) -> None:
     await outbox.append([Reading(topic=ALLOWED, ts=1.0, value=float(first + i)) for i in range(5)])
 
@@ -150,36 +186,28 @@ async def test_a_broker_that_stops_acknowledging_is_left_and_everything_sent_aga
     await asyncio.to_thread(broker.start)
     assert broker.process is not None
     settings = BrokerSettings(port=broker.port, keepalive_s=600, ack_timeout_s=1)
-    counters = PublisherCounters()
-    path = tmp_path / "outbox.db"
     try:
         with subscriber(broker.port, "plant/#") as sub:
-            async with await AsyncOutbox.open(path, max_messages=100, policy="drop_oldest") as ob:
-                publisher = MqttPublisher(
-                    settings=settings, client_id="stalled", outbox=ob, counters=counters
-                )
-                task = asyncio.create_task(publisher.run())
+            async with running_publisher(tmp_path / "outbox.db", settings, "stalled") as publisher:
+                counters, ob = publisher.counters, publisher.outbox
+                await five_rows(ob, 0)
+                publisher.notify()
+                await wait_until(lambda: counters.acked == 5, 15, "first five acknowledged")
+                os.kill(broker.process.pid, signal.SIGSTOP)
                 try:
-                    await five_rows(ob, 0)
+                    await five_rows(ob, 5)
                     publisher.notify()
-                    await wait_until(lambda: counters.acked == 5, 15, "first five acknowledged")
-                    os.kill(broker.process.pid, signal.SIGSTOP)
-                    try:
-                        await five_rows(ob, 5)
-                        publisher.notify()
-                        await wait_until(
-                            lambda: "no PUBACK within 1 s" in counters.last_error,
-                            15,
-                            "the missing PUBACKs noticed",
-                        )
-                        assert not counters.connected
-                        assert counters.acked == 5
-                        assert ob.depth == 5  # unacknowledged rows stay
-                    finally:
-                        os.kill(broker.process.pid, signal.SIGCONT)
-                    await wait_until(lambda: publisher.idle, 30, "the rest acknowledged")
+                    await wait_until(
+                        lambda: "no PUBACK within 1 s" in counters.last_error,
+                        15,
+                        "the missing PUBACKs noticed",
+                    )
+                    assert not counters.connected
+                    assert counters.acked == 5
+                    assert ob.depth == 5  # unacknowledged rows stay
                 finally:
-                    await cancel_until_done([task])
+                    os.kill(broker.process.pid, signal.SIGCONT)
+                await wait_until(lambda: publisher.idle, 30, "the rest acknowledged")
             await wait_until(lambda: len(sub.snapshot()) >= 10, 10, "ten messages received")
             values = {p["value"] for _, p in sub.snapshot()}
     finally:
@@ -195,25 +223,17 @@ async def test_two_bridges_with_one_client_id_back_off_instead_of_storming(
     broker = Mosquitto(tmp_path / "broker", persistence=False)
     await asyncio.to_thread(broker.start)
     settings = BrokerSettings(port=broker.port)
-    counters = [PublisherCounters(), PublisherCounters()]
     try:
-        async with (
-            await AsyncOutbox.open(tmp_path / "a.db", max_messages=10, policy="drop_oldest") as a,
-            await AsyncOutbox.open(tmp_path / "b.db", max_messages=10, policy="drop_oldest") as b,
+        started = time.monotonic()
+        async with (  # the default backoff, as in production
+            running_publisher(tmp_path / "a.db", settings, "cloned") as a,
+            running_publisher(tmp_path / "b.db", settings, "cloned") as b,
         ):
-            publishers = [
-                MqttPublisher(settings=settings, client_id="cloned", outbox=ob, counters=c)
-                for ob, c in zip((a, b), counters, strict=True)
-            ]  # the default backoff, as in production
-            tasks = [asyncio.create_task(p.run()) for p in publishers]
-            started = time.monotonic()
-            try:
-                await asyncio.sleep(6.0)
-            finally:
-                await cancel_until_done(tasks)
-            elapsed = time.monotonic() - started
+            await asyncio.sleep(6.0)
+        elapsed = time.monotonic() - started
     finally:
         broker.stop()
+    counters = [a.counters, b.counters]
     connects = sum(c.connects for c in counters)
     # Each takes the other's session: every connection is short. Restarting the backoff at
     # each CONNACK reconnected every 0.25-0.5 s (about 24 connects each in 6 s); growing
@@ -260,31 +280,18 @@ async def test_a_row_the_broker_will_never_take_is_parked_not_blocking_the_rest(
     # A payload above the broker's size limit: Mosquitto closes the connection, no PUBACK.
     broker = Mosquitto(tmp_path / "broker", persistence=False, extra="message_size_limit 70\n")
     await asyncio.to_thread(broker.start)
-    settings = BrokerSettings(port=broker.port)
-    counters = PublisherCounters()
+    poison = Reading(topic=ALLOWED, ts=1.0, value=1.0, unit="x" * 80)
+    rows = [poison, *(Reading(topic=ALLOWED, ts=1.0, value=float(10 + i)) for i in range(5))]
     try:
-        async with await AsyncOutbox.open(
-            tmp_path / "o.db", max_messages=100, policy="drop_oldest"
-        ) as outbox:
-            poison = Reading(topic=ALLOWED, ts=1.0, value=1.0, unit="x" * 80)
-            await outbox.append([poison])
-            await five_rows(outbox, 10)
-            publisher = MqttPublisher(
-                settings=settings,
-                client_id="poisoned",
-                outbox=outbox,
-                counters=counters,
-                backoff=FAST,
-            )
-            task = asyncio.create_task(publisher.run())
-            try:
-                await wait_until(lambda: publisher.idle, 30, "the rest delivered")
-            finally:
-                await cancel_until_done([task])
-            summary = await outbox.summary()
-            [parked] = outbox.outbox.parked_topics()
+        async with running_publisher(
+            tmp_path / "o.db", BrokerSettings(port=broker.port), "poisoned", rows=rows, backoff=FAST
+        ) as publisher:
+            await wait_until(lambda: publisher.idle, 30, "the rest delivered")
+            summary = await publisher.outbox.summary()
+            [parked] = publisher.outbox.outbox.parked_topics()
     finally:
         broker.stop()
+    counters = publisher.counters
     assert counters.acked == 5
     assert summary.parked == 1
     assert "closed the connection each time it was sent (5 times)" in parked.reason
@@ -296,25 +303,16 @@ async def test_a_slow_link_that_keeps_acknowledging_is_not_cut_off(tmp_path: Pat
     await asyncio.to_thread(broker.start)
     proxy = await SlowProxy.start(broker.port, bytes_per_s=20_000)
     settings = BrokerSettings(port=proxy.port, max_inflight=2_000, ack_timeout_s=2)
-    counters = PublisherCounters()
+    rows = [Reading(topic=ALLOWED, ts=1.0, value=float(i)) for i in range(2_000)]
     try:
-        async with await AsyncOutbox.open(
-            tmp_path / "o.db", max_messages=10_000, policy="drop_oldest"
-        ) as outbox:
-            await outbox.append(
-                [Reading(topic=ALLOWED, ts=1.0, value=float(i)) for i in range(2_000)]
-            )
-            publisher = MqttPublisher(
-                settings=settings, client_id="slow", outbox=outbox, counters=counters
-            )
-            task = asyncio.create_task(publisher.run())
-            try:
-                await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
-            finally:
-                await cancel_until_done([task])
+        async with running_publisher(
+            tmp_path / "o.db", settings, "slow", rows=rows, max_messages=10_000
+        ) as publisher:
+            await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
     finally:
         await proxy.close()
         broker.stop()
+    counters = publisher.counters
     # 2,000 messages at 20 kB/s take about 6 s: the last of the window waits three times
     # ack_timeout_s for its PUBACK, yet PUBACKs never pause for that long.
     assert proxy.elapsed_s > 2 * settings.ack_timeout_s
@@ -401,34 +399,20 @@ async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
     acl = tmp_path / "bridge.acl"
     broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
     await asyncio.to_thread(broker.start)
-    assert broker.process is not None
-    counters = PublisherCounters()
+    settings = BrokerSettings(port=broker.port)
     try:
         with subscriber(broker.port, "plant/#") as sub:
-            async with await AsyncOutbox.open(
-                tmp_path / "o.db", max_messages=100, policy="drop_oldest"
-            ) as outbox:
-                publisher = MqttPublisher(
-                    settings=BrokerSettings(port=broker.port),
-                    client_id="reloaded",
-                    outbox=outbox,
-                    counters=counters,
-                    backoff=FAST,
-                    topic_block_s=0.5,
+            async with running_publisher(
+                tmp_path / "o.db", settings, "reloaded", backoff=FAST, topic_block_s=0.5
+            ) as publisher:
+                outbox = publisher.outbox
+                await park_then_allow(outbox, publisher, acl, broker, 5)
+                await outbox.append(
+                    [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 8)]
                 )
-                task = asyncio.create_task(publisher.run())
-                try:
-                    await park_then_allow(outbox, publisher, acl, broker, 5)
-                    await outbox.append(
-                        [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 8)]
-                    )
-                    publisher.notify()
-                    await wait_until(
-                        lambda: len(sub.seqs().get(DENIED, [])) >= 8, 20, "B delivered"
-                    )
-                    await wait_until(lambda: publisher.idle, 10, "nothing left")
-                finally:
-                    await cancel_until_done([task])
+                publisher.notify()
+                await wait_until(lambda: len(sub.seqs().get(DENIED, [])) >= 8, 20, "B delivered")
+                await wait_until(lambda: publisher.idle, 10, "nothing left")
                 summary = await outbox.summary()
     finally:
         broker.stop()
@@ -443,38 +427,31 @@ async def test_parked_rows_coming_back_on_a_slow_link_are_sent_once(tmp_path: Pa
     acl = tmp_path / "bridge.acl"
     broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
     await asyncio.to_thread(broker.start)
-    assert broker.process is not None
     proxy = await SlowProxy.start(broker.port, bytes_per_s=24_000, downlink=True)
-    counters = PublisherCounters()
+    settings = BrokerSettings(port=proxy.port, max_inflight=64)
     try:
         with subscriber(broker.port, "plant/#") as sub:
-            async with await AsyncOutbox.open(
-                tmp_path / "o.db", max_messages=10_000, policy="drop_oldest"
-            ) as outbox:
-                publisher = MqttPublisher(
-                    settings=BrokerSettings(port=proxy.port, max_inflight=64),
-                    client_id="slow-acks",
-                    outbox=outbox,
-                    counters=counters,
-                    backoff=FAST,
-                    topic_block_s=0.5,
-                )
-                task = asyncio.create_task(publisher.run())
-                try:
-                    await park_then_allow(outbox, publisher, acl, broker, 20)
-                    batch = [Reading(topic=ALLOWED, ts=2.0, value=float(i)) for i in range(300)]
-                    batch.append(Reading(topic=DENIED, ts=2.0, value=20.0))
-                    batch += [Reading(topic=ALLOWED, ts=3.0, value=float(i)) for i in range(2000)]
-                    await outbox.append(batch)
-                    publisher.notify()
-                    await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
-                finally:
-                    await cancel_until_done([task])
+            async with running_publisher(
+                tmp_path / "o.db",
+                settings,
+                "slow-acks",
+                max_messages=10_000,
+                backoff=FAST,
+                topic_block_s=0.5,
+            ) as publisher:
+                await park_then_allow(publisher.outbox, publisher, acl, broker, 20)
+                batch = [Reading(topic=ALLOWED, ts=2.0, value=float(i)) for i in range(300)]
+                batch.append(Reading(topic=DENIED, ts=2.0, value=20.0))
+                batch += [Reading(topic=ALLOWED, ts=3.0, value=float(i)) for i in range(2000)]
+                await publisher.outbox.append(batch)
+                publisher.notify()
+                await wait_until(lambda: publisher.idle, 60, "everything acknowledged")
             await wait_until(lambda: len(sub.snapshot()) >= 2_321, 15, "all received")
             received = [(topic, p["seq"]) for topic, p in sub.snapshot()]
     finally:
         await proxy.close()
         broker.stop()
+    counters = publisher.counters
     assert len(set(received)) == 2_321
     assert counters.acked == 2_321  # each row acknowledged once: none sent twice
     assert counters.resent == 0

@@ -289,8 +289,8 @@ class Outbox:
             dropped = rejected = 0
             # Parked rows make room first, whatever the policy: they wait for an operator,
             # the new readings can be delivered now.
-            evicted = _delete_oldest_parked(
-                db, min(parked, depth + parked + len(batch) - self.max_messages)
+            evicted = _delete_oldest(
+                db, "parked", min(parked, depth + parked + len(batch) - self.max_messages)
             )
             _add_counter(db, "dropped_parked", evicted)
             held = depth + parked - evicted
@@ -302,9 +302,8 @@ class Outbox:
                 if len(batch) > self.max_messages:  # keep the newest readings of a huge batch
                     dropped = len(batch) - self.max_messages
                     batch = batch[dropped:]
-                room_needed = held + len(batch) - self.max_messages
-                if room_needed > 0:
-                    dropped += _delete_oldest(db, room_needed)
+                # Every parked row has gone by now: only waiting rows are left to drop.
+                dropped += _delete_oldest(db, "messages", held + len(batch) - self.max_messages)
             next_seq: dict[str, int] = {}
             rows: list[tuple[str, int, bytes]] = []
             for reading in batch:
@@ -462,30 +461,18 @@ def _requeue_parked(db: sqlite3.Connection) -> int:
     return int(moved)
 
 
-def _delete_oldest_parked(db: sqlite3.Connection, count: int) -> int:
-    """Delete the ``count`` oldest parked rows (none when ``count`` <= 0)."""
+def _delete_oldest(db: sqlite3.Connection, table: str, count: int) -> int:
+    """Delete the ``count`` oldest rows of ``table`` (``messages`` or ``parked``; none when
+    ``count`` <= 0); returns how many went."""
     if count <= 0:
         return 0
+    assert table in ("messages", "parked")
     return int(
         db.execute(
-            "DELETE FROM parked WHERE id IN (SELECT id FROM parked ORDER BY id LIMIT ?)",
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?)",
             (count,),
         ).rowcount
     )
-
-
-def _delete_oldest(db: sqlite3.Connection, count: int) -> int:
-    """Delete the ``count`` oldest rows, waiting or parked alike; returns how many went."""
-    oldest = [
-        (int(row_id),)
-        for (row_id,) in db.execute(
-            "SELECT id FROM messages UNION ALL SELECT id FROM parked ORDER BY id LIMIT ?",
-            (count,),
-        )
-    ]
-    db.executemany("DELETE FROM messages WHERE id = ?", oldest)
-    db.executemany("DELETE FROM parked WHERE id = ?", oldest)
-    return len(oldest)
 
 
 def _parked_topics(db: sqlite3.Connection) -> list[ParkedTopic]:

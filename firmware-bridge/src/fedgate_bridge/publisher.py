@@ -31,8 +31,8 @@ payload above the broker's size limit does that): one row must not stop every ot
 
 Reconnects back off exponentially; the backoff starts again only after a connection stayed
 up for :data:`STABLE_AFTER_S`, so a broker that accepts each login and then drops the
-connection is not hammered. A connection closed after a new topic's refusal reconnects at
-once: it is expected, and that topic is not sent again.
+connection is not hammered. A connection closed after a topic's refusal reconnects at
+once: it is expected, and that topic is held back for a while.
 
 paho-mqtt runs on the asyncio loop through its external-loop hooks (``on_socket_open``,
 ``loop_read`` / ``loop_write`` / ``loop_misc``). Only the blocking TCP connect runs in a
@@ -121,21 +121,14 @@ class _Session:
         self._closed = False
         self._misc: asyncio.Task[None] | None = None
         self._v5 = settings.protocol == "5"
-        if self._v5:  # MQTT 5 has no clean_session; connect() asks for a clean start
-            client = mqtt.Client(
-                callback_api_version=CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                protocol=mqtt.MQTTv5,
-                reconnect_on_failure=False,
-            )
-        else:
-            client = mqtt.Client(
-                callback_api_version=CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                clean_session=True,
-                protocol=mqtt.MQTTv311,
-                reconnect_on_failure=False,
-            )
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            # MQTT 5 has no clean session: open() asks for a clean start instead.
+            clean_session=None if self._v5 else True,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
         if settings.username:
             client.username_pw_set(settings.username, password)
         context = tls_context(settings)  # checked when the configuration was loaded

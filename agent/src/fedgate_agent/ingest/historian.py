@@ -782,9 +782,9 @@ _CSV_READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, csv.Error, zlib.error
 def _unreadable_csv(
     path: Path, lines: _CsvLines | None, exc: BaseException, outcome: str
 ) -> ImportFailed:
+    """``outcome`` follows the cause as written, its separator included."""
     where = f" at line {lines.line}" if lines is not None and lines.line else ""
-    sep = "" if outcome.startswith(";") else " "
-    return ImportFailed(f"{path}: cannot read the CSV file{where} ({exc}){sep}{outcome}", path=path)
+    return ImportFailed(f"{path}: cannot read the CSV file{where} ({exc}){outcome}", path=path)
 
 
 def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
@@ -803,7 +803,7 @@ def _csv_tag_names(path: Path, delimiter: str, position: int) -> set[str]:
                     names.add(name)
     except _CSV_READ_ERRORS as exc:
         raise _unreadable_csv(
-            path, lines, exc, "while checking its tag names for slash_as; nothing was imported"
+            path, lines, exc, " while checking its tag names for slash_as; nothing was imported"
         ) from exc
     return names
 
