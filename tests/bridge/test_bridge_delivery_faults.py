@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from fedgate_bridge.bridge import Bridge
 from fedgate_bridge.config import BrokerSettings, load_config
@@ -393,9 +394,12 @@ async def park_then_allow(
     await asyncio.sleep(1.0)
 
 
+@pytest.mark.parametrize("later", [3, 0], ids=["new-readings", "silent-topic"])
 async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
-    tmp_path: Path,
+    tmp_path: Path, later: int
 ) -> None:
+    """With no new reading of the topic after the ACL is fixed ("silent-topic"), its oldest
+    parked row tries the topic when the block runs out, and the rest follow."""
     acl = tmp_path / "bridge.acl"
     broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
     await asyncio.to_thread(broker.start)
@@ -408,16 +412,48 @@ async def test_a_topic_the_acl_allows_again_flows_again_with_what_was_parked(
                 outbox = publisher.outbox
                 await park_then_allow(outbox, publisher, acl, broker, 5)
                 await outbox.append(
-                    [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 8)]
+                    [Reading(topic=DENIED, ts=2.0, value=float(i)) for i in range(5, 5 + later)]
                 )
                 publisher.notify()
-                await wait_until(lambda: len(sub.seqs().get(DENIED, [])) >= 8, 20, "B delivered")
+                total = 5 + later
+                await wait_until(
+                    lambda: len(sub.seqs().get(DENIED, [])) >= total, 20, "B delivered"
+                )
                 await wait_until(lambda: publisher.idle, 10, "nothing left")
                 summary = await outbox.summary()
     finally:
         broker.stop()
-    assert sorted(set(sub.seqs()[DENIED])) == list(range(8))  # the parked five included
+    assert sorted(set(sub.seqs()[DENIED])) == list(range(total))  # the parked five included
     assert summary.parked == 0
+    assert summary.depth == 0
+
+
+async def test_a_topic_still_refused_is_tried_with_one_parked_row_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """While the ACL still denies the topic, each try sends one parked row, which is parked
+    again; the other parked rows stay put and the wait doubles."""
+    acl = tmp_path / "bridge.acl"
+    broker = acl_broker(tmp_path / "broker", acl, f"topic write {ALLOWED}\n")
+    await asyncio.to_thread(broker.start)
+    settings = BrokerSettings(port=broker.port)
+    try:
+        async with running_publisher(
+            tmp_path / "o.db", settings, "still-denied", backoff=FAST, topic_block_s=0.3
+        ) as publisher:
+            outbox = publisher.outbox
+            await outbox.append([Reading(topic=DENIED, ts=1.0, value=float(i)) for i in range(8)])
+            publisher.notify()
+            await wait_until(lambda: publisher.counters.parked >= 8, 15, "B parked")
+            sent_before = publisher.counters.sent
+            # Blocks of 0.3, 0.6 and 1.2 s run out within 2.5 s: three tries at most.
+            await asyncio.sleep(2.5)
+            tries = publisher.counters.sent - sent_before
+            summary = await outbox.summary()
+    finally:
+        broker.stop()
+    assert 1 <= tries <= 3
+    assert summary.parked == 8  # each try parked again, nothing lost
     assert summary.depth == 0
 
 

@@ -229,6 +229,19 @@ def test_a_topic_accepted_again_gets_its_parked_rows_back(tmp_path: Path) -> Non
         assert outbox.summary().parked == 2  # t/b, and the payload the broker cannot take
 
 
+def test_a_topic_is_tried_with_its_oldest_parked_row(tmp_path: Path) -> None:
+    refusals = {"Not authorized", "Topic name invalid"}
+    with Outbox(tmp_path / "o.db", max_messages=10) as outbox:
+        outbox.append(readings("t/a", "t/a", "t/a"))
+        rows = outbox.pending()
+        outbox.park([(r.id, "Not authorized") for r in rows])
+        assert outbox.requeue("t/a", refusals, limit=1) == [rows[0].id]
+        assert [r.id for r in outbox.pending()] == [rows[0].id]
+        assert outbox.summary().parked == 2
+        assert outbox.requeue("t/a", refusals) == [rows[1].id, rows[2].id]
+        assert outbox.summary().parked == 0
+
+
 def test_a_version_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     with Outbox(path, max_messages=10) as outbox:

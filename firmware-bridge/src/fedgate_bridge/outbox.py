@@ -385,26 +385,27 @@ class Outbox:
 
         return self._write(work)
 
-    def requeue(self, topic: str, reasons: Collection[str]) -> list[int]:
+    def requeue(
+        self, topic: str, reasons: Collection[str], *, limit: int | None = None
+    ) -> list[int]:
         """Move ``topic``'s rows parked for one of ``reasons`` back to waiting, under their
-        old ids (the broker accepts the topic again); returns their ids, oldest first."""
+        old ids, the oldest ``limit`` of them (all by default: the broker accepts the topic
+        again; one: to try the topic); returns their ids, oldest first."""
         wanted = sorted(set(reasons))
         marks = ", ".join("?" * len(wanted))
 
         def work(db: sqlite3.Connection) -> list[int]:
-            where = f"topic = ? AND reason IN ({marks})"
-            ids = [
-                int(row_id)
-                for (row_id,) in db.execute(
-                    f"SELECT id FROM parked WHERE {where} ORDER BY id", (topic, *wanted)
-                )
-            ]
+            picked = (
+                f"SELECT id FROM parked WHERE topic = ? AND reason IN ({marks}) ORDER BY id LIMIT ?"
+            )
+            params = (topic, *wanted, -1 if limit is None else limit)
+            ids = [int(row_id) for (row_id,) in db.execute(picked, params)]
             db.execute(
                 "INSERT INTO messages (id, topic, seq, payload) "
-                f"SELECT id, topic, seq, payload FROM parked WHERE {where} ORDER BY id",
-                (topic, *wanted),
+                f"SELECT id, topic, seq, payload FROM parked WHERE id IN ({picked}) ORDER BY id",
+                params,
             )
-            db.execute(f"DELETE FROM parked WHERE {where}", (topic, *wanted))
+            db.execute(f"DELETE FROM parked WHERE id IN ({picked})", params)
             self._depth = int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
             return ids
 
@@ -654,8 +655,10 @@ class AsyncOutbox:
     async def park(self, refused: Sequence[tuple[int, str]]) -> int:
         return await self._call(lambda: self.outbox.park(refused))
 
-    async def requeue(self, topic: str, reasons: Collection[str]) -> list[int]:
-        return await self._call(lambda: self.outbox.requeue(topic, reasons))
+    async def requeue(
+        self, topic: str, reasons: Collection[str], *, limit: int | None = None
+    ) -> list[int]:
+        return await self._call(lambda: self.outbox.requeue(topic, reasons, limit=limit))
 
     async def summary(self) -> OutboxSummary:
         """The current summary; while the outbox fails, the last one read (not retried:

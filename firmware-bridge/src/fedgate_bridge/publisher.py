@@ -17,8 +17,9 @@ With MQTT 5 (the default) every PUBACK carries a reason code:
   "not authorized" or "topic name invalid" the topic's later rows are parked without being
   sent for :data:`TOPIC_BLOCK_S` (doubling up to :data:`TOPIC_BLOCK_MAX_S`): Mosquitto with
   ``max_queued_messages 0`` closes the connection after each such refusal, and every
-  denied reading would cost a reconnect. Then the topic is tried again; once the broker
-  accepts it (an ACL fixed and reloaded), its parked rows go back to waiting and are sent;
+  denied reading would cost a reconnect. Then the topic is tried again, with its next
+  reading or, when none comes, with its oldest parked row; once the broker accepts it (an
+  ACL fixed and reloaded), its parked rows go back to waiting and are sent;
 * any other refusal (quota exceeded, unspecified error, ...): the row stays, the
   connection is closed and the publisher reconnects with backoff.
 
@@ -28,6 +29,9 @@ denies and drops it, so the row is deleted and the reading lost (docs/operations
 A row that was the oldest unacknowledged one each time the broker closed the connection
 before sending any PUBACK, :data:`POISON_AFTER` connections in a row, is parked too (a
 payload above the broker's size limit does that): one row must not stop every other.
+After such a close the next connection sends one message at a time until a PUBACK comes:
+a broker that closes with the rest of a window unread resets the connection, and the reset
+can discard its last answer, so a denied row looked like a poisoned one.
 
 Reconnects back off exponentially; the backoff starts again only after a connection stayed
 up for :data:`STABLE_AFTER_S`, so a broker that accepts each login and then drops the
@@ -342,12 +346,14 @@ class MqttPublisher:
         self._retry_reason = ""  # a refusal that a new connection may cure
         self._blocked: dict[str, _Block] = {}  # topics the broker refused, not sent for now
         self._unblocked: list[str] = []  # accepted again: their parked rows go back
+        self._tried: set[str] = set()  # blocks run out: one parked row went back to try
         self._rewind = False  # parked rows came back: read the outbox from its start
         self._requeued: set[int] = set()  # rows back from parking, not yet sent again
         self._new_refusal = False  # this connection brought a refusal for a new topic
         self._acks_this_session = 0  # PUBACKs of any kind on the current connection
         self._last_progress = 0.0  # monotonic: last PUBACK, or first send into an empty window
         self._suspect: tuple[int, int] | None = None  # (row id, connections it ended)
+        self._one_at_a_time = False  # the broker closed the last connection, no PUBACK
         self._highest_sent = 0  # highest row id ever sent by this process
         self._failures = FailureLog(
             log, what="broker connection", host=settings.host, port=settings.port
@@ -379,11 +385,13 @@ class MqttPublisher:
         if sent is None:
             return
         self._acks_this_session += 1
+        self._one_at_a_time = False
         self._last_progress = time.monotonic()
         if not reason.is_failure:
             self._acked.append(sent.row)
             self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
             if self._blocked.pop(sent.topic, None) is not None:
+                self._tried.discard(sent.topic)
                 self._unblocked.append(sent.topic)  # the broker takes the topic again
             return
         self.counters.refused += 1
@@ -407,12 +415,18 @@ class MqttPublisher:
             self._topic_block_s if previous is None else min(previous.wait_s * 2, TOPIC_BLOCK_MAX_S)
         )
         self._blocked[topic] = _Block(reason, time.monotonic() + wait, wait)
+        self._tried.discard(topic)
         self._new_refusal = True
 
     def _park(self, row: int, topic: str, reason: str) -> None:
         self._refused.append((row, reason))
         self.counters.parked += 1
-        self._note_refusal(topic, reason, "parked in the outbox; sent again at the next start")
+        again = (
+            "once the broker takes the topic"
+            if reason in TOPIC_REFUSAL_NAMES
+            else "at the next start"
+        )
+        self._note_refusal(topic, reason, f"parked in the outbox; sent again {again}")
 
     def _note_refusal(self, topic: str, reason: str, outcome: str) -> None:
         self.counters.last_refusal = f"{topic}: {reason}"
@@ -429,11 +443,21 @@ class MqttPublisher:
             await self.outbox.park(refused)
         while self._unblocked:
             topic = self._unblocked.pop()
-            back = await self.outbox.requeue(topic, TOPIC_REFUSAL_NAMES)
-            if back:
-                self._requeued.update(back)
-                self._rewind = True
+            await self._bring_back(topic, limit=None)
+        now = time.monotonic()
+        for topic in [t for t, block in self._blocked.items() if now >= block.until]:
+            if topic not in self._tried:
+                # The block ran out: the topic's oldest parked row goes to try it, so a topic
+                # that produces no new reading is tried too.
+                self._tried.add(topic)
+                await self._bring_back(topic, limit=1)
         self.counters.inflight = len(self._inflight)
+
+    async def _bring_back(self, topic: str, *, limit: int | None) -> None:
+        back = await self.outbox.requeue(topic, TOPIC_REFUSAL_NAMES, limit=limit)
+        if back:
+            self._requeued.update(back)
+            self._rewind = True
 
     async def run(self) -> None:
         """Connect, publish, reconnect with backoff after any failure; never returns."""
@@ -510,6 +534,10 @@ class MqttPublisher:
         if head is None or self._acks_this_session:
             self._suspect = None
             return
+        # The broker may have answered the head and closed the connection with the rest of
+        # the window unread: a reset then discards its answer on the way. One message at a
+        # time until a PUBACK arrives lets the answer (or the close) name the row.
+        self._one_at_a_time = True
         ended = 1 if self._suspect is None or self._suspect[0] != head.row else self._suspect[1] + 1
         self._suspect = (head.row, ended)
         if ended >= POISON_AFTER:
@@ -535,7 +563,6 @@ class MqttPublisher:
         """Publish oldest first, at most ``max_inflight`` unacknowledged, until lost."""
         cursor = 0  # highest row id sent on this connection
         sent_before = self._highest_sent  # rows up to here were sent on earlier connections
-        limit = self.settings.max_inflight
         while not session.lost.is_set():
             self._wake.clear()
             self._check_inflight()
@@ -543,6 +570,7 @@ class MqttPublisher:
             if self._rewind:  # requeued rows sit below the cursor
                 self._rewind = False
                 cursor = 0
+            limit = 1 if self._one_at_a_time else self.settings.max_inflight
             room = limit - len(self._inflight)
             rows = await self.outbox.pending(after_id=cursor, limit=room) if room > 0 else []
             # Rows already on their way: in flight, or answered and not yet settled (no await
