@@ -60,6 +60,12 @@ def test_refused(value: str) -> None:
     assert "1-64 characters" in message
 
 
+def test_a_long_refused_value_is_cut_in_the_message() -> None:
+    with pytest.raises(InvalidIdentifier) as info:
+        validate_identifier("x/" * 10_000, what="sender")
+    assert len(str(info.value)) < 300
+
+
 @pytest.mark.parametrize("value", [None, b"agent", 7])
 def test_non_strings_are_refused(value: object) -> None:
     with pytest.raises(InvalidIdentifier):

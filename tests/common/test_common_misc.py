@@ -114,6 +114,16 @@ def test_logfmt_values_round_trip_on_one_line(value: str) -> None:
     assert fields["detail"] == value
 
 
+@given(st.text(max_size=30))
+def test_logfmt_lines_carry_no_control_characters(value: str) -> None:
+    """A carriage return or an escape sequence from a message must not rewrite a terminal
+    line or forge another one."""
+    logger, stream = _logger(LogfmtFormatter())
+    log_event(logger, logging.INFO, "message rejected", sender=value)
+    line = stream.getvalue().removesuffix("\n")
+    assert all(c.isprintable() for c in line)
+
+
 def test_logfmt_exception_stays_on_one_line() -> None:
     logger, stream = _logger(LogfmtFormatter())
     try:

@@ -8,6 +8,7 @@ table, and still complete the round with the honest agents.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import WireArray, encode_arrays
-from fedgate_common.envelope import decode_payload, open_envelope, seal
+from fedgate_common.envelope import Envelope, decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import GlobalModel, ModelUpdate, RecordPrivacyReport, RoundStart
 from fedgate_common.model_spec import ModelSpec, parameter_shapes
@@ -32,6 +33,7 @@ from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import STOP_REASON, CoordinatorService, ServeSummary
 from fedgate_coordinator.store import RECORD_UNIT, Store
 
+from tests.coordinator.conftest import fresh_postgres_schema
 from tests.federation_support import one_cloud
 
 BROKER = MqttSettings(host="127.0.0.1", port=1883)
@@ -91,11 +93,18 @@ class Harness:
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running(tmp_path, f"sqlite:///{tmp_path / 'c.db'}") as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
+    """A coordinator serving one plaintext round with two enrolled agents."""
     deployment = f"test-{secrets.token_hex(4)}"
     config = CoordinatorConfig(
         deployment=deployment,
         cloud=CLOUD,
-        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        database_url=database_url,
         broker=BROKER,
         rounds=RoundSettings(min_participants=2, update_timeout_s=20),
         secagg=SecAggSettings(aggregation="plaintext"),  # these attacks target plain updates
@@ -148,6 +157,12 @@ def _assert_rejected_once(harness: Harness, summary: ServeSummary, kind: str) ->
 
 
 BadInput = Callable[[Harness], Awaitable[None]]
+
+
+def hostile_envelope(h: Harness, *, version: int, stage: str, sender: str) -> bytes:
+    """An envelope nobody signed, with a sender no agent could have."""
+    envelope = Envelope(version, h.deployment, CLOUD, h.start.round, stage, sender, b"", b"")
+    return msgspec.msgpack.encode(envelope)
 
 
 async def _malformed_bytes(h: Harness) -> None:
@@ -311,3 +326,23 @@ async def test_a_round_cut_short_by_a_stop_is_aborted_and_counted(harness: Harne
     assert record.abort_reason == STOP_REASON
     assert harness.service.summary.rounds_aborted == 1
     assert harness.service.summary.rounds_completed == 0
+
+
+@pytest.mark.parametrize(
+    ("version", "stage"), [(2, "update"), (1, "no-such-stage")], ids=["version", "stage"]
+)
+async def test_a_hostile_sender_is_refused_before_it_reaches_postgres(
+    tmp_path: Path, postgres_database: str, version: int, stage: str
+) -> None:
+    """A NUL in the sender of an envelope with another flaw: PostgreSQL cannot store it,
+    and storing it once stopped the coordinator. The sender is checked first now."""
+    with fresh_postgres_schema(postgres_database) as url:
+        async with running(tmp_path, url) as h:
+            await h.send(
+                hostile_envelope(h, version=version, stage=stage, sender="x\x00y"), sender="site-a"
+            )
+            summary = await h.send_honest_updates()
+            _assert_rejected_once(h, summary, "malformed")
+            (event,) = [e for e in h.store.list_events() if e.kind == "malformed"]
+            assert event.agent_id is None
+            assert "invalid sender 'x\\x00y'" in event.detail

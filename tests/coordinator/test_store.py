@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -194,6 +197,44 @@ def test_touch_and_revoke_agent(store: Store) -> None:
     assert store.list_agents()[1].status is AgentStatus.REVOKED
     with pytest.raises(StoreError):
         store.touch_agent("nobody")
+
+
+def test_enroll_and_revoke_while_another_process_writes_on_sqlite(tmp_path: Path) -> None:
+    """`enroll`/`revoke` from the CLI while `serve` commits events: each read-then-write
+    transaction waits for the write lock instead of failing with "database is locked"."""
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    Store.open(url).close()
+    stop = threading.Event()
+    served: list[int] = []
+
+    def serve() -> None:  # what the service does per rejected message, in a second process
+        service = Store.open(url, migrate=False)
+        try:
+            while not stop.is_set():
+                service.record_event("malformed", detail="x")
+                served.append(1)
+        finally:
+            service.close()
+
+    writer = threading.Thread(target=serve)
+    writer.start()
+    cli = Store.open(url, migrate=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not served and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = len(served)
+        for n in range(30):
+            cli.enroll_agent(f"plant-{n}", KEY_A)
+            cli.revoke_agent(f"plant-{n}")
+        during = len(served) - before
+    finally:
+        stop.set()
+        writer.join()
+        cli.close()
+    assert before  # the writer really ran alongside
+    assert during
+    assert all(agent.status is AgentStatus.REVOKED for agent in Store.open(url).list_agents())
 
 
 # -- model hash chain -------------------------------------------------------------------

@@ -108,24 +108,17 @@ async def _until_disconnected(link: MqttLink) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary")
-@pytest.mark.parametrize("admit", [True, False], ids=["admit-at-receive", "no-admit-control"])
-async def test_a_flood_refused_at_receive_cannot_crowd_out_later_messages(
-    tmp_path: Path, admit: bool
-) -> None:
-    """A flood the consumer is not reading (the coordinator busy with a stage) that the
-    ``admit`` hook refuses is dropped as it arrives, so the honest messages behind it all
-    get through. The control shows why the hook runs before the queues: without it, the
-    flood fills the link's queue and aiomqtt's, and aiomqtt discards what comes next."""
-    port = free_port()
-    flood_topic = "fedgate/t/c/round/9/keys/flooder"
-    link = MqttLink(
-        settings=MqttSettings(port=port, client_id=f"flood-test-{port}", queue_size=200),
-        subscriptions=["fedgate/t/c/round/+/+/+"],
-        admit=(lambda topic: topic != flood_topic) if admit else None,
-    )
+HONEST = [f"fedgate/t/c/round/9/keys/site-{n}" for n in range(20)]
+
+
+async def flood_then_honest(
+    tmp_path: Path, link: MqttLink, port: int, flood_topic: str, count: int
+) -> list[str]:
+    """``count`` QoS 0 messages on ``flood_topic`` that nobody reads yet, then one message
+    on each of :data:`HONEST`; returns the topics the link delivered, in order."""
     lines = tmp_path / "flood.txt"
-    lines.write_text("junk\n" * 5_000)
+    lines.write_text("junk\n" * count)
+    received: list[str] = []
     with broker(mosquitto_command(tmp_path, port), port):
         task = asyncio.create_task(link.run())
         try:
@@ -143,18 +136,62 @@ async def test_a_flood_refused_at_receive_cannot_crowd_out_later_messages(
                     stdin=flood,
                 )
                 assert await asyncio.wait_for(publisher.wait(), 60) == 0
-            honest = [f"fedgate/t/c/round/9/keys/site-{n}" for n in range(20)]
-            for topic in honest:
+            for topic in HONEST:
                 await link.publish(topic, b"real")
-            received: list[str] = []
             with contextlib.suppress(TimeoutError):
                 while True:
                     received.append((await asyncio.wait_for(link.inbound.get(), 2)).topic)
         finally:
             await cancel_until_done([task])
-    arrived = [t for t in received if t in honest]
+    return received
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary")
+@pytest.mark.parametrize("admit", [True, False], ids=["admit-at-receive", "no-admit-control"])
+async def test_a_flood_refused_at_receive_cannot_crowd_out_later_messages(
+    tmp_path: Path, admit: bool
+) -> None:
+    """A flood the consumer is not reading (the coordinator busy with a stage) that the
+    ``admit`` hook refuses is dropped as it arrives, so the honest messages behind it all
+    get through. The control shows why the hook runs before the queues: without it, the
+    flood fills the link's queue and aiomqtt's, and aiomqtt discards what comes next."""
+    port = free_port()
+    flood_topic = "fedgate/t/c/round/9/keys/flooder"
+    link = MqttLink(
+        settings=MqttSettings(port=port, client_id=f"flood-test-{port}", queue_size=200),
+        subscriptions=["fedgate/t/c/round/+/+/+"],
+        admit=(lambda topic, _full: topic != flood_topic) if admit else None,
+    )
+    received = await flood_then_honest(tmp_path, link, port, flood_topic, 5_000)
+    arrived = [t for t in received if t in HONEST]
     if admit:
-        assert received == honest
+        assert received == HONEST
     else:
         assert flood_topic in received
-        assert len(arrived) < len(honest)  # crowded out
+        assert len(arrived) < len(HONEST)  # crowded out
+
+
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="needs the mosquitto binary")
+async def test_a_full_queue_still_takes_what_admit_must_take(tmp_path: Path) -> None:
+    """Messages the hook admits fill the queue while nobody reads it (many senders, each
+    within its budget). With the queue full the hook is told so and lets only the honest
+    messages in: none is discarded, and the queue stays at its size but for them."""
+    port = free_port()
+    refused_when_full: list[str] = []
+
+    def admit(topic: str, full: bool) -> bool:
+        if full and topic not in HONEST:
+            refused_when_full.append(topic)
+            return False
+        return True
+
+    link = MqttLink(
+        settings=MqttSettings(port=port, client_id=f"full-test-{port}", queue_size=100),
+        subscriptions=["fedgate/t/c/round/+/+/+"],
+        admit=admit,
+    )
+    received = await flood_then_honest(tmp_path, link, port, "fedgate/t/c/round/9/keys/many", 2_000)
+    assert [t for t in received if t in HONEST] == HONEST
+    assert refused_when_full  # the flood did fill the queue
+    # Bounded: the link's queue, aiomqtt's, and the one message the loop between them holds.
+    assert len(received) <= 2 * 100 + 1 + len(HONEST)

@@ -39,7 +39,7 @@ SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
 CLOUD = "c1"
 FLOOD_FACTOR = 10
 STAGE_TIMEOUT_S = 20.0  # a stage that waited for its deadline would show in the timing
-IN_TRANSIT = 100  # flood messages sent (QoS 0) that the coordinator had not read when it stopped
+IN_TRANSIT = 200  # flood messages sent (QoS 0) that the coordinator had not read when it stopped
 
 
 @pytest.mark.slow
@@ -168,6 +168,16 @@ def test_expected_messages_pass_once_per_stage_and_the_rest_spends_the_budget() 
     assert limiter.dropped == {"a": 2}
     limiter.start_round(5, ["a"])
     assert limiter.admit(f"{T}/5/keys/a", 1.0) is Admission.EXPECTED
+
+
+def test_with_the_queue_full_only_expected_messages_pass() -> None:
+    limiter = RateLimiter(RateLimitSettings(burst=3, extra_per_s=1.0))
+    limiter.start_round(4, {"a", "b"})
+    assert limiter.admit(f"{T}/4/keys/a", 0.0, room=False) is Admission.EXPECTED
+    assert limiter.admit(f"{T}/4/keys/a", 0.0, room=False) is Admission.DROPPED  # a 2nd: extra
+    assert limiter.admit(f"{T}/4/keys/x", 0.0, room=False) is Admission.DROPPED
+    assert limiter.dropped == {"a": 1, "x": 1}  # counted and reported like the rate limit
+    assert limiter.admit(f"{T}/4/keys/x", 0.0) is Admission.EXTRA  # its budget was not spent
 
 
 def test_unknown_senders_share_one_bucket_beyond_max_identities() -> None:

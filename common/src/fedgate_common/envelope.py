@@ -76,18 +76,19 @@ def open_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
         envelope = _envelope_decoder.decode(raw)
     except (msgspec.DecodeError, ValueError) as exc:  # invalid UTF-8: UnicodeDecodeError
         raise MalformedMessage(f"undecodable envelope: {exc}") from None
-    if envelope.version != PROTOCOL_VERSION:
-        raise MalformedMessage(
-            f"unsupported protocol version {envelope.version}", sender=envelope.sender
-        )
-    if envelope.stage not in ALL_STAGES:
-        raise MalformedMessage(f"unknown stage {envelope.stage!r}", sender=envelope.sender)
+    # The sender is checked first: errors carry it into logs and the store.
     try:
         validate_identifier(envelope.sender, what="sender")
         validate_identifier(envelope.deployment, what="deployment")
         validate_identifier(envelope.cloud, what="cloud")
     except ValueError as exc:
         raise MalformedMessage(str(exc)) from None
+    if envelope.version != PROTOCOL_VERSION:
+        raise MalformedMessage(
+            f"unsupported protocol version {envelope.version}", sender=envelope.sender
+        )
+    if envelope.stage not in ALL_STAGES:
+        raise MalformedMessage(f"unknown stage {envelope.stage[:40]!r}", sender=envelope.sender)
     if envelope.round < 0:
         raise MalformedMessage("negative round", sender=envelope.sender)
     return envelope

@@ -16,8 +16,9 @@ def validate_identifier(value: str, *, what: str = "identifier") -> str:
     id can never widen a subscription or an ACL pattern.
     """
     if not isinstance(value, str) or _IDENTIFIER.fullmatch(value) is None:
+        shown = value[:80] + "..." if isinstance(value, str) and len(value) > 80 else value
         raise InvalidIdentifier(
-            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
+            f"invalid {what} {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
             "starting with a letter or digit (no '/', '+', '#', spaces)"
         )
     return value

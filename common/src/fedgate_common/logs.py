@@ -14,7 +14,7 @@ from typing import Any
 
 def _quote(value: object) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' ="\n\t'):
+    if text == "" or any(c in ' ="' or not c.isprintable() for c in text):
         return json.dumps(text)
     return text
 

@@ -102,8 +102,9 @@ Exit codes:
 
 __all__ = ["EXIT_CODES_HELP", "ExitCode", "main"]  # scripts and tests read exit codes here
 
-# Round numbers, heights and row limits as the store takes them: SQL integers of 64 bits.
-STORE_NUMBER = click.IntRange(0, 2**63 - 1)
+# Round numbers and heights as the store keeps them (SQL INTEGER, 32 bits on PostgreSQL);
+# row limits as SQL takes them (64 bits).
+STORE_NUMBER = click.IntRange(0, 2**31 - 1)
 ROW_LIMIT = click.IntRange(1, 2**63 - 1)
 
 

@@ -82,7 +82,7 @@ from fedgate_coordinator.cross_cloud import (
     combine,
     delta_norm,
 )
-from fedgate_coordinator.errors import ConfigError
+from fedgate_coordinator.errors import ConfigError, StoreError
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import (
     AggregateRecord,
@@ -753,9 +753,12 @@ class FederationNode:
 
     def _reject(self, exc: ProtocolError, topic: str) -> None:
         self._count(exc.kind)
-        self.store.record_event(
-            exc.kind, detail=f"federation: {exc} (topic {topic[:200]})", agent_id=exc.sender
-        )
+        try:
+            self.store.record_event(
+                exc.kind, detail=f"federation: {exc} (topic {topic[:200]!r})", agent_id=exc.sender
+            )
+        except StoreError as failure:  # bookkeeping of bad input must not stop the service
+            log_event(log, logging.ERROR, "rejection not recorded", error=str(failure))
         log_event(
             log,
             logging.WARNING,

@@ -58,13 +58,24 @@ class InboundMessage(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-def _admitting_queue(admit: Callable[[str], bool]) -> type[asyncio.Queue[aiomqtt.Message]]:
+def _admitting_queue(
+    admit: Callable[[str, bool], bool],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
     """aiomqtt's incoming queue (its ``queue_type``), refusing what ``admit`` refuses
-    before the message takes a slot. aiomqtt fills it from paho's message callback."""
+    before the message takes a slot. aiomqtt fills it from paho's message callback.
+
+    ``admit(topic, full)`` is told whether the queue holds its ``maxsize`` already; what it
+    admits then is queued all the same (aiomqtt would discard it), so the caller, not the
+    queue, decides which messages may pass a full queue."""
 
     class AdmittingQueue(asyncio.Queue[aiomqtt.Message]):
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__()  # unbounded: admit keeps it to ``maxsize`` but for what it must take
+            self._bound = maxsize
+
         def put_nowait(self, item: aiomqtt.Message) -> None:
-            if admit(str(item.topic)):
+            full = 0 < self._bound <= self.qsize()
+            if admit(str(item.topic), full):
                 super().put_nowait(item)
 
     return AdmittingQueue
@@ -73,11 +84,11 @@ def _admitting_queue(admit: Callable[[str], bool]) -> type[asyncio.Queue[aiomqtt
 class MqttLink:
     """One reconnecting broker connection; inbound messages go to a bounded queue.
 
-    ``admit(topic)``, if given, runs for each message as the MQTT client receives it,
-    before the message takes a place in the client's queue: a message it refuses is gone
-    at once. So a sender flooding the link is dropped at receive speed and cannot fill the
-    queues that honest messages pass through (aiomqtt discards what arrives while its
-    queue is full).
+    ``admit(topic, full)``, if given, runs for each message as the MQTT client receives
+    it, before the message takes a place in the client's queue: a message it refuses is
+    gone at once. So a sender flooding the link is dropped at receive speed, and with the
+    queue full only what ``admit`` still takes gets in (without ``admit``, aiomqtt
+    discards what arrives while its queue is full).
     """
 
     def __init__(
@@ -86,7 +97,7 @@ class MqttLink:
         settings: MqttSettings,
         subscriptions: Sequence[str],
         backoff: Backoff | None = None,
-        admit: Callable[[str], bool] | None = None,
+        admit: Callable[[str, bool], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.subscriptions = tuple(subscriptions)

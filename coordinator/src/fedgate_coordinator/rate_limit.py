@@ -87,8 +87,13 @@ class RateLimiter:
             self._selected = frozenset(selected)
             self._seen = set()
 
-    def admit(self, topic: str, now: float) -> Admission:
-        """Decide for a message on an agent round topic, before anything else looks at it."""
+    def admit(self, topic: str, now: float, *, room: bool = True) -> Admission:
+        """Decide for a message on an agent round topic, before anything else looks at it.
+
+        ``room=False``: the inbound queue is full. An expected message is still taken (a
+        round cannot lose it); anything else is dropped and counted like a sender over its
+        budget, so a flood spread over many identities cannot crowd honest messages out.
+        """
         parts = topic.split("/")
         sender = parts[6] if len(parts) == 7 and 0 < len(parts[6]) <= MAX_ID_LENGTH else MALFORMED
         if not self.settings.enabled:
@@ -103,6 +108,9 @@ class RateLimiter:
         ):
             self._seen.add((sender, parts[5]))
             return Admission.EXPECTED
+        if not room:
+            self._count_drop(sender)
+            return Admission.DROPPED
         sender, bucket = self._bucket(sender, now)
         bucket.tokens = min(
             float(self.settings.burst),

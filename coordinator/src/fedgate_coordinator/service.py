@@ -50,7 +50,7 @@ from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
 from fedgate_coordinator.aggregation import apply_delta, as_float32
 from fedgate_coordinator.config import CoordinatorConfig
-from fedgate_coordinator.errors import ConfigError
+from fedgate_coordinator.errors import ConfigError, StoreError
 from fedgate_coordinator.federation import DecidedModel, FederationNode, global_model_message
 from fedgate_coordinator.genesis import (
     GENESIS_WEIGHTS_NAME,
@@ -230,9 +230,10 @@ class CoordinatorService:
             self._agent_keys[agent_id] = key
         return key
 
-    def admit_topic(self, topic: str) -> bool:
+    def admit_topic(self, topic: str, queue_full: bool = False) -> bool:
         """The rate limit, by topic alone: run by the link on each message as it arrives,
-        before it is queued, so a flood is dropped at receive speed (decision 0040)."""
+        before it is queued, so a flood is dropped at receive speed (decision 0040). With
+        the queue full only a selected agent's expected message gets in."""
         if _published_by_coordinator(topic):
             return False  # our own directed messages (share deliveries) come back to us
         current = self.current
@@ -241,7 +242,7 @@ class CoordinatorService:
         else:
             self.rate_limiter.start_round(current.round, current.selected)
         now = time.monotonic()
-        if self.rate_limiter.admit(topic, now) is Admission.DROPPED:
+        if self.rate_limiter.admit(topic, now, room=not queue_full) is Admission.DROPPED:
             self._report_rate_limited(now)
             return False
         if self.rate_limiter.pending:  # the tail of a flood, reported when due
@@ -290,7 +291,10 @@ class CoordinatorService:
             return
         if report is not None:
             self._book_record_privacy(report)
-        self.store.touch_agent(checked.sender)
+        try:
+            self.store.touch_agent(checked.sender)
+        except StoreError as failure:  # last_seen is bookkeeping: the message still counts
+            log_event(log, logging.ERROR, "last seen not recorded", error=str(failure))
         self._bytes_up[checked.sender] = self._bytes_up.get(checked.sender, 0) + checked.size
         log_event(
             log,
@@ -337,8 +341,13 @@ class CoordinatorService:
         self.summary.rejected[exc.kind] = self.summary.rejected.get(exc.kind, 0) + 1
         current = self.current
         round_number = current.round if current is not None else None
-        detail = f"{exc} (topic {topic[:200]})"
-        self.store.record_event(exc.kind, detail=detail, round=round_number, agent_id=exc.sender)
+        detail = f"{exc} (topic {topic[:200]!r})"
+        try:
+            self.store.record_event(
+                exc.kind, detail=detail, round=round_number, agent_id=exc.sender
+            )
+        except StoreError as failure:  # bookkeeping of bad input must not stop the service
+            log_event(log, logging.ERROR, "rejection not recorded", error=str(failure))
         log_event(
             log,
             logging.WARNING,

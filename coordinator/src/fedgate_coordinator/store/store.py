@@ -99,6 +99,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _STAGE = re.compile(rf"[a-z][a-z0-9_]{{0,{STAGE_LENGTH - 1}}}")
 _UNIT = re.compile(rf"[a-z][a-z0-9_]{{0,{UNIT_LENGTH - 1}}}")
 MAX_WORD_BITS = 64
+_BEGIN_OPTION = "fedgate_sqlite_begin"  # an execution option: how a SQLite transaction begins
 _RowT = TypeVar("_RowT", bound=Base)
 
 
@@ -164,7 +165,11 @@ def _create_engine(url: URL) -> Engine:
             cursor.close()
 
     def begin_transaction(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # A transaction that reads and then writes must take the write lock at its start:
+        # in WAL mode a deferred one whose snapshot another commit has overtaken gets
+        # SQLITE_BUSY at its first write at once, without the busy timeout.
+        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
     event.listen(engine, "connect", configure_connection)
     event.listen(engine, "begin", begin_transaction)
@@ -180,7 +185,9 @@ class Store:
 
     def __init__(self, *, engine: Engine) -> None:
         self._engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        writer = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        self._sessions = sessionmaker(writer, expire_on_commit=False)
+        self._read_sessions = sessionmaker(engine, expire_on_commit=False)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -244,10 +251,15 @@ class Store:
             return MigrationContext.configure(connection).get_current_revision()
 
     @contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        """A session in one transaction; database failures become :class:`StoreError`."""
+    def _transaction(self, *, writes: bool = True) -> Iterator[Session]:
+        """A session in one transaction; database failures become :class:`StoreError`.
+
+        ``writes=False`` for transactions that only read: on SQLite they do not take the
+        write lock, so they never wait for the service's writes nor hold them up.
+        """
+        sessions = self._sessions if writes else self._read_sessions
         try:
-            with self._sessions.begin() as session:
+            with sessions.begin() as session:
                 yield session
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {exc}") from exc
@@ -283,13 +295,13 @@ class Store:
             return _agent_record(row)
 
     def get_agent(self, agent_id: str) -> AgentRecord | None:
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.get(AgentRow, agent_id)
             return None if row is None else _agent_record(row)
 
     def list_agents(self) -> list[AgentRecord]:
         """Every enrolled agent (active and revoked), by id."""
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             rows = session.scalars(select(AgentRow).order_by(AgentRow.agent_id))
             return [_agent_record(row) for row in rows]
 
@@ -319,12 +331,12 @@ class Store:
 
     def head_model(self) -> ModelRecord | None:
         """The newest model (highest round), ``None`` before the genesis model exists."""
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.scalars(select(ModelRow).order_by(ModelRow.round.desc()).limit(1)).first()
             return None if row is None else _model_record(row)
 
     def get_model(self, digest: str) -> ModelRecord | None:
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.get(ModelRow, digest)
             return None if row is None else _model_record(row)
 
@@ -337,7 +349,7 @@ class Store:
             ModelRow.created_at,
             ModelRow.num_parameters,
         ).order_by(ModelRow.round)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [
                 ModelSummary(
                     digest=digest,
@@ -546,18 +558,18 @@ class Store:
             .where(RoundRow.status == RoundStatus.RUNNING.value)
             .order_by(RoundRow.round)
         )
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return list(session.scalars(query))
 
     def get_round(self, round: int) -> RoundRecord | None:
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.get(RoundRow, round)
             return None if row is None else _round_record(row)
 
     def list_rounds(self, limit: int | None = None) -> list[RoundRecord]:
         """Rounds, newest first; at most ``limit`` of them."""
         query = select(RoundRow).order_by(RoundRow.round.desc()).limit(limit)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [_round_record(row) for row in session.scalars(query)]
 
     def participants(self, round: int) -> list[ParticipantRecord]:
@@ -567,7 +579,7 @@ class Store:
             .where(RoundParticipantRow.round == round)
             .order_by(RoundParticipantRow.agent_id, RoundParticipantRow.stage)
         )
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [_participant_record(row) for row in session.scalars(query)]
 
     def record_stage(
@@ -634,7 +646,7 @@ class Store:
         Empty for a round without recorded stages or a round that does not exist.
         """
         query = select(RoundStageRow).where(RoundStageRow.round == round)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             records = [_stage_record(row) for row in session.scalars(query)]
         return sorted(records, key=lambda record: stage_order(record.stage))
 
@@ -770,7 +782,7 @@ class Store:
         )
         if unit is not None:
             query = query.where(PrivacyLedgerRow.unit == unit)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [_privacy_entry(row) for row in session.scalars(query)]
 
     # -- cross-cloud consensus ---------------------------------------------------------
@@ -806,7 +818,7 @@ class Store:
             .where(CloudAggregateRow.height == height)
             .order_by(CloudAggregateRow.cloud, CloudAggregateRow.id)
         )
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [_aggregate_record(row) for row in session.scalars(query)]
 
     def record_vote(self, vote: VoteRecord) -> bool:
@@ -913,7 +925,7 @@ class Store:
 
     def decision(self, height: int) -> DecisionRecord | None:
         """The decision of ``height``, ``None`` while it is undecided."""
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.get(DecisionRow, height)
             return None if row is None else _decision_record(row)
 
@@ -925,7 +937,7 @@ class Store:
     def last_decision(self) -> DecisionRecord | None:
         """The decision of the highest decided height, ``None`` before the first."""
         query = select(DecisionRow).order_by(DecisionRow.height.desc()).limit(1)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             row = session.scalars(query).first()
             return None if row is None else _decision_record(row)
 
@@ -1005,7 +1017,7 @@ class Store:
         if limit is not None and (isinstance(limit, bool) or limit < 0):
             raise StoreError(f"limit must be an integer >= 0 or None, got {limit!r}")
         query = select(entity).where(*where)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             if limit is None:
                 return list(session.scalars(query.order_by(*order)))
             descending = [column.desc() for column in order]
@@ -1027,13 +1039,13 @@ class Store:
     def event_counts(self) -> dict[str, int]:
         """Number of events per kind."""
         query = select(EventRow.kind, func.count()).group_by(EventRow.kind).order_by(EventRow.kind)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return {kind: count for kind, count in session.execute(query)}
 
     def list_events(self, limit: int = 50) -> list[EventRecord]:
         """The latest ``limit`` events, newest first."""
         query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return [_event_record(row) for row in session.scalars(query)]
 
 
