@@ -7,12 +7,15 @@ talking to the machine's Mosquitto; two test agents answer over MQTT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import aiomqtt
 import msgspec
@@ -99,11 +102,17 @@ def serve(state: Path, rounds: int, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.mark.slow
-async def test_kill_9_mid_round_then_restart_keeps_history_and_runs_next_round(
-    tmp_path: Path,
-) -> None:
-    deployment = f"crash-{secrets.token_hex(4)}"
+class Prepared(NamedTuple):
+    deployment: str
+    state: Path
+    db_url: str
+    agents: ScriptedAgents
+    log: Path
+
+
+def prepare(tmp_path: Path, prefix: str) -> Prepared:
+    """A coordinator `init`-ed for plaintext rounds of both agents, which are enrolled."""
+    deployment = f"{prefix}-{secrets.token_hex(4)}"
     state = tmp_path / "coordinator"
     spec_file = tmp_path / "spec.json"
     spec_file.write_bytes(msgspec.json.encode(SPEC))
@@ -125,15 +134,29 @@ async def test_kill_9_mid_round_then_restart_keeps_history_and_runs_next_round(
         "--json",
     )
     assert init.returncode == 0, init.stderr
-    db_url = json.loads(init.stdout)["database_url"]
     keys = {agent: nacl.signing.SigningKey.generate() for agent in AGENTS}
     for agent, key in keys.items():
         assert cli(state, "enroll", agent, public_key_text(key.verify_key)).returncode == 0
-    agents = ScriptedAgents(deployment, keys)
-    log = tmp_path / "coordinator.log"
+    db_url = str(json.loads(init.stdout)["database_url"])
+    return Prepared(
+        deployment, state, db_url, ScriptedAgents(deployment, keys), tmp_path / "coordinator.log"
+    )
 
+
+@contextlib.asynccontextmanager
+async def watching(deployment: str) -> AsyncIterator[aiomqtt.Client]:
+    """A client of the machine's broker, subscribed to what the coordinator broadcasts."""
     async with aiomqtt.Client("127.0.0.1", 1883, protocol=aiomqtt.ProtocolVersion.V5) as client:
         await client.subscribe(coordinator_broadcast_filter(deployment, CLOUD), qos=1)
+        yield client
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_round_then_restart_keeps_history_and_runs_next_round(
+    tmp_path: Path,
+) -> None:
+    deployment, state, db_url, agents, log = prepare(tmp_path, "crash")
+    async with watching(deployment) as client:
         first = serve(state, 5, log)
         try:
             start1 = await asyncio.wait_for(agents.next_start(client), 30)
@@ -183,3 +206,26 @@ async def test_kill_9_mid_round_then_restart_keeps_history_and_runs_next_round(
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
     assert data["rounds"] == {"completed": 2, "aborted": 1, "running": 0}
+
+
+async def test_a_second_serve_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    """Started by hand beside the running unit, a second `serve` used to share the broker
+    session, reject the first one's messages and abort its round as if it had crashed."""
+    deployment, state, db_url, agents, log = prepare(tmp_path, "twice")
+    async with watching(deployment) as client:
+        first = serve(state, 1, log)
+        try:
+            start = await asyncio.wait_for(agents.next_start(client), 30)
+            second = await asyncio.to_thread(cli, state, "serve", "--rounds", "1")
+            assert second.returncode == 4, second.stderr
+            assert f"already running on {state} (pid {first.pid};" in second.stderr
+            assert first.poll() is None
+            await agents.answer(client, start, AGENTS)
+            assert await asyncio.to_thread(first.wait, 60) == 0, log.read_text()[-3000:]
+        finally:
+            if first.poll() is None:
+                first.kill()
+        await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)
+    with Store.open(db_url, migrate=False) as store:
+        assert [r.status for r in store.list_rounds()] == ["completed"]
+        assert store.event_counts().get("round_recovered") is None

@@ -21,7 +21,7 @@ import signal
 import socket
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
@@ -29,6 +29,7 @@ from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.identifiers import validate_identifier
+from fedgate_common.instance_lock import single_instance
 from fedgate_common.keys import public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.service_notify import ServiceNotifier
@@ -80,6 +81,9 @@ from fedgate_agent.record_privacy import (
 from fedgate_agent.site_privacy import SAMPLING as SITE_SAMPLING
 from fedgate_agent.site_privacy import UNIT as SITE_UNIT
 from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
+
+if TYPE_CHECKING:
+    from fedgate_agent.service import AgentService
 
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
 
@@ -362,8 +366,11 @@ def run(config_path: Path, log_json: bool) -> None:
         )
     from fedgate_agent.service import AgentService  # torch loads only for `run`
 
-    service = AgentService(config=cfg, identity=identity)
+    with single_instance(cfg.state_path, "fedgate-agent"):
+        _run_service(AgentService(config=cfg, identity=identity))
 
+
+def _run_service(service: AgentService) -> None:
     notifier = ServiceNotifier.from_environ(
         os.environ,
         pid=os.getpid(),

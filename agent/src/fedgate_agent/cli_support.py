@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import msgspec
 from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
+from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable
 
 from fedgate_agent.config import DEFAULT_CONFIG_PATH
 from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
@@ -36,7 +37,8 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 data, buffer, import or privacy ledger unusable
+  3 config invalid     4 data, buffer, import or privacy ledger unusable, or
+                         another agent runs on state_dir (run)
   5 identity key exists (init) or output file exists (pretrain: use --force)
   6 federation manifest invalid
   7 no exported model yet (predict)"""
@@ -53,13 +55,13 @@ def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (LocalDataError, LedgerUnreadable, IngestError) as exc:
+        except (LocalDataError, LedgerUnreadable, IngestError, AlreadyRunning) as exc:
             fail(str(exc), ExitCode.DATA)
         except IdentityExists as exc:
             fail(str(exc), ExitCode.CONFLICT)
         except ManifestInvalid as exc:
             fail(str(exc), ExitCode.MANIFEST)
-        except ConfigError as exc:
+        except (ConfigError, StateDirUnusable) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:
             fail(str(exc), ExitCode.CONFIG)

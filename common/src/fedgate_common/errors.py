@@ -26,6 +26,8 @@ Tree::
      ├── InvalidIdentifier       an id that is not safe inside an MQTT topic
      ├── ManifestInvalid         a federation manifest is malformed or not signed by a quorum
      ├── BrokerTlsInvalid        a broker login's TLS files do not load or do not pair
+     ├── AlreadyRunning          another process runs on the state directory (instance_lock)
+     ├── StateDirUnusable        the state directory cannot hold the lock (instance_lock)
      └── FileInvalid             a data file (simulated runs, genesis weights) cannot be used
           ├── NpzUnreadable          not an .npz archive with the arrays asked for (npz_files)
           ├── PlantRunsInvalid       not a readable, consistent simulated-runs file

@@ -17,9 +17,16 @@ from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-__all__ = ["CANCEL_NUDGE_S", "BackgroundTasks", "cancel_persistently", "cancel_until_done"]
+__all__ = [
+    "CANCEL_NUDGE_S",
+    "BackgroundTasks",
+    "cancel_persistently",
+    "cancel_until_done",
+    "leaf_error",
+]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 CANCEL_NUDGE_S: Final = 0.5  # how long a cancelled task gets before it is cancelled again
 SIGNAL_NUDGE_S: Final = 2.0  # the same after a stop signal: time for the task's own cleanup
@@ -91,3 +98,16 @@ class BackgroundTasks:
             await cancel_until_done(self._tasks)
         finally:
             await self._group.__aexit__(exc_type, exc, traceback)
+
+
+def leaf_error(error: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in ``error`` or, for a task group's
+    ``ExceptionGroup``, among the exceptions it holds (depth first); ``None`` if none is.
+    A command maps it to its exit code as if it had been raised alone."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := leaf_error(inner, kind)) is not None:
+                return found
+    return None

@@ -44,12 +44,13 @@ from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, toler
 from fedgate_common.errors import FedgateError, ManifestInvalid
 from fedgate_common.genesis_weights import GenesisWeights, read_genesis_weights
 from fedgate_common.identifiers import validate_identifier
+from fedgate_common.instance_lock import single_instance
 from fedgate_common.keys import parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
 from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec, parameter_count
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.service_notify import ServiceNotifier
-from fedgate_common.tasks import cancel_persistently
+from fedgate_common.tasks import cancel_persistently, leaf_error
 from fedgate_common.text_table import format_table
 
 from fedgate_coordinator import __version__
@@ -95,7 +96,8 @@ from fedgate_coordinator.store import RECORD_UNIT, SITE_UNIT, PrivacyLedgerEntry
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success          1 unexpected failure   2 bad command line
-  3 config/key error 4 store error          5 enrollment conflict
+  3 config/key error 4 store error, or another serve runs on the state directory
+  5 enrollment conflict
   6 model hash chain does not verify
   7 not found (rounds --detail N of a round that does not exist)
   8 the federation manifest is invalid or not signed by a quorum"""
@@ -478,15 +480,22 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
     problems = manifest_problems(manifest.manifest)  # its chain was verified at install
     if problems:
         raise ManifestInvalid("the installed manifest: " + "; ".join(problems), problems=problems)
-    store = obj.store(config)
-    service = CoordinatorService(
-        config=config,
-        store=store,
-        signing_key=key,
-        manifest=manifest,
-        state_dir=obj.state_dir.absolute(),
-    )
+    # Before the store is opened: a second serve would abort the first one's running round.
+    with single_instance(obj.state_dir, "fedgate-coordinator-serve"):
+        store = obj.store(config)
+        service = CoordinatorService(
+            config=config,
+            store=store,
+            signing_key=key,
+            manifest=manifest,
+            state_dir=obj.state_dir.absolute(),
+        )
+        _serve(service, store, max_rounds, until_height)
 
+
+def _serve(
+    service: CoordinatorService, store: Store, max_rounds: int | None, until_height: int | None
+) -> None:
     notifier = ServiceNotifier.from_environ(
         os.environ,
         pid=os.getpid(),
@@ -512,6 +521,11 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
         asyncio.run(run())
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("stopped", err=True)
+    except BaseExceptionGroup as group:  # the service's task group: exit as for the cause
+        failure = leaf_error(group, StoreError)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         store.close()
         notifier.close()

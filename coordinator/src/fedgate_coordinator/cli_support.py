@@ -20,6 +20,7 @@ from fedgate_common.errors import (
     InvalidIdentifier,
     ManifestInvalid,
 )
+from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable
 from fedgate_common.keys import InvalidKey
 
 from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
@@ -53,13 +54,13 @@ def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, GenesisWeightsInvalid, BrokerTlsInvalid) as exc:
+        except (ConfigError, GenesisWeightsInvalid, BrokerTlsInvalid, StateDirUnusable) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
             fail(str(exc), ExitCode.CONFLICT)
         except ChainBroken as exc:
             fail(str(exc), ExitCode.CHAIN)
-        except StoreError as exc:
+        except (StoreError, AlreadyRunning) as exc:
             fail(str(exc), ExitCode.STORE)
         except (InvalidKey, InvalidIdentifier) as exc:
             fail(str(exc), ExitCode.USAGE)

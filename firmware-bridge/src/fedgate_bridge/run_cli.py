@@ -13,6 +13,7 @@ Exit codes (also in each command's ``--help``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -27,8 +28,10 @@ from typing import Any, NoReturn
 
 import click
 import msgspec
+from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable, single_instance
 from fedgate_common.logs import configure_logging
 from fedgate_common.service_notify import ServiceNotifier
+from fedgate_common.tasks import leaf_error
 from fedgate_common.text_table import format_table
 
 from fedgate_bridge.config import (
@@ -57,7 +60,7 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 outbox unusable"""
+  3 config invalid     4 outbox unusable, or another bridge runs on state_dir"""
 
 config_option = click.option(
     "--config",
@@ -101,12 +104,19 @@ def _quiet_libraries(level: str) -> None:
 
 
 async def _run_until_signal(config: BridgeConfig) -> None:
-    from fedgate_bridge.bridge import Bridge  # asyncua / pymodbus: only when bridging
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    with contextlib.suppress(OSError):  # one it cannot make: the lock says why
+        config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+    with single_instance(config.state_path, "fedgate-bridge"):
+        await _bridge_until(config, stop)
+
+
+async def _bridge_until(config: BridgeConfig, stop: asyncio.Event) -> None:
+    from fedgate_bridge.bridge import Bridge  # asyncua / pymodbus: only when bridging
+
     bridge = Bridge(config)
     notifier = ServiceNotifier.from_environ(
         os.environ,
@@ -123,16 +133,6 @@ async def _run_until_signal(config: BridgeConfig) -> None:
         lifecycle.cancel()
         await asyncio.wait([lifecycle])
         notifier.close()
-
-
-def _outbox_failure(error: BaseException) -> OutboxError | None:
-    if isinstance(error, OutboxError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            if (found := _outbox_failure(inner)) is not None:
-                return found
-    return None
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -155,10 +155,12 @@ def run(config_path: Path, log_json: bool) -> None:
     _quiet_libraries(config.log_level)
     try:
         asyncio.run(_run_until_signal(config))
-    except ConfigError as exc:
+    except (ConfigError, StateDirUnusable) as exc:
         _fail(str(exc), ExitCode.CONFIG)
+    except AlreadyRunning as exc:
+        _fail(str(exc), ExitCode.OUTBOX)
     except Exception as exc:
-        outbox_error = _outbox_failure(exc)
+        outbox_error = leaf_error(exc, OutboxError)
         if outbox_error is not None:
             _fail(str(outbox_error), ExitCode.OUTBOX)
         log.exception("bridge failed", extra={"fields": {"config": str(config_path)}})
