@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fedgate_common.tasks import BackgroundTasks, cancel_persistently, cancel_until_done
+from fedgate_common.tasks import BackgroundTasks, cancel_persistently, cancel_until_done, leaf_error
 
 
 async def ignore_cancellations(swallow: int, swallowed: list[int]) -> None:
@@ -110,3 +110,11 @@ async def test_a_cancelled_body_stops_its_tasks_and_the_cancellation_propagates(
     await cancel_until_done([outer])
     assert outer.cancelled()
     assert inner[0].cancelled()
+
+
+def test_leaf_error_finds_the_cause_inside_nested_task_groups() -> None:
+    cause = KeyError("store")
+    group = ExceptionGroup("outer", [ValueError("a"), ExceptionGroup("inner", [cause])])
+    assert leaf_error(group, KeyError) is cause
+    assert leaf_error(group, TypeError) is None
+    assert leaf_error(cause, LookupError) is cause  # not a group: itself, if of the kind
