@@ -15,24 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import aiomqtt
 import mqtt5
 import pytest
 from fedgate_agent.errors import ConfigError
 from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
 from fedgate_agent.ingest.errors import MqttProtocolError
 from fedgate_agent.ingest.mqtt_source import (
+    SPARKPLUG_BIRTHS_NAME,
     MqttIngest,
     MqttIngestSettings,
     MqttSubscription,
     _BrokerStream,
     topic_matches,
 )
-from fedgate_agent.ingest.sparkplug import sparkplug_payload_class
+from fedgate_agent.ingest.sparkplug import DATA_TYPES, sparkplug_payload_class
 from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import cancel_until_done
 from hypothesis import given
@@ -429,6 +432,38 @@ async def test_tags_with_control_characters_are_refused_and_counted_the_rest_sto
         assert ingest.counters.malformed == {"bad_tag": 4}
         assert ingest.buffer.tags() == ["Pump/Speed", "XMEAS_1", "XMEAS_4"]
         assert ingest.buffer.stats().counters["rejected_bad_tag"] == 4
+
+
+async def test_sparkplug_births_are_remembered_across_a_restart_of_the_agent(
+    tmp_path: Path,
+) -> None:
+    """Through the machine's Mosquitto: the NBIRTH reaches the agent, the agent restarts,
+    then alias-only data without data types comes. The restarted agent used to store an
+    Int32 of -1 as 4294967295 under ``alias:2``."""
+    group = f"g{secrets.token_hex(4)}"
+    subscriptions = (MqttSubscription(f"spBv1.0/{group}/#", format="sparkplug"),)
+    birth = sparkplug_payload_class()()
+    birth.timestamp = 1_700_000_000_000
+    birth.metrics.add(name="Valve/Pos", alias=2, datatype=DATA_TYPES["Int32"], int_value=7)
+    data = sparkplug_payload_class()()
+    data.timestamp = 1_700_000_001_000
+    data.metrics.add(alias=2, int_value=0xFFFFFFFF)
+    async with aiomqtt.Client("127.0.0.1", 1883) as plant:
+        for message_type, payload in (("NBIRTH", birth), ("NDATA", data)):
+            async with ingesting(
+                tmp_path, 1883, subscriptions=subscriptions, client_id=f"agent-{group}"
+            ) as ingest:
+                await until(lambda: ingest.connected.is_set(), "subscribed")
+                await plant.publish(
+                    f"spBv1.0/{group}/{message_type}/edge1", payload.SerializeToString(), qos=1
+                )
+                await until(lambda: ingest.counters.committed == 1, f"{message_type} stored")
+                assert ingest.counters.malformed == {}
+    assert (tmp_path / SPARKPLUG_BIRTHS_NAME).exists()
+    with IngestBuffer.open(BufferSettings(tmp_path / "buffer.db")) as buffer:
+        assert buffer.tags() == ["Valve/Pos"]
+        _, values = buffer.read_series(["Valve/Pos"])["Valve/Pos"]
+    assert values.tolist() == [7.0, -1.0]
 
 
 async def test_a_refused_connection_is_retried(tmp_path: Path) -> None:

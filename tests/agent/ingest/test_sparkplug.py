@@ -59,17 +59,24 @@ def test_birth_then_alias_only_data_from_the_same_edge_node() -> None:
         {"alias": 11, "int_value": 7},  # datatype known from the birth: Int16
         {"alias": 99, "float_value": 1.5},  # never announced
     )
+    refused: list[MalformedPayload] = []
     samples = decode_sparkplug_samples(
-        "spBv1.0/plant/NDATA/edge1", data, aliases=aliases, tag_prefix="R1."
+        "spBv1.0/plant/NDATA/edge1", data, aliases=aliases, tag_prefix="R1.", refused=refused
     )
     assert [(s.source, s.seq, s.tag, s.value) for s in samples] == [
         ("mqtt:spBv1.0/plant/edge1#Reactor/Temp", T0 + 3, "R1.Reactor/Temp", 121.0),
         ("mqtt:spBv1.0/plant/edge1#Reactor/Level", T0 + 5, "R1.Reactor/Level", 7.0),
-        ("mqtt:spBv1.0/plant/edge1#alias:99", T0 + 5, "R1.alias:99", 1.5),
     ]
+    assert [r.reason for r in refused] == ["unknown_alias"]  # 99: never stored under a guess
     # another edge node's aliases are its own
-    other = decode_sparkplug_samples("spBv1.0/plant/NDATA/edge2", data, aliases=aliases)
-    assert other[0].tag == "alias:10"
+    refused.clear()
+    assert (
+        decode_sparkplug_samples(
+            "spBv1.0/plant/NDATA/edge2", data, aliases=aliases, refused=refused
+        )
+        == []
+    )
+    assert [r.reason for r in refused] == ["unknown_alias"] * 3
 
 
 def test_device_metrics_use_the_edge_nodes_aliases_and_a_new_nbirth_resets_them() -> None:
@@ -84,8 +91,56 @@ def test_device_metrics_use_the_edge_nodes_aliases_and_a_new_nbirth_resets_them(
     assert speed.source == "mqtt:spBv1.0/g/e/pump1#Pump/Speed"
     assert speed.tag == "Pump/Speed"
     decode_sparkplug_samples("spBv1.0/g/NBIRTH/e", payload(T0 + 2), aliases=aliases)
-    (unknown,) = decode_sparkplug_samples("spBv1.0/g/DDATA/e/pump1", ddata, aliases=aliases)
-    assert unknown.tag == "alias:1"
+    refused: list[MalformedPayload] = []
+    assert (
+        decode_sparkplug_samples("spBv1.0/g/DDATA/e/pump1", ddata, aliases=aliases, refused=refused)
+        == []
+    )
+    assert [r.reason for r in refused] == ["unknown_alias"]
+
+
+def test_what_births_taught_survives_a_restart_of_the_agent() -> None:
+    """Sparkplug data may leave out name and data type. An agent restarted after the birth
+    used to store an Int32 of -1 as 4294967295 and alias-only metrics as "alias:<n>"."""
+    aliases = SparkplugAliases()
+    birth = payload(
+        T0,
+        {"name": "Valve/Pos", "alias": 2, "datatype": DATA_TYPES["Int32"], "int_value": 0},
+    )
+    decode_sparkplug_samples("spBv1.0/g/NBIRTH/e", birth, aliases=aliases)
+    assert aliases.changed
+    saved = aliases.to_bytes()
+    assert not aliases.changed
+    decode_sparkplug_samples("spBv1.0/g/NDATA/e", payload(T0 + 1), aliases=aliases)
+    assert not aliases.changed  # data teaches nothing: nothing to write
+    restarted = SparkplugAliases.from_bytes(saved)
+    data = payload(T0 + 1, {"alias": 2, "int_value": 0xFFFFFFFF})
+    (sample,) = decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, aliases=restarted)
+    assert (sample.tag, sample.value) == ("Valve/Pos", -1.0)
+    refused: list[MalformedPayload] = []
+    forgot = SparkplugAliases()  # what a restart without the saved births knows
+    assert (
+        decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, aliases=forgot, refused=refused) == []
+    )
+    assert [r.reason for r in refused] == ["unknown_alias"]
+    with pytest.raises(ValueError, match="Expected"):
+        SparkplugAliases.from_bytes(b'{"not": "births"}')
+
+
+def test_an_integer_without_a_known_data_type_is_refused_not_guessed() -> None:
+    refused: list[MalformedPayload] = []
+    data = payload(T0, {"name": "m", "int_value": 0xFFFFFFFF}, {"name": "ok", "double_value": 2.0})
+    (ok,) = decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, refused=refused)
+    assert ok.tag == "ok"  # the message's other metrics are kept
+    assert [r.reason for r in refused] == ["unknown_datatype"]  # -1 or 4294967295?
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_readings_are_refused_and_counted(value: float) -> None:
+    refused: list[MalformedPayload] = []
+    data = payload(T0, {"name": "x", "datatype": DATA_TYPES["Double"], "double_value": value})
+    assert decode_sparkplug_samples("spBv1.0/g/NDATA/e", data, refused=refused) == []
+    assert [r.reason for r in refused] == ["not_finite"]
 
 
 @pytest.mark.parametrize(
@@ -99,7 +154,6 @@ def test_device_metrics_use_the_edge_nodes_aliases_and_a_new_nbirth_resets_them(
         ({"datatype": DATA_TYPES["UInt64"], "long_value": 2**40}, 2.0**40),
         ({"datatype": DATA_TYPES["Float"], "float_value": 0.5}, 0.5),
         ({"datatype": DATA_TYPES["Boolean"], "boolean_value": True}, 1.0),
-        ({"int_value": 0xFFFFFFFF}, 4294967295.0),  # no datatype anywhere: unsigned
     ],
 )
 def test_numeric_types(fields: dict[str, Any], value: float) -> None:

@@ -77,9 +77,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, cast
+from pathlib import Path
+from typing import Final, NamedTuple, Protocol, cast
 
 import mqtt5
+from fedgate_common.atomic_files import atomic_write
 from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
 
@@ -102,6 +104,8 @@ __all__ = [
 log = logging.getLogger("fedgate.agent.ingest.mqtt")
 
 FORMATS = ("json", "sparkplug")
+#: Beside the buffer: the Sparkplug names and data types births taught, for after a restart.
+SPARKPLUG_BIRTHS_NAME: Final = "sparkplug-births.json"
 _MAX_TRACKED_TOPICS = 10_000
 _SUBSCRIBE_PACKET_ID = 1
 _WRITE_RETRY = Backoff(initial_s=0.1, max_s=5.0)
@@ -611,7 +615,8 @@ class MqttIngest:
         #: the reader stops reading when it is full).
         self.inbound: deque[_Inbound] = deque()
         self._router = _TopicRouter(settings.subscriptions)
-        self._aliases = SparkplugAliases()
+        self._births_path = buffer.settings.path.with_name(SPARKPLUG_BIRTHS_NAME)
+        self._aliases = _load_births(self._births_path)
         self._wakeup = threading.Condition()
         self._stopping = False
         self._paused: _BrokerConnection | None = None
@@ -839,6 +844,8 @@ class MqttIngest:
 
     def _commit(self, batch: list[_Inbound]) -> None:
         rows, rejected, acks = self._decode(batch)
+        if self._aliases.changed:  # on disk before the birth is acknowledged
+            self._save_births()
         attempt = 0
         while True:
             try:
@@ -871,6 +878,19 @@ class MqttIngest:
             self._send_acks,
             [(connection, self._pubacks_of(mids), len(mids)) for connection, mids in acks.items()],
         )
+
+    def _save_births(self) -> None:
+        try:
+            atomic_write(self._births_path, self._aliases.to_bytes())
+        except OSError as exc:  # a restart then refuses alias-only data until the next birth
+            self._aliases.changed = True  # tried again with the next batch
+            log_event(
+                log,
+                logging.ERROR,
+                "Sparkplug births not saved",
+                path=str(self._births_path),
+                error=str(exc),
+            )
 
     def _pubacks_of(self, mids: list[int]) -> bytes:
         """PUBACK (success) for each packet id, concatenated: one socket write per batch.
@@ -953,3 +973,15 @@ class MqttIngest:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to ack to
             loop.call_soon_threadsafe(callback, *args)
+
+
+def _load_births(path: Path) -> SparkplugAliases:
+    """The Sparkplug names and data types saved by an earlier run; none when there is no
+    file or it cannot be read (logged: alias-only data is then refused until births come)."""
+    try:
+        return SparkplugAliases.from_bytes(path.read_bytes())
+    except FileNotFoundError:
+        return SparkplugAliases()
+    except (OSError, ValueError) as exc:
+        log_event(log, logging.WARNING, "Sparkplug births not read", path=str(path), error=str(exc))
+        return SparkplugAliases()

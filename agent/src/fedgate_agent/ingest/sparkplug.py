@@ -19,16 +19,21 @@ Mapping, one :class:`~.samples.Sample` per metric that has a number or a boolean
 - Int8/16/32/64 values are read as two's complement of their width (both the Java and the
   Python Tahu encodings of negative numbers come out right); UInt* as unsigned; Float and
   Double as is; Boolean as 0.0/1.0;
-- skipped: null metrics, strings, bytes, DateTime, data sets, templates, non-finite floats,
+- skipped: null metrics, strings, bytes, DateTime, data sets, templates,
   ``bdSeq`` and the ``Node Control/*`` / ``Device Control/*`` commands;
-- a metric named only by its alias (allowed in NDATA/DDATA) is named through the NBIRTH /
-  DBIRTH seen earlier from the same edge node (:class:`SparkplugAliases`), else its tag is
-  ``alias:<n>``. NCMD, DCMD, NDEATH, DDEATH and STATE carry no measurements: no samples.
+- a metric named only by its alias, or sent without its data type (both allowed in
+  NDATA/DDATA), takes name and type from the NBIRTH / DBIRTH seen earlier from the same edge
+  node (:class:`SparkplugAliases`, kept on disk by the caller so that a restart of the agent
+  does not forget them). NCMD, DCMD, NDEATH, DDEATH and STATE carry no measurements.
 
 Refused with :class:`MalformedPayload`: ``too_large``, ``not_sparkplug_topic``,
-``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``, ``ts_in_future``. A metric
-whose name has a control character is refused alone (``bad_tag``); the message's other
-metrics are kept.
+``not_protobuf``, ``missing_timestamp``, ``seq_out_of_range``, ``ts_in_future``. Refused
+alone, the message's other metrics kept: a name with a control character (``bad_tag``), a
+non-finite Float or Double (``not_finite``), an alias no birth named (``unknown_alias``)
+and an integer whose data type no birth gave (``unknown_datatype``: its sign cannot be
+told). The last two are never stored under a guessed name or value; the edge node's next
+birth (it sends one when it reconnects, or on a ``Node Control/Rebirth`` command) cures
+them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgspec
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
@@ -131,20 +137,52 @@ def sparkplug_payload_class() -> Any:
     return _PAYLOAD_CLASS
 
 
+class _EdgeNodeBirths(msgspec.Struct, array_like=True):
+    group: str
+    edge_node: str
+    names: dict[int, str]
+    datatypes: dict[str, int]
+
+
 class SparkplugAliases:
     """Metric names and data types announced in NBIRTH/DBIRTH, per edge node.
 
     Aliases are unique within an edge node (its devices included); a new NBIRTH starts a
     new session and forgets the node's previous aliases. At most ``max_edge_nodes`` nodes are
-    remembered (the least recently born are forgotten first).
+    remembered (the least recently born are forgotten first). :attr:`changed` says that a
+    birth changed them since :meth:`to_bytes` last ran; :meth:`from_bytes` reads them back.
     """
 
     def __init__(self, *, max_edge_nodes: int = _MAX_EDGE_NODES) -> None:
         self._max_edge_nodes = max_edge_nodes
         self._names: dict[tuple[str, str], dict[int, str]] = {}
         self._datatypes: dict[tuple[str, str], dict[str, int]] = {}
+        self.changed = False
+
+    def to_bytes(self) -> bytes:
+        """Everything learnt, oldest edge node first; clears :attr:`changed`."""
+        self.changed = False
+        return msgspec.json.encode(
+            [
+                _EdgeNodeBirths(group, node, names, self._datatypes.get((group, node), {}))
+                for (group, node), names in self._names.items()
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_edge_nodes: int = _MAX_EDGE_NODES) -> SparkplugAliases:
+        """What :meth:`to_bytes` wrote; raises ``msgspec.DecodeError`` (a ``ValueError``)
+        for anything else."""
+        aliases = cls(max_edge_nodes=max_edge_nodes)
+        for node in msgspec.json.decode(data, type=list[_EdgeNodeBirths]):
+            aliases.start_session(node.group, node.edge_node)
+            aliases._names[(node.group, node.edge_node)].update(node.names)
+            aliases._datatypes[(node.group, node.edge_node)].update(node.datatypes)
+        aliases.changed = False
+        return aliases
 
     def start_session(self, group: str, edge_node: str) -> None:
+        self.changed = True
         key = (group, edge_node)
         self._names.pop(key, None)
         self._datatypes.pop(key, None)
@@ -161,10 +199,12 @@ class SparkplugAliases:
         key = (group, edge_node)
         if key not in self._names:
             self.start_session(group, edge_node)
-        if alias is not None:
+        if alias is not None and self._names[key].get(alias) != name:
             self._names[key][alias] = name
-        if datatype is not None:
+            self.changed = True
+        if datatype is not None and self._datatypes[key].get(name) != datatype:
             self._datatypes[key][name] = datatype
+            self.changed = True
 
     def name(self, group: str, edge_node: str, alias: int) -> str | None:
         return self._names.get((group, edge_node), {}).get(alias)
@@ -209,21 +249,26 @@ def decode_sparkplug_samples(
     stream = "/".join([NAMESPACE, group, edge_node, *levels[4:]])
     payload_ms = message.timestamp if message.HasField("timestamp") else None
     samples: list[Sample] = []
+    refusals: list[MalformedPayload] = [] if refused is None else refused
     for metric in message.metrics:
-        name = _metric_name(metric, group, edge_node, aliases, birth=message_type.endswith("BIRTH"))
-        if name is None or name == "bdSeq" or name.startswith(_SKIPPED_NAMES):
-            continue
-        datatype = (
-            metric.datatype
-            if metric.HasField("datatype")
-            else aliases.datatype(group, edge_node, name)
-        )
-        value = _metric_value(metric, datatype)
-        if value is None:
-            continue
-        if (why := tag_problem(tag_prefix + name, slash=True)) is not None:
-            if refused is not None:
-                refused.append(MalformedPayload(f"metric {name!r}: {why}", reason="bad_tag"))
+        try:
+            name = _metric_name(
+                metric, group, edge_node, aliases, birth=message_type.endswith("BIRTH")
+            )
+            if name is None or name == "bdSeq" or name.startswith(_SKIPPED_NAMES):
+                continue
+            datatype = (
+                metric.datatype
+                if metric.HasField("datatype")
+                else aliases.datatype(group, edge_node, name)
+            )
+            value = _metric_value(metric, name, datatype)
+            if value is None:
+                continue
+            if (why := tag_problem(tag_prefix + name, slash=True)) is not None:
+                raise _refused(f"metric {name!r}: {why}", "bad_tag")
+        except _MetricRefused as exc:
+            refusals.append(exc.error)
             continue
         ms = metric.timestamp if metric.HasField("timestamp") else payload_ms
         if ms is None:
@@ -264,18 +309,29 @@ def _metric_name(
         return name
     if alias is None:
         return None
-    return aliases.name(group, edge_node, alias) or f"alias:{alias}"
+    name = aliases.name(group, edge_node, alias)
+    if name is None:
+        raise _refused(
+            f"alias {alias} of edge node {group}/{edge_node} was named by no birth seen",
+            "unknown_alias",
+        )
+    return name
 
 
-def _metric_value(metric: Any, datatype: int | None) -> float | None:
+def _metric_value(metric: Any, name: str, datatype: int | None) -> float | None:
     if metric.HasField("is_null") and metric.is_null:
         return None
     if datatype in _NOT_MEASUREMENTS:
         return None
     kind = metric.WhichOneof("value")
     if kind in ("int_value", "long_value"):
+        if datatype is None:
+            raise _refused(
+                f"metric {name!r}: an integer without its data type (no birth gave it)",
+                "unknown_datatype",
+            )
         raw: int = getattr(metric, kind)
-        width = _SIGNED_WIDTH.get(datatype or 0)
+        width = _SIGNED_WIDTH.get(datatype)
         if width is not None:
             raw &= (1 << width) - 1
             if raw >= 1 << (width - 1):
@@ -283,7 +339,21 @@ def _metric_value(metric: Any, datatype: int | None) -> float | None:
         return float(raw)
     if kind in ("float_value", "double_value"):
         number = float(getattr(metric, kind))
-        return number if math.isfinite(number) else None
+        if not math.isfinite(number):
+            raise _refused(f"metric {name!r} is {number}", "not_finite")
+        return number
     if kind == "boolean_value":
         return 1.0 if metric.boolean_value else 0.0
     return None
+
+
+class _MetricRefused(Exception):
+    """One metric refused; the message's other metrics go on."""
+
+    def __init__(self, error: MalformedPayload) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _refused(message: str, reason: str) -> _MetricRefused:
+    return _MetricRefused(MalformedPayload(message, reason=reason))
