@@ -561,7 +561,7 @@ def _ingest_status(cfg: AgentConfig, state: AgentStatus, running: bool) -> dict[
 
 def _print_ingest(ingest: dict[str, Any]) -> None:
     buffer = ingest["buffer"]
-    if "error" in buffer:
+    if buffer.get("error"):
         click.echo(f"buffer     unreadable: {buffer['error']}")
         return
     counters = buffer.get("counters", {})

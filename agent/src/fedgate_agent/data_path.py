@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
 from fedgate_common.logs import log_event
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.tasks import BackgroundTasks
@@ -145,7 +146,12 @@ class DataPath:
         """Counters of every source and of the buffer, with rates since the last call."""
         now = time.time() if now is None else now
         sources: list[SourceStatus] = []
-        buffer = buffer_status(self.buffer)
+        try:
+            buffer = buffer_status(self.buffer)
+        except IngestError as exc:  # damaged while running: the agent goes on and says so
+            if self.status.buffer.error is None:
+                log_event(log, logging.ERROR, "buffer unreadable", error=str(exc))
+            buffer = msgspec.structs.replace(self.status.buffer, error=str(exc))
         newest = buffer.newest_ts
         if self._mqtt is not None:
             c = self._mqtt.counters

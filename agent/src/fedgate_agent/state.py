@@ -51,6 +51,7 @@ class BufferStatus(msgspec.Struct, kw_only=True):
     counters: dict[str, int] = msgspec.field(default_factory=dict)
     quarantined: list[str] = msgspec.field(default_factory=list)
     newest_ts: float | None = None
+    error: str | None = None  # the buffer could not be read at the last refresh
 
 
 class IngestStatus(msgspec.Struct, kw_only=True):

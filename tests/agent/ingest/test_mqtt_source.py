@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import re
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,37 @@ def test_a_full_queue_leaves_packets_buffered_until_the_reader_resumes() -> None
     rest, _ = read_all(stream)
     assert [m[2] for m in rest] == [b"2", b"3", b"4", b"5"]
     assert stream.buffered == 0
+
+
+def test_only_the_head_of_a_payload_above_the_limit_is_queued() -> None:
+    """A payload over ``max_payload_bytes`` (but within the packet size, up to 1 MiB) is
+    refused later; queueing it whole let a stalled writer's queue fill memory."""
+    stream = _BrokerStream(source="mqtt://test", max_packet_bytes=1 << 20, max_payload_bytes=100)
+    stream.feed(publish("t", b"x" * 500_000, mid=1) + publish("t", b"y" * 100, mid=2))
+    (big, small), _ = read_all(stream)
+    assert len(big[2]) <= 256
+    assert big[2].size == 500_000
+    assert small[2] == b"y" * 100  # within the limit: as it came
+
+
+async def test_payloads_above_the_limit_are_refused_with_their_size(tmp_path: Path) -> None:
+    messages = [publish("plant/line1/XMEAS_1", b"{" + b" " * 300_000, mid=1)]
+    messages.append(publish("plant/line1/XMEAS_1", sample(2), mid=2))
+    acked: list[int] = []
+
+    async def script(side: BrokerSide) -> None:
+        await side.handshake()
+        side.send(b"".join(messages))
+        acked.extend(await side.pubacks(len(messages)))
+
+    async with scripted_broker(script) as (port, _), ingesting(tmp_path, port) as ingest:
+        await until(lambda: len(acked) == 2, "both acknowledged")
+        assert ingest.counters.malformed == {"too_large": 1}
+        assert ingest.buffer.stats().samples == 1
+    with sqlite3.connect(tmp_path / "buffer.db") as db:
+        assert db.execute("SELECT reason, payload_bytes FROM rejected").fetchall() == [
+            ("too_large", 300_001)
+        ]
 
 
 @PANIC_NOISE

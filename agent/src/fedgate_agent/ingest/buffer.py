@@ -194,6 +194,7 @@ class RejectedPayload:
     source: str
     reason: str
     payload: bytes
+    size: int | None = None  # the payload's length, when ``payload`` is only its head
 
 
 @dataclass(frozen=True)
@@ -477,7 +478,7 @@ class IngestBuffer:
                     item.source,
                     item.reason,
                     item.payload[:REJECTED_PAYLOAD_BYTES],
-                    len(item.payload),
+                    len(item.payload) if item.size is None else item.size,
                     received_at,
                 )
                 for item in kept

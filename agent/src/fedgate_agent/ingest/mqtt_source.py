@@ -86,7 +86,12 @@ from fedgate_common.backoff import Backoff
 from fedgate_common.logs import log_event
 
 from fedgate_agent.errors import ConfigError
-from fedgate_agent.ingest.buffer import IngestBuffer, RejectedPayload, SampleRow
+from fedgate_agent.ingest.buffer import (
+    REJECTED_PAYLOAD_BYTES,
+    IngestBuffer,
+    RejectedPayload,
+    SampleRow,
+)
 from fedgate_agent.ingest.errors import IngestError, MalformedPayload, MqttProtocolError
 from fedgate_agent.ingest.payloads import decode_json_row
 from fedgate_agent.ingest.samples import tag_problem
@@ -362,6 +367,19 @@ class _TopicRouter:
 _Inbound = tuple["_BrokerConnection", str, bytes, int, int]
 
 
+class _Oversize(bytes):
+    """The first bytes of a payload above ``max_payload_bytes``, queued in its place (for
+    the ``rejected`` table); ``size`` is the whole payload's."""
+
+    size: int
+
+    @classmethod
+    def of(cls, payload: bytes) -> _Oversize:
+        head = cls(payload[:REJECTED_PAYLOAD_BYTES])
+        head.size = len(payload)
+        return head
+
+
 class _InboundSink(Protocol):
     def append(self, item: _Inbound, /) -> None: ...
 
@@ -386,9 +404,12 @@ class _BrokerStream:
     (:attr:`buffered`), so the reader can stop for backpressure and resume later.
     """
 
-    def __init__(self, *, source: str, max_packet_bytes: int) -> None:
+    def __init__(
+        self, *, source: str, max_packet_bytes: int, max_payload_bytes: int | None = None
+    ) -> None:
         self._source = source
         self._max_packet = max_packet_bytes
+        self._max_payload = max_payload_bytes
         self._buf = bytearray()
         self._pos = 0
 
@@ -463,7 +484,12 @@ class _BrokerStream:
                     if packet.topic_alias is not None:
                         error = self._error("PUBLISH with a topic alias (none were allowed)")
                         break
-                    append((owner, packet.topic, packet.payload, qos, mid))
+                    payload = packet.payload
+                    if self._max_payload is not None and len(payload) > self._max_payload:
+                        # Queued whole, payloads up to the packet size (1 MiB) could fill
+                        # memory while the writer waits: only the head goes on, to be refused.
+                        payload = _Oversize.of(payload)
+                    append((owner, packet.topic, payload, qos, mid))
                     added += 1
                 else:
                     controls.append(packet)
@@ -483,7 +509,9 @@ class _BrokerConnection(asyncio.Protocol):
     def __init__(self, ingest: MqttIngest, loop: asyncio.AbstractEventLoop) -> None:
         self._ingest = ingest
         self.stream = _BrokerStream(
-            source=ingest.broker, max_packet_bytes=ingest.settings.max_packet_bytes
+            source=ingest.broker,
+            max_packet_bytes=ingest.settings.max_packet_bytes,
+            max_payload_bytes=ingest.settings.max_payload_bytes,
         )
         self.transport: asyncio.Transport | None = None
         self.connack: asyncio.Future[mqtt5.ConnAckPacket] = loop.create_future()
@@ -930,8 +958,9 @@ class MqttIngest:
             if route.refusal is not None:
                 rejected.append(RejectedPayload(route.source, route.refusal, payload))
                 continue
-            if len(payload) > max_bytes:
-                rejected.append(RejectedPayload(route.source, "too_large", payload))
+            if isinstance(payload, _Oversize) or len(payload) > max_bytes:
+                size = payload.size if isinstance(payload, _Oversize) else len(payload)
+                rejected.append(RejectedPayload(route.source, "too_large", payload, size=size))
                 continue
             try:
                 if route.format == "json":
