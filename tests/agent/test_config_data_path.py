@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from fedgate_agent.config import load_config, set_config_value, write_config
 from fedgate_agent.errors import ConfigError
+from fedgate_agent.ingest.errors import SourceError
+from fedgate_agent.ingest.opcua_source import OpcUaIngestSettings, OpcUaNode
 
 BASE = """
 agent_id = "site-1"
@@ -117,6 +119,28 @@ tags = {}
         "tags is empty",
     ):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("ns=2;i=5", "ns=2;i=05"), ("i=85", "ns=0;i=85"), ("ns=2;s=A", "ns=02;s=A")],
+)
+def test_one_node_spelled_two_ways_is_refused(tmp_path: Path, first: str, second: str) -> None:
+    """Both spellings used to pass, then every OPC-UA session failed after subscribing
+    and the source reconnected for ever, the other nodes with it."""
+    text = LIVE.replace(
+        'tags = { XMEAS_1 = "ns=2;s=XMEAS_1" }',
+        f'tags = {{ XMEAS_1 = "{first}", XMEAS_2 = "{second}", XMEAS_3 = "ns=2;i=6" }}',
+    )
+    with pytest.raises(ConfigError, match="tags 'XMEAS_1' and 'XMEAS_2' name the same node"):
+        load(tmp_path, text)
+    assert load(tmp_path, text.replace(second, "ns=3;i=5")).opcua_source[0].tags  # distinct
+
+
+def test_opcua_settings_refuse_one_node_spelled_two_ways() -> None:
+    nodes = (OpcUaNode("ns=2;i=5", "a"), OpcUaNode("ns=2;i=05", "b"))
+    with pytest.raises(SourceError, match="a node is listed twice"):
+        OpcUaIngestSettings(endpoint="opc.tcp://127.0.0.1:4840", nodes=nodes)
 
 
 def test_a_source_entry_with_an_unknown_key_names_the_entry(tmp_path: Path) -> None:

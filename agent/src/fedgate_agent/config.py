@@ -821,6 +821,22 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
 _NODE_ID: Final = re.compile(r"(?:ns=\d+;|nsu=[^;]+;)?(?:i=\d+|s=.+|g=[0-9A-Fa-f-]{36}|b=\S+)")
 
 
+def _node_key(node_id: str) -> tuple[object, ...]:
+    """What makes two spellings of a node id the same node: ``i=85``, ``ns=0;i=85`` and
+    ``ns=0;i=085`` are one (namespace 0 by default, numbers by value, GUIDs in any case)."""
+    namespace = "0"
+    rest = node_id
+    if node_id.startswith(("ns=", "nsu=")) and ";" in node_id:
+        namespace, rest = node_id.split(";", 1)
+        namespace = namespace.removeprefix("ns=")
+        if namespace.isdigit():
+            namespace = str(int(namespace))
+    kind, _, value = rest.partition("=")
+    if kind == "i" and value.isdigit():
+        return (namespace, kind, int(value))
+    return (namespace, kind, value.lower() if kind == "g" else value)
+
+
 def _is_topic_filter(topic: str) -> bool:
     """An MQTT topic filter: '+' and '#' only as whole levels, '#' last, not a $SYS topic."""
     if not topic or topic.startswith("$") or len(topic.encode()) > 65535 or "\0" in topic:
@@ -951,7 +967,16 @@ def _data_path_problems(config: AgentConfig) -> list[tuple[str, str]]:
             )
         if not opcua.tags:
             problems.append(("opcua_source", f"{where}: tags is empty; map tag = node id"))
+        nodes: dict[tuple[object, ...], str] = {}
         for tag, node_id in opcua.tags.items():
+            if (same := nodes.setdefault(_node_key(node_id), tag)) != tag:
+                problems.append(
+                    (
+                        "opcua_source",
+                        f"{where}: tags {same!r} and {tag!r} name the same node ({node_id!r}); "
+                        "subscribe to each node once",
+                    )
+                )
             if (why := tag_problem(tag)) is not None:
                 problems.append(("opcua_source", f"{where}: tag {tag!r} {why}"))
             if not _NODE_ID.fullmatch(node_id):

@@ -428,7 +428,7 @@ async def test_a_protocol_violation_drops_the_connection_and_the_ingest_reconnec
 
 
 async def test_tags_with_control_characters_are_refused_and_counted_the_rest_stored(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A tag taken from a topic level, or a Sparkplug metric name, with a control character
     is a ``bad_tag`` rejection (acknowledged, not redelivered); the other messages, and the
@@ -464,6 +464,9 @@ async def test_tags_with_control_characters_are_refused_and_counted_the_rest_sto
         assert ingest.counters.malformed == {"bad_tag": 4}
         assert ingest.buffer.tags() == ["Pump/Speed", "XMEAS_1", "XMEAS_4"]
         assert ingest.buffer.stats().counters["rejected_bad_tag"] == 4
+    logged = [r for r in caplog.records if r.getMessage() == "MQTT payload refused"]
+    assert len(logged) == 1  # four refusals of one reason: one line, then one a minute
+    assert logged[0].__dict__["fields"]["reason"] == "bad_tag"
 
 
 async def test_sparkplug_births_are_remembered_across_a_restart_of_the_agent(

@@ -114,6 +114,7 @@ SPARKPLUG_BIRTHS_NAME: Final = "sparkplug-births.json"
 _MAX_TRACKED_TOPICS = 10_000
 _SUBSCRIBE_PACKET_ID = 1
 _WRITE_RETRY = Backoff(initial_s=0.1, max_s=5.0)
+_REFUSAL_LOG_EVERY_S = 60.0
 _RECONNECT = Backoff(initial_s=0.2, max_s=10.0)
 _COMPACT_AT = 1 << 16
 _AT_MOST_ONCE = mqtt5.QoS.AT_MOST_ONCE
@@ -645,6 +646,7 @@ class MqttIngest:
         self._router = _TopicRouter(settings.subscriptions)
         self._births_path = buffer.settings.path.with_name(SPARKPLUG_BIRTHS_NAME)
         self._aliases = _load_births(self._births_path)
+        self._refusals_logged: dict[str, float] = {}  # reason → when it was last logged
         self._wakeup = threading.Condition()
         self._stopping = False
         self._paused: _BrokerConnection | None = None
@@ -902,10 +904,29 @@ class MqttIngest:
         counters.dropped_oldest += result.dropped_oldest
         for item in rejected:
             counters.malformed[item.reason] = counters.malformed.get(item.reason, 0) + 1
+        self._log_refusals(rejected)
         self._call_in_loop(
             self._send_acks,
             [(connection, self._pubacks_of(mids), len(mids)) for connection, mids in acks.items()],
         )
+
+    def _log_refusals(self, rejected: list[RejectedPayload]) -> None:
+        """Each reason's first refusal, then at most one line per reason a minute: a
+        publisher sending garbage shows in the log, not only in the counters."""
+        now = time.monotonic()
+        for item in rejected:
+            last = self._refusals_logged.get(item.reason)
+            if last is not None and now - last < _REFUSAL_LOG_EVERY_S:
+                continue
+            self._refusals_logged[item.reason] = now
+            log_event(
+                log,
+                logging.WARNING,
+                "MQTT payload refused",
+                reason=item.reason,
+                source=item.source,
+                refused_so_far=self.counters.malformed.get(item.reason, 0),
+            )
 
     def _save_births(self) -> None:
         try:

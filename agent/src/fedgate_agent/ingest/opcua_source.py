@@ -124,16 +124,16 @@ class OpcUaIngestSettings:
             problems.append("put credentials in username / password, not in the endpoint URL")
         if not self.nodes:
             problems.append("nodes is empty; list the node ids to subscribe to")
+        parsed: list[ua.NodeId] = []
         for node in self.nodes:
             try:
-                ua.NodeId.from_string(node.node_id)
+                parsed.append(ua.NodeId.from_string(node.node_id))
             except Exception:  # asyncua raises several types for malformed ids
                 problems.append(f"node id {node.node_id!r} is not an OPC-UA node id (ns=2;s=Name)")
             if (why := tag_problem(node.tag)) is not None:
                 problems.append(f"node {node.node_id!r}: tag {node.tag!r} {why}")
-        node_ids = [n.node_id for n in self.nodes]
-        if len(set(node_ids)) != len(node_ids):
-            problems.append("a node id is listed twice")
+        if len(set(parsed)) != len(parsed):  # "ns=2;i=5" and "ns=2;i=05" are one node
+            problems.append("a node is listed twice (perhaps spelled two ways)")
         tags = [n.tag for n in self.nodes]
         if len(set(tags)) != len(tags):
             problems.append("two nodes map to the same tag")
