@@ -1,8 +1,9 @@
-"""One running instance per state directory (fedgate_common.instance_lock), and the three
-long-running commands that take it."""
+"""One running instance per state directory (fedgate_common.instance_lock), the three
+long-running commands that take it, and `fedgate-agent forget-rounds`, which waits for none."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fedgate_agent.cli import main as agent_main
+from fedgate_agent.state import MODELS_DIR, AgentStatus, read_status, write_status
 from fedgate_bridge.cli import main as bridge_main
 from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable, single_instance
 
@@ -85,3 +87,36 @@ def test_bridge_run_refuses_a_state_directory_in_use(tmp_path: Path) -> None:
         result = CliRunner().invoke(bridge_main, ["run", "--config", str(config)])
     assert result.exit_code == 4, result.output
     assert "fedgate-bridge is already running on" in result.output
+
+
+def test_forget_rounds_keeps_the_privacy_counts_and_refuses_a_running_agent(
+    tmp_path: Path,
+) -> None:
+    """After a coordinator store is restored from an older backup. The documented way was
+    to delete status.json, which also threw away the counts that detect a rolled-back
+    privacy ledger (operations.md §13.5)."""
+    config = agent(tmp_path)
+    state_dir = tmp_path / "state"
+    write_status(
+        state_dir,
+        AgentStatus(last_answered_round=7, model_round=7, model_digest="ab" * 32, privacy_rounds=3),
+    )
+    (state_dir / MODELS_DIR).mkdir()
+    (state_dir / MODELS_DIR / "000007-abababababababab.fgm").write_bytes(b"model")
+    (state_dir / MODELS_DIR / "current.fgm").write_bytes(b"model")
+    forget = ["forget-rounds", "--config", str(config), "--json"]
+    with single_instance(state_dir, "fedgate-agent"):
+        refused = CliRunner().invoke(agent_main, forget)
+    assert refused.exit_code == 4, refused.output
+    assert read_status(state_dir).last_answered_round == 7  # nothing changed
+    result = CliRunner().invoke(agent_main, forget)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {
+        "forgot": {"last_answered_round": 7, "model_round": 7},
+        "removed_models": ["000007-abababababababab.fgm", "current.fgm"],
+        "privacy_ledger": "kept",
+    }
+    after = read_status(state_dir)
+    assert (after.last_answered_round, after.model_round, after.model_digest) == (0, None, None)
+    assert after.privacy_rounds == 3
+    assert list((state_dir / MODELS_DIR).iterdir()) == []

@@ -80,7 +80,14 @@ from fedgate_agent.record_privacy import (
 )
 from fedgate_agent.site_privacy import SAMPLING as SITE_SAMPLING
 from fedgate_agent.site_privacy import UNIT as SITE_UNIT
-from fedgate_agent.state import AgentStatus, IngestStatus, ScoringStatus, read_status
+from fedgate_agent.state import (
+    MODELS_DIR,
+    AgentStatus,
+    IngestStatus,
+    ScoringStatus,
+    read_status,
+    write_status,
+)
 
 if TYPE_CHECKING:
     from fedgate_agent.service import AgentService
@@ -624,6 +631,47 @@ def _federation_status(cfg: AgentConfig) -> dict[str, Any]:
         "clouds": [c.cloud for c in manifest.clouds],
         "tolerance": tolerance_text(len(manifest.clouds)),
     }
+
+
+@main.command("forget-rounds")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@guard
+def forget_rounds(config_path: Path, as_json: bool) -> None:
+    """Forget the rounds answered and the models kept, after the coordinator's store was
+    restored from a backup older than what this agent has seen (it would refuse the round
+    numbers again and ignore the older models). The privacy ledger, and what status.json
+    records of it, are kept. The agent must be stopped (exit 4 while it runs).
+
+    \b
+    Example:
+      sudo systemctl stop fedgate-agent
+      sudo -u fedgate-agent fedgate-agent forget-rounds --config /etc/fedgate/agent.toml
+      sudo systemctl start fedgate-agent
+    """
+    cfg = load_config(config_path, require_complete=False)
+    with single_instance(cfg.state_path, "fedgate-agent"):
+        state = read_status(cfg.state_path)
+        forgot = {
+            "last_answered_round": state.last_answered_round,
+            "model_round": state.model_round,
+        }
+        models = cfg.state_path / MODELS_DIR
+        removed = sorted(p.name for p in models.iterdir() if p.is_file()) if models.is_dir() else []
+        for name in removed:
+            (models / name).unlink()
+        state.last_answered_round = 0
+        state.model_round = None
+        state.model_digest = None
+        write_status(cfg.state_path, state)
+    if as_json:
+        echo_json({"forgot": forgot, "removed_models": removed, "privacy_ledger": "kept"})
+        return
+    click.echo(
+        f"forgot rounds up to {forgot['last_answered_round']} and the model of round "
+        f"{forgot['model_round']}; removed {len(removed)} file(s) from {models}; "
+        "the privacy ledger is kept. Start the agent: it takes the coordinator's model again."
+    )
 
 
 @main.command()
