@@ -11,6 +11,8 @@ from pathlib import Path
 
 import nacl.signing
 import pytest
+from click.testing import CliRunner
+from fedgate_agent.cli import main
 from fedgate_agent.config import (
     DEFAULT_CONFIG_PATH,
     ENV_PREFIX,
@@ -28,6 +30,8 @@ from fedgate_agent.errors import AgentError, ConfigError
 from fedgate_common.keys import public_key_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "agent/src/fedgate_agent/templates"
 
 COORDINATOR_KEY = public_key_text(nacl.signing.SigningKey(bytes(range(32))).verify_key)
 MANIFEST_DIGEST = "ab" * 32
@@ -574,3 +578,28 @@ def test_state_dir_through_a_broken_link_is_rejected(tmp_path: Path, kind: str) 
         load_config(path, env={})
     (problem,) = problems_of(error)
     assert f"{link} is not a directory (a file, or a link to nothing)" in problem
+
+
+def test_init_writes_its_options_into_the_config_install_service_wrote(tmp_path: Path) -> None:
+    """install-service writes agent.toml first; `init --agent-id …` then used to ignore its
+    options without a word, leaving the template's id and state directory in force."""
+    config = tmp_path / "agent.toml"
+    config.write_text((TEMPLATE_DIR / "agent.toml.example").read_text())
+    state = tmp_path / "state"
+    init = ["init", "--config", str(config), "--agent-id", "gw-77", "--deployment", "plant-b"]
+    result = CliRunner().invoke(main, [*init, "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    loaded = load_config(config, env={}, require_complete=False)
+    assert (loaded.agent_id, loaded.deployment, loaded.state_dir) == (
+        "gw-77",
+        "plant-b",
+        str(state),
+    )
+    assert loaded.cloud == "cloud-1"  # not given: the file's value stays
+    assert (state / "identity.key").exists()
+    before = config.read_text()
+    again = CliRunner().invoke(main, [*init[:3], "--agent-id", "gw-78"])
+    assert again.exit_code == 3, again.output
+    assert "identity key already" in again.output
+    assert "agent_id 'gw-77' -> 'gw-78'" in again.output
+    assert config.read_text() == before

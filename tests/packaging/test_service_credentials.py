@@ -76,12 +76,23 @@ def test_bridge_reads_its_broker_password_from_the_credentials_directory(
     assert os.path.isfile(loaded.broker.password_file)
 
 
+def example_with_its_sources() -> str:
+    """The shipped agent.toml with its commented-out example sources switched on."""
+    lines = (REPO / "packaging/agent.toml.example").read_text().splitlines()
+    start = lines.index("# [[mqtt_source]]")
+    end = next(i for i, line in enumerate(lines) if line == "[scoring]")
+    for i in range(start, end):
+        if lines[i].startswith("# ") and ("=" in lines[i] or lines[i].startswith("# [[")):
+            lines[i] = lines[i].removeprefix("# ")
+    return "\n".join(lines) + "\n"
+
+
 def test_agent_reads_its_secrets_from_the_credentials_directory(tmp_path: Path) -> None:
     """Every secret the agent's unit loads (broker and plant-broker logins, OPC-UA server
     passwords) is read from systemd's copy; without the credential, from the file named."""
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    text = (REPO / "packaging/agent.toml.example").read_text()
+    text = example_with_its_sources()
     text = text.replace(
         'password_file = ""               # first line = the password; "" = none',
         'password_file = "/etc/fedgate/credentials/agent-broker"',
@@ -91,7 +102,7 @@ def test_agent_reads_its_secrets_from_the_credentials_directory(tmp_path: Path) 
         'mqtt_password_file = "/etc/fedgate/credentials/agent-mqtt"',
     )
     text = text.replace(
-        'password_file = ""               # e.g. /run/credentials/fedgate-agent.service/opcua',
+        'password_file = ""             # e.g. /run/credentials/fedgate-agent.service/opcua',
         'password_file = "/etc/fedgate/credentials/opcua-line-3"',
     )
     text += (

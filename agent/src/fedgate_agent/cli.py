@@ -19,12 +19,14 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
+from click.core import ParameterSource
 from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
@@ -141,13 +143,26 @@ def init(
 ) -> None:
     """Create the identity key (and a config file if none exists); print what to enroll.
 
+    With a config file already there (the one install-service writes), the options given
+    are written into it, while no identity key exists yet; after that, an option that
+    differs from the file is refused (exit 3): change it with `config set`.
+
     \b
     Example:
       fedgate-agent init --config /etc/fedgate/agent.toml --agent-id press-line-3 \\
           --deployment plant-a --cloud cloud-1 --broker-host 10.0.0.5
     """
     if config_path.exists():
-        config = load_config(config_path, require_complete=False)
+        given = {
+            "agent_id": agent_id,
+            "deployment": deployment,
+            "cloud": cloud,
+            "state_dir": str(state_dir.absolute()),
+            "broker.host": broker_host,
+            "broker.port": broker_port,
+            "coordinator_public_key": coordinator_key,
+        }
+        config = _init_existing(config_path, given)
     else:
         name = agent_id or socket.gethostname().split(".")[0]
         config = AgentConfig(
@@ -176,6 +191,45 @@ def init(
     click.echo(f"config:      {config_path}")
     click.echo("Enroll it at the coordinator of its cloud:")
     click.echo(f"  fedgate-coordinator enroll {config.agent_id} {public}")
+
+
+_INIT_OPTIONS = {
+    "agent_id": "agent_id",
+    "deployment": "deployment",
+    "cloud": "cloud",
+    "state_dir": "state_dir",
+    "broker.host": "broker_host",
+    "broker.port": "broker_port",
+    "coordinator_public_key": "coordinator_key",
+}
+
+
+def _init_existing(config_path: Path, given: Mapping[str, object]) -> AgentConfig:
+    """``init`` on an existing config: write the options given on the command line that
+    differ from it, unless the agent has an identity already (then refuse them)."""
+    context = click.get_current_context()
+    config = load_config(config_path, require_complete=False)
+    current = dict(config_as_dict(config))
+    current["broker.host"], current["broker.port"] = config.broker.host, config.broker.port
+    changes = {
+        key: value
+        for key, value in given.items()
+        if context.get_parameter_source(_INIT_OPTIONS[key]) is ParameterSource.COMMANDLINE
+        and str(current.get(key)) != str(value)
+    }
+    if not changes:
+        return config
+    listed = ", ".join(f"{key} {current.get(key)!r} -> {value!r}" for key, value in changes.items())
+    if identity_path(config.state_path).exists():
+        raise ConfigError(
+            f"{config_path} exists and this agent has its identity key already; the options "
+            f"given differ from the file ({listed}). Change them with `fedgate-agent config "
+            "set KEY VALUE`, or run init without them."
+        )
+    for key, value in changes.items():
+        config = set_config_value(config_path, key, str(value))
+    click.echo(f"updated {config_path}: {listed}", err=True)
+    return config
 
 
 @main.group()
