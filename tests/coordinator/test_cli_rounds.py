@@ -284,3 +284,23 @@ def test_numbers_the_store_cannot_take_are_usage_errors(tmp_path: Path, args: li
     assert f"Invalid value for '{args[1]}'" in result.output
     limit = "2147483647" if args[1] in ("--detail", "--votes") else "9223372036854775807"
     assert limit in result.output
+
+
+def test_a_relative_sqlite_path_is_stored_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored as given, `sqlite:///coord/coordinator.db` named another file (or a new, empty
+    store) whenever a command ran from another directory."""
+    monkeypatch.chdir(tmp_path)
+    init = CliRunner().invoke(
+        main,
+        ["--state-dir", "coord", "init", "--cloud", "c1", "--db", "sqlite:///coord/c.db", "--json"],
+    )
+    assert init.exit_code == 0, init.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    status = CliRunner().invoke(main, ["--state-dir", str(tmp_path / "coord"), "status", "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output)["database_url"] == f"sqlite:///{tmp_path / 'coord' / 'c.db'}"
+    assert not (elsewhere / "coord").exists()

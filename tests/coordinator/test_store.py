@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -473,3 +474,18 @@ def test_events_are_counted_by_kind_and_listed_newest_first(store: Store) -> Non
     assert latest[1].agent_id == "x" * 200
     assert latest[0].id > latest[1].id
     assert_aware_utc(latest[0].at)
+
+
+def test_a_store_locked_too_long_says_so_plainly(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    store = Store.open(url)
+    holder = sqlite3.connect(tmp_path / "coordinator.db")
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # a sqlite3 shell in the middle of a transaction
+        with pytest.raises(StoreError, match="stayed locked by another process") as info:
+            store.enroll_agent("plant-1", KEY_A)
+        assert "[SQL:" not in str(info.value)
+    finally:
+        holder.rollback()
+        holder.close()
+        store.close()

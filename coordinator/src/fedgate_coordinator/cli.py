@@ -91,7 +91,13 @@ from fedgate_coordinator.site_privacy import (
     UNIT,
     federation_size_warning,
 )
-from fedgate_coordinator.store import RECORD_UNIT, SITE_UNIT, PrivacyLedgerEntry, Store
+from fedgate_coordinator.store import (
+    RECORD_UNIT,
+    SITE_UNIT,
+    PrivacyLedgerEntry,
+    Store,
+    normalize_url,
+)
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -158,8 +164,7 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 
     \b
     Example:
-      fedgate-coordinator --state-dir ./coord init --cloud cloud-1 \\
-          --deployment plant-a --db sqlite:///coord/coordinator.db
+      fedgate-coordinator --state-dir ./coord init --cloud cloud-1 --deployment plant-a
       fedgate-coordinator --state-dir ./coord enroll site-1 ed25519:3b6a...
       fedgate-coordinator --state-dir ./coord serve
     """
@@ -266,7 +271,9 @@ def init(
     config = CoordinatorConfig(
         deployment=deployment,
         cloud=cloud,
-        database_url=database_url or f"sqlite:///{state_dir / 'coordinator.db'}",
+        database_url=_absolute_sqlite(database_url)
+        if database_url
+        else f"sqlite:///{state_dir.absolute() / 'coordinator.db'}",
         broker=MqttSettings(host=broker_host, port=broker_port),
         rounds=msgspec.structs.replace(
             CoordinatorConfig(deployment=deployment, cloud=cloud, database_url="sqlite://").rounds,
@@ -535,6 +542,20 @@ def _serve(
         f" rejected={sum(summary.rejected.values())}",
         err=True,
     )
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A SQLite URL with a relative path (``sqlite:///coord/c.db``) made absolute against
+    the working directory of ``init``: stored relative, every later command would look for
+    the store relative to wherever it is run, and create an empty one there."""
+    parsed = normalize_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return url
+    if database.startswith("file:") or os.path.isabs(database):
+        return url
+    absolute = parsed.set(database=str(Path(database).absolute()))
+    return absolute.render_as_string(hide_password=False)
 
 
 def _one_cloud_manifest(

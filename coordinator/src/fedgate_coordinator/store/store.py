@@ -42,7 +42,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -261,6 +261,13 @@ class Store:
         try:
             with sessions.begin() as session:
                 yield session
+        except OperationalError as exc:
+            if "database is locked" in str(exc.orig):
+                raise StoreError(
+                    f"the store stayed locked by another process for {SQLITE_BUSY_TIMEOUT_MS} ms "
+                    "(a sqlite3 shell with an open transaction? a backup?); try again"
+                ) from exc
+            raise StoreError(f"database error: {exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {exc}") from exc
 
