@@ -161,7 +161,9 @@ def render_unit(spec: ServiceSpec) -> str:
         f"Description={spec.description}",
         f"Documentation={spec.documentation}",
         "Wants=network-online.target",
-        "After=network-online.target",
+        # With systemd-time-wait-sync enabled, not before the clock is synchronised: readings
+        # stamped "in the future" by a clock still behind are refused (operations.md §11).
+        "After=network-online.target time-sync.target",
         # At most 5 failed starts in 10 minutes, then systemd gives up (reset-failed).
         "StartLimitIntervalSec=600",
         "StartLimitBurst=5",
