@@ -25,6 +25,7 @@ from fedgate_agent.ingest.buffer import (
 )
 from fedgate_agent.ingest.errors import BufferCorrupted, IngestError
 from fedgate_agent.ingest.samples import Sample
+from fedgate_agent.ingest.wal_check import wal_damage
 
 
 def sample(seq: int, *, source: str = "mqtt:a", tag: str = "T1", ts: float | None = None) -> Sample:
@@ -351,3 +352,62 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+BATCHES = """
+import sys, time
+from pathlib import Path
+from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
+from fedgate_agent.ingest.samples import Sample
+buffer = IngestBuffer.open(BufferSettings(Path(sys.argv[1]), max_samples=10_000))
+for batch in range(60):  # 60 transactions, each synced: acknowledged readings
+    buffer.insert([Sample("mqtt:w", batch, "W", 1.0 + batch, float(batch))])
+print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+def _killed_after_60_commits(path: Path) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", BATCHES, str(path)], stdout=subprocess.PIPE)
+    assert writer.stdout is not None
+    assert writer.stdout.readline() == b"committed\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+
+def _frame_offset(wal: bytes, frame: int) -> int:
+    page_size = int.from_bytes(wal[8:12], "big")
+    return 32 + (frame - 1) * (24 + page_size)
+
+
+@pytest.mark.parametrize("damage", ["none", "torn tail", "frame 3"])
+def test_a_damaged_write_ahead_log_is_reported_and_kept(tmp_path: Path, damage: str) -> None:
+    """SQLite replays a log only up to a damaged frame and drops the committed transactions
+    after it without a word; the buffer used to open as if nothing had happened."""
+    path = tmp_path / "buffer.db"
+    _killed_after_60_commits(path)
+    wal_path = tmp_path / "buffer.db-wal"
+    wal = bytearray(wal_path.read_bytes())
+    assert wal_damage(bytes(wal)) is None  # a sound log after kill -9
+    if damage == "torn tail":  # a frame of a transaction the crash cut off before its commit
+        page_size = int.from_bytes(wal[8:12], "big")
+        last = wal[-(24 + page_size) :]
+        torn = last[:4] + (0).to_bytes(4, "big") + last[8:24] + os.urandom(page_size)
+        wal += torn
+    elif damage == "frame 3":
+        wal[_frame_offset(bytes(wal), 3) + 24 + 200] ^= 0xFF
+    wal_path.write_bytes(bytes(wal))
+    with open_buffer(path) as buffer:
+        samples = buffer.stats().samples
+        quarantined = buffer.quarantined
+    if damage == "frame 3":
+        assert samples < 60  # what SQLite dropped
+        assert quarantined is not None
+        assert quarantined.name.startswith("buffer.db.wal-damaged-")
+        copy = sqlite3.connect(f"file:{quarantined}?mode=ro", uri=True)
+        assert Path(f"{quarantined}-wal").exists()
+        copy.close()
+    else:
+        assert samples == 60
+        assert quarantined is None
+        assert not list(tmp_path.glob("*wal-damaged*"))

@@ -46,6 +46,7 @@ import logging
 import math
 import operator
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -63,6 +64,7 @@ from fedgate_common.logs import log_event
 
 from fedgate_agent.ingest.errors import BufferCorrupted, IngestError
 from fedgate_agent.ingest.samples import Sample
+from fedgate_agent.ingest.wal_check import wal_damage
 
 __all__ = [
     "BufferSettings",
@@ -277,6 +279,7 @@ class IngestBuffer:
     def _open_checked(cls, settings: BufferSettings) -> IngestBuffer:
         path = settings.path
         quarantined: Path | None = None
+        wal_copy = _keep_a_damaged_wal(path)  # before SQLite replays (and cuts) the log
         try:
             connection = _connect(path, read_only=False)
             _check_integrity(connection, path)
@@ -295,6 +298,10 @@ class IngestBuffer:
             _record_quarantine(connection, quarantined, str(exc))
         else:
             _create_schema(connection, settings)
+        if wal_copy is not None:
+            copy, reason = wal_copy
+            _record_quarantine(connection, copy, reason)
+            quarantined = quarantined or copy
         return cls(
             connection=connection, settings=settings, read_only=False, quarantined=quarantined
         )
@@ -755,6 +762,37 @@ def _record_quarantine(connection: sqlite3.Connection, moved_to: Path, reason: s
         (str(moved_to), reason, time.time()),
     )
     connection.execute("COMMIT")
+
+
+def _keep_a_damaged_wal(path: Path) -> tuple[Path, str] | None:
+    """When ``path``'s write-ahead log is damaged with committed transactions after the
+    damage (:mod:`.wal_check`), copy the database and its log to
+    ``<name>.wal-damaged-<UTC time>`` before SQLite drops those transactions; return the
+    copy and why. A buffer already open in this process is not looked at."""
+    wal = _sidecar(path, "-wal")
+    if _file_key(path) in _OPEN_HERE or _file_size(wal) == 0:
+        return None
+    damage = wal_damage(wal.read_bytes())
+    if damage is None:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    copy = path.with_name(f"{path.name}.wal-damaged-{stamp}")
+    shutil.copy2(path, copy)
+    shutil.copy2(wal, _sidecar(copy, "-wal"))
+    reason = (
+        f"frame {damage.frame} of {damage.frames} in {wal.name} is damaged and "
+        f"{damage.commits_after} committed transaction(s) follow it: SQLite replays the log "
+        "only up to the damage, so their readings are gone from the buffer"
+    )
+    log_event(
+        log,
+        logging.ERROR,
+        "buffer log damaged; committed readings lost, copy kept",
+        path=str(path),
+        copy=str(copy),
+        reason=reason,
+    )
+    return copy, reason
 
 
 def _sidecar(path: Path, suffix: str) -> Path:
