@@ -603,3 +603,14 @@ def test_init_writes_its_options_into_the_config_install_service_wrote(tmp_path:
     assert "identity key already" in again.output
     assert "agent_id 'gw-77' -> 'gw-78'" in again.output
     assert config.read_text() == before
+
+
+def test_init_writes_all_its_options_or_none(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text((TEMPLATE_DIR / "agent.toml.example").read_text())
+    before = config.read_text()
+    init = ["init", "--config", str(config), "--agent-id", "gw-2", "--deployment", "d2"]
+    result = CliRunner().invoke(main, [*init, "--coordinator-key", "ed25519:nothex"])
+    assert result.exit_code == 3, result.output
+    assert config.read_text() == before  # not half-changed
+    assert not list(tmp_path.rglob("identity.key"))

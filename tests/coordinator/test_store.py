@@ -489,3 +489,29 @@ def test_a_store_locked_too_long_says_so_plainly(tmp_path: Path) -> None:
         holder.rollback()
         holder.close()
         store.close()
+
+
+def test_reads_do_not_wait_for_a_writer_on_sqlite(tmp_path: Path) -> None:
+    """Reads take no write lock (BEGIN DEFERRED, a WAL snapshot): `status`, `models
+    --verify` and the rest answer while another process holds the write lock."""
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    store = Store.open(url)
+    make_chain(store, 3)
+    store.enroll_agent("plant-1", KEY_A)
+    holder = sqlite3.connect(tmp_path / "coordinator.db")
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        assert store.verify_chain() == 3
+        assert store.next_round_number() == 3
+        assert [a.agent_id for a in store.list_agents()] == ["plant-1"]
+        assert len(store.list_models()) == 3
+        store.list_rounds()
+        store.running_rounds()
+        store.list_events()
+        store.event_counts()
+        assert time.monotonic() - started < 2.0  # the busy timeout is 5 s
+    finally:
+        holder.rollback()
+        holder.close()
+        store.close()

@@ -55,6 +55,7 @@ from fedgate_agent.config import (
     config_keys,
     load_config,
     set_config_value,
+    set_config_values,
     write_config,
 )
 from fedgate_agent.data_cli import import_command, windows_command
@@ -226,8 +227,7 @@ def _init_existing(config_path: Path, given: Mapping[str, object]) -> AgentConfi
             f"given differ from the file ({listed}). Change them with `fedgate-agent config "
             "set KEY VALUE`, or run init without them."
         )
-    for key, value in changes.items():
-        config = set_config_value(config_path, key, str(value))
+    config = set_config_values(config_path, {key: str(value) for key, value in changes.items()})
     click.echo(f"updated {config_path}: {listed}", err=True)
     return config
 

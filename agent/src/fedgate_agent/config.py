@@ -62,6 +62,7 @@ __all__ = [
     "env_variable_name",
     "load_config",
     "set_config_value",
+    "set_config_values",
     "validate_config",
     "write_config",
 ]
@@ -1090,12 +1091,20 @@ def set_config_value(path: Path, key: str, value: str) -> AgentConfig:
     the file is unchanged. Environment overrides are not applied: only the file's own
     content is written back. Returns the new configuration.
     """
-    if key not in _SCHEMA:
-        message = _unknown_key_problem(key, "the agent configuration")
-        raise _config_error(message)
+    return set_config_values(path, {key: value})
+
+
+def set_config_values(path: Path, values: Mapping[str, str]) -> AgentConfig:
+    """:func:`set_config_value` for several keys at once: all of them are written, or
+    (on any error) none."""
+    for key in values:
+        if key not in _SCHEMA:
+            message = _unknown_key_problem(key, "the agent configuration")
+            raise _config_error(message)
     raw = _read_raw(path)
     where = str(path)
-    _set_raw(raw, key, _parse_text(key, value, source=key))
+    for key, value in values.items():
+        _set_raw(raw, key, _parse_text(key, value, source=key))
     _raise_problems(_shape_problems(raw, where), where)
     config = _from_raw(raw)
     _raise_problems(validate_config(config, require_complete=False), where)

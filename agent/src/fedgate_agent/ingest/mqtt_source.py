@@ -646,6 +646,7 @@ class MqttIngest:
         self._router = _TopicRouter(settings.subscriptions)
         self._births_path = buffer.settings.path.with_name(SPARKPLUG_BIRTHS_NAME)
         self._aliases = _load_births(self._births_path)
+        self._births_saved = self._aliases.to_bytes()  # what the file holds
         self._refusals_logged: dict[str, float] = {}  # reason → when it was last logged
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -929,8 +930,12 @@ class MqttIngest:
             )
 
     def _save_births(self) -> None:
+        data = self._aliases.to_bytes()
+        if data == self._births_saved:
+            return  # a birth that repeated what was known (every reconnect sends one)
         try:
-            atomic_write(self._births_path, self._aliases.to_bytes())
+            atomic_write(self._births_path, data)
+            self._births_saved = data
         except OSError as exc:  # a restart then refuses alias-only data until the next birth
             self._aliases.changed = True  # tried again with the next batch
             log_event(

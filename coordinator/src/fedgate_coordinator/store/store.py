@@ -378,7 +378,7 @@ class Store:
         expected_parent = GENESIS_PARENT
         # Stream a few rows at a time: a long chain of large models need not fit in memory.
         query = select(ModelRow).order_by(ModelRow.round).execution_options(yield_per=4)
-        with self._transaction() as session, session.scalars(query) as rows:
+        with self._transaction(writes=False) as session, session.scalars(query) as rows:
             for row in rows:
                 model = _model_record(row)
                 if model.parent_digest != expected_parent:
@@ -441,7 +441,7 @@ class Store:
 
         Round numbers are never reused, even after an abort.
         """
-        with self._transaction() as session:
+        with self._transaction(writes=False) as session:
             return self._next_round_number(session)
 
     @staticmethod
