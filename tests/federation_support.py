@@ -53,10 +53,17 @@ def install_manifest(state_dir: Path, signed: SignedManifest) -> str:
     return manifest_digest(signed.manifest)
 
 
-def pinned_agent_config(state_dir: Path, spec: ModelSpec, **fields: Any) -> AgentConfig:
+def pinned_agent_config(
+    state_dir: Path,
+    spec: ModelSpec,
+    *,
+    coordinator: nacl.signing.SigningKey | None = None,
+    **fields: Any,
+) -> AgentConfig:
     """Agent ``gw-1`` of cloud ``c1`` in deployment ``plant``, its state in ``state_dir``,
-    pinned to a fresh one-cloud manifest for ``spec``; ``fields`` set other config keys."""
-    coordinator = nacl.signing.SigningKey.generate()
+    pinned to a fresh one-cloud manifest for ``spec`` whose coordinator holds
+    ``coordinator`` (default: a new key); ``fields`` set other config keys."""
+    coordinator = coordinator or nacl.signing.SigningKey.generate()
     digest = install_manifest(
         state_dir, federation_manifest(deployment="plant", keys={"c1": coordinator}, spec=spec)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from fedgate_agent.onnx_export import (
     PARITY_TOLERANCE,
     SYNTHETIC_WINDOWS,
     ModelExportFailed,
+    export_in_subprocess,
     export_model,
     parity_windows,
     save_exported_model,
@@ -146,3 +148,39 @@ def test_windows_of_the_wrong_shape_are_refused() -> None:
     model = ScoringModel.from_onnx(exported_demo_model(0).onnx)
     with pytest.raises(WindowShapeError, match=r"\(n, 20, 52\)"):
         model.logits(np.zeros((2, 20, 51), dtype=np.float32))
+
+
+def test_the_export_child_imports_nothing_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` puts the working directory first on sys.path: a msgspec.py there ran as
+    the agent user at every export."""
+    marker = tmp_path / "planted-code-ran"
+    (tmp_path / "msgspec.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    spec = demo_spec()
+    exported = export_in_subprocess(
+        spec,
+        weights(spec, 0),
+        digest="00" * 32,
+        round=0,
+        windows=parity_windows(spec, tep_test_set().x[::400]),
+    )
+    assert exported.model_digest == "00" * 32
+    assert not marker.exists()
+
+
+def test_a_scratch_directory_that_cannot_be_written_is_an_export_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full /tmp raised a bare OSError out of the export task and ended the agent."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    spec = demo_spec()
+    with pytest.raises(ModelExportFailed, match="No such file or directory"):
+        export_in_subprocess(
+            spec,
+            weights(spec, 0),
+            digest="00" * 32,
+            round=0,
+            windows=np.zeros((1, 20, 52), np.float32),
+        )

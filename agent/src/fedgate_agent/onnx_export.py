@@ -342,6 +342,21 @@ def export_in_subprocess(
     in a private temporary directory (nothing is pickled). Raises
     :class:`ModelExportFailed` for a failed export or a child that died.
     """
+    try:
+        return _export_in(spec, weights, digest, round, windows, threads, tolerance)
+    except OSError as exc:  # the scratch directory: a full or read-only /tmp, say
+        raise ModelExportFailed(f"the ONNX export of model {digest[:12]}: {exc}") from None
+
+
+def _export_in(
+    spec: ModelSpec,
+    weights: Mapping[str, npt.NDArray[np.generic]],
+    digest: str,
+    round: int,
+    windows: npt.NDArray[np.float32],
+    threads: int,
+    tolerance: float,
+) -> ExportedModel:
     with tempfile.TemporaryDirectory(prefix="fedgate-export-") as scratch:
         job_dir = Path(scratch)
         job = _Job(spec=spec, digest=digest, round=round, threads=threads, tolerance=tolerance)
@@ -350,14 +365,17 @@ def export_in_subprocess(
         arrays[_WINDOWS] = np.asarray(windows, dtype=np.float32)
         np.savez(job_dir / _ARRAYS, **arrays)  # type: ignore[arg-type]  # numpy's stub
         try:
+            # -I: the child's imports come from the installation only, never from the
+            # working directory the agent was started in (nor PYTHON* variables).
             child = subprocess.run(
-                [sys.executable, "-m", "fedgate_agent.onnx_export", str(job_dir)],
+                [sys.executable, "-I", "-m", "fedgate_agent.onnx_export", str(job_dir)],
                 capture_output=True,
                 text=True,
                 timeout=EXPORT_TIMEOUT_S,
                 check=False,
+                cwd=job_dir,
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except subprocess.TimeoutExpired as exc:
             raise ModelExportFailed(f"the ONNX export of model {digest[:12]}: {exc}") from None
         if (job_dir / _ERROR).exists():
             failure = msgspec.json.decode((job_dir / _ERROR).read_bytes(), type=_Failure)

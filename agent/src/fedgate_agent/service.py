@@ -31,7 +31,7 @@ import numpy.typing as npt
 import torch
 from fedgate_common.arrays import decode_arrays, encode_arrays
 from fedgate_common.envelope import seal
-from fedgate_common.errors import FedgateError, ReplayedMessage, WrongRound
+from fedgate_common.errors import FedgateError, MalformedMessage, ReplayedMessage, WrongRound
 from fedgate_common.keys import parse_public_key
 from fedgate_common.logs import log_event
 from fedgate_common.messages import (
@@ -115,10 +115,10 @@ from fedgate_agent.scoring import (
 from fedgate_agent.site_privacy import SiteBudget, SiteLedgerEntry, plan_site_round
 from fedgate_agent.state import (
     ScoringStatus,
-    load_current_model_message,
     read_pinned_peers,
     read_status,
     save_model_message,
+    stored_model_messages,
     write_pinned_peers,
     write_status,
 )
@@ -220,21 +220,27 @@ class AgentService:
         }
 
     def _restore_model(self) -> None:
-        """Reload the last model from disk; it is verified like a message from the wire."""
-        raw = load_current_model_message(self.config.state_path)
-        if raw is None:
-            return
-        try:
-            action = self.logic.on_message(
-                model_topic(self.config.deployment, self.config.cloud), raw
-            )
-        except FedgateError as exc:
-            log_event(log, logging.WARNING, "stored model ignored", **self._fields(error=str(exc)))
-            return
-        if isinstance(action, AdoptModel):
-            self.logic.adopt(action.model, raw)
-            self.status.model_round = action.model.round
-            self.status.model_digest = action.model.digest
+        """Reload the newest kept model that verifies like a message from the wire:
+        ``current.fgm``, or when it is damaged the newest numbered copy that is sound."""
+        topic = model_topic(self.config.deployment, self.config.cloud)
+        for name, raw in stored_model_messages(self.config.state_path):
+            try:
+                if not raw:
+                    raise MalformedMessage("the file is empty")
+                action = self.logic.on_message(topic, raw)
+            except FedgateError as exc:
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "stored model ignored",
+                    **self._fields(file=name, error=str(exc)),
+                )
+                continue
+            if isinstance(action, AdoptModel):
+                self.logic.adopt(action.model, raw)
+                self.status.model_round = action.model.round
+                self.status.model_digest = action.model.digest
+                return
 
     def _save_status(self, state: str | None = None) -> None:
         if state is not None:
@@ -261,9 +267,18 @@ class AgentService:
             self._count_rejection(exc, "message rejected", topic=message.topic)
             return
         if isinstance(action, AdoptModel):
-            save_model_message(
-                self.config.state_path, action.model.round, action.model.digest, action.raw
-            )
+            try:
+                save_model_message(
+                    self.config.state_path, action.model.round, action.model.digest, action.raw
+                )
+            except OSError as exc:  # a full disk: use the model from memory, say so
+                self.status.last_error = f"model of round {action.model.round} not saved: {exc}"
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "global model not saved; used from memory",
+                    **self._fields(round=action.model.round, error=str(exc)),
+                )
             self.status.model_round = action.model.round
             self.status.model_digest = action.model.digest
             log_event(
@@ -788,7 +803,7 @@ class AgentService:
                 self.status.scoring.state = "exporting"
             try:
                 exported, loaded = await asyncio.to_thread(self._export, model)
-            except FedgateError as exc:
+            except Exception as exc:  # no export failure may end the agent: it scores on
                 self._scoring_error(exc, "model export failed", round=model.round)
                 if self.scorer.model is None:
                     self.status.scoring.state = "waiting for a model"

@@ -143,11 +143,18 @@ def save_model_message(state_dir: Path, round: int, digest: str, raw: bytes) -> 
     return path
 
 
-def load_current_model_message(state_dir: Path) -> bytes | None:
-    try:
-        return (state_dir / MODELS_DIR / CURRENT_MODEL).read_bytes()
-    except FileNotFoundError:
-        return None
+def stored_model_messages(state_dir: Path) -> list[tuple[str, bytes]]:
+    """The kept model messages, newest first: ``current.fgm``, then the numbered copies
+    (for when it is damaged); ``(file name, bytes)``, unreadable files left out."""
+    directory = state_dir / MODELS_DIR
+    names = [CURRENT_MODEL, *sorted((p.name for p in directory.glob("[0-9]*.fgm")), reverse=True)]
+    stored = []
+    for name in names:
+        try:
+            stored.append((name, (directory / name).read_bytes()))
+        except OSError:  # missing (no model yet) or unreadable: the next copy may do
+            continue
+    return stored
 
 
 class PeersUnreadable(AgentError):
