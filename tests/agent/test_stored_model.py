@@ -41,7 +41,7 @@ def agent_with_models(state_dir: Path, rounds: int) -> tuple[AgentConfig, list[b
     return config, messages
 
 
-@pytest.mark.parametrize("damage", ["sound", "truncated", "empty"])
+@pytest.mark.parametrize("damage", ["sound", "truncated", "empty", "older"])
 def test_the_newest_sound_kept_model_is_restored(tmp_path: Path, damage: str) -> None:
     config, messages = agent_with_models(tmp_path / "state", rounds=3)
     current = tmp_path / "state" / MODELS_DIR / "current.fgm"
@@ -49,6 +49,24 @@ def test_the_newest_sound_kept_model_is_restored(tmp_path: Path, damage: str) ->
         current.write_bytes(messages[-1][: len(messages[-1]) // 2])
     elif damage == "empty":
         current.write_bytes(b"")
+    elif damage == "older":  # the disk filled between the numbered copy and current.fgm
+        current.write_bytes(messages[1])
     service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
-    # current.fgm and 000003-….fgm hold the same round: a damaged current.fgm falls back to it
+    # 000003-….fgm holds round 3 whatever became of current.fgm: the newest sound one wins
     assert service.status.model_round == 3
+
+
+def test_a_status_file_that_cannot_be_written_does_not_stop_the_agent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk made every status write raise out of the agent's loops and end it."""
+    config, _ = agent_with_models(tmp_path / "state", rounds=1)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    (tmp_path / "state" / "status.json").mkdir()  # the rename onto it fails like ENOSPC would
+    service._save_status()
+    service._save_status()
+    failures = [r for r in caplog.records if r.getMessage() == "status not written"]
+    assert len(failures) == 1  # logged once while it lasts
+    (tmp_path / "state" / "status.json").rmdir()
+    service._save_status()
+    assert (tmp_path / "state" / "status.json").is_file()

@@ -208,6 +208,7 @@ class AgentService:
             self.status.privacy = "off"
         self.rejected: Counter[str] = Counter(self.status.rejected)
         self._bytes_up_before = self.status.bytes_up  # cumulative across restarts
+        self._status_unwritable = False  # the last status.json write failed (logged once)
         self._init_scoring()
         self._restore_model()
 
@@ -221,13 +222,15 @@ class AgentService:
 
     def _restore_model(self) -> None:
         """Reload the newest kept model that verifies like a message from the wire:
-        ``current.fgm``, or when it is damaged the newest numbered copy that is sound."""
+        ``current.fgm`` or a numbered copy (newer when the disk filled between the two
+        writes; the only one left when ``current.fgm`` is damaged)."""
         topic = model_topic(self.config.deployment, self.config.cloud)
+        best: tuple[AdoptModel, bytes] | None = None
         for name, raw in stored_model_messages(self.config.state_path):
             try:
                 if not raw:
                     raise MalformedMessage("the file is empty")
-                action = self.logic.on_message(topic, raw)
+                action = self.logic.on_message(topic, raw)  # verifies; adopts nothing yet
             except FedgateError as exc:
                 log_event(
                     log,
@@ -236,11 +239,15 @@ class AgentService:
                     **self._fields(file=name, error=str(exc)),
                 )
                 continue
-            if isinstance(action, AdoptModel):
-                self.logic.adopt(action.model, raw)
-                self.status.model_round = action.model.round
-                self.status.model_digest = action.model.digest
-                return
+            if isinstance(action, AdoptModel) and (
+                best is None or action.model.round > best[0].model.round
+            ):
+                best = (action, raw)  # the newest: a copy may be newer than current.fgm
+        if best is not None:
+            action, raw = best
+            self.logic.adopt(action.model, raw)
+            self.status.model_round = action.model.round
+            self.status.model_digest = action.model.digest
 
     def _save_status(self, state: str | None = None) -> None:
         if state is not None:
@@ -249,7 +256,14 @@ class AgentService:
         if self.data_path is not None:
             self.status.ingest = self.data_path.status
         self.status.bytes_up = self._bytes_up_before + self.link.bytes_published
-        write_status(self.config.state_path, self.status)
+        try:
+            write_status(self.config.state_path, self.status)
+        except OSError as exc:  # a full disk: the agent goes on; `status` shows it stale
+            if not self._status_unwritable:
+                log_event(log, logging.ERROR, "status not written", **self._fields(error=str(exc)))
+            self._status_unwritable = True
+        else:
+            self._status_unwritable = False
 
     # -- message handling ----------------------------------------------------------------
     def _count_rejection(self, exc: FedgateError, what: str, **fields: object) -> None:

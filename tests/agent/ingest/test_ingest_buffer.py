@@ -380,7 +380,7 @@ def _frame_offset(wal: bytes, frame: int) -> int:
     return 32 + (frame - 1) * (24 + page_size)
 
 
-@pytest.mark.parametrize("damage", ["none", "torn tail", "frame 3"])
+@pytest.mark.parametrize("damage", ["none", "torn tail", "frame 3", "salt of frame 3", "header"])
 def test_a_damaged_write_ahead_log_is_reported_and_kept(tmp_path: Path, damage: str) -> None:
     """SQLite replays a log only up to a damaged frame and drops the committed transactions
     after it without a word; the buffer used to open as if nothing had happened."""
@@ -396,17 +396,23 @@ def test_a_damaged_write_ahead_log_is_reported_and_kept(tmp_path: Path, damage: 
         wal += torn
     elif damage == "frame 3":
         wal[_frame_offset(bytes(wal), 3) + 24 + 200] ^= 0xFF
+    elif damage == "salt of frame 3":
+        wal[_frame_offset(bytes(wal), 3) + 8] ^= 0x01
+    elif damage == "header":  # SQLite then ignores the whole log
+        wal[17] ^= 0x01
     wal_path.write_bytes(bytes(wal))
     with open_buffer(path) as buffer:
         samples = buffer.stats().samples
         quarantined = buffer.quarantined
-    if damage == "frame 3":
+    if damage not in ("none", "torn tail"):
         assert samples < 60  # what SQLite dropped
         assert quarantined is not None
         assert quarantined.name.startswith("buffer.db.wal-damaged-")
-        copy = sqlite3.connect(f"file:{quarantined}?mode=ro", uri=True)
-        assert Path(f"{quarantined}-wal").exists()
-        copy.close()
+        assert Path(f"{quarantined}-wal").read_bytes() == bytes(wal)  # the evidence, whole
+        _killed_after_60_commits(path)  # more readings, another crash: nothing new to report
+        with open_buffer(path) as buffer:
+            assert buffer.stats().samples == 60  # the same 60 again: what was lost is back
+        assert len(list(tmp_path.glob("*wal-damaged*[!l]"))) == 1
     else:
         assert samples == 60
         assert quarantined is None

@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import logging
 import math
+import mmap
 import operator
 import os
 import shutil
@@ -301,6 +302,8 @@ class IngestBuffer:
         if wal_copy is not None:
             copy, reason = wal_copy
             _record_quarantine(connection, copy, reason)
+            # A new log: what is left beyond the damage must not be reported again.
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             quarantined = quarantined or copy
         return cls(
             connection=connection, settings=settings, read_only=False, quarantined=quarantined
@@ -772,11 +775,11 @@ def _keep_a_damaged_wal(path: Path) -> tuple[Path, str] | None:
     wal = _sidecar(path, "-wal")
     if _file_key(path) in _OPEN_HERE or _file_size(wal) == 0:
         return None
-    damage = wal_damage(wal.read_bytes())
+    with wal.open("rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        damage = wal_damage(view)  # paged in as it is read, not loaded whole
     if damage is None:
         return None
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    copy = path.with_name(f"{path.name}.wal-damaged-{stamp}")
+    copy = _free_name(path, "wal-damaged")
     shutil.copy2(path, copy)
     shutil.copy2(wal, _sidecar(copy, "-wal"))
     reason = (
@@ -795,18 +798,24 @@ def _keep_a_damaged_wal(path: Path) -> tuple[Path, str] | None:
     return copy, reason
 
 
+def _free_name(path: Path, what: str) -> Path:
+    """``<name>.<what>-<UTC time>``, with ``-n`` added while that name is taken."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.{what}-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.{what}-{stamp}-{n}")
+        n += 1
+    return target
+
+
 def _sidecar(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
 def _quarantine(path: Path) -> Path:
     """Move ``path`` and its ``-wal``/``-shm`` to ``<name>.corrupt-<UTC time>[-n]``."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-        n += 1
+    target = _free_name(path, "corrupt")
     os.replace(path, target)
     for suffix in ("-wal", "-shm"):
         sidecar = _sidecar(path, suffix)
