@@ -15,8 +15,10 @@ from fedgate_agent.cli import ExitCode
 from fedgate_agent.cli import main as agent_main
 from fedgate_agent.state import AgentStatus, ScoringStatus, write_status
 from fedgate_common.consensus.manifest import encode_manifest_file
+from fedgate_common.instance_lock import single_instance
 from fedgate_common.model_spec import ModelSpec
 
+from tests.agent.ingest.test_ingest_buffer import _frame_offset, _killed_after_60_commits
 from tests.federation_support import federation_manifest
 
 TAGS = ("temp", "flow")
@@ -257,3 +259,27 @@ def test_status_tells_a_clean_stop_from_an_agent_that_died(tmp_path: Path) -> No
     assert "last loss 0.6123\n" in alive
     assert stopped_cleanly() is None  # it runs
     assert "last loss -\n" in shown(AgentStatus(agent_id="site-1"))
+
+
+def test_import_beside_a_running_agent_leaves_its_log_alone(tmp_path: Path) -> None:
+    """A log read while the agent restarts it can look damaged: only a start with no agent
+    running checks it (the agent checked it at its own start)."""
+    config = agent(tmp_path)
+    buffer = tmp_path / "state" / "ingest" / "buffer.db"
+    buffer.parent.mkdir(parents=True, exist_ok=True)
+    _killed_after_60_commits(buffer)
+    wal_path = buffer.with_name("buffer.db-wal")
+    wal = bytearray(wal_path.read_bytes())
+    wal[_frame_offset(bytes(wal), 3) + 24 + 200] ^= 0xFF
+    wal_path.write_bytes(bytes(wal))
+    export = tmp_path / "line3.csv"
+    historian_csv(export, minutes=10)
+    command = ["import", "--config", str(config), str(export)]
+    damaged = buffer.read_bytes(), wal_path.read_bytes()
+    with single_instance(tmp_path / "state", "fedgate-agent"):  # as a running agent holds it
+        assert CliRunner().invoke(agent_main, command).exit_code == 0
+    assert not list(buffer.parent.glob("*wal-damaged*"))
+    buffer.write_bytes(damaged[0])  # the same damage again, with no agent running
+    wal_path.write_bytes(damaged[1])
+    assert CliRunner().invoke(agent_main, command).exit_code == 0
+    assert len(list(buffer.parent.glob("*wal-damaged*[!l]"))) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable, single_instance
 from fedgate_common.model_spec import ModelSpec
 from fedgate_common.text_table import format_table
 
@@ -143,7 +144,9 @@ def import_command(
         delimiter=delimiter,
         slash_as=slash_as,
     )
-    with IngestBuffer.open(buffer_settings(cfg)) as buffer:
+    # Beside a running agent, its log is not checked: the agent checked it at its start.
+    running = _agent_running(cfg.state_path)
+    with IngestBuffer.open(buffer_settings(cfg), check_log=not running) as buffer:
         report = import_history(
             file,
             buffer,
@@ -225,3 +228,14 @@ def _current_spec(state_dir: Path) -> ModelSpec:
             "unknown; run `fedgate-agent federation pin FILE` first"
         )
     return signed.manifest.model_spec
+
+
+def _agent_running(state_dir: Path) -> bool:
+    """Whether ``fedgate-agent run`` holds its lock on ``state_dir`` now."""
+    try:
+        with single_instance(state_dir, "fedgate-agent"):
+            return False
+    except AlreadyRunning:
+        return True
+    except StateDirUnusable:
+        return False  # no agent could run there either

@@ -262,25 +262,29 @@ class IngestBuffer:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings: BufferSettings) -> IngestBuffer:
+    def open(cls, settings: BufferSettings, *, check_log: bool = True) -> IngestBuffer:
         """Open (or create) the buffer at ``settings.path`` for writing.
 
         A corrupted file is moved aside and a new buffer is created in its place; the
-        returned buffer's :attr:`quarantined` says where the old file went.
+        returned buffer's :attr:`quarantined` says where the old file went. ``check_log``:
+        look for a damaged write-ahead log first; only when no other process may be
+        writing the buffer (a log read while another process restarts it would look
+        damaged).
         """
         path = settings.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with _OPEN_HERE_LOCK:
-                return cls._open_checked(settings)
+                return cls._open_checked(settings, check_log=check_log)
         except (sqlite3.Error, OSError) as exc:
             raise IngestError(f"cannot open the buffer at {path}: {exc}") from exc
 
     @classmethod
-    def _open_checked(cls, settings: BufferSettings) -> IngestBuffer:
+    def _open_checked(cls, settings: BufferSettings, *, check_log: bool) -> IngestBuffer:
         path = settings.path
         quarantined: Path | None = None
-        wal_copy = _keep_a_damaged_wal(path)  # before SQLite replays (and cuts) the log
+        # Before SQLite replays (and cuts) the log.
+        wal_copy = _keep_a_damaged_wal(path) if check_log else None
         try:
             connection = _connect(path, read_only=False)
             _check_integrity(connection, path)
