@@ -335,3 +335,22 @@ def test_certificate_signed_by_unknown_or_duplicate_coordinators_is_refused(
 def test_genesis_other_than_the_manifests_is_refused(logic: AgentRoundLogic) -> None:
     with pytest.raises(ModelRejected, match="manifest's genesis"):
         logic.on_message(MODEL_TOPIC, sealed(global_model(seed=9)))
+
+
+def test_a_model_older_than_the_newest_adopted_is_refused_after_a_restart() -> None:
+    """With its kept models lost, an agent used to take any certified older model offered on
+    the model topic; status.json's newest round is its floor now."""
+    restarted = AgentRoundLogic(
+        agent_id=AGENT,
+        deployment=DEPLOYMENT,
+        cloud=CLOUD,
+        coordinator_key=COORDINATOR.verify_key,
+        trust=TRUST,
+        min_model_round=2,
+    )
+    genesis = global_model()
+    first = global_model(round=1, parent=genesis.digest, seed=1)
+    with pytest.raises(ReplayedMessage, match="older than round 2"):
+        restarted.on_message(MODEL_TOPIC, sealed(first))
+    second = global_model(round=2, parent=first.digest, seed=2)
+    assert isinstance(restarted.on_message(MODEL_TOPIC, sealed(second)), AdoptModel)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fedgate_agent.config import AgentConfig
 from fedgate_agent.service import AgentService
-from fedgate_agent.state import MODELS_DIR, save_model_message
+from fedgate_agent.state import MODELS_DIR, AgentStatus, save_model_message, write_status
 from fedgate_common.model_spec import ModelSpec, initial_weights
 from fedgate_coordinator.federation import global_model_message
 from fedgate_coordinator.genesis import genesis_record
@@ -70,3 +70,13 @@ def test_a_status_file_that_cannot_be_written_does_not_stop_the_agent(
     (tmp_path / "state" / "status.json").rmdir()
     service._save_status()
     assert (tmp_path / "state" / "status.json").is_file()
+
+
+def test_with_the_newer_models_lost_an_older_kept_one_is_not_adopted(tmp_path: Path) -> None:
+    config, _ = agent_with_models(tmp_path / "state", rounds=3)
+    models = tmp_path / "state" / MODELS_DIR
+    for path in [*models.glob("00000[23]-*.fgm"), models / "current.fgm"]:
+        path.write_bytes(b"damaged")
+    write_status(tmp_path / "state", AgentStatus(model_round=3))  # what it had adopted
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    assert service.logic.current_model is None  # round 1 is sound but older than round 3

@@ -72,6 +72,7 @@ class AgentRoundLogic:
         coordinator_key: nacl.signing.VerifyKey,
         trust: FederationTrust,
         last_answered_round: int = 0,
+        min_model_round: int = 0,
         current_model: GlobalModel | None = None,
         allow_plaintext: bool = False,
         limits: Limits = DEFAULT_LIMITS,
@@ -82,6 +83,9 @@ class AgentRoundLogic:
         self._coordinator_key = coordinator_key
         self._trust = trust
         self.last_answered_round = last_answered_round
+        # The newest round this agent ever adopted (status.json): with its kept models lost,
+        # an older certified model replayed on the model topic is still refused.
+        self.min_model_round = min_model_round
         self.current_model = current_model
         self.current_certificate = b""
         self.allow_plaintext = allow_plaintext
@@ -135,6 +139,12 @@ class AgentRoundLogic:
         self._trust.check_model(model)
         if self.current_model is not None and model.round <= self.current_model.round:
             return None  # the same or an older model (retained redelivery)
+        if model.round < self.min_model_round:
+            raise ReplayedMessage(
+                f"model of round {model.round} is older than round {self.min_model_round}, "
+                "the newest this agent adopted (after a coordinator store was restored from "
+                "an older backup: fedgate-agent forget-rounds)"
+            )
         return AdoptModel(model, raw)
 
     def adopt(self, model: GlobalModel, raw: bytes) -> TrainForRound | None:

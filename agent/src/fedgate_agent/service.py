@@ -151,6 +151,7 @@ class AgentService:
             coordinator_key=parse_public_key(config.coordinator_public_key),
             trust=load_trust(config.state_path, config.manifest_digest),
             last_answered_round=self.status.last_answered_round,
+            min_model_round=self.status.model_round or 0,
             allow_plaintext=config.secagg.plaintext_rounds == "allow",
         )
         self.link = MqttLink(
@@ -221,11 +222,10 @@ class AgentService:
         }
 
     def _restore_model(self) -> None:
-        """Reload the newest kept model that verifies like a message from the wire:
-        ``current.fgm`` or a numbered copy (newer when the disk filled between the two
-        writes; the only one left when ``current.fgm`` is damaged)."""
+        """Reload the newest kept model that verifies like a message from the wire: the
+        newest numbered copy (``current.fgm`` can lag it when the disk filled between the
+        two writes), or an older one, or ``current.fgm``, when the newer are damaged."""
         topic = model_topic(self.config.deployment, self.config.cloud)
-        best: tuple[AdoptModel, bytes] | None = None
         for name, raw in stored_model_messages(self.config.state_path):
             try:
                 if not raw:
@@ -239,15 +239,11 @@ class AgentService:
                     **self._fields(file=name, error=str(exc)),
                 )
                 continue
-            if isinstance(action, AdoptModel) and (
-                best is None or action.model.round > best[0].model.round
-            ):
-                best = (action, raw)  # the newest: a copy may be newer than current.fgm
-        if best is not None:
-            action, raw = best
-            self.logic.adopt(action.model, raw)
-            self.status.model_round = action.model.round
-            self.status.model_digest = action.model.digest
+            if isinstance(action, AdoptModel):  # the newest that verifies
+                self.logic.adopt(action.model, raw)
+                self.status.model_round = action.model.round
+                self.status.model_digest = action.model.digest
+                return
 
     def _save_status(self, state: str | None = None) -> None:
         if state is not None:

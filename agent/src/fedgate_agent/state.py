@@ -144,10 +144,11 @@ def save_model_message(state_dir: Path, round: int, digest: str, raw: bytes) -> 
 
 
 def stored_model_messages(state_dir: Path) -> list[tuple[str, bytes]]:
-    """The kept model messages, newest first: ``current.fgm``, then the numbered copies
-    (for when it is damaged); ``(file name, bytes)``, unreadable files left out."""
+    """The kept model messages, newest first: the numbered copies by round (each is written
+    before ``current.fgm``, so the newest is never older than it), then ``current.fgm``;
+    ``(file name, bytes)``, unreadable files left out."""
     directory = state_dir / MODELS_DIR
-    names = [CURRENT_MODEL, *sorted((p.name for p in directory.glob("[0-9]*.fgm")), reverse=True)]
+    names = [*sorted((p.name for p in directory.glob("[0-9]*.fgm")), reverse=True), CURRENT_MODEL]
     stored = []
     for name in names:
         try:
