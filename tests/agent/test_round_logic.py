@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import nacl.signing
 import numpy as np
@@ -110,16 +112,21 @@ def start(round: int, base: str, selected: tuple[str, ...] = (AGENT, "site-2")) 
     )
 
 
-@pytest.fixture
-def logic() -> AgentRoundLogic:
+def agent_logic(**settings: Any) -> AgentRoundLogic:
+    """The logic of agent ``AGENT`` in ``CLOUD`` under ``TRUST``; ``settings`` as given."""
     return AgentRoundLogic(
         agent_id=AGENT,
         deployment=DEPLOYMENT,
         cloud=CLOUD,
         coordinator_key=COORDINATOR.verify_key,
         trust=TRUST,
-        allow_plaintext=True,
+        **settings,
     )
+
+
+@pytest.fixture
+def logic() -> AgentRoundLogic:
+    return agent_logic(allow_plaintext=True)
 
 
 MODEL_TOPIC = model_topic(DEPLOYMENT, CLOUD)
@@ -245,13 +252,7 @@ SECAGG = SecAggParams(
 
 
 def test_plaintext_round_is_refused_unless_allowed() -> None:
-    strict = AgentRoundLogic(
-        agent_id=AGENT,
-        deployment=DEPLOYMENT,
-        cloud=CLOUD,
-        coordinator_key=COORDINATOR.verify_key,
-        trust=TRUST,
-    )
+    strict = agent_logic()
     model = global_model()
     strict.adopt(model, sealed(model))
     with pytest.raises(PlaintextRefused):
@@ -340,14 +341,7 @@ def test_genesis_other_than_the_manifests_is_refused(logic: AgentRoundLogic) -> 
 def test_a_model_older_than_the_newest_adopted_is_refused_after_a_restart() -> None:
     """With its kept models lost, an agent used to take any certified older model offered on
     the model topic; status.json's newest round is its floor now."""
-    restarted = AgentRoundLogic(
-        agent_id=AGENT,
-        deployment=DEPLOYMENT,
-        cloud=CLOUD,
-        coordinator_key=COORDINATOR.verify_key,
-        trust=TRUST,
-        min_model_round=2,
-    )
+    restarted = agent_logic(min_model_round=2)
     genesis = global_model()
     first = global_model(round=1, parent=genesis.digest, seed=1)
     with pytest.raises(ReplayedMessage, match="older than round 2"):
