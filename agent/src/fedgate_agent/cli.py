@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +84,7 @@ from fedgate_agent.site_privacy import SAMPLING as SITE_SAMPLING
 from fedgate_agent.site_privacy import UNIT as SITE_UNIT
 from fedgate_agent.state import (
     MODELS_DIR,
+    RUN_LOCK,
     AgentStatus,
     IngestStatus,
     ScoringStatus,
@@ -154,16 +154,7 @@ def init(
           --deployment plant-a --cloud cloud-1 --broker-host 10.0.0.5
     """
     if config_path.exists():
-        given = {
-            "agent_id": agent_id,
-            "deployment": deployment,
-            "cloud": cloud,
-            "state_dir": str(state_dir.absolute()),
-            "broker.host": broker_host,
-            "broker.port": broker_port,
-            "coordinator_public_key": coordinator_key,
-        }
-        config = _init_existing(config_path, given)
+        config = _init_existing(config_path)
     else:
         name = agent_id or socket.gethostname().split(".")[0]
         config = AgentConfig(
@@ -194,6 +185,7 @@ def init(
     click.echo(f"  fedgate-coordinator enroll {config.agent_id} {public}")
 
 
+# init's options by the configuration key each one sets.
 _INIT_OPTIONS = {
     "agent_id": "agent_id",
     "deployment": "deployment",
@@ -205,19 +197,21 @@ _INIT_OPTIONS = {
 }
 
 
-def _init_existing(config_path: Path, given: Mapping[str, object]) -> AgentConfig:
+def _init_existing(config_path: Path) -> AgentConfig:
     """``init`` on an existing config: write the options given on the command line that
     differ from it, unless the agent has an identity already (then refuse them)."""
     context = click.get_current_context()
+    given = {
+        key: context.params[option]
+        for key, option in _INIT_OPTIONS.items()
+        if context.get_parameter_source(option) is ParameterSource.COMMANDLINE
+    }
+    if "state_dir" in given:
+        given["state_dir"] = given["state_dir"].absolute()
     config = load_config(config_path, require_complete=False)
     current = dict(config_as_dict(config))
     current["broker.host"], current["broker.port"] = config.broker.host, config.broker.port
-    changes = {
-        key: value
-        for key, value in given.items()
-        if context.get_parameter_source(_INIT_OPTIONS[key]) is ParameterSource.COMMANDLINE
-        and str(current.get(key)) != str(value)
-    }
+    changes = {key: value for key, value in given.items() if str(current.get(key)) != str(value)}
     if not changes:
         return config
     listed = ", ".join(f"{key} {current.get(key)!r} -> {value!r}" for key, value in changes.items())
@@ -427,7 +421,7 @@ def run(config_path: Path, log_json: bool) -> None:
         )
     from fedgate_agent.service import AgentService  # torch loads only for `run`
 
-    with single_instance(cfg.state_path, "fedgate-agent"):
+    with single_instance(cfg.state_path, RUN_LOCK):
         _run_service(AgentService(config=cfg, identity=identity))
 
 
@@ -704,7 +698,7 @@ def forget_rounds(config_path: Path, as_json: bool) -> None:
       sudo systemctl start fedgate-agent
     """
     cfg = load_config(config_path, require_complete=False)
-    with single_instance(cfg.state_path, "fedgate-agent"):
+    with single_instance(cfg.state_path, RUN_LOCK):
         state = read_status(cfg.state_path)
         forgot = {
             "last_answered_round": state.last_answered_round,

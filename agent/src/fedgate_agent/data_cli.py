@@ -21,6 +21,7 @@ from fedgate_agent.federation_trust import read_pinned
 from fedgate_agent.ingest.buffer import IngestBuffer
 from fedgate_agent.ingest.historian import ColumnMapping, ImportProgress, import_history
 from fedgate_agent.ingest.windows import build_windows
+from fedgate_agent.state import RUN_LOCK
 
 __all__ = ["import_command", "windows_command"]
 
@@ -233,7 +234,7 @@ def _current_spec(state_dir: Path) -> ModelSpec:
 def _agent_running(state_dir: Path) -> bool:
     """Whether ``fedgate-agent run`` holds its lock on ``state_dir`` now."""
     try:
-        with single_instance(state_dir, "fedgate-agent"):
+        with single_instance(state_dir, RUN_LOCK):
             return False
     except AlreadyRunning:
         return True

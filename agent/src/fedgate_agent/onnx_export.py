@@ -343,28 +343,13 @@ def export_in_subprocess(
     :class:`ModelExportFailed` for a failed export or a child that died.
     """
     try:
-        return _export_in(spec, weights, digest, round, windows, threads, tolerance)
-    except OSError as exc:  # the scratch directory: a full or read-only /tmp, say
-        raise ModelExportFailed(f"the ONNX export of model {digest[:12]}: {exc}") from None
-
-
-def _export_in(
-    spec: ModelSpec,
-    weights: Mapping[str, npt.NDArray[np.generic]],
-    digest: str,
-    round: int,
-    windows: npt.NDArray[np.float32],
-    threads: int,
-    tolerance: float,
-) -> ExportedModel:
-    with tempfile.TemporaryDirectory(prefix="fedgate-export-") as scratch:
-        job_dir = Path(scratch)
-        job = _Job(spec=spec, digest=digest, round=round, threads=threads, tolerance=tolerance)
-        (job_dir / _JOB).write_bytes(msgspec.json.encode(job))
-        arrays = {name: np.asarray(a, dtype=np.float32) for name, a in weights.items()}
-        arrays[_WINDOWS] = np.asarray(windows, dtype=np.float32)
-        np.savez(job_dir / _ARRAYS, **arrays)  # type: ignore[arg-type]  # numpy's stub
-        try:
+        with tempfile.TemporaryDirectory(prefix="fedgate-export-") as scratch:
+            job_dir = Path(scratch)
+            job = _Job(spec=spec, digest=digest, round=round, threads=threads, tolerance=tolerance)
+            (job_dir / _JOB).write_bytes(msgspec.json.encode(job))
+            arrays = {name: np.asarray(a, dtype=np.float32) for name, a in weights.items()}
+            arrays[_WINDOWS] = np.asarray(windows, dtype=np.float32)
+            np.savez(job_dir / _ARRAYS, **arrays)  # type: ignore[arg-type]  # numpy's stub
             # -I: the child's imports come from the installation only, never from the
             # working directory the agent was started in (nor PYTHON* variables).
             child = subprocess.run(
@@ -375,19 +360,20 @@ def _export_in(
                 check=False,
                 cwd=job_dir,
             )
-        except subprocess.TimeoutExpired as exc:
-            raise ModelExportFailed(f"the ONNX export of model {digest[:12]}: {exc}") from None
-        if (job_dir / _ERROR).exists():
-            failure = msgspec.json.decode((job_dir / _ERROR).read_bytes(), type=_Failure)
-            raise ModelExportFailed(failure.message, max_abs_diff=failure.max_abs_diff)
-        if child.returncode != 0 or not (job_dir / _RESULT).exists():
-            tail = " ".join(child.stderr.strip().splitlines()[-3:])
-            raise ModelExportFailed(
-                f"the ONNX export process for model {digest[:12]} exited with "
-                f"{child.returncode}: {tail or 'no message'}"
-            )
-        result = msgspec.json.decode((job_dir / _RESULT).read_bytes(), type=_Result)
-        onnx_bytes = (job_dir / _MODEL).read_bytes()
+            if (job_dir / _ERROR).exists():
+                failure = msgspec.json.decode((job_dir / _ERROR).read_bytes(), type=_Failure)
+                raise ModelExportFailed(failure.message, max_abs_diff=failure.max_abs_diff)
+            if child.returncode != 0 or not (job_dir / _RESULT).exists():
+                tail = " ".join(child.stderr.strip().splitlines()[-3:])
+                raise ModelExportFailed(
+                    f"the ONNX export process for model {digest[:12]} exited with "
+                    f"{child.returncode}: {tail or 'no message'}"
+                )
+            result = msgspec.json.decode((job_dir / _RESULT).read_bytes(), type=_Result)
+            onnx_bytes = (job_dir / _MODEL).read_bytes()
+    # The scratch directory (a full or read-only /tmp, say), or the child that ran too long.
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelExportFailed(f"the ONNX export of model {digest[:12]}: {exc}") from None
     return ExportedModel(
         onnx=onnx_bytes,
         model_digest=digest,

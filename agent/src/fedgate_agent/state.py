@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,9 @@ from fedgate_agent.errors import AgentError
 
 STATUS_FILE = "status.json"
 MODELS_DIR = "models"
+#: The lock ``run`` holds on the state directory (fedgate_common.instance_lock); commands
+#: that must not run beside it take it too, or look at it.
+RUN_LOCK = "fedgate-agent"
 CURRENT_MODEL = "current.fgm"
 KEEP_MODELS = 5
 PEERS_FILE = "peers.json"
@@ -143,19 +147,18 @@ def save_model_message(state_dir: Path, round: int, digest: str, raw: bytes) -> 
     return path
 
 
-def stored_model_messages(state_dir: Path) -> list[tuple[str, bytes]]:
+def stored_model_messages(state_dir: Path) -> Iterator[tuple[str, bytes]]:
     """The kept model messages, newest first: the numbered copies by round (each is written
     before ``current.fgm``, so the newest is never older than it), then ``current.fgm``;
-    ``(file name, bytes)``, unreadable files left out."""
+    ``(file name, bytes)``, each read when it is asked for, unreadable files left out."""
     directory = state_dir / MODELS_DIR
     names = [*sorted((p.name for p in directory.glob("[0-9]*.fgm")), reverse=True), CURRENT_MODEL]
-    stored = []
     for name in names:
         try:
-            stored.append((name, (directory / name).read_bytes()))
+            raw = (directory / name).read_bytes()
         except OSError:  # missing (no model yet) or unreadable: the next copy may do
             continue
-    return stored
+        yield name, raw
 
 
 class PeersUnreadable(AgentError):

@@ -984,8 +984,8 @@ class MqttIngest:
             if route.refusal is not None:
                 rejected.append(RejectedPayload(route.source, route.refusal, payload))
                 continue
-            if isinstance(payload, _Oversize) or len(payload) > max_bytes:
-                size = payload.size if isinstance(payload, _Oversize) else len(payload)
+            size = payload.size if isinstance(payload, _Oversize) else len(payload)
+            if size > max_bytes:
                 rejected.append(RejectedPayload(route.source, "too_large", payload, size=size))
                 continue
             try:
