@@ -309,6 +309,7 @@ class _Block(msgspec.Struct, frozen=True):
     reason: str
     until: float  # time.monotonic()
     wait_s: float
+    tried: bool = False  # the block ran out and one parked row went back to try the topic
 
 
 class _Sent(msgspec.Struct, frozen=True):
@@ -346,7 +347,6 @@ class MqttPublisher:
         self._retry_reason = ""  # a refusal that a new connection may cure
         self._blocked: dict[str, _Block] = {}  # topics the broker refused, not sent for now
         self._unblocked: list[str] = []  # accepted again: their parked rows go back
-        self._tried: set[str] = set()  # blocks run out: one parked row went back to try
         self._rewind = False  # parked rows came back: read the outbox from its start
         self._requeued: set[int] = set()  # rows back from parking, not yet sent again
         self._new_refusal = False  # this connection brought a refusal for a new topic
@@ -391,7 +391,6 @@ class MqttPublisher:
             self._acked.append(sent.row)
             self.counters.acked += 1  # counted at the PUBACK; the row's delete follows
             if self._blocked.pop(sent.topic, None) is not None:
-                self._tried.discard(sent.topic)
                 self._unblocked.append(sent.topic)  # the broker takes the topic again
             return
         self.counters.refused += 1
@@ -415,7 +414,6 @@ class MqttPublisher:
             self._topic_block_s if previous is None else min(previous.wait_s * 2, TOPIC_BLOCK_MAX_S)
         )
         self._blocked[topic] = _Block(reason, time.monotonic() + wait, wait)
-        self._tried.discard(topic)
         self._new_refusal = True
 
     def _park(self, row: int, topic: str, reason: str) -> None:
@@ -445,11 +443,13 @@ class MqttPublisher:
             topic = self._unblocked.pop()
             await self._bring_back(topic, limit=None)
         now = time.monotonic()
-        for topic in [t for t, block in self._blocked.items() if now >= block.until]:
-            if topic not in self._tried:
+        for topic, block in list(self._blocked.items()):
+            if self._blocked.get(topic) is not block:
+                continue  # accepted, or refused anew, while an earlier topic was brought back
+            if now >= block.until and not block.tried:
                 # The block ran out: the topic's oldest parked row goes to try it, so a topic
                 # that produces no new reading is tried too.
-                self._tried.add(topic)
+                self._blocked[topic] = msgspec.structs.replace(block, tried=True)
                 await self._bring_back(topic, limit=1)
         self.counters.inflight = len(self._inflight)
 
