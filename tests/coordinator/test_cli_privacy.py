@@ -332,6 +332,30 @@ def test_privacy_shows_each_agents_last_record_level_report(private: Coordinator
 
 
 @on_disk_stores
+def test_privacy_shows_the_highest_report_when_a_later_one_falls(private: Coordinator) -> None:
+    """An agent restored from an older copy reports less: nothing is spent back."""
+    with Store.open(private.database_url) as store:
+        store.record_privacy(_report(1, "gw-1", 0.5))
+        store.record_privacy(_report(2, "gw-1", 0.875))
+        store.record_privacy(_report(3, "gw-1", 0.5))
+
+    result = private.run("privacy")
+
+    assert result.exit_code == 0, result.output
+    _, record = result.output.split("record level, as the agents report it")
+    _, rows = _table(record)
+    assert rows[0][:4] == ["gw-1", "3", "3", "0.8750"]
+    assert (
+        "note: gw-1 last reported ε 0.5000 (round 3), below the 0.8750 of round 2 shown"
+        in result.output
+    )
+    agent = json.loads(private.run("privacy", "--json").output)["record_level"]["agents"][0]
+    assert (agent["epsilon_total"], agent["highest_round"]) == (0.875, 2)
+    assert (agent["epsilon_total_last"], agent["last_round"]) == (0.5, 3)
+    assert agent["budget_left"] == pytest.approx(2.125)
+
+
+@on_disk_stores
 def test_privacy_with_site_level_off_and_an_empty_ledger_says_so(
     coordinator: Coordinator,
 ) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -10,8 +12,12 @@ import pytest
 from fedgate_common.arrays import encode_array
 from fedgate_common.errors import MalformedMessage, NonFiniteValues
 from fedgate_common.messages import MaskedInput, RecordPrivacyReport, SurvivorConfirmation
-from fedgate_coordinator.record_privacy_reports import record_privacy_entry
-from fedgate_coordinator.store import RECORD_UNIT
+from fedgate_coordinator.config import CoordinatorConfig
+from fedgate_coordinator.record_privacy_reports import decrease_detail, record_privacy_entry
+from fedgate_coordinator.service import CoordinatorService, ensure_genesis
+from fedgate_coordinator.store import RECORD_UNIT, PrivacyLedgerEntry, Store
+
+from tests.federation_support import one_cloud
 
 REPORT = RecordPrivacyReport(
     epsilon_round=0.5,
@@ -92,3 +98,51 @@ def test_a_report_past_its_own_target_is_booked_as_reported() -> None:
     entry = record_privacy_entry("gw-3", masked(over))
     assert entry is not None
     assert entry.epsilon_total > entry.target_epsilon
+
+
+def _entry(round: int, epsilon_total: float, **changes: float | str) -> PrivacyLedgerEntry:
+    report = msgspec.structs.replace(REPORT, epsilon_total=epsilon_total, **changes)
+    entry = record_privacy_entry("gw-3", masked(report))
+    assert entry is not None
+    return dataclasses.replace(entry, round=round)
+
+
+def test_a_report_below_an_earlier_one_is_explained() -> None:
+    detail = decrease_detail(_entry(8, 4.397), _entry(9, 3.6568))
+    assert detail.startswith(
+        "agent gw-3 reported ε 3.6568 for its run in round 9, below the 4.3970 it reported "
+        "in round 8: its privacy state (privacy.json) was probably restored"
+    )
+    changed = decrease_detail(_entry(8, 4.397), _entry(9, 3.6568, delta=1e-4))
+    assert "its settings changed (delta 1e-05 -> 0.0001)" in changed
+
+
+def test_a_report_at_or_above_the_highest_is_not_flagged() -> None:
+    assert decrease_detail(None, _entry(1, 0.5)) == ""
+    assert decrease_detail(_entry(1, 0.5), _entry(2, 0.5)) == ""
+    assert decrease_detail(_entry(1, 0.5), _entry(2, 0.75)) == ""
+
+
+def test_the_coordinator_books_a_falling_report_and_records_an_event(tmp_path: Path) -> None:
+    """What serve does with each report: the lower one is kept as sent, an event says why,
+    and the highest stays what the store answers for the agent."""
+    config = CoordinatorConfig(
+        deployment="plant-a", cloud="c1", database_url=f"sqlite:///{tmp_path / 'c.db'}"
+    )
+    with Store.open(config.database_url) as store:
+        service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
+        genesis = ensure_genesis(store, config, service.manifest.manifest, tmp_path)
+        for number in (1, 2, 3):
+            store.begin_round(
+                round=number, base_digest=genesis.digest, selected=1, min_participants=1
+            )
+        for number, epsilon in ((1, 1.5), (2, 2.25), (3, 0.75)):
+            service._book_record_privacy(_entry(number, epsilon))
+
+        assert [e.epsilon_total for e in store.privacy_ledger(RECORD_UNIT)] == [1.5, 2.25, 0.75]
+        highest = store.highest_privacy_entry(RECORD_UNIT, "gw-3")
+        assert highest is not None
+        assert (highest.round, highest.epsilon_total) == (2, 2.25)
+        events = [e for e in store.list_events() if e.kind == "record_epsilon_decreased"]
+        assert [(e.round, e.agent_id) for e in events] == [(3, "gw-3")]
+        assert "below the 2.2500 it reported in round 2" in events[0].detail

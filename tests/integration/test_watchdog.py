@@ -111,7 +111,7 @@ async def test_a_blocked_event_loop_stops_the_watchdog_pings(notify_socket: Noti
     )
     serving = asyncio.Event()
     lifecycle = asyncio.create_task(
-        notifier.follow(serving.wait(), sleep=asyncio.sleep, status="connected")
+        notifier.follow(serving.wait, sleep=asyncio.sleep, status="connected")
     )
     await asyncio.sleep(0.2)
     assert notify_socket.snapshot() == [], "nothing may be sent before the service serves"
@@ -158,7 +158,7 @@ async def test_no_watchdog_for_another_pid_but_ready_and_stopping_still_sent(
     assert notifier.watchdog_s is None
     done = asyncio.Event()
     done.set()
-    lifecycle = asyncio.create_task(notifier.follow(done.wait(), sleep=asyncio.sleep))
+    lifecycle = asyncio.create_task(notifier.follow(done.wait, sleep=asyncio.sleep))
     await asyncio.to_thread(notify_socket.wait_for, "READY=1", 2.0)
     await asyncio.sleep(0.3)
     lifecycle.cancel()

@@ -438,7 +438,7 @@ def _run_service(service: AgentService) -> None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, cancel_persistently, task)
         # READY=1 once connected to the broker, then watchdog pings from this event loop.
         lifecycle = asyncio.create_task(
-            notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")
+            notifier.follow(service.link.connected.wait, sleep=asyncio.sleep, status="connected")
         )
         try:
             await service.run()

@@ -85,7 +85,7 @@ class ServiceNotifier:
             open_socket=functools.partial(socket.socket, socket.AF_UNIX, socket.SOCK_DGRAM),
         )
         lifecycle = asyncio.create_task(
-            notifier.follow(link.connected.wait(), sleep=asyncio.sleep, status="connected"))
+            notifier.follow(link.connected.wait, sleep=asyncio.sleep, status="connected"))
     """
 
     def __init__(
@@ -156,15 +156,18 @@ class ServiceNotifier:
 
     async def follow(
         self,
-        ready: Awaitable[object],
+        ready: Callable[[], Awaitable[object]],
         *,
         sleep: Callable[[float], Awaitable[object]],
         status: str = "serving",
     ) -> None:
-        """Await ``ready``, send ``READY=1``, then ping the watchdog until cancelled;
-        ``STOPPING=1`` on the way out. Run it as a task on the service's event loop."""
+        """Await ``ready()``, send ``READY=1``, then ping the watchdog until cancelled;
+        ``STOPPING=1`` on the way out. Run it as a task on the service's event loop.
+
+        ``ready`` is called here, not by the caller: a service that fails before this task
+        first runs leaves no un-awaited coroutine behind (and no warning on stderr)."""
         try:
-            await ready
+            await ready()
             self.ready(status)
             while True:
                 if self.watchdog_s is None:

@@ -141,6 +141,19 @@ def _redact(url: str) -> str:
     return url
 
 
+def _require_unused_store(store: Store, url: str) -> None:
+    """``init`` starts a new history: a store with models or agents is another coordinator's."""
+    genesis = store.genesis_digest()
+    agents = len(store.list_agents())
+    if genesis is not None or agents:
+        held = f"a model chain from genesis {genesis[:16]}..." if genesis else f"{agents} agent(s)"
+        raise ConfigError(
+            f"the store {_redact(url)} already holds {held}: it belongs to a coordinator that "
+            "was initialised before; give init an empty database (--db), or restore that "
+            "coordinator's state directory instead"
+        )
+
+
 def _restrict_sqlite_file(url: str) -> None:
     """The store holds agent keys and history: readable by the service group only."""
     prefix = "sqlite:///"
@@ -287,8 +300,8 @@ def init(
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with obj.store(config):
-        pass  # creates the schema; the genesis model is added by the first `serve`
+    with obj.store(config) as store:  # creates the schema; the first `serve` adds the genesis
+        _require_unused_store(store, config.database_url)
     _restrict_sqlite_file(config.database_url)
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
@@ -516,7 +529,7 @@ def _serve(
             loop.add_signal_handler(signal.SIGTERM, cancel_persistently, task)
         # READY=1 once connected to the broker, then watchdog pings from this event loop.
         lifecycle = asyncio.create_task(
-            notifier.follow(service.link.connected.wait(), sleep=asyncio.sleep, status="connected")
+            notifier.follow(service.link.connected.wait, sleep=asyncio.sleep, status="connected")
         )
         try:
             await service.run(max_rounds=max_rounds, until_height=until_height)
@@ -1043,20 +1056,30 @@ RECORD_LEVEL_COLUMNS = [
 
 
 def _record_level_agents(reports: list[PrivacyLedgerEntry]) -> list[dict[str, Any]]:
-    """Per agent (by id), its last record-level report and how many rounds reported."""
+    """Per agent (by id), its last record-level report and how many rounds reported.
+
+    ``epsilon_total`` is the largest ε of its run it ever reported: a later, lower report
+    (``epsilon_total_last``; its privacy state restored from an older copy) spends nothing
+    back."""
     last: dict[str, PrivacyLedgerEntry] = {}
+    highest: dict[str, PrivacyLedgerEntry] = {}
     counts: dict[str, int] = {}
     for entry in reports:  # by round: the last one per agent wins
         last[entry.agent] = entry
+        top = highest.get(entry.agent)
+        if top is None or entry.epsilon_total >= top.epsilon_total:
+            highest[entry.agent] = entry
         counts[entry.agent] = counts.get(entry.agent, 0) + 1
     return [
         {
             "agent": agent,
             "rounds_reported": counts[agent],
             "last_round": entry.round,
-            "epsilon_total": entry.epsilon_total,
+            "epsilon_total": highest[agent].epsilon_total,
+            "epsilon_total_last": entry.epsilon_total,
+            "highest_round": highest[agent].round,
             "target_epsilon": entry.target_epsilon,
-            "budget_left": entry.target_epsilon - entry.epsilon_total,
+            "budget_left": entry.target_epsilon - highest[agent].epsilon_total,
             "delta": entry.delta,
             "noise_multiplier": entry.noise_multiplier,
             "clip_norm": entry.clip_norm,
@@ -1086,6 +1109,14 @@ def _echo_record_level(agents: list[dict[str, Any]]) -> None:
             ],
         )
     )
+    for a in agents:
+        if a["epsilon_total_last"] < a["epsilon_total"]:
+            click.echo(
+                f"note: {a['agent']} last reported ε {a['epsilon_total_last']:.4f} (round "
+                f"{a['last_round']}), below the {a['epsilon_total']:.4f} of round "
+                f"{a['highest_round']} shown: its privacy state was restored from an older "
+                "copy or its settings changed (fedgate-coordinator events)"
+            )
 
 
 def _echo_site_level(

@@ -5,7 +5,10 @@ An agent that trains with record-level DP-SGD attaches a
 the round and of its whole run, at its δ, from its own accountant. The coordinator cannot
 verify any of it (the training happened on the gateway); it checks that the numbers are
 well formed, then books them per (round, agent) with unit :data:`RECORD_UNIT`, so the
-ledger a data engineer reads shows both units. docs/privacy.md section 4.
+ledger a data engineer reads shows both units. A run's ε never falls: a report below one
+the agent sent before (its privacy state restored from an older backup, or reset) is
+booked as sent and flagged (:func:`decrease_detail`); ``fedgate-coordinator privacy``
+shows the highest. docs/privacy.md section 4.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ def record_privacy_entry(sender: str, payload: Payload) -> PrivacyLedgerEntry | 
         epsilon_round=report.epsilon_round,
         epsilon_total=report.epsilon_total,
         target_epsilon=report.target_epsilon,
+    )
+
+
+def decrease_detail(highest: PrivacyLedgerEntry | None, entry: PrivacyLedgerEntry) -> str:
+    """Why ``entry`` (just booked) reports a lower ε for the run than ``highest``, the
+    agent's largest report before it; "" when it does not."""
+    if highest is None or entry.epsilon_total >= highest.epsilon_total * (1 - _ROUND_TOLERANCE):
+        return ""
+    changed = [
+        f"{name} {old!r} -> {new!r}"
+        for name, old, new in (
+            ("delta", highest.delta, entry.delta),
+            ("accountant", highest.accountant, entry.accountant),
+        )
+        if old != new
+    ]
+    cause = (
+        f"its settings changed ({', '.join(changed)})"
+        if changed
+        else "its privacy state (privacy.json) was probably restored from an older backup "
+        "or reset; the rounds since that copy are missing from its own count"
+    )
+    return (
+        f"agent {entry.agent} reported ε {entry.epsilon_total:.4f} for its run in round "
+        f"{entry.round}, below the {highest.epsilon_total:.4f} it reported in round "
+        f"{highest.round}: {cause}. The higher figure stays the one spent"
     )
 
 

@@ -60,7 +60,7 @@ from fedgate_coordinator.genesis import (
 from fedgate_coordinator.intake import open_agent_message
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink
 from fedgate_coordinator.rate_limit import MALFORMED, OVERFLOW, Admission, RateLimiter
-from fedgate_coordinator.record_privacy_reports import record_privacy_entry
+from fedgate_coordinator.record_privacy_reports import decrease_detail, record_privacy_entry
 from fedgate_coordinator.rounds import (
     Contribution,
     RoundAborted,
@@ -78,7 +78,13 @@ from fedgate_coordinator.site_privacy import (
     round_effective_multiplier,
     round_params,
 )
-from fedgate_coordinator.store import ModelRecord, ParticipantRecord, PrivacyLedgerEntry, Store
+from fedgate_coordinator.store import (
+    RECORD_UNIT,
+    ModelRecord,
+    ParticipantRecord,
+    PrivacyLedgerEntry,
+    Store,
+)
 
 log = logging.getLogger("fedgate.coordinator")
 
@@ -111,10 +117,18 @@ def ensure_genesis(
 
     Every cloud derives the same genesis from the manifest's model spec and seed, or, for
     a pre-trained genesis, reads the weights file kept in ``state_dir``; its digest must be
-    the one the manifest names.
+    the one the manifest names. A store whose chain starts from another genesis belongs to
+    another coordinator (a ``database_url`` pointing at the wrong database): ConfigError.
     """
     head = store.head_model()
     if head is not None:
+        first = store.genesis_digest()
+        if first != manifest.genesis_digest:
+            raise ConfigError(
+                f"the store holds a model chain grown from genesis {str(first)[:16]}..., "
+                f"not this federation's genesis {manifest.genesis_digest[:16]}...: it is "
+                "another coordinator's store; check database_url in coordinator.toml"
+            )
         return head
     if manifest.model_spec != config.model:
         raise ConfigError(
@@ -313,8 +327,9 @@ class CoordinatorService:
     def _book_record_privacy(self, entry: PrivacyLedgerEntry) -> None:
         """Keep an agent's record-level report in the privacy ledger. The input it came with
         is in the round already, so a ledger that refuses the row (a second report for the
-        round) is logged, not fatal."""
+        round) is logged, not fatal. A run's ε that falls is flagged (an event)."""
         try:
+            highest = self.store.highest_privacy_entry(RECORD_UNIT, entry.agent)
             self.store.record_privacy(entry)
         except FedgateError as exc:
             log_event(
@@ -336,18 +351,34 @@ class CoordinatorService:
                 target_epsilon=entry.target_epsilon,
             ),
         )
+        detail = decrease_detail(highest, entry)
+        if detail:
+            self._record_event_safely(
+                "record_epsilon_decreased", detail=detail, round=entry.round, agent=entry.agent
+            )
+            log_event(
+                log,
+                logging.WARNING,
+                "record privacy report below an earlier one",
+                **self._fields(round=entry.round, agent=entry.agent, detail=detail),
+            )
+
+    def _record_event_safely(
+        self, kind: str, *, detail: str, round: int | None, agent: str | None
+    ) -> None:
+        """Keep an event; a store that fails is logged, not raised: bookkeeping of bad
+        input or of a report must not stop the service."""
+        try:
+            self.store.record_event(kind, detail=detail, round=round, agent_id=agent)
+        except StoreError as failure:
+            log_event(log, logging.ERROR, "event not recorded", kind=kind, error=str(failure))
 
     def _reject(self, exc: ProtocolError, topic: str) -> None:
         self.summary.rejected[exc.kind] = self.summary.rejected.get(exc.kind, 0) + 1
         current = self.current
         round_number = current.round if current is not None else None
         detail = f"{exc} (topic {topic[:200]!r})"
-        try:
-            self.store.record_event(
-                exc.kind, detail=detail, round=round_number, agent_id=exc.sender
-            )
-        except StoreError as failure:  # bookkeeping of bad input must not stop the service
-            log_event(log, logging.ERROR, "rejection not recorded", error=str(failure))
+        self._record_event_safely(exc.kind, detail=detail, round=round_number, agent=exc.sender)
         log_event(
             log,
             logging.WARNING,
@@ -367,11 +398,11 @@ class CoordinatorService:
                 f"({self.rate_limiter.dropped.get(sender, 0)} in total)"
             )
             current = self.current
-            self.store.record_event(
+            self._record_event_safely(
                 "rate_limited",
                 detail=detail,
                 round=current.round if current is not None else None,
-                agent_id=agent,
+                agent=agent,
             )
             log_event(
                 log,
@@ -902,6 +933,8 @@ class CoordinatorService:
     ) -> ServeSummary:
         """Recover, connect, publish the head model, then run rounds until ``max_rounds``
         rounds ran or the model of ``until_height`` is decided."""
+        # First: a store of another deployment is refused before anything is written to it.
+        head = ensure_genesis(self.store, self.config, self.manifest.manifest, self._state_dir)
         recovered = recover_interrupted_rounds(self.store)
         for number in recovered:
             log_event(
@@ -910,7 +943,6 @@ class CoordinatorService:
                 "aborted round interrupted by a restart",
                 **self._fields(round=number),
             )
-        head = ensure_genesis(self.store, self.config, self.manifest.manifest, self._state_dir)
         self._warn_if_too_small(head.decode_spec())
         log_event(
             log,

@@ -125,7 +125,7 @@ async def _bridge_until(config: BridgeConfig, stop: asyncio.Event) -> None:
     )
     # READY=1 once the outbox is open and the sources run; watchdog pings from this loop.
     lifecycle = asyncio.create_task(
-        notifier.follow(bridge.running.wait(), sleep=asyncio.sleep, status="running")
+        notifier.follow(bridge.running.wait, sleep=asyncio.sleep, status="running")
     )
     try:
         await bridge.run(stop)

@@ -342,6 +342,12 @@ class Store:
             row = session.scalars(select(ModelRow).order_by(ModelRow.round.desc()).limit(1)).first()
             return None if row is None else _model_record(row)
 
+    def genesis_digest(self) -> str | None:
+        """The digest of the first model of the chain, ``None`` before it exists."""
+        query = select(ModelRow.digest).where(ModelRow.parent_digest == "").limit(1)
+        with self._transaction(writes=False) as session:
+            return session.scalars(query).first()
+
     def get_model(self, digest: str) -> ModelRecord | None:
         with self._transaction(writes=False) as session:
             row = session.get(ModelRow, digest)
@@ -780,6 +786,19 @@ class Store:
                 session.flush()
             except IntegrityError as exc:  # another writer recorded it first
                 raise RoundStateError(duplicate, round=entry.round) from exc
+
+    def highest_privacy_entry(self, unit: str, agent: str) -> PrivacyLedgerEntry | None:
+        """``agent``'s entry of ``unit`` with the largest ``epsilon_total`` (the latest of
+        equals); ``None`` before its first."""
+        query = (
+            select(PrivacyLedgerRow)
+            .where(PrivacyLedgerRow.unit == unit, PrivacyLedgerRow.agent == agent)
+            .order_by(PrivacyLedgerRow.epsilon_total.desc(), PrivacyLedgerRow.round.desc())
+            .limit(1)
+        )
+        with self._transaction(writes=False) as session:
+            row = session.scalars(query).first()
+            return None if row is None else _privacy_entry(row)
 
     def privacy_ledger(self, unit: str | None = None) -> list[PrivacyLedgerEntry]:
         """The privacy ledger by round (then unit, agent); only ``unit``'s entries when
