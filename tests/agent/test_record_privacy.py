@@ -246,6 +246,40 @@ def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> Agen
     return config
 
 
+@pytest.mark.parametrize(
+    ("plan", "refusal"),
+    [
+        (TrainingPlan(learning_rate=0.05, local_epochs=2, batch_size=0), "batch_size 0 outside"),
+        (TrainingPlan(learning_rate=0.05, local_epochs=2, batch_size=-32), "batch_size -32"),
+        (TrainingPlan(learning_rate=0.05, local_epochs=0, batch_size=16), "local_epochs 0"),
+        (
+            TrainingPlan(learning_rate=0.05, local_epochs=1000, batch_size=1),
+            "the plan takes 200000 DP-SGD steps per round (1000 epoch(s) of 200 windows in "
+            "batches of 1); at most 100000",
+        ),
+    ],
+    ids=["batch-0", "batch-negative", "epochs-0", "too-many-steps"],
+)
+async def test_a_plan_dp_sgd_cannot_take_is_refused_and_the_round_answered(
+    tmp_path: Path, plan: TrainingPlan, refusal: str
+) -> None:
+    """A coordinator's plan (malicious or buggy) that the accountant cannot plan σ for, or
+    that would take the σ search minutes, refuses the round: no crash, so a retained round
+    start cannot put the agent in a crash loop, and nothing is booked."""
+    privacy = PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2)
+    config = _private_agent(tmp_path, privacy, windows=200)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    work = _work(1, _model())
+    work = TrainForRound(msgspec.structs.replace(work.start, plan=plan), work.model, b"c")
+
+    await service.begin_round(work)
+
+    assert service.status.last_answered_round == 1
+    assert service.rejected["plan_rejected"] == 1
+    assert refusal in (service.status.last_error or "")
+    assert not (config.state_path / "privacy.json").exists()
+
+
 def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Path) -> None:
     privacy = PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2)
     config = _private_agent(tmp_path, privacy, windows=200)

@@ -1,9 +1,12 @@
-"""A coordinator refuses a store that holds another coordinator's history.
+"""A coordinator refuses a store that holds another coordinator's history, or that it
+cannot read as it is.
 
 `init` against a database that already holds a model chain or enrolled agents, and `serve`
 with a ``database_url`` that points at a store grown from another genesis (a restored or
 copied state directory, a typo): both exit 3 (config) and write nothing to that store.
-Real command line, on a SQLite file and on PostgreSQL.
+Commands that only read refuse a store at an older schema revision instead of migrating
+it, and every command refuses one from a newer version with what to do (exit 4). Real
+command line, on a SQLite file and on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import TYPE_CHECKING
 
 import nacl.signing
 import pytest
+import sqlalchemy as sa
+from alembic import command
 from click.testing import CliRunner, Result
 from fedgate_common.keys import public_key_text
 from fedgate_coordinator.cli import ExitCode, main
-from fedgate_coordinator.store import Store
+from fedgate_coordinator.store import Store, alembic_config, head_revision
 
 from tests.federation_support import add_genesis
 
@@ -94,3 +99,79 @@ def test_serve_refuses_a_store_grown_from_another_genesis(
     with Store.open(store_backend.url) as store:
         assert store.running_rounds() == [1]  # not recovered (aborted) by the wrong coordinator
         assert store.genesis_digest() == genesis.digest
+
+
+def _set_revision(url: str, revision: str) -> None:
+    """Move the store to ``revision``: a real downgrade, or a revision no release has."""
+    with Store.open(url) as store:
+        if revision == FUTURE:
+            with store.engine.begin() as connection:
+                connection.execute(
+                    sa.text("UPDATE alembic_version SET version_num = :v"), {"v": revision}
+                )
+            return
+        config = alembic_config(store.engine.url)
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+
+
+def _revision(url: str) -> str | None:
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+
+
+FUTURE = "0999"
+
+
+@on_disk_stores
+@pytest.mark.parametrize(
+    "command_line", [["status"], ["rounds"], ["privacy", "--json"], ["agents"]]
+)
+def test_commands_that_only_read_do_not_migrate_an_older_store(
+    store_backend: StoreBackend, tmp_path: Path, command_line: list[str]
+) -> None:
+    state_dir = tmp_path / "coord"
+    assert _init(state_dir, store_backend.url).exit_code == 0
+    _set_revision(store_backend.url, "0004")
+
+    result = _cli(state_dir, *command_line)
+
+    assert result.exit_code == ExitCode.STORE, result.output
+    assert f"is at schema revision 0004 and this fedgate-coordinator needs {head_revision()}" in (
+        result.output
+    )
+    assert _revision(store_backend.url) == "0004"
+    # A command that writes migrates, as the first start of serve does.
+    key = public_key_text(nacl.signing.SigningKey.generate().verify_key)
+    assert _cli(state_dir, "enroll", "site-1", key).exit_code == 0
+    assert _revision(store_backend.url) == head_revision()
+    assert _cli(state_dir, *command_line).exit_code == 0
+
+
+@on_disk_stores
+@pytest.mark.parametrize("command_line", [["status"], ["enroll", "site-1"]])
+def test_a_store_from_a_newer_version_is_refused_with_what_to_do(
+    store_backend: StoreBackend, tmp_path: Path, command_line: list[str]
+) -> None:
+    state_dir = tmp_path / "coord"
+    assert _init(state_dir, store_backend.url).exit_code == 0
+    _set_revision(store_backend.url, FUTURE)
+    if command_line[0] == "enroll":
+        command_line = [
+            *command_line,
+            public_key_text(nacl.signing.SigningKey.generate().verify_key),
+        ]
+
+    result = _cli(state_dir, *command_line)
+
+    assert result.exit_code == ExitCode.STORE, result.output
+    assert (
+        f"is at schema revision {FUTURE}, which this fedgate-coordinator does not know "
+        f"(it knows up to {head_revision()}): a newer version migrated it"
+    ) in result.output
+    assert _revision(store_backend.url) == FUTURE

@@ -78,6 +78,8 @@ class TrainingDiverged(AgentError):
 class PlanRejected(AgentError):
     """A training plan from the coordinator is outside the bounds the agent accepts."""
 
+    kind = "plan_rejected"
+
 
 class ModelRejected(AgentError):
     """A model received from the federation is refused and is not loaded."""

@@ -58,6 +58,7 @@ from fedgate_agent.data_path import DataPath
 from fedgate_agent.data_settings import window_spec
 from fedgate_agent.errors import (
     ConfigError,
+    PlanRejected,
     PrivacyBudgetExhausted,
     SiteBudgetExhausted,
     StillTraining,
@@ -84,6 +85,7 @@ from fedgate_agent.privacy_ledger import (
     write_ledger,
 )
 from fedgate_agent.record_privacy import (
+    MAX_STEPS_PER_ROUND,
     SEEDED_DP_WARNING,
     RecordPrivacySettings,
     RoundSpend,
@@ -122,7 +124,7 @@ from fedgate_agent.state import (
     write_pinned_peers,
     write_status,
 )
-from fedgate_agent.training import LocalDataset, load_local_dataset, train_locally
+from fedgate_agent.training import LocalDataset, check_plan, load_local_dataset, train_locally
 
 if TYPE_CHECKING:
     from fedgate_agent.private_training import PrivateTrainResult
@@ -345,12 +347,19 @@ class AgentService:
         settings = self._record_privacy
         if settings is None:
             return None
+        plan = work.start.plan
+        check_plan(plan)  # a plan σ cannot be planned for is refused, not a crash
         dataset = self._local_dataset(work.model)
         with self._ledger_lock:
             ledger = self._read_ledger()
-        plan = work.start.plan
         rate = sample_rate(len(dataset), plan.batch_size)
         steps = steps_per_round(len(dataset), plan.batch_size, plan.local_epochs)
+        if steps > MAX_STEPS_PER_ROUND:
+            raise PlanRejected(
+                f"the plan takes {steps} DP-SGD steps per round ({plan.local_epochs} epoch(s) "
+                f"of {len(dataset)} windows in batches of {plan.batch_size}); at most "
+                f"{MAX_STEPS_PER_ROUND} are accepted with record-level DP"
+            )
         sigma = ledger.noise_multiplier or noise_multiplier_for(
             settings, sample_rate=rate, steps=steps
         )

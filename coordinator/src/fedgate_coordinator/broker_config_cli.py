@@ -178,7 +178,7 @@ def broker_config(
     clouds = 1 if manifest is None else len(manifest.manifest.clouds)
     if not peers and manifest is not None:
         peers = tuple(c.cloud for c in manifest.manifest.clouds if c.cloud != config.cloud)
-    with obj.store(config) as store:
+    with obj.store(config, read_only=True) as store:
         agents = store.list_agents()
     active = sorted(a.agent_id for a in agents if a.status == "active")
     revoked_agents = sorted(a.agent_id for a in agents if a.status != "active")

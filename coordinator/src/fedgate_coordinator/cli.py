@@ -122,14 +122,23 @@ class Context(msgspec.Struct):
     def config(self) -> CoordinatorConfig:
         return load_config(self.state_dir)
 
-    def store(self, config: CoordinatorConfig | None = None) -> Store:
+    def store(self, config: CoordinatorConfig | None = None, *, read_only: bool = False) -> Store:
+        """The store, migrated to this version's schema; ``read_only`` commands refuse an
+        older schema instead of migrating it."""
         config = config or self.config()
         try:
-            return Store.open(config.database_url)
+            store = Store.open(config.database_url, migrate=not read_only)
         except StoreError:
             raise
         except Exception as exc:  # driver errors: unreachable server, bad file path
             raise StoreError(f"cannot open store {_redact(config.database_url)}: {exc}") from exc
+        if read_only:
+            try:
+                store.require_current_schema()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
 
 def _redact(url: str) -> str:
@@ -667,7 +676,7 @@ def _privacy_line(summary: dict[str, Any]) -> str:
 
 def _status_data(obj: Context) -> dict[str, Any]:
     config = obj.config()
-    with obj.store(config) as store:
+    with obj.store(config, read_only=True) as store:
         rounds = store.list_rounds()
         head = store.head_model()
         last = rounds[0] if rounds else None
@@ -911,7 +920,7 @@ def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) ->
     if detail_round is not None:
         _show_round_detail(obj, detail_round, as_json=as_json)
         return
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         records = store.list_rounds(limit)
     if as_json:
         echo_json(records)
@@ -938,7 +947,7 @@ def rounds(obj: Context, limit: int, detail_round: int | None, as_json: bool) ->
 
 def _show_round_detail(obj: Context, number: int, *, as_json: bool) -> None:
     """Print round ``number`` and its stages; exit NOT_FOUND if there is no such round."""
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         record = store.get_round(number)
         stages = store.stages(number)
     if record is None:
@@ -1019,7 +1028,7 @@ def privacy(obj: Context, as_json: bool) -> None:
     Exit codes: 0 shown, 3 config missing or invalid, 4 store error.
     """
     config = obj.config()
-    with obj.store(config) as store:
+    with obj.store(config, read_only=True) as store:
         ledger = store.privacy_ledger(SITE_UNIT)
         reports = store.privacy_ledger(RECORD_UNIT)
         completed = [r.round for r in store.list_rounds() if r.status == "completed"]
@@ -1220,7 +1229,7 @@ def agents(obj: Context, as_json: bool) -> None:
     Example:
       fedgate-coordinator agents --json
     """
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         records = store.list_agents()
     if as_json:
         echo_json(records)
@@ -1248,7 +1257,7 @@ def models(obj: Context, verify: bool, as_json: bool) -> None:
     Example:
       fedgate-coordinator models --verify
     """
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         chain_length = store.verify_chain() if verify else None
         records = store.list_models()
     if as_json:
@@ -1285,7 +1294,7 @@ def events(obj: Context, limit: int, as_json: bool) -> None:
     Example:
       fedgate-coordinator events --limit 20
     """
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         records = store.list_events(limit)
     if as_json:
         echo_json(records)
@@ -1324,7 +1333,7 @@ def decisions(obj: Context, limit: int, votes_height: int | None, as_json: bool)
       fedgate-coordinator decisions --limit 10
       fedgate-coordinator decisions --votes 12 --json
     """
-    with obj.store() as store:
+    with obj.store(read_only=True) as store:
         if votes_height is not None:
             votes = store.votes(height=votes_height)
             if as_json:

@@ -133,6 +133,13 @@ def head_revision() -> str:
     return head
 
 
+def known_revisions() -> set[str]:
+    """Every migration revision shipped with this version of the coordinator."""
+    return {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -208,6 +215,7 @@ class Store:
         try:
             with engine.connect():
                 pass
+            store._refuse_unknown_revision(shown)
             if migrate:
                 store.upgrade_schema()
         except (SQLAlchemyError, CommandError) as exc:
@@ -249,6 +257,35 @@ class Store:
         """The Alembic revision of the database, ``None`` if it was never migrated."""
         with self._engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
+
+    def _refuse_unknown_revision(self, shown: str) -> None:
+        revision = self.schema_revision()
+        if revision is not None and revision not in known_revisions():
+            raise StoreError(
+                f"the store at {shown} is at schema revision {revision}, which this "
+                f"fedgate-coordinator does not know (it knows up to {head_revision()}): a "
+                "newer version migrated it; install that version, or restore the backup "
+                "taken before the upgrade"
+            )
+
+    def require_current_schema(self) -> None:
+        """For commands that only read: refuse a store that is not at this version's
+        newest revision instead of migrating it (a backup being inspected stays as it is,
+        and a running older ``serve`` is not migrated under)."""
+        revision, head = self.schema_revision(), head_revision()
+        if revision == head:
+            return
+        shown = self._engine.url.render_as_string(hide_password=True)
+        if revision is None:
+            raise StoreError(
+                f"the database {shown} holds no coordinator store: run `fedgate-coordinator "
+                "init`, or check database_url in coordinator.toml"
+            )
+        raise StoreError(
+            f"the store at {shown} is at schema revision {revision} and this "
+            f"fedgate-coordinator needs {head}; commands that only read do not migrate it: "
+            "back it up, then start `serve` once, which migrates it (operations.md section 10)"
+        )
 
     @contextmanager
     def _transaction(self, *, writes: bool = True) -> Iterator[Session]:
