@@ -66,10 +66,10 @@ from fedgate_common.consensus.wire import (
     verify_certificate,
 )
 from fedgate_common.envelope import open_envelope, seal
-from fedgate_common.errors import FedgateError, MalformedMessage, ProtocolError
+from fedgate_common.errors import FedgateError, LimitExceeded, MalformedMessage, ProtocolError
 from fedgate_common.logs import log_event
 from fedgate_common.messages import Certificate, CloudAggregate, GlobalModel
-from fedgate_common.model_spec import ModelSpec
+from fedgate_common.model_spec import ModelSpec, parameter_count, parameter_shapes
 from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
 
@@ -97,6 +97,16 @@ log = logging.getLogger("fedgate.coordinator.federation")
 
 KEEP_MODELS = 32  # retained certified models per cloud, for peers that fall behind
 AGGREGATE_HEIGHTS = 16  # peers' aggregates held for at most this many heights ahead
+# A signed aggregate's bytes: at most 8 per model parameter (float64) plus names, shapes
+# and the envelope. Larger ones are refused on arrival, before anything is held.
+AGGREGATE_OVERHEAD = 64 * 1024
+
+
+def max_aggregate_bytes(spec: ModelSpec) -> int:
+    """The largest signed aggregate (or proposal, per aggregate it carries) accepted."""
+    return 8 * parameter_count(spec) + AGGREGATE_OVERHEAD
+
+
 GOSSIP_S = 3.0  # re-send own messages of the undecided height this often
 STATUS_NAME = "federation-status.json"
 
@@ -261,7 +271,9 @@ class FederationNode:
         A refused proposal is recorded as an ``invalid_proposal`` event naming its
         proposer (the signed proposal itself is in the ``votes`` table).
         """
-        if proposal.value in self._candidates:
+        if proposal.value in self._candidates and proposal.content == self._contents.get(
+            proposal.value
+        ):  # the same value from the same aggregates: checked already
             return self._candidates[proposal.value].round == proposal.height
         try:
             model = self._model_from_content(proposal.height, proposal.content)
@@ -478,10 +490,23 @@ class FederationNode:
             self._seen(cloud)  # peers relay each other's votes; the voter signed it
             await self._inputs.put(_Input("vote", vote))
         elif stage == "proposal":
+            limit = len(self.clouds) * max_aggregate_bytes(self.spec)
+            if len(message.payload) > limit:
+                raise LimitExceeded(
+                    f"proposal of {len(message.payload)} bytes; at most {limit} "
+                    f"({len(self.clouds)} aggregates of this model)",
+                    sender=cloud,
+                )
             proposal = open_proposal(message.payload, deployment=self.deployment, keys=self.keys)
             self._seen(proposal.proposal.proposer)
             await self._inputs.put(_Input("proposal", proposal))
         elif stage == "aggregate":
+            if len(message.payload) > max_aggregate_bytes(self.spec):
+                raise LimitExceeded(
+                    f"aggregate of {len(message.payload)} bytes; at most "
+                    f"{max_aggregate_bytes(self.spec)} for this model",
+                    sender=cloud,
+                )
             envelope, payload = open_signed(
                 message.payload, deployment=self.deployment, keys=self.keys
             )
@@ -489,7 +514,15 @@ class FederationNode:
                 raise MalformedMessage(f"not {cloud}'s aggregate on {message.topic!r}")
             self._seen(cloud)
             if not self._height - 1 <= payload.round <= self._height + AGGREGATE_HEIGHTS:
+                self._count("ignored_aggregate")
                 return  # far from the height at hand: never held (bounded memory)
+            shapes = [(a.name, tuple(a.shape)) for a in payload.delta]
+            if shapes != parameter_shapes(self.spec):
+                raise MalformedMessage(
+                    f"aggregate of {cloud} for height {payload.round} does not have the "
+                    "model spec's arrays",
+                    sender=cloud,
+                )
             last = self._last_aggregate.get(cloud, -1)
             self._last_aggregate[cloud] = max(last, payload.round)
             self._aggregates.setdefault(payload.round, {})[cloud] = message.payload
@@ -538,11 +571,17 @@ class FederationNode:
             core = self._core
             if item.kind == "vote":
                 assert isinstance(item.item, SignedVote)
-                self._record_vote(item.item, own=False)
+                vote = item.item.vote
+                if core.keeps(vote.height, vote.round):
+                    self._keep_peer_message(item.item)
                 actions = core.on_vote(item.item)
             elif item.kind == "proposal":
                 assert isinstance(item.item, SignedProposal)
-                self._record_proposal(item.item, own=False)
+                proposal = item.item.proposal
+                if core.keeps(proposal.height, proposal.round) and proposal.proposer == (
+                    core.proposer(proposal.height, proposal.round)
+                ):
+                    self._keep_peer_message(item.item)
                 actions = core.on_proposal(item.item)
             elif item.kind == "timeout":
                 assert isinstance(item.item, Timeout)
@@ -555,6 +594,18 @@ class FederationNode:
                 height, round_, value, content = item.item
                 actions = core.on_value(height, round_, value, content)
             await self._apply(actions)
+
+    def _keep_peer_message(self, signed: SignedVote | SignedProposal) -> None:
+        """Store a peer's vote or proposal (only those the core looks at); a store that
+        refuses one is logged, and the core still counts it."""
+        try:
+            if isinstance(signed, SignedVote):
+                self._record_vote(signed, own=False)
+            else:
+                self._record_proposal(signed, own=False)
+        except StoreError as exc:
+            self._count("not_stored")
+            log_event(log, logging.ERROR, "federation message not stored", error=str(exc))
 
     async def _gossip(self) -> None:
         while True:

@@ -414,6 +414,17 @@ class ConsensusCore:
         """proposer(h, r) = validators[(h + r) mod M]."""
         return self._validators[(height + round) % len(self._validators)]
 
+    def keeps(self, height: int, round: int) -> bool:
+        """Whether a message for (``height``, ``round``) lies where :meth:`on_vote` and
+        :meth:`on_proposal` look: the current height up to ``FUTURE_ROUNDS`` rounds ahead,
+        or the first ``FUTURE_ROUNDS`` + 1 rounds of the next. The driver stores only
+        these, so a peer cannot fill its disk with votes for heights nobody will reach."""
+        if round < 0:
+            return False
+        if height == self._height + 1:
+            return round <= FUTURE_ROUNDS
+        return self._height >= 1 and height == self._height and round <= self._round + FUTURE_ROUNDS
+
     @property
     def buffered(self) -> int:
         """Messages held for the next height: at most (FUTURE_ROUNDS + 1) × (2M + 1) first

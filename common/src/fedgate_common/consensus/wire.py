@@ -39,7 +39,9 @@ from fedgate_common.messages import (
 )
 
 _aggregates = msgspec.msgpack.Decoder(tuple[bytes, ...])
-_MAX_DIGEST = 128
+_DIGEST_LENGTH = 64  # a value is a model digest: SHA-256, lower-case hex
+# Heights and consensus rounds as the coordinators' stores keep them (SQL INTEGER).
+MAX_HEIGHT = 2**31 - 1
 
 
 def seal_vote(vote: Vote, *, deployment: str, signing_key: nacl.signing.SigningKey) -> SignedVote:
@@ -125,8 +127,7 @@ def open_vote(
     if not isinstance(payload, ConsensusVote):
         raise MalformedMessage(f"expected a vote, got {envelope.stage!r}", sender=envelope.sender)
     _check_value(payload.value, envelope.sender, allow_nil=True)
-    if payload.consensus_round < 0:
-        raise MalformedMessage("negative consensus round", sender=envelope.sender)
+    _check_numbers(envelope.sender, height=payload.round, round=payload.consensus_round)
     vote = Vote(
         height=payload.round,
         round=payload.consensus_round,
@@ -146,8 +147,12 @@ def open_proposal(
             f"expected a proposal, got {envelope.stage!r}", sender=envelope.sender
         )
     _check_value(payload.value, envelope.sender, allow_nil=False)
-    if payload.consensus_round < 0 or payload.valid_round < -1:
-        raise MalformedMessage("bad consensus round in proposal", sender=envelope.sender)
+    _check_numbers(
+        envelope.sender,
+        height=payload.round,
+        round=payload.consensus_round,
+        valid_round=payload.valid_round,
+    )
     proposal = Proposal(
         height=payload.round,
         round=payload.consensus_round,
@@ -230,5 +235,18 @@ def graph_seed_material(model: GlobalModel) -> bytes:
 def _check_value(value: str, sender: str, *, allow_nil: bool) -> None:
     if value == NIL and allow_nil:
         return
-    if not 1 <= len(value) <= _MAX_DIGEST or not all(c in "0123456789abcdef" for c in value):
-        raise MalformedMessage("value is not a hex digest", sender=sender)
+    if len(value) != _DIGEST_LENGTH or not all(c in "0123456789abcdef" for c in value):
+        raise MalformedMessage(
+            f"value is not a model digest ({_DIGEST_LENGTH} lower-case hex digits)", sender=sender
+        )
+
+
+def _check_numbers(sender: str, *, height: int, round: int, valid_round: int = -1) -> None:
+    if not (
+        0 <= height <= MAX_HEIGHT and 0 <= round <= MAX_HEIGHT and -1 <= valid_round <= MAX_HEIGHT
+    ):
+        raise MalformedMessage(
+            f"height {height}, consensus round {round} or valid round {valid_round} is "
+            f"outside 0..{MAX_HEIGHT}",
+            sender=sender,
+        )

@@ -1,0 +1,239 @@
+"""One faulty cloud, with its real key, against a coordinator's consensus driver.
+
+Every message here is correctly signed by a member of the federation, so signature checks do
+not stop it. What must hold: a value or number the store cannot keep is refused on arrival
+(it used to stop every honest coordinator, at every restart while it stayed retained);
+votes and proposals the core will never look at are not stored (bounded disk); aggregates
+are bounded in size and checked for the model's arrays before they are held (bounded
+memory); and a known value re-proposed with other content is checked again, not taken on
+trust. The node keeps deciding throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import nacl.signing
+import numpy as np
+import pytest
+from fedgate_common.arrays import encode_arrays
+from fedgate_common.consensus.manifest import ConsensusParams
+from fedgate_common.consensus.types import Proposal, Vote
+from fedgate_common.consensus.wire import (
+    MAX_HEIGHT,
+    open_proposal,
+    open_vote,
+    proposal_content,
+    seal_proposal,
+    seal_vote,
+)
+from fedgate_common.envelope import seal
+from fedgate_common.errors import LimitExceeded, MalformedMessage
+from fedgate_common.messages import CloudAggregate, ConsensusProposal, ConsensusVote
+from fedgate_common.topics import federation_topic
+from fedgate_coordinator.federation import FederationNode, max_aggregate_bytes
+from fedgate_coordinator.genesis import genesis_record
+from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
+from fedgate_coordinator.store import ModelRecord, Store
+
+from tests.coordinator.test_federation_driver import SPEC, aggregate, eventually
+from tests.federation_support import federation_manifest
+
+CLOUDS = ("c1", "c2", "c3", "c4")
+
+
+@dataclass
+class Peer:
+    """c1's driver deciding height 1, and the keys of every cloud."""
+
+    deployment: str
+    node: FederationNode
+    store: Store
+    genesis: ModelRecord
+    keys: dict[str, nacl.signing.SigningKey]
+
+    async def deliver(self, cloud: str, stage: str, raw: bytes) -> None:
+        topic = federation_topic(self.deployment, cloud, stage)
+        await self.node.handle_peer_message(cloud, InboundMessage(topic, raw))
+
+    def signed(self, payload: object, cloud: str = "c4") -> bytes:
+        return seal(
+            payload,
+            signing_key=self.keys[cloud],
+            deployment=self.deployment,
+            cloud=cloud,
+            sender=cloud,
+        )
+
+
+@pytest.fixture
+async def peer(tmp_path: Path) -> AsyncIterator[Peer]:
+    deployment = f"hostile-{secrets.token_hex(4)}"
+    keys = {c: nacl.signing.SigningKey.generate() for c in CLOUDS}
+    manifest = federation_manifest(
+        deployment=deployment,
+        keys=keys,
+        spec=SPEC,
+        consensus=ConsensusParams(aggregate_wait_s=0.2, timeout_propose_s=30),
+    )
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
+    store.add_model(genesis)
+    link = MqttLink(settings=MqttSettings(client_id=f"{deployment}-c1"), subscriptions=[])
+    node = FederationNode(
+        deployment=deployment,
+        cloud="c1",
+        manifest=manifest,
+        signing_key=keys["c1"],
+        store=store,
+        own_link=link,
+        state_dir=tmp_path,
+    )
+    tasks = [asyncio.create_task(link.run()), asyncio.create_task(node.run())]
+    deciding = asyncio.create_task(node.decide(1, genesis, aggregate(1, genesis, 1)))
+    started = Peer(deployment, node, store, genesis, keys)
+    try:
+        for index, cloud in enumerate(("c2", "c3"), start=2):
+            await started.deliver(
+                cloud, "aggregate", started.signed(aggregate(1, genesis, index), cloud)
+            )
+        await eventually(lambda: node.consensus_state().height == 1)
+        yield started
+    finally:
+        deciding.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(deciding, *tasks, return_exceptions=True)
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        ConsensusVote(round=2, consensus_round=0, step="prevote", value="ab"),
+        ConsensusVote(round=2, consensus_round=0, step="prevote", value="ab" * 40),
+        ConsensusVote(round=2**63, consensus_round=0, step="prevote", value="ab" * 32),
+        ConsensusVote(round=2, consensus_round=2**64 - 1, step="precommit", value=""),
+        ConsensusVote(round=MAX_HEIGHT + 1, consensus_round=0, step="prevote", value=""),
+    ],
+    ids=["short-value", "long-value", "height-2^63", "round-2^64-1", "height-past-2^31"],
+)
+def test_votes_the_store_could_not_keep_are_malformed(payload: ConsensusVote) -> None:
+    key = nacl.signing.SigningKey.generate()
+    raw = seal(payload, signing_key=key, deployment="plant", cloud="c4", sender="c4")
+    with pytest.raises(MalformedMessage):
+        open_vote(raw, deployment="plant", keys={"c4": key.verify_key})
+
+
+def test_proposals_the_store_could_not_keep_are_malformed() -> None:
+    key = nacl.signing.SigningKey.generate()
+    for payload in (
+        ConsensusProposal(round=2, consensus_round=0, value="abc", valid_round=-1, aggregates=()),
+        ConsensusProposal(
+            round=2, consensus_round=0, value="ab" * 32, valid_round=2**40, aggregates=()
+        ),
+    ):
+        raw = seal(payload, signing_key=key, deployment="plant", cloud="c4", sender="c4")
+        with pytest.raises(MalformedMessage):
+            open_proposal(raw, deployment="plant", keys={"c4": key.verify_key})
+
+
+async def test_a_short_value_vote_is_rejected_and_the_node_keeps_running(peer: Peer) -> None:
+    raw = peer.signed(ConsensusVote(round=1, consensus_round=0, step="prevote", value="ab"))
+    with pytest.raises(MalformedMessage):
+        await peer.deliver("c4", "vote", raw)
+    # An honest vote after it is still stored and counted: the driver's loop is alive.
+    vote = Vote(height=1, round=0, step="prevote", value="cd" * 32, voter="c2")
+    await peer.deliver(
+        "c2",
+        "vote",
+        seal_vote(vote, deployment=peer.deployment, signing_key=peer.keys["c2"]).signature,
+    )
+    await eventually(lambda: any(v.voter == "c2" for v in peer.store.votes(height=1)))
+
+
+async def test_votes_and_proposals_the_core_drops_are_not_stored(peer: Peer) -> None:
+    far = [
+        Vote(height=10**9 + i, round=0, step="prevote", value="ab" * 32, voter="c4")
+        for i in range(50)
+    ] + [Vote(height=1, round=10**6, step="precommit", value="", voter="c4")]
+    for vote in far:
+        raw = seal_vote(vote, deployment=peer.deployment, signing_key=peer.keys["c4"]).signature
+        await peer.deliver("c4", "vote", raw)
+    # Proposals at height 1 round 0 from c4, which is not proposer(1, 0) = c2.
+    for value in ("ab" * 32, "cd" * 32):
+        proposal = Proposal(
+            height=1,
+            round=0,
+            value=value,
+            valid_round=-1,
+            proposer="c4",
+            content=proposal_content(()),
+        )
+        raw = seal_proposal(
+            proposal, deployment=peer.deployment, signing_key=peer.keys["c4"]
+        ).signature
+        await peer.deliver("c4", "proposal", raw)
+    # A vote the core does look at, last: once it is stored, everything before was handled.
+    kept = Vote(height=1, round=0, step="prevote", value="ef" * 32, voter="c4")
+    await peer.deliver(
+        "c4",
+        "vote",
+        seal_vote(kept, deployment=peer.deployment, signing_key=peer.keys["c4"]).signature,
+    )
+    await eventually(lambda: any(v.value == "ef" * 32 for v in peer.store.votes()))
+
+    stored = [(v.height, v.round, v.step, v.voter) for v in peer.store.votes() if v.voter == "c4"]
+    assert stored == [(1, 0, "prevote", "c4")]
+    assert peer.store.evidence() == []
+
+
+async def test_aggregates_are_bounded_and_checked_before_they_are_held(peer: Peer) -> None:
+    limit = max_aggregate_bytes(SPEC)
+    oversized = CloudAggregate(
+        round=2,
+        base_digest=peer.genesis.digest,
+        participants=3,
+        delta=encode_arrays({"junk": np.zeros(limit // 4 + 1, np.float32)}),
+    )
+    with pytest.raises(LimitExceeded):
+        await peer.deliver("c4", "aggregate", peer.signed(oversized))
+    wrong_arrays = msgspec.structs.replace(
+        oversized, delta=encode_arrays({"junk": np.zeros(10, np.float32)})
+    )
+    with pytest.raises(MalformedMessage, match="model spec's arrays"):
+        await peer.deliver("c4", "aggregate", peer.signed(wrong_arrays))
+    far = msgspec.structs.replace(aggregate(10**6, peer.genesis, 4), round=10**6)
+    await peer.deliver("c4", "aggregate", peer.signed(far))
+    assert peer.node.rejected.get("ignored_aggregate") == 1
+    assert 2 not in peer.node._aggregates
+    assert 10**6 not in peer.node._aggregates
+    proposal = ConsensusProposal(
+        round=1, consensus_round=0, value="ab" * 32, valid_round=-1, aggregates=(b"x" * limit,) * 5
+    )
+    with pytest.raises(LimitExceeded):
+        await peer.deliver("c4", "proposal", peer.signed(proposal))
+
+
+async def test_a_known_value_with_other_content_is_checked_again(peer: Peer) -> None:
+    """A faulty proposer re-proposes an honest value without its aggregates: the value's
+    earlier check does not vouch for this content, which alone could not rebuild it."""
+    node = peer.node
+    await eventually(lambda: len(node._aggregates.get(1, {})) == 3)
+    content = proposal_content(tuple(node._aggregates[1][c] for c in ("c1", "c2", "c3")))
+    value = node._model_from_content(1, content).digest
+    honest = Proposal(
+        height=1, round=1, value=value, valid_round=-1, proposer="c3", content=content
+    )
+    junk = Proposal(
+        height=1, round=1, value=value, valid_round=-1, proposer="c3", content=proposal_content(())
+    )
+
+    assert node._is_valid(honest)
+    assert not node._is_valid(junk)
+    assert node._contents[value] == content
