@@ -34,7 +34,7 @@ from fedgate_common.consensus.wire import (
 )
 from fedgate_common.envelope import seal
 from fedgate_common.errors import LimitExceeded, MalformedMessage
-from fedgate_common.messages import CloudAggregate, ConsensusProposal, ConsensusVote
+from fedgate_common.messages import CloudAggregate, ConsensusProposal, ConsensusVote, Payload
 from fedgate_common.topics import federation_topic
 from fedgate_coordinator.federation import FederationNode, max_aggregate_bytes
 from fedgate_coordinator.genesis import genesis_record
@@ -61,7 +61,7 @@ class Peer:
         topic = federation_topic(self.deployment, cloud, stage)
         await self.node.handle_peer_message(cloud, InboundMessage(topic, raw))
 
-    def signed(self, payload: object, cloud: str = "c4") -> bytes:
+    def signed(self, payload: Payload, cloud: str = "c4") -> bytes:
         return seal(
             payload,
             signing_key=self.keys[cloud],
