@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedgate_agent.scoring import (
     ScoringModelUnusable,
     WindowShapeError,
     load_scoring_model,
+    onnx_digest_path,
     onnx_path,
 )
 from fedgate_common.model_spec import ModelSpec
@@ -142,6 +144,30 @@ def test_missing_foreign_or_broken_files_are_typed_errors(tmp_path: Path) -> Non
     foreign.write_bytes(proto.SerializeToString())
     with pytest.raises(ScoringModelUnusable, match="fedgate metadata"):
         load_scoring_model(foreign)
+
+
+def test_a_damaged_file_that_still_loads_is_refused_by_its_recorded_digest(
+    tmp_path: Path,
+) -> None:
+    """Bytes of a weight flipped: onnxruntime loads it, its metadata still names the
+    certified model, and it would score wrongly; the SHA-256 written at export says so."""
+    exported = exported_demo_model(0)
+    path = save_exported_model(tmp_path, exported)
+    assert onnx_digest_path(path).read_text() == hashlib.sha256(exported.onnx).hexdigest()
+    proto = onnx.load_from_string(exported.onnx)
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.raw_data = bytes(b ^ 0x80 for b in weight.raw_data)  # every sign bit
+    path.write_bytes(proto.SerializeToString())
+    ScoringModel.from_onnx(path)  # still a model onnxruntime runs
+
+    with pytest.raises(ScoringModelUnusable, match="does not match the SHA-256 recorded"):
+        load_scoring_model(path)
+    # Without the record (a file from before it existed): usable for `predict`, but not
+    # reused by the running agent, which exports the model again.
+    onnx_digest_path(path).unlink()
+    assert load_scoring_model(path).model_digest == exported.model_digest
+    with pytest.raises(ScoringModelUnusable, match="no recorded digest"):
+        load_scoring_model(path, require_digest=True)
 
 
 def test_windows_of_the_wrong_shape_are_refused() -> None:

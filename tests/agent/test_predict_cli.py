@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from fedgate_agent.cli import main as agent_main
 from fedgate_agent.cli_support import ExitCode
-from fedgate_agent.config import AgentConfig, WindowsConfig, write_config
+from fedgate_agent.config import AgentConfig, ScoringConfig, WindowsConfig, write_config
 from fedgate_agent.onnx_export import save_exported_model
 from fedgate_agent.scoring import ScoringModel
 
@@ -153,3 +153,72 @@ def test_historian_export_is_cut_on_the_windows_grid(config: Path, tmp_path: Pat
     np.testing.assert_allclose(got, [p.probabilities for p in expected], atol=1e-5)
     code, _, err = predict("--config", str(config), "--input", str(export), "--stride", "5")
     assert code == 0, err
+
+
+def test_a_model_file_is_scored_with_the_configured_normal_class(
+    config: Path, tmp_path: Path
+) -> None:
+    """`--model FILE` with a windows file: the configuration named still applies."""
+    exported = exported_demo_model(0)
+    model = save_exported_model(tmp_path / "state", exported)
+    write_config(
+        config,
+        AgentConfig(
+            agent_id="site-1",
+            deployment="plant-a",
+            cloud="cloud-1",
+            state_dir=str(tmp_path / "state"),
+            windows=WindowsConfig(tags=TAGS, period_s=PERIOD_S),
+            scoring=ScoringConfig(normal_class=1),
+        ),
+    )
+    windows = tmp_path / "w.npz"
+    x = tep_test_set().x[:3]
+    np.savez(windows, x=x)
+    expected = ScoringModel.from_onnx(exported.onnx).score(x, normal_class=1)
+
+    for extra in ([], ["--model", str(model)]):
+        code, out, err = predict("--config", str(config), "--input", str(windows), "--json", *extra)
+        assert code == 0, err
+        scores = [p["anomaly_score"] for p in json.loads(out)["predictions"]]
+        assert scores == pytest.approx([p.anomaly_score for p in expected])
+    code, _, err = predict(
+        "--config", str(tmp_path / "absent.toml"), "--input", str(windows), "--model", str(model)
+    )
+    assert code == ExitCode.CONFIG, err
+
+
+def test_model_file_problems_are_named(config: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "w.npz", x=tep_test_set().x[:2])
+    windows = (tmp_path / "w.npz").rename(tmp_path / "W.NPZ")  # the suffix in any case
+    code, _, err = predict("--input", str(windows), "--model", str(tmp_path / "missing.onnx"))
+    assert code == ExitCode.NO_MODEL
+    assert "missing.onnx: no such file" in err
+    model = save_exported_model(tmp_path / "state", exported_demo_model(0))
+    code, out, err = predict("--input", str(windows), "--model", str(model), "--json")
+    assert code == 0, err
+    assert json.loads(out)["windows"] == 2
+
+
+def test_a_stale_export_is_scored_with_a_warning(config: Path, tmp_path: Path) -> None:
+    save_exported_model(tmp_path / "state", exported_demo_model(0))
+    (tmp_path / "state" / "status.json").write_text('{"model_round": 3}')
+    windows = tmp_path / "w.npz"
+    np.savez(windows, x=tep_test_set().x[:2])
+    code, _, err = predict("--config", str(config), "--input", str(windows))
+    assert code == 0, err
+    assert "the agent adopted the model of round 3, but" in err
+    assert "round 0's: its export is pending or failed" in err
+
+
+def test_an_export_too_short_for_a_window_says_so(config: Path, tmp_path: Path) -> None:
+    save_exported_model(tmp_path / "state", exported_demo_model(0))
+    short = tmp_path / "short.csv"
+    with short.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["timestamp", *TAGS])
+        for i in range(3):
+            writer.writerow([f"2026-11-01T00:{i * 3:02d}:00Z", *([1.0] * len(TAGS))])
+    code, _, err = predict("--config", str(config), "--input", str(short))
+    assert code == ExitCode.DATA
+    assert f"no complete window of {DEMO_WINDOW} samples to score" in err

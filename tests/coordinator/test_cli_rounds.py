@@ -273,6 +273,8 @@ def test_rounds_help_documents_detail_and_exit_codes() -> None:
         ["decisions", "--limit", str(10**30)],
         ["decisions", "--votes", str(2**31)],
         ["events", "--limit", str(10**30)],
+        ["serve", "--rounds", "0"],
+        ["serve", "--rounds", "-1"],
     ],
 )
 def test_numbers_the_store_cannot_take_are_usage_errors(tmp_path: Path, args: list[str]) -> None:

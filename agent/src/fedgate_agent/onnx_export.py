@@ -48,6 +48,8 @@ from fedgate_agent.scoring import (
     METADATA_PREFIX,
     ONNX_FILE,
     OUTPUT_NAME,
+    onnx_digest_path,
+    onnx_file_digest,
     onnx_path,
     open_session,
 )
@@ -421,8 +423,11 @@ def _run_job(job_dir: Path) -> int:
 
 
 def save_exported_model(state_dir: Path, exported: ExportedModel) -> Path:
-    """Replace ``models/current.onnx`` atomically; returns its path."""
+    """Replace ``models/current.onnx`` atomically, its SHA-256 (``current.onnx.sha256``)
+    first: a crash between the two leaves a record the old file fails, so it is exported
+    again, never a damaged file taken as good. Returns the ONNX file's path."""
     path = onnx_path(state_dir)
+    atomic_write(onnx_digest_path(path), onnx_file_digest(exported.onnx).encode(), mode=0o640)
     atomic_write(path, exported.onnx, mode=0o640)
     return path
 

@@ -26,6 +26,7 @@ from typing import Any
 import click
 import numpy as np
 import numpy.typing as npt
+from click.core import ParameterSource
 
 from fedgate_agent.cli_support import ExitCode, config_option, echo_json, fail
 from fedgate_agent.config import AgentConfig, load_config
@@ -51,6 +52,7 @@ from fedgate_agent.scoring import (
     onnx_path,
     windows_over,
 )
+from fedgate_agent.state import read_status
 
 __all__ = ["predict_command"]
 
@@ -158,14 +160,21 @@ def predict_command(
       7 no exported model yet (the agent has not adopted a global model) or unusable
     """
     config: AgentConfig | None = None
+    is_npz = input_file.suffix.lower() == ".npz"
+    source = click.get_current_context().get_parameter_source("config_path")
+    config_given = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     try:
-        if model_file is None or input_file.suffix != ".npz":
+        # Windows and a model file alone need no agent; a configuration that is there (or
+        # named) still supplies scoring.normal_class.
+        if model_file is None or not is_npz or config_given or config_path.exists():
             config = load_config(config_path, require_complete=False)
+        if model_file is not None and not model_file.exists():
+            raise ScoringModelMissing(f"{model_file}: no such file")
         path = model_file if model_file is not None else onnx_path(_needed(config).state_path)
         model = load_scoring_model(path)
         labels: npt.NDArray[np.int64] | None = None
         ends: npt.NDArray[np.float64] | None = None
-        if input_file.suffix == ".npz":
+        if is_npz:
             windows, labels = _read_npz(input_file)
         else:
             mapping = ColumnMapping(
@@ -176,6 +185,11 @@ def predict_command(
             )
             ends, windows = _windows_from_export(
                 input_file, _needed(config), model, mapping, stride
+            )
+        if len(windows) == 0:
+            raise LocalDataError(
+                f"{input_file}: no complete window of {model.spec.window} samples to score",
+                path=input_file,
             )
         normal = config.scoring.normal_class if config is not None else 0
         predictions = model.score(
@@ -189,6 +203,18 @@ def predict_command(
         fail(str(exc), ExitCode.DATA)
     except ConfigError as exc:
         fail(str(exc), ExitCode.CONFIG)
+    if model_file is None and config is not None:
+        try:
+            adopted = read_status(config.state_path).model_round
+        except OSError:  # an unreadable state directory: nothing to compare with
+            adopted = None
+        if adopted is not None and adopted > model.model_round:
+            click.echo(
+                f"warning: the agent adopted the model of round {adopted}, but {path} is "
+                f"round {model.model_round}'s: its export is pending or failed "
+                "(`fedgate-agent status`, scoring line)",
+                err=True,
+            )
     result: dict[str, Any] = {
         "input": str(input_file),
         "model": str(path),

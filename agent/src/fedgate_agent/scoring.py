@@ -24,6 +24,7 @@ the same epoch-aligned grid and forward-fill limit as the training windows
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ __all__ = [
 
 #: The exported model in the state directory (next to ``current.fgm``).
 ONNX_FILE = "current.onnx"
+DIGEST_SUFFIX = ".sha256"  # beside the ONNX file: the SHA-256 of its bytes, written by the export
 INPUT_NAME = "windows"
 OUTPUT_NAME = "logits"
 METADATA_PREFIX = "fedgate."
@@ -233,14 +235,46 @@ def onnx_path(state_dir: Path) -> Path:
     return state_dir / MODELS_DIR / ONNX_FILE
 
 
-def load_scoring_model(path: Path) -> ScoringModel:
-    """The exported model at ``path``; :class:`ScoringModelMissing` when there is none."""
+def onnx_digest_path(path: Path) -> Path:
+    """Where the export keeps the SHA-256 of ``path``'s bytes: ``current.onnx.sha256``."""
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def onnx_file_digest(onnx: bytes) -> str:
+    return hashlib.sha256(onnx).hexdigest()
+
+
+def load_scoring_model(path: Path, *, require_digest: bool = False) -> ScoringModel:
+    """The exported model at ``path``; :class:`ScoringModelMissing` when there is none.
+
+    When the export's SHA-256 lies beside it (``current.onnx.sha256``) the file must match
+    it: a damaged file can load and score wrongly under the certified model's digest,
+    which its metadata still names. ``require_digest``: without that record the file is
+    unusable too (the running agent then exports it again).
+    """
     if not path.exists():
         raise ScoringModelMissing(
             f"no exported model at {path}: the agent writes it after it accepts its first "
             "certified global model (`fedgate-agent status` shows model_round)"
         )
-    return ScoringModel.from_onnx(path)
+    try:
+        onnx = path.read_bytes()
+        recorded = onnx_digest_path(path).read_text().strip()
+    except FileNotFoundError:
+        if require_digest:
+            raise ScoringModelUnusable(
+                f"{path} has no recorded digest ({onnx_digest_path(path).name})"
+            ) from None
+        return ScoringModel.from_onnx(path)
+    except OSError as exc:
+        raise ScoringModelUnusable(f"{path} cannot be read: {exc}") from None
+    if onnx_file_digest(onnx) != recorded:
+        raise ScoringModelUnusable(
+            f"{path} does not match the SHA-256 recorded when it was exported "
+            f"({onnx_digest_path(path).name}): the file is damaged; the agent exports it "
+            "again at its next start"
+        )
+    return ScoringModel.from_onnx(onnx)
 
 
 class LiveScorer:

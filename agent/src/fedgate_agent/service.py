@@ -111,6 +111,7 @@ from fedgate_agent.scoring import (
     ScoringModel,
     alerts_topic,
     latest_grid_point,
+    load_scoring_model,
     predictions_topic,
     window_ending_at,
 )
@@ -781,9 +782,9 @@ class AgentService:
         if not self._export_on or current is None:
             return
         try:
-            stored = ScoringModel.from_onnx(onnx_path(self.config.state_path))
+            stored = load_scoring_model(onnx_path(self.config.state_path), require_digest=True)
         except FedgateError:
-            stored = None  # absent or unusable: exported again below
+            stored = None  # absent, damaged or unusable: exported again below
         if stored is not None and stored.model_digest == current.digest:
             self._put_in_use(stored, export_seconds=None)
             return

@@ -474,7 +474,7 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
 @click.option(
     "--rounds",
     "max_rounds",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="Stop after this many rounds (default: run until stopped).",
 )
