@@ -111,7 +111,7 @@ Exit codes:
 __all__ = ["EXIT_CODES_HELP", "ExitCode", "main"]  # scripts and tests read exit codes here
 
 # Round numbers and heights as the store keeps them (SQL INTEGER, 32 bits on PostgreSQL);
-# row limits as SQL takes them (64 bits).
+# row limits as SQL takes them (64 bits), and counts (serve --rounds).
 STORE_NUMBER = click.IntRange(0, 2**31 - 1)
 ROW_LIMIT = click.IntRange(1, 2**63 - 1)
 
@@ -474,7 +474,7 @@ def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
 @click.option(
     "--rounds",
     "max_rounds",
-    type=click.IntRange(1),
+    type=ROW_LIMIT,
     default=None,
     help="Stop after this many rounds (default: run until stopped).",
 )
