@@ -235,6 +235,15 @@ def _privacy_command(tmp_path: Path, config: AgentConfig, *options: str) -> Resu
     return CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file), *options])
 
 
+def _status_command(tmp_path: Path, config: AgentConfig) -> str:
+    """`fedgate-agent status` for ``config`` (an agent that has run: status.json exists)."""
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    result = CliRunner().invoke(agent_main, ["status", "--config", str(config_file)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> AgentConfig:
     """An agent's configuration with ``windows`` random training windows, pinned to a
     one-cloud federation."""
@@ -373,6 +382,7 @@ def test_switching_the_accountant_recounts_the_whole_history(tmp_path: Path) -> 
     switched = AgentService(config=pld_config, identity=nacl.signing.SigningKey.generate())
     switched._pending_spend = switched._privacy_spend(_work(2, model))
     update = switched._train(_work(2, model))
+    switched._save_status()  # as the running agent does after each round
     ledger = read_ledger(pld_config.state_path)
     assert [e.accountant for e in ledger.entries] == [ACCOUNTANTS["rdp"], ACCOUNTANTS["pld"]]
     assert ledger.noise_multiplier == first.noise_multiplier  # σ was fixed at round 1
@@ -385,7 +395,25 @@ def test_switching_the_accountant_recounts_the_whole_history(tmp_path: Path) -> 
     shown = _privacy_command(tmp_path, pld_config)
     assert shown.exit_code == 0, shown.output
     assert "accountant       pld (dp_accounting.pld.PLDAccountant)" in shown.output
-    assert "earlier rounds were counted by another accountant" in shown.output
+    assert f"spent ε {ledger.epsilon_total:.4f}\n" in shown.output  # its last round recounted all
+    assert "counted again" not in shown.output
+
+    # δ changed afterwards: the entries' totals are at the old δ; what is shown as spent is
+    # the whole history at the new one, as the next round's budget check counts it.
+    tighter = msgspec.structs.replace(
+        pld_config, privacy=msgspec.structs.replace(pld_config.privacy, delta=1e-9)
+    )
+    at_new_delta = epsilon(history, 1e-9, accountant="pld")
+    assert at_new_delta > ledger.epsilon_total
+    shown = _privacy_command(tmp_path, tighter)
+    assert shown.exit_code == 0, shown.output
+    assert f"at δ 1e-09 over 3 rounds; spent ε {at_new_delta:.4f}" in shown.output
+    assert "counted again at this δ" in shown.output
+    data = json.loads(_privacy_command(tmp_path, tighter, "--json").output)
+    assert data["spent_epsilon"] == pytest.approx(at_new_delta)
+    assert data["spent_epsilon_recorded"] == pytest.approx(ledger.epsilon_total)
+    status = _status_command(tmp_path, tighter)
+    assert f"record-level DP on: ε {at_new_delta:.4f} of 3.0 spent (δ 1e-09)" in status
 
 
 def test_privacy_warns_when_a_training_seed_makes_the_noise_reproducible(tmp_path: Path) -> None:

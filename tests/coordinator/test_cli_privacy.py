@@ -222,6 +222,7 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "settings",
         "rounds_recorded",
         "epsilon_spent",
+        "epsilon_spent_recorded",
         "budget_left",
         "unrecorded_rounds",
         "warning",
@@ -439,6 +440,26 @@ def test_privacy_notes_what_the_numbers_do_not_cover(private: Coordinator) -> No
     data = json.loads(private.run("privacy", "--json").output)
     assert data["unrecorded_rounds"] == 1
     assert data["budget_left"] == pytest.approx(0.5 - two)
+
+
+@on_disk_stores
+def test_a_changed_delta_counts_every_recorded_round_again(private: Coordinator) -> None:
+    """The ledger's totals are at the δ of their rounds; spent and budget left are at the
+    configured δ, as the budget check counts them."""
+    private.configure_privacy(site_level="on", target_epsilon=TARGET, delta=1e-9)
+
+    data = json.loads(private.run("privacy", "--json").output)
+
+    at_new_delta = epsilon([EFFECTIVE] * 2, 1e-9)
+    assert at_new_delta > epsilon([EFFECTIVE] * 2, DELTA)
+    assert data["epsilon_spent"] == pytest.approx(at_new_delta)
+    assert data["epsilon_spent_recorded"] == pytest.approx(epsilon([EFFECTIVE] * 2, DELTA))
+    assert data["budget_left"] == pytest.approx(TARGET - at_new_delta)
+    text = private.run("privacy").output
+    assert _fields(text)["ε spent"] == _f(at_new_delta)
+    assert "counted again at δ 1e-09, as the budget check counts it" in text
+    status = private.run("status").output
+    assert f"ε {_f(at_new_delta)} spent of {TARGET:g} at δ 1e-09" in status
 
 
 @on_disk_stores

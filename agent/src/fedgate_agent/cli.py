@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -72,7 +73,7 @@ from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.pretrain_cli import pretrain_command
-from fedgate_agent.privacy_ledger import read_ledger
+from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
 from fedgate_agent.record_privacy import (
     SAMPLING,
     SEEDED_DP_WARNING,
@@ -493,6 +494,11 @@ def privacy(config_path: Path, as_json: bool) -> None:
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
     accountant = accountant_name(as_accountant(settings.accountant))
+    spent, site_spent = ledger.spent(settings.delta, as_accountant(settings.accountant))
+    recounted = not (
+        math.isclose(spent, ledger.epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
+        and math.isclose(site_spent, ledger.site_epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
+    )
     data = {
         "record_level": settings.record_level,
         "reproducible_noise": cfg.reproducible_noise,
@@ -501,7 +507,8 @@ def privacy(config_path: Path, as_json: bool) -> None:
         "sampling": SAMPLING,
         "delta": settings.delta,
         "budget_epsilon": settings.target_epsilon,
-        "spent_epsilon": ledger.epsilon_total,
+        "spent_epsilon": spent,
+        "spent_epsilon_recorded": ledger.epsilon_total,
         "clip_norm": settings.max_grad_norm,
         "noise_multiplier": ledger.noise_multiplier,
         "planned_rounds": settings.planned_rounds,
@@ -524,7 +531,8 @@ def privacy(config_path: Path, as_json: bool) -> None:
             "unit": SITE_UNIT,
             "sampling": SITE_SAMPLING,
             "budget_epsilon": settings.site_max_epsilon,
-            "spent_epsilon": ledger.site_epsilon_total,
+            "spent_epsilon": site_spent,
+            "spent_epsilon_recorded": ledger.site_epsilon_total,
             "delta": settings.delta,
             "min_noise_multiplier": settings.site_min_noise_multiplier,
             "rounds": [msgspec.to_builtins(e) for e in ledger.site_entries],
@@ -537,15 +545,17 @@ def privacy(config_path: Path, as_json: bool) -> None:
     if cfg.reproducible_noise:
         click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
-    if any(e.accountant != accountant for e in ledger.entries):
-        click.echo(
-            "                 (earlier rounds were counted by another accountant: "
-            "see --json; the next round counts the whole history again with this one)"
-        )
     click.echo(
         f"budget           ε {settings.target_epsilon} at δ {settings.delta} over "
-        f"{settings.planned_rounds} rounds; spent ε {ledger.epsilon_total:.4f}"
+        f"{settings.planned_rounds} rounds; spent ε {spent:.4f}"
+        + (" (over budget)" if spent > settings.target_epsilon else "")
     )
+    if recounted:
+        click.echo(
+            "                 (the rounds below were counted at another δ or by another "
+            "accountant; spent is their whole history counted again at this δ, as the "
+            "next round's check counts it)"
+        )
     sigma = (
         "chosen at the first private round"
         if ledger.noise_multiplier is None
@@ -573,7 +583,8 @@ def privacy(config_path: Path, as_json: bool) -> None:
     click.echo(f"accountant       {accountant}, {SITE_SAMPLING}")
     click.echo(
         f"budget           ε {settings.site_max_epsilon} at δ {settings.delta} "
-        f"(privacy.site_max_epsilon); spent ε {ledger.site_epsilon_total:.4f}"
+        f"(privacy.site_max_epsilon); spent ε {site_spent:.4f}"
+        + (" (over budget)" if site_spent > settings.site_max_epsilon else "")
     )
     site_rows = [
         [
@@ -722,6 +733,24 @@ def forget_rounds(config_path: Path, as_json: bool) -> None:
     )
 
 
+def _privacy_spent_now(cfg: AgentConfig, data: dict[str, Any]) -> None:
+    """ε spent from privacy.json at the configured δ and accountant, in place of the figures
+    status.json kept from the agent's last round (stale after a change of δ, or when the
+    agent stopped training); those stay when the ledger cannot be read."""
+    if data["privacy"] == "off" and data["site_privacy"] == "none":
+        return
+    try:
+        ledger = read_ledger(cfg.state_path)
+    except (LedgerUnreadable, OSError):
+        return
+    record, site = ledger.spent(cfg.privacy.delta, as_accountant(cfg.privacy.accountant))
+    data["privacy_delta"] = cfg.privacy.delta
+    if ledger.entries:
+        data["privacy_epsilon"] = record
+    if ledger.site_entries:
+        data["site_privacy_epsilon"] = site
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -753,6 +782,7 @@ def status(config_path: Path, as_json: bool) -> None:
         data["last_state"] = state.state  # what the agent was doing when it ended
         data["state"] = "stopped"
     data["ingest"] = _ingest_status(cfg, state, running)
+    _privacy_spent_now(cfg, data)
     if as_json:
         echo_json(data)
         return
@@ -786,13 +816,13 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo(f"traffic    up {state.bytes_up} B, down {state.bytes_down} B")
     if state.privacy != "off":
         click.echo(
-            f"privacy    record-level DP {state.privacy}: ε {state.privacy_epsilon or 0:.4f} "
-            f"of {state.privacy_budget} spent (δ {state.privacy_delta})"
+            f"privacy    record-level DP {state.privacy}: ε {data['privacy_epsilon'] or 0:.4f} "
+            f"of {state.privacy_budget} spent (δ {data['privacy_delta']})"
         )
     if state.site_privacy != "none":
         click.echo(
             f"privacy    site-level noise {state.site_privacy}: ε "
-            f"{state.site_privacy_epsilon or 0:.4f} of {state.site_privacy_budget} spent "
+            f"{data['site_privacy_epsilon'] or 0:.4f} of {state.site_privacy_budget} spent "
             f"(δ {cfg.privacy.delta}, this agent's count)"
         )
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"

@@ -91,6 +91,7 @@ from fedgate_coordinator.site_privacy import (
     UNIT,
     federation_size_warning,
 )
+from fedgate_coordinator.site_privacy import epsilon as site_epsilon
 from fedgate_coordinator.store import (
     RECORD_UNIT,
     SITE_UNIT,
@@ -625,16 +626,18 @@ def _privacy_summary(
 ) -> dict[str, Any]:
     """Site-level privacy: the configured settings and what the ledger says was spent.
 
-    ``epsilon_spent`` is ``epsilon_total`` of the last ledger entry; with no entry it is 0
-    while site-level DP is on and ``None`` (no guarantee at all) while it is off, and so is
-    ``budget_left``. ``unrecorded_rounds`` counts completed rounds without a ledger entry:
-    they released a model with no site-level guarantee.
+    ``epsilon_spent`` is ε of every recorded round at the configured δ, as the budget check
+    counts it (``epsilon_spent_recorded``, the last entry's ``epsilon_total``, was counted
+    at the δ of its time); with no entry it is 0 while site-level DP is on and ``None`` (no
+    guarantee at all) while it is off, and so is ``budget_left``. ``unrecorded_rounds``
+    counts completed rounds without a ledger entry: they released a model with no
+    site-level guarantee.
     """
     settings = config.privacy
     recorded = {entry.round for entry in ledger}
     spent: float | None = None
     if ledger:
-        spent = ledger[-1].epsilon_total
+        spent = site_epsilon([e.effective_noise_multiplier for e in ledger], settings.delta)
     elif settings.enabled:
         spent = 0.0
     return {
@@ -650,6 +653,7 @@ def _privacy_summary(
         },
         "rounds_recorded": len(ledger),
         "epsilon_spent": spent,
+        "epsilon_spent_recorded": ledger[-1].epsilon_total if ledger else None,
         "budget_left": None if spent is None else settings.target_epsilon - spent,
         "unrecorded_rounds": sum(1 for number in completed if number not in recorded),
     }
@@ -1208,7 +1212,8 @@ def _privacy_notes(
             notes.append(
                 f"the ledger states ε at δ {last.delta:g} against target "
                 f"{last.target_epsilon:g}; coordinator.toml now says δ {settings.delta:g}, "
-                f"target {settings.target_epsilon:g}"
+                f"target {settings.target_epsilon:g}: ε spent is every recorded round "
+                f"counted again at δ {settings.delta:g}, as the budget check counts it"
             )
     if unrecorded:
         notes.append(
