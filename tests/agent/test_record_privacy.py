@@ -487,3 +487,25 @@ async def test_a_round_that_starts_while_the_last_one_trains_is_not_joined(
     assert service.status.last_answered_round == 2
     assert not (config.state_path / "privacy.json").exists()
     assert service._training is busy
+
+
+def test_privacy_warns_about_rounds_trained_without_dp(tmp_path: Path) -> None:
+    """DP on, off for a round, on again: the ledger has no entry for the round without it,
+    and its update has no record-level guarantee; `privacy` says so."""
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    service._pending_spend = service._privacy_spend(_work(1, _model()))
+    service._train(_work(1, _model()))
+    service.status.rounds_trained = 2  # round 1 with DP, one more while it was off
+    service._save_status()
+
+    shown = _privacy_command(tmp_path, config)
+    assert shown.exit_code == 0, shown.output
+    assert "1 round(s) trained without record-level DP (2 trained, 1 in the ledger)" in (
+        shown.output
+    )
+    data = json.loads(_privacy_command(tmp_path, config, "--json").output)
+    assert data["rounds_trained_without_dp"] == 1
+    service.status.rounds_trained = 1
+    service._save_status()
+    assert "without record-level DP" not in _privacy_command(tmp_path, config).output

@@ -499,6 +499,10 @@ def privacy(config_path: Path, as_json: bool) -> None:
         math.isclose(spent, ledger.epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
         and math.isclose(site_spent, ledger.site_epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
     )
+    # Rounds trained while record-level DP was off (it was switched off and on again):
+    # the ledger has no entry for them, and their updates no record-level guarantee.
+    trained = read_status(cfg.state_path).rounds_trained
+    without_dp = trained - len(ledger.entries) if ledger.entries else 0
     data = {
         "record_level": settings.record_level,
         "reproducible_noise": cfg.reproducible_noise,
@@ -512,6 +516,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
         "clip_norm": settings.max_grad_norm,
         "noise_multiplier": ledger.noise_multiplier,
         "planned_rounds": settings.planned_rounds,
+        "rounds_trained_without_dp": max(without_dp, 0),
         "rounds": [
             {
                 "round": e.spend.round,
@@ -550,6 +555,12 @@ def privacy(config_path: Path, as_json: bool) -> None:
         f"{settings.planned_rounds} rounds; spent ε {spent:.4f}"
         + (" (over budget)" if spent > settings.target_epsilon else "")
     )
+    if without_dp > 0:
+        click.echo(
+            f"warning          {without_dp} round(s) trained without record-level DP "
+            f"({trained} trained, {len(ledger.entries)} in the ledger): those updates have "
+            "no record-level guarantee, whatever ε says"
+        )
     if recounted:
         click.echo(
             "                 (the rounds below were counted at another δ or by another "
