@@ -18,7 +18,13 @@ from fedgate_agent.errors import SiteBudgetExhausted
 from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
 from fedgate_agent.round_logic import TrainForRound
 from fedgate_agent.service import AgentService
-from fedgate_agent.site_privacy import SiteBudget, SiteLedgerEntry, plan_site_round, site_epsilon
+from fedgate_agent.site_privacy import (
+    SiteBudget,
+    SiteLedgerEntry,
+    counted_multipliers,
+    plan_site_round,
+    site_epsilon,
+)
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.digests import GENESIS_PARENT, model_digest
 from fedgate_common.messages import GlobalModel, RoundStart, SecAggParams, TrainingPlan
@@ -101,6 +107,41 @@ def test_the_agents_count_is_the_coordinators_formula(accountant: str) -> None:
         assert booked[-1].epsilon_total < coordinator
     assert booked[0].epsilon_round == pytest.approx(booked[0].epsilon_total)
     assert [e.epsilon_total for e in booked] == sorted(e.epsilon_total for e in booked)
+
+
+def test_more_assumed_colluders_count_the_booked_rounds_again() -> None:
+    """Rounds booked assuming no colluders, then secagg.assumed_colluders = 2: the booked
+    rounds protected less than counted, and the next check counts all of them (and the
+    new one) without the colluders' shares, for entries with and without their params."""
+    params = _noisy_params(planned_rounds=4)
+    alone = SiteBudget(max_epsilon=100.0, delta=1e-5, accountant="pld")
+    booked: list[SiteLedgerEntry] = []
+    for number in (1, 2, 3):
+        entry = plan_site_round(
+            booked, round=number, base_digest="ab", params=params, spec=SPEC, budget=alone
+        )
+        assert entry is not None
+        booked.append(entry)
+    assert booked[0].params == params
+    assert booked[0].dimension == parameter_count(SPEC)
+    wary = msgspec.structs.replace(alone, assumed_colluders=2)
+
+    fourth = plan_site_round(
+        booked, round=4, base_digest="ab", params=params, spec=SPEC, budget=wary
+    )
+
+    assert fourth is not None
+    z_now = fourth.effective_noise_multiplier
+    assert z_now < booked[0].effective_noise_multiplier
+    assert fourth.epsilon_total == pytest.approx(site_epsilon([z_now] * 4, 1e-5, "pld"))
+    assert counted_multipliers(booked, 2) == pytest.approx([z_now] * 3)
+    assert counted_multipliers(booked, 0) == [e.effective_noise_multiplier for e in booked]
+    # An entry booked before params were kept: scaled by the surviving share of the noise.
+    legacy = msgspec.structs.replace(booked[0], params=None, dimension=0)
+    m = legacy.min_inputs
+    assert counted_multipliers([legacy], 2) == pytest.approx(
+        [legacy.effective_noise_multiplier * ((m - 2) / m) ** 0.5]
+    )
 
 
 def test_rounds_without_noise_book_nothing() -> None:

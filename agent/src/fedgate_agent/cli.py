@@ -494,7 +494,9 @@ def privacy(config_path: Path, as_json: bool) -> None:
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
     accountant = accountant_name(as_accountant(settings.accountant))
-    spent, site_spent = ledger.spent(settings.delta, as_accountant(settings.accountant))
+    spent, site_spent = ledger.spent(
+        settings.delta, as_accountant(settings.accountant), cfg.secagg.assumed_colluders
+    )
     recounted = not (
         math.isclose(spent, ledger.epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
         and math.isclose(site_spent, ledger.site_epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
@@ -754,7 +756,9 @@ def _privacy_spent_now(cfg: AgentConfig, data: dict[str, Any]) -> None:
         ledger = read_ledger(cfg.state_path)
     except (LedgerUnreadable, OSError):
         return
-    record, site = ledger.spent(cfg.privacy.delta, as_accountant(cfg.privacy.accountant))
+    record, site = ledger.spent(
+        cfg.privacy.delta, as_accountant(cfg.privacy.accountant), cfg.secagg.assumed_colluders
+    )
     data["privacy_delta"] = cfg.privacy.delta
     if ledger.entries:
         data["privacy_epsilon"] = record

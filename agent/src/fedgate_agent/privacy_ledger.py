@@ -16,7 +16,7 @@ from fedgate_common.atomic_files import atomic_write
 
 from fedgate_agent.errors import AgentError
 from fedgate_agent.record_privacy import ACCOUNTANTS, Accountant, RoundSpend, epsilon
-from fedgate_agent.site_privacy import SiteLedgerEntry, site_epsilon
+from fedgate_agent.site_privacy import SiteLedgerEntry, counted_multipliers, site_epsilon
 from fedgate_agent.state import AgentStatus
 
 LEDGER_FILE = "privacy.json"
@@ -62,14 +62,15 @@ class PrivacyLedger(msgspec.Struct, kw_only=True):
     def site_epsilon_total(self) -> float:
         return self.site_entries[-1].epsilon_total if self.site_entries else 0.0
 
-    def spent(self, delta: float, accountant: Accountant) -> tuple[float, float]:
-        """Record-level and site-level ε of the whole history at ``delta`` by ``accountant``,
-        as the next round's budget check counts it. The entries' own totals were counted
-        with the δ and accountant of their time; after a change of either they differ."""
+    def spent(
+        self, delta: float, accountant: Accountant, colluders: int = 0
+    ) -> tuple[float, float]:
+        """Record-level and site-level ε of the whole history at ``delta`` by ``accountant``
+        (site level with ``colluders`` assumed), as the next round's budget check counts
+        it. The entries' own totals were counted with the settings of their time; after a
+        change they differ."""
         record = epsilon(self.history, delta, accountant=accountant) if self.entries else 0.0
-        site = site_epsilon(
-            [e.effective_noise_multiplier for e in self.site_entries], delta, accountant
-        )
+        site = site_epsilon(counted_multipliers(self.site_entries, colluders), delta, accountant)
         return record, site
 
 

@@ -66,6 +66,43 @@ class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     epsilon_total: float
     delta: float
     accountant: str
+    # What the effective multiplier was computed from, so that it can be computed again
+    # for more assumed colluders (entries from before these fields: None, 0).
+    params: SecAggParams | None = None
+    dimension: int = 0
+
+
+def effective_multiplier(
+    params: SecAggParams, noise: SiteNoise, dimension: int, colluders: int
+) -> float:
+    """The Gaussian-equivalent multiplier of a round, as the coordinator computes it, with
+    the shares of ``colluders`` left out; a number that cannot be computed counts as no
+    noise."""
+    try:
+        return effective_noise_multiplier(
+            encoding_params(_without_colluders(params, noise, colluders)), dimension
+        )
+    except (ArithmeticError, ValueError):
+        return 0.0
+
+
+def counted_multipliers(entries: Sequence[SiteLedgerEntry], colluders: int) -> list[float]:
+    """The entries' effective multipliers under ``colluders`` assumed now: an entry booked
+    under fewer is computed again (it protected less than it was counted for). Entries
+    without their parameters (booked before they were kept) are scaled by the share of the
+    noise that survives, √((m − c) / m), the leading term of the same computation."""
+    counted = []
+    for entry in entries:
+        z = entry.effective_noise_multiplier
+        if colluders > entry.assumed_colluders:
+            noise = entry.params.noise if entry.params is not None else None
+            if entry.params is not None and noise is not None and entry.dimension:
+                z = min(z, effective_multiplier(entry.params, noise, entry.dimension, colluders))
+            else:
+                m = max(entry.min_inputs, 1)
+                z *= math.sqrt(max(m - colluders, 0) / max(m - entry.assumed_colluders, 1))
+        counted.append(z)
+    return counted
 
 
 def site_epsilon(multipliers: Sequence[float], delta: float, accountant: Accountant) -> float:
@@ -103,17 +140,10 @@ def plan_site_round(
     noise = params.noise
     if noise is None:
         return None
-    # The Gaussian-equivalent multiplier of the round, as the coordinator computes it; a
-    # number it cannot compute counts as no noise.
-    try:
-        multiplier = effective_noise_multiplier(
-            encoding_params(_without_colluders(params, noise, budget.assumed_colluders)),
-            parameter_count(spec),
-        )
-    except (ArithmeticError, ValueError):
-        multiplier = 0.0
-    history = [entry.effective_noise_multiplier for entry in booked]
-    spent = booked[-1].epsilon_total if booked else 0.0
+    dimension = parameter_count(spec)
+    multiplier = effective_multiplier(params, noise, dimension, budget.assumed_colluders)
+    history = counted_multipliers(booked, budget.assumed_colluders)
+    spent = site_epsilon(history, budget.delta, budget.accountant)
     after = site_epsilon([*history, multiplier], budget.delta, budget.accountant)
     if after > budget.max_epsilon:
         raise SiteBudgetExhausted(
@@ -135,6 +165,8 @@ def plan_site_round(
         epsilon_total=after,
         delta=budget.delta,
         accountant=accountant_name(budget.accountant),
+        params=params,
+        dimension=dimension,
     )
 
 
