@@ -927,11 +927,14 @@ class FederationNode:
         for cloud, link in self.peer_links.items():
             self.peers[cloud].connected = link.connected.is_set()
         state = self._core.state
+        # Heights adopted from peers' certified models (catch-up) never reach the core: the
+        # driver's height is the one at hand then.
+        caught_up = self._height > state.height
         return FederationStatus(
             updated=time.time(),
-            height=state.height,
-            round=state.round,
-            step=str(state.step),
+            height=self._height if caught_up else state.height,
+            round=0 if caught_up else state.round,
+            step="catch-up" if caught_up else str(state.step),
             clouds=len(self.clouds),
             quorum=self.quorum,
             faults_tolerated=faults_tolerated(len(self.clouds)),
