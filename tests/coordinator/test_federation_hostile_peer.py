@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import ConsensusParams
+from fedgate_common.consensus.tendermint import ScheduleTimeout, Timeout
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import (
     MAX_HEIGHT,
@@ -36,7 +37,7 @@ from fedgate_common.envelope import seal
 from fedgate_common.errors import LimitExceeded, MalformedMessage
 from fedgate_common.messages import CloudAggregate, ConsensusProposal, ConsensusVote, Payload
 from fedgate_common.topics import federation_topic
-from fedgate_coordinator.federation import FederationNode, max_aggregate_bytes
+from fedgate_coordinator.federation import FederationNode, _Input, max_aggregate_bytes
 from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import ModelRecord, Store
@@ -237,3 +238,31 @@ async def test_a_known_value_with_other_content_is_checked_again(peer: Peer) -> 
     assert node._is_valid(honest)
     assert not node._is_valid(junk)
     assert node._contents[value] == content
+
+
+async def test_a_timeout_that_finds_the_input_queue_full_is_not_lost(tmp_path: Path) -> None:
+    """A flood fills the core's input queue when a step's timer fires: the timeout is
+    offered again until there is room (dropped, it could leave a height hanging)."""
+    keys = {c: nacl.signing.SigningKey.generate() for c in CLOUDS}
+    manifest = federation_manifest(deployment="flood", keys=keys, spec=SPEC)
+    with Store.open(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        node = FederationNode(
+            deployment="flood",
+            cloud="c1",
+            manifest=manifest,
+            signing_key=keys["c1"],
+            store=store,
+            own_link=MqttLink(settings=MqttSettings(client_id="flood-c1"), subscriptions=[]),
+            state_dir=tmp_path,
+        )
+        queue = node._inputs
+        while not queue.full():
+            queue.put_nowait(_Input("vote", None))
+        node._schedule(ScheduleTimeout(step="propose", height=1, round=0, seconds=0.0))
+        await asyncio.sleep(0.3)  # fired at least once into the full queue
+        while not queue.empty():
+            assert queue.get_nowait().kind == "vote"
+        await asyncio.sleep(0.3)
+        offered = queue.get_nowait()
+        assert offered.kind == "timeout"
+        assert offered.item == Timeout(step="propose", height=1, round=0)

@@ -97,6 +97,9 @@ log = logging.getLogger("fedgate.coordinator.federation")
 
 KEEP_MODELS = 32  # retained certified models per cloud, for peers that fall behind
 AGGREGATE_HEIGHTS = 16  # peers' aggregates held for at most this many heights ahead
+# A timeout that finds the core's input queue full is offered again this much later: a lost
+# timeout could leave a height waiting for a step that never ends.
+TIMEOUT_RETRY_S = 0.1
 # A signed aggregate's bytes: at most 8 per model parameter (float64) plus names, shapes
 # and the envelope. Larger ones are refused on arrival, before anything is held.
 AGGREGATE_OVERHEAD = 64 * 1024
@@ -654,13 +657,16 @@ class FederationNode:
         # A CommitCertificate travels inside the certified model (published on decision).
 
     def _schedule(self, action: ScheduleTimeout) -> None:
+        loop = asyncio.get_running_loop()
+
         def fire() -> None:
             try:
                 self._inputs.put_nowait(_Input("timeout", action.timeout))
-            except asyncio.QueueFull:
-                log_event(log, logging.ERROR, "consensus input queue full", **self._fields())
+            except asyncio.QueueFull:  # a flood of peer messages: try again, never drop it
+                log_event(log, logging.WARNING, "consensus input queue full", **self._fields())
+                loop.call_later(TIMEOUT_RETRY_S, fire)
 
-        asyncio.get_running_loop().call_later(action.seconds, fire)
+        loop.call_later(action.seconds, fire)
 
     def _start_value(self, height: int, round_: int) -> None:
         if self._value_task is not None and not self._value_task.done():
