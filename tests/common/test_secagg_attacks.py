@@ -915,3 +915,66 @@ def test_the_default_graph_meets_the_default_floor(n: int) -> None:
         lower = msgspec.structs.replace(params, threshold=params.threshold - 1)
         with pytest.raises(ThresholdTooLow):
             check_params(lower, selected=n, min_threshold=0)
+
+
+# -- keys no exchange can use, and reveals that crowd out shares ----------------------------
+
+LOW_ORDER_KEY = bytes(32)  # the identity point: every X25519 exchange with it gives zero
+
+
+@pytest.mark.parametrize("field", ["share_key", "mask_key"])
+def test_the_aggregator_refuses_a_low_order_key_at_intake(field: str) -> None:
+    """One enrolled agent advertising a key of low order would stop every honest neighbour
+    from sealing to it or masking with it (the round aborts, or the reveal stage crashes);
+    it is refused as malformed, against that agent, and the round goes on without it."""
+    honest = HonestRound(6, colluders=("agent-05",))
+    colluder = honest.colluders["agent-05"]
+    bad = msgspec.structs.replace(colluder.advertise(honest.number), **{field: LOW_ORDER_KEY})
+    with pytest.raises(ProtocolError, match="unusable X25519") as refused:
+        honest.send("agent-05", bad)
+    assert refused.value.kind == "malformed"
+    assert refused.value.sender == "agent-05"
+
+
+@pytest.mark.parametrize("field", ["share_key", "mask_key"])
+def test_a_roster_with_a_low_order_key_is_refused_before_anything_is_sealed(field: str) -> None:
+    """A coordinator that lets such a key through: the agent refuses the roster before it
+    seals a share or books anything, not halfway through masking."""
+    honest = HonestRound(6, colluders=("agent-05",))
+    roster = honest.keys()
+    colluder = honest.colluders["agent-05"]
+    bad = msgspec.structs.replace(colluder.advertise(honest.number), **{field: LOW_ORDER_KEY})
+    entries = tuple(
+        colluder.entry(bad) if entry.agent_id == "agent-05" else entry for entry in roster.entries
+    )
+    forged = msgspec.structs.replace(roster, entries=entries)
+    victim = honest.participants["agent-00"]
+    outcome = attempt(victim.on_roster, forged)
+    assert isinstance(outcome, ProtocolError)
+    assert "unusable X25519" in str(outcome)
+
+
+def test_a_reveal_naming_one_owner_twice_is_refused() -> None:
+    """Copies of its own genuine shares would fill every subset the reconstruction tries and
+    abort the round; the reveal is refused instead, and the honest reveals recover the sum."""
+    honest = HonestRound(10)
+    check = honest.to_check()
+    confirmations = honest.confirm(check, check.survivors)
+    for agent, raw in confirmations.items():
+        payload = decode_payload(open_envelope(raw))
+        honest.aggregator.add(
+            agent, payload, raw=raw, identity_key=bytes(identity(agent).verify_key)
+        )
+    sent = honest.aggregator.close_confirmations()
+    assert isinstance(sent, UnmaskRequest)
+    reveals = {a: honest.participants[a].on_unmask(sent) for a in check.survivors}
+    liar = check.survivors[0]
+    genuine = reveals[liar]
+    copied = msgspec.structs.replace(genuine, seed_shares=genuine.seed_shares * 3)
+    with pytest.raises(ProtocolError, match="names one owner twice"):
+        honest.send(liar, copied)
+    for agent in check.survivors[1:]:
+        honest.send(agent, reveals[agent])
+    result = honest.aggregator.close_reveals()
+    assert result.__class__.__name__ == "Unmasked", result
+    assert len(confirmations) == len(check.survivors)

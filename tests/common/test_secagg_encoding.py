@@ -9,6 +9,7 @@ N · max_inputs · clip_norm / 2^(b−1). The total weight travels as integer li
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -301,3 +302,14 @@ def test_huge_finite_updates_are_clipped() -> None:
         words = encode_update(np.array([1e200, 1.0]), 1, params)
     decoded = decode_sum(words, params)
     np.testing.assert_allclose(decoded.weighted_sum, [1.0, 0.0], atol=1 / params.scale)
+
+
+@pytest.mark.parametrize("clip_norm", [1e-320, 1e-10, 0.0, -1.0, math.inf, math.nan])
+def test_a_clip_too_small_to_scale_by_is_refused(clip_norm: float) -> None:
+    """level / 1e-320 overflows to inf: every coordinate would encode as an infinity cast
+    to an integer, whatever the update (saturating to ±level on some CPUs: its signs, at
+    full level, far outside the sensitivity the noise is sized for)."""
+    params = EncodingParams(word_bits=32, clip_norm=clip_norm, weight_cap=10, max_inputs=100)
+    with pytest.raises(ValueError, match="clip_norm must be a number of at least 1e-09"):
+        params.check()
+    EncodingParams(word_bits=32, clip_norm=1e-9, weight_cap=10, max_inputs=100).check()

@@ -577,11 +577,14 @@ class AgentService:
         flat, num_samples, report = pending
         work = self._secure_work
         try:
+            # Masked first: a round whose masks cannot be made (a peer's unusable key) is
+            # refused before its noise is booked against the budget.
+            masked = participant.mask_input(participant.encode(flat, num_samples))
             if work is None or work.start.round != participant.round:
                 # Fail closed: a masked input leaves only after its round is booked.
                 raise LedgerUnwritable(f"round {participant.round} has no start to book it by")
             await asyncio.to_thread(self._book_site_round, work)
-        except FedgateError as exc:  # past the budget after all, or the ledger is gone
+        except FedgateError as exc:  # past the budget after all, the ledger is gone, or no mask
             self.secure = None
             if isinstance(exc, SiteBudgetExhausted):
                 self.status.site_privacy = "budget exhausted"
@@ -590,7 +593,6 @@ class AgentService:
         self._save_status()  # the count, for the rollback check (privacy_ledger)
         if self.secure is not participant:
             return  # the round was left, or the next one began, while it was booked
-        masked = participant.mask_input(participant.encode(flat, num_samples))
         if report is not None:
             masked = msgspec.structs.replace(masked, record_privacy=report)
         size = await self._send(masked, "masked")

@@ -827,7 +827,16 @@ class CoordinatorService:
             )
             await self._wait_for_stage(timeout)
             record = aggregator.records[stage]
-            produced = aggregator.close()
+            try:
+                produced = aggregator.close()
+            except (FedgateError, ValueError, ArithmeticError) as exc:  # never the service
+                produced = Aborted(stage=stage, reason=f"the {stage} stage failed: {exc}")
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "secure round failed",
+                    **self._fields(round=number, stage=stage, error=str(exc)),
+                )
             sent = 0
             if isinstance(produced, Unmasked | Aborted):
                 outcome = produced

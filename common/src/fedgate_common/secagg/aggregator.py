@@ -58,6 +58,7 @@ from fedgate_common.secagg.mask_keys import pairwise_mask_key, pairwise_sign, se
 from fedgate_common.secagg.participant import encoding_params, public_bytes
 from fedgate_common.secagg.roster import Roster, make_roster
 from fedgate_common.secagg.shamir import Share, reconstruct_secret
+from fedgate_common.secagg.share_box import check_x25519_public_key
 
 Stage = Literal["keys", "shares", "masked", "confirm", "reveal", "done"]
 STAGE_ORDER: tuple[Stage, ...] = ("keys", "shares", "masked", "confirm", "reveal")
@@ -239,6 +240,8 @@ class Aggregator:
             raise MalformedMessage("keys for another base model", sender=sender)
         if len(keys.share_key) != 32 or len(keys.mask_key) != 32 or len(keys.seed_commitment) != 32:
             raise MalformedMessage("round keys must be 32 bytes each", sender=sender)
+        check_x25519_public_key(keys.share_key, sender=sender, what="share key")
+        check_x25519_public_key(keys.mask_key, sender=sender, what="mask key")
         if any(
             kept.seed_commitment == keys.seed_commitment or identity == other_identity
             for other_identity, kept, _ in self._keys.values()
@@ -289,6 +292,10 @@ class Aggregator:
         x = self.roster.members[sender].x
         held = set(self._delivered.get(sender, ()))
         survivors, dropped = set(self.survivors), set(self.dropped)
+        for shares in (reveal.seed_shares, reveal.mask_key_shares):
+            owners = [share.owner for share in shares]
+            if len(set(owners)) != len(owners):  # copies would crowd out the other shares
+                raise MalformedMessage("a reveal names one owner twice", sender=sender)
         for share, allowed in (
             *((s, survivors) for s in reveal.seed_shares),
             *((s, dropped) for s in reveal.mask_key_shares),

@@ -40,6 +40,7 @@ from fedgate_common.secagg.distributed_noise import (
 from fedgate_common.secagg.keystream import Words, random_unit_floats, word_dtype
 
 HEADROOM_TAIL = 1e-12
+MIN_CLIP_NORM = 1e-9  # a clip below it is refused (its scale could overflow a float)
 """Per-coordinate probability that the summed noise exceeds the room left for it."""
 
 
@@ -55,8 +56,10 @@ class EncodingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def check(self) -> None:
         word_dtype(self.word_bits)
-        if not (self.clip_norm > 0 and np.isfinite(self.clip_norm)):
-            raise ValueError("clip_norm must be a positive number")
+        if not (self.clip_norm >= MIN_CLIP_NORM and np.isfinite(self.clip_norm)):
+            # Below it level / clip_norm can overflow: every coordinate would encode as ±inf
+            # cast to an integer, whatever the update, and out of the sensitivity's bound.
+            raise ValueError(f"clip_norm must be a number of at least {MIN_CLIP_NORM:g}")
         if self.weight_cap < 1:
             raise ValueError("weight_cap must be at least 1")
         if not 1 <= self.max_inputs <= (2 ** (self.word_bits - 1) - 1) // 2:

@@ -23,6 +23,7 @@ from fedgate_common.errors import (
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.messages import AdvertiseKeys, KeyRoster, RosterEntry
 from fedgate_common.secagg.context import sha256
+from fedgate_common.secagg.share_box import check_x25519_public_key
 
 _DIGEST_PURPOSE = b"fedgate-secagg-roster-v1"
 
@@ -99,9 +100,10 @@ def verify_roster(
     ids = [entry.agent_id for entry in roster.entries]
     if len(set(ids)) != len(ids):
         raise DuplicateKeys("an agent appears twice in the key roster")
+    chosen = set(selected)
     keys: dict[str, tuple[bytes, AdvertiseKeys]] = {}
     for entry in roster.entries:
-        if entry.agent_id not in selected:
+        if entry.agent_id not in chosen:
             raise MalformedMessage(f"roster lists {entry.agent_id!r}, who was not selected")
         pinned = pinned_identities.get(entry.agent_id)
         if pinned is not None and pinned != entry.identity_key:
@@ -112,8 +114,13 @@ def verify_roster(
             entry.identity_key,
             _open_entry(entry, roster, deployment, cloud, limits),
         )
-        if keys[entry.agent_id][1].base_digest != base_digest:
+        advertised = keys[entry.agent_id][1]
+        if advertised.base_digest != base_digest:
             raise MalformedMessage(f"keys of {entry.agent_id!r} are for another base model")
+        # Refused here, before anything is sealed to them or masked with them: a roster with
+        # a key no exchange can use would fail this agent halfway through the round.
+        for key, what in ((advertised.share_key, "share key"), (advertised.mask_key, "mask key")):
+            check_x25519_public_key(key, what=f"{what} of {entry.agent_id!r}")
     return make_roster(keys)
 
 

@@ -23,6 +23,15 @@ _PURPOSE = b"fedgate-secagg-share-v1"
 NONCE_BYTES = 12
 
 
+def check_x25519_public_key(key: bytes, *, sender: str | None = None, what: str = "key") -> None:
+    """Refuse a key no exchange can use (wrong length, or of low order: every exchange with
+    it gives zero), before anyone relies on it: at intake, and in a roster."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError as exc:
+        raise MalformedMessage(f"unusable X25519 {what}: {exc}", sender=sender) from None
+
+
 def x25519_shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
     """Raw X25519; a low-order peer key (all-zero result) is refused."""
     try:
