@@ -100,6 +100,16 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
         runner.invoke(coordinator_main, [*state, "models", "--verify", "--json"]).output
     )
     assert models["verified_length"] == 0  # no genesis before the first `serve`
+    # With --json a failure is JSON on stdout too (the message stays on stderr).
+    absent = runner.invoke(coordinator_main, [*state, "rounds", "--detail", "99", "--json"])
+    assert absent.exit_code == CoordinatorExit.NOT_FOUND
+    assert json.loads(absent.stdout) == {
+        "error": "round 99 not found (see `fedgate-coordinator rounds`)",
+        "exit_code": int(CoordinatorExit.NOT_FOUND),
+    }
+    assert absent.stderr.startswith("error: round 99")
+    plain = runner.invoke(coordinator_main, [*state, "rounds", "--detail", "99"])
+    assert (plain.exit_code, plain.stdout) == (CoordinatorExit.NOT_FOUND, "")
 
 
 def test_agent_exit_codes(tmp_path: Path) -> None:

@@ -44,7 +44,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:
+    """``error: …`` on stderr and exit ``code``; a command run with ``--json`` also prints
+    ``{"error": …, "exit_code": …}`` on stdout, so that a script reading it gets JSON."""
     click.echo(f"error: {message}", err=True)
+    context = click.get_current_context(silent=True)
+    if context is not None and context.params.get("as_json"):
+        echo_json({"error": message, "exit_code": int(code)})
     sys.exit(int(code))
 
 
