@@ -84,10 +84,15 @@ def test_unusable_windows_files(config: Path, tmp_path: Path) -> None:
     np.savez(wrong_shape, x=np.zeros((1, 20, 51), dtype=np.float32))
     not_npz = tmp_path / "text.npz"
     not_npz.write_text("hello")
+    nan = tmp_path / "nan.npz"
+    x = np.zeros((3, 20, 52), dtype=np.float32)
+    x[1, 4, 7], x[2, 0, 0] = np.nan, np.inf
+    np.savez(nan, x=x)
     for path, message in [
         (no_x, "arrays ['x'] missing"),
         (wrong_shape, "do not fit"),
         (not_npz, "npz"),
+        (nan, "'x' holds 2 NaN or infinite value(s), the first at index (1, 4, 7)"),
     ]:
         code, _, err = predict("--config", str(config), "--input", str(path))
         assert code == ExitCode.DATA, err

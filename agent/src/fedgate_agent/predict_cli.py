@@ -60,8 +60,16 @@ __all__ = ["predict_command"]
 def _read_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64] | None]:
     arrays = read_npz_arrays(path, required=("x",), optional=("y",))
     x, y = arrays["x"], arrays.get("y")
-    if x.dtype.kind != "f" or not np.isfinite(x).all():
-        raise LocalDataError(f"{path}: 'x' must hold finite floats, not {x.dtype}", path=path)
+    if x.dtype.kind != "f":
+        raise LocalDataError(f"{path}: 'x' must hold floats, not {x.dtype}", path=path)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise LocalDataError(
+            f"{path}: 'x' holds {int(bad.sum())} NaN or infinite value(s), the first at index "
+            f"{first}; only finite values can be scored",
+            path=path,
+        )
     if x.ndim == 0 or x.shape[0] == 0:
         raise LocalDataError(f"{path}: 'x' holds no windows; nothing to score", path=path)
     if y is not None and (y.dtype.kind not in "iu" or y.shape != x.shape[:1]):
