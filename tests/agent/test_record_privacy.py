@@ -509,3 +509,17 @@ def test_privacy_warns_about_rounds_trained_without_dp(tmp_path: Path) -> None:
     service.status.rounds_trained = 1
     service._save_status()
     assert "without record-level DP" not in _privacy_command(tmp_path, config).output
+
+
+def test_privacy_warns_when_delta_is_not_below_one_over_n(tmp_path: Path) -> None:
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on", delta=0.01), windows=200)
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    service._pending_spend = service._privacy_spend(_work(1, _model()))
+    service._train(_work(1, _model()))
+
+    shown = _privacy_command(tmp_path, config)
+    assert "δ 0.01 is not below 1/n for this site's 200 windows" in shown.output
+    tight = msgspec.structs.replace(
+        config, privacy=msgspec.structs.replace(config.privacy, delta=1e-5)
+    )
+    assert "not below 1/n" not in _privacy_command(tmp_path, tight).output

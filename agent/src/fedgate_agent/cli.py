@@ -557,6 +557,13 @@ def privacy(config_path: Path, as_json: bool) -> None:
         f"{settings.planned_rounds} rounds; spent ε {spent:.4f}"
         + (" (over budget)" if spent > settings.target_epsilon else "")
     )
+    fewest = min((e.num_samples for e in ledger.entries), default=0)
+    if fewest and settings.delta >= 1 / fewest:
+        click.echo(
+            f"warning          δ {settings.delta:g} is not below 1/n for this site's {fewest} "
+            "windows: a mechanism that publishes one random window in the clear meets it; "
+            "choose δ well below 1/n"
+        )
     if without_dp > 0:
         click.echo(
             f"warning          {without_dp} round(s) trained without record-level DP "

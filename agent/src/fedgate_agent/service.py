@@ -353,6 +353,13 @@ class AgentService:
         dataset = self._local_dataset(work.model)
         with self._ledger_lock:
             ledger = self._read_ledger()
+        if settings.delta >= 1 / max(len(dataset), 1):
+            log_event(
+                log,
+                logging.WARNING,
+                "delta not below 1/n",
+                **self._fields(delta=settings.delta, windows=len(dataset)),
+            )
         rate = sample_rate(len(dataset), plan.batch_size)
         steps = steps_per_round(len(dataset), plan.batch_size, plan.local_epochs)
         if steps > MAX_STEPS_PER_ROUND:
