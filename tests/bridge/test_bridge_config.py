@@ -74,6 +74,14 @@ mode = "push"
   [[opcua.nodes]]
   tag = "N 1"
   node_id = "ns=x;i=3"
+
+  [[opcua.nodes]]
+  tag = "N2"
+  node_id = "i=85"
+
+  [[opcua.nodes]]
+  tag = "N3"
+  node_id = "ns=0;i=85"
 """
 
 EXPECTED_FRAGMENTS = [
@@ -111,6 +119,7 @@ EXPECTED_FRAGMENTS = [
     "opcua[0].mode = 'push' (source 'rtu-1') is not subscribe | poll",
     "opcua[0].nodes[0].tag = 'N 1' is not 1-64 characters",
     "opcua[0].nodes[0].node_id = 'ns=x;i=3' (tag 'N 1') does not parse",
+    "opcua[0].nodes[2].node_id = 'ns=0;i=85' (tag 'N3') is the node of tag 'N2' already",
     "source name 'rtu-1' is used by 2 sources",
 ]
 

@@ -221,6 +221,14 @@ ARRIVAL = 1_800_000_000.0  # 2027-01-15
             ARRIVAL - 60,
         ),
         (None, None, ARRIVAL),
+        # A device clock never set: every change stamped alike, decades back.
+        (ua.DateTime(1990, 1, 1, tzinfo=UTC), None, ARRIVAL),
+        (
+            ua.DateTime(2001, 1, 1, tzinfo=UTC),
+            ua.DateTime(2027, 1, 15, 7, 59, tzinfo=UTC),
+            ARRIVAL - 60,
+        ),
+        (ua.DateTime(2027, 1, 14, 8, 1, tzinfo=UTC), None, ARRIVAL - 86340),  # within a day
     ],
 )
 def test_implausible_source_timestamps_fall_back(

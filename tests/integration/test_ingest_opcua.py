@@ -214,16 +214,29 @@ async def test_server_freeze_and_restart_lose_nothing_that_was_delivered(
 
 def test_data_changes_become_samples_keyed_by_source_timestamp() -> None:
     node = OpcUaNode("ns=2;s=x", "X")
-    moment = ua.DateTime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
+    moment = ua.DateTime.fromtimestamp(int(time.time()) - 60, UTC).replace(microsecond=123456)
+    micros = int(moment.timestamp()) * 1_000_000 + 123_456
     value = ua.DataValue(ua.Variant(2.5, ua.VariantType.Double), SourceTimestamp=moment)
     sample = data_value_to_sample("opc.tcp://h:4840/", node, value)
     assert sample.source == "opcua:opc.tcp://h:4840/#ns=2;s=x"
-    assert sample.seq == 1_704_067_200_123_456
-    assert sample.ts == pytest.approx(1_704_067_200.123456)
+    assert sample.seq == micros
+    assert sample.ts == pytest.approx(micros / 1e6)
     assert (sample.tag, sample.value) == ("X", 2.5)
     # No source timestamp: the server's; booleans are 0 / 1.
     flag = ua.DataValue(ua.Variant(True, ua.VariantType.Boolean), ServerTimestamp=moment)
     assert data_value_to_sample("e", node, flag).value == 1.0
+    # A device clock that was never set (every change stamped alike, decades back): the
+    # server's stamp instead, and without one the change is refused.
+    unset = ua.DateTime(2001, 1, 1, tzinfo=UTC)
+    both = ua.DataValue(
+        ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=unset, ServerTimestamp=moment
+    )
+    assert data_value_to_sample("e", node, both).seq == micros
+    with pytest.raises(MalformedPayload) as stale:
+        data_value_to_sample(
+            "e", node, ua.DataValue(ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=unset)
+        )
+    assert stale.value.reason == "ts_in_past"
 
 
 @pytest.mark.parametrize(
@@ -243,7 +256,7 @@ def test_data_changes_become_samples_keyed_by_source_timestamp() -> None:
 )
 def test_unusable_data_changes_are_refused_with_a_reason(value: ua.DataValue, reason: str) -> None:
     if reason != "no_timestamp":
-        value.SourceTimestamp = ua.DateTime(2024, 1, 1, tzinfo=UTC)
+        value.SourceTimestamp = ua.DateTime.fromtimestamp(time.time() - 60, UTC)
     with pytest.raises(MalformedPayload) as caught:
         data_value_to_sample("e", OpcUaNode("ns=2;s=x", "X"), value)
     assert caught.value.reason == reason

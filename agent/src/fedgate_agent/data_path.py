@@ -180,6 +180,7 @@ class DataPath:
                 "not_numeric": o.not_numeric,
                 "not_finite": o.not_finite,
                 "no_timestamp": o.no_timestamp,
+                "ts_in_past": o.ts_in_past,
                 "ts_in_future": o.ts_in_future,
                 "dropped_overflow": o.dropped_overflow,
                 "node_errors": o.node_errors,

@@ -427,17 +427,17 @@ def tls_problems(broker: BrokerSettings) -> list[str]:
     return found
 
 
-def _node_id_problem(text: str) -> str | None:
-    """Parse an OPC-UA node id offline (no server needed)."""
+def _parse_node_id(text: str) -> tuple[object | None, str | None]:
+    """Parse an OPC-UA node id offline (no server needed): (the node id, None), or (None,
+    why it does not parse). Two spellings of one node (``i=85``, ``ns=0;i=85``) are equal."""
     # asyncua takes a second to import; only configs with OPC-UA sources need it.
     from asyncua import ua
     from asyncua.ua.uaerrors import UaError
 
     try:
-        ua.NodeId.from_string(text)
+        return ua.NodeId.from_string(text), None
     except (ValueError, UaError, TypeError, IndexError) as exc:
-        return str(exc.args[-1]) if exc.args else type(exc).__name__
-    return None
+        return None, str(exc.args[-1]) if exc.args else type(exc).__name__
 
 
 def _modbus_problems(index: int, source: ModbusSourceConfig) -> list[str]:
@@ -531,6 +531,7 @@ def _opcua_problems(index: int, source: OpcuaSourceConfig) -> list[str]:
     if not source.nodes:
         problems.append(f"{path} ({label}) has no nodes; add {_allowed(f'{path}.nodes')}")
     seen: set[str] = set()
+    nodes: dict[object, str] = {}  # parsed node id → the first tag on it
     for number, node in enumerate(source.nodes):
         node_path = f"{path}.nodes[{number}]"
         node_label = f"tag {node.tag!r}"
@@ -539,11 +540,20 @@ def _opcua_problems(index: int, source: OpcuaSourceConfig) -> list[str]:
         elif node.tag in seen:
             problems.append(f"{node_path}.tag = {node.tag!r} is used twice in this source")
         seen.add(node.tag)
-        if (why := _node_id_problem(node.node_id)) is not None:
+        parsed, why = _parse_node_id(node.node_id)
+        if why is not None:
             problems.append(
                 f"{node_path}.node_id = {node.node_id!r} ({node_label}) does not parse ({why}); "
                 f"use {_allowed(f'{node_path}.node_id')}"
             )
+        elif parsed in nodes:
+            # One subscription per node: the second tag would take the first one's values.
+            problems.append(
+                f"{node_path}.node_id = {node.node_id!r} ({node_label}) is the node of tag "
+                f"{nodes[parsed]!r} already; a node can feed one tag"
+            )
+        else:
+            nodes[parsed] = node.tag
         if len(node.unit) > 32:
             problems.append(_bad(f"{node_path}.unit", node.unit, node_label))
     return [problem for problem in problems if problem is not None]

@@ -61,13 +61,15 @@ def numeric_value(value: object) -> float | None:
 #: How far ahead of the gateway's clock a server's timestamp may be (the agent refuses
 #: readings stamped later, as ``ts_in_future``).
 MAX_CLOCK_AHEAD_S: Final = 3600.0
+MAX_CLOCK_BEHIND_S: Final = 86400.0  # a live reading a day old: a clock that is not set
 
 
 def reading_timestamp(data_value: ua.DataValue | None, arrival: float) -> float:
     """The value's SourceTimestamp, else its ServerTimestamp, else ``arrival``: the first
-    that is set and plausible. OPC-UA's "not set" is DateTime 0 (the year 1601), and a
-    server's clock may be far ahead; such a stamp would be published and then refused by
-    the agent, so the next one is taken instead."""
+    that is set and plausible. OPC-UA's "not set" is DateTime 0 (the year 1601), a server's
+    clock may be far ahead (the agent would refuse the reading), and a device whose clock
+    was never set stamps every change alike, far in the past (every training window would
+    find the tag missing); such a stamp is passed over for the next."""
     if data_value is not None:
         for stamp in (data_value.SourceTimestamp, data_value.ServerTimestamp):
             if stamp is None:
@@ -76,7 +78,7 @@ def reading_timestamp(data_value: ua.DataValue | None, arrival: float) -> float:
                 seconds = stamp.timestamp()
             except (OverflowError, OSError, ValueError):
                 continue
-            if 0 < seconds <= arrival + MAX_CLOCK_AHEAD_S:
+            if arrival - MAX_CLOCK_BEHIND_S < seconds <= arrival + MAX_CLOCK_AHEAD_S:
                 return seconds
     return arrival
 
@@ -201,9 +203,15 @@ class OpcuaReader:
             try:
                 await client.connect()
             except _FAILURES as exc:
+                why = str(exc) or type(exc).__name__
+                if "No matching endpoints" in why:  # the server offers no security mode None
+                    why += (
+                        " (the server requires signing or encryption; fedgate-bridge connects "
+                        "with security mode None only: offer that endpoint on the server, on a "
+                        "network only the bridge reaches)"
+                    )
                 raise SourceUnavailable(
-                    f"cannot connect to {self.config.endpoint}: {str(exc) or type(exc).__name__}",
-                    source=self.config.name,
+                    f"cannot connect to {self.config.endpoint}: {why}", source=self.config.name
                 ) from None
             self.counters.connected = True
             if self._ever_connected:

@@ -45,7 +45,13 @@ from fedgate_common.logs import log_event
 
 from fedgate_agent.ingest.errors import MalformedPayload, SourceError
 from fedgate_agent.ingest.historian import CountingSink
-from fedgate_agent.ingest.samples import MAX_SEQ, Sample, tag_problem, too_far_ahead
+from fedgate_agent.ingest.samples import (
+    MAX_SEQ,
+    Sample,
+    tag_problem,
+    too_far_ahead,
+    too_far_behind,
+)
 
 __all__ = [
     "OpcUaCounters",
@@ -158,11 +164,12 @@ class OpcUaIngestSettings:
 class OpcUaCounters:
     """What an :class:`OpcUaIngest` has done so far (read them any time; never reset).
 
-    ``received``: data changes received; ``stored`` / ``duplicates``: newly stored / already
-    in the buffer; ``bad_quality`` / ``not_numeric`` / ``not_finite`` / ``no_timestamp``:
-    data changes skipped; ``server_overflows``: values the server flagged as having
-    overflowed its queue; ``dropped_overflow``: samples dropped because the in-memory queue
-    was full; ``rejected_full``: refused by a full buffer; ``store_errors``: failed inserts
+    ``received``: data changes received; ``stored`` / ``duplicates``: newly stored /
+    already in the buffer; ``bad_quality`` / ``not_numeric`` / ``not_finite`` /
+    ``no_timestamp`` / ``ts_in_past`` / ``ts_in_future``: data changes skipped;
+    ``server_overflows``: values the server flagged as having overflowed its queue;
+    ``dropped_overflow``: samples dropped because the in-memory queue was full;
+    ``rejected_full``: refused by a full buffer; ``store_errors``: failed inserts
     (retried); ``connects`` / ``reconnects``: sessions established (first / later ones);
     ``node_errors``: node subscriptions refused; ``failed_nodes``: node id → the server's
     status; ``per_node_received``: node id → data changes.
@@ -175,6 +182,7 @@ class OpcUaCounters:
     not_numeric: int = 0
     not_finite: int = 0
     no_timestamp: int = 0
+    ts_in_past: int = 0
     ts_in_future: int = 0
     server_overflows: int = 0
     dropped_overflow: int = 0
@@ -230,18 +238,30 @@ def _numeric(value: Any) -> float:
 
 def data_value_to_sample(endpoint: str, node: OpcUaNode, data_value: ua.DataValue) -> Sample:
     """The sample for one data change; :class:`MalformedPayload` (``reason``
-    ``bad_quality``, ``not_numeric``, ``not_finite``, ``no_timestamp`` or ``ts_in_future``)
+    ``bad_quality``, ``not_numeric``, ``not_finite``, ``no_timestamp``, ``ts_in_past`` or
+    ``ts_in_future``)
     when it is skipped."""
     status = data_value.StatusCode
     if status is not None and status.is_bad():
         raise MalformedPayload(f"status {status.name}", reason="bad_quality")
     variant = data_value.Value
     value = _numeric(None if variant is None else variant.Value)
-    micros = _micros(data_value.SourceTimestamp)
-    if micros is None:
-        micros = _micros(data_value.ServerTimestamp)
-    if micros is None:
+    stamps = [
+        m
+        for m in (_micros(data_value.SourceTimestamp), _micros(data_value.ServerTimestamp))
+        if m is not None
+    ]
+    if not stamps:
         raise MalformedPayload("neither source nor server timestamp", reason="no_timestamp")
+    # The source's stamp, unless its clock is a day or more behind (a PLC whose clock was
+    # never set stamps every change alike, and windows would find it missing at every grid
+    # point): then the server's.
+    recent = [m for m in stamps if not too_far_behind(m / 1e6)]
+    if not recent:
+        raise MalformedPayload(
+            "stamped more than a day behind this gateway's clock", reason="ts_in_past"
+        )
+    micros = recent[0]
     if too_far_ahead(micros / 1e6):
         raise MalformedPayload("stamped ahead of this gateway's clock", reason="ts_in_future")
     return Sample(

@@ -29,6 +29,9 @@ MAX_SEQ = 2**63 - 1
 #: is refused (reason ``ts_in_future``): one reading a year ahead would otherwise stretch
 #: every training window grid to that year.
 MAX_CLOCK_SKEW_S = 3600.0
+# A live device reading stamped this far behind the gateway comes from a clock that is not
+# set (or a replay); OPC-UA ingest falls back to the server's stamp, else refuses it.
+MAX_DEVICE_LAG_S = 86400.0
 
 
 #: Characters that change how text around them reads: controls (Cc), format characters
@@ -60,6 +63,12 @@ def tag_problem(tag: str, *, slash: bool = False) -> str | None:
     if not slash and "/" in tag:
         return "contains '/'; only Sparkplug metric names have '/' in a tag name"
     return None
+
+
+def too_far_behind(ts: float) -> bool:
+    """Whether ``ts`` (Unix seconds) lies :data:`MAX_DEVICE_LAG_S` or more in the past: a
+    device's clock, read live, that cannot be right."""
+    return ts < time.time() - MAX_DEVICE_LAG_S
 
 
 def too_far_ahead(ts: float) -> bool:
