@@ -307,3 +307,34 @@ async def test_an_answer_to_another_function_is_refused_not_published(tmp_path: 
         block = ReadBlock(kind="holding", address=0, count=1, registers=())
         with pytest.raises(SourceUnavailable, match="answered function 4 to a holding read"):
             await poller._read_block(_AnswersAnotherFunction(), block)  # type: ignore[arg-type]
+
+
+async def test_a_register_the_device_refuses_does_not_silence_the_others(tmp_path: Path) -> None:
+    """One tag at an address the device does not have (Modbus exception 2, an operator's
+    typo): its read is skipped and counted, the device's other tags are still published,
+    and the link is not torn down for it."""
+    tables = '  [[modbus.registers]]\n  tag = "LEVEL"\n  address = 0\n  type = "int16"\n'
+    tables += '  [[modbus.registers]]\n  tag = "FLOW"\n  address = 1\n  type = "float32"\n'
+    tables += '  [[modbus.registers]]\n  tag = "TYPO"\n  address = 500\n'
+    device = sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
+    with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
+        async with modbus_server(device) as server:
+            config = load_config(
+                write_bridge_config(
+                    tmp_path / "bridge.toml",
+                    state_dir=tmp_path / "state",
+                    broker_port=broker.port,
+                    sources=modbus_source(server.port, "tcp", tables, interval=0.05),
+                )
+            )
+            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            [counters] = bridge.source_counters
+            async with running(bridge):
+                await wait_until(lambda: counters.readings >= 10, 10, "the other tags read")
+    assert counters.blocks_refused >= 5
+    assert (counters.errors, counters.reconnects) == (0, 0)
+    assert "answered Modbus exception 2" in counters.last_error
+    assert "(tags TYPO)" in counters.last_error
+    received = sub.by_topic()
+    assert set(received) == {"plant/test/plc-1/LEVEL", "plant/test/plc-1/FLOW"}
+    assert {p["value"] for p in received["plant/test/plc-1/LEVEL"]} == {-5.0}

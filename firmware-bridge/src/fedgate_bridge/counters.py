@@ -27,6 +27,7 @@ class SourceCounters(msgspec.Struct, kw_only=True):
     reads: int = 0  # successful polls, or data-change notifications
     readings: int = 0  # readings stored in the outbox (each consumed one seq)
     errors: int = 0  # failed connects and reads (no seq consumed)
+    blocks_refused: int = 0  # Modbus reads answered with an exception; the rest of the poll kept
     non_finite: int = 0  # values that decoded to NaN / infinity, not published
     non_numeric: int = 0  # OPC-UA values that are not numbers, not published
     rejected: int = 0  # readings refused by a full outbox (policy reject_new)

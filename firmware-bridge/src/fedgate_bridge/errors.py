@@ -53,6 +53,12 @@ class SourceUnavailable(BridgeError):
         self.source = source
 
 
+class BlockRefused(SourceUnavailable):
+    """The device answered one read with a Modbus exception: the link works, but it will not
+    give those registers (an address it does not have, or busy). The poll goes on without
+    them."""
+
+
 class OutboxError(BridgeError):
     """The on-disk outbox cannot be opened or written.
 

@@ -24,7 +24,7 @@ from pymodbus.framer import FramerType
 
 from fedgate_bridge.config import ModbusSourceConfig
 from fedgate_bridge.counters import FailureLog, SourceCounters
-from fedgate_bridge.errors import RegisterDecodeError, SourceUnavailable
+from fedgate_bridge.errors import BlockRefused, RegisterDecodeError, SourceUnavailable
 from fedgate_bridge.outbox import AsyncOutbox, Reading
 from fedgate_bridge.registers import ReadBlock, decode_block, plan_reads
 
@@ -70,6 +70,7 @@ class ModbusPoller:
         self._failures = FailureLog(log, what="modbus source", source=config.name)
         self._ever_connected = False
         self._attempt = 0  # reconnect attempts since the device last answered
+        self.refused: list[str] = []  # the last poll's reads answered with a Modbus exception
 
     @property
     def blocks(self) -> list[ReadBlock]:
@@ -133,9 +134,10 @@ class ModbusPoller:
         response = await asyncio.wait_for(request, self.config.timeout_s + 1.0)
         if response.isError():
             code = getattr(response, "exception_code", "?")
-            raise SourceUnavailable(
+            raise BlockRefused(
                 f"{self._where()} answered Modbus exception {code} to reading {block.count} "
-                f"{block.kind} from {block.address}",
+                f"{block.kind} from {block.address} (tags "
+                f"{', '.join(r.tag for r in block.registers)})",
                 source=self.config.name,
             )
         if response.function_code != FUNCTION_CODES[block.kind]:
@@ -149,12 +151,20 @@ class ModbusPoller:
         return list(response.bits if block.reads_bits else response.registers)
 
     async def read_once(self, client: ModbusClient) -> list[Reading]:
-        """One poll: every mapped tag, or :class:`SourceUnavailable` and nothing."""
+        """One poll: every mapped tag the device answers for, or :class:`SourceUnavailable`
+        and nothing when the link fails. A block the device refuses with a Modbus exception
+        (an address it does not have, busy) is left out and named in :attr:`refused`; the
+        other blocks are read: one wrong register does not silence the device."""
         readings: list[Reading] = []
         non_finite = 0
+        self.refused = []
         try:
             for block in self._blocks:
-                answer = await self._read_block(client, block)
+                try:
+                    answer = await self._read_block(client, block)
+                except BlockRefused as exc:
+                    self.refused.append(str(exc))
+                    continue
                 ts = self._clock()
                 decoded = decode_block(block, answer)
                 non_finite += len(decoded.refused)
@@ -191,7 +201,11 @@ class ModbusPoller:
         while True:
             readings = await self.read_once(client)
             self._attempt = 0  # the device answers: the next outage starts a fresh backoff
-            self._failures.success()
+            if self.refused:  # the link is fine; some tags are not
+                self.counters.blocks_refused += len(self.refused)
+                self._note_failure("; ".join(self.refused))
+            else:
+                self._failures.success()
             await self._store(readings)
             next_at += interval
             now = loop.time()
@@ -220,6 +234,9 @@ class ModbusPoller:
 
     def _failed(self, exc: SourceUnavailable) -> None:
         self.counters.errors += 1
-        self.counters.last_error = str(exc)
+        self._note_failure(str(exc))
+
+    def _note_failure(self, text: str) -> None:
+        self.counters.last_error = text
         self.counters.last_error_at = self._clock()
-        self._failures.failure(str(exc))
+        self._failures.failure(text)

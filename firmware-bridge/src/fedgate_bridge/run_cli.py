@@ -334,7 +334,17 @@ def status(config_path: Path, as_json: bool) -> None:
         )
     click.echo(
         format_table(
-            ["source", "kind", "up", "reads", "readings", "errors", "last read", "last error"],
+            [
+                "source",
+                "kind",
+                "up",
+                "reads",
+                "readings",
+                "errors",
+                "skipped",
+                "last read",
+                "last error",
+            ],
             [
                 [
                     s.name,
@@ -343,6 +353,8 @@ def status(config_path: Path, as_json: bool) -> None:
                     s.reads,
                     s.readings,
                     s.errors,
+                    # not published: NaN/inf, not a number, reads the device refused
+                    s.non_finite + s.non_numeric + s.blocks_refused,
                     _clock(s.last_read_at),
                     s.last_error[:60] if s.last_error else None,
                 ]
