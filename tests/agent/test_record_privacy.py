@@ -266,8 +266,14 @@ def _private_agent(tmp_path: Path, privacy: PrivacyConfig, windows: int) -> Agen
             "the plan takes 200000 DP-SGD steps per round (1000 epoch(s) of 200 windows in "
             "batches of 1); at most 100000",
         ),
+        (
+            # At the round's limit (100,000 steps), but σ is sized for the agent's 40
+            # planned rounds: 4,000,000 steps in all.
+            TrainingPlan(learning_rate=0.05, local_epochs=500, batch_size=1),
+            "sizing σ for 40 rounds of 100000 DP-SGD steps (4000000 in all) would take minutes",
+        ),
     ],
-    ids=["batch-0", "batch-negative", "epochs-0", "too-many-steps"],
+    ids=["batch-0", "batch-negative", "epochs-0", "too-many-steps", "too-many-planned"],
 )
 async def test_a_plan_dp_sgd_cannot_take_is_refused_and_the_round_answered(
     tmp_path: Path, plan: TrainingPlan, refusal: str
@@ -275,7 +281,7 @@ async def test_a_plan_dp_sgd_cannot_take_is_refused_and_the_round_answered(
     """A coordinator's plan (malicious or buggy) that the accountant cannot plan σ for, or
     that would take the σ search minutes, refuses the round: no crash, so a retained round
     start cannot put the agent in a crash loop, and nothing is booked."""
-    privacy = PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=2)
+    privacy = PrivacyConfig(record_level="on", target_epsilon=2.0, planned_rounds=40)
     config = _private_agent(tmp_path, privacy, windows=200)
     service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
     work = _work(1, _model())

@@ -266,3 +266,29 @@ async def test_a_timeout_that_finds_the_input_queue_full_is_not_lost(tmp_path: P
         offered = queue.get_nowait()
         assert offered.kind == "timeout"
         assert offered.item == Timeout(step="propose", height=1, round=0)
+
+
+async def test_an_equivocators_flood_stores_two_messages_per_slot(peer: Peer) -> None:
+    """Many different prevotes from one cloud for one (height, round): the first is counted,
+    the first conflicting one is the evidence, the rest are not stored (disk bounded)."""
+    for index in range(50):
+        vote = Vote(height=1, round=0, step="prevote", value=f"{index:064x}", voter="c4")
+        raw = seal_vote(vote, deployment=peer.deployment, signing_key=peer.keys["c4"]).signature
+        await peer.deliver("c4", "vote", raw)
+    await eventually(lambda: peer.node.rejected.get("not_stored", 0) == 48)
+    stored = [v for v in peer.store.votes(height=1) if v.voter == "c4"]
+    assert len(stored) == 2
+    assert len(peer.store.evidence()) == 1
+    assert peer.node.status().step != "catch-up"  # the core runs height 1: no catch-up shown
+
+
+async def test_an_aggregate_with_its_arrays_in_another_order_is_held(peer: Peer) -> None:
+    """The cloud's own intake and the aggregation take arrays by name: a peer must too, or
+    one agent sending its arrays reordered would get its cloud's aggregate refused."""
+    honest = aggregate(1, peer.genesis, 4)
+    reordered = msgspec.structs.replace(honest, delta=tuple(reversed(honest.delta)))
+    await peer.deliver("c4", "aggregate", peer.signed(reordered))
+    assert "c4" in peer.node._aggregates[1]
+    doubled = msgspec.structs.replace(honest, delta=(*honest.delta, honest.delta[0]))
+    with pytest.raises(MalformedMessage, match="model spec's arrays"):
+        await peer.deliver("c4", "aggregate", peer.signed(doubled))

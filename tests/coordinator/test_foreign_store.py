@@ -175,3 +175,27 @@ def test_a_store_from_a_newer_version_is_refused_with_what_to_do(
         f"(it knows up to {head_revision()}): a newer version migrated it"
     ) in result.output
     assert _revision(store_backend.url) == FUTURE
+
+
+@on_disk_stores
+def test_a_foreign_store_is_refused_before_it_is_migrated(
+    store_backend: StoreBackend, tmp_path: Path
+) -> None:
+    """Another coordinator's store at an older revision (it runs an older release): init
+    and serve refuse it as it is; migrating it first would lock its owner out."""
+    first = tmp_path / "first"
+    assert _init(first, store_backend.url).exit_code == 0
+    add_genesis(first, store_backend.url)
+    _set_revision(store_backend.url, "0004")
+
+    assert _init(tmp_path / "second", store_backend.url, cloud="c2").exit_code == ExitCode.CONFIG
+    assert _revision(store_backend.url) == "0004"
+    third = tmp_path / "third"
+    assert _cli(third, "init", "--cloud", "c3", "--deployment", "plant-a").exit_code == 0
+    config = third / "coordinator.toml"
+    text = config.read_text()
+    config.write_text(re.sub('database_url = ".*"', f'database_url = "{store_backend.url}"', text))
+    served = _cli(third, "serve", "--rounds", "1")
+    assert served.exit_code == ExitCode.CONFIG, served.output
+    assert "not this federation's genesis" in served.output
+    assert _revision(store_backend.url) == "0004"

@@ -125,24 +125,26 @@ def test_a_report_at_or_above_the_highest_is_not_flagged() -> None:
 
 def test_the_coordinator_books_a_falling_report_and_records_an_event(tmp_path: Path) -> None:
     """What serve does with each report: the lower one is kept as sent, an event says why,
-    and the highest stays what the store answers for the agent."""
+    and one fall is one event (not one per round until ε climbs back)."""
     config = CoordinatorConfig(
         deployment="plant-a", cloud="c1", database_url=f"sqlite:///{tmp_path / 'c.db'}"
     )
     with Store.open(config.database_url) as store:
         service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
         genesis = ensure_genesis(store, config, service.manifest.manifest, tmp_path)
-        for number in (1, 2, 3):
+        for number in (1, 2, 3, 4):
             store.begin_round(
                 round=number, base_digest=genesis.digest, selected=1, min_participants=1
             )
-        for number, epsilon in ((1, 1.5), (2, 2.25), (3, 0.75)):
+        # Up, then down (a restore), then up again but still below the highest.
+        for number, epsilon in ((1, 1.5), (2, 2.25), (3, 0.75), (4, 1.0)):
             service._book_record_privacy(_entry(number, epsilon))
 
-        assert [e.epsilon_total for e in store.privacy_ledger(RECORD_UNIT)] == [1.5, 2.25, 0.75]
-        highest = store.highest_privacy_entry(RECORD_UNIT, "gw-3")
-        assert highest is not None
-        assert (highest.round, highest.epsilon_total) == (2, 2.25)
+        booked = [e.epsilon_total for e in store.privacy_ledger(RECORD_UNIT)]
+        assert booked == [1.5, 2.25, 0.75, 1.0]
+        latest = store.latest_privacy_entry(RECORD_UNIT, "gw-3")
+        assert latest is not None
+        assert (latest.round, latest.epsilon_total) == (4, 1.0)
         events = [e for e in store.list_events() if e.kind == "record_epsilon_decreased"]
-        assert [(e.round, e.agent_id) for e in events] == [(3, "gw-3")]
+        assert [(e.round, e.agent_id) for e in events] == [(3, "gw-3")]  # one fall, one event
         assert "below the 2.2500 it reported in round 2" in events[0].detail

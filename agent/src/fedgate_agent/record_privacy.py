@@ -68,6 +68,8 @@ class RoundSpend(msgspec.Struct, frozen=True, kw_only=True):
 # whole budget (about a minute for 100,000 per round over 20 rounds at q = 1/1,500 on a
 # 2-core x86 host), and a round's noise is added that many times.
 MAX_STEPS_PER_ROUND = 100_000
+# ... and over the planned rounds, when σ is sized (about 20 s at 2,000,000 there).
+MAX_PLANNED_STEPS = 2_000_000
 
 
 def sample_rate(num_samples: int, batch_size: int) -> float:

@@ -85,6 +85,7 @@ from fedgate_agent.privacy_ledger import (
     write_ledger,
 )
 from fedgate_agent.record_privacy import (
+    MAX_PLANNED_STEPS,
     MAX_STEPS_PER_ROUND,
     SEEDED_DP_WARNING,
     RecordPrivacySettings,
@@ -367,6 +368,13 @@ class AgentService:
                 f"the plan takes {steps} DP-SGD steps per round ({plan.local_epochs} epoch(s) "
                 f"of {len(dataset)} windows in batches of {plan.batch_size}); at most "
                 f"{MAX_STEPS_PER_ROUND} are accepted with record-level DP"
+            )
+        if ledger.noise_multiplier is None and steps * settings.planned_rounds > MAX_PLANNED_STEPS:
+            raise PlanRejected(
+                f"sizing σ for {settings.planned_rounds} rounds of {steps} DP-SGD steps "
+                f"({steps * settings.planned_rounds} in all) would take minutes; at most "
+                f"{MAX_PLANNED_STEPS} are planned for: lower privacy.planned_rounds, or ask for "
+                "a larger batch_size or fewer local_epochs"
             )
         sigma = ledger.noise_multiplier or noise_multiplier_for(
             settings, sample_rate=rate, steps=steps

@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -34,8 +35,10 @@ from typing import Any
 import click
 import msgspec
 import nacl.signing
+from alembic.util import CommandError
 from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.consensus.manifest import (
+    Manifest,
     SignedManifest,
     manifest_digest,
     manifest_problems,
@@ -52,6 +55,7 @@ from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.tasks import cancel_persistently, leaf_error
 from fedgate_common.text_table import format_table
+from sqlalchemy.exc import SQLAlchemyError
 
 from fedgate_coordinator import __version__
 from fedgate_coordinator.broker_config import (
@@ -123,22 +127,36 @@ class Context(msgspec.Struct):
     def config(self) -> CoordinatorConfig:
         return load_config(self.state_dir)
 
-    def store(self, config: CoordinatorConfig | None = None, *, read_only: bool = False) -> Store:
+    def store(
+        self,
+        config: CoordinatorConfig | None = None,
+        *,
+        read_only: bool = False,
+        before_migrating: Callable[[Store], None] | None = None,
+    ) -> Store:
         """The store, migrated to this version's schema; ``read_only`` commands refuse an
-        older schema instead of migrating it."""
+        older schema instead of migrating it. ``before_migrating`` checks the store as it
+        is (a foreign store is refused before anything is written to it)."""
         config = config or self.config()
         try:
-            store = Store.open(config.database_url, migrate=not read_only)
+            store = Store.open(config.database_url, migrate=False)
         except StoreError:
             raise
         except Exception as exc:  # driver errors: unreachable server, bad file path
             raise StoreError(f"cannot open store {_redact(config.database_url)}: {exc}") from exc
-        if read_only:
-            try:
+        try:
+            if before_migrating is not None:
+                before_migrating(store)
+            if read_only:
                 store.require_current_schema()
-            except BaseException:
-                store.close()
-                raise
+            else:
+                store.upgrade_schema()
+        except (SQLAlchemyError, CommandError) as exc:
+            store.close()
+            raise StoreError(f"cannot open store {_redact(config.database_url)}: {exc}") from exc
+        except BaseException:
+            store.close()
+            raise
         return store
 
 
@@ -151,16 +169,27 @@ def _redact(url: str) -> str:
     return url
 
 
-def _require_unused_store(store: Store, url: str) -> None:
+def _require_unused_store(store: Store, *, url: str) -> None:
     """``init`` starts a new history: a store with models or agents is another coordinator's."""
-    genesis = store.genesis_digest()
-    agents = len(store.list_agents())
+    genesis, agents = store.history_marks()
     if genesis is not None or agents:
         held = f"a model chain from genesis {genesis[:16]}..." if genesis else f"{agents} agent(s)"
         raise ConfigError(
             f"the store {_redact(url)} already holds {held}: it belongs to a coordinator that "
             "was initialised before; give init an empty database (--db), or restore that "
             "coordinator's state directory instead"
+        )
+
+
+def _require_own_store(store: Store, *, manifest: Manifest) -> None:
+    """``serve`` writes only to a store grown from its federation's genesis (or an empty
+    one), checked before the store is migrated."""
+    genesis, _ = store.history_marks()
+    if genesis is not None and genesis != manifest.genesis_digest:
+        raise ConfigError(
+            f"the store holds a model chain grown from genesis {genesis[:16]}..., not this "
+            f"federation's genesis {manifest.genesis_digest[:16]}...: it is another "
+            "coordinator's store; check database_url in coordinator.toml"
         )
 
 
@@ -310,8 +339,11 @@ def init(
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    with obj.store(config) as store:  # creates the schema; the first `serve` adds the genesis
-        _require_unused_store(store, config.database_url)
+    # Creates the schema (the first `serve` adds the genesis), after checking it is unused.
+    with obj.store(
+        config, before_migrating=partial(_require_unused_store, url=config.database_url)
+    ):
+        pass
     _restrict_sqlite_file(config.database_url)
     key_path = state_dir / KEY_NAME
     # A key left by an init that failed later (e.g. store unreachable) is reused, not replaced.
@@ -512,7 +544,9 @@ def serve(obj: Context, max_rounds: int | None, until_height: int | None, log_js
         raise ManifestInvalid("the installed manifest: " + "; ".join(problems), problems=problems)
     # Before the store is opened: a second serve would abort the first one's running round.
     with single_instance(obj.state_dir, "fedgate-coordinator-serve"):
-        store = obj.store(config)
+        store = obj.store(
+            config, before_migrating=partial(_require_own_store, manifest=manifest.manifest)
+        )
         service = CoordinatorService(
             config=config,
             store=store,

@@ -257,6 +257,9 @@ class FederationNode:
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
         self._contents: dict[str, bytes] = {}  # value digest → the proposal content it is from
         self._decided: dict[int, DecidedModel] = {}
+        # (height, round, step, sender) → peer messages stored for it (at most 2)
+        self._kept_per_slot: dict[tuple[int, int, str, str], int] = {}
+        self._caught_up_to: int | None = None  # a height adopted from peers, while the core lags
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
         self._value_task: asyncio.Task[None] | None = None
 
@@ -383,6 +386,8 @@ class FederationNode:
         self._contents.clear()
         for old in [h for h in self._aggregates if h < height]:
             del self._aggregates[old]
+        for slot in [k for k in self._kept_per_slot if k[0] < height]:
+            del self._kept_per_slot[slot]
         # Registered before the first await: a peer's certified model for this height that
         # arrives while the aggregate is published must find someone to hand it to.
         waiter = self._decision_waiters.get(height)
@@ -419,6 +424,7 @@ class FederationNode:
             pending: list[asyncio.Future[Any]] = [collect, waiter]
             await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
+                self._caught_up_to = None
                 await self._apply(self._core.start_height(height))
                 log_event(
                     log,
@@ -519,8 +525,8 @@ class FederationNode:
             if not self._height - 1 <= payload.round <= self._height + AGGREGATE_HEIGHTS:
                 self._count("ignored_aggregate")
                 return  # far from the height at hand: never held (bounded memory)
-            shapes = [(a.name, tuple(a.shape)) for a in payload.delta]
-            if shapes != parameter_shapes(self.spec):
+            shapes = {a.name: tuple(a.shape) for a in payload.delta}
+            if len(shapes) != len(payload.delta) or shapes != dict(parameter_shapes(self.spec)):
                 raise MalformedMessage(
                     f"aggregate of {cloud} for height {payload.round} does not have the "
                     "model spec's arrays",
@@ -566,6 +572,8 @@ class FederationNode:
         self._candidates.setdefault(model.digest, model)
         if height == self._height and self._core.state.height == height:
             await self._inputs.put(_Input("certificate", certificate))  # stop voting
+        elif height > self._core.state.height:  # adopted without the core: status says so
+            self._caught_up_to = max(self._caught_up_to or 0, height)
         self._finish(height, certificate, model)  # later heights: kept for catch-up
 
     async def _feed_core(self) -> None:
@@ -599,8 +607,21 @@ class FederationNode:
             await self._apply(actions)
 
     def _keep_peer_message(self, signed: SignedVote | SignedProposal) -> None:
-        """Store a peer's vote or proposal (only those the core looks at); a store that
-        refuses one is logged, and the core still counts it."""
+        """Store a peer's vote or proposal (only those the core looks at, and per voter and
+        step the first two: the one counted and the first conflicting one, the evidence);
+        a store that refuses one is logged, and the core still counts it."""
+        slot: tuple[int, int, str, str]
+        if isinstance(signed, SignedVote):
+            v = signed.vote
+            slot = (v.height, v.round, v.step, v.voter)
+        else:
+            p = signed.proposal
+            slot = (p.height, p.round, "proposal", p.proposer)
+        kept = self._kept_per_slot.get(slot, 0)
+        if kept >= 2:  # an equivocator's third and later messages: proof enough already
+            self._count("not_stored")
+            return
+        self._kept_per_slot[slot] = kept + 1
         try:
             if isinstance(signed, SignedVote):
                 self._record_vote(signed, own=False)
@@ -934,11 +955,11 @@ class FederationNode:
             self.peers[cloud].connected = link.connected.is_set()
         state = self._core.state
         # Heights adopted from peers' certified models (catch-up) never reach the core: the
-        # driver's height is the one at hand then.
-        caught_up = self._height > state.height
+        # last one adopted is the height at hand until the core starts the next.
+        caught_up = self._caught_up_to is not None and self._caught_up_to > state.height
         return FederationStatus(
             updated=time.time(),
-            height=self._height if caught_up else state.height,
+            height=self._caught_up_to if caught_up and self._caught_up_to else state.height,
             round=0 if caught_up else state.round,
             step="catch-up" if caught_up else str(state.step),
             clouds=len(self.clouds),

@@ -54,16 +54,17 @@ def record_privacy_entry(sender: str, payload: Payload) -> PrivacyLedgerEntry | 
     )
 
 
-def decrease_detail(highest: PrivacyLedgerEntry | None, entry: PrivacyLedgerEntry) -> str:
-    """Why ``entry`` (just booked) reports a lower ε for the run than ``highest``, the
-    agent's largest report before it; "" when it does not."""
-    if highest is None or entry.epsilon_total >= highest.epsilon_total * (1 - _ROUND_TOLERANCE):
+def decrease_detail(previous: PrivacyLedgerEntry | None, entry: PrivacyLedgerEntry) -> str:
+    """Why ``entry`` (just booked) reports a lower ε for the run than ``previous``, the
+    agent's report before it; "" when it does not. Compared with the previous report, not
+    the highest, so that one fall is flagged once."""
+    if previous is None or entry.epsilon_total >= previous.epsilon_total * (1 - _ROUND_TOLERANCE):
         return ""
     changed = [
         f"{name} {old!r} -> {new!r}"
         for name, old, new in (
-            ("delta", highest.delta, entry.delta),
-            ("accountant", highest.accountant, entry.accountant),
+            ("delta", previous.delta, entry.delta),
+            ("accountant", previous.accountant, entry.accountant),
         )
         if old != new
     ]
@@ -75,8 +76,8 @@ def decrease_detail(highest: PrivacyLedgerEntry | None, entry: PrivacyLedgerEntr
     )
     return (
         f"agent {entry.agent} reported ε {entry.epsilon_total:.4f} for its run in round "
-        f"{entry.round}, below the {highest.epsilon_total:.4f} it reported in round "
-        f"{highest.round}: {cause}. The higher figure stays the one spent"
+        f"{entry.round}, below the {previous.epsilon_total:.4f} it reported in round "
+        f"{previous.round}: {cause}. The higher figure stays the one spent"
     )
 
 

@@ -327,9 +327,10 @@ class CoordinatorService:
     def _book_record_privacy(self, entry: PrivacyLedgerEntry) -> None:
         """Keep an agent's record-level report in the privacy ledger. The input it came with
         is in the round already, so a ledger that refuses the row (a second report for the
-        round) is logged, not fatal. A run's ε that falls is flagged (an event)."""
+        round) is logged, not fatal. A run's ε below the agent's previous report is flagged
+        (an event, once per fall)."""
         try:
-            highest = self.store.highest_privacy_entry(RECORD_UNIT, entry.agent)
+            previous = self.store.latest_privacy_entry(RECORD_UNIT, entry.agent)
             self.store.record_privacy(entry)
         except FedgateError as exc:
             log_event(
@@ -351,7 +352,7 @@ class CoordinatorService:
                 target_epsilon=entry.target_epsilon,
             ),
         )
-        detail = decrease_detail(highest, entry)
+        detail = decrease_detail(previous, entry)
         if detail:
             self._record_event_safely(
                 "record_epsilon_decreased", detail=detail, round=entry.round, agent=entry.agent

@@ -40,7 +40,9 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
@@ -378,6 +380,23 @@ class Store:
         with self._transaction(writes=False) as session:
             row = session.scalars(select(ModelRow).order_by(ModelRow.round.desc()).limit(1)).first()
             return None if row is None else _model_record(row)
+
+    def history_marks(self) -> tuple[str | None, int]:
+        """(genesis digest, enrolled agents) read with plain SQL, at any schema revision and
+        before migrating: whether this store holds a coordinator's history, and whose.
+        (None, 0) for a database without the tables."""
+        try:
+            with self._engine.connect() as connection:
+                tables = set(sa_inspect(connection).get_table_names())
+                if "models" not in tables or "agents" not in tables:
+                    return None, 0
+                genesis = connection.execute(
+                    text("SELECT digest FROM models WHERE parent_digest = '' LIMIT 1")
+                ).scalar()
+                agents = connection.execute(text("SELECT count(*) FROM agents")).scalar()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot read the store: {exc}") from exc
+        return (None if genesis is None else str(genesis)), int(agents or 0)
 
     def genesis_digest(self) -> str | None:
         """The digest of the first model of the chain, ``None`` before it exists."""
@@ -824,13 +843,12 @@ class Store:
             except IntegrityError as exc:  # another writer recorded it first
                 raise RoundStateError(duplicate, round=entry.round) from exc
 
-    def highest_privacy_entry(self, unit: str, agent: str) -> PrivacyLedgerEntry | None:
-        """``agent``'s entry of ``unit`` with the largest ``epsilon_total`` (the latest of
-        equals); ``None`` before its first."""
+    def latest_privacy_entry(self, unit: str, agent: str) -> PrivacyLedgerEntry | None:
+        """``agent``'s entry of ``unit`` of its latest round; ``None`` before its first."""
         query = (
             select(PrivacyLedgerRow)
             .where(PrivacyLedgerRow.unit == unit, PrivacyLedgerRow.agent == agent)
-            .order_by(PrivacyLedgerRow.epsilon_total.desc(), PrivacyLedgerRow.round.desc())
+            .order_by(PrivacyLedgerRow.round.desc())
             .limit(1)
         )
         with self._transaction(writes=False) as session:
