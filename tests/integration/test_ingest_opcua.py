@@ -251,6 +251,13 @@ def test_data_changes_become_samples_keyed_by_source_timestamp() -> None:
             ),
             "bad_quality",
         ),
+        (
+            ua.DataValue(
+                ua.Variant(1.0, ua.VariantType.Double),
+                StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.UncertainSensorNotAccurate)),
+            ),
+            "bad_quality",
+        ),
         (ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)), "no_timestamp"),
     ],
 )

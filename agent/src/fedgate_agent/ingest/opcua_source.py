@@ -242,7 +242,7 @@ def data_value_to_sample(endpoint: str, node: OpcUaNode, data_value: ua.DataValu
     ``ts_in_future``)
     when it is skipped."""
     status = data_value.StatusCode
-    if status is not None and status.is_bad():
+    if status is not None and not status.is_good():  # Bad or Uncertain: as the bridge does
         raise MalformedPayload(f"status {status.name}", reason="bad_quality")
     variant = data_value.Value
     value = _numeric(None if variant is None else variant.Value)
