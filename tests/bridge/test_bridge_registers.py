@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 
 import pytest
 from fedgate_bridge.config import ModbusRegister
+from fedgate_bridge.counters import RefusalLog
 from fedgate_bridge.errors import NonFiniteReading, RegisterDecodeError
 from fedgate_bridge.registers import (
+    FLOAT32_OVERFLOW,
     MAX_REGISTERS_PER_READ,
     ReadBlock,
     decode_block,
@@ -203,7 +206,10 @@ def typed_values(draw: st.DrawFn) -> tuple[str, str, float]:
     if data_type == "float32":
         value = draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
         return data_type, order, value
-    return data_type, order, draw(st.floats(allow_nan=False, allow_infinity=False))
+    # float64 registers: any value float32 can carry (larger ones are refused, tested above)
+    limit = FLOAT32_OVERFLOW
+    value = draw(st.floats(min_value=-limit, max_value=limit, exclude_min=True, exclude_max=True))
+    return data_type, order, value
 
 
 @given(typed_values())
@@ -234,3 +240,44 @@ def test_planned_reads_decode_every_tag(cases: list[tuple[str, str, float]], bas
         assert result.refused == []
         decoded.update((r.tag, v) for r, v in result.values)
     assert decoded == {f"T{i}": value for i, (_, _, value) in enumerate(cases)}
+
+
+@pytest.mark.parametrize(
+    ("data_type", "words", "scale"),
+    [
+        ("float32", [0x7F7F, 0xFFFF], 1e10),  # 3.4e38 × 1e10: finite in Python, not float32
+        ("int16", [0x8000], -1e300),  # -32768 × -1e300
+        ("float64", [0x47F0, 0x0000, 0x0000, 0x0000], 1.0),  # 2**128: past float32's largest
+    ],
+)
+def test_values_beyond_float32_are_refused(data_type: str, words: list[int], scale: float) -> None:
+    """The agent trains in float32: such a value would be stored, then make every window
+    holding it unusable. It is refused as non-finite here instead."""
+    bad = register(tag="HUGE", type=data_type, scale=scale)
+    block = ReadBlock(kind="holding", address=0, count=len(words), registers=(bad,))
+    decoded = decode_block(block, words)
+    assert decoded.values == []
+    [refusal] = decoded.refused
+    assert abs(refusal.value) >= FLOAT32_OVERFLOW  # float32 would round it to infinity
+
+
+def test_refused_values_are_logged_per_tag_and_reason_not_per_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    refusals = RefusalLog(
+        logging.getLogger("test.refusals"), what="value refused", clock=lambda: now[0], source="s"
+    )
+    with caplog.at_level(logging.WARNING, logger="test.refusals"):
+        logged = [refusals.refused("A", "non_finite", "nan") for _ in range(5)]
+        logged.append(refusals.refused("B", "non_finite", "inf"))
+        now[0] = 61.0
+        logged.append(refusals.refused("A", "non_finite", "nan"))
+    assert logged == [True, False, False, False, False, True, True]
+    fields = [r.__dict__["fields"] for r in caplog.records]
+    assert [(f["tag"], f["refused_since_last_line"]) for f in fields] == [
+        ("A", 0),
+        ("B", 0),
+        ("A", 4),
+    ]
+    assert fields[0]["source"] == "s"

@@ -125,3 +125,46 @@ class FailureLog:
             )
         self._streak = 0
         self._suppressed = 0
+
+
+class RefusalLog:
+    """Logs values a source refuses, per (tag, reason): the first at once, then at most one
+    line per ``every_s`` with how many were refused since. Counters say how many; this says
+    which tag and why, without a line per reading."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        what: str,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        **fields: object,
+    ) -> None:
+        self._logger = logger
+        self._what = what
+        self._every_s = every_s
+        self._clock = clock
+        self._fields = fields
+        # (tag, reason) → (when last logged, refused since then)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def refused(self, tag: str, reason: str, detail: str) -> bool:
+        """Record one refused value; returns True if it was logged."""
+        now = self._clock()
+        last, since = self._seen.get((tag, reason), (None, 0))
+        if last is not None and now - last < self._every_s:
+            self._seen[(tag, reason)] = (last, since + 1)
+            return False
+        log_event(
+            self._logger,
+            logging.WARNING,
+            self._what,
+            tag=tag,
+            reason=reason,
+            detail=detail,
+            refused_since_last_line=since,
+            **self._fields,
+        )
+        self._seen[(tag, reason)] = (now, 0)
+        return True

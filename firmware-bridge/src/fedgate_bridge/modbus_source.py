@@ -23,7 +23,7 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
 from fedgate_bridge.config import ModbusSourceConfig
-from fedgate_bridge.counters import FailureLog, SourceCounters
+from fedgate_bridge.counters import FailureLog, RefusalLog, SourceCounters
 from fedgate_bridge.errors import BlockRefused, RegisterDecodeError, SourceUnavailable
 from fedgate_bridge.outbox import AsyncOutbox, Reading
 from fedgate_bridge.registers import ReadBlock, decode_block, plan_reads
@@ -68,6 +68,7 @@ class ModbusPoller:
         self._blocks = plan_reads(config.registers)
         self._topics = {r.tag: f"{topic_prefix}/{config.name}/{r.tag}" for r in config.registers}
         self._failures = FailureLog(log, what="modbus source", source=config.name)
+        self._refusals = RefusalLog(log, what="modbus value refused", source=config.name)
         self._ever_connected = False
         self._attempt = 0  # reconnect attempts since the device last answered
         self.refused: list[str] = []  # the last poll's reads answered with a Modbus exception
@@ -168,6 +169,8 @@ class ModbusPoller:
                 ts = self._clock()
                 decoded = decode_block(block, answer)
                 non_finite += len(decoded.refused)
+                for refused in decoded.refused:
+                    self._refusals.refused(refused.tag, "non_finite", str(refused))
                 readings.extend(
                     Reading(topic=self._topics[r.tag], ts=ts, value=value, unit=r.unit)
                     for r, value in decoded.values

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -35,9 +34,10 @@ from fedgate_common.backoff import Backoff
 from fedgate_common.tasks import BackgroundTasks
 
 from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, read_password
-from fedgate_bridge.counters import FailureLog, SourceCounters
+from fedgate_bridge.counters import FailureLog, RefusalLog, SourceCounters
 from fedgate_bridge.errors import ConfigError, SourceUnavailable
 from fedgate_bridge.outbox import AsyncOutbox, Reading
+from fedgate_bridge.registers import publishable
 
 __all__ = ["OpcuaReader", "numeric_value"]
 
@@ -110,6 +110,7 @@ class OpcuaReader:
         self._topics = {n.tag: f"{topic_prefix}/{config.name}/{n.tag}" for n in config.nodes}
         self._units = {n.tag: n.unit for n in config.nodes}
         self._failures = FailureLog(log, what="opcua source", source=config.name)
+        self._refusals = RefusalLog(log, what="opcua value refused", source=config.name)
         self._ever_connected = False
         self._attempt = 0
         self._queue: asyncio.Queue[Reading] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -122,9 +123,11 @@ class OpcuaReader:
         number = numeric_value(value)
         if number is None:
             self.counters.non_numeric += 1
+            self._refusals.refused(tag, "non_numeric", f"a value of type {type(value).__name__}")
             return None
-        if not math.isfinite(number):
+        if not publishable(number):  # NaN, infinite, or beyond float32
             self.counters.non_finite += 1
+            self._refusals.refused(tag, "non_finite", repr(number))
             return None
         return Reading(topic=self._topics[tag], ts=ts, value=number, unit=self._units[tag])
 
@@ -147,9 +150,11 @@ class OpcuaReader:
             )
 
     def _node_failed(self, tag: str, status: object) -> None:
+        why = str(getattr(status, "name", None) or status)  # StatusCode: its name
         self.counters.errors += 1
-        self.counters.last_error = f"node {tag!r}: {status}"
+        self.counters.last_error = f"node {tag!r}: {why}"
         self.counters.last_error_at = self._clock()
+        self._refusals.refused(tag, "node_error", why)
 
     # ------------------------------------------------------------------ connection
 

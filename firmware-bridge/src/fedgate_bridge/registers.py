@@ -115,10 +115,21 @@ def encode_raw(value: float, *, data_type: str, word_order: str = "big") -> list
     return _ordered(words, word_order)
 
 
+# The agent trains in float32: a value that float32 rounds to infinity (from 2**128 − 2**103
+# on) would be stored only to make every window holding it unusable.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def publishable(value: float) -> bool:
+    """Finite, and finite as float32 too."""
+    return math.isfinite(value) and abs(value) < FLOAT32_OVERFLOW
+
+
 def scaled_value(register: ModbusRegister, raw: float) -> float:
-    """``raw * scale + offset`` for ``register``; refuses values that are not finite."""
+    """``raw * scale + offset`` for ``register``; refuses values that are not finite or lie
+    beyond float32's range."""
     value = raw * register.scale + register.offset if math.isfinite(raw) else raw
-    if not math.isfinite(value):
+    if not publishable(value):
         raise NonFiniteReading(
             f"tag {register.tag!r} decoded to {value!r}, which is not published",
             tag=register.tag,
