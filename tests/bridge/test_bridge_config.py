@@ -137,7 +137,7 @@ def test_example_in_packaging_is_valid_and_documents_the_defaults(tmp_path: Path
 
 
 def test_shape_problems_are_all_reported_first(tmp_path: Path) -> None:
-    """Wrong types and unknown keys stop before the value checks, all listed together."""
+    """Wrong types stop before the value checks; every shape problem is listed together."""
     path = tmp_path / "bridge.toml"
     path.write_text(BAD_CONFIG)
     with pytest.raises(ConfigError) as caught:
@@ -146,6 +146,25 @@ def test_shape_problems_are_all_reported_first(tmp_path: Path) -> None:
     assert len(shape) == 4  # colour, keepalive_s type, max_inflght, registers[2].tag
     assert any("unknown key 'colour'" in p for p in shape)
     assert any("did you mean 'max_inflight'" in p for p in shape)
+
+
+def test_unknown_keys_alone_do_not_hide_the_value_problems(tmp_path: Path) -> None:
+    """An unknown key is a shape problem nothing depends on: the values are checked too, and
+    everything comes back in one run of `check`."""
+    with_unknown_keys_only = BAD_CONFIG.replace('keepalive_s = "30"', "keepalive_s = 30").replace(
+        "  address = 2\n", '  tag = "C"\n  address = 2\n'
+    )
+    path = tmp_path / "bridge.toml"
+    path.write_text(with_unknown_keys_only)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = caught.value.problems
+    assert any("unknown key 'colour'" in p for p in problems)
+    assert any("did you mean 'max_inflight'" in p for p in problems)
+    assert any(
+        "modbus[0].registers[1].scale = 0.0 (tag 'A') is not a finite" in p for p in problems
+    )
+    assert any("source name 'rtu-1' is used by 2 sources" in p for p in problems)
 
 
 def test_every_value_problem_is_listed_with_key_and_allowed_values(tmp_path: Path) -> None:

@@ -349,6 +349,27 @@ def _shape_problems(raw: Mapping[str, Any], struct: type[msgspec.Struct], prefix
     return problems
 
 
+def _known_only(raw: Mapping[str, Any], struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """``raw`` without its unknown keys, recursively (the same walk as
+    :func:`_shape_problems`): what the value checks can still look at when the only shape
+    problems are keys nobody reads."""
+    fields = {field.name: field for field in msgspec.structs.fields(struct)}
+    known: dict[str, Any] = {}
+    for name, value in raw.items():
+        field = fields.get(name)
+        if field is None:
+            continue
+        annotation = field.type
+        item = _struct_item(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+            known[name] = _known_only(value, annotation) if isinstance(value, dict) else value
+        elif item is not None and isinstance(value, list):
+            known[name] = [_known_only(v, item) if isinstance(v, dict) else v for v in value]
+        else:
+            known[name] = value
+    return known
+
+
 # --------------------------------------------------------------------------- semantic checks
 
 
@@ -631,7 +652,17 @@ def parse_config(raw: Mapping[str, Any], *, where: str = "the configuration") ->
 
     Raises :class:`ConfigError` whose ``problems`` lists every issue found.
     """
-    _raise_problems(_shape_problems(raw, BridgeConfig, ""), where)
+    shape = _shape_problems(raw, BridgeConfig, "")
+    if shape:
+        # Unknown keys alone leave a configuration whose values can still be checked: all
+        # of it is reported in one go (other shape problems stop here).
+        try:
+            values = validate_config(
+                msgspec.convert(_known_only(raw, BridgeConfig), BridgeConfig, strict=True)
+            )
+        except msgspec.ValidationError:
+            values = []
+        _raise_problems([*shape, *values], where)
     try:
         config = msgspec.convert(raw, BridgeConfig, strict=True)
     except msgspec.ValidationError as exc:  # pragma: no cover - the shape check catches these
