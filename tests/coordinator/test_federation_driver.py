@@ -172,10 +172,22 @@ def test_votes_replayed_elsewhere_are_refused() -> None:
         open_vote(raw, deployment="plant", keys={"c2": key.verify_key})
 
 
-async def test_conflicting_votes_and_proposals_of_a_peer_are_kept_as_evidence(
-    tmp_path: Path,
-) -> None:
-    deployment = f"evidence-{secrets.token_hex(4)}"
+@dataclass
+class FourClouds:
+    """c1's driver (not started) in a federation of four clouds, with every cloud's key."""
+
+    deployment: str
+    keys: dict[str, nacl.signing.SigningKey]
+    store: Store
+    genesis: ModelRecord
+    link: MqttLink
+    node: FederationNode
+
+
+def c1_of_four(tmp_path: Path, label: str) -> FourClouds:
+    """A store with the genesis, and c1's node on it; a long propose timeout, so the tests'
+    messages decide what happens at height 1."""
+    deployment = f"{label}-{secrets.token_hex(4)}"
     keys = {c: nacl.signing.SigningKey.generate() for c in ("c1", "c2", "c3", "c4")}
     manifest = federation_manifest(
         deployment=deployment,
@@ -195,6 +207,21 @@ async def test_conflicting_votes_and_proposals_of_a_peer_are_kept_as_evidence(
         store=store,
         own_link=link,
         state_dir=tmp_path,
+    )
+    return FourClouds(deployment, keys, store, genesis, link, node)
+
+
+async def test_conflicting_votes_and_proposals_of_a_peer_are_kept_as_evidence(
+    tmp_path: Path,
+) -> None:
+    four = c1_of_four(tmp_path, "evidence")
+    deployment, keys, store, genesis, link, node = (
+        four.deployment,
+        four.keys,
+        four.store,
+        four.genesis,
+        four.link,
+        four.node,
     )
     tasks = [asyncio.create_task(link.run()), asyncio.create_task(node.run())]
     deciding = asyncio.create_task(node.decide(1, genesis, aggregate(1, genesis, 1)))

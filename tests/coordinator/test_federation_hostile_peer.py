@@ -12,7 +12,6 @@ trust. The node keeps deciding throughout.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
-from fedgate_common.consensus.manifest import ConsensusParams
 from fedgate_common.consensus.tendermint import ScheduleTimeout, Timeout
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import (
@@ -38,11 +36,10 @@ from fedgate_common.errors import LimitExceeded, MalformedMessage
 from fedgate_common.messages import CloudAggregate, ConsensusProposal, ConsensusVote, Payload
 from fedgate_common.topics import federation_topic
 from fedgate_coordinator.federation import FederationNode, _Input, max_aggregate_bytes
-from fedgate_coordinator.genesis import genesis_record
 from fedgate_coordinator.mqtt_link import InboundMessage, MqttLink, MqttSettings
 from fedgate_coordinator.store import ModelRecord, Store
 
-from tests.coordinator.test_federation_driver import SPEC, aggregate, eventually
+from tests.coordinator.test_federation_driver import SPEC, aggregate, c1_of_four, eventually
 from tests.federation_support import federation_manifest
 
 CLOUDS = ("c1", "c2", "c3", "c4")
@@ -74,30 +71,11 @@ class Peer:
 
 @pytest.fixture
 async def peer(tmp_path: Path) -> AsyncIterator[Peer]:
-    deployment = f"hostile-{secrets.token_hex(4)}"
-    keys = {c: nacl.signing.SigningKey.generate() for c in CLOUDS}
-    manifest = federation_manifest(
-        deployment=deployment,
-        keys=keys,
-        spec=SPEC,
-        consensus=ConsensusParams(aggregate_wait_s=0.2, timeout_propose_s=30),
-    )
-    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
-    genesis = genesis_record(SPEC, manifest.manifest.genesis_seed)
-    store.add_model(genesis)
-    link = MqttLink(settings=MqttSettings(client_id=f"{deployment}-c1"), subscriptions=[])
-    node = FederationNode(
-        deployment=deployment,
-        cloud="c1",
-        manifest=manifest,
-        signing_key=keys["c1"],
-        store=store,
-        own_link=link,
-        state_dir=tmp_path,
-    )
-    tasks = [asyncio.create_task(link.run()), asyncio.create_task(node.run())]
+    four = c1_of_four(tmp_path, "hostile")
+    node, genesis = four.node, four.genesis
+    tasks = [asyncio.create_task(four.link.run()), asyncio.create_task(node.run())]
     deciding = asyncio.create_task(node.decide(1, genesis, aggregate(1, genesis, 1)))
-    started = Peer(deployment, node, store, genesis, keys)
+    started = Peer(four.deployment, node, four.store, genesis, four.keys)
     try:
         for index, cloud in enumerate(("c2", "c3"), start=2):
             await started.deliver(
@@ -110,7 +88,7 @@ async def peer(tmp_path: Path) -> AsyncIterator[Peer]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(deciding, *tasks, return_exceptions=True)
-        store.close()
+        four.store.close()
 
 
 @pytest.mark.parametrize(

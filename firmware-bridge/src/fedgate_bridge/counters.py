@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from fedgate_common.logs import log_event
@@ -66,8 +67,9 @@ class OutboxHealth(msgspec.Struct, kw_only=True):
     last_error_at: float | None = None  # Unix seconds
 
 
-class FailureLog:
-    """Logs a streak of failures of one thing: first one, periodic summaries, recovery."""
+class _PeriodicLog:
+    """What the logs below share: a logger, what they log about, at most one line per
+    ``every_s`` for one thing, and fields added to every line."""
 
     def __init__(
         self,
@@ -83,6 +85,13 @@ class FailureLog:
         self._every_s = every_s
         self._clock = clock
         self._fields = fields
+
+
+class FailureLog(_PeriodicLog):
+    """Logs a streak of failures of one thing: first one, periodic summaries, recovery."""
+
+    def __init__(self, logger: logging.Logger, *, what: str, **options: Any) -> None:
+        super().__init__(logger, what=what, **options)
         self._streak = 0
         self._suppressed = 0
         self._last_logged = 0.0
@@ -127,25 +136,13 @@ class FailureLog:
         self._suppressed = 0
 
 
-class RefusalLog:
+class RefusalLog(_PeriodicLog):
     """Logs values a source refuses, per (tag, reason): the first at once, then at most one
     line per ``every_s`` with how many were refused since. Counters say how many; this says
     which tag and why, without a line per reading."""
 
-    def __init__(
-        self,
-        logger: logging.Logger,
-        *,
-        what: str,
-        every_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-        **fields: object,
-    ) -> None:
-        self._logger = logger
-        self._what = what
-        self._every_s = every_s
-        self._clock = clock
-        self._fields = fields
+    def __init__(self, logger: logging.Logger, *, what: str, **options: Any) -> None:
+        super().__init__(logger, what=what, **options)
         # (tag, reason) → (when last logged, refused since then)
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
