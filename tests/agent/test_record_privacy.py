@@ -340,7 +340,14 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert data["sampling"] == "poisson"
     text = _privacy_command(tmp_path, config)
     assert text.exit_code == 0, text.output
-    assert f"noise multiplier {ledger.noise_multiplier:.4f}\n" in text.output
+    steps = steps_per_round(200, 16, 2)
+    assert ledger.sized_for is not None
+    assert (ledger.sized_for.rounds, ledger.sized_for.steps) == (2, steps)
+    assert (
+        f"noise multiplier {ledger.noise_multiplier:.4f} (sized for 2 rounds of {steps} steps "
+        f"at sample rate {16 / 200:.5f})\n"
+    ) in text.output
+    assert data["sized_for"] == {"rounds": 2, "steps": steps, "sample_rate": 16 / 200}
     (config.state_path / "privacy.json").write_text("{not json")
     broken = _privacy_command(tmp_path, config)
     assert broken.exit_code == 4

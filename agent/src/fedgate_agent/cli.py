@@ -518,6 +518,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
         "clip_norm": settings.max_grad_norm,
         "noise_multiplier": ledger.noise_multiplier,
         "planned_rounds": settings.planned_rounds,
+        "sized_for": ledger.sized_for,
         "rounds_trained_without_dp": max(without_dp, 0),
         "rounds": [
             {
@@ -576,10 +577,17 @@ def privacy(config_path: Path, as_json: bool) -> None:
             "accountant; spent is their whole history counted again at this δ, as the "
             "next round's check counts it)"
         )
+    sized = ledger.sized_for
     sigma = (
         "chosen at the first private round"
         if ledger.noise_multiplier is None
         else f"{ledger.noise_multiplier:.4f}"
+        + (
+            f" (sized for {sized.rounds} rounds of {sized.steps} steps at sample rate "
+            f"{sized.sample_rate:.5f})"
+            if sized is not None
+            else ""
+        )
     )
     click.echo(f"clip norm        {settings.max_grad_norm}, noise multiplier {sigma}")
     rows = [

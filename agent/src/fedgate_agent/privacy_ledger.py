@@ -45,10 +45,20 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     accountant: str = ACCOUNTANTS["rdp"]
 
 
+class SigmaPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """What σ was sized for at the first DP round: ``rounds`` rounds of ``steps`` steps at
+    sampling rate ``sample_rate`` (``privacy.planned_rounds`` may change later; σ does not)."""
+
+    rounds: int
+    steps: int
+    sample_rate: float
+
+
 class PrivacyLedger(msgspec.Struct, kw_only=True):
     entries: list[LedgerEntry] = msgspec.field(default_factory=list)
     noise_multiplier: float | None = None  # fixed at the first DP round of the plan
     site_entries: list[SiteLedgerEntry] = msgspec.field(default_factory=list)
+    sized_for: SigmaPlan | None = None  # None: σ not fixed yet, or fixed before it was kept
 
     @property
     def history(self) -> list[RoundSpend]:

@@ -80,6 +80,7 @@ from fedgate_agent.privacy_ledger import (
     LedgerEntry,
     LedgerUnwritable,
     PrivacyLedger,
+    SigmaPlan,
     check_not_behind,
     read_ledger,
     write_ledger,
@@ -419,6 +420,10 @@ class AgentService:
             sample_rate=trained.sample_rate,
             steps=trained.steps,
         )
+        if ledger.noise_multiplier is None:  # σ is fixed now: keep what it was sized for
+            ledger.sized_for = SigmaPlan(
+                rounds=settings.planned_rounds, steps=spend.steps, sample_rate=spend.sample_rate
+            )
         ledger.noise_multiplier = trained.noise_multiplier
         entry = LedgerEntry(
             spend=actual,
