@@ -338,3 +338,28 @@ async def test_a_register_the_device_refuses_does_not_silence_the_others(tmp_pat
     received = sub.by_topic()
     assert set(received) == {"plant/test/plc-1/LEVEL", "plant/test/plc-1/FLOW"}
     assert {p["value"] for p in received["plant/test/plc-1/LEVEL"]} == {-5.0}
+
+
+async def test_a_device_that_refuses_every_read_is_down_not_quietly_empty(tmp_path: Path) -> None:
+    """Every read answered with an exception (a TCP gateway whose device is gone, a wrong
+    unit id answered with one): nothing was read, so the source counts as failed and
+    reconnects, as for a silent device, instead of staying up with every tag skipped."""
+    tables = '  [[modbus.registers]]\n  tag = "TYPO"\n  address = 500\n'
+    device = sim_device(holding=registers_of([(-5, "int16", "big")]))
+    with mosquitto(tmp_path / "broker") as broker:
+        async with modbus_server(device) as server:
+            config = load_config(
+                write_bridge_config(
+                    tmp_path / "bridge.toml",
+                    state_dir=tmp_path / "state",
+                    broker_port=broker.port,
+                    sources=modbus_source(server.port, "tcp", tables, interval=0.05),
+                )
+            )
+            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            [counters] = bridge.source_counters
+            async with running(bridge):
+                await wait_until(lambda: counters.errors >= 3, 10, "failed polls counted")
+    assert (counters.reads, counters.readings) == (0, 0)
+    assert counters.last_error.startswith("every read refused: ")
+    assert counters.last_read_at is None

@@ -270,3 +270,28 @@ async def test_an_aggregate_with_its_arrays_in_another_order_is_held(peer: Peer)
     doubled = msgspec.structs.replace(honest, delta=(*honest.delta, honest.delta[0]))
     with pytest.raises(MalformedMessage, match="model spec's arrays"):
         await peer.deliver("c4", "aggregate", peer.signed(doubled))
+
+
+async def test_a_resent_proposal_does_not_crowd_out_the_evidence(peer: Peer) -> None:
+    """Gossip re-sends a proposal every few seconds: copies of the first must not use up the
+    room kept for a conflicting second one, which is the equivocation evidence."""
+    deployment, key = peer.deployment, peer.keys["c3"]
+
+    def proposal(value: str) -> bytes:
+        signed = Proposal(
+            height=1,
+            round=1,
+            value=value,
+            valid_round=-1,
+            proposer="c3",  # proposer(1, 1)
+            content=proposal_content(()),
+        )
+        return seal_proposal(signed, deployment=deployment, signing_key=key).signature
+
+    for raw in (proposal("ab" * 32), proposal("ab" * 32), proposal("ab" * 32)):
+        await peer.deliver("c3", "proposal", raw)
+    await peer.deliver("c3", "proposal", proposal("cd" * 32))
+    await eventually(lambda: len(peer.store.evidence()) == 1)
+    [evidence] = peer.store.evidence()
+    assert (evidence.voter, evidence.step) == ("c3", "proposal")
+    assert peer.node.rejected.get("not_stored", 0) == 0

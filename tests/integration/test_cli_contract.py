@@ -110,6 +110,16 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     assert absent.stderr.startswith("error: round 99")
     plain = runner.invoke(coordinator_main, [*state, "rounds", "--detail", "99"])
     assert (plain.exit_code, plain.stdout) == (CoordinatorExit.NOT_FOUND, "")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    manifest = runner.invoke(
+        coordinator_main, [*state, "federation", "install", str(broken), "--json"]
+    )
+    assert manifest.exit_code == CoordinatorExit.MANIFEST
+    report = json.loads(manifest.stdout)
+    assert report["exit_code"] == int(CoordinatorExit.MANIFEST)
+    assert report["problems"] == [report["error"]]
+    assert "not a valid manifest file" in report["error"]
 
 
 def test_agent_exit_codes(tmp_path: Path) -> None:

@@ -237,6 +237,17 @@ def test_data_changes_become_samples_keyed_by_source_timestamp() -> None:
             "e", node, ua.DataValue(ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=unset)
         )
     assert stale.value.reason == "ts_in_past"
+    # A source clock over an hour ahead: the server's stamp, as the bridge takes it.
+    ahead = ua.DateTime.fromtimestamp(time.time() + 7200, UTC)
+    early = ua.DataValue(
+        ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=ahead, ServerTimestamp=moment
+    )
+    assert data_value_to_sample("e", node, early).seq == micros
+    with pytest.raises(MalformedPayload) as future:
+        data_value_to_sample(
+            "e", node, ua.DataValue(ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=ahead)
+        )
+    assert future.value.reason == "ts_in_future"
 
 
 @pytest.mark.parametrize(

@@ -43,13 +43,18 @@ class ExitCode(IntEnum):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: ExitCode) -> NoReturn:
-    """``error: …`` on stderr and exit ``code``; a command run with ``--json`` also prints
-    ``{"error": …, "exit_code": …}`` on stdout, so that a script reading it gets JSON."""
-    click.echo(f"error: {message}", err=True)
+def fail(message: str, code: ExitCode, *, problems: list[str] | None = None) -> NoReturn:
+    """``error: …`` on stderr (one line per problem when there are several) and exit
+    ``code``; a command run with ``--json`` also prints ``{"error": …, "exit_code": …}``
+    (and ``problems``) on stdout, so that a script reading it gets JSON."""
+    for line in problems or [message]:
+        click.echo(f"error: {line}", err=True)
     context = click.get_current_context(silent=True)
     if context is not None and context.params.get("as_json"):
-        echo_json({"error": message, "exit_code": int(code)})
+        report: dict[str, object] = {"error": message, "exit_code": int(code)}
+        if problems:
+            report["problems"] = problems
+        echo_json(report)
     sys.exit(int(code))
 
 

@@ -257,8 +257,8 @@ class FederationNode:
         self._candidates: dict[str, ModelRecord] = {}  # value digest → recomputed model
         self._contents: dict[str, bytes] = {}  # value digest → the proposal content it is from
         self._decided: dict[int, DecidedModel] = {}
-        # (height, round, step, sender) → peer messages stored for it (at most 2)
-        self._kept_per_slot: dict[tuple[int, int, str, str], int] = {}
+        # (height, round, step, sender) → the values stored for it (at most 2)
+        self._kept_per_slot: dict[tuple[int, int, str, str], set[str]] = {}
         self._caught_up_to: int | None = None  # a height adopted from peers, while the core lags
         self._decision_waiters: dict[int, asyncio.Future[DecidedModel]] = {}
         self._value_task: asyncio.Task[None] | None = None
@@ -613,15 +613,17 @@ class FederationNode:
         slot: tuple[int, int, str, str]
         if isinstance(signed, SignedVote):
             v = signed.vote
-            slot = (v.height, v.round, v.step, v.voter)
+            slot, value = (v.height, v.round, v.step, v.voter), v.value
         else:
             p = signed.proposal
-            slot = (p.height, p.round, "proposal", p.proposer)
-        kept = self._kept_per_slot.get(slot, 0)
-        if kept >= 2:  # an equivocator's third and later messages: proof enough already
+            slot, value = (p.height, p.round, "proposal", p.proposer), p.value
+        values = self._kept_per_slot.setdefault(slot, set())
+        if value not in values and len(values) >= 2:
+            # An equivocator's third and later values: two are the proof already. (Copies
+            # of a stored one, as gossip re-sends them, cost nothing: the store keeps one.)
             self._count("not_stored")
             return
-        self._kept_per_slot[slot] = kept + 1
+        values.add(value)
         try:
             if isinstance(signed, SignedVote):
                 self._record_vote(signed, own=False)

@@ -53,7 +53,7 @@ from fedgate_common.genesis_weights import (
 )
 from fedgate_common.keys import public_key_text
 
-from fedgate_coordinator.cli_support import ExitCode, echo_json, guard
+from fedgate_coordinator.cli_support import ExitCode, echo_json, fail, guard
 from fedgate_coordinator.config import KEY_NAME, CoordinatorConfig, load_config
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.genesis import (
@@ -93,9 +93,7 @@ def _guard(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ManifestInvalid as exc:
-            for problem in exc.problems:
-                click.echo(f"error: {problem}", err=True)
-            sys.exit(int(ExitCode.MANIFEST))
+            fail(str(exc), ExitCode.MANIFEST, problems=exc.problems)
 
     return wrapper  # type: ignore[return-value]
 

@@ -71,7 +71,8 @@ class ModbusPoller:
         self._refusals = RefusalLog(log, what="modbus value refused", source=config.name)
         self._ever_connected = False
         self._attempt = 0  # reconnect attempts since the device last answered
-        self.refused: list[str] = []  # the last poll's reads answered with a Modbus exception
+        # the last poll's reads answered with a Modbus exception, and what the device said
+        self.refused: list[tuple[ReadBlock, str]] = []
 
     @property
     def blocks(self) -> list[ReadBlock]:
@@ -164,7 +165,7 @@ class ModbusPoller:
                 try:
                     answer = await self._read_block(client, block)
                 except BlockRefused as exc:
-                    self.refused.append(str(exc))
+                    self.refused.append((block, str(exc)))
                     continue
                 ts = self._clock()
                 decoded = decode_block(block, answer)
@@ -203,12 +204,20 @@ class ModbusPoller:
         next_at = loop.time()
         while True:
             readings = await self.read_once(client)
+            if self.refused and len(self.refused) == len(self._blocks):
+                # Nothing answered (a gateway whose device is gone, a wrong unit id answered
+                # with an exception): the source is down, not "up with every tag skipped".
+                raise SourceUnavailable(
+                    f"every read refused: {self.refused[0][1]}", source=self.config.name
+                )
             self._attempt = 0  # the device answers: the next outage starts a fresh backoff
-            if self.refused:  # the link is fine; some tags are not
-                self.counters.blocks_refused += len(self.refused)
-                self._note_failure("; ".join(self.refused))
-            else:
-                self._failures.success()
+            self._failures.success()  # the link: refused reads are the tags' business
+            for block, refusal in self.refused:
+                self.counters.blocks_refused += 1
+                self.counters.last_error = refusal
+                self.counters.last_error_at = self._clock()
+                tags = ",".join(r.tag for r in block.registers)
+                self._refusals.refused(tags, "read_refused", refusal)
             await self._store(readings)
             next_at += interval
             now = loop.time()
@@ -237,9 +246,6 @@ class ModbusPoller:
 
     def _failed(self, exc: SourceUnavailable) -> None:
         self.counters.errors += 1
-        self._note_failure(str(exc))
-
-    def _note_failure(self, text: str) -> None:
-        self.counters.last_error = text
+        self.counters.last_error = str(exc)
         self.counters.last_error_at = self._clock()
-        self._failures.failure(text)
+        self._failures.failure(str(exc))

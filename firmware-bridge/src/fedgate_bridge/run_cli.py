@@ -356,7 +356,7 @@ def status(config_path: Path, as_json: bool) -> None:
                     # not published: NaN/inf, not a number, reads the device refused
                     s.non_finite + s.non_numeric + s.blocks_refused,
                     _clock(s.last_read_at),
-                    s.last_error[:60] if s.last_error else None,
+                    s.last_error[:120] if s.last_error else None,
                 ]
                 for s in last.sources
             ],

@@ -255,15 +255,15 @@ def data_value_to_sample(endpoint: str, node: OpcUaNode, data_value: ua.DataValu
         raise MalformedPayload("neither source nor server timestamp", reason="no_timestamp")
     # The source's stamp, unless its clock is a day or more behind (a PLC whose clock was
     # never set stamps every change alike, and windows would find it missing at every grid
-    # point): then the server's.
-    recent = [m for m in stamps if not too_far_behind(m / 1e6)]
-    if not recent:
+    # point) or over an hour ahead: then the server's, as the bridge does.
+    plausible = [m for m in stamps if not too_far_behind(m / 1e6) and not too_far_ahead(m / 1e6)]
+    if not plausible:
+        if all(too_far_ahead(m / 1e6) for m in stamps):
+            raise MalformedPayload("stamped ahead of this gateway's clock", reason="ts_in_future")
         raise MalformedPayload(
-            "stamped more than a day behind this gateway's clock", reason="ts_in_past"
+            "stamped a day or more behind this gateway's clock", reason="ts_in_past"
         )
-    micros = recent[0]
-    if too_far_ahead(micros / 1e6):
-        raise MalformedPayload("stamped ahead of this gateway's clock", reason="ts_in_future")
+    micros = plausible[0]
     return Sample(
         source=opcua_source_name(endpoint, node.node_id),
         seq=micros,

@@ -42,7 +42,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
@@ -384,12 +383,12 @@ class Store:
     def history_marks(self) -> tuple[str | None, int]:
         """(genesis digest, enrolled agents) read with plain SQL, at any schema revision and
         before migrating: whether this store holds a coordinator's history, and whose.
-        (None, 0) for a database without the tables."""
+        (None, 0) for a database no migration ever ran on. Tables are found as the store's
+        own queries find them (PostgreSQL: the whole search_path)."""
+        if self.schema_revision() is None:  # Alembic's table, found as every query finds it
+            return None, 0
         try:
             with self._engine.connect() as connection:
-                tables = set(sa_inspect(connection).get_table_names())
-                if "models" not in tables or "agents" not in tables:
-                    return None, 0
                 genesis = connection.execute(
                     text("SELECT digest FROM models WHERE parent_digest = '' LIMIT 1")
                 ).scalar()
