@@ -99,6 +99,19 @@ async def running(bridge: Bridge) -> AsyncIterator[asyncio.Event]:
         await asyncio.wait_for(task, 15)
 
 
+def fast_bridge(tmp_path: Path, broker_port: int, device_port: int, tables: str) -> Bridge:
+    """A bridge polling one Modbus TCP device every 50 ms, retrying fast."""
+    config = load_config(
+        write_bridge_config(
+            tmp_path / "bridge.toml",
+            state_dir=tmp_path / "state",
+            broker_port=broker_port,
+            sources=modbus_source(device_port, "tcp", tables, interval=0.05),
+        )
+    )
+    return Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+
+
 def assert_contiguous(seqs: dict[str, list[int]], *, duplicates_allowed: bool) -> None:
     for topic, received in seqs.items():
         assert sorted(set(received)) == list(range(max(received) + 1)), f"gap in {topic}"
@@ -166,15 +179,7 @@ async def test_device_disappearing_and_returning_loses_and_repeats_nothing(tmp_p
     device = sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
     with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
         async with modbus_server(device) as server:
-            config = load_config(
-                write_bridge_config(
-                    tmp_path / "bridge.toml",
-                    state_dir=tmp_path / "state",
-                    broker_port=broker.port,
-                    sources=modbus_source(server.port, "tcp", tables, interval=0.05),
-                )
-            )
-            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            bridge = fast_bridge(tmp_path, broker.port, server.port, tables)
             [counters] = bridge.source_counters
             async with running(bridge):
                 await wait_until(lambda: counters.readings >= 10, 10, "first readings")
@@ -200,7 +205,7 @@ async def test_device_disappearing_and_returning_loses_and_repeats_nothing(tmp_p
     assert not any(gone_at + 0.2 < ts < back_at for ts in stamps)  # no reading invented
     assert any(ts > back_at for ts in stamps)
     assert len(stamps) == counters.readings // 2
-    with Outbox(config.outbox_path, max_messages=10) as outbox:
+    with Outbox(bridge.config.outbox_path, max_messages=10) as outbox:
         assert outbox.next_seqs()["plant/test/plc-1/LEVEL"] == len(stamps)
 
 
@@ -319,15 +324,7 @@ async def test_a_register_the_device_refuses_does_not_silence_the_others(tmp_pat
     device = sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
     with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
         async with modbus_server(device) as server:
-            config = load_config(
-                write_bridge_config(
-                    tmp_path / "bridge.toml",
-                    state_dir=tmp_path / "state",
-                    broker_port=broker.port,
-                    sources=modbus_source(server.port, "tcp", tables, interval=0.05),
-                )
-            )
-            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            bridge = fast_bridge(tmp_path, broker.port, server.port, tables)
             [counters] = bridge.source_counters
             async with running(bridge):
                 await wait_until(lambda: counters.readings >= 10, 10, "the other tags read")
@@ -348,15 +345,7 @@ async def test_a_device_that_refuses_every_read_is_down_not_quietly_empty(tmp_pa
     device = sim_device(holding=registers_of([(-5, "int16", "big")]))
     with mosquitto(tmp_path / "broker") as broker:
         async with modbus_server(device) as server:
-            config = load_config(
-                write_bridge_config(
-                    tmp_path / "bridge.toml",
-                    state_dir=tmp_path / "state",
-                    broker_port=broker.port,
-                    sources=modbus_source(server.port, "tcp", tables, interval=0.05),
-                )
-            )
-            bridge = Bridge(config, source_backoff=FAST, broker_backoff=FAST)
+            bridge = fast_bridge(tmp_path, broker.port, server.port, tables)
             [counters] = bridge.source_counters
             async with running(bridge):
                 await wait_until(lambda: counters.errors >= 3, 10, "failed polls counted")
