@@ -785,8 +785,10 @@ class FederationNode:
         except ProtocolError:
             return None
 
-    async def publish_decision(self, decided: DecidedModel) -> None:
-        """Store the decision and publish the certified model for peers (retained)."""
+    def record_decision(self, decided: DecidedModel) -> None:
+        """Keep the decision and its certificate (idempotent). The service calls it before it
+        stores the decided model: a crash between the two then leaves a decision whose model
+        is fetched again, never a model in the chain without its decision."""
         model = decided.model
         self.store.record_decision(
             DecisionRecord(
@@ -797,6 +799,12 @@ class FederationNode:
                 certificate=msgspec.msgpack.encode(decided.certificate),
             )
         )
+
+    async def publish_decision(self, decided: DecidedModel) -> None:
+        """Store the decision (if not yet) and publish the certified model for peers
+        (retained)."""
+        model = decided.model
+        self.record_decision(decided)
         raw = global_model_message(
             model,
             decided.certificate,

@@ -511,6 +511,7 @@ class CoordinatorService:
         """
         model = decided.model
         number = model.round
+        self.federation.record_decision(decided)  # before the model: never one without it
         if (
             isinstance(local, RoundCompleted)
             and decided.combined is not None
