@@ -22,19 +22,21 @@ TAGS = tuple(f"XMEAS_{i}" for i in range(1, 53))
 PERIOD_S = 180.0
 
 
+def agent_config(tmp_path: Path, scoring: ScoringConfig | None = None) -> AgentConfig:
+    return AgentConfig(
+        agent_id="site-1",
+        deployment="plant-a",
+        cloud="cloud-1",
+        state_dir=str(tmp_path / "state"),
+        windows=WindowsConfig(tags=TAGS, period_s=PERIOD_S),
+        scoring=scoring or ScoringConfig(),
+    )
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "agent.toml"
-    write_config(
-        path,
-        AgentConfig(
-            agent_id="site-1",
-            deployment="plant-a",
-            cloud="cloud-1",
-            state_dir=str(tmp_path / "state"),
-            windows=WindowsConfig(tags=TAGS, period_s=PERIOD_S),
-        ),
-    )
+    write_config(path, agent_config(tmp_path))
     return path
 
 
@@ -166,17 +168,7 @@ def test_a_model_file_is_scored_with_the_configured_normal_class(
     """`--model FILE` with a windows file: the configuration named still applies."""
     exported = exported_demo_model(0)
     model = save_exported_model(tmp_path / "state", exported)
-    write_config(
-        config,
-        AgentConfig(
-            agent_id="site-1",
-            deployment="plant-a",
-            cloud="cloud-1",
-            state_dir=str(tmp_path / "state"),
-            windows=WindowsConfig(tags=TAGS, period_s=PERIOD_S),
-            scoring=ScoringConfig(normal_class=1),
-        ),
-    )
+    write_config(config, agent_config(tmp_path, ScoringConfig(normal_class=1)))
     windows = tmp_path / "w.npz"
     x = tep_test_set().x[:3]
     np.savez(windows, x=x)

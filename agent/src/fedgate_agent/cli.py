@@ -493,10 +493,9 @@ def privacy(config_path: Path, as_json: bool) -> None:
     cfg = load_config(config_path, require_complete=False)
     ledger = read_ledger(cfg.state_path)
     settings = cfg.privacy
-    accountant = accountant_name(as_accountant(settings.accountant))
-    spent, site_spent = ledger.spent(
-        settings.delta, as_accountant(settings.accountant), cfg.secagg.assumed_colluders
-    )
+    chosen = as_accountant(settings.accountant)
+    accountant = accountant_name(chosen)
+    spent, site_spent = ledger.spent(settings.delta, chosen, cfg.secagg.assumed_colluders)
     recounted = not (
         math.isclose(spent, ledger.epsilon_total, rel_tol=1e-6, abs_tol=1e-9)
         and math.isclose(site_spent, ledger.site_epsilon_total, rel_tol=1e-6, abs_tol=1e-9)

@@ -95,9 +95,9 @@ def counted_multipliers(entries: Sequence[SiteLedgerEntry], colluders: int) -> l
     for entry in entries:
         z = entry.effective_noise_multiplier
         if colluders > entry.assumed_colluders:
-            noise = entry.params.noise if entry.params is not None else None
-            if entry.params is not None and noise is not None and entry.dimension:
-                z = min(z, effective_multiplier(entry.params, noise, entry.dimension, colluders))
+            params = entry.params
+            if params is not None and params.noise is not None and entry.dimension:
+                z = min(z, effective_multiplier(params, params.noise, entry.dimension, colluders))
             else:
                 m = max(entry.min_inputs, 1)
                 z *= math.sqrt(max(m - colluders, 0) / max(m - entry.assumed_colluders, 1))
@@ -143,9 +143,9 @@ def plan_site_round(
     dimension = parameter_count(spec)
     multiplier = effective_multiplier(params, noise, dimension, budget.assumed_colluders)
     history = counted_multipliers(booked, budget.assumed_colluders)
-    spent = site_epsilon(history, budget.delta, budget.accountant)
     after = site_epsilon([*history, multiplier], budget.delta, budget.accountant)
     if after > budget.max_epsilon:
+        spent = site_epsilon(history, budget.delta, budget.accountant)  # for the message
         raise SiteBudgetExhausted(
             f"round {round} (site-level noise multiplier {noise.noise_multiplier:g}, "
             f"{multiplier:.4g} effective) would take this agent's site-level ε from "

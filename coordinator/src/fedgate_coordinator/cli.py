@@ -87,7 +87,11 @@ from fedgate_coordinator.genesis import first_manifest, install_genesis_weights
 from fedgate_coordinator.install_cli import install_service
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.secure_rounds import AGGREGATIONS, SecAggSettings
-from fedgate_coordinator.service import INTAKE_STATUS_NAME, CoordinatorService
+from fedgate_coordinator.service import (
+    INTAKE_STATUS_NAME,
+    CoordinatorService,
+    refuse_foreign_genesis,
+)
 from fedgate_coordinator.signing_key import create_signing_key, load_signing_key
 from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
@@ -184,13 +188,7 @@ def _require_unused_store(store: Store, *, url: str) -> None:
 def _require_own_store(store: Store, *, manifest: Manifest) -> None:
     """``serve`` writes only to a store grown from its federation's genesis (or an empty
     one), checked before the store is migrated."""
-    genesis, _ = store.history_marks()
-    if genesis is not None and genesis != manifest.genesis_digest:
-        raise ConfigError(
-            f"the store holds a model chain grown from genesis {genesis[:16]}..., not this "
-            f"federation's genesis {manifest.genesis_digest[:16]}...: it is another "
-            "coordinator's store; check database_url in coordinator.toml"
-        )
+    refuse_foreign_genesis(store.history_marks()[0], manifest)
 
 
 def _restrict_sqlite_file(url: str) -> None:

@@ -966,10 +966,11 @@ class FederationNode:
         state = self._core.state
         # Heights adopted from peers' certified models (catch-up) never reach the core: the
         # last one adopted is the height at hand until the core starts the next.
-        caught_up = self._caught_up_to is not None and self._caught_up_to > state.height
+        adopted = self._caught_up_to or 0
+        caught_up = adopted > state.height
         return FederationStatus(
             updated=time.time(),
-            height=self._caught_up_to if caught_up and self._caught_up_to else state.height,
+            height=adopted if caught_up else state.height,
             round=0 if caught_up else state.round,
             step="catch-up" if caught_up else str(state.step),
             clouds=len(self.clouds),

@@ -110,6 +110,18 @@ def recover_interrupted_rounds(store: Store) -> list[int]:
     return interrupted
 
 
+def refuse_foreign_genesis(genesis: str | None, manifest: Manifest) -> None:
+    """A store whose chain starts from another genesis than the federation's belongs to
+    another coordinator (a ``database_url`` pointing at the wrong database): ConfigError.
+    ``genesis`` None (no chain yet) is fine."""
+    if genesis is not None and genesis != manifest.genesis_digest:
+        raise ConfigError(
+            f"the store holds a model chain grown from genesis {genesis[:16]}..., not this "
+            f"federation's genesis {manifest.genesis_digest[:16]}...: it is another "
+            "coordinator's store; check database_url in coordinator.toml"
+        )
+
+
 def ensure_genesis(
     store: Store, config: CoordinatorConfig, manifest: Manifest, state_dir: Path
 ) -> ModelRecord:
@@ -122,13 +134,7 @@ def ensure_genesis(
     """
     head = store.head_model()
     if head is not None:
-        first = store.genesis_digest()
-        if first != manifest.genesis_digest:
-            raise ConfigError(
-                f"the store holds a model chain grown from genesis {str(first)[:16]}..., "
-                f"not this federation's genesis {manifest.genesis_digest[:16]}...: it is "
-                "another coordinator's store; check database_url in coordinator.toml"
-            )
+        refuse_foreign_genesis(store.history_marks()[0], manifest)
         return head
     if manifest.model_spec != config.model:
         raise ConfigError(
@@ -1005,4 +1011,10 @@ def _participant(contribution: Contribution) -> ParticipantRecord:
     )
 
 
-__all__ = ["CoordinatorService", "ServeSummary", "ensure_genesis", "recover_interrupted_rounds"]
+__all__ = [
+    "CoordinatorService",
+    "ServeSummary",
+    "ensure_genesis",
+    "recover_interrupted_rounds",
+    "refuse_foreign_genesis",
+]

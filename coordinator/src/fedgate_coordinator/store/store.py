@@ -397,12 +397,6 @@ class Store:
             raise StoreError(f"cannot read the store: {exc}") from exc
         return (None if genesis is None else str(genesis)), int(agents or 0)
 
-    def genesis_digest(self) -> str | None:
-        """The digest of the first model of the chain, ``None`` before it exists."""
-        query = select(ModelRow.digest).where(ModelRow.parent_digest == "").limit(1)
-        with self._transaction(writes=False) as session:
-            return session.scalars(query).first()
-
     def get_model(self, digest: str) -> ModelRecord | None:
         with self._transaction(writes=False) as session:
             row = session.get(ModelRow, digest)
