@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fedgate_agent import predict_cli
 from fedgate_agent.cli import main as agent_main
 from fedgate_agent.cli_support import ExitCode
 from fedgate_agent.config import AgentConfig, ScoringConfig, WindowsConfig, write_config
@@ -129,9 +132,13 @@ def test_truncated_corrupt_or_huge_windows_files_exit_data(config: Path, tmp_pat
         assert message in err
 
 
-def test_historian_export_is_cut_on_the_windows_grid(config: Path, tmp_path: Path) -> None:
+def test_historian_export_is_cut_on_the_windows_grid(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A wide CSV export of 30 samples 3 minutes apart gives the 11 windows of 20 that end
-    at each grid point, each scored as the same rows cut directly would be."""
+    at each grid point, each scored as the same rows cut directly would be (cut and scored
+    4 windows at a time)."""
+    monkeypatch.setattr(predict_cli, "SCORE_BATCH", 4)
     exported = exported_demo_model(0)
     save_exported_model(tmp_path / "state", exported)
     rows = tep_test_set().x[100, :, :]  # 20 samples of one test window …
@@ -219,3 +226,41 @@ def test_an_export_too_short_for_a_window_says_so(config: Path, tmp_path: Path) 
     code, _, err = predict("--config", str(config), "--input", str(short))
     assert code == ExitCode.DATA
     assert f"no complete window of {DEMO_WINDOW} samples to score" in err
+
+
+def test_a_long_file_is_scored_a_slice_at_a_time_with_the_same_result(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With slices of 7 windows, 40 windows give the predictions, counts and accuracy of one
+    call over all of them, in JSON and in text; a failing slice is named and nothing of the
+    file is printed."""
+    exported = exported_demo_model(0)
+    save_exported_model(tmp_path / "state", exported)
+    test = tep_test_set()
+    x, y = test.x[::97][:40].copy(), test.y[::97][:40]  # a copy: x is changed below
+    windows = tmp_path / "windows.npz"
+    np.savez(windows, x=x, y=y)
+    monkeypatch.setattr(predict_cli, "SCORE_BATCH", 7)
+    expected = ScoringModel.from_onnx(exported.onnx).score(x)
+    code, out, err = predict("--config", str(config), "--input", str(windows), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["predictions"] == [msgspec.to_builtins(p) for p in expected]
+    assert result["windows"] == 40
+    counts = Counter(p.predicted_class for p in expected)
+    assert result["class_counts"] == {str(c): n for c, n in sorted(counts.items())}
+    hits = sum(p.predicted_class == label for p, label in zip(expected, y, strict=True))
+    assert result["accuracy"] == pytest.approx(hits / 40, abs=1e-6)
+    code, text, _ = predict("--config", str(config), "--input", str(windows))
+    assert code == 0
+    rows = [line.split() for line in text.splitlines()[2:42]]
+    assert [int(r[0]) for r in rows] == list(range(40))
+    assert [int(r[1]) for r in rows] == [p.predicted_class for p in expected]
+    assert f"40 windows scored by model round 0 ({exported.model_digest[:16]})" in text
+    assert f"accuracy against the file's labels: {hits / 40:.4f}" in text
+    x[30, 0, 0] = 3.4e38  # the standardisation overflows: the fifth slice fails
+    np.savez(windows, x=x, y=y)
+    code, out, err = predict("--config", str(config), "--input", str(windows), "--json")
+    assert code == ExitCode.DATA
+    assert "windows 28–34: 1 of 7 windows gave non-finite scores" in err
+    assert "predictions" not in out

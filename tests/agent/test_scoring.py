@@ -186,8 +186,11 @@ def test_live_window_matches_the_training_grid(buffer: IngestBuffer) -> None:
     # forward fill: grid point 1020 holds the sample of 1019.3 (index 19)
     assert window[-1].tolist() == [190.0, 191.0, 192.0]
     assert window_ending_at(buffer, SPEC, 1032.0) is None  # B missing at 1032
-    ends, windows = windows_over(buffer, SPEC, stride=1)
-    assert len(ends) == len(windows)
+    grid = windows_over(buffer, SPEC, stride=1)
+    ends, windows = grid.ends, grid.windows()
+    assert len(ends) == len(windows) == len(grid)
+    # cut a slice at a time (as predict does), the windows are the same
+    np.testing.assert_array_equal(np.concatenate([grid.windows(0, 7), grid.windows(7)]), windows)
     assert 1020.0 in ends.tolist()
     assert 1032.0 not in ends.tolist()
     np.testing.assert_array_equal(windows[ends.tolist().index(1020.0)], window)

@@ -17,20 +17,27 @@ certified global model) or ``--model FILE``; the scores come from onnxruntime, n
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import numpy as np
 import numpy.typing as npt
 from click.core import ParameterSource
 
-from fedgate_agent.cli_support import ExitCode, config_option, echo_json, fail
+from fedgate_agent.cli_support import ExitCode, config_option, fail
 from fedgate_agent.config import AgentConfig, load_config
 from fedgate_agent.data_cli import (
+    _progress_printer,
     layout_option,
     timestamp_column_option,
     timestamp_format_option,
@@ -43,6 +50,8 @@ from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.ingest.historian import ColumnMapping, import_history
 from fedgate_agent.local_dataset import read_npz_arrays
 from fedgate_agent.scoring import (
+    GridWindows,
+    Prediction,
     ScoringFailed,
     ScoringModel,
     ScoringModelMissing,
@@ -74,12 +83,17 @@ def _read_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64
         raise LocalDataError(f"{path}: 'x' holds no windows; nothing to score", path=path)
     if y is not None and (y.dtype.kind not in "iu" or y.shape != x.shape[:1]):
         raise LocalDataError(f"{path}: 'y' must hold one integer label per window", path=path)
-    return x.astype(np.float32), None if y is None else y.astype(np.int64)
+    return x.astype(np.float32, copy=False), None if y is None else y.astype(np.int64)
 
 
 def _windows_from_export(
-    path: Path, config: AgentConfig, model: ScoringModel, mapping: ColumnMapping, stride: int
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+    path: Path,
+    config: AgentConfig,
+    model: ScoringModel,
+    mapping: ColumnMapping,
+    stride: int,
+    progress: bool,
+) -> GridWindows:
     if not config.windows.tags:
         raise ConfigError(
             "scoring a historian export needs [windows] tags (the model's input tags, in "
@@ -89,7 +103,14 @@ def _windows_from_export(
     with tempfile.TemporaryDirectory(prefix="fedgate-predict-") as scratch:
         settings = BufferSettings(path=Path(scratch) / "predict.db", max_samples=10**10)
         with IngestBuffer.open(settings) as buffer:
-            report = import_history(path, buffer, mapping)
+            report = import_history(
+                path,
+                buffer,
+                mapping,
+                progress=_progress_printer(progress),  # type: ignore[arg-type]
+            )
+            if progress:
+                click.echo(err=True)
             if report.inserted == 0:
                 raise LocalDataError(
                     f"{path}: no values imported ({report.rejected} rejected, tags seen: "
@@ -153,7 +174,8 @@ def predict_command(
     Prints one line per window: its end time (historian exports) or index (.npz), the
     predicted class, its probability and the anomaly score 1 − P(normal class), where the
     normal class is scoring.normal_class (default 0). With labels (.npz 'y') the accuracy.
-    The running agent is not disturbed: its buffer is not read.
+    The running agent is not disturbed: its buffer is not read. Windows are scored 4,096
+    at a time; on a terminal, progress goes to stderr.
 
     \b
     Examples:
@@ -171,6 +193,7 @@ def predict_command(
     is_npz = input_file.suffix.lower() == ".npz"
     source = click.get_current_context().get_parameter_source("config_path")
     config_given = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    show_progress = not as_json and sys.stderr.isatty()
     try:
         # Windows and a model file alone need no agent; a configuration that is there (or
         # named) still supplies scoring.normal_class.
@@ -180,10 +203,9 @@ def predict_command(
             raise ScoringModelMissing(f"{model_file}: no such file")
         path = model_file if model_file is not None else onnx_path(_needed(config).state_path)
         model = load_scoring_model(path)
-        labels: npt.NDArray[np.int64] | None = None
-        ends: npt.NDArray[np.float64] | None = None
         if is_npz:
-            windows, labels = _read_npz(input_file)
+            x, labels = _read_npz(input_file)
+            scored = _Scored(x.__getitem__, len(x), None, labels)
         else:
             mapping = ColumnMapping(
                 layout=layout,  # type: ignore[arg-type]  # validated by ColumnMapping
@@ -191,20 +213,16 @@ def predict_command(
                 timestamp_format=timestamp_format,  # type: ignore[arg-type]
                 timezone=timezone,
             )
-            ends, windows = _windows_from_export(
-                input_file, _needed(config), model, mapping, stride
+            grid = _windows_from_export(
+                input_file, _needed(config), model, mapping, stride, show_progress
             )
-        if len(windows) == 0:
+            scored = _Scored(lambda rows: grid.windows(rows.start, rows.stop), len(grid), grid.ends)
+        if scored.count == 0:
             raise LocalDataError(
                 f"{input_file}: no complete window of {model.spec.window} samples to score",
                 path=input_file,
             )
-        normal = config.scoring.normal_class if config is not None else 0
-        predictions = model.score(
-            windows,
-            window_ends=None if ends is None else [float(e) for e in ends],
-            normal_class=normal,
-        )
+        logits = _logits(model, scored, show_progress)
     except (ScoringModelMissing, ScoringModelUnusable) as exc:
         fail(str(exc), ExitCode.NO_MODEL)
     except (LocalDataError, IngestError, WindowShapeError, ScoringFailed) as exc:
@@ -223,37 +241,148 @@ def predict_command(
                 "(`fedgate-agent status`, scoring line)",
                 err=True,
             )
-    result: dict[str, Any] = {
+    normal = config.scoring.normal_class if config is not None else 0
+    header = {
         "input": str(input_file),
         "model": str(path),
         "model_digest": model.model_digest,
         "model_round": model.model_round,
-        "windows": len(predictions),
-        "class_counts": dict(sorted(Counter(p.predicted_class for p in predictions).items())),
-        "accuracy": None,
-        "predictions": predictions,
     }
-    if labels is not None and len(labels):
-        hits = sum(int(p.predicted_class == y) for p, y in zip(predictions, labels, strict=True))
-        result["accuracy"] = round(hits / len(labels), 6)
-    if as_json:
-        echo_json(result)
-        return
-    _print_predictions(result)
+    write = _write_json if as_json else _write_text
+    write(header, _predictions(model, logits, scored.ends, normal), scored)
 
 
-def _print_predictions(result: dict[str, Any]) -> None:
-    from fedgate_common.text_table import format_table
+# Windows scored per onnxruntime call, and predictions built and written per slice: a long
+# file's windows are cut from its grid (or its .npz array) a slice at a time, and only the
+# logits of every window are kept until the end (n_classes floats each).
+SCORE_BATCH = 4096
 
-    rows = []
-    for index, p in enumerate(result["predictions"]):
-        where = _iso(p.window_end) if p.window_end is not None else index
-        score = "-" if p.anomaly_score is None else f"{p.anomaly_score:.4f}"
-        rows.append([where, p.predicted_class, f"{p.probability:.4f}", score])
-    click.echo(format_table(["window", "class", "probability", "anomaly score"], rows))
-    click.echo(
-        f"{result['windows']} windows scored by model round {result['model_round']} "
-        f"({result['model_digest'][:16]}); classes {result['class_counts']}"
+
+@dataclass(frozen=True)
+class _Scored:
+    """What is scored: ``count`` windows, cut a slice at a time by ``windows``; their end
+    times (historian exports) and labels (.npz with y), when the input has them."""
+
+    windows: Callable[[slice], npt.NDArray[np.float32]]
+    count: int
+    ends: npt.NDArray[np.float64] | None
+    labels: npt.NDArray[np.int64] | None = None
+
+
+def _slices(count: int) -> Iterator[slice]:
+    for start in range(0, count, SCORE_BATCH):
+        yield slice(start, min(count, start + SCORE_BATCH))
+
+
+def _logits(model: ScoringModel, scored: _Scored, progress: bool) -> npt.NDArray[np.float32]:
+    logits = np.empty((scored.count, model.spec.n_classes), dtype=np.float32)
+    began = time.monotonic()
+    for rows in _slices(scored.count):
+        try:
+            logits[rows] = model.logits(scored.windows(rows))
+        except ScoringFailed as exc:
+            raise ScoringFailed(f"windows {rows.start:,}–{rows.stop - 1:,}: {exc}") from None
+        if progress:
+            click.echo(
+                f"\rscored {rows.stop:,} of {scored.count:,} windows "
+                f"({time.monotonic() - began:.1f} s)",
+                err=True,
+                nl=False,
+            )
+    if progress:
+        click.echo(err=True)
+    return logits
+
+
+def _predictions(
+    model: ScoringModel,
+    logits: npt.NDArray[np.float32],
+    ends: npt.NDArray[np.float64] | None,
+    normal_class: int,
+) -> Iterator[list[Prediction]]:
+    for rows in _slices(len(logits)):
+        yield model.predictions(
+            logits[rows],
+            window_ends=None if ends is None else [float(e) for e in ends[rows]],
+            normal_class=normal_class,
+        )
+
+
+class _Tally:
+    """Class counts and label hits, kept while the predictions are written."""
+
+    def __init__(self, labels: npt.NDArray[np.int64] | None) -> None:
+        self.labels = labels
+        self.counts: Counter[int] = Counter()
+        self.hits = 0
+        self.seen = 0
+
+    def add(self, batch: list[Prediction]) -> None:
+        classes = [p.predicted_class for p in batch]
+        self.counts.update(classes)
+        if self.labels is not None:
+            expected = self.labels[self.seen : self.seen + len(batch)]
+            self.hits += int((np.asarray(classes) == expected).sum())
+        self.seen += len(batch)
+
+    def summary(self) -> dict[str, Any]:
+        accuracy = None
+        if self.labels is not None and len(self.labels):
+            accuracy = round(self.hits / len(self.labels), 6)
+        return {
+            "windows": self.seen,
+            "class_counts": dict(sorted(self.counts.items())),
+            "accuracy": accuracy,
+        }
+
+
+def _write_json(
+    header: dict[str, Any], batches: Iterator[list[Prediction]], scored: _Scored
+) -> None:
+    """One JSON object, written as it goes: the header's fields, ``predictions`` (one
+    compact object per line), then ``windows``, ``class_counts`` and ``accuracy``."""
+    fields = "".join(
+        f"  {json.dumps(key)}: {json.dumps(value)},\n" for key, value in header.items()
     )
-    if result["accuracy"] is not None:
-        click.echo(f"accuracy against the file's labels: {result['accuracy']:.4f}")
+    click.echo("{\n" + fields + '  "predictions": [', nl=False)
+    tally = _Tally(scored.labels)
+    for batch in batches:
+        lines = ",\n    ".join(msgspec.json.encode(p).decode() for p in batch)
+        click.echo((",\n    " if tally.seen else "\n    ") + lines, nl=False)
+        tally.add(batch)
+    summary = json.dumps(tally.summary(), indent=2)
+    click.echo("\n  ],\n" + summary[2:])  # the summary's fields close the object
+
+
+def _write_text(
+    header: dict[str, Any], batches: Iterator[list[Prediction]], scored: _Scored
+) -> None:
+    where_width = 27 if scored.ends is not None else max(6, len(str(scored.count - 1)))
+    widths = (where_width, 5, 11, 13)
+    titles = ("window", "class", "probability", "anomaly score")
+    click.echo(
+        "  ".join(
+            t.ljust(w) if i == 0 else t.rjust(w)
+            for i, (t, w) in enumerate(zip(titles, widths, strict=True))
+        ).rstrip()
+    )
+    click.echo("  ".join("-" * w for w in widths))
+    tally = _Tally(scored.labels)
+    for batch in batches:
+        lines = []
+        for index, p in enumerate(batch, start=tally.seen):
+            where = _iso(p.window_end) if p.window_end is not None else str(index)
+            score = "-" if p.anomaly_score is None else f"{p.anomaly_score:.4f}"
+            lines.append(
+                f"{where:<{widths[0]}}  {p.predicted_class:>{widths[1]}}  "
+                f"{p.probability:>{widths[2]}.4f}  {score:>{widths[3]}}"
+            )
+        tally.add(batch)
+        click.echo("\n".join(lines))
+    summary = tally.summary()
+    click.echo(
+        f"{summary['windows']} windows scored by model round {header['model_round']} "
+        f"({header['model_digest'][:16]}); classes {summary['class_counts']}"
+    )
+    if summary["accuracy"] is not None:
+        click.echo(f"accuracy against the file's labels: {summary['accuracy']:.4f}")

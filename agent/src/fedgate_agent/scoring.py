@@ -47,6 +47,7 @@ from fedgate_agent.state import MODELS_DIR
 __all__ = [
     "AlertRule",
     "AlertTracker",
+    "GridWindows",
     "LiveScorer",
     "Prediction",
     "ScoringFailed",
@@ -199,7 +200,20 @@ class ScoringModel:
         normal_class: int = 0,
     ) -> list[Prediction]:
         """One :class:`Prediction` per window, all from this model."""
-        logits = self.logits(windows).astype(np.float64)
+        return self.predictions(
+            self.logits(windows), window_ends=window_ends, normal_class=normal_class
+        )
+
+    def predictions(
+        self,
+        logits: npt.NDArray[np.float32],
+        *,
+        window_ends: Sequence[float | None] | None = None,
+        normal_class: int = 0,
+    ) -> list[Prediction]:
+        """The :class:`Prediction` of each row of this model's ``logits`` (:meth:`logits`):
+        ``predict`` keeps a long file's logits and builds its predictions a slice at a time."""
+        logits = logits.astype(np.float64)
         shifted = logits - logits.max(axis=1, keepdims=True)
         probabilities = np.exp(shifted)
         probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -430,10 +444,31 @@ def alerts_topic(deployment: str, cloud: str, agent: str) -> str:
     return f"{cloud_prefix(deployment, cloud)}/site/{validate_identifier(agent)}/alerts"
 
 
-def windows_over(
-    buffer: SeriesReader, spec: WindowSpec, *, stride: int = 1
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-    """Every complete window of the buffer's whole time range: ``(ends, windows)``.
+@dataclass(frozen=True, eq=False)
+class GridWindows:
+    """The complete windows of a series resampled on the grid, cut on demand: the grid's
+    samples are kept once (``n_grid × n_tags``), not every window's copy of them
+    (``length`` times as much), so a long historian export is scored a slice at a time."""
+
+    features: npt.NDArray[np.float32]  # (n_grid, n_tags): the series on the grid
+    ends: npt.NDArray[np.float64]  # grid time of each complete window's last point
+    end_rows: npt.NDArray[np.int64]  # each window's last row in ``features``
+    length: int
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def windows(self, start: int = 0, stop: int | None = None) -> npt.NDArray[np.float32]:
+        """Windows ``start:stop`` as one ``(n, length, n_tags)`` array."""
+        rows = self.end_rows[start:stop]
+        if len(rows) == 0:
+            return np.empty((0, self.length, self.features.shape[1]), dtype=np.float32)
+        view = np.lib.stride_tricks.sliding_window_view(self.features, self.length, axis=0)
+        return np.ascontiguousarray(view[rows - self.length + 1].transpose(0, 2, 1))
+
+
+def windows_over(buffer: SeriesReader, spec: WindowSpec, *, stride: int = 1) -> GridWindows:
+    """Every complete window of the buffer's whole time range.
 
     Windows end at grid points ``stride`` steps apart (counted from the newest), on the grid
     and with the forward-fill limit of :func:`window_ending_at`; windows with a missing
@@ -450,17 +485,16 @@ def windows_over(
     grid: npt.NDArray[np.float64] = steps * period
     features = np.empty((len(grid), len(spec.tags)), dtype=np.float32)
     present = np.ones(len(grid), dtype=bool)
+    unread = dict(series)  # each tag's samples are let go once they are on the grid
+    del series
     for column, tag in enumerate(spec.tags):
-        values, tag_present = resample(series[tag], grid, spec.feature_max_gap_s)
+        values, tag_present = resample(unread.pop(tag), grid, spec.feature_max_gap_s)
         features[:, column] = values
         present &= tag_present
     if len(grid) < spec.length:
-        return np.empty(0), np.empty((0, spec.length, len(spec.tags)), dtype=np.float32)
+        no_rows = np.empty(0, dtype=np.int64)
+        return GridWindows(features, np.empty(0), no_rows, spec.length)
     missing = np.concatenate(([0], np.cumsum(~present)))
-    ends = np.arange(len(grid) - 1, spec.length - 2, -stride)[::-1]
+    ends = np.arange(len(grid) - 1, spec.length - 2, -stride, dtype=np.int64)[::-1]
     complete = ends[missing[ends + 1] - missing[ends + 1 - spec.length] == 0]
-    view = np.lib.stride_tricks.sliding_window_view(features, spec.length, axis=0)
-    windows = np.ascontiguousarray(
-        view[complete - spec.length + 1].transpose(0, 2, 1), dtype=np.float32
-    )
-    return grid[complete], windows
+    return GridWindows(features, grid[complete], complete, spec.length)
