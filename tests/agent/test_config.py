@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -452,7 +453,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ConfigError, match=f"cannot write {path}: No space left"):
         write_config(path, full_config(log_level="debug"))
     assert path.read_bytes() == before
     assert leftovers(tmp_path) == []
@@ -603,6 +604,19 @@ def test_init_writes_its_options_into_the_config_install_service_wrote(tmp_path:
     assert "identity key already" in again.output
     assert "agent_id 'gw-77' -> 'gw-78'" in again.output
     assert config.read_text() == before
+
+
+def test_init_with_a_config_path_under_a_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "afile" / "agent.toml"
+    init = ["init", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--json"]
+    result = CliRunner().invoke(main, [*init, "--agent-id", "gw-1"])
+    assert result.exit_code == 3, result.output
+    assert json.loads(result.stdout) == {
+        "error": f"cannot write {config}: Not a directory",
+        "exit_code": 3,
+    }
+    assert not (tmp_path / "state" / "identity.key").exists()
 
 
 def test_init_writes_all_its_options_or_none(tmp_path: Path) -> None:

@@ -291,6 +291,18 @@ def test_init_with_another_key_for_this_cloud_is_a_key_error(
     assert "this coordinator's key" in result.output
 
 
+def test_init_out_under_a_file_is_a_config_error_not_a_traceback(
+    clouds: list[Coordinator], tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("")
+    result = clouds[0].run("init", "--out", tmp_path / "afile" / "x.json", "--json")
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert json.loads(result.stdout) == {
+        "error": f"cannot write {tmp_path / 'afile' / 'x.json'}: Not a directory",
+        "exit_code": int(ExitCode.CONFIG),
+    }
+
+
 def test_without_a_state_dir_exit_config(tmp_path: Path) -> None:
     nobody = Coordinator("cloud-1", tmp_path / "none", "")
     result = nobody.run("init", "--out", tmp_path / "x.json")

@@ -1076,11 +1076,15 @@ def write_config(path: Path, config: AgentConfig) -> None:
     The configuration is validated first (an empty ``coordinator_public_key`` is allowed,
     so a not-yet-enrolled agent can be written). An existing file keeps its mode and, where
     permitted, its owner; a new file gets mode 0640. If anything fails, the old file is left
-    untouched and no temporary file remains.
+    untouched and no temporary file remains; a path that cannot be written is a
+    :class:`ConfigError` naming it.
     """
     _raise_problems(validate_config(config, require_complete=False), str(path))
     text = _FILE_HEADER + tomli_w.dumps(config_as_dict(config))
-    atomic_write(path, text.encode("utf-8"))
+    try:
+        atomic_write(path, text.encode("utf-8"))
+    except OSError as exc:  # its folder is a file, no permission, disk full
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def set_config_value(path: Path, key: str, value: str) -> AgentConfig:

@@ -8,6 +8,7 @@ rename survives a power cut once :func:`atomic_write` returns.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -22,7 +23,12 @@ def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
     ``mode=None`` keeps an existing file's mode and owner (a new file gets
     :data:`NEW_FILE_MODE`); an explicit ``mode`` is always applied.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's word for "a folder on the way is a file"
+        raise NotADirectoryError(
+            errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)
+        ) from None
     try:
         existing: os.stat_result | None = path.stat()
     except FileNotFoundError:

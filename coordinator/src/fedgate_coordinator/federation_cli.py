@@ -115,8 +115,13 @@ def read_manifest_file(path: Path) -> SignedManifest:
 
 
 def write_manifest_file(path: Path, signed: SignedManifest, *, mode: int = 0o644) -> None:
-    """Write atomically (:func:`~fedgate_common.atomic_files.atomic_write`)."""
-    atomic_write(path, encode_manifest_file(signed), mode=mode)
+    """Write atomically (:func:`~fedgate_common.atomic_files.atomic_write`); a path that
+    cannot be written (its folder is a file, no permission, disk full) is a
+    :class:`ConfigError` naming it."""
+    try:
+        atomic_write(path, encode_manifest_file(signed), mode=mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def installed_manifest(state_dir: Path) -> SignedManifest | None:

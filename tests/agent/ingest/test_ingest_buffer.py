@@ -23,7 +23,7 @@ from fedgate_agent.ingest.buffer import (
     InsertResult,
     RejectedPayload,
 )
-from fedgate_agent.ingest.errors import BufferCorrupted, IngestError
+from fedgate_agent.ingest.errors import BufferCorrupted, BufferPathForeign, IngestError
 from fedgate_agent.ingest.samples import Sample
 from fedgate_agent.ingest.wal_check import wal_damage
 
@@ -250,6 +250,32 @@ def test_a_corrupted_file_is_quarantined_and_a_new_buffer_works(
     with open_buffer(path) as buffer:
         assert buffer.quarantined is None
         assert buffer.stats().samples == 1
+
+
+def test_a_file_that_was_never_a_buffer_is_left_as_it_is(tmp_path: Path) -> None:
+    """A mistyped buffer path naming some other file (not SQLite, not whole pages) is
+    refused, not moved aside; another application's SQLite database is not written."""
+    text = tmp_path / "line3.csv"
+    text.write_text("timestamp,T1\n2026-11-01T00:00:00Z,1.5\n" * 31)
+    before = text.read_bytes()
+    with pytest.raises(BufferPathForeign, match="not an SQLite database, nor a damaged one"):
+        open_buffer(text)
+    assert text.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["line3.csv"]
+
+    other = tmp_path / "historian.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE readings(ts REAL, value REAL)")
+        db.execute("INSERT INTO readings VALUES (1.0, 2.0)")
+    db.close()
+    before = other.read_bytes()
+    with pytest.raises(BufferPathForeign, match=r"another SQLite database \(tables readings\)"):
+        open_buffer(other)
+    with sqlite3.connect(other) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
+    db.close()
+    assert tables == ["readings"]
+    assert not list(tmp_path.glob("historian.db.corrupt-*"))
 
 
 def test_read_only_open_reports_corruption_without_moving_the_file(tmp_path: Path) -> None:

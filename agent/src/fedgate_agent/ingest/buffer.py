@@ -63,7 +63,7 @@ import numpy as np
 import numpy.typing as npt
 from fedgate_common.logs import log_event
 
-from fedgate_agent.ingest.errors import BufferCorrupted, IngestError
+from fedgate_agent.ingest.errors import BufferCorrupted, BufferPathForeign, IngestError
 from fedgate_agent.ingest.samples import Sample
 from fedgate_agent.ingest.wal_check import wal_damage
 
@@ -289,6 +289,7 @@ class IngestBuffer:
             connection = _connect(path, read_only=False)
             _check_integrity(connection, path)
         except BufferCorrupted as exc:
+            _refuse_a_foreign_file(path)
             quarantined = _quarantine(path)
             log_event(
                 log,
@@ -731,12 +732,44 @@ def _header_is_sound(header: bytes) -> bool:
     return page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0)
 
 
+def _refuse_a_foreign_file(path: Path) -> None:
+    """Raise :class:`BufferPathForeign` when the file at ``path`` cannot be a damaged buffer:
+    no SQLite header and not whole pages (an SQLite file is always a whole number of pages
+    of 512 bytes or more). A mistyped ``ingest.buffer_file`` naming some other file must
+    not have that file moved aside and replaced."""
+    header = _read_header(path)
+    size = path.stat().st_size
+    if header.startswith(_SQLITE_HEADER) or size % 512 == 0:
+        return
+    raise BufferPathForeign(
+        f"{path} is not an SQLite database, nor a damaged one ({size:,} bytes, not whole "
+        "pages): ingest.buffer_file names some other file? It was left as it is; correct "
+        "the path, or move the file away to start a new buffer there"
+    )
+
+
+def _refuse_a_foreign_database(connection: sqlite3.Connection, path: Path) -> None:
+    """Raise :class:`BufferPathForeign` (and roll back) when ``path`` is an SQLite database
+    with tables but no buffer ``meta`` table: another application's, not to be written."""
+    names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    if not names or "meta" in names:
+        return
+    connection.execute("ROLLBACK")
+    connection.close()
+    shown = ", ".join(sorted(names)[:5])
+    raise BufferPathForeign(
+        f"{path} is another SQLite database (tables {shown}), not an agent's buffer: "
+        "ingest.buffer_file names the wrong file? It was not changed"
+    )
+
+
 def _create_schema(connection: sqlite3.Connection, settings: BufferSettings) -> None:
     connection.execute("PRAGMA journal_mode = WAL")
     connection.execute("PRAGMA synchronous = FULL")
     connection.execute("PRAGMA journal_size_limit = 67108864")
     connection.execute("PRAGMA cache_size = -16384")
     connection.execute("BEGIN IMMEDIATE")
+    _refuse_a_foreign_database(connection, settings.path)
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             connection.execute(statement)

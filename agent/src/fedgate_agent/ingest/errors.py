@@ -22,6 +22,7 @@ from fedgate_agent.errors import AgentError
 __all__ = [
     "BufferCorrupted",
     "BufferFull",
+    "BufferPathForeign",
     "ColumnMappingInvalid",
     "ImportFailed",
     "IngestError",
@@ -45,6 +46,11 @@ class MalformedPayload(IngestError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class BufferPathForeign(IngestError):
+    """The buffer's path names a file that is not (and never was) an agent's buffer: it is
+    left untouched."""
 
 
 class BufferCorrupted(IngestError):
