@@ -264,3 +264,7 @@ def test_a_long_file_is_scored_a_slice_at_a_time_with_the_same_result(
     assert code == ExitCode.DATA
     assert "windows 28–34: 1 of 7 windows gave non-finite scores" in err
     assert "predictions" not in out
+    np.savez(windows, x=x[:, :19])  # one time step short: the file's shape is named
+    code, _, err = predict("--config", str(config), "--input", str(windows))
+    assert code == ExitCode.DATA
+    assert "windows of shape (40, 19, 52) do not fit the model" in err

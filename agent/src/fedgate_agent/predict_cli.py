@@ -205,6 +205,7 @@ def predict_command(
         model = load_scoring_model(path)
         if is_npz:
             x, labels = _read_npz(input_file)
+            model.check_shape(x.shape)  # the file's shape, before it is cut into slices
             scored = _Scored(x.__getitem__, len(x), None, labels)
         else:
             mapping = ColumnMapping(
@@ -281,7 +282,12 @@ def _logits(model: ScoringModel, scored: _Scored, progress: bool) -> npt.NDArray
         try:
             logits[rows] = model.logits(scored.windows(rows))
         except ScoringFailed as exc:
-            raise ScoringFailed(f"windows {rows.start:,}–{rows.stop - 1:,}: {exc}") from None
+            if scored.ends is None:
+                where = f"windows {rows.start:,}–{rows.stop - 1:,}"
+            else:
+                first, last = scored.ends[rows.start], scored.ends[rows.stop - 1]
+                where = f"windows ending {_iso(float(first))} – {_iso(float(last))}"
+            raise ScoringFailed(f"{where}: {exc}") from None
         if progress:
             click.echo(
                 f"\rscored {rows.stop:,} of {scored.count:,} windows "
@@ -362,7 +368,7 @@ def _write_text(
     titles = ("window", "class", "probability", "anomaly score")
     click.echo(
         "  ".join(
-            t.ljust(w) if i == 0 else t.rjust(w)
+            t.ljust(w) if i == 0 and scored.ends is not None else t.rjust(w)
             for i, (t, w) in enumerate(zip(titles, widths, strict=True))
         ).rstrip()
     )
@@ -371,10 +377,13 @@ def _write_text(
     for batch in batches:
         lines = []
         for index, p in enumerate(batch, start=tally.seen):
-            where = _iso(p.window_end) if p.window_end is not None else str(index)
+            if p.window_end is None:
+                where = str(index).rjust(widths[0])
+            else:
+                where = _iso(p.window_end).ljust(widths[0])
             score = "-" if p.anomaly_score is None else f"{p.anomaly_score:.4f}"
             lines.append(
-                f"{where:<{widths[0]}}  {p.predicted_class:>{widths[1]}}  "
+                f"{where}  {p.predicted_class:>{widths[1]}}  "
                 f"{p.probability:>{widths[2]}.4f}  {score:>{widths[3]}}"
             )
         tally.add(batch)

@@ -171,15 +171,19 @@ class ScoringModel:
             raise ScoringModelUnusable(f"{where} has inputs {inputs}, not {INPUT_NAME!r}")
         return model
 
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`WindowShapeError` unless ``shape`` is ``(n, window, n_features)``."""
+        expected = (self.spec.window, self.spec.n_features)
+        if len(shape) != 3 or shape[1:] != expected:
+            raise WindowShapeError(
+                f"windows of shape {shape} do not fit the model: it needs (n, {expected[0]}, "
+                f"{expected[1]}) — {expected[0]} time steps of {expected[1]} features"
+            )
+
     def logits(self, windows: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
         """Raw model output ``(n, n_classes)`` for ``windows`` ``(n, window, n_features)``."""
         x = np.ascontiguousarray(windows, dtype=np.float32)
-        expected = (self.spec.window, self.spec.n_features)
-        if x.ndim != 3 or x.shape[1:] != expected:
-            raise WindowShapeError(
-                f"windows of shape {x.shape} do not fit the model: it needs (n, {expected[0]}, "
-                f"{expected[1]}) — {expected[0]} time steps of {expected[1]} features"
-            )
+        self.check_shape(x.shape)
         try:
             out: npt.NDArray[np.float32] = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
         except Exception as exc:  # onnxruntime's errors have no common Python base class
