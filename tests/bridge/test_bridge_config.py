@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from fedgate_bridge.config import client_id_of, load_config
 from fedgate_bridge.errors import ConfigError
-from fedgate_bridge.run_cli import ExitCode, check, run
+from fedgate_bridge.run_cli import ExitCode, check, run, status
 
 PACKAGING = Path(__file__).resolve().parents[2] / "packaging"
 
@@ -221,9 +221,15 @@ def test_check_lists_every_problem_and_exits_3(tmp_path: Path) -> None:
     assert "4 problems" in result.output
     as_json = CliRunner().invoke(check, ["--config", str(path), "--json"])
     assert as_json.exit_code == 3
-    report = json.loads(as_json.output)
+    report = json.loads(as_json.stdout)
     assert report["ok"] is False
     assert len(report["problems"]) == 4
+    assert report["exit_code"] == 3
+    assert "4 problems" in report["error"]
+    # status reads the same config: with --json its failure is JSON too
+    as_json = CliRunner().invoke(status, ["--config", str(path), "--json"])
+    assert as_json.exit_code == 3
+    assert json.loads(as_json.stdout)["problems"] == report["problems"]
 
 
 def test_check_summarises_a_valid_config(tmp_path: Path) -> None:
@@ -297,7 +303,7 @@ def test_hosts_the_resolver_cannot_encode_are_refused_by_check(tmp_path: Path) -
     )
     result = CliRunner().invoke(check, ["--config", str(path), "--json"])
     assert result.exit_code == ExitCode.CONFIG, result.output
-    problems = json.loads(result.output)["problems"]
+    problems = json.loads(result.stdout)["problems"]
     assert len(problems) == 3, problems
     assert problems[0].startswith("broker.host = 'a..b' is not a host name or IP address")
     assert problems[1].startswith(f"modbus[0].host = '{long_label}.example' (source 'plc')")
@@ -326,7 +332,7 @@ def test_names_and_prefixes_the_broker_would_refuse_are_problems(tmp_path: Path)
     )
     result = CliRunner().invoke(check, ["--config", str(path), "--json"])
     assert result.exit_code == ExitCode.CONFIG, result.output
-    problems = json.loads(result.output)["problems"]
+    problems = json.loads(result.stdout)["problems"]
     assert [p.split(" = ")[0] for p in problems] == [
         "topic_prefix",
         "broker.client_id",

@@ -181,6 +181,11 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert "simulating" not in result.stderr
     assert out.read_bytes() == b"keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["runs.npz"]
+    as_json = run_command("--out", str(out), *SHORT, "--faults", "0", "--sets", "1", "--json")
+    assert as_json.returncode == SimulateRunsExitCode.EXISTS
+    report = json.loads(as_json.stdout)  # a script reading --json gets JSON on failure too
+    assert report["exit_code"] == int(SimulateRunsExitCode.EXISTS)
+    assert "--force" in report["error"]
 
 
 @pytest.mark.parametrize(

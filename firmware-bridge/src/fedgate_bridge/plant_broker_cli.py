@@ -10,15 +10,15 @@ the bridges' passwords.
 from __future__ import annotations
 
 import json
-import sys
 import tomllib
 from enum import IntEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from fedgate_common.atomic_files import atomic_write
 
+from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.plant_broker import (
     AGENT_ACL_NAME,
     BRIDGE_ACL_NAME,
@@ -55,15 +55,10 @@ Exit codes:
   5 a file in --out has other content (edited by hand?); --force replaces it"""
 
 
-def _fail(message: str, code: PlantBrokerExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
-
-
 def _bridge_option(text: str) -> BridgeUser:
     username, sep, prefix = text.partition("=")
     if not sep:
-        _fail(f"--bridge {text!r} is not USER=PREFIX", PlantBrokerExitCode.USAGE)
+        fail(f"--bridge {text!r} is not USER=PREFIX", PlantBrokerExitCode.USAGE)
     return BridgeUser(username=username.strip(), topic_prefix=prefix.strip().rstrip("/"))
 
 
@@ -73,18 +68,18 @@ def _bridge_of_config(path: Path) -> BridgeUser:
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        _fail(f"cannot read bridge config {path}: {exc}", PlantBrokerExitCode.CONFIG)
+        fail(f"cannot read bridge config {path}: {exc}", PlantBrokerExitCode.CONFIG)
     broker = raw.get("broker", {})
     username = broker.get("username", "") if isinstance(broker, dict) else ""
     prefix = raw.get("topic_prefix", "")
     if not isinstance(username, str) or not username:
-        _fail(
+        fail(
             f"{path}: broker.username is empty; a bridge logs in at the plant broker under "
             "a user of its own (set it, or use --bridge USER=PREFIX)",
             PlantBrokerExitCode.CONFIG,
         )
     if not isinstance(prefix, str) or not prefix:
-        _fail(f"{path}: topic_prefix is missing", PlantBrokerExitCode.CONFIG)
+        fail(f"{path}: topic_prefix is missing", PlantBrokerExitCode.CONFIG)
     return BridgeUser(username=username, topic_prefix=prefix)
 
 
@@ -92,7 +87,7 @@ def _listener(text: str, option: str) -> Listener:
     try:
         return parse_listener(text)
     except ValueError as exc:
-        _fail(f"{option}: {exc}", PlantBrokerExitCode.USAGE)
+        fail(f"{option}: {exc}", PlantBrokerExitCode.USAGE)
 
 
 def _next_steps(plan: PlantBrokerPlan, out_dir: Path) -> list[str]:
@@ -214,7 +209,7 @@ def plant_broker_config(
     )
     problems = plan_problems(plan)
     if problems:
-        _fail("; ".join(problems), PlantBrokerExitCode.USAGE)
+        fail("; ".join(problems), PlantBrokerExitCode.USAGE)
     files = {
         CONF_NAME: mosquitto_conf(plan),
         AGENT_ACL_NAME: agent_acl(plan),
@@ -228,12 +223,12 @@ def plant_broker_config(
                 click.echo(f"# ---- {name}\n{text}")
         return
     if out_dir.exists() and not out_dir.is_dir():
-        _fail(f"--out {out_dir} is not a directory", PlantBrokerExitCode.CONFIG)
+        fail(f"--out {out_dir} is not a directory", PlantBrokerExitCode.CONFIG)
     current = {name: _read(out_dir / name) for name in files}  # None: absent or unreadable
     unchanged = [name for name, text in files.items() if current[name] == text]
     differing = [n for n in files if (out_dir / n).exists() and n not in unchanged]
     if differing and not force:
-        _fail(
+        fail(
             f"{', '.join(str(out_dir / n) for n in differing)} differ from what would be "
             "written (edited by hand?); --force replaces them",
             PlantBrokerExitCode.EXISTS,
@@ -245,7 +240,7 @@ def plant_broker_config(
                 atomic_write(out_dir / name, text.encode(), mode=0o644)
                 written.append(str(out_dir / name))
     except OSError as exc:
-        _fail(f"cannot write {out_dir}: {exc}", PlantBrokerExitCode.CONFIG)
+        fail(f"cannot write {out_dir}: {exc}", PlantBrokerExitCode.CONFIG)
     steps = _next_steps(plan, out_dir)
     if as_json:
         result = {

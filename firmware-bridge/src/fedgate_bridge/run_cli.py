@@ -24,7 +24,7 @@ import sys
 from enum import IntEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import msgspec
@@ -34,6 +34,7 @@ from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.tasks import leaf_error
 from fedgate_common.text_table import format_table
 
+from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.config import (
     DEFAULT_CONFIG_PATH,
     BridgeConfig,
@@ -73,24 +74,16 @@ config_option = click.option(
 )
 
 
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
-
-
 def _echo_json(data: object) -> None:
     click.echo(json.dumps(msgspec.to_builtins(data), indent=2))
 
 
-def _load(config_path: Path, *, as_json: bool = False) -> BridgeConfig:
-    """Load the config or exit 3 with every problem (as JSON with ``--json``)."""
+def _load(config_path: Path) -> BridgeConfig:
+    """Load the config or exit 3 with every problem (also as JSON with ``--json``)."""
     try:
         return load_config(config_path)
     except ConfigError as exc:
-        if as_json:
-            _echo_json({"ok": False, "config": str(config_path), "problems": exc.problems})
-            sys.exit(int(ExitCode.CONFIG))
-        _fail(str(exc), ExitCode.CONFIG)
+        fail(str(exc), ExitCode.CONFIG, problems=exc.problems, ok=False, config=str(config_path))
 
 
 # --------------------------------------------------------------------------- run
@@ -156,13 +149,13 @@ def run(config_path: Path, log_json: bool) -> None:
     try:
         asyncio.run(_run_until_signal(config))
     except (ConfigError, StateDirUnusable) as exc:
-        _fail(str(exc), ExitCode.CONFIG)
+        fail(str(exc), ExitCode.CONFIG)
     except AlreadyRunning as exc:
-        _fail(str(exc), ExitCode.OUTBOX)
+        fail(str(exc), ExitCode.OUTBOX)
     except Exception as exc:
         outbox_error = leaf_error(exc, OutboxError)
         if outbox_error is not None:
-            _fail(str(outbox_error), ExitCode.OUTBOX)
+            fail(str(outbox_error), ExitCode.OUTBOX)
         log.exception("bridge failed", extra={"fields": {"config": str(config_path)}})
         sys.exit(int(ExitCode.FAILURE))
 
@@ -212,7 +205,7 @@ def check(config_path: Path, as_json: bool) -> None:
     Example:
       fedgate-bridge check --config /etc/fedgate/bridge.toml --json
     """
-    config = _load(config_path, as_json=as_json)
+    config = _load(config_path)
     rows = _source_rows(config)
     summary = {
         "ok": True,
@@ -273,7 +266,7 @@ def status(config_path: Path, as_json: bool) -> None:
         outbox = read_outbox_summary(config.outbox_path)
         parked = read_parked_topics(config.outbox_path)
     except OutboxError as exc:
-        _fail(str(exc), ExitCode.OUTBOX)
+        fail(str(exc), ExitCode.OUTBOX)
     last = read_status(config.status_path)
     running = last is not None and last.state == "running" and _process_alive(last.pid)
     if as_json:

@@ -18,12 +18,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from fedgate_common.atomic_files import atomic_write
 from fedgate_common.logs import configure_logging, log_event
 
+from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.errors import ConfigError, SimulatorError
 from fedgate_bridge.simulator.exit_codes import EXIT_CODES_HELP, SimulateExitCode
 from fedgate_bridge.simulator.register_map import (
@@ -72,11 +72,6 @@ class SiteOptions:
     def sample_period_s(self) -> float:
         """Wall seconds between two published samples."""
         return self.sample_minutes * 60.0 / self.speed
-
-
-def _fail(message: str, code: SimulateExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
 
 
 def _check_topic_prefix(prefix: str) -> None:
@@ -434,7 +429,7 @@ def simulate(
         )
         asyncio.run(_serve(options, site))
     except ConfigError as exc:
-        _fail(str(exc), SimulateExitCode.CONFIG)
+        fail(str(exc), SimulateExitCode.CONFIG)
     except PlantShutdown as exc:
         log_event(
             _logger,
@@ -443,9 +438,9 @@ def simulate(
             sim_hours=round(exc.time_h, 3),
             reason=exc.reason,
         )
-        _fail(str(exc), SimulateExitCode.SIMULATOR_FAILED)
+        fail(str(exc), SimulateExitCode.SIMULATOR_FAILED)
     except SimulatorError as exc:
-        _fail(str(exc), SimulateExitCode.SIMULATOR_FAILED)
+        fail(str(exc), SimulateExitCode.SIMULATOR_FAILED)
 
 
 if __name__ == "__main__":  # `python -m fedgate_bridge.simulate_cli`, usable without cli.py

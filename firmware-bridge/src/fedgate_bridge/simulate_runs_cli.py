@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -22,10 +21,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
+from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.errors import ConfigError, SimulatorError
 from fedgate_bridge.simulator.plant_runs import (
     FAULT_START_H,
@@ -66,11 +65,6 @@ Exit codes:
   130 interrupted (Ctrl-C, SIGTERM): nothing written"""
 
 
-def _fail(message: str, code: SimulateRunsExitCode) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(int(code))
-
-
 def _default_jobs() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     if hasattr(os, "sched_getaffinity"):
@@ -88,9 +82,9 @@ def _parse_faults(ctx: click.Context, param: click.Parameter, value: str) -> tup
 def _check_out(path: Path, *, force: bool) -> None:
     """Exit 5 if ``path`` exists (without ``force``), 3 if it cannot be written."""
     if path.is_dir():
-        _fail(f"--out {str(path)!r} is a directory; give a file name", SimulateRunsExitCode.OUTPUT)
+        fail(f"--out {str(path)!r} is a directory; give a file name", SimulateRunsExitCode.OUTPUT)
     if path.exists() and not force:
-        _fail(
+        fail(
             f"--out {str(path)!r} exists; pass --force to replace it",
             SimulateRunsExitCode.EXISTS,
         )
@@ -98,9 +92,9 @@ def _check_out(path: Path, *, force: bool) -> None:
     while not ancestor.exists():  # save_plant_runs creates the missing directories
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        _fail(f"--out: {str(ancestor)!r} is not a directory", SimulateRunsExitCode.OUTPUT)
+        fail(f"--out: {str(ancestor)!r} is not a directory", SimulateRunsExitCode.OUTPUT)
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        _fail(f"--out: directory {str(ancestor)!r} is not writable", SimulateRunsExitCode.OUTPUT)
+        fail(f"--out: directory {str(ancestor)!r} is not writable", SimulateRunsExitCode.OUTPUT)
 
 
 def _simulator_version() -> str:
@@ -278,11 +272,11 @@ def simulate_runs_command(
         with _sigterm_interrupts():
             results, seconds = _simulate_and_write(out, plan, jobs=jobs, force=force)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing written", SimulateRunsExitCode.INTERRUPTED)
+        fail("interrupted; nothing written", SimulateRunsExitCode.INTERRUPTED)
     except BrokenProcessPool as exc:  # a worker was killed (out of memory?)
-        _fail(f"a worker process died: {exc}", SimulateRunsExitCode.SIMULATOR_FAILED)
+        fail(f"a worker process died: {exc}", SimulateRunsExitCode.SIMULATOR_FAILED)
     except SimulatorError as exc:  # tep-studio is not installed
-        _fail(str(exc), SimulateRunsExitCode.SIMULATOR_FAILED)
+        fail(str(exc), SimulateRunsExitCode.SIMULATOR_FAILED)
     _report(out, plan, results, seconds, as_json=as_json)
 
 
@@ -310,14 +304,14 @@ def _simulate_and_write(
         ),
     )
     if out.exists() and not force:  # created while we simulated
-        _fail(
+        fail(
             f"--out {str(out)!r} appeared while simulating; pass --force to replace it",
             SimulateRunsExitCode.EXISTS,
         )
     try:
         _write(out, plan, results)
     except OSError as exc:
-        _fail(f"cannot write --out {str(out)!r}: {exc}", SimulateRunsExitCode.OUTPUT)
+        fail(f"cannot write --out {str(out)!r}: {exc}", SimulateRunsExitCode.OUTPUT)
     return results, time.perf_counter() - started
 
 
