@@ -8,6 +8,7 @@ sysusers.d entries. The units shipped in packaging/ must be exactly what the com
 from __future__ import annotations
 
 import filecmp
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -163,6 +164,11 @@ def test_reinstall_keeps_config_and_refuses_an_edited_unit(tmp_path: Path) -> No
     assert "fedgate-agent.service" in err
     assert "--force" in err
     assert unit.read_text() == edited
+    code, out, _ = install("fedgate-agent", tmp_path, "--json")
+    assert code == InstallExit.CONFLICT
+    failure = json.loads(out)  # a script reading --json gets JSON on failure too
+    assert failure["exit_code"] == int(InstallExit.CONFLICT)
+    assert "--force" in failure["error"]
 
     code, out, err = install("fedgate-agent", tmp_path, "--dry-run")
     assert code == InstallExit.CONFLICT
@@ -229,6 +235,13 @@ def test_secrets_and_serial_ports_of_an_existing_config(
     for line in expected:
         assert line in text.splitlines(), line
     assert verify(unit) == ""
+
+
+def test_a_serial_device_outside_dev_is_a_bad_command_line(tmp_path: Path) -> None:
+    code, _, err = install("fedgate-bridge", tmp_path, "--serial-device", "ttyUSB0")
+    assert code == 2
+    assert "'ttyUSB0' is not a device path under /dev/" in err
+    assert not (tmp_path / "etc").exists()
 
 
 def test_missing_template_is_a_config_error(tmp_path: Path) -> None:

@@ -311,8 +311,8 @@ def install_service(
     service's existing configuration under ``root`` (``existing_config``, default
     ``config_file``; if any), let ``build(existing, program, template)`` make the spec,
     plan and apply. Returns the exit code, the report for stdout ("" when nothing was
-    planned) and the error for stderr ("" when none; a dry run that would refuse a file
-    has both)."""
+    planned; with ``as_json``, a failure's ``{error, exit_code}``) and the error for
+    stderr ("" when none; a dry run that would refuse a file has both)."""
     try:
         root_text = str(Path(root).absolute())
         require_root(root=root_text, euid=0 if dry_run else os.geteuid())
@@ -325,7 +325,10 @@ def install_service(
         plan = plan_install(spec, root=root_text)
         outcomes = apply_plan(plan, dry_run=dry_run, force=force)
     except InstallError as exc:
-        return exit_code_of(exc), "", f"error: {exc}"
+        code = exit_code_of(exc)
+        # with --json a script gets JSON on failure too, as from every other command
+        failure = json.dumps({"error": str(exc), "exit_code": int(code)}, indent=2)
+        return code, failure if as_json else "", f"error: {exc}"
     report = install_report(plan, outcomes, dry_run=dry_run, as_json=as_json)
     refused = [o.target for o in outcomes if o.outcome == "refuse"]  # a dry run's only
     if refused:

@@ -73,12 +73,24 @@ def bridge_service_spec(
     )
 
 
+def _device_paths(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    for value in values:
+        if not value.startswith("/dev/"):
+            raise click.BadParameter(
+                f"{value!r} is not a device path under /dev/ (such as /dev/ttyUSB0)"
+            )
+    return values
+
+
 @click.command("install-service", epilog=INSTALL_EXIT_CODES_HELP)
 @with_install_options(click.option)
 @click.option(
     "--serial-device",
     "serial_devices",
     multiple=True,
+    callback=_device_paths,
     help="Serial port for Modbus RTU (repeatable); those in the config are added anyway.",
 )
 def install_service(serial_devices: tuple[str, ...], **options: Any) -> None:
