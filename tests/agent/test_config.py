@@ -628,3 +628,15 @@ def test_init_writes_all_its_options_or_none(tmp_path: Path) -> None:
     assert result.exit_code == 3, result.output
     assert config.read_text() == before  # not half-changed
     assert not list(tmp_path.rglob("identity.key"))
+
+
+def test_json_failure_lists_every_config_problem(tmp_path: Path) -> None:
+    bad = MINIMAL.replace('"site-1"', '"bad id!"') + 'log_level = "loud"\n'
+    path = write(tmp_path, bad + f'state_dir = "{tmp_path / "state"}"\n')
+    result = CliRunner().invoke(main, ["status", "--config", str(path), "--json"])
+    assert result.exit_code == 3, result.output
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 3
+    assert len(report["problems"]) == 2
+    assert any("log_level" in problem for problem in report["problems"])
+    assert any("agent_id" in problem for problem in report["problems"])

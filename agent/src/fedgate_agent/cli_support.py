@@ -46,13 +46,17 @@ Exit codes:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: ExitCode) -> NoReturn:
+def fail(message: str, code: ExitCode, *, problems: list[str] | None = None) -> NoReturn:
     """``error: …`` on stderr and exit ``code``; a command run with ``--json`` also prints
-    ``{"error": …, "exit_code": …}`` on stdout, so that a script reading it gets JSON."""
+    ``{"error": …, "exit_code": …}`` (and ``problems``, when there are several) on stdout,
+    so that a script reading it gets JSON."""
     click.echo(f"error: {message}", err=True)
     context = click.get_current_context(silent=True)
     if context is not None and context.params.get("as_json"):
-        echo_json({"error": message, "exit_code": int(code)})
+        report: dict[str, object] = {"error": message, "exit_code": int(code)}
+        if problems and len(problems) > 1:
+            report["problems"] = problems
+        echo_json(report)
     sys.exit(int(code))
 
 
@@ -66,7 +70,9 @@ def guard(func: F) -> F:
             fail(str(exc), ExitCode.CONFLICT)
         except ManifestInvalid as exc:
             fail(str(exc), ExitCode.MANIFEST)
-        except (ConfigError, StateDirUnusable) as exc:
+        except ConfigError as exc:
+            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
+        except StateDirUnusable as exc:
             fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:
             fail(str(exc), ExitCode.CONFIG)
