@@ -268,3 +268,14 @@ def test_a_long_file_is_scored_a_slice_at_a_time_with_the_same_result(
     code, _, err = predict("--config", str(config), "--input", str(windows))
     assert code == ExitCode.DATA
     assert "windows of shape (40, 19, 52) do not fit the model" in err
+
+
+def test_an_input_of_no_known_format_is_named_before_anything_else(
+    config: Path, tmp_path: Path
+) -> None:
+    notes = tmp_path / "readings.toml"
+    notes.write_text("x = 1\n")
+    code, _, err = predict("--config", str(config), "--input", str(notes))
+    assert code == ExitCode.DATA
+    assert "not a windows file (.npz) nor a historian export" in err
+    assert "[windows]" not in err  # not mistaken for a configuration problem

@@ -47,7 +47,7 @@ from fedgate_agent.data_settings import window_spec
 from fedgate_agent.errors import ConfigError, LocalDataError
 from fedgate_agent.ingest.buffer import BufferSettings, IngestBuffer
 from fedgate_agent.ingest.errors import IngestError
-from fedgate_agent.ingest.historian import ColumnMapping, import_history
+from fedgate_agent.ingest.historian import ColumnMapping, detect_format, import_history
 from fedgate_agent.local_dataset import read_npz_arrays
 from fedgate_agent.scoring import (
     GridWindows,
@@ -84,6 +84,17 @@ def _read_npz(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64
     if y is not None and (y.dtype.kind not in "iu" or y.shape != x.shape[:1]):
         raise LocalDataError(f"{path}: 'y' must hold one integer label per window", path=path)
     return x.astype(np.float32, copy=False), None if y is None else y.astype(np.int64)
+
+
+def _check_export_suffix(path: Path) -> None:
+    try:
+        detect_format(path)
+    except IngestError:
+        raise LocalDataError(
+            f"{path}: not a windows file (.npz) nor a historian export (.csv, .csv.gz, .tsv, "
+            ".txt, .parquet) by its name; rename it to the suffix of its format",
+            path=path,
+        ) from None
 
 
 def _windows_from_export(
@@ -195,6 +206,8 @@ def predict_command(
     config_given = source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     show_progress = not as_json and sys.stderr.isatty()
     try:
+        if not is_npz:
+            _check_export_suffix(input_file)
         # Windows and a model file alone need no agent; a configuration that is there (or
         # named) still supplies scoring.normal_class.
         if model_file is None or not is_npz or config_given or config_path.exists():
