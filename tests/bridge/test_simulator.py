@@ -410,6 +410,11 @@ def test_usage_and_config_errors_exit_before_serving(tmp_path: Path) -> None:
     )
     assert bad_dir.returncode == SimulateExitCode.CONFIG
     assert "cannot create directory" in bad_dir.stderr
+    bad_host = run_simulate("--modbus-port", str(free_port()), "--host", "not a host")
+    assert bad_host.returncode == SimulateExitCode.USAGE
+    assert "'not a host': it has a scheme, a path or spaces" in bad_host.stderr
+    bad_fault = run_simulate("--modbus-port", str(free_port()), "--fault", "IDV99:1", "--json")
+    assert json.loads(bad_fault.stdout)["exit_code"] == SimulateExitCode.CONFIG
 
 
 @pytest.fixture

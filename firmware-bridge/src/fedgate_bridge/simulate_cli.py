@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 from fedgate_common.atomic_files import atomic_write
+from fedgate_common.hosts import host_problem
 from fedgate_common.logs import configure_logging, log_event
 
 from fedgate_bridge.cli_failure import fail
@@ -285,6 +286,13 @@ Example (one site, fault 6 after one simulated hour, a bridge config for it):
 """
 
 
+def _listen_host(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    problem = host_problem(value)
+    if problem is not None:
+        raise click.BadParameter(f"{value!r}: {problem}")
+    return value
+
+
 @click.command("simulate", help=_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--plant", type=click.Choice(["tep"]), default="tep", show_default=True)
 @click.option(
@@ -303,7 +311,13 @@ Example (one site, fault 6 after one simulated hour, a bridge config for it):
 )
 @click.option("--opcua-port", type=_PORT, default=0, show_default=True, help="0 = no OPC-UA.")
 @click.option("--modbus-port", type=_PORT, default=0, show_default=True, help="0 = no Modbus.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    callback=_listen_host,
+    help="Address to listen on.",
+)
 @click.option(
     "--speed",
     type=_POSITIVE,
