@@ -3,6 +3,7 @@ each problem naming its key, before anything runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nacl.signing
@@ -83,11 +84,16 @@ def test_config_validate_exits_3_naming_the_tag_and_the_key(tmp_path: Path) -> N
     validate = ["config", "validate", "--config", str(config)]
     config.write_text(complete(state), encoding="utf-8")
     assert runner.invoke(agent_main, validate).exit_code == 0
+    valid = runner.invoke(agent_main, [*validate, "--json"])
+    assert json.loads(valid.stdout) == {"config": str(config), "valid": True}
 
     config.write_text(complete(state, data_path=BAD_TAGS), encoding="utf-8")
     result = runner.invoke(agent_main, validate)
     assert result.exit_code == ExitCode.CONFIG, result.output
     assert "windows.tags: tag 'XMEAS\\x00_2'" in result.output
+    report = json.loads(runner.invoke(agent_main, [*validate, "--json"]).stdout)
+    assert report["exit_code"] == ExitCode.CONFIG
+    assert any(problem.startswith("windows.tags:") for problem in report["problems"])
     assert "[[opcua_source]] number 1: tag '\\x1b[2JXMEAS_1'" in result.output
     assert "\x1b" not in result.output  # shown escaped, never sent to the terminal
 

@@ -281,20 +281,26 @@ def config_set(config_path: Path, key: str, value: str) -> None:
 
 @config.command("validate")
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @guard
-def config_validate(config_path: Path) -> None:
+def config_validate(config_path: Path, as_json: bool) -> None:
     """Check the configuration is complete and valid to run (exit 0) or say what to fix (3).
 
     Besides the file itself: the identity key, and every password and TLS file that `run`
-    reads (the broker's, the MQTT ingest's, each OPC-UA source's).
+    reads (the broker's, the MQTT ingest's, each OPC-UA source's). With --json: {"config",
+    "valid": true}, or on failure {"error", "exit_code"[, "problems"]}.
 
     \b
     Example:
       fedgate-agent config validate && systemctl restart fedgate-agent
+      fedgate-agent config validate --json | jq .problems
     """
     cfg = load_config(config_path)
     load_identity(cfg.state_path)
     check_login_files(cfg)
+    if as_json:
+        echo_json({"config": str(config_path), "valid": True})
+        return
     click.echo(f"{config_path}: valid")
 
 
