@@ -166,6 +166,14 @@ def test_four_clouds_sign_and_install_a_pre_trained_genesis(
         assert installed.exit_code == 0, installed.output
         assert (member.state_dir / GENESIS_WEIGHTS_NAME).read_bytes() == weights_file.read_bytes()
 
+    # Installing the same manifest again checks a weights file it is given, too.
+    again = clouds[0].run("install", v1, "--genesis-weights", other)
+    assert again.exit_code == ExitCode.MANIFEST, again.output
+    assert "another file" in again.output
+    kept = clouds[0].state_dir / GENESIS_WEIGHTS_NAME
+    assert kept.read_bytes() == weights_file.read_bytes()
+    assert clouds[0].run("install", v1, "--genesis-weights", weights_file).exit_code == 0
+
     shown = clouds[2].run_json("show")
     assert shown["genesis_source"] == "weights"
     assert "pre-trained weights, trained from seed 5" in clouds[2].run("show").output

@@ -884,6 +884,11 @@ def install(
     installed = installed_manifest(obj.state_dir)
     path = obj.state_dir / MANIFEST_NAME
     if installed is not None and installed.manifest == manifest:
+        if genesis_weights_path is not None:  # named: it must fit, as on a first install
+            weights = _genesis_weights(obj, manifest, genesis_weights_path)
+            federation_genesis(manifest, weights)
+            if weights is not None:
+                install_genesis_weights(obj.state_dir, weights)
         _echo_installed(path, signed, as_json, already=True)
         return
     anchor = None if replace else installed
