@@ -51,7 +51,7 @@ def broker_config(state: Path, out: Path, *extra: str) -> dict[str, Any]:
         "--json", *extra,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    data: dict[str, Any] = json.loads(result.output)
+    data: dict[str, Any] = json.loads(result.stdout)
     return data
 
 
@@ -206,6 +206,20 @@ def test_bad_options_exit_with_documented_codes(
     result = invoke(state, "broker-config", "--out", str(tmp_path / "b"), *args)
     assert result.exit_code == code, result.output
     assert not (tmp_path / "b" / "mosquitto.conf").exists()
+
+
+def test_a_broker_user_this_machine_lacks_is_warned_about(state: Path, tmp_path: Path) -> None:
+    missing = "fedgate-no-such-user"
+    result = invoke(
+        state, "broker-config", "--out", str(tmp_path / "b"), "--persistence-dir",
+        str(tmp_path / "p"), "--broker-user", missing, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (warning,) = json.loads(result.stdout)["warnings"]
+    assert f"--broker-user {missing!r} does not exist on this machine" in warning
+    assert f"warning: {warning}" in result.stderr
+    assert f"user {missing}" in (tmp_path / "b" / "mosquitto.conf").read_text()
+    assert broker_config(state, tmp_path / "c")["warnings"] == []  # mosquitto exists here
 
 
 def test_a_damaged_ca_is_a_config_error(state: Path, tmp_path: Path) -> None:

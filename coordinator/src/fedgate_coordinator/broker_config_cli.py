@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -226,7 +227,16 @@ def broker_config(
         "users": users,
         "revoked_agents": revoked_agents,
         "dry_run": dry_run,
+        "warnings": [],
     }
+    if not _user_exists(broker_user):
+        warning = (
+            f"--broker-user {broker_user!r} does not exist on this machine: mosquitto started "
+            "as root here cannot switch to it (create the user, or name the one mosquitto "
+            "runs as)"
+        )
+        result["warnings"].append(warning)
+        click.echo(f"warning: {warning}", err=True)
     if dry_run:
         _report(result, conf, as_json=as_json)
         return
@@ -269,6 +279,14 @@ def broker_config(
         coordinator_settings=_coordinator_settings(out_dir, config.cloud, port),
     )
     _report(result, conf, as_json=as_json)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _plan_dict(plan: SizePlan) -> dict[str, Any]:
