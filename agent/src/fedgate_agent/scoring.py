@@ -29,11 +29,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 from fedgate_common.errors import MalformedMessage
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import ModelSpec
@@ -43,6 +43,9 @@ from fedgate_agent.errors import AgentError
 from fedgate_agent.ingest.errors import WindowingError
 from fedgate_agent.ingest.windows import SeriesReader, WindowSpec, resample
 from fedgate_agent.state import MODELS_DIR
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "AlertRule",
@@ -100,7 +103,12 @@ class WindowShapeError(AgentError):
 
 
 def open_session(onnx_model: bytes | str) -> ort.InferenceSession:
-    """An onnxruntime CPU session using one thread (ONNX bytes or a file path)."""
+    """An onnxruntime CPU session using one thread (ONNX bytes or a file path).
+
+    onnxruntime is imported here, when a model is first loaded: the agent's other commands
+    start without it (faster, and without its warnings on stderr)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
