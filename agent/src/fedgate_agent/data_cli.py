@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -23,7 +24,7 @@ from fedgate_agent.ingest.historian import ColumnMapping, ImportProgress, import
 from fedgate_agent.ingest.windows import build_windows
 from fedgate_agent.state import RUN_LOCK
 
-__all__ = ["import_command", "windows_command"]
+__all__ = ["import_command", "import_progress_printer", "windows_command"]
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -36,7 +37,10 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
     return pairs
 
 
-def _progress_printer(enabled: bool) -> object:
+def import_progress_printer(enabled: bool) -> Callable[[ImportProgress], None] | None:
+    """What ``import`` and ``predict`` show on stderr while an export is imported (one line,
+    rewritten in place), or None when not ``enabled`` (not a terminal, or ``--json``)."""
+
     def show(progress: ImportProgress) -> None:
         share = "" if progress.fraction is None else f"{progress.fraction:6.1%} "
         click.echo(
@@ -152,7 +156,7 @@ def import_command(
             file,
             buffer,
             mapping,
-            progress=_progress_printer(not as_json and sys.stderr.isatty()),  # type: ignore[arg-type]
+            progress=import_progress_printer(not as_json and sys.stderr.isatty()),
             file_format=file_format,
         )
     if as_json:

@@ -37,7 +37,7 @@ from click.core import ParameterSource
 from fedgate_agent.cli_support import ExitCode, config_option, fail
 from fedgate_agent.config import AgentConfig, load_config
 from fedgate_agent.data_cli import (
-    _progress_printer,
+    import_progress_printer,
     layout_option,
     timestamp_column_option,
     timestamp_format_option,
@@ -115,10 +115,7 @@ def _windows_from_export(
         settings = BufferSettings(path=Path(scratch) / "predict.db", max_samples=10**10)
         with IngestBuffer.open(settings) as buffer:
             report = import_history(
-                path,
-                buffer,
-                mapping,
-                progress=_progress_printer(progress),  # type: ignore[arg-type]
+                path, buffer, mapping, progress=import_progress_printer(progress)
             )
             if progress:
                 click.echo(err=True)
