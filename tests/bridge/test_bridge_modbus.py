@@ -25,6 +25,7 @@ from fedgate_bridge.registers import ReadBlock
 from fedgate_common.tasks import cancel_until_done
 from pymodbus.framer import FramerType
 from pymodbus.pdu.register_message import ReadInputRegistersResponse
+from pymodbus.simulator import SimDevice
 
 from tests.bridge.bridge_support import (
     FAST,
@@ -173,10 +174,20 @@ async def test_register_map_is_decoded_and_published(
     assert status.publisher.acked == status.publisher.sent
 
 
+# Two registers at addresses 0 and 1 (int16 −5, float32 2.5), as the device holds them.
+LEVEL_AND_FLOW = (
+    '  [[modbus.registers]]\n  tag = "LEVEL"\n  address = 0\n  type = "int16"\n'
+    '  [[modbus.registers]]\n  tag = "FLOW"\n  address = 1\n  type = "float32"\n'
+)
+
+
+def level_and_flow_device() -> SimDevice:
+    return sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
+
+
 async def test_device_disappearing_and_returning_loses_and_repeats_nothing(tmp_path: Path) -> None:
-    tables = '  [[modbus.registers]]\n  tag = "LEVEL"\n  address = 0\n  type = "int16"\n'
-    tables += '  [[modbus.registers]]\n  tag = "FLOW"\n  address = 1\n  type = "float32"\n'
-    device = sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
+    tables = LEVEL_AND_FLOW
+    device = level_and_flow_device()
     with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
         async with modbus_server(device) as server:
             bridge = fast_bridge(tmp_path, broker.port, server.port, tables)
@@ -318,10 +329,8 @@ async def test_a_register_the_device_refuses_does_not_silence_the_others(tmp_pat
     """One tag at an address the device does not have (Modbus exception 2, an operator's
     typo): its read is skipped and counted, the device's other tags are still published,
     and the link is not torn down for it."""
-    tables = '  [[modbus.registers]]\n  tag = "LEVEL"\n  address = 0\n  type = "int16"\n'
-    tables += '  [[modbus.registers]]\n  tag = "FLOW"\n  address = 1\n  type = "float32"\n'
-    tables += '  [[modbus.registers]]\n  tag = "TYPO"\n  address = 500\n'
-    device = sim_device(holding=registers_of([(-5, "int16", "big"), (2.5, "float32", "big")]))
+    tables = LEVEL_AND_FLOW + '  [[modbus.registers]]\n  tag = "TYPO"\n  address = 500\n'
+    device = level_and_flow_device()
     with mosquitto(tmp_path / "broker") as broker, subscriber(broker.port, "plant/#") as sub:
         async with modbus_server(device) as server:
             bridge = fast_bridge(tmp_path, broker.port, server.port, tables)
