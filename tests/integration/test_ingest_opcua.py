@@ -225,29 +225,18 @@ def test_data_changes_become_samples_keyed_by_source_timestamp() -> None:
     # No source timestamp: the server's; booleans are 0 / 1.
     flag = ua.DataValue(ua.Variant(True, ua.VariantType.Boolean), ServerTimestamp=moment)
     assert data_value_to_sample("e", node, flag).value == 1.0
-    # A device clock that was never set (every change stamped alike, decades back): the
-    # server's stamp instead, and without one the change is refused.
+    # A device clock that was never set (every change stamped alike, decades back), or one
+    # over an hour ahead: the server's stamp instead (as the bridge takes it), and without
+    # one the change is refused.
     unset = ua.DateTime(2001, 1, 1, tzinfo=UTC)
-    both = ua.DataValue(
-        ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=unset, ServerTimestamp=moment
-    )
-    assert data_value_to_sample("e", node, both).seq == micros
-    with pytest.raises(MalformedPayload) as stale:
-        data_value_to_sample(
-            "e", node, ua.DataValue(ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=unset)
-        )
-    assert stale.value.reason == "ts_in_past"
-    # A source clock over an hour ahead: the server's stamp, as the bridge takes it.
     ahead = ua.DateTime.fromtimestamp(time.time() + 7200, UTC)
-    early = ua.DataValue(
-        ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=ahead, ServerTimestamp=moment
-    )
-    assert data_value_to_sample("e", node, early).seq == micros
-    with pytest.raises(MalformedPayload) as future:
-        data_value_to_sample(
-            "e", node, ua.DataValue(ua.Variant(3.0, ua.VariantType.Double), SourceTimestamp=ahead)
-        )
-    assert future.value.reason == "ts_in_future"
+    for stamp, reason in ((unset, "ts_in_past"), (ahead, "ts_in_future")):
+        reading = ua.Variant(3.0, ua.VariantType.Double)
+        both = ua.DataValue(reading, SourceTimestamp=stamp, ServerTimestamp=moment)
+        assert data_value_to_sample("e", node, both).seq == micros
+        with pytest.raises(MalformedPayload) as refused:
+            data_value_to_sample("e", node, ua.DataValue(reading, SourceTimestamp=stamp))
+        assert refused.value.reason == reason
 
 
 @pytest.mark.parametrize(
