@@ -67,6 +67,22 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     assert bad_key.exit_code == CoordinatorExit.USAGE
     bad_id = runner.invoke(coordinator_main, [*state, "enroll", "gw/+", key])
     assert bad_id.exit_code == CoordinatorExit.USAGE
+    # An id that cannot be one is a bad command line; a valid one never enrolled is not found.
+    bad_revoke = runner.invoke(coordinator_main, [*state, "revoke", "gw/+", "--json"])
+    assert bad_revoke.exit_code == CoordinatorExit.USAGE
+    assert "invalid agent id 'gw/+'" in json.loads(bad_revoke.stdout)["error"]
+    unknown = runner.invoke(coordinator_main, [*state, "revoke", "gw-9", "--json"])
+    assert unknown.exit_code == CoordinatorExit.NOT_FOUND
+    assert json.loads(unknown.stdout) == {
+        "error": "agent 'gw-9' is not enrolled (see `fedgate-coordinator agents`)",
+        "exit_code": int(CoordinatorExit.NOT_FOUND),
+    }
+    bad_cloud = runner.invoke(
+        coordinator_main, ["--state-dir", str(tmp_path / "c2"), "init", "--cloud", "c 1"]
+    )
+    assert bad_cloud.exit_code == CoordinatorExit.USAGE
+    assert "invalid cloud id 'c 1'" in bad_cloud.stderr
+    assert not (tmp_path / "c2").exists()
     agents = json.loads(runner.invoke(coordinator_main, [*state, "agents", "--json"]).output)
     assert [a["agent_id"] for a in agents] == ["gw-1"]
     assert runner.invoke(coordinator_main, [*state, "revoke", "gw-1"]).exit_code == 0
@@ -145,6 +161,26 @@ def test_agent_exit_codes(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "identity.key").stat().st_mode & 0o777 == 0o600
     again = runner.invoke(agent_main, ["init", "--config", config])
     assert again.exit_code == AgentExit.CONFLICT
+    for option in ("--agent-id", "--deployment", "--cloud"):
+        bad_id = runner.invoke(
+            agent_main, ["init", "--config", str(tmp_path / "b.toml"), option, "gw 2"]
+        )
+        assert bad_id.exit_code == AgentExit.USAGE, option
+        assert "'gw 2'" in bad_id.stderr
+    assert not (tmp_path / "b.toml").exists()
+    # A negative value is a value, not an option; --json shows it as stored.
+    negative = runner.invoke(
+        agent_main, ["config", "set", "--config", config, "scoring.normal_class", "-1", "--json"]
+    )
+    assert negative.exit_code == 0, negative.output
+    assert json.loads(negative.stdout) == {
+        "config": config,
+        "key": "scoring.normal_class",
+        "value": -1,
+    }
+    typo = runner.invoke(agent_main, ["config", "set", "--config", config, "--jsn", "x"])
+    assert typo.exit_code == AgentExit.USAGE
+    assert "--jsn" in typo.stderr
     bad = runner.invoke(agent_main, ["config", "set", "--config", config, "broker.port", "0"])
     assert bad.exit_code == AgentExit.CONFIG
     assert "broker.port" in bad.output
@@ -287,3 +323,30 @@ def test_config_validate_reads_the_login_files_run_reads(tmp_path: Path) -> None
     still = runner.invoke(agent_main, validate)
     assert still.exit_code == AgentExit.CONFIG
     assert str(tmp_path / "opcua-missing") not in still.output
+
+
+@pytest.mark.parametrize(
+    ("main", "args", "message"),
+    [
+        (agent_main, ["nosuch", "--json"], "No such command 'nosuch'."),
+        (agent_main, ["status", "--bogus", "--json"], "No such option '--bogus'."),
+        (agent_main, ["config", "show", "--json", "--bogus"], "No such option '--bogus'."),
+        (coordinator_main, ["rounds", "--limit", "x", "--json"], "'x' is not a valid integer"),
+        (bridge_main, ["status", "--json", "--bogus"], "No such option '--bogus'."),
+    ],
+    ids=["agent-command", "agent-option", "agent-nested", "coordinator-value", "bridge-option"],
+)
+def test_a_refused_command_line_is_json_too_under_json(
+    main: click.Group, args: list[str], message: str
+) -> None:
+    runner = CliRunner()
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 2
+    report = json.loads(refused.stdout)
+    assert message in report["error"]
+    assert report["exit_code"] == 2
+    assert "Usage:" in refused.stderr  # click's own text stays where it was
+    without = runner.invoke(main, [arg for arg in args if arg != "--json"])
+    assert (without.exit_code, without.stdout) == (2, "")
+    # --json after "--" is an argument, not the option: no JSON.
+    assert runner.invoke(main, ["nosuch", "--", "--json"]).stdout == ""

@@ -28,6 +28,7 @@ import click
 import msgspec
 from click.core import ParameterSource
 from fedgate_common.cli_help import show_exit_codes
+from fedgate_common.click_support import JsonReportingGroup, identifier
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
 from fedgate_common.identifiers import validate_identifier
@@ -99,7 +100,11 @@ if TYPE_CHECKING:
 __all__ = ["ExitCode", "main"]  # scripts and tests read the exit codes from here
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.group(
+    cls=JsonReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_HELP,
+)
 @click.version_option(__version__, prog_name="fedgate-agent")
 def main() -> None:
     """fedgate agent for an industrial gateway: trains locally, sends signed updates.
@@ -118,9 +123,16 @@ def main() -> None:
 
 @main.command()
 @config_option
-@click.option("--agent-id", default=None, help="Id of this gateway (default: host name).")
-@click.option("--deployment", default="fedgate", show_default=True)
-@click.option("--cloud", default="cloud-1", show_default=True)
+@click.option(
+    "--agent-id",
+    default=None,
+    callback=identifier("agent id"),
+    help="Id of this gateway (default: host name).",
+)
+@click.option(
+    "--deployment", default="fedgate", show_default=True, callback=identifier("deployment id")
+)
+@click.option("--cloud", default="cloud-1", show_default=True, callback=identifier("cloud id"))
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -256,27 +268,44 @@ def config_show(config_path: Path, as_json: bool) -> None:
         echo_json(data)
         return
     for key in config_keys():
-        value: Any = data
-        for part in key.split("."):
-            value = value[part] if isinstance(value, dict) else None
-        click.echo(f"{key} = {json.dumps(value)}")
+        click.echo(f"{key} = {json.dumps(_value_at(data, key))}")
 
 
-@config.command("set")
+def _value_at(data: object, key: str) -> Any:
+    """The value of dotted ``key`` in :func:`config_as_dict`'s nested dict (None if absent)."""
+    value: Any = data
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+# ignore_unknown_options: a negative VALUE (-1) is a value, not an unknown option.
+@config.command("set", context_settings={"ignore_unknown_options": True})
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the key and its new value as JSON.")
 @click.argument("key")
 @click.argument("value")
 @guard
-def config_set(config_path: Path, key: str, value: str) -> None:
+def config_set(config_path: Path, key: str, value: str, as_json: bool) -> None:
     """Set KEY to VALUE in the file, after validating the whole result.
+
+    VALUE is parsed to the key's type (a number, true/false, a list as JSON); the file is
+    unchanged when the result is invalid (exit 3). With --json: {"config", "key", "value"},
+    the value as stored.
 
     \b
     Example:
       fedgate-agent config set broker.host 10.0.0.5
       fedgate-agent config set coordinator_public_key ed25519:9f2c...
+      fedgate-agent config set scoring.normal_class -1 --json
     """
-    set_config_value(config_path, key, value)
-    click.echo(f"{key} set in {config_path}")
+    if key.startswith("-"):  # ignore_unknown_options passes a mistyped option on as KEY
+        raise click.NoSuchOption(key)
+    stored = _value_at(config_as_dict(set_config_value(config_path, key, value)), key)
+    if as_json:
+        echo_json({"config": str(config_path), "key": key, "value": stored})
+        return
+    click.echo(f"{key} = {json.dumps(stored)} set in {config_path}")
 
 
 @config.command("validate")

@@ -1,5 +1,5 @@
-"""Help text shared by the command lines of every distribution (fedgate-common has no click:
-this works on any command tree shaped like click's)."""
+"""Help text shared by the command lines of every distribution (it works on any command
+tree shaped like click's)."""
 
 from __future__ import annotations
 

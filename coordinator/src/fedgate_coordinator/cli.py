@@ -9,7 +9,7 @@ Exit codes (also in ``fedgate-coordinator --help``):
     4  the store cannot be opened or written
     5  conflict: the agent id is enrolled with another key
     6  the model hash chain does not verify
-    7  not found: the round asked for (``rounds --detail N``) does not exist
+    7  not found: the round (``rounds --detail N``) or agent (``revoke``) does not exist
     8  the federation manifest is invalid or not signed by a quorum
 
 ``privacy`` shows the privacy ledger: what each round spent of the site-level ε budget, and
@@ -37,6 +37,7 @@ import msgspec
 import nacl.signing
 from alembic.util import CommandError
 from fedgate_common.cli_help import show_exit_codes
+from fedgate_common.click_support import JsonReportingGroup, identifier
 from fedgate_common.consensus.manifest import (
     Manifest,
     SignedManifest,
@@ -46,7 +47,6 @@ from fedgate_common.consensus.manifest import (
 from fedgate_common.consensus.quorum import faults_tolerated, quorum_size, tolerance_text
 from fedgate_common.errors import FedgateError, ManifestInvalid
 from fedgate_common.genesis_weights import GenesisWeights, read_genesis_weights
-from fedgate_common.identifiers import validate_identifier
 from fedgate_common.instance_lock import single_instance
 from fedgate_common.keys import parse_public_key, public_key_text
 from fedgate_common.logs import configure_logging
@@ -114,7 +114,7 @@ Exit codes:
   3 config/key error 4 store error, or another serve runs on the state directory
   5 enrollment conflict
   6 model hash chain does not verify
-  7 not found (rounds --detail N of a round that does not exist)
+  7 not found (rounds --detail N of a round, revoke of an agent, that does not exist)
   8 the federation manifest is invalid or not signed by a quorum"""
 
 __all__ = ["EXIT_CODES_HELP", "ExitCode", "main"]  # scripts and tests read exit codes here
@@ -198,7 +198,11 @@ def _restrict_sqlite_file(url: str) -> None:
         Path(url[len(prefix) :]).chmod(0o640)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.group(
+    cls=JsonReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_HELP,
+)
 @click.version_option(__version__, prog_name="fedgate-coordinator")
 @click.option(
     "--state-dir",
@@ -222,8 +226,19 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--cloud", required=True, help="Id of this cloud (letters, digits, _ . -).")
-@click.option("--deployment", default="fedgate", show_default=True, help="Deployment id.")
+@click.option(
+    "--cloud",
+    required=True,
+    callback=identifier("cloud id"),
+    help="Id of this cloud (letters, digits, _ . -).",
+)
+@click.option(
+    "--deployment",
+    default="fedgate",
+    show_default=True,
+    callback=identifier("deployment id"),
+    help="Deployment id.",
+)
 @click.option(
     "--db",
     "database_url",
@@ -379,7 +394,7 @@ def init(
 
 
 @main.command()
-@click.argument("agent_id")
+@click.argument("agent_id", callback=identifier("agent id"))
 @click.argument("public_key")
 @click.option(
     "--broker-out",
@@ -428,7 +443,6 @@ def enroll(
     or a certificate request that is unreadable, badly signed, for another name or with a
     weak key; 4 store error; 5 the id is enrolled with another key.
     """
-    validate_identifier(agent_id, what="agent id")
     key_text = public_key_text(parse_public_key(public_key))
     if broker_csr is not None and broker_out is None:
         raise click.UsageError("--broker-csr needs --broker-out (the broker CA's directory)")
@@ -479,14 +493,15 @@ def enroll(
 
 
 @main.command()
-@click.argument("agent_id")
+@click.argument("agent_id", callback=identifier("agent id"))
 @click.option("--json", "as_json", is_flag=True, help="Print the agent record as JSON.")
 @click.pass_obj
 @guard
 def revoke(obj: Context, agent_id: str, as_json: bool) -> None:
     """Revoke an agent: from the next round on, its messages are rejected as unknown_sender.
 
-    The row and its key stay in the store for the audit trail.
+    The row and its key stay in the store for the audit trail. An AGENT_ID that is not a
+    valid id exits 2; one that is not enrolled exits 7.
 
     \b
     Example:

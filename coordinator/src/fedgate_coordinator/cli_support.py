@@ -23,7 +23,13 @@ from fedgate_common.errors import (
 from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable
 from fedgate_common.keys import InvalidKey
 
-from fedgate_coordinator.errors import AgentConflict, ChainBroken, ConfigError, StoreError
+from fedgate_coordinator.errors import (
+    AgentConflict,
+    AgentNotEnrolled,
+    ChainBroken,
+    ConfigError,
+    StoreError,
+)
 
 __all__ = ["ExitCode", "echo_json", "fail", "guard"]
 
@@ -68,6 +74,8 @@ def guard(func: F) -> F:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
             fail(str(exc), ExitCode.CONFLICT)
+        except AgentNotEnrolled as exc:
+            fail(str(exc), ExitCode.NOT_FOUND)
         except ChainBroken as exc:
             fail(str(exc), ExitCode.CHAIN)
         except (StoreError, AlreadyRunning) as exc:

@@ -7,6 +7,7 @@ Tree::
           └── StoreError          the store cannot open, read or record something
                ├── ChainBroken    a model does not fit the hash chain, or a stored link is bad
                ├── AgentConflict  an agent id is already enrolled with a different key
+               ├── AgentNotEnrolled  no agent is enrolled under the id
                └── RoundStateError  a round is missing, exists already, or is not running
 
 Details travel as attributes (``round``, ``agent_id``, ``reason``), so callers can log or
@@ -19,6 +20,7 @@ from fedgate_common.errors import FedgateError
 
 __all__ = [
     "AgentConflict",
+    "AgentNotEnrolled",
     "ChainBroken",
     "CoordinatorError",
     "RoundStateError",
@@ -58,6 +60,14 @@ class AgentConflict(StoreError):
             f"agent {agent_id!r} {why}; enroll the gateway under another id (ids are never "
             "reused: the store keeps every enrollment for the audit trail)"
         )
+        self.agent_id = agent_id
+
+
+class AgentNotEnrolled(StoreError):
+    """``agent_id`` names no enrolled agent (revoke, or an update of its row)."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id!r} is not enrolled (see `fedgate-coordinator agents`)")
         self.agent_id = agent_id
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import click
+from fedgate_common.click_support import JsonReportingGroup
 
 from fedgate_bridge import __version__
 from fedgate_bridge.install_cli import install_service
@@ -22,7 +23,11 @@ Exit codes (every command):
   130 simulate-runs interrupted (nothing written)"""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EXIT_CODES)
+@click.group(
+    cls=JsonReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=MAIN_EXIT_CODES,
+)
 @click.version_option(__version__, prog_name="fedgate-bridge")
 def main() -> None:
     """Bridge PLC registers and OPC-UA nodes to MQTT, or simulate a plant to bridge.

@@ -49,6 +49,7 @@ from sqlalchemy.pool import StaticPool
 
 from fedgate_coordinator.errors import (
     AgentConflict,
+    AgentNotEnrolled,
     AgentRevoked,
     ChainBroken,
     RoundStateError,
@@ -364,7 +365,7 @@ class Store:
     def _agent_row(session: Session, agent_id: str) -> AgentRow:
         row = session.get(AgentRow, agent_id)
         if row is None:
-            raise StoreError(f"agent {agent_id!r} is not enrolled")
+            raise AgentNotEnrolled(agent_id)
         return row
 
     # -- models ------------------------------------------------------------------------
