@@ -350,3 +350,24 @@ def test_a_refused_command_line_is_json_too_under_json(
     assert (without.exit_code, without.stdout) == (2, "")
     # --json after "--" is an argument, not the option: no JSON.
     assert runner.invoke(main, ["nosuch", "--", "--json"]).stdout == ""
+
+
+def test_a_coordinator_config_with_several_problems_lists_each_in_json(tmp_path: Path) -> None:
+    runner = CliRunner()
+    state = ["--state-dir", str(tmp_path / "c")]
+    assert runner.invoke(coordinator_main, [*state, "init", "--cloud", "c1"]).exit_code == 0
+    config = tmp_path / "c" / "coordinator.toml"
+    text = config.read_text()
+    for key in ("min_participants", "update_timeout_s"):
+        start = text.index(f"\n{key} = ") + 1
+        text = text[:start] + f"{key} = -1" + text[text.index("\n", start) :]
+    config.write_text(text)
+    refused = runner.invoke(coordinator_main, [*state, "status", "--json"])
+    assert refused.exit_code == CoordinatorExit.CONFIG
+    report = json.loads(refused.stdout)
+    assert report["problems"] == [
+        "rounds.min_participants must be at least 1",
+        "rounds.update_timeout_s must be in (0, 86400]",
+    ]
+    assert all(problem in report["error"] for problem in report["problems"])
+    assert refused.stderr.count("error:") == 1  # the message already says both

@@ -3,15 +3,13 @@ the ``--config`` option."""
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
-import msgspec
+from fedgate_common.click_support import echo_json, fail
 from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
 from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable
 
@@ -46,20 +44,6 @@ Exit codes:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: ExitCode, *, problems: list[str] | None = None) -> NoReturn:
-    """``error: …`` on stderr and exit ``code``; a command run with ``--json`` also prints
-    ``{"error": …, "exit_code": …}`` (and ``problems``, when there are several) on stdout,
-    so that a script reading it gets JSON."""
-    click.echo(f"error: {message}", err=True)
-    context = click.get_current_context(silent=True)
-    if context is not None and context.params.get("as_json"):
-        report: dict[str, object] = {"error": message, "exit_code": int(code)}
-        if problems and len(problems) > 1:
-            report["problems"] = problems
-        echo_json(report)
-    sys.exit(int(code))
-
-
 def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -71,7 +55,8 @@ def guard(func: F) -> F:
         except ManifestInvalid as exc:
             fail(str(exc), ExitCode.MANIFEST)
         except ConfigError as exc:
-            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
+            # problems only when there are several (one is the message itself)
+            fail(str(exc), ExitCode.CONFIG, problems=exc.problems if len(exc.problems) > 1 else ())
         except StateDirUnusable as exc:
             fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:
@@ -80,10 +65,6 @@ def guard(func: F) -> F:
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper  # type: ignore[return-value]
-
-
-def echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data, enc_hook=str), indent=2, default=str))
 
 
 config_option = click.option(

@@ -1,27 +1,53 @@
-"""What the three command lines (agent, coordinator, bridge) share from click: a top-level
-group whose usage errors are JSON too under ``--json``, and a check for identifiers given
-on the command line.
+"""What the three command lines (agent, coordinator, bridge) share from click: JSON output,
+how a command fails (:func:`fail`), a top-level group whose usage errors are JSON too under
+``--json``, and a check for identifiers given on the command line.
 
-The commands report their own failures (each distribution's ``fail``); what they cannot
-report is a command line click refuses before a command runs (an unknown option, a missing
-argument, a bad value). Without this, a script that ran ``… --json`` got exit 2 and nothing
-on stdout.
+A command reports its own failures with :func:`fail` and the exit code its program
+documents. What no command can report is a command line click refuses before it runs (an
+unknown option, a missing argument, a bad value): :class:`JsonReportingGroup` does, so that a
+script that ran ``… --json`` gets JSON on stdout either way.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import click
+import msgspec
 
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 
-__all__ = ["JsonReportingGroup", "identifier"]
+__all__ = ["JsonReportingGroup", "echo_json", "fail", "identifier"]
 
 _WANTS_JSON = "fedgate.wants_json"
+
+
+def echo_json(data: object) -> None:
+    """``data`` (msgspec structs, dataclasses, paths, datetimes …) as indented JSON on stdout."""
+    click.echo(json.dumps(msgspec.to_builtins(data, enc_hook=str), indent=2, default=str))
+
+
+def fail(message: str, code: int, *, problems: Sequence[str] = (), **fields: object) -> NoReturn:
+    """``error: <message>`` on stderr (then each of ``problems`` the message does not
+    already say) and exit ``code``. A command run with ``--json`` also
+    prints ``{**fields, "error", "exit_code"[, "problems"]}`` on stdout, so that a script
+    reading its output gets JSON either way (``problems``: every problem found, when the
+    caller has them; ``fields``: what else the command's JSON carries, e.g. ``ok``)."""
+    click.echo(f"error: {message}", err=True)
+    for problem in problems:
+        if problem not in message:  # a message that is only a heading: list what it heads
+            click.echo(f"  - {problem}", err=True)
+    context = click.get_current_context(silent=True)
+    if context is not None and context.params.get("as_json"):
+        report: dict[str, object] = {**fields, "error": message, "exit_code": int(code)}
+        if problems:
+            report["problems"] = list(problems)
+        echo_json(report)
+    sys.exit(int(code))
 
 
 class JsonReportingGroup(click.Group):
@@ -57,8 +83,7 @@ class JsonReportingGroup(click.Group):
 
 
 def _report(exc: click.ClickException) -> None:
-    document = {"error": exc.format_message(), "exit_code": exc.exit_code}
-    click.echo(json.dumps(document, indent=2))
+    echo_json({"error": exc.format_message(), "exit_code": exc.exit_code})
 
 
 def identifier(what: str) -> Callable[[click.Context, click.Parameter, Any], Any]:

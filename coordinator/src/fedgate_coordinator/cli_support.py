@@ -6,14 +6,11 @@ In a module of its own so that the command modules ``cli`` registers (``federati
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
-import click
-import msgspec
+from fedgate_common.click_support import echo_json, fail
 from fedgate_common.errors import (
     BrokerTlsInvalid,
     GenesisWeightsInvalid,
@@ -49,28 +46,15 @@ class ExitCode(IntEnum):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: ExitCode, *, problems: list[str] | None = None) -> NoReturn:
-    """``error: …`` on stderr (one line per problem when there are several) and exit
-    ``code``; a command run with ``--json`` also prints ``{"error": …, "exit_code": …}``
-    (and ``problems``) on stdout, so that a script reading it gets JSON."""
-    for line in problems or [message]:
-        click.echo(f"error: {line}", err=True)
-    context = click.get_current_context(silent=True)
-    if context is not None and context.params.get("as_json"):
-        report: dict[str, object] = {"error": message, "exit_code": int(code)}
-        if problems:
-            report["problems"] = problems
-        echo_json(report)
-    sys.exit(int(code))
-
-
 def guard(func: F) -> F:
     """Map fedgate errors to documented exit codes with a one-line message."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, GenesisWeightsInvalid, BrokerTlsInvalid, StateDirUnusable) as exc:
+        except ConfigError as exc:
+            fail(str(exc), ExitCode.CONFIG, problems=exc.problems if len(exc.problems) > 1 else ())
+        except (GenesisWeightsInvalid, BrokerTlsInvalid, StateDirUnusable) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
             fail(str(exc), ExitCode.CONFLICT)
@@ -83,12 +67,8 @@ def guard(func: F) -> F:
         except (InvalidKey, InvalidIdentifier) as exc:
             fail(str(exc), ExitCode.USAGE)
         except ManifestInvalid as exc:
-            fail(str(exc), ExitCode.MANIFEST)
+            fail(str(exc), ExitCode.MANIFEST, problems=exc.problems)
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper  # type: ignore[return-value]
-
-
-def echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data), indent=2, default=str))

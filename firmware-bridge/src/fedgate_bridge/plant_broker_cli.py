@@ -9,7 +9,6 @@ the bridges' passwords.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from enum import IntEnum
 from pathlib import Path, PurePosixPath
@@ -17,8 +16,8 @@ from typing import Any
 
 import click
 from fedgate_common.atomic_files import atomic_write
+from fedgate_common.click_support import echo_json, fail
 
-from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.plant_broker import (
     AGENT_ACL_NAME,
     BRIDGE_ACL_NAME,
@@ -217,7 +216,7 @@ def plant_broker_config(
     }
     if dry_run:
         if as_json:
-            click.echo(json.dumps({"files": files, "written": []}, indent=2))
+            echo_json({"files": files, "written": []})
         else:
             for name, text in files.items():
                 click.echo(f"# ---- {name}\n{text}")
@@ -253,7 +252,7 @@ def plant_broker_config(
             "agent_user": plan.agent_user or None,
             "next_steps": steps,
         }
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     for name in files:
         click.echo(f"{'unchanged' if name in unchanged else 'wrote':9} {out_dir / name}")

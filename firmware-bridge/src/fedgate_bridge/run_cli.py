@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -27,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import msgspec
+from fedgate_common.click_support import echo_json, fail
 from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable, single_instance
 from fedgate_common.logs import configure_logging
 from fedgate_common.service_notify import ServiceNotifier
 from fedgate_common.tasks import leaf_error
 from fedgate_common.text_table import format_table
 
-from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.config import (
     DEFAULT_CONFIG_PATH,
     BridgeConfig,
@@ -72,10 +70,6 @@ config_option = click.option(
     show_default=True,
     help="Bridge configuration file (TOML).",
 )
-
-
-def _echo_json(data: object) -> None:
-    click.echo(json.dumps(msgspec.to_builtins(data), indent=2))
 
 
 def _load(config_path: Path) -> BridgeConfig:
@@ -217,7 +211,7 @@ def check(config_path: Path, as_json: bool) -> None:
         "sources": rows,
     }
     if as_json:
-        _echo_json(summary)
+        echo_json(summary)
         return
     tags = sum(row["tags"] for row in rows)
     click.echo(f"configuration OK: {len(rows)} sources, {tags} tags")
@@ -270,7 +264,7 @@ def status(config_path: Path, as_json: bool) -> None:
     last = read_status(config.status_path)
     running = last is not None and last.state == "running" and _process_alive(last.pid)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "config": str(config_path),
                 "running": running,

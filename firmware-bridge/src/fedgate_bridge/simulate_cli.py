@@ -21,10 +21,10 @@ from pathlib import Path
 
 import click
 from fedgate_common.atomic_files import atomic_write
+from fedgate_common.click_support import fail
 from fedgate_common.hosts import host_problem
 from fedgate_common.logs import configure_logging, log_event
 
-from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.errors import ConfigError, SimulatorError
 from fedgate_bridge.simulator.exit_codes import EXIT_CODES_HELP, SimulateExitCode
 from fedgate_bridge.simulator.register_map import (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import signal
 import time
@@ -23,8 +22,8 @@ from enum import IntEnum
 from pathlib import Path
 
 import click
+from fedgate_common.click_support import echo_json, fail
 
-from fedgate_bridge.cli_failure import fail
 from fedgate_bridge.errors import ConfigError, SimulatorError
 from fedgate_bridge.simulator.plant_runs import (
     FAULT_START_H,
@@ -366,7 +365,7 @@ def _report(
                 for result in results
             ],
         }
-        click.echo(json.dumps(summary, indent=2))
+        echo_json(summary)
         return
     early = f", {tripped} ended early" if tripped else ""
     click.echo(f"wrote {out}: {len(results)} runs{early}, {samples} samples, {seconds:.1f} s")
