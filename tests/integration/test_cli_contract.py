@@ -134,7 +134,7 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     assert manifest.exit_code == CoordinatorExit.MANIFEST
     report = json.loads(manifest.stdout)
     assert report["exit_code"] == int(CoordinatorExit.MANIFEST)
-    assert report["problems"] == [report["error"]]
+    assert "problems" not in report  # one problem: the error itself
     assert "not a valid manifest file" in report["error"]
 
 
@@ -178,9 +178,12 @@ def test_agent_exit_codes(tmp_path: Path) -> None:
         "key": "scoring.normal_class",
         "value": -1,
     }
-    typo = runner.invoke(agent_main, ["config", "set", "--config", config, "--jsn", "x"])
-    assert typo.exit_code == AgentExit.USAGE
-    assert "--jsn" in typo.stderr
+    before = Path(config).read_bytes()
+    for typo in (["--jsn", "x"], ["broker.host", "--jsn"], ["broker.username", "--conifg=x"]):
+        refused = runner.invoke(agent_main, ["config", "set", "--config", config, *typo])
+        assert refused.exit_code == AgentExit.USAGE, typo
+        assert "No such option" in refused.stderr
+    assert Path(config).read_bytes() == before  # a mistyped option is never stored as a value
     bad = runner.invoke(agent_main, ["config", "set", "--config", config, "broker.port", "0"])
     assert bad.exit_code == AgentExit.CONFIG
     assert "broker.port" in bad.output
@@ -371,3 +374,17 @@ def test_a_coordinator_config_with_several_problems_lists_each_in_json(tmp_path:
     ]
     assert all(problem in report["error"] for problem in report["problems"])
     assert refused.stderr.count("error:") == 1  # the message already says both
+
+
+def test_a_host_name_that_is_no_agent_id_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "line_3#a.plant.example")
+    config = tmp_path / "agent.toml"
+    refused = CliRunner().invoke(
+        agent_main, ["init", "--config", str(config), "--state-dir", str(tmp_path / "s")]
+    )
+    assert refused.exit_code == AgentExit.CONFIG
+    assert "invalid agent id 'line_3#a'" in refused.stderr
+    assert "(the host name: pass --agent-id)" in refused.stderr
+    assert not config.exists()

@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import socket
 from functools import partial
@@ -31,6 +32,7 @@ from fedgate_common.cli_help import show_exit_codes
 from fedgate_common.click_support import JsonReportingGroup, identifier
 from fedgate_common.consensus.manifest import manifest_digest
 from fedgate_common.consensus.quorum import tolerance_text
+from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.instance_lock import single_instance
 from fedgate_common.keys import public_key_text
@@ -169,9 +171,14 @@ def init(
     if config_path.exists():
         config = _init_existing(config_path)
     else:
-        name = agent_id or socket.gethostname().split(".")[0]
+        if agent_id is None:
+            agent_id = socket.gethostname().split(".")[0]
+            try:
+                validate_identifier(agent_id, what="agent id")
+            except InvalidIdentifier as exc:
+                raise ConfigError(f"{exc} (the host name: pass --agent-id)") from None
         config = AgentConfig(
-            agent_id=validate_identifier(name, what="agent id"),
+            agent_id=agent_id,
             deployment=deployment,
             cloud=cloud,
             state_dir=str(state_dir.absolute()),
@@ -279,8 +286,25 @@ def _value_at(data: object, key: str) -> Any:
     return value
 
 
-# ignore_unknown_options: a negative VALUE (-1) is a value, not an unknown option.
-@config.command("set", context_settings={"ignore_unknown_options": True})
+class _NegativeValueCommand(click.Command):
+    """``config set KEY -1``: a negative number is the value, not an unknown option -1.
+
+    Negative numbers (and lists of them, ``-1,0.5``) are moved behind a ``--`` so that click
+    takes them as arguments; everything else starting with ``-`` stays an option, so a
+    mistyped option is still refused instead of being stored as the value."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            numbers = [arg for arg in args if _NEGATIVE_NUMBERS.fullmatch(arg)]
+            if numbers:
+                args = [arg for arg in args if arg not in numbers] + ["--", *numbers]
+        return super().parse_args(ctx, args)
+
+
+_NEGATIVE_NUMBERS = re.compile(r"-[0-9.][0-9.eE+\-]*(,\s*-?[0-9.][0-9.eE+\-]*)*")
+
+
+@config.command("set", cls=_NegativeValueCommand)
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the key and its new value as JSON.")
 @click.argument("key")
@@ -289,9 +313,9 @@ def _value_at(data: object, key: str) -> Any:
 def config_set(config_path: Path, key: str, value: str, as_json: bool) -> None:
     """Set KEY to VALUE in the file, after validating the whole result.
 
-    VALUE is parsed to the key's type (a number, true/false, a list as JSON); the file is
-    unchanged when the result is invalid (exit 3). With --json: {"config", "key", "value"},
-    the value as stored.
+    VALUE is parsed to the key's type (a number, true/false, a list as comma-separated
+    values; a negative number needs no "--"); the file is unchanged when the result is
+    invalid (exit 3). With --json: {"config", "key", "value"}, the value as stored.
 
     \b
     Example:
@@ -299,8 +323,6 @@ def config_set(config_path: Path, key: str, value: str, as_json: bool) -> None:
       fedgate-agent config set coordinator_public_key ed25519:9f2c...
       fedgate-agent config set scoring.normal_class -1 --json
     """
-    if key.startswith("-"):  # ignore_unknown_options passes a mistyped option on as KEY
-        raise click.NoSuchOption(key)
     stored = _value_at(config_as_dict(set_config_value(config_path, key, value)), key)
     if as_json:
         echo_json({"config": str(config_path), "key": key, "value": stored})

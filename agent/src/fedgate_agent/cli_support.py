@@ -53,10 +53,9 @@ def guard(func: F) -> F:
         except IdentityExists as exc:
             fail(str(exc), ExitCode.CONFLICT)
         except ManifestInvalid as exc:
-            fail(str(exc), ExitCode.MANIFEST)
+            fail(str(exc), ExitCode.MANIFEST, problems=exc.problems)
         except ConfigError as exc:
-            # problems only when there are several (one is the message itself)
-            fail(str(exc), ExitCode.CONFIG, problems=exc.problems if len(exc.problems) > 1 else ())
+            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
         except StateDirUnusable as exc:
             fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:

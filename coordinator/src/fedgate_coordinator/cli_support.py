@@ -53,7 +53,7 @@ def guard(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ConfigError as exc:
-            fail(str(exc), ExitCode.CONFIG, problems=exc.problems if len(exc.problems) > 1 else ())
+            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
         except (GenesisWeightsInvalid, BrokerTlsInvalid, StateDirUnusable) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
