@@ -134,7 +134,7 @@ def test_coordinator_exit_codes(tmp_path: Path) -> None:
     assert manifest.exit_code == CoordinatorExit.MANIFEST
     report = json.loads(manifest.stdout)
     assert report["exit_code"] == int(CoordinatorExit.MANIFEST)
-    assert "problems" not in report  # one problem: the error itself
+    assert report["problems"] == [report["error"]]
     assert "not a valid manifest file" in report["error"]
 
 

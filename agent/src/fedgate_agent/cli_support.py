@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from fedgate_common.click_support import echo_json, fail
+from fedgate_common.click_support import echo_json, fail, several
 from fedgate_common.errors import InvalidIdentifier, ManifestInvalid
 from fedgate_common.instance_lock import AlreadyRunning, StateDirUnusable
 
@@ -53,9 +53,9 @@ def guard(func: F) -> F:
         except IdentityExists as exc:
             fail(str(exc), ExitCode.CONFLICT)
         except ManifestInvalid as exc:
-            fail(str(exc), ExitCode.MANIFEST, problems=exc.problems)
+            fail(str(exc), ExitCode.MANIFEST, problems=several(exc.problems))
         except ConfigError as exc:
-            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
+            fail(str(exc), ExitCode.CONFIG, problems=several(exc.problems))
         except StateDirUnusable as exc:
             fail(str(exc), ExitCode.CONFIG)
         except InvalidIdentifier as exc:

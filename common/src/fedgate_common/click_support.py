@@ -21,7 +21,7 @@ import msgspec
 from fedgate_common.errors import InvalidIdentifier
 from fedgate_common.identifiers import validate_identifier
 
-__all__ = ["JsonReportingGroup", "echo_json", "fail", "identifier"]
+__all__ = ["JsonReportingGroup", "echo_json", "fail", "identifier", "several"]
 
 _WANTS_JSON = "fedgate.wants_json"
 
@@ -35,8 +35,8 @@ def fail(message: str, code: int, *, problems: Sequence[str] = (), **fields: obj
     """``error: <message>`` on stderr (then each of ``problems`` the message does not
     already say) and exit ``code``. A command run with ``--json`` also
     prints ``{**fields, "error", "exit_code"[, "problems"]}`` on stdout, so that a script
-    reading its output gets JSON either way (``problems``: every problem found, shown when
-    there are several; ``fields``: what else the command's JSON carries, e.g. ``ok``)."""
+    reading its output gets JSON either way (``problems``: every problem found, as the caller
+    gives them; ``fields``: what else the command's JSON carries, e.g. ``ok``)."""
     click.echo(f"error: {message}", err=True)
     for problem in problems:
         if problem not in message:  # a message that is only a heading: list what it heads
@@ -44,10 +44,16 @@ def fail(message: str, code: int, *, problems: Sequence[str] = (), **fields: obj
     context = click.get_current_context(silent=True)
     if context is not None and context.params.get("as_json"):
         report: dict[str, object] = {**fields, "error": message, "exit_code": int(code)}
-        if len(problems) > 1:  # one problem is the message itself
+        if problems:
             report["problems"] = list(problems)
         echo_json(report)
     sys.exit(int(code))
+
+
+def several(problems: Sequence[str]) -> Sequence[str]:
+    """``problems`` for :func:`fail` from an error that always carries a list: the list
+    when it holds several, none when its one problem is the message itself."""
+    return problems if len(problems) > 1 else ()
 
 
 class JsonReportingGroup(click.Group):

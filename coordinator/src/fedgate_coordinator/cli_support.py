@@ -10,7 +10,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, TypeVar
 
-from fedgate_common.click_support import echo_json, fail
+from fedgate_common.click_support import echo_json, fail, several
 from fedgate_common.errors import (
     BrokerTlsInvalid,
     GenesisWeightsInvalid,
@@ -53,7 +53,7 @@ def guard(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ConfigError as exc:
-            fail(str(exc), ExitCode.CONFIG, problems=exc.problems)
+            fail(str(exc), ExitCode.CONFIG, problems=several(exc.problems))
         except (GenesisWeightsInvalid, BrokerTlsInvalid, StateDirUnusable) as exc:
             fail(str(exc), ExitCode.CONFIG)
         except AgentConflict as exc:
@@ -67,7 +67,7 @@ def guard(func: F) -> F:
         except (InvalidKey, InvalidIdentifier) as exc:
             fail(str(exc), ExitCode.USAGE)
         except ManifestInvalid as exc:
-            fail(str(exc), ExitCode.MANIFEST, problems=exc.problems)
+            fail(str(exc), ExitCode.MANIFEST, problems=several(exc.problems))
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
