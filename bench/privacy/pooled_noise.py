@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from fedgate_agent.datasets.tep import centralized_dataset, federated_split
-from fedgate_agent.model import build_model, weights_of
+from fedgate_agent.model import build_model, load_weights, weights_of
 from fedgate_agent.private_training import train_locally_private
 from fedgate_agent.record_privacy import (
     RoundSpend,
@@ -65,6 +65,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--site-batch", type=int, default=SITE_BATCH)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=1.0)
+    parser.add_argument("--lr-decay", type=float, default=0.9)
+    parser.add_argument(
+        "--server-momentum",
+        type=float,
+        default=0.0,
+        help="heavy-ball momentum across rounds (w += step + β·(w − w_prev)); the optimizer "
+        "inside a round starts afresh, so with one step a round this is the only momentum",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     quiet_opacus()
@@ -75,11 +86,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The demo's DP plan (lr 1, decay 0.9, momentum 0.9, 2 epochs, C = 1), every site's
     # batch in one step.
     plan = training_plan(
-        learning_rate=1.0,
-        lr_decay=0.9,
+        learning_rate=args.learning_rate,
+        lr_decay=args.lr_decay,
         momentum=0.9,
-        local_epochs=2,
-        batch_size=DEMO_SITES * SITE_BATCH,
+        local_epochs=args.local_epochs,
+        batch_size=DEMO_SITES * args.site_batch,
     )
     dp = RecordDp(args.epsilon, max_grad_norm=1.0)
     settings = dp.settings(args.rounds)
@@ -92,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         started = time.perf_counter()
         model = build_model(split.spec, weights=initial)
         history: list[RoundSpend] = []
+        previous = weights_of(model)
         for round_number in range(1, args.rounds + 1):
+            before = weights_of(model)
             trained = train_locally_private(
                 model,
                 union,
@@ -101,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 max_grad_norm=dp.max_grad_norm,
                 seed=site_seed(args.seed, round_number, 99),
             )
+            if args.server_momentum:
+                after = weights_of(model)
+                load_weights(
+                    model,
+                    {
+                        name: after[name] + args.server_momentum * (before[name] - previous[name])
+                        for name in after
+                    },
+                )
+            previous = before
             history.append(
                 RoundSpend(
                     round=round_number,
