@@ -329,6 +329,17 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
         restarted._privacy_spend(_work(3, model))
     assert refused.value.spent == pytest.approx(ledger.epsilon_total)
     assert refused.value.next_round > 2.0
+    # Exhausted stays exhausted across a restart; raising the budget shows "on" again
+    # (until the next round is trained or refused).
+    restarted.status.privacy = "budget exhausted"
+    restarted._save_status()
+    again = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    assert again.status.privacy == "budget exhausted"
+    raised = msgspec.structs.replace(
+        config, privacy=msgspec.structs.replace(privacy, target_epsilon=3.0)
+    )
+    fresh_key = nacl.signing.SigningKey.generate()
+    assert AgentService(config=raised, identity=fresh_key).status.privacy == "on"
 
     shown = _privacy_command(tmp_path, config, "--json")
     assert shown.exit_code == 0, shown.output
@@ -478,7 +489,16 @@ def test_a_lost_or_rolled_back_ledger_stops_training(tmp_path: Path) -> None:
         restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
         with pytest.raises(LedgerUnreadable, match="had recorded"):
             restarted._privacy_spend(_work(3, model))
+        # The command lines say so too, rather than show the smaller spend as the spend.
+        shown = _privacy_command(tmp_path, config, "--json")
+        assert shown.exit_code == 4, shown.output
+        assert "had recorded 2 rounds" in json.loads(shown.stdout)["error"]
+        status = _status_command(tmp_path, config)
+        assert "ledger unusable, training stays off" in status
+        assert "had recorded 2 rounds" in status
     ledger_file.write_bytes(full)
+    assert _privacy_command(tmp_path, config).exit_code == 0
+    assert "ledger unusable" not in _status_command(tmp_path, config)
     restarted = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
     assert restarted._privacy_spend(_work(3, model)) is not None
 

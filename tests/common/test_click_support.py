@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 from click.testing import CliRunner
-from fedgate_common.click_support import JsonReportingGroup, fail, identifier
+from fedgate_common.click_support import JsonReportingGroup, echo_json, fail, identifier
 
 
 @click.group(cls=JsonReportingGroup)
@@ -68,3 +69,22 @@ def test_an_identifier_argument_is_checked_as_the_line_is_parsed() -> None:
     report = json.loads(refused.stdout)
     assert "invalid agent id 'site 1'" in report["error"]
     assert report["exit_code"] == 2
+
+
+def test_json_output_writes_numbers_that_are_not_finite_as_null() -> None:
+    """ε with no noise to bound it is infinite; JSON has no Infinity (strict parsers refuse
+    Python's), so it is written as null, at any depth."""
+
+    @click.command()
+    def show() -> None:
+        echo_json({"spent": math.inf, "rounds": [{"epsilon": math.nan}, 1.5], "ok": True})
+
+    result = CliRunner().invoke(show)
+    assert result.exit_code == 0, result.output
+    assert "Infinity" not in result.stdout
+    assert "NaN" not in result.stdout
+    assert json.loads(result.stdout) == {
+        "spent": None,
+        "rounds": [{"epsilon": None}, 1.5],
+        "ok": True,
+    }

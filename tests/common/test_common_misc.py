@@ -124,6 +124,16 @@ def test_logfmt_lines_carry_no_control_characters(value: str) -> None:
     assert all(c.isprintable() for c in line)
 
 
+def test_logfmt_keeps_printable_unicode_as_it_is() -> None:
+    """An operator greps the logs for the ε a refusal names: printable non-ASCII text is
+    written as it is, not as JSON's \\u escapes."""
+    logger, stream = _logger(LogfmtFormatter())
+    log_event(logger, logging.WARNING, "round not joined", error="ε from 2.956 to 3.038")
+    [line] = _lines(stream)
+    assert 'error="ε from 2.956 to 3.038"' in line
+    assert parse_logfmt(line)["error"] == "ε from 2.956 to 3.038"
+
+
 def test_logfmt_exception_stays_on_one_line() -> None:
     logger, stream = _logger(LogfmtFormatter())
     try:

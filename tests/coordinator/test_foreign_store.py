@@ -199,3 +199,42 @@ def test_a_foreign_store_is_refused_before_it_is_migrated(
     assert served.exit_code == ExitCode.CONFIG, served.output
     assert "not this federation's genesis" in served.output
     assert _revision(store_backend.url) == "0004"
+
+
+@on_disk_stores
+@pytest.mark.parametrize("command_line", [["enroll", "site-1"], ["status"], ["serve"]])
+def test_a_database_url_without_a_store_is_refused_and_nothing_is_created(
+    store_backend: StoreBackend, tmp_path: Path, command_line: list[str]
+) -> None:
+    """A mistyped database_url, or a restore into an empty database that skipped
+    `pg_restore`: only `init` creates a store; every other command refuses (exit 4) and
+    leaves no file, no schema behind (a new, empty store would take the coordinator's
+    enrolments and rounds, away from its history)."""
+    state_dir = tmp_path / "coord"
+    assert _cli(state_dir, "init", "--cloud", "c1", "--deployment", "plant-a").exit_code == 0
+    config = state_dir / "coordinator.toml"
+    config.write_text(
+        re.sub('database_url = ".*"', f'database_url = "{store_backend.url}"', config.read_text())
+    )
+    if command_line[0] == "enroll":
+        command_line = [
+            *command_line,
+            public_key_text(nacl.signing.SigningKey.generate().verify_key),
+        ]
+
+    result = _cli(state_dir, *command_line)
+
+    assert result.exit_code == ExitCode.STORE, result.output
+    if store_backend.url.startswith("sqlite"):
+        assert "no coordinator store at" in result.output
+        assert "the file does not exist" in result.output
+        assert not Path(store_backend.url.removeprefix("sqlite:///")).exists()
+    else:
+        assert "holds no coordinator store: run `fedgate-coordinator init`" in result.output
+        engine = sa.create_engine(
+            store_backend.url.replace("postgresql://", "postgresql+psycopg://")
+        )
+        try:
+            assert sa.inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()

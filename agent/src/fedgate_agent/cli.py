@@ -76,7 +76,12 @@ from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.pretrain_cli import pretrain_command
-from fedgate_agent.privacy_ledger import LedgerUnreadable, read_ledger
+from fedgate_agent.privacy_ledger import (
+    LEDGER_FILE,
+    LedgerUnreadable,
+    check_not_behind,
+    read_ledger,
+)
 from fedgate_agent.record_privacy import (
     SAMPLING,
     SEEDED_DP_WARNING,
@@ -549,6 +554,10 @@ def privacy(config_path: Path, as_json: bool) -> None:
     """
     cfg = load_config(config_path, require_complete=False)
     ledger = read_ledger(cfg.state_path)
+    recorded = read_status(cfg.state_path)
+    # A ledger deleted or rolled back shows less than was spent: refused here as the agent
+    # refuses it (exit 4), not shown as the spend.
+    check_not_behind(ledger, recorded, cfg.state_path)
     settings = cfg.privacy
     chosen = as_accountant(settings.accountant)
     accountant = accountant_name(chosen)
@@ -559,7 +568,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
     )
     # Rounds trained while record-level DP was off (it was switched off and on again):
     # the ledger has no entry for them, and their updates no record-level guarantee.
-    trained = read_status(cfg.state_path).rounds_trained
+    trained = recorded.rounds_trained
     without_dp = trained - len(ledger.entries) if ledger.entries else 0
     data = {
         "record_level": settings.record_level,
@@ -817,15 +826,23 @@ def forget_rounds(config_path: Path, as_json: bool) -> None:
     )
 
 
-def _privacy_spent_now(cfg: AgentConfig, data: dict[str, Any]) -> None:
+def _privacy_spent_now(cfg: AgentConfig, state: AgentStatus, data: dict[str, Any]) -> None:
     """ε spent from privacy.json at the configured δ and accountant, in place of the figures
     status.json kept from the agent's last round (stale after a change of δ, or when the
-    agent stopped training); those stay when the ledger cannot be read."""
+    agent stopped training). Those stay when the ledger cannot be used (unreadable, or
+    behind what status.json recorded); ``privacy_ledger_error`` then says why, as the
+    agent will when it refuses the next round that needs it."""
+    data["privacy_ledger_error"] = None
     if data["privacy"] == "off" and data["site_privacy"] == "none":
         return
     try:
         ledger = read_ledger(cfg.state_path)
-    except (LedgerUnreadable, OSError):
+        check_not_behind(ledger, state, cfg.state_path)
+    except LedgerUnreadable as exc:  # the agent refuses every round that needs it
+        data["privacy_ledger_error"] = str(exc)
+        return
+    except OSError as exc:
+        data["privacy_ledger_error"] = f"cannot read {cfg.state_path / LEDGER_FILE}: {exc}"
         return
     record, site = ledger.spent(
         cfg.privacy.delta, as_accountant(cfg.privacy.accountant), cfg.secagg.assumed_colluders
@@ -868,7 +885,7 @@ def status(config_path: Path, as_json: bool) -> None:
         data["last_state"] = state.state  # what the agent was doing when it ended
         data["state"] = "stopped"
     data["ingest"] = _ingest_status(cfg, state, running)
-    _privacy_spent_now(cfg, data)
+    _privacy_spent_now(cfg, state, data)
     if as_json:
         echo_json(data)
         return
@@ -911,6 +928,9 @@ def status(config_path: Path, as_json: bool) -> None:
             f"{data['site_privacy_epsilon'] or 0:.4f} of {state.site_privacy_budget} spent "
             f"(δ {cfg.privacy.delta}, this agent's count)"
         )
+    if data["privacy_ledger_error"]:
+        problem = data["privacy_ledger_error"]
+        click.echo(f"privacy    ledger unusable, training stays off: {problem}")
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(state.rejected.items())) or "none"
     click.echo(f"rejected   {rejected}")
     if data["ingest"] is not None:

@@ -207,9 +207,18 @@ class AgentService:
         )
         self.status.site_privacy_budget = privacy.site_max_epsilon
         if self._record_privacy is not None:
+            # Exhausted stays exhausted across a restart unless the budget was raised or δ
+            # changed; then "on" until the next round is trained or refused.
+            before = self.status
+            still_spent = (
+                before.privacy == "budget exhausted"
+                and before.privacy_budget is not None
+                and privacy.target_epsilon <= before.privacy_budget
+                and before.privacy_delta == privacy.delta
+            )
             self.status.privacy_budget = privacy.target_epsilon
             self.status.privacy_delta = privacy.delta
-            self.status.privacy = "on"  # "budget exhausted" again if the next round is refused
+            self.status.privacy = "budget exhausted" if still_spent else "on"
         else:
             self.status.privacy = "off"
         self.rejected: Counter[str] = Counter(self.status.rejected)

@@ -11,6 +11,7 @@ script that ran ``… --json`` gets JSON on stdout either way.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -27,8 +28,24 @@ _WANTS_JSON = "fedgate.wants_json"
 
 
 def echo_json(data: object) -> None:
-    """``data`` (msgspec structs, dataclasses, paths, datetimes …) as indented JSON on stdout."""
-    click.echo(json.dumps(msgspec.to_builtins(data, enc_hook=str), indent=2, default=str))
+    """``data`` (msgspec structs, dataclasses, paths, datetimes …) as indented JSON on stdout.
+
+    JSON has no infinity or NaN (``json.dumps`` would write ``Infinity``, which strict
+    parsers refuse): a number that is not finite, such as ε with no noise to bound it, is
+    written as ``null``; the text output says ``inf``."""
+    builtins = _finite(msgspec.to_builtins(data, enc_hook=str))
+    click.echo(json.dumps(builtins, indent=2, default=str, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def fail(message: str, code: int, *, problems: Sequence[str] = (), **fields: object) -> NoReturn:

@@ -15,7 +15,10 @@ from typing import Any
 def _quote(value: object) -> str:
     text = str(value)
     if text == "" or any(c in ' ="' or not c.isprintable() for c in text):
-        return json.dumps(text)
+        # Printable non-ASCII (ε, σ, names) stays as it is, so that grep finds it; quotes,
+        # backslashes and control characters are escaped, so one event stays one line.
+        quoted = json.dumps(text, ensure_ascii=False)
+        return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in quoted)
     return text
 
 

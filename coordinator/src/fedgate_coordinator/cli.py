@@ -105,6 +105,7 @@ from fedgate_coordinator.store import (
     SITE_UNIT,
     PrivacyLedgerEntry,
     Store,
+    missing_sqlite_file,
     normalize_url,
 )
 
@@ -136,12 +137,22 @@ class Context(msgspec.Struct):
         config: CoordinatorConfig | None = None,
         *,
         read_only: bool = False,
+        create: bool = False,
         before_migrating: Callable[[Store], None] | None = None,
     ) -> Store:
         """The store, migrated to this version's schema; ``read_only`` commands refuse an
-        older schema instead of migrating it. ``before_migrating`` checks the store as it
+        older schema instead of migrating it. Only ``create`` (`init`) makes a store where
+        there is none: every other command refuses a missing SQLite file (without creating
+        it) or a database without the schema. ``before_migrating`` checks the store as it
         is (a foreign store is refused before anything is written to it)."""
         config = config or self.config()
+        missing = None if create else missing_sqlite_file(config.database_url)
+        if missing is not None:
+            raise StoreError(
+                f"no coordinator store at {missing}: the file does not exist. Run "
+                "`fedgate-coordinator init`, or check database_url in coordinator.toml (a "
+                "restored store goes where database_url points)"
+            )
         try:
             store = Store.open(config.database_url, migrate=False)
         except StoreError:
@@ -154,6 +165,8 @@ class Context(msgspec.Struct):
             if read_only:
                 store.require_current_schema()
             else:
+                if not create:
+                    store.require_schema()
                 store.upgrade_schema()
         except (SQLAlchemyError, CommandError) as exc:
             store.close()
@@ -354,7 +367,9 @@ def init(
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     # Creates the schema (the first `serve` adds the genesis), after checking it is unused.
     with obj.store(
-        config, before_migrating=partial(_require_unused_store, url=config.database_url)
+        config,
+        create=True,
+        before_migrating=partial(_require_unused_store, url=config.database_url),
     ):
         pass
     _restrict_sqlite_file(config.database_url)

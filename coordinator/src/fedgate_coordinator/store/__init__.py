@@ -35,6 +35,7 @@ from fedgate_coordinator.store.store import (
     Store,
     alembic_config,
     head_revision,
+    missing_sqlite_file,
     normalize_url,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "VoteRecord",
     "alembic_config",
     "head_revision",
+    "missing_sqlite_file",
     "normalize_url",
     "stage_order",
 ]

@@ -146,6 +146,19 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file an SQLite ``url`` names when it does not exist (connecting would create an
+    empty one), else None (it exists, or the URL names no file: another back end, memory)."""
+    parsed = normalize_url(url)
+    if _is_sqlite_memory(parsed) or parsed.get_backend_name() != "sqlite":
+        return None
+    database = str(parsed.database)
+    if database.startswith("file:"):  # an SQLite URI: its own rules
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
 def _is_sqlite_memory(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
@@ -270,6 +283,17 @@ class Store:
                 "taken before the upgrade"
             )
 
+    def require_schema(self) -> None:
+        """Refuse a database that holds no coordinator store (never migrated): only `init`
+        creates one. A mistyped database_url, or a restore into an empty database that
+        skipped `pg_restore`, would otherwise get a new, empty store."""
+        if self.schema_revision() is None:
+            shown = self._engine.url.render_as_string(hide_password=True)
+            raise StoreError(
+                f"the database {shown} holds no coordinator store: run `fedgate-coordinator "
+                "init`, or check database_url in coordinator.toml"
+            )
+
     def require_current_schema(self) -> None:
         """For commands that only read: refuse a store that is not at this version's
         newest revision instead of migrating it (a backup being inspected stays as it is,
@@ -277,12 +301,8 @@ class Store:
         revision, head = self.schema_revision(), head_revision()
         if revision == head:
             return
+        self.require_schema()
         shown = self._engine.url.render_as_string(hide_password=True)
-        if revision is None:
-            raise StoreError(
-                f"the database {shown} holds no coordinator store: run `fedgate-coordinator "
-                "init`, or check database_url in coordinator.toml"
-            )
         raise StoreError(
             f"the store at {shown} is at schema revision {revision} and this "
             f"fedgate-coordinator needs {head}; commands that only read do not migrate it: "
