@@ -100,7 +100,9 @@ def certificate(
     return Certificate(consensus_round=consensus_round, precommits=votes)
 
 
-def one_cloud(config: CoordinatorConfig, state_dir: Path) -> dict[str, Any]:
+def one_cloud(
+    config: CoordinatorConfig, state_dir: Path, consensus: ConsensusParams | None = None
+) -> dict[str, Any]:
     """Keyword arguments for a CoordinatorService federated with nobody (quorum 1)."""
     key = nacl.signing.SigningKey.generate()
     manifest = federation_manifest(
@@ -108,6 +110,7 @@ def one_cloud(config: CoordinatorConfig, state_dir: Path) -> dict[str, Any]:
         keys={config.cloud: key},
         spec=config.model,
         brokers={config.cloud: f"{config.broker.host}:{config.broker.port}"},
+        consensus=consensus,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     return {"signing_key": key, "manifest": manifest, "state_dir": state_dir}

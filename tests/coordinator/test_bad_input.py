@@ -21,6 +21,7 @@ import nacl.signing
 import numpy as np
 import pytest
 from fedgate_common.arrays import WireArray, encode_arrays
+from fedgate_common.consensus.manifest import ConsensusParams
 from fedgate_common.envelope import Envelope, decode_payload, open_envelope, seal
 from fedgate_common.keys import public_key_text
 from fedgate_common.messages import GlobalModel, ModelUpdate, RecordPrivacyReport, RoundStart
@@ -98,7 +99,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
+async def running(
+    tmp_path: Path, database_url: str, consensus: ConsensusParams | None = None
+) -> AsyncIterator[Harness]:
     """A coordinator serving one plaintext round with two enrolled agents."""
     deployment = f"test-{secrets.token_hex(4)}"
     config = CoordinatorConfig(
@@ -114,7 +117,8 @@ async def running(tmp_path: Path, database_url: str) -> AsyncIterator[Harness]:
     keys = {name: nacl.signing.SigningKey.generate() for name in ("site-a", "site-b")}
     for name, key in keys.items():
         store.enroll_agent(name, public_key_text(key.verify_key))
-    service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
+    federated = one_cloud(config, tmp_path, consensus)
+    service = CoordinatorService(config=config, store=store, **federated)
     async with aiomqtt.Client(
         BROKER.host, BROKER.port, protocol=aiomqtt.ProtocolVersion.V5
     ) as client:
@@ -326,6 +330,36 @@ async def test_a_round_cut_short_by_a_stop_is_aborted_and_counted(harness: Harne
     assert record.abort_reason == STOP_REASON
     assert harness.service.summary.rounds_aborted == 1
     assert harness.service.summary.rounds_completed == 0
+
+
+async def test_an_aggregate_the_manifest_refuses_aborts_the_round_and_the_height_goes_on(
+    tmp_path: Path,
+) -> None:
+    """This cloud's mean update breaks the manifest's norm bound (as site-level noise can):
+    every cloud would refuse it, this one too, so a cloud alone used to wait for a quorum
+    forever. The round is aborted, the height decided without it, and serve goes on."""
+    bound = ConsensusParams(max_update_norm=1.0)
+    url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    async with running(tmp_path, url, consensus=bound) as h:
+        large = {name: np.full(shape, 3.0, np.float32) for name, shape in parameter_shapes(SPEC)}
+        for agent in ("site-a", "site-b"):
+            update = h.update(delta=encode_arrays(large))
+            await h.send(h.sealed(update, sender=agent), sender=agent)
+        summary = await asyncio.wait_for(h.serving, 30)
+
+        assert (summary.rounds_completed, summary.rounds_aborted) == (0, 1)
+        record = h.store.get_round(h.start.round)
+        assert record is not None
+        assert record.status == "aborted"
+        assert "breaks the federation manifest's rules (delta norm" in (record.abort_reason or "")
+        assert h.store.event_counts().get("invalid_aggregate") == 1
+        models = h.store.list_models()
+        assert [m.round for m in models] == [0, 1]
+        genesis, decided = (h.store.get_model(m.digest) for m in models)
+        assert genesis is not None
+        assert decided is not None
+        for name, weights in decided.decode_weights().items():
+            np.testing.assert_array_equal(weights, genesis.decode_weights()[name])
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ import aiomqtt
 import msgspec
 import nacl.signing
 import numpy as np
+import numpy.typing as npt
 from fedgate_common.arrays import decode_arrays
 from fedgate_common.consensus.manifest import SignedManifest, quorum, verify_keys
 from fedgate_common.consensus.quorum import faults_tolerated
@@ -339,6 +340,23 @@ class FederationNode:
         if isinstance(checked, CloudContribution):
             return checked
         raise checked
+
+    def own_aggregate_problem(
+        self, delta: Mapping[str, npt.NDArray[np.float32]], participants: int
+    ) -> str | None:
+        """Why this cloud's own mean update could not enter a proposal (the manifest's
+        rules, as every cloud checks them: e.g. site-level noise pushing its norm past
+        ``max_update_norm``), or ``None``. Checked before it is offered: a refused own
+        aggregate would leave a cloud alone waiting for a quorum forever."""
+        contribution = CloudContribution(
+            cloud=self.cloud, participants=participants, delta=dict(delta)
+        )
+        return aggregate_problem(
+            contribution,
+            spec=self.spec,
+            max_update_norm=self.params.max_update_norm,
+            weight_cap=self.params.cloud_weight_cap,
+        )
 
     def _check_contribution(self, height: int, raw: bytes) -> CloudContribution:
         envelope, payload = open_signed(raw, deployment=self.deployment, keys=self.keys)

@@ -479,10 +479,33 @@ class CoordinatorService:
             if result is None:
                 return None  # privacy budget spent
             participants = [_participant(c) for c in result.contributions]
+        if isinstance(result, RoundCompleted):
+            result = self._within_federation_rules(result)
         aggregate = self._aggregate(number, head, result)
         decided = await self.federation.decide(number, head, aggregate)
         await self._adopt_decision(decided, local=result, participants=participants)
         return result if isinstance(result, RoundCompleted) else None
+
+    def _within_federation_rules(self, result: RoundCompleted) -> RoundResult:
+        """``result``, or its round aborted when its mean update breaks the manifest's
+        rules (its norm above ``max_update_norm``: site-level noise can do that). Every
+        cloud would refuse it, this one too; the cloud contributes an empty aggregate
+        instead and the height goes on. What the round's agents spent stays spent."""
+        problem = self.federation.own_aggregate_problem(result.delta, len(result.contributions))
+        if problem is None:
+            return result
+        reason = (
+            f"this cloud's aggregate breaks the federation manifest's rules ({problem}); "
+            "raise consensus.max_update_norm in a new manifest version, or lower the noise"
+        )
+        self.store.record_event("invalid_aggregate", detail=f"own: {reason}", round=result.round)
+        log_event(
+            log,
+            logging.WARNING,
+            "own aggregate refused; round aborted",
+            **self._fields(round=result.round, reason=problem),
+        )
+        return RoundAborted(round=result.round, reason=reason, contributions=result.contributions)
 
     def _aggregate(
         self, number: int, head: ModelRecord, result: RoundResult | None
