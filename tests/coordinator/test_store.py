@@ -32,7 +32,7 @@ from fedgate_coordinator.store import (
     head_revision,
 )
 from fedgate_coordinator.store.schema import AgentRow, Base, ModelRow, RoundParticipantRow
-from sqlalchemy import Insert, insert, inspect, update
+from sqlalchemy import Insert, create_engine, insert, inspect, text, update
 from sqlalchemy.exc import IntegrityError
 
 if TYPE_CHECKING:
@@ -488,6 +488,30 @@ def test_a_store_locked_too_long_says_so_plainly(tmp_path: Path) -> None:
     finally:
         holder.rollback()
         holder.close()
+        store.close()
+
+
+@pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)
+def test_a_postgresql_store_locked_too_long_says_so_instead_of_hanging(
+    store_backend: StoreBackend,
+) -> None:
+    """A psql session holding a table lock: the command fails after the lock wait with
+    what to look for, as on SQLite, instead of waiting for ever."""
+    store = Store.open(store_backend.url)
+    holder = create_engine(store_backend.url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with holder.connect() as connection:
+            connection.execute(text("LOCK TABLE agents IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="stayed locked by another session") as info:
+                store.enroll_agent("plant-1", KEY_A)
+            assert time.monotonic() - started < 30
+            assert "pg_locks" in str(info.value)
+            connection.rollback()
+        store.enroll_agent("plant-1", KEY_A)  # the lock gone, it works
+        assert [a.agent_id for a in store.list_agents()] == ["plant-1"]
+    finally:
+        holder.dispose()
         store.close()
 
 

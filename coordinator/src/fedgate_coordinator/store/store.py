@@ -93,10 +93,21 @@ from fedgate_coordinator.store.schema import (
     VoteRow,
 )
 
-__all__ = ["MIGRATIONS_DIR", "Store", "alembic_config", "head_revision", "normalize_url"]
+__all__ = [
+    "MIGRATIONS_DIR",
+    "Store",
+    "alembic_config",
+    "head_revision",
+    "missing_sqlite_file",
+    "normalize_url",
+]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 5000
+# How long a transaction waits for a lock another process holds before it fails with a
+# StoreError (SQLite's busy timeout; PostgreSQL's lock_timeout), so that a command never
+# hangs behind a forgotten shell transaction.
+STORE_LOCK_WAIT_MS = 5000
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE when lock_timeout expires
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _STAGE = re.compile(rf"[a-z][a-z0-9_]{{0,{STAGE_LENGTH - 1}}}")
 _UNIT = re.compile(rf"[a-z][a-z0-9_]{{0,{UNIT_LENGTH - 1}}}")
@@ -165,6 +176,12 @@ def _is_sqlite_memory(url: URL) -> bool:
 
 def _create_engine(url: URL) -> Engine:
     if url.get_backend_name() != "sqlite":
+        # Added to the URL's own options (a search_path, say), before them: a lock_timeout
+        # the operator sets there wins.
+        given = url.query.get("options", ())
+        options = [f"-c lock_timeout={STORE_LOCK_WAIT_MS}"]
+        options += [given] if isinstance(given, str) else list(given)
+        url = url.update_query_dict({"options": " ".join(options)})
         return create_engine(url, pool_pre_ping=True)
     memory = _is_sqlite_memory(url)
     if memory:
@@ -180,7 +197,7 @@ def _create_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={STORE_LOCK_WAIT_MS}")
             if not memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
         finally:
@@ -323,8 +340,14 @@ class Store:
         except OperationalError as exc:
             if "database is locked" in str(exc.orig):
                 raise StoreError(
-                    f"the store stayed locked by another process for {SQLITE_BUSY_TIMEOUT_MS} ms "
+                    f"the store stayed locked by another process for {STORE_LOCK_WAIT_MS} ms "
                     "(a sqlite3 shell with an open transaction? a backup?); try again"
+                ) from exc
+            if getattr(exc.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+                raise StoreError(
+                    f"the store stayed locked by another session for {STORE_LOCK_WAIT_MS} "
+                    "ms (a psql session with an open transaction? a LOCK TABLE? see "
+                    "pg_locks); try again"
                 ) from exc
             raise StoreError(f"database error: {exc}") from exc
         except SQLAlchemyError as exc:
