@@ -193,6 +193,20 @@ def test_repeated_rounds_on_one_base_model_stop_at_the_agents_budget(tmp_path: P
     assert f"spent ε {ledger.site_epsilon_total:.4f}" in text.output
     status = CliRunner().invoke(agent_main, ["status", "--config", str(config_file)])
     assert "site-level noise on" in status.output, status.output
+    assert "counted again" not in text.output
+    assert "another δ" not in text.output
+
+    # More colluders assumed now: the site-level spend is counted again, and the note says
+    # so under site level (record level, with no rounds, has nothing recounted).
+    wary = msgspec.structs.replace(
+        config, secagg=msgspec.structs.replace(config.secagg, assumed_colluders=1)
+    )
+    write_config(config_file, wary)
+    recounted = CliRunner().invoke(agent_main, ["privacy", "--config", str(config_file)])
+    assert recounted.exit_code == 0, recounted.output
+    record_part, site_part = recounted.output.split("site-level DP", 1)
+    assert "another δ" not in record_part
+    assert "secagg.assumed_colluders = 1" in site_part
 
 
 async def test_a_round_past_the_budget_is_not_joined(tmp_path: Path) -> None:

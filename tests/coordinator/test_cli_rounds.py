@@ -306,3 +306,18 @@ def test_a_relative_sqlite_path_is_stored_absolute(
     assert status.exit_code == 0, status.output
     assert json.loads(status.output)["database_url"] == f"sqlite:///{tmp_path / 'coord' / 'c.db'}"
     assert not (elsewhere / "coord").exists()
+
+
+@on_disk_stores
+def test_status_shows_a_running_round_without_a_participant_count(
+    coordinator: Coordinator,
+) -> None:
+    """Round 3 runs: how many take part is not known until it closes; `status` says `-`
+    (JSON: null), not Python's None."""
+    shown = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status"])
+    assert shown.exit_code == 0, shown.output
+    assert "last round 3: running, participants -/2" in shown.output
+    assert "None" not in shown.output
+    data = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status", "--json"])
+    last = json.loads(data.stdout)["last_round"]
+    assert (last["participants"], last["selected"]) == (None, 2)

@@ -875,7 +875,8 @@ def status(obj: Context, as_json: bool) -> None:
     if last:
         click.echo(
             f"last round {last['round']}: {last['status']}, participants "
-            f"{last['participants']}/{last['selected']}"
+            # None until the round closes (running): how many took part is not known yet.
+            f"{'-' if last['participants'] is None else last['participants']}/{last['selected']}"
             + (f", reason: {last['abort_reason']}" if last["abort_reason"] else "")
         )
     click.echo(f"agents     {data['agents_enrolled']} enrolled")
