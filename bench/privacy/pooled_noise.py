@@ -22,6 +22,11 @@ Each row accounts ε at σ (the factor only adds noise). Usage (make demo caches
 
     .venv/bin/python -m bench.privacy.pooled_noise \\
         --genesis-weights out/cache/genesis-seed1-sets3-<spec>.msgpack
+
+One DP-SGD step a round (what a pooled mechanism can release per secure sum), with a
+larger batch and fewer rounds: ``--site-batch 1000 --local-epochs 1 --rounds 40
+--learning-rate 8 --lr-decay 1`` (sampling rate 0.70, one step a round); momentum across
+rounds, as a server would keep it: ``--server-momentum 0.8``.
 """
 
 from __future__ import annotations
