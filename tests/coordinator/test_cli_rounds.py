@@ -7,6 +7,7 @@ SQLite file and on PostgreSQL; the rounds are written through the store as `serv
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,3 +322,24 @@ def test_status_shows_a_running_round_without_a_participant_count(
     data = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status", "--json"])
     last = json.loads(data.stdout)["last_round"]
     assert (last["participants"], last["selected"]) == (None, 2)
+
+
+@on_disk_stores
+def test_status_warns_when_the_consensus_journal_is_ahead_of_the_store(
+    coordinator: Coordinator,
+) -> None:
+    """A store restored from a copy older than consensus-state.msgpack: serve reports
+    consensus height 5 while the store has decided nothing; status says what happened
+    (it used to show the height and nothing else)."""
+    live = {"height": 5, "round": 0, "step": "propose", "updated": time.time(), "peers": []}
+    (coordinator.state_dir / "federation-status.json").write_text(json.dumps(live))
+    shown = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status"])
+    assert shown.exit_code == 0, shown.output
+    assert "decided    no height yet" in shown.output
+    assert "the consensus journal is at height 5, past the store's last decided" in shown.output
+    data = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status", "--json"])
+    assert json.loads(data.stdout)["consensus"]["journal_ahead_of_store"] is True
+    live["height"] = 1  # deciding the first height: as it should be
+    (coordinator.state_dir / "federation-status.json").write_text(json.dumps(live))
+    calm = CliRunner().invoke(main, ["--state-dir", str(coordinator.state_dir), "status"])
+    assert "journal is at height" not in calm.output

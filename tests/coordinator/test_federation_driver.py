@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import ConsensusParams, SignedManifest
+from fedgate_common.consensus.tendermint import ConsensusState
 from fedgate_common.consensus.types import Proposal, Vote
 from fedgate_common.consensus.wire import open_vote, proposal_content, seal_proposal, seal_vote
 from fedgate_common.envelope import Envelope, seal
@@ -31,7 +32,7 @@ from fedgate_common.model_spec import ModelSpec, parameter_shapes
 from fedgate_common.topics import federation_topic
 from fedgate_coordinator.broker_config import BrokerAuthority
 from fedgate_coordinator.config import CoordinatorConfig, FederationSettings, PeerBroker, validate
-from fedgate_coordinator.consensus_journal import read_journal
+from fedgate_coordinator.consensus_journal import read_journal, write_journal
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.federation import FederationNode, global_model_message
 from fedgate_coordinator.genesis import genesis_record
@@ -436,3 +437,31 @@ async def test_a_certified_model_that_arrives_while_the_aggregate_is_published_i
     assert decided.model.digest == setup.child.digest
     assert sorted(decided.signers) == ["c2", "c3", "c4"]
     store.close()
+
+
+def test_a_journal_ahead_of_its_store_is_logged_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """consensus-state.msgpack at height 5, the store at its genesis (restored from an older
+    copy): the node says so when it starts, instead of waiting in silence."""
+    key = nacl.signing.SigningKey.generate()
+    manifest = federation_manifest(deployment="plant", keys={"c1": key}, spec=SPEC)
+    store = Store.open(f"sqlite:///{tmp_path / 'c.db'}")
+    store.add_model(genesis_record(SPEC, manifest.manifest.genesis_seed))
+    write_journal(tmp_path, ConsensusState(height=5))
+    settings = MqttSettings(client_id="plant-c1")
+    with caplog.at_level("WARNING", logger="fedgate.coordinator"):
+        FederationNode(
+            deployment="plant",
+            cloud="c1",
+            manifest=manifest,
+            signing_key=key,
+            store=store,
+            own_link=MqttLink(settings=settings, subscriptions=[]),
+            state_dir=tmp_path,
+        )
+    store.close()
+    message = "consensus journal ahead of the store"
+    [record] = [r for r in caplog.records if r.getMessage() == message]
+    fields = record.__dict__["fields"]
+    assert (fields["journal_height"], fields["store_height"]) == (5, 1)

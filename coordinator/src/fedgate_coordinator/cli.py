@@ -812,7 +812,10 @@ def _consensus_summary(state_dir: Path, config: CoordinatorConfig, store: Store)
         for peer in live.get("peers", [])
     ]
     evidence = store.evidence()
+    height = live.get("height")
+    decided = 0 if last is None else last.height
     return {
+        "journal_ahead_of_store": isinstance(height, int) and height > decided + 1,
         "manifest_digest": None if manifest is None else manifest_digest(manifest.manifest),
         "clouds": clouds,
         "quorum": quorum_size(len(clouds)) if clouds else None,
@@ -910,6 +913,15 @@ def status(obj: Context, as_json: bool) -> None:
         click.echo(
             f"decided    height {decision['height']} → {decision['model'][:16]} "
             f"(round {decision['round']}, signed by {', '.join(decision['signers'])})"
+        )
+    elif consensus["height"] is not None:
+        click.echo("decided    no height yet")
+    if consensus["journal_ahead_of_store"]:
+        click.echo(
+            f"warning    the consensus journal is at height {consensus['height']}, past the "
+            "store's last decided height + 1: the store is older than consensus-state.msgpack "
+            "(restored from an older copy?); a cloud alone waits for peers' certified models "
+            "(operations.md section 9)"
         )
     for peer in consensus["peers"]:
         seen = peer["last_seen_s_ago"]

@@ -250,6 +250,18 @@ class FederationNode:
         self._base: ModelRecord | None = None
         head = store.head_model()
         self._height = 0 if head is None else head.round + 1  # the height being decided
+        if self._core.state.height > self._height:
+            log_event(
+                log,
+                logging.WARNING,
+                "consensus journal ahead of the store",
+                cloud=cloud,
+                journal_height=self._core.state.height,
+                store_height=self._height,
+                hint="the store is older than consensus-state.msgpack (restored from an "
+                "older copy?); the heights between come only as peers' certified models: "
+                "operations.md section 9",
+            )
         self._aggregates: dict[int, dict[str, bytes]] = {}
         # sha256 of a signed aggregate + height → its checked contribution, or why it is refused
         self._checked: dict[bytes, CloudContribution | FedgateError | ValueError] = {}
