@@ -340,6 +340,12 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     )
     fresh_key = nacl.signing.SigningKey.generate()
     assert AgentService(config=raised, identity=fresh_key).status.privacy == "on"
+    # Raised in agent.toml but not restarted: status shows the budget the agent runs with
+    # and says the new one waits for a restart.
+    again._save_status()
+    status = _status_command(tmp_path, raised)
+    assert "of 2.0 spent" in status
+    assert "agent.toml says 3.0: restart to apply" in status
 
     shown = _privacy_command(tmp_path, config, "--json")
     assert shown.exit_code == 0, shown.output
