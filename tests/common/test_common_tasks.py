@@ -5,7 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fedgate_common.tasks import BackgroundTasks, cancel_persistently, cancel_until_done, leaf_error
+from fedgate_common.tasks import (
+    BackgroundTasks,
+    cancel_persistently,
+    cancel_until_done,
+    finish_then_cancel,
+    leaf_error,
+)
 
 
 async def ignore_cancellations(swallow: int, swallowed: list[int]) -> None:
@@ -118,3 +124,31 @@ def test_leaf_error_finds_the_cause_inside_nested_task_groups() -> None:
     assert leaf_error(group, KeyError) is cause
     assert leaf_error(group, TypeError) is None
     assert leaf_error(cause, LookupError) is cause  # not a group: itself, if of the kind
+
+
+async def test_finish_then_cancel_ends_the_work_before_the_cancellation_goes_through() -> None:
+    """Cancelled between storing and counting, a source would count less than it stored:
+    the work runs to its end, then the caller sees the cancellation (also a repeated one,
+    as cancel_until_done sends)."""
+    release = asyncio.Event()
+    done: list[str] = []
+
+    async def store_and_count() -> int:
+        await release.wait()
+        done.append("stored and counted")
+        return 2
+
+    caller = asyncio.create_task(finish_then_cancel(store_and_count()))
+    await asyncio.sleep(0)
+    caller.cancel()
+    await asyncio.sleep(0.01)
+    caller.cancel()  # asked again while the work still runs
+    await asyncio.sleep(0.01)
+    assert not caller.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert done == ["stored and counted"]
+    # Not cancelled: the work's result comes back.
+    release.set()
+    assert await finish_then_cancel(store_and_count()) == 2

@@ -22,6 +22,7 @@ __all__ = [
     "BackgroundTasks",
     "cancel_persistently",
     "cancel_until_done",
+    "finish_then_cancel",
     "leaf_error",
 ]
 
@@ -41,6 +42,25 @@ async def cancel_until_done(
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=nudge_s)
+
+
+async def finish_then_cancel(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end even when the caller is cancelled meanwhile, then let
+    the cancellation through: for work that must not stop half-way, such as storing
+    readings and counting them (cancelled between the two, the count would fall short of
+    what was stored). ``asyncio.wait`` does not cancel what it waits for."""
+    task = asyncio.ensure_future(coroutine)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True  # the caller's: finish first (cancel_until_done asks again)
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of the finished work is not lost silently
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def cancel_persistently(task: asyncio.Task[Any], *, nudge_s: float = SIGNAL_NUDGE_S) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from fedgate_common.backoff import Backoff
+from fedgate_common.tasks import finish_then_cancel
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
@@ -188,6 +189,11 @@ class ModbusPoller:
         return readings
 
     async def _store(self, readings: list[Reading]) -> None:
+        # Stored and counted, or neither: a stop between the two would count less than
+        # the outbox holds.
+        await finish_then_cancel(self._store_and_count(readings))
+
+    async def _store_and_count(self, readings: list[Reading]) -> None:
         result = await self.outbox.append(readings)
         counters = self.counters
         counters.reads += 1

@@ -31,7 +31,7 @@ from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.uaerrors import UaError
 from fedgate_common.backoff import Backoff
-from fedgate_common.tasks import BackgroundTasks
+from fedgate_common.tasks import BackgroundTasks, finish_then_cancel
 
 from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, read_password
 from fedgate_bridge.counters import FailureLog, RefusalLog, SourceCounters
@@ -132,6 +132,11 @@ class OpcuaReader:
         return Reading(topic=self._topics[tag], ts=ts, value=number, unit=self._units[tag])
 
     async def _store(self, readings: list[Reading]) -> None:
+        # Stored and counted, or neither: a stop between the two would count less than
+        # the outbox holds.
+        await finish_then_cancel(self._store_and_count(readings))
+
+    async def _store_and_count(self, readings: list[Reading]) -> None:
         result = await self.outbox.append(readings)
         self.counters.readings += result.stored
         self.counters.rejected += result.rejected_new
