@@ -107,6 +107,7 @@ from fedgate_coordinator.store import (
     Store,
     missing_sqlite_file,
     normalize_url,
+    sqlite_file,
 )
 
 EXIT_CODES_HELP = """\b
@@ -206,9 +207,9 @@ def _require_own_store(store: Store, *, manifest: Manifest) -> None:
 
 def _restrict_sqlite_file(url: str) -> None:
     """The store holds agent keys and history: readable by the service group only."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and len(url) > len(prefix):
-        Path(url[len(prefix) :]).chmod(0o640)
+    path = sqlite_file(url)
+    if path is not None:
+        path.chmod(0o640)
 
 
 @click.group(

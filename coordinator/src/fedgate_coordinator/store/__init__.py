@@ -37,6 +37,7 @@ from fedgate_coordinator.store.store import (
     head_revision,
     missing_sqlite_file,
     normalize_url,
+    sqlite_file,
 )
 
 __all__ = [
@@ -67,5 +68,6 @@ __all__ = [
     "head_revision",
     "missing_sqlite_file",
     "normalize_url",
+    "sqlite_file",
     "stage_order",
 ]

@@ -100,6 +100,7 @@ __all__ = [
     "head_revision",
     "missing_sqlite_file",
     "normalize_url",
+    "sqlite_file",
 ]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -157,17 +158,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def missing_sqlite_file(url: str) -> Path | None:
-    """The file an SQLite ``url`` names when it does not exist (connecting would create an
-    empty one), else None (it exists, or the URL names no file: another back end, memory)."""
+def sqlite_file(url: str) -> Path | None:
+    """The file an SQLite ``url`` names, or None when it names none (another back end,
+    memory, an SQLite ``file:`` URI with its own rules)."""
     parsed = normalize_url(url)
     if _is_sqlite_memory(parsed) or parsed.get_backend_name() != "sqlite":
         return None
     database = str(parsed.database)
-    if database.startswith("file:"):  # an SQLite URI: its own rules
-        return None
-    path = Path(database)
-    return None if path.exists() else path
+    return None if database.startswith("file:") else Path(database)
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file an SQLite ``url`` names when it does not exist (connecting would create an
+    empty one), else None (it exists, or the URL names no file)."""
+    path = sqlite_file(url)
+    return None if path is None or path.exists() else path
 
 
 def _is_sqlite_memory(url: URL) -> bool:
@@ -305,11 +310,14 @@ class Store:
         creates one. A mistyped database_url, or a restore into an empty database that
         skipped `pg_restore`, would otherwise get a new, empty store."""
         if self.schema_revision() is None:
-            shown = self._engine.url.render_as_string(hide_password=True)
-            raise StoreError(
-                f"the database {shown} holds no coordinator store: run `fedgate-coordinator "
-                "init`, or check database_url in coordinator.toml"
-            )
+            raise self._no_store()
+
+    def _no_store(self) -> StoreError:
+        shown = self._engine.url.render_as_string(hide_password=True)
+        return StoreError(
+            f"the database {shown} holds no coordinator store: run `fedgate-coordinator "
+            "init`, or check database_url in coordinator.toml"
+        )
 
     def require_current_schema(self) -> None:
         """For commands that only read: refuse a store that is not at this version's
@@ -318,7 +326,8 @@ class Store:
         revision, head = self.schema_revision(), head_revision()
         if revision == head:
             return
-        self.require_schema()
+        if revision is None:
+            raise self._no_store()
         shown = self._engine.url.render_as_string(hide_password=True)
         raise StoreError(
             f"the store at {shown} is at schema revision {revision} and this "
