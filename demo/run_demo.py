@@ -92,6 +92,14 @@ DP_ROUNDS = RoundSettings(
     learning_rate=1.0, lr_decay=0.9, momentum=0.9, local_epochs=2, batch_size=256
 )
 DP_CLIP = 1.0  # privacy.max_grad_norm
+# With the record-level noise pooled in each cloud's secure sum (--record-noise pooled,
+# privacy.md 3.7): one DP-SGD step a round over about 1,000 windows per site, a constant
+# step, and heavy-ball momentum on the decided models (bench/privacy/pooled_noise.py).
+POOLED_ROUNDS = RoundSettings(
+    learning_rate=2.0, lr_decay=1.0, momentum=0.0, local_epochs=1, batch_size=1000
+)
+POOLED_MOMENTUM = 0.8  # the manifest's server_momentum
+POOLED_HEIGHTS = 40  # --rounds with pooled noise, unless given
 # Tendermint timeouts for coordinators on one machine (the manifest's defaults are sized
 # for clouds far apart). aggregate_wait_s is how long a coordinator holding a quorum of
 # aggregates waits for the rest before proposing: each cloud's round ends when its
@@ -168,6 +176,18 @@ def record_epsilon(configs: list[Path], up_to: int | None = None) -> float:
     return round(max(spent, default=0.0), 4)
 
 
+def own_share_epsilon(configs: list[Path], delta: float) -> float | None:
+    """With pooled noise: the largest record-level ε any site would have spent if the other
+    inputs of its cloud's secure sums had colluded with the coordinator (its own share
+    alone; None without pooled rounds)."""
+    spent = []
+    for config in configs:
+        ledger = read_ledger(config.parent)
+        if ledger.pooled:
+            spent.append(ledger.own_share_epsilon(delta, "pld"))
+    return round(max(spent), 4) if spent else None
+
+
 def site_epsilon(stores: list[Store], height: int) -> float | None:
     """The largest site-level ε any cloud has booked by ``height`` (its privacy_ledger)."""
     spent = [
@@ -230,6 +250,13 @@ class Setup:
     epsilon: float  # record-level budget per site
     site_epsilon: float  # site-level budget of each cloud
     seed_agents: bool  # training.seed on every agent: see agents_seeded
+    # "local" (each agent noises its own DP-SGD steps) or "pooled" (the secure sum's shares)
+    record_noise: str = "local"
+    record_sample_rate: float = 0.0  # pooled: the largest rate a site samples its windows at
+
+    @property
+    def pooled(self) -> bool:
+        return self.dp == "record" and self.record_noise == "pooled"
 
     def genesis_options(self) -> tuple[str, ...]:
         """What `init` and `federation init` take to start from this run's genesis."""
@@ -284,6 +311,15 @@ def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
             "planned_rounds": setup.rounds,
         }
         changes["secagg"] = {"word_bits": 32}
+    if setup.pooled:
+        changes["privacy"] = {
+            "record_level": "pooled",
+            "record_epsilon": setup.epsilon,
+            "record_clip_norm": DP_CLIP,
+            "record_sample_rate": setup.record_sample_rate,
+            "planned_rounds": setup.rounds,
+        }
+        changes["secagg"] = {"word_bits": 32}
     configure_coordinator(cloud.state, changes)
 
 
@@ -324,6 +360,7 @@ def init_agent(site: Site, setup: Setup) -> None:
         settings["privacy.target_epsilon"] = str(setup.epsilon)
         settings["privacy.planned_rounds"] = str(setup.rounds)
         settings["privacy.max_grad_norm"] = str(DP_CLIP)
+        settings["privacy.record_noise"] = setup.record_noise
     for key, value in settings.items():
         set_config_value(site.config, key, value)  # what `fedgate-agent config set` does
 
@@ -365,7 +402,10 @@ def form_federation(clouds: list[Cloud], setup: Setup, pool: ThreadPoolExecutor)
     manifest = setup.out / "federation.json"
     entries = [f"--cloud={c.name}={c.public_key}@{c.broker.address}" for c in clouds]
     genesis = setup.genesis_options()
-    clouds[0].coordinator("federation", "init", *entries, *genesis, "--out", str(manifest))
+    momentum = ("--server-momentum", str(POOLED_MOMENTUM)) if setup.pooled else ()
+    clouds[0].coordinator(
+        "federation", "init", *entries, *genesis, *momentum, "--out", str(manifest)
+    )
     unsigned = json.loads(manifest.read_text())
     unsigned["manifest"]["consensus"].update(CONSENSUS)
     manifest.write_text(json.dumps(unsigned, indent=2))
@@ -710,7 +750,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument(
         "--sites", type=int, default=None, help="default: 3 per cloud, at least 6 in all"
     )
-    parser.add_argument("--rounds", type=int, default=20, help="federated rounds (heights)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"federated rounds (heights); default 20, {POOLED_HEIGHTS} with --record-noise pooled",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: out/demo[-plaintext]")
     parser.add_argument(
         "--aggregation",
@@ -727,6 +772,15 @@ def parse_arguments() -> argparse.Namespace:
         "--site-epsilon; off: no DP",
     )
     parser.add_argument("--epsilon", type=float, default=3.0, help="record-level ε budget")
+    parser.add_argument(
+        "--record-noise",
+        choices=("local", "pooled"),
+        default="local",
+        help="with --dp record: local (each agent adds the whole DP-SGD noise to its own "
+        "steps) or pooled (one clipped step a round, the noise added once to each cloud's "
+        "secure sum as the agents' shares, heavy-ball momentum on the decided models; "
+        "docs/privacy.md 3.7)",
+    )
     parser.add_argument("--site-epsilon", type=float, default=8.0, help="site-level ε budget")
     parser.add_argument(
         "--genesis",
@@ -785,6 +839,9 @@ def parse_arguments() -> argparse.Namespace:
             f"--sites {args.sites} leaves a cloud with fewer than 2 agents: secure "
             "aggregation needs a Shamir threshold of at least 2"
         )
+    if args.rounds is None:
+        pooled = args.dp == "record" and args.record_noise == "pooled"
+        args.rounds = POOLED_HEIGHTS if pooled else 20
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.public_sets < 1:
@@ -806,6 +863,8 @@ def main() -> int:
     }[args.dp]
     record_plan = args.dp == "record" if args.plan == "auto" else args.plan == "dp"
     plan = DP_ROUNDS if record_plan else ROUND_DEFAULTS
+    if record_plan and args.record_noise == "pooled":
+        plan = POOLED_ROUNDS
     out: Path = args.out or ROOT / "out" / f"demo{suffix}"
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
@@ -850,6 +909,10 @@ def main() -> int:
             epsilon=args.epsilon,
             site_epsilon=args.site_epsilon,
             seed_agents=agents_seeded(args.dp, args.reproducible),
+            record_noise=args.record_noise,
+            record_sample_rate=max(
+                min(1.0, POOLED_ROUNDS.batch_size / len(data)) for data in split.sites
+            ),
         )
         sites = demo_sites(args.sites, clouds, out)
         # The CLIs take seconds to start (imports), so independent steps run side by side.
@@ -976,6 +1039,11 @@ def main() -> int:
         "agents_seeded": setup.seed_agents,
         "record_epsilon_budget": args.epsilon if args.dp == "record" else None,
         "record_epsilon_spent": record_spent,
+        "record_noise": args.record_noise if args.dp == "record" else None,
+        # Pooled: what is left if a site's cloud-mates collude with its coordinator.
+        "record_epsilon_own_share_only": own_share_epsilon(agent_configs, 1e-5)
+        if setup.pooled
+        else None,
         # What the agents reported with their updates, as the coordinators booked it.
         "record_epsilon_booked": round(max(e.epsilon_total for e in reported), 4)
         if reported
@@ -987,7 +1055,7 @@ def main() -> int:
         "training_plan": plan_settings,
         "seed": args.seed,
         "stride": args.stride,
-        "plan": "dp" if plan is DP_ROUNDS else "default",
+        "plan": "dp" if plan is DP_ROUNDS else "pooled" if plan is POOLED_ROUNDS else "default",
         "genesis": args.genesis,
         "genesis_weights": str(setup.genesis_weights) if setup.genesis_weights else None,
         "sites": args.sites,
@@ -1020,7 +1088,8 @@ def main() -> int:
     print("[result]")
     label = "secure aggregation" if args.aggregation == "secagg" else "plaintext updates"
     if args.dp == "record":
-        label += f", record-level DP (ε {record_spent} of {args.epsilon})"
+        pooled = ", noise pooled" if setup.pooled else ""
+        label += f", record-level DP{pooled} (ε {record_spent} of {args.epsilon})"
     elif args.dp == "site":
         label += f", site-level DP (ε {summary['site_epsilon_spent']} of {args.site_epsilon})"
     print(
@@ -1057,6 +1126,14 @@ def main() -> int:
             f"(the largest of {summary['record_epsilon_reporting_agents']} agents' reports; "
             "fedgate-coordinator privacy)"
         )
+        if setup.pooled:
+            print(
+                "      the noise was pooled in each cloud's secure sum: ε "
+                f"{record_spent} holds against the coordinators while secure aggregation "
+                "does; if a site's cloud-mates colluded with its coordinator, its own share "
+                f"alone would give ε {summary['record_epsilon_own_share_only']} "
+                "(docs/privacy.md 3.7)"
+            )
         if setup.seed_agents:
             print(
                 "      --reproducible seeds every agent (training.seed): its noise can be "

@@ -127,6 +127,49 @@ def init_agent(config: Path, name: str, deployment: str, state: Path, *options: 
     )
 
 
+def noisy_federation(
+    tmp_path: Path,
+    deployment: str,
+    coordinator: dict[str, dict[str, Any]],
+    agent: dict[str, str],
+) -> list[Path]:
+    """Coordinator c1 in ``tmp_path / "coordinator"`` with ``coordinator``'s sections merged
+    into its coordinator.toml (32-bit words, short stages), and agents gw-1, gw-2 enrolled,
+    pinned, configured with ``agent``'s keys and given learnable data; their configs."""
+    coord = tmp_path / "coordinator"
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_bytes(msgspec.json.encode(SPEC))
+    init = init_coordinator(coord, deployment, spec_file)
+    coordinator_toml = coord / "coordinator.toml"
+    settings = tomllib.loads(coordinator_toml.read_text())
+    settings.setdefault("secagg", {}).update(word_bits=32, stage_timeout_s=5.0)
+    for section, values in coordinator.items():
+        settings.setdefault(section, {}).update(values)
+    coordinator_toml.write_text(tomli_w.dumps(settings))
+    configs: list[Path] = []
+    for index, name in enumerate(("gw-1", "gw-2")):
+        config = tmp_path / name / "agent.toml"
+        enrolled = init_agent(
+            config,
+            name,
+            deployment,
+            tmp_path / name / "state",
+            "--coordinator-key",
+            init["coordinator_public_key"],
+        )
+        run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
+        for key, value in agent.items():
+            config_set(config, key, value)
+        run(
+            "fedgate-coordinator", "--state-dir", str(coord), "enroll", name, enrolled["public_key"]
+        )
+        save_local_dataset(
+            tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
+        )
+        configs.append(config)
+    return configs
+
+
 def serve_two_rounds(
     coord: Path, configs: list[Path], deployment: str, logs_dir: Path
 ) -> list[dict[str, Any]]:
@@ -264,32 +307,12 @@ def test_agents_stop_at_their_own_site_level_budget(tmp_path: Path) -> None:
     coordinator books nothing more."""
     deployment = f"site-{secrets.token_hex(4)}"
     coord = tmp_path / "coordinator"
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_bytes(msgspec.json.encode(SPEC))
-    init = init_coordinator(coord, deployment, spec_file)
-    coordinator_toml = coord / "coordinator.toml"
-    settings = tomllib.loads(coordinator_toml.read_text())
-    settings.setdefault("privacy", {}).update(site_level="on", target_epsilon=8.0, planned_rounds=3)
-    settings.setdefault("secagg", {}).update(word_bits=32, stage_timeout_s=5.0)
-    coordinator_toml.write_text(tomli_w.dumps(settings))
-    configs: list[Path] = []
-    for index, name in enumerate(("gw-1", "gw-2")):
-        config = tmp_path / name / "agent.toml"
-        agent = init_agent(
-            config,
-            name,
-            deployment,
-            tmp_path / name / "state",
-            "--coordinator-key",
-            init["coordinator_public_key"],
-        )
-        run("fedgate-agent", "federation", "pin", "--config", str(config), init["manifest"])
-        config_set(config, "privacy.site_max_epsilon", "5")
-        run("fedgate-coordinator", "--state-dir", str(coord), "enroll", name, agent["public_key"])
-        save_local_dataset(
-            tmp_path / name / "state" / "data" / "train.npz", learnable_dataset(index)
-        )
-        configs.append(config)
+    configs = noisy_federation(
+        tmp_path,
+        deployment,
+        {"privacy": {"site_level": "on", "target_epsilon": 8.0, "planned_rounds": 3}},
+        {"privacy.site_max_epsilon": "5"},
+    )
 
     statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
 
@@ -305,3 +328,60 @@ def test_agents_stop_at_their_own_site_level_budget(tmp_path: Path) -> None:
         site = as_json("fedgate-agent", "privacy", "--config", str(config))["site_level"]
         assert [r["round"] for r in site["rounds"]] == [1]
         assert 3.0 < site["spent_epsilon"] <= coordinator_epsilon <= 5.0
+
+
+@pytest.mark.slow
+def test_pooled_record_level_noise_over_two_rounds(tmp_path: Path) -> None:
+    """Record-level DP with the noise pooled in the secure sum (privacy.md 3.7), as an
+    operator configures it: the coordinator sizes each round's shares for ε 3 over two
+    rounds at sampling rate 0.3; the agents take one clipped step a round, add only their
+    share, and count the round at record level from the round's noise, with the ε left if
+    the other agent colluded beside it."""
+    deployment = f"pooled-{secrets.token_hex(4)}"
+    coord = tmp_path / "coordinator"
+    configs = noisy_federation(
+        tmp_path,
+        deployment,
+        {
+            "privacy": {
+                "record_level": "pooled",
+                "record_epsilon": 3.0,
+                "record_clip_norm": 1.0,
+                "record_sample_rate": 0.3,
+                "planned_rounds": 2,
+            },
+            "rounds": {"local_epochs": 1, "batch_size": 32, "learning_rate": 0.5},
+        },
+        {
+            "privacy.record_level": "on",
+            "privacy.record_noise": "pooled",
+            "privacy.target_epsilon": "3",
+            "privacy.planned_rounds": "2",
+            "privacy.max_grad_norm": "1.0",
+        },
+    )
+
+    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
+
+    rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
+    assert sorted((r["round"], r["status"]) for r in rounds) == [(1, "completed"), (2, "completed")]
+    coordinator = as_json("fedgate-coordinator", "--state-dir", str(coord), "privacy")
+    sigma = coordinator["settings"]["record_noise_multiplier"]
+    assert coordinator["settings"]["record_level"] == "pooled"
+    assert {a["agent"] for a in coordinator["record_level"]["agents"]} == {"gw-1", "gw-2"}
+    for config, status in zip(configs, statuses, strict=True):
+        assert status["rejected"] == {}, status
+        ledger = as_json("fedgate-agent", "privacy", "--config", str(config))
+        assert ledger["record_noise"] == "pooled"
+        rows = ledger["rounds"]
+        assert [(r["round"], r["steps"]) for r in rows] == [(1, 1), (2, 1)]
+        for row in rows:
+            # The sum's noise is at least what the coordinator sized it for (to 0.1 %);
+            # the agent's own share alone is 1/√2 of it (two inputs, none withheld).
+            assert sigma * 0.999 <= row["noise_multiplier"] <= sigma * 1.01
+            assert row["own_share_noise_multiplier"] == pytest.approx(
+                row["noise_multiplier"] / np.sqrt(2), rel=1e-3
+            )
+            assert 120 * 0.2 < 120 * row["sample_rate"] <= 32
+        assert 2.5 < ledger["spent_epsilon"] <= 3.0
+        assert ledger["spent_epsilon_own_share_only"] > ledger["spent_epsilon"] + 1

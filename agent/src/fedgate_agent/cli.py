@@ -566,12 +566,16 @@ def privacy(config_path: Path, as_json: bool) -> None:
     site_recounted = not math.isclose(
         site_spent, ledger.site_epsilon_total, rel_tol=1e-6, abs_tol=1e-9
     )
+    # Pooled rounds rest on secure aggregation: what is left if the sums' other inputs
+    # collude with the coordinator (None when no round was pooled).
+    own_share = ledger.own_share_epsilon(settings.delta, chosen) if ledger.pooled else None
     # Rounds trained while record-level DP was off (it was switched off and on again):
     # the ledger has no entry for them, and their updates no record-level guarantee.
     trained = recorded.rounds_trained
     without_dp = trained - len(ledger.entries) if ledger.entries else 0
     data = {
         "record_level": settings.record_level,
+        "record_noise": settings.record_noise,
         "reproducible_noise": cfg.reproducible_noise,
         "unit": UNIT,
         "accountant": accountant,
@@ -580,6 +584,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
         "budget_epsilon": settings.target_epsilon,
         "spent_epsilon": spent,
         "spent_epsilon_recorded": ledger.epsilon_total,
+        "spent_epsilon_own_share_only": own_share,
         "clip_norm": settings.max_grad_norm,
         "noise_multiplier": ledger.noise_multiplier,
         "planned_rounds": settings.planned_rounds,
@@ -592,6 +597,7 @@ def privacy(config_path: Path, as_json: bool) -> None:
                 "epsilon_total": e.epsilon_total,
                 "delta": e.delta,
                 "noise_multiplier": e.spend.noise_multiplier,
+                "own_share_noise_multiplier": e.spend.own_share_noise_multiplier,
                 "sample_rate": e.spend.sample_rate,
                 "steps": e.spend.steps,
                 "clip_norm": e.max_grad_norm,
@@ -614,7 +620,12 @@ def privacy(config_path: Path, as_json: bool) -> None:
     if as_json:
         echo_json(data)
         return
-    click.echo(f"record-level DP  {settings.record_level} ({UNIT})")
+    noise_where = (
+        "noise pooled in the secure sum"
+        if settings.record_noise == "pooled"
+        else "noise added on this gateway"
+    )
+    click.echo(f"record-level DP  {settings.record_level} ({UNIT}; {noise_where})")
     if cfg.reproducible_noise:
         click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
@@ -623,6 +634,12 @@ def privacy(config_path: Path, as_json: bool) -> None:
         f"{settings.planned_rounds} rounds; spent ε {spent:.4f}"
         + (" (over budget)" if spent > settings.target_epsilon else "")
     )
+    if own_share is not None:
+        click.echo(
+            f"                 if every other input of the pooled rounds' secure sums "
+            f"colluded with the coordinator: ε {own_share:.4f} (this agent's own noise "
+            "share alone; privacy.md 3.7)"
+        )
     fewest = min((e.num_samples for e in ledger.entries), default=0)
     if fewest and settings.delta >= 1 / fewest:
         click.echo(
@@ -644,7 +661,9 @@ def privacy(config_path: Path, as_json: bool) -> None:
         )
     sized = ledger.sized_for
     sigma = (
-        "chosen at the first private round"
+        "the secure sum's, each round (below)"
+        if settings.record_noise == "pooled"
+        else "chosen at the first private round"
         if ledger.noise_multiplier is None
         else f"{ledger.noise_multiplier:.4f}"
         + (

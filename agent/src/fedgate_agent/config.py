@@ -46,7 +46,7 @@ from fedgate_common.topics import FEDERATION
 
 from fedgate_agent.errors import ConfigError
 from fedgate_agent.ingest.samples import tag_problem
-from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from fedgate_agent.record_privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, RECORD_NOISE_MODES
 from fedgate_agent.site_privacy import DEFAULT_SITE_MAX_EPSILON
 
 __all__ = [
@@ -126,6 +126,9 @@ class PrivacyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Record-level differential privacy of local training (DP-SGD)."""
 
     record_level: str = "off"  # "on" | "off"
+    # "local": each DP-SGD step adds the whole noise here; "pooled": one clipped step a
+    # round, the noise the secure sum's shares (privacy.md section 3.7)
+    record_noise: str = "local"
     target_epsilon: float = 3.0  # over planned_rounds rounds, at delta
     delta: float = 1e-5
     max_grad_norm: float = 4.0  # per-window gradient clipping norm
@@ -325,6 +328,10 @@ _ALLOWED: Final[dict[str, str]] = {
     ),
     "secagg.plaintext_rounds": '"refuse" (default) | "allow": rounds without secure aggregation',
     "privacy.record_level": '"on" | "off" (default): DP-SGD for local training',
+    "privacy.record_noise": (
+        '"local" (default: every DP-SGD step noised on this gateway) | "pooled" (one clipped '
+        "step a round, noised by the secure sum's shares; privacy.md section 3.7)"
+    ),
     "privacy.report_epsilon": '"on" (default) | "off": send record-level ε to the coordinator',
     "privacy.target_epsilon": "a number in (0, 100]: the record-level ε budget at delta",
     "privacy.delta": "a number in (0, 0.01]: the δ of the budget (below 1 / windows)",
@@ -778,6 +785,9 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     ):
         if switch not in ("on", "off"):
             problems.append((key, f"{key} = {switch!r} is not {_ALLOWED[key]}"))
+    if privacy.record_noise not in RECORD_NOISE_MODES:
+        key = "privacy.record_noise"
+        problems.append((key, f"{key} = {privacy.record_noise!r} is not {_ALLOWED[key]}"))
     if privacy.accountant not in ACCOUNTANTS:
         key = "privacy.accountant"
         problems.append((key, f"{key} = {privacy.accountant!r} is not {_ALLOWED[key]}"))

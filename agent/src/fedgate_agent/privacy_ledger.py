@@ -9,6 +9,7 @@ agent last reported in ``status.json``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import msgspec
@@ -16,7 +17,12 @@ from fedgate_common.atomic_files import atomic_write
 
 from fedgate_agent.errors import AgentError
 from fedgate_agent.record_privacy import ACCOUNTANTS, Accountant, RoundSpend, epsilon
-from fedgate_agent.site_privacy import SiteLedgerEntry, counted_multipliers, site_epsilon
+from fedgate_agent.site_privacy import (
+    NEGLIGIBLE_NOISE,
+    SiteLedgerEntry,
+    counted_multipliers,
+    site_epsilon,
+)
 from fedgate_agent.state import AgentStatus
 
 LEDGER_FILE = "privacy.json"
@@ -71,6 +77,22 @@ class PrivacyLedger(msgspec.Struct, kw_only=True):
     @property
     def site_epsilon_total(self) -> float:
         return self.site_entries[-1].epsilon_total if self.site_entries else 0.0
+
+    @property
+    def pooled(self) -> bool:
+        """Whether any record-level round had its noise pooled in a secure sum."""
+        return any(e.spend.own_share_noise_multiplier is not None for e in self.entries)
+
+    def own_share_epsilon(self, delta: float, accountant: Accountant) -> float:
+        """Record-level ε of the whole history if every other input of each pooled round's
+        secure sum colluded with the coordinator: those rounds counted with this agent's
+        own noise share alone (privacy.md §3.7)."""
+        history = [spend.own_share_only for spend in self.history]
+        if not history:
+            return 0.0
+        if min(spend.noise_multiplier for spend in history) < NEGLIGIBLE_NOISE:
+            return math.inf
+        return epsilon(history, delta, accountant=accountant)
 
     def spent(
         self, delta: float, accountant: Accountant, colluders: int = 0

@@ -139,6 +139,7 @@ def train_locally_private(
     noise_multiplier: float,
     max_grad_norm: float,
     seed: int | None = None,
+    one_step: bool = False,
 ) -> PrivateTrainResult:
     """DP-SGD with Opacus: Poisson sampling, per-window clipping, Gaussian noise.
 
@@ -150,6 +151,10 @@ def train_locally_private(
     with Opacus's secure-mode noise (robust to floating-point attacks). With ``seed`` (tests
     and demos only: known noise protects nothing) a seeded :class:`torch.Generator` draws
     both, through Opacus's own loader and optimizer, without secure mode.
+
+    With ``one_step`` (pooled noise, :mod:`fedgate_agent.pooled_noise`) the round is the
+    first Poisson batch's step alone, whatever ``local_epochs`` says; with
+    ``noise_multiplier`` 0 it adds no noise (the secure sum's shares do).
     """
     check_plan(plan)
     check_fits(model, dataset)
@@ -212,6 +217,10 @@ def train_locally_private(
                     if len(y):
                         loss_sum += float(loss.detach()) * len(y)
                         seen += len(y)
+                    if one_step:
+                        break
+                if one_step:
+                    break
         finally:
             private_model._close()
             model.train(was_training)

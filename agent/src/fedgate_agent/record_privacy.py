@@ -31,6 +31,7 @@ ACCOUNTANTS: dict[str, str] = {
     "rdp": "rdp (opacus.accountants.RDPAccountant)",
 }
 DEFAULT_ACCOUNTANT: Accountant = "pld"
+RECORD_NOISE_MODES = ("local", "pooled")  # privacy.record_noise (privacy.md §3.7)
 SAMPLING = "poisson"
 # The PLD's loss grid. 1e-3 gives the same σ as 1e-4 to four digits on the demo's plan, at
 # a tenth of the time (a σ search takes ~0.5 s instead of ~3 s); the estimate stays
@@ -56,12 +57,28 @@ class RecordPrivacySettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RoundSpend(msgspec.Struct, frozen=True, kw_only=True):
-    """What one round of DP-SGD adds to the accountant's history."""
+    """What one round of DP-SGD adds to the accountant's history.
+
+    With pooled noise (privacy.md §3.7) ``noise_multiplier`` is the secure sum's, counted
+    with ``secagg.assumed_colluders`` withholding their shares, and
+    ``own_share_noise_multiplier`` that of this agent's own share alone: what is left if
+    every other input of the sum colludes with the coordinator.
+    """
 
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
+    own_share_noise_multiplier: float | None = None
+
+    @property
+    def own_share_only(self) -> RoundSpend:
+        """This round as counted with only this agent's own noise."""
+        if self.own_share_noise_multiplier is None:
+            return self
+        return msgspec.structs.replace(
+            self, noise_multiplier=self.own_share_noise_multiplier, own_share_noise_multiplier=None
+        )
 
 
 # DP-SGD steps one round may take: the first round's σ search grows with the steps of the

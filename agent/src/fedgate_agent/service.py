@@ -43,7 +43,7 @@ from fedgate_common.messages import (
     ShareDelivery,
     SurvivorCheck,
 )
-from fedgate_common.model_spec import flatten_parameters
+from fedgate_common.model_spec import flatten_parameters, parameter_count
 from fedgate_common.secagg.participant import Participant
 from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import (
@@ -76,6 +76,7 @@ from fedgate_agent.onnx_export import (
     parity_windows,
     save_exported_model,
 )
+from fedgate_agent.pooled_noise import pooled_round
 from fedgate_agent.privacy_ledger import (
     LedgerEntry,
     LedgerUnwritable,
@@ -199,6 +200,8 @@ class AgentService:
             else None
         )
         self._pending_spend: RoundSpend | None = None
+        # Pooled record-level noise: one clipped step a round, noised by the secure sum.
+        self._pooled = self._record_privacy is not None and privacy.record_noise == "pooled"
         self._site_budget = SiteBudget(
             max_epsilon=privacy.site_max_epsilon,
             delta=privacy.delta,
@@ -371,6 +374,16 @@ class AgentService:
                 "delta not below 1/n",
                 **self._fields(delta=settings.delta, windows=len(dataset)),
             )
+        if self._pooled:
+            spend = pooled_round(
+                work.start.secagg,
+                plan,
+                windows=len(dataset),
+                max_grad_norm=settings.max_grad_norm,
+                dimension=parameter_count(work.model.spec),
+                assumed_colluders=self.config.secagg.assumed_colluders,
+            ).spend(work.start.round)
+            return self._within_budget(settings, ledger, spend)
         rate = sample_rate(len(dataset), plan.batch_size)
         steps = steps_per_round(len(dataset), plan.batch_size, plan.local_epochs)
         if steps > MAX_STEPS_PER_ROUND:
@@ -392,10 +405,17 @@ class AgentService:
         spend = RoundSpend(
             round=work.start.round, noise_multiplier=sigma, sample_rate=rate, steps=steps
         )
+        return self._within_budget(settings, ledger, spend)
+
+    @staticmethod
+    def _within_budget(
+        settings: RecordPrivacySettings, ledger: PrivacyLedger, spend: RoundSpend
+    ) -> RoundSpend:
+        """``spend``, or :class:`PrivacyBudgetExhausted` when it takes ε past the budget."""
         after = epsilon([*ledger.history, spend], settings.delta, accountant=settings.accountant)
         if after > settings.target_epsilon:
             raise PrivacyBudgetExhausted(
-                f"round {work.start.round} would take record-level ε from "
+                f"round {spend.round} would take record-level ε from "
                 f"{ledger.epsilon_total:.3f} to {after:.3f}, past the budget "
                 f"{settings.target_epsilon} (δ = {settings.delta}); this agent trains no more",
                 spent=ledger.epsilon_total,
@@ -423,17 +443,24 @@ class AgentService:
         self, settings: RecordPrivacySettings, spend: RoundSpend, trained: PrivateTrainResult
     ) -> RecordPrivacyReport | None:
         ledger = self._read_ledger()
-        actual = RoundSpend(
-            round=spend.round,
-            noise_multiplier=trained.noise_multiplier,
-            sample_rate=trained.sample_rate,
-            steps=trained.steps,
-        )
-        if ledger.noise_multiplier is None:  # σ is fixed now: keep what it was sized for
-            ledger.sized_for = SigmaPlan(
-                rounds=settings.planned_rounds, steps=spend.steps, sample_rate=spend.sample_rate
+        if self._pooled:  # the noise is the secure sum's, as counted before training
+            actual = msgspec.structs.replace(
+                spend, sample_rate=trained.sample_rate, steps=trained.steps
             )
-        ledger.noise_multiplier = trained.noise_multiplier
+        else:
+            actual = RoundSpend(
+                round=spend.round,
+                noise_multiplier=trained.noise_multiplier,
+                sample_rate=trained.sample_rate,
+                steps=trained.steps,
+            )
+            if ledger.noise_multiplier is None:  # σ is fixed now: keep what it was sized for
+                ledger.sized_for = SigmaPlan(
+                    rounds=settings.planned_rounds,
+                    steps=spend.steps,
+                    sample_rate=spend.sample_rate,
+                )
+            ledger.noise_multiplier = trained.noise_multiplier
         entry = LedgerEntry(
             spend=actual,
             epsilon_round=epsilon([actual], settings.delta, accountant=settings.accountant),
@@ -463,8 +490,9 @@ class AgentService:
 
     def _plan_site_round(self, work: TrainForRound) -> None:
         """Refuse a noisy round past this agent's own site-level budget (no-op without
-        site-level noise, when the ledger is not even read); read-only."""
-        if not _noisy(work):
+        site-level noise, when the ledger is not even read, and with pooled record-level
+        noise, which counts the round at record level); read-only."""
+        if not _noisy(work) or self._pooled:
             return
         with self._ledger_lock:
             ledger = self._read_ledger()
@@ -486,7 +514,7 @@ class AgentService:
     def _book_site_round(self, work: TrainForRound) -> None:
         """Add a noisy round to privacy.json before its masked input leaves (planned again
         from the ledger as it is now; refused past the budget)."""
-        if not _noisy(work):
+        if not _noisy(work) or self._pooled:
             return
         with self._ledger_lock:
             ledger = self._read_ledger()
@@ -655,9 +683,11 @@ class AgentService:
                 net,
                 self._local_dataset(model_msg),
                 work.start.plan,
-                noise_multiplier=spend.noise_multiplier,
+                # Pooled: no noise here; the masked input carries this agent's share.
+                noise_multiplier=0.0 if self._pooled else spend.noise_multiplier,
                 max_grad_norm=settings.max_grad_norm,
                 seed=seed,
+                one_step=self._pooled,
             )
             report = self._record_spend(spend, private)
             result = private.result

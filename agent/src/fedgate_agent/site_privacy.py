@@ -39,7 +39,7 @@ DEFAULT_SITE_MAX_EPSILON = 10.0
 # budget the configuration allows (ε 100) even at the largest δ it allows (0.01): ε 106
 # at 0.08 (PLD). The accountant is not asked: its work grows with 1/σ², and a coordinator
 # announcing tiny noise must not make the agent spend seconds and gigabytes on it.
-_NEGLIGIBLE_NOISE = 0.08
+NEGLIGIBLE_NOISE = 0.08
 
 
 class SiteBudget(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,7 +80,7 @@ def effective_multiplier(
     noise."""
     try:
         return effective_noise_multiplier(
-            encoding_params(_without_colluders(params, noise, colluders)), dimension
+            encoding_params(without_colluders(params, noise, colluders)), dimension
         )
     except (ArithmeticError, ValueError):
         return 0.0
@@ -114,10 +114,10 @@ def site_epsilon(multipliers: Sequence[float], delta: float, accountant: Account
     """
     if not multipliers:
         return 0.0
-    if min(multipliers) < _NEGLIGIBLE_NOISE:
+    if min(multipliers) < NEGLIGIBLE_NOISE:
         return math.inf
     combined = math.fsum(z**-2 for z in multipliers) ** -0.5
-    if combined < _NEGLIGIBLE_NOISE:
+    if combined < NEGLIGIBLE_NOISE:
         return math.inf
     history = [RoundSpend(round=0, noise_multiplier=combined, sample_rate=1.0, steps=1)]
     return epsilon(history, delta, accountant=accountant)
@@ -170,7 +170,7 @@ def plan_site_round(
     )
 
 
-def _without_colluders(params: SecAggParams, noise: SiteNoise, colluders: int) -> SecAggParams:
+def without_colluders(params: SecAggParams, noise: SiteNoise, colluders: int) -> SecAggParams:
     """``params`` with the noise that survives ``colluders`` withholding their shares.
 
     The shares are sized so that ``min_inputs`` of them add up to the announced noise; with

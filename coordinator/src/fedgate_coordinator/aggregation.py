@@ -43,3 +43,19 @@ def as_float32(
 def apply_delta(base: Weights, delta: Weights) -> dict[str, npt.NDArray[np.float32]]:
     with np.errstate(over="ignore"):  # overflow shows up as Inf; the caller checks
         return {name: (base[name] + delta[name]).astype(np.float32) for name in base}
+
+
+def with_momentum(
+    delta: Weights, base: Weights, parent: Weights, beta: float
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Δ + β·(base − parent): heavy-ball momentum taken from the last two decided models
+    (the manifest's ``server_momentum``). Element-wise float64 operations, cast to float32
+    once, so every coordinator computes the same bits."""
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused later
+        return {
+            name: (
+                delta[name].astype(np.float64)
+                + beta * (base[name].astype(np.float64) - parent[name].astype(np.float64))
+            ).astype(np.float32)
+            for name in delta
+        }

@@ -98,6 +98,7 @@ from fedgate_coordinator.site_privacy import (
     SAMPLING,
     UNIT,
     federation_size_warning,
+    pooled_record_sigma,
 )
 from fedgate_coordinator.site_privacy import epsilon as site_epsilon
 from fedgate_coordinator.store import (
@@ -713,6 +714,20 @@ def _privacy_summary(
             "target_epsilon": settings.target_epsilon,
             "planned_rounds": settings.planned_rounds,
             "noise_multiplier": settings.noise_multiplier,
+            "record_level": settings.record_level,
+            "record_epsilon": settings.record_epsilon,
+            "record_clip_norm": settings.record_clip_norm,
+            "record_sample_rate": settings.record_sample_rate,
+            "record_noise_multiplier": (
+                pooled_record_sigma(
+                    settings.record_epsilon,
+                    settings.delta,
+                    settings.record_sample_rate,
+                    settings.planned_rounds,
+                )
+                if settings.pooled
+                else None
+            ),
         },
         "rounds_recorded": len(ledger),
         "epsilon_spent": spent,
@@ -1127,6 +1142,16 @@ def privacy(obj: Context, as_json: bool) -> None:
         )
         return
     _echo_site_level(config, summary, ledger, warning)
+    sigma = summary["settings"]["record_noise_multiplier"]
+    if sigma is not None:
+        settings = config.privacy
+        click.echo("")
+        click.echo(
+            f"record level      pooled in each secure sum (privacy.md 3.7): σ {sigma:.4f} per "
+            f"window, sized for ε {settings.record_epsilon:g} at δ {settings.delta:g} over "
+            f"{settings.planned_rounds} rounds at sampling rate {settings.record_sample_rate:g}, "
+            f"clip {settings.record_clip_norm:g}; each agent counts its own ε (below)"
+        )
     if agents:
         click.echo("")
         _echo_record_level(agents)

@@ -145,10 +145,32 @@ def validate(config: CoordinatorConfig) -> list[str]:
             "privacy.site_level=on needs secagg.word_bits=32: 16-bit words leave too little "
             "room for the noise, and the coarse quantization would cost privacy"
         )
+    if config.privacy.pooled:
+        problems.extend(_pooled_problems(config))
     if not config.database_url.startswith(("sqlite:", "postgresql")):
         problems.append(
             f"database_url={config.database_url!r}: use sqlite:///FILE or "
             "postgresql+psycopg://USER@HOST/DB"
+        )
+    return problems
+
+
+def _pooled_problems(config: CoordinatorConfig) -> list[str]:
+    """What ``privacy.record_level = pooled`` needs besides its own settings."""
+    problems = []
+    if config.secagg.aggregation != "secagg" or config.secagg.word_bits != 32:
+        problems.append(
+            "privacy.record_level=pooled needs secagg.aggregation=secagg with "
+            "secagg.word_bits=32: the noise is the agents' shares in their masked inputs"
+        )
+    if config.secagg.adaptive_clip:
+        problems.append(
+            "privacy.record_level=pooled cannot use secagg.adaptive_clip: one window can flip "
+            "an agent's within-clip count"
+        )
+    if config.rounds.local_epochs != 1:
+        problems.append(
+            "privacy.record_level=pooled takes one step a round: set rounds.local_epochs = 1"
         )
     return problems
 

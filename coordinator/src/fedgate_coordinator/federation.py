@@ -74,7 +74,7 @@ from fedgate_common.model_spec import ModelSpec, parameter_count, parameter_shap
 from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import federation_filter, federation_topic, parse_federation_topic
 
-from fedgate_coordinator.aggregation import apply_delta, as_float32
+from fedgate_coordinator.aggregation import apply_delta, as_float32, with_momentum
 from fedgate_coordinator.config import PeerBroker
 from fedgate_coordinator.consensus_journal import read_journal, write_journal
 from fedgate_coordinator.cross_cloud import (
@@ -333,7 +333,16 @@ class FederationNode:
             spec=self.spec,
             faults=faults_tolerated(len(self.clouds)),
         )
-        weights = apply_delta(as_float32(base.decode_weights()), delta)
+        base_weights = as_float32(base.decode_weights())
+        beta = self.manifest.server_momentum
+        if beta and base.parent_digest:
+            parent = self.store.get_model(base.parent_digest)
+            if parent is None:
+                raise MalformedMessage(
+                    f"no model {base.parent_digest[:12]} here to take the server momentum from"
+                )
+            delta = with_momentum(delta, base_weights, as_float32(parent.decode_weights()), beta)
+        weights = apply_delta(base_weights, delta)
         return ModelRecord.from_weights(
             round=height, parent_digest=base.digest, spec=self.spec, weights=weights
         )

@@ -231,6 +231,7 @@ def manifest_summary(
         "faults_tolerated": faults(manifest) if count else None,
         "tolerance": tolerance_text(count) if count else "no cloud",
         "rule": manifest.consensus.rule,
+        "server_momentum": manifest.server_momentum,
         "consensus": msgspec.to_builtins(manifest.consensus),
         "model_spec": msgspec.to_builtins(manifest.model_spec),
         "genesis_seed": manifest.genesis_seed,
@@ -260,6 +261,10 @@ def _echo_summary(signed: SignedManifest, status: SignatureStatus | None) -> Non
         f"  rule:       {params.rule} (cloud weight cap {params.cloud_weight_cap}, "
         f"max update norm {params.max_update_norm:g})"
     )
+    if manifest.server_momentum:
+        click.echo(
+            f"  momentum:   {manifest.server_momentum:g} (heavy-ball, on the decided models)"
+        )
     click.echo(
         f"  timeouts:   propose {params.timeout_propose_s:g}s, prevote "
         f"{params.timeout_prevote_s:g}s, precommit {params.timeout_precommit_s:g}s, "
@@ -412,6 +417,14 @@ def federation() -> None:
     help="Largest L2 norm of a per-cloud mean update (default 1000).",
 )
 @click.option(
+    "--server-momentum",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=None,
+    help="Heavy-ball momentum β of the decided models: each height adds β times the "
+    "previous height's step (default 0; with --next: unchanged). Pooled record-level DP "
+    "takes one step a round and needs it (privacy.md 3.7: 0.8).",
+)
+@click.option(
     "--genesis-seed",
     type=click.IntRange(0, 2**63 - 1),
     default=None,
@@ -443,6 +456,7 @@ def init_manifest(
     rule: str | None,
     cloud_weight_cap: int | None,
     max_update_norm: float | None,
+    server_momentum: float | None,
     genesis_seed: int | None,
     genesis_weights_path: Path | None,
     out: Path | None,
@@ -522,6 +536,7 @@ def init_manifest(
             genesis_digest=genesis_digest,
             created_at=_utc_now(),
             genesis_source="seed" if genesis_weights_path is None else "weights",
+            server_momentum=server_momentum or 0.0,
         )
         approvers = manifest
     else:
@@ -543,6 +558,9 @@ def init_manifest(
             clouds=_merge_clouds(current.clouds, entries, removed),
             consensus=msgspec.structs.replace(current.consensus, **params_changes),
             created_at=_utc_now(),
+            server_momentum=(
+                current.server_momentum if server_momentum is None else server_momentum
+            ),
         )
         if own_entry is not None and own_entry.public_key != own_key:
             notes.append(

@@ -630,8 +630,9 @@ class CoordinatorService:
         """This cloud's part of height ``number``; ``None`` when the privacy budget stops it."""
         selected = await self._selected_agents()
         secure = self.config.secagg.aggregation == "secagg"
-        params = self._secure_params(len(selected), head.decode_spec()) if secure else None
-        if params is not None and params.noise is not None:
+        params = self._secure_params(len(selected), head.decode_spec(), number) if secure else None
+        # The site-level budget; pooled record-level noise alone is the agents' to count.
+        if params is not None and params.noise is not None and self.config.privacy.enabled:
             budget = check_budget(
                 self.config.privacy,
                 self._released_multipliers(),
@@ -731,8 +732,11 @@ class CoordinatorService:
         self._bytes_down_per_agent = start_bytes
         return result
 
-    def _secure_params(self, selected: int, spec: ModelSpec) -> SecAggParams:
-        """This round's SecAgg parameters: adaptive clip norm and site-level noise."""
+    def _secure_params(self, selected: int, spec: ModelSpec, number: int) -> SecAggParams:
+        """This round's SecAgg parameters: adaptive clip norm, site-level noise, and the
+        noise pooled record-level DP needs for round ``number``'s plan."""
+        plan = self.config.rounds.plan_for(number)
+        record_bound = plan.learning_rate * self.config.privacy.record_clip_norm / plan.batch_size
         return round_params(
             self.config.secagg,
             self.config.privacy,
@@ -740,6 +744,7 @@ class CoordinatorService:
             min_participants=self.config.rounds.min_participants,
             clip_norm=self._clip_norm(),
             dimension=parameter_count(spec),
+            record_bound=record_bound,
         )
 
     def _warn_if_too_small(self, spec: ModelSpec) -> None:

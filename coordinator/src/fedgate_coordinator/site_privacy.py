@@ -9,6 +9,7 @@ coordinator chooses the agents, so selection is not random in the accountant's s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,7 +18,7 @@ from fedgate_common.messages import SecAggParams
 from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.encoding import EncodingParams
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import effective_noise_multiplier
+from fedgate_common.secagg.site_dp import effective_noise_multiplier, record_noise_multiplier
 
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.secure_rounds import SecAggSettings, with_site_noise
@@ -26,6 +27,9 @@ ACCOUNTANT = "rdp (dp_accounting.rdp.RdpAccountant)"
 UNIT = "site (one agent's whole contribution to a round)"
 SAMPLING = "none (agents are chosen, not sampled: no amplification)"
 SITE_LEVEL_MODES = ("on", "off")
+RECORD_LEVEL_MODES = ("off", "pooled")
+# The PLD's loss grid for sizing pooled record-level noise (as the agents' accountant).
+_PLD_DISCRETISATION = 1e-3
 
 USEFUL_NOISE_RATIO = 1.0
 """Warn when the noise norm in a round's mean update exceeds this many clip norms."""
@@ -45,10 +49,21 @@ class SitePrivacySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     delta: float = 1e-5
     planned_rounds: int = 20
     noise_multiplier: float = 0.0
+    # Record level with the noise pooled (privacy.md §3.7): each round's shares sized so
+    # that one window of a site sampling at most ``record_sample_rate`` and clipping to
+    # ``record_clip_norm`` stays within ``record_epsilon`` over ``planned_rounds``.
+    record_level: str = "off"
+    record_epsilon: float = 3.0
+    record_clip_norm: float = 1.0
+    record_sample_rate: float = 0.7
 
     @property
     def enabled(self) -> bool:
         return self.site_level == "on"
+
+    @property
+    def pooled(self) -> bool:
+        return self.record_level == "pooled"
 
 
 def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
@@ -63,7 +78,76 @@ def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
         problems.append("privacy.planned_rounds must be 1..100000")
     if not 0 <= settings.noise_multiplier <= 1000:
         problems.append("privacy.noise_multiplier must be 0 (from the target) or in (0, 1000]")
+    if settings.record_level not in RECORD_LEVEL_MODES:
+        problems.append(f"privacy.record_level={settings.record_level!r}: use off or pooled")
+    if not 0 < settings.record_epsilon <= 100:
+        problems.append("privacy.record_epsilon must be in (0, 100]")
+    if not 0 < settings.record_clip_norm <= 1000:
+        problems.append("privacy.record_clip_norm must be in (0, 1000]")
+    if not 0 < settings.record_sample_rate <= 1:
+        problems.append("privacy.record_sample_rate must be in (0, 1]")
     return problems
+
+
+@functools.lru_cache(maxsize=32)
+def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
+    """The noise multiplier, relative to one window, that keeps ``rounds`` Poisson-sampled
+    Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta`` (dp-accounting's PLD
+    accountant and calibration; the σ returned never overshoots)."""
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    def event(sigma: float) -> dp_accounting.DpEvent:
+        step = dp_accounting.PoissonSampledDpEvent(
+            sample_rate, dp_accounting.GaussianDpEvent(sigma)
+        )
+        return dp_accounting.SelfComposedDpEvent(step, rounds)
+
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION),
+            event,
+            epsilon,
+            delta,
+            dp_accounting.ExplicitBracketInterval(0.3, 1e4),
+            tol=1e-4,
+        )
+    )
+
+
+def pooled_noise_multiplier(
+    settings: SitePrivacySettings,
+    encoding_for: Callable[[float], EncodingParams],
+    dimension: int,
+    record_bound: float,
+) -> float:
+    """The smallest z (to 0.1 %) whose round, encoded as ``encoding_for(z)``, carries at
+    least the pooled record-level σ for one window moving an update by ``record_bound``."""
+    target = pooled_record_sigma(
+        settings.record_epsilon,
+        settings.delta,
+        settings.record_sample_rate,
+        settings.planned_rounds,
+    )
+
+    def carried(z: float) -> float:
+        return record_noise_multiplier(encoding_for(z), dimension, record_bound)
+
+    low, high = 1e-9, 1e-6
+    while carried(high) < target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(
+                f"no noise multiplier up to 1e4 carries record-level σ {target:.3f}: lower "
+                "the learning rate or privacy.record_clip_norm, or raise the batch size"
+            )
+    while high / low > 1.001:
+        middle = math.sqrt(low * high)
+        if carried(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 def epsilon(noise_multipliers: Sequence[float], delta: float) -> float:
@@ -160,15 +244,19 @@ def round_params(
     min_participants: int,
     clip_norm: float,
     dimension: int,
+    record_bound: float | None = None,
 ) -> SecAggParams:
-    """A secure round's parameters: the clip norm, and with site-level DP the noise.
+    """A secure round's parameters: the clip norm, and with site-level DP or pooled
+    record-level DP the noise.
 
     The shares are sized for the fewest inputs the round may sum, max(t, min_participants)
     (the aggregator aborts below it); z is planned for ``privacy.planned_rounds`` rounds
-    of this shape.
+    of this shape. With pooled record-level noise and ``record_bound`` (η·C/B of this
+    round's plan) z is also at least what the record-level budget needs.
     """
     params = secagg.params_for(selected, clip_norm=clip_norm)
-    if not privacy.enabled:
+    pooled = privacy.pooled and record_bound is not None
+    if not privacy.enabled and not pooled:
         return params
     min_inputs = fewest_inputs(params, min_participants)  # params have no noise yet
     count_noise = secagg.count_noise_for(selected)
@@ -178,7 +266,14 @@ def round_params(
             params, noise_multiplier=z, min_inputs=min_inputs, count_noise=count_noise
         )
 
-    return noised(plan_noise_multiplier(privacy, lambda z: encoding_params(noised(z)), dimension))
+    def encoded(z: float) -> EncodingParams:
+        return encoding_params(noised(z))
+
+    z = plan_noise_multiplier(privacy, encoded, dimension) if privacy.enabled else 0.0
+    if pooled:
+        assert record_bound is not None
+        z = max(z, pooled_noise_multiplier(privacy, encoded, dimension, record_bound))
+    return noised(z)
 
 
 def federation_size_warning(

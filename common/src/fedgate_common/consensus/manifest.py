@@ -162,7 +162,10 @@ class Manifest(
     ``"seed"`` every coordinator derives it from ``model_spec`` and ``genesis_seed``; with
     ``"weights"`` it is a pre-trained model (``fedgate_common.genesis_weights``) that each
     coordinator is given as a file, whose training started from the seed's weights.
-    ``created_at`` is ISO 8601 in UTC.
+    ``created_at`` is ISO 8601 in UTC. ``server_momentum`` β adds heavy-ball momentum to
+    every decided model: w_h = w_{h−1} + Δ_h + β·(w_{h−1} − w_{h−2}) (no term at height 1);
+    0, the default, is left out of the encoding, so manifests without it keep their
+    digests.
     """
 
     deployment: str
@@ -175,6 +178,7 @@ class Manifest(
     genesis_digest: str
     created_at: str
     genesis_source: GenesisSource = "seed"
+    server_momentum: float = 0.0
 
     def cloud_ids(self) -> tuple[str, ...]:
         return tuple(entry.cloud for entry in self.clouds)
@@ -315,6 +319,8 @@ def manifest_problems(manifest: Manifest) -> list[str]:
             f"version {manifest.version}: previous_digest must be the 64-hex-digit digest "
             f"of version {manifest.version - 1}"
         )
+    if not (math.isfinite(manifest.server_momentum) and 0 <= manifest.server_momentum < 1):
+        problems.append(f"server_momentum {manifest.server_momentum}: use a number in [0, 1)")
     if not manifest.clouds:
         problems.append("the manifest lists no cloud")
     seen_ids: set[str] = set()

@@ -43,26 +43,53 @@ def _variance_or_zero(std: float) -> float:
     return variance if variance >= sys.float_info.min else 0.0
 
 
-def round_rho(params: EncodingParams, dimension: int) -> float:
-    """ρ (zero-concentrated DP) of one round for one site; inf without noise, or with
-    noise too small to square (a coordinator may announce any number)."""
-    if not params.noisy:
-        return math.inf
-    if params.count_within_clip and _variance_or_zero(params.count_noise) == 0:
-        return math.inf  # the count is released exactly
-    delta2 = update_sensitivity(params, dimension)
+def _update_rho(params: EncodingParams, dimension: int, delta2: float) -> float:
+    """ρ of the update words for an input that moves by at most ``delta2`` (encoded units,
+    L2), with the distributed discrete Gaussian's τ term; inf without usable noise."""
     sigma = params.noise_multiplier * params.level
-    if _variance_or_zero(sigma) == 0:
+    if not params.noisy or _variance_or_zero(sigma) == 0:
         return math.inf
     delta1 = min(delta2**2, math.sqrt(dimension) * delta2)
     tau = sum_of_shares_tau(share_sigma=params.update_share_sigma, inputs=params.max_inputs)
-    rho = delta2**2 / (2 * sigma**2) + tau * (dimension + delta1)
-    if params.count_within_clip:
+    return delta2**2 / (2 * sigma**2) + tau * (dimension + delta1)
+
+
+def round_rho(params: EncodingParams, dimension: int) -> float:
+    """ρ (zero-concentrated DP) of one round for one site; inf without noise, or with
+    noise too small to square (a coordinator may announce any number)."""
+    if params.count_within_clip and _variance_or_zero(params.count_noise) == 0:
+        return math.inf  # the count is released exactly
+    rho = _update_rho(params, dimension, update_sensitivity(params, dimension))
+    if params.count_within_clip and math.isfinite(rho):
         count_tau = sum_of_shares_tau(
             share_sigma=params.count_share_sigma, inputs=params.max_inputs
         )
         rho += 1 / (2 * params.count_noise**2) + count_tau * 2 * params.count_unit
     return rho if math.isfinite(rho) else math.inf
+
+
+def record_sensitivity(params: EncodingParams, dimension: int, record_bound: float) -> float:
+    """L2 sensitivity, in encoded units, of one record whose addition or removal moves the
+    agent's update by at most ``record_bound`` (L2, in the update's own units).
+
+    Clipping to ``clip_norm`` (a projection onto a ball) and the clamp move nothing further
+    apart; scaling multiplies by ``scale``; stochastic rounding with the same random draws
+    moves each coordinate of the difference by less than 1 (≤ √d in L2).
+    """
+    return params.scale * record_bound + math.sqrt(dimension)
+
+
+def record_noise_multiplier(params: EncodingParams, dimension: int, record_bound: float) -> float:
+    """Record level with the noise pooled in the secure sum (privacy.md §3.7): the noise
+    multiplier, relative to one record, of the Gaussian mechanism with this round's ρ.
+
+    0 when the round carries no usable noise, or releases a within-clip count (one record
+    can flip it, so adaptive clipping is not allowed with pooled noise).
+    """
+    if params.count_within_clip or not record_bound > 0 or not math.isfinite(record_bound):
+        return 0.0
+    rho = _update_rho(params, dimension, record_sensitivity(params, dimension, record_bound))
+    return 0.0 if not math.isfinite(rho) or rho <= 0 else 1 / math.sqrt(2 * rho)
 
 
 def effective_noise_multiplier(params: EncodingParams, dimension: int) -> float:

@@ -1,0 +1,99 @@
+"""Record-level DP with the noise pooled in the secure sum: what a round costs (no IO).
+
+With ``privacy.record_noise = "pooled"`` (docs/privacy.md §3.7) the agent takes one DP-SGD
+step a round and adds no noise of its own to it: Poisson sampling at rate B/n (B the
+plan's ``batch_size``), every window's gradient clipped to C, the sum divided by B and
+multiplied by the learning rate η. One window added or removed moves that update by at
+most η·C/B. The noise is the round's distributed discrete Gaussian (:class:`SiteNoise`):
+every agent adds its share to its encoded input before masking, so the sum the
+coordinator unmasks carries it once. Its noise multiplier relative to one window
+(:func:`fedgate_common.secagg.site_dp.record_noise_multiplier`) goes to the same
+accountant as local DP-SGD, at this agent's own sampling rate, one step a round.
+
+Two figures, because the guarantee now rests on secure aggregation:
+
+- ``noise_multiplier``: the sum's noise with ``secagg.assumed_colluders`` shares withheld,
+  what the budget is checked against;
+- ``own_share_noise_multiplier``: this agent's own share alone, what is left when every
+  other input of the sum colludes with the coordinator (``fedgate-agent privacy`` shows
+  the ε it gives).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from fedgate_common.messages import SecAggParams, TrainingPlan
+from fedgate_common.secagg.participant import encoding_params
+from fedgate_common.secagg.site_dp import record_noise_multiplier
+
+from fedgate_agent.errors import PlanRejected
+from fedgate_agent.record_privacy import RoundSpend, sample_rate
+from fedgate_agent.site_privacy import NEGLIGIBLE_NOISE, without_colluders
+
+
+class PooledRound(msgspec.Struct, frozen=True, kw_only=True):
+    noise_multiplier: float
+    own_share_noise_multiplier: float
+    sample_rate: float
+
+    def spend(self, round: int) -> RoundSpend:
+        return RoundSpend(
+            round=round,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=1,
+            own_share_noise_multiplier=self.own_share_noise_multiplier,
+        )
+
+
+def record_bound(plan: TrainingPlan, max_grad_norm: float) -> float:
+    """How far one window moves the update of a pooled step: η·C/B."""
+    return plan.learning_rate * max_grad_norm / plan.batch_size
+
+
+def pooled_round(
+    params: SecAggParams | None,
+    plan: TrainingPlan,
+    *,
+    windows: int,
+    max_grad_norm: float,
+    dimension: int,
+    assumed_colluders: int,
+) -> PooledRound:
+    """The record-level cost of a pooled round; :class:`PlanRejected` when the round
+    cannot carry it (no secure sum with noise, more than one local epoch, adaptive
+    clipping's count word, or noise too small to count)."""
+    if params is None or params.noise is None:
+        raise PlanRejected(
+            "privacy.record_noise = pooled needs secure rounds with distributed noise "
+            "(the coordinator's privacy.record_level = pooled); this round has none, so the "
+            "update would leave without record-level noise"
+        )
+    if plan.local_epochs != 1:
+        raise PlanRejected(
+            f"privacy.record_noise = pooled takes one step a round; the plan asks for "
+            f"{plan.local_epochs} local epochs"
+        )
+    if params.count_within_clip:
+        raise PlanRejected(
+            "privacy.record_noise = pooled refuses adaptive clipping's within-clip count: "
+            "one window can flip it"
+        )
+    bound = record_bound(plan, max_grad_norm)
+    noise = params.noise
+    sums = record_noise_multiplier(
+        encoding_params(without_colluders(params, noise, assumed_colluders)), dimension, bound
+    )
+    own = record_noise_multiplier(
+        encoding_params(without_colluders(params, noise, noise.min_inputs - 1)), dimension, bound
+    )
+    if sums < NEGLIGIBLE_NOISE:
+        raise PlanRejected(
+            f"the round's noise is {sums:.3g} times one window's sensitivity (with "
+            f"{assumed_colluders} colluders assumed): too little to count"
+        )
+    return PooledRound(
+        noise_multiplier=sums,
+        own_share_noise_multiplier=own,
+        sample_rate=sample_rate(windows, plan.batch_size),
+    )

@@ -1,0 +1,188 @@
+"""Record-level DP with the noise pooled in the secure sum (privacy.md 3.7): what the
+coordinator sizes, what one round costs an agent, and the clipped step it takes."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+import pytest
+from fedgate_agent.errors import PlanRejected
+from fedgate_agent.model import build_model, weights_of
+from fedgate_agent.pooled_noise import pooled_round, record_bound
+from fedgate_agent.private_training import train_locally_private
+from fedgate_agent.record_privacy import RoundSpend, epsilon
+from fedgate_agent.training import LocalDataset
+from fedgate_common.messages import SecAggParams, TrainingPlan
+from fedgate_common.model_spec import ModelSpec, parameter_count
+from fedgate_common.secagg.participant import encoding_params
+from fedgate_common.secagg.site_dp import record_noise_multiplier
+from fedgate_coordinator.secure_rounds import SecAggSettings
+from fedgate_coordinator.site_privacy import (
+    SitePrivacySettings,
+    pooled_record_sigma,
+    round_params,
+)
+
+SPEC = ModelSpec(n_features=3, window=8, n_classes=2, channels=4)
+DIMENSION = parameter_count(SPEC)
+SECAGG = SecAggSettings(word_bits=32, clip_norm=10.0, weight_cap=500)
+PLAN = TrainingPlan(learning_rate=2.0, momentum=0.0, local_epochs=1, batch_size=100)
+POOLED = SitePrivacySettings(
+    record_level="pooled",
+    record_epsilon=3.0,
+    record_clip_norm=1.0,
+    record_sample_rate=0.7,
+    planned_rounds=40,
+)
+
+
+def _params(privacy: SitePrivacySettings = POOLED, *, selected: int = 3) -> SecAggParams:
+    """What a coordinator with pooled record-level noise announces to ``selected`` agents."""
+    return round_params(
+        SECAGG,
+        privacy,
+        selected=selected,
+        min_participants=2,
+        clip_norm=SECAGG.clip_norm,
+        dimension=DIMENSION,
+        record_bound=record_bound(PLAN, privacy.record_clip_norm),
+    )
+
+
+def test_the_pld_sigma_keeps_its_rounds_within_the_target() -> None:
+    """The coordinator's σ, counted again by the agents' accountant, stays within ε 3
+    and is tight (a 2 % smaller σ overshoots); 6.257 is the bench's figure for this plan."""
+    sigma = pooled_record_sigma(3.0, 1e-5, 0.7, 40)
+    assert sigma == pytest.approx(6.257, abs=0.01)
+
+    def spent(noise: float) -> float:
+        step = RoundSpend(round=1, noise_multiplier=noise, sample_rate=0.7, steps=40)
+        return epsilon([step], 1e-5, accountant="pld")
+
+    assert 2.9 < spent(sigma) <= 3.0
+    assert spent(sigma * 0.98) > 3.0
+
+
+def test_the_round_carries_the_record_sigma_and_no_more_than_needed() -> None:
+    """z is the smallest (to 0.1 %) whose sum carries σ for one window's η·C/B."""
+    params = _params()
+    assert params.noise is not None
+    assert params.noise.min_inputs == 2
+    target = pooled_record_sigma(3.0, 1e-5, 0.7, 40)
+    bound = record_bound(PLAN, 1.0)
+    carried = record_noise_multiplier(encoding_params(params), DIMENSION, bound)
+    assert target <= carried <= target * 1.002
+    # Without pooling the round has no noise at all.
+    plain = _params(msgspec.structs.replace(POOLED, record_level="off"))
+    assert plain.noise is None
+
+
+def test_site_level_noise_wins_when_it_is_larger() -> None:
+    both = _params(msgspec.structs.replace(POOLED, site_level="on", target_epsilon=8.0))
+    pooled = _params()
+    assert both.noise is not None
+    assert pooled.noise is not None
+    assert both.noise.noise_multiplier > 100 * pooled.noise.noise_multiplier
+
+
+def test_record_sigma_scales_with_the_noise_and_inversely_with_the_bound() -> None:
+    params = encoding_params(_params())
+    bound = record_bound(PLAN, 1.0)
+    base = record_noise_multiplier(params, DIMENSION, bound)
+    assert record_noise_multiplier(params, DIMENSION, bound * 2) == pytest.approx(
+        base / 2, rel=1e-3
+    )
+    louder = msgspec.structs.replace(params, noise_multiplier=params.noise_multiplier * 2)
+    assert record_noise_multiplier(louder, DIMENSION, bound) == pytest.approx(base * 2, rel=1e-2)
+    counted = msgspec.structs.replace(params, count_within_clip=True, count_noise=1.0)
+    assert record_noise_multiplier(counted, DIMENSION, bound) == 0.0
+
+
+def test_an_agent_counts_the_sum_and_its_own_share() -> None:
+    params = _params()
+    cost = pooled_round(
+        params, PLAN, windows=140, max_grad_norm=1.0, dimension=DIMENSION, assumed_colluders=0
+    )
+    assert cost.sample_rate == pytest.approx(100 / 140)
+    assert cost.noise_multiplier >= pooled_record_sigma(3.0, 1e-5, 0.7, 40)
+    # Shares sized for 2 inputs: alone, an agent's share is 1/√2 of the sum's.
+    assert cost.own_share_noise_multiplier == pytest.approx(
+        cost.noise_multiplier / math.sqrt(2), rel=1e-3
+    )
+    # A colluder assumed: only one honest share is counted on.
+    wary = pooled_round(
+        params, PLAN, windows=140, max_grad_norm=1.0, dimension=DIMENSION, assumed_colluders=1
+    )
+    assert wary.noise_multiplier == pytest.approx(cost.own_share_noise_multiplier, rel=1e-3)
+    # An agent clipping to 2 moves its update twice as far per window: half the σ.
+    loose = pooled_round(
+        params, PLAN, windows=140, max_grad_norm=2.0, dimension=DIMENSION, assumed_colluders=0
+    )
+    assert loose.noise_multiplier == pytest.approx(cost.noise_multiplier / 2, rel=1e-3)
+    spend = cost.spend(7)
+    assert (spend.round, spend.steps) == (7, 1)
+    assert spend.own_share_only.noise_multiplier == cost.own_share_noise_multiplier
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("no noise", "needs secure rounds with distributed noise"),
+        ("plaintext", "needs secure rounds with distributed noise"),
+        ("two epochs", "one step a round"),
+        ("count word", "within-clip count"),
+        ("tiny noise", "too little to count"),
+    ],
+)
+def test_rounds_that_cannot_carry_pooled_noise_are_refused(change: str, message: str) -> None:
+    announced = _params()
+    assert announced.noise is not None
+    params: SecAggParams | None = announced
+    plan = PLAN
+    if change == "no noise":
+        params = msgspec.structs.replace(announced, noise=None)
+    elif change == "plaintext":
+        params = None
+    elif change == "two epochs":
+        plan = msgspec.structs.replace(PLAN, local_epochs=2)
+    elif change == "count word":
+        params = msgspec.structs.replace(announced, count_within_clip=True)
+    else:
+        noise = msgspec.structs.replace(announced.noise, noise_multiplier=1e-9)
+        params = msgspec.structs.replace(announced, noise=noise)
+    with pytest.raises(PlanRejected, match=message):
+        pooled_round(
+            params, plan, windows=140, max_grad_norm=1.0, dimension=DIMENSION, assumed_colluders=0
+        )
+
+
+def test_the_pooled_step_is_one_clipped_step_without_noise() -> None:
+    """One Poisson batch, every window's gradient clipped to C, the sum over B: the update
+    is at most η·C·(windows drawn)/B long, however large the gradients (the labels are
+    random and the inputs huge), and the same seed gives the same update (no noise)."""
+    rng = np.random.default_rng(5)
+    dataset = LocalDataset(
+        x=(rng.normal(0, 1000, (140, SPEC.window, SPEC.n_features))).astype(np.float32),
+        y=rng.integers(0, 2, 140).astype(np.int64),
+    )
+
+    initial = weights_of(build_model(SPEC))
+    plan = msgspec.structs.replace(PLAN, batch_size=50)  # q 0.36: two batches an epoch
+
+    def step() -> tuple[float, int, float]:
+        model = build_model(SPEC, weights=initial)
+        before = weights_of(model)
+        trained = train_locally_private(
+            model, dataset, plan, noise_multiplier=0.0, max_grad_norm=1.0, seed=11, one_step=True
+        )
+        after = weights_of(model)
+        moved = math.sqrt(sum(float(np.sum((after[n] - before[n]) ** 2)) for n in before))
+        return moved, trained.steps, trained.sample_rate
+
+    moved, steps, rate = step()
+    assert steps == 1
+    assert rate == pytest.approx(50 / 140)
+    assert 0 < moved <= plan.learning_rate * 1.0 * 140 / plan.batch_size
+    assert step()[0] == moved
