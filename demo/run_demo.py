@@ -15,7 +15,9 @@ consensus round, the clouds that signed its certificate, its test accuracy and t
 Every agent trains with record-level DP (DP-SGD, ε = 3 at δ = 1e-5 per site over the run)
 by default, its batches and noise drawn from ChaCha20 keyed by the OS as in production;
 ``--reproducible`` seeds them instead, so that runs repeat (the noise then protects nothing).
-``--dp site`` adds site-level distributed noise instead (coordinator.toml
+``--record-noise pooled`` pools the record-level noise in each cloud's secure sum instead
+(one clipped step a round, 40 heights, heavy-ball momentum on the decided models;
+docs/privacy.md §3.7). ``--dp site`` adds site-level distributed noise instead (coordinator.toml
 ``[privacy] site_level = "on"``), ``--dp off`` trains without DP, and ``--aggregation
 plaintext`` runs the baseline with the same seeds (``--seed``), so final accuracies compare.
 ``--clouds 1`` runs a single cloud. At the end the same model is trained centrally on the

@@ -1,14 +1,14 @@
 """Record-level DP with the sites' noise pooled: what the demo would reach at ε = 3 if the
 Gaussian noise of DP-SGD were added once to a secure sum instead of once per site.
 
-Not implemented in the product; a measurement of the route to the record-level target.
-Today every agent adds the whole noise σ·C to its own steps, so the averaged update of n
-sites carries the noise of n independent runs. If each step's clipped gradients were summed
-through secure aggregation and every agent added only a share of the noise (distributed
-DP-SGD, one step per round, the sum released to the coordinator), the released sum would
-carry σ·C once per group that is summed. Over the union of the sites' windows with Poisson
-sampling at the same rate, that is central DP-SGD, trained here with the noise multiplied by
-``--factors``:
+The product does this with ``privacy.record_noise = "pooled"`` (docs/privacy.md §3.7);
+this is the same training in one process, to compare topologies. With local noise every
+agent adds the whole noise σ·C to its own steps, so the averaged update of n sites carries
+the noise of n independent runs. With each step's clipped gradients summed through secure
+aggregation and every agent adding only a share of the noise (one step per round, the sum
+released to the coordinator), the released sum carries σ·C once per group that is
+summed. Over the union of the sites' windows with Poisson sampling at the same rate, that
+is central DP-SGD, trained here with the noise multiplied by ``--factors``:
 
 - 1: one secure sum over all sites (the most the pooling can give);
 - 2: the demo's topology, one secure sum per cloud of 3 sites, 4 clouds: the global step
@@ -23,10 +23,12 @@ Each row accounts ε at σ (the factor only adds noise). Usage (make demo caches
     .venv/bin/python -m bench.privacy.pooled_noise \\
         --genesis-weights out/cache/genesis-seed1-sets3-<spec>.msgpack
 
-One DP-SGD step a round (what a pooled mechanism can release per secure sum), with a
-larger batch and fewer rounds: ``--site-batch 1000 --local-epochs 1 --rounds 40
---learning-rate 8 --lr-decay 1`` (sampling rate 0.70, one step a round); momentum across
-rounds, as a server would keep it: ``--server-momentum 0.8``.
+One DP-SGD step a round (what a pooled mechanism can release per secure sum), as the
+product's pooled mode and ``make demo DEMO_ARGS="--record-noise pooled"`` train it:
+``--site-batch 1000 --local-epochs 1 --rounds 40 --learning-rate 3 --lr-decay 1
+--server-momentum 0.8 --factors 2.449`` (sampling rate 0.70, heavy-ball momentum on the
+decided models as the manifest's ``server_momentum`` gives it). ``--factors 0`` trains the
+same steps without noise.
 """
 
 from __future__ import annotations

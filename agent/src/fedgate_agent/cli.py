@@ -954,6 +954,7 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo(
             f"privacy    record-level DP {state.privacy}: ε {data['privacy_epsilon'] or 0:.4f} "
             f"of {state.privacy_budget} spent (δ {data['privacy_delta']}{pending})"
+            + ("; noise pooled in the secure sum" if cfg.privacy.record_noise == "pooled" else "")
         )
     if state.site_privacy != "none":
         click.echo(

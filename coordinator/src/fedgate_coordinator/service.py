@@ -800,7 +800,9 @@ class CoordinatorService:
             within_clip=None if within is None else within / max(inputs, 1),
         )
         noise = params.noise
-        if noise is None:
+        if noise is None or not self.config.privacy.enabled:
+            # Pooled record-level noise alone gives no site-level guarantee worth booking:
+            # the round counts as unrecorded, as one without noise (the agents count it).
             return
         dimension = outcome.decoded.weighted_sum.size
         effective = round_effective_multiplier(params, dimension)
