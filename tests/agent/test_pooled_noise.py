@@ -4,22 +4,28 @@ coordinator sizes, what one round costs an agent, and the clipped step it takes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import msgspec
+import nacl.signing
 import numpy as np
 import pytest
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.model import build_model, weights_of
 from fedgate_agent.pooled_noise import pooled_round, record_bound
+from fedgate_agent.privacy_ledger import LedgerEntry, PrivacyLedger, read_ledger
 from fedgate_agent.private_training import train_locally_private
 from fedgate_agent.record_privacy import RoundSpend, epsilon
+from fedgate_agent.service import AgentService
 from fedgate_agent.training import LocalDataset
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.participant import encoding_params
 from fedgate_common.secagg.site_dp import record_noise_multiplier
+from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.site_privacy import (
+    MIN_POOLED_SIGMA,
     SitePrivacySettings,
     pooled_record_sigma,
     round_params,
@@ -186,3 +192,91 @@ def test_the_pooled_step_is_one_clipped_step_without_noise() -> None:
     assert rate == pytest.approx(50 / 140)
     assert 0 < moved <= plan.learning_rate * 1.0 * 140 / plan.batch_size
     assert step()[0] == moved
+
+
+def test_pooled_rounds_are_counted_again_for_more_colluders() -> None:
+    """Rounds booked assuming no colluder, then secagg.assumed_colluders = 1: each booked
+    round kept its parameters, so the budget counts it with one share withheld, as site
+    level does; the ledger's spend and the budget check both grow."""
+    params = _params()
+    cost = pooled_round(
+        params, PLAN, windows=140, max_grad_norm=1.0, dimension=DIMENSION, assumed_colluders=0
+    )
+    ledger = PrivacyLedger(
+        entries=[
+            LedgerEntry(
+                spend=cost.spend(number),
+                epsilon_round=0.0,
+                epsilon_total=0.0,
+                delta=1e-5,
+                max_grad_norm=1.0,
+                num_samples=140,
+                accountant="pld",
+            )
+            for number in range(1, 31)
+        ]
+    )
+    assert [s.noise_multiplier for s in ledger.counted(0)] == [cost.noise_multiplier] * 30
+    wary = ledger.counted(1)
+    assert [s.noise_multiplier for s in wary] == pytest.approx(
+        [cost.noise_multiplier / math.sqrt(2)] * 30, rel=1e-3
+    )
+    alone, _ = ledger.spent(1e-5, "pld", 0)
+    colluded, _ = ledger.spent(1e-5, "pld", 1)
+    assert colluded > alone + 0.5
+    # Withholding every share leaves no noise: the history is unbounded.
+    assert ledger.spent(1e-5, "pld", 2)[0] == math.inf
+    # The ledger keeps what a pooled round was computed from across a write and a read.
+    again = msgspec.json.decode(msgspec.json.encode(ledger), type=PrivacyLedger)
+    assert again.counted(1) == wary
+
+
+def test_a_budget_no_noise_can_meet_is_a_config_error_not_a_crash() -> None:
+    """Sizing the shares fails with the coordinator's ConfigError (serve says it at start,
+    exit 3); a budget that needs less than the smallest σ searched gets that σ."""
+    hopeless = msgspec.structs.replace(POOLED, record_epsilon=0.01, planned_rounds=100_000)
+    with pytest.raises(ConfigError, match="record-level"):
+        _params(hopeless)
+    generous = msgspec.structs.replace(POOLED, record_epsilon=100.0, planned_rounds=1)
+    assert pooled_record_sigma(100.0, 1e-5, 0.7, 1) == MIN_POOLED_SIGMA
+    params = _params(generous)
+    carried = record_noise_multiplier(encoding_params(params), DIMENSION, record_bound(PLAN, 1.0))
+    assert carried >= MIN_POOLED_SIGMA
+
+
+def test_a_pooled_agent_counts_site_level_noise_when_the_round_has_some(
+    tmp_path: Path,
+) -> None:
+    """Pooled-only shares carry no site-level guarantee and are not counted there; a
+    coordinator running site-level DP as well announces the larger z, and then a pooled
+    agent books and enforces its own site-level budget as a local one does."""
+    from tests.agent.test_site_privacy import SPEC as SITE_SPEC
+    from tests.agent.test_site_privacy import _agent, _work
+
+    def noisy(privacy: SitePrivacySettings) -> SecAggParams:
+        return round_params(
+            SECAGG,
+            privacy,
+            selected=6,
+            min_participants=4,
+            clip_norm=SECAGG.clip_norm,
+            dimension=parameter_count(SITE_SPEC),
+            record_bound=record_bound(PLAN, 1.0),
+        )
+
+    pooled_only = noisy(POOLED)
+    both = noisy(msgspec.structs.replace(POOLED, site_level="on", target_epsilon=8.0))
+    identity = nacl.signing.SigningKey.generate()
+    pooled = AgentService(
+        config=_agent(tmp_path / "pooled", record_level="on", record_noise="pooled"),
+        identity=identity,
+    )
+    local = AgentService(config=_agent(tmp_path / "local", record_level="on"), identity=identity)
+    assert not pooled._counted_at_site_level(_work(1, pooled_only))
+    assert pooled._counted_at_site_level(_work(1, both))
+    assert local._counted_at_site_level(_work(1, pooled_only))
+    assert not pooled._counted_at_site_level(_work(1, None))
+    # Counted means booked against privacy.site_max_epsilon.
+    pooled._book_site_round(_work(1, both))
+    pooled._book_site_round(_work(2, pooled_only))
+    assert [e.round for e in read_ledger(pooled.config.state_path).site_entries] == [1]

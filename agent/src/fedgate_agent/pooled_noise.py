@@ -21,13 +21,15 @@ Two figures, because the guarantee now rests on secure aggregation:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.secagg.participant import encoding_params
 from fedgate_common.secagg.site_dp import record_noise_multiplier
 
 from fedgate_agent.errors import PlanRejected
-from fedgate_agent.record_privacy import RoundSpend, sample_rate
+from fedgate_agent.record_privacy import PooledSource, RoundSpend, sample_rate
 from fedgate_agent.site_privacy import NEGLIGIBLE_NOISE, without_colluders
 
 
@@ -35,6 +37,7 @@ class PooledRound(msgspec.Struct, frozen=True, kw_only=True):
     noise_multiplier: float
     own_share_noise_multiplier: float
     sample_rate: float
+    source: PooledSource
 
     def spend(self, round: int) -> RoundSpend:
         return RoundSpend(
@@ -43,7 +46,37 @@ class PooledRound(msgspec.Struct, frozen=True, kw_only=True):
             sample_rate=self.sample_rate,
             steps=1,
             own_share_noise_multiplier=self.own_share_noise_multiplier,
+            pooled=self.source,
         )
+
+
+def _sum_noise_multiplier(
+    params: SecAggParams, dimension: int, bound: float, colluders: int
+) -> float:
+    """The sum's noise per window with ``colluders`` shares withheld (0: none left)."""
+    noise = params.noise
+    if noise is None:
+        return 0.0
+    reduced = encoding_params(without_colluders(params, noise, colluders))
+    return record_noise_multiplier(reduced, dimension, bound)
+
+
+def counted_history(history: Sequence[RoundSpend], colluders: int) -> list[RoundSpend]:
+    """``history`` as the budget counts it with ``colluders`` assumed now: a pooled round
+    booked under fewer is computed again from its parameters (it protected less than it
+    was counted for), as site-level entries are (``site_privacy.counted_multipliers``)."""
+    counted = []
+    for spend in history:
+        source = spend.pooled
+        if source is not None and colluders > source.assumed_colluders:
+            sigma = _sum_noise_multiplier(
+                source.params, source.dimension, source.record_bound, colluders
+            )
+            spend = msgspec.structs.replace(
+                spend, noise_multiplier=min(spend.noise_multiplier, sigma)
+            )
+        counted.append(spend)
+    return counted
 
 
 def record_bound(plan: TrainingPlan, max_grad_norm: float) -> float:
@@ -80,13 +113,8 @@ def pooled_round(
             "one window can flip it"
         )
     bound = record_bound(plan, max_grad_norm)
-    noise = params.noise
-    sums = record_noise_multiplier(
-        encoding_params(without_colluders(params, noise, assumed_colluders)), dimension, bound
-    )
-    own = record_noise_multiplier(
-        encoding_params(without_colluders(params, noise, noise.min_inputs - 1)), dimension, bound
-    )
+    sums = _sum_noise_multiplier(params, dimension, bound, assumed_colluders)
+    own = _sum_noise_multiplier(params, dimension, bound, params.noise.min_inputs - 1)
     if sums < NEGLIGIBLE_NOISE:
         raise PlanRejected(
             f"the round's noise is {sums:.3g} times one window's sensitivity (with "
@@ -96,4 +124,10 @@ def pooled_round(
         noise_multiplier=sums,
         own_share_noise_multiplier=own,
         sample_rate=sample_rate(windows, plan.batch_size),
+        source=PooledSource(
+            params=params,
+            dimension=dimension,
+            record_bound=bound,
+            assumed_colluders=assumed_colluders,
+        ),
     )

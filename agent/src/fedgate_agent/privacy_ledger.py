@@ -16,6 +16,7 @@ import msgspec
 from fedgate_common.atomic_files import atomic_write
 
 from fedgate_agent.errors import AgentError
+from fedgate_agent.pooled_noise import counted_history
 from fedgate_agent.record_privacy import ACCOUNTANTS, Accountant, RoundSpend, epsilon
 from fedgate_agent.site_privacy import (
     NEGLIGIBLE_NOISE,
@@ -78,6 +79,11 @@ class PrivacyLedger(msgspec.Struct, kw_only=True):
     def site_epsilon_total(self) -> float:
         return self.site_entries[-1].epsilon_total if self.site_entries else 0.0
 
+    def counted(self, colluders: int) -> list[RoundSpend]:
+        """The record-level history as the budget counts it with ``colluders`` assumed:
+        pooled rounds booked under fewer are counted again (:func:`counted_history`)."""
+        return counted_history(self.history, colluders)
+
     @property
     def pooled(self) -> bool:
         """Whether any record-level round had its noise pooled in a secure sum."""
@@ -101,7 +107,9 @@ class PrivacyLedger(msgspec.Struct, kw_only=True):
         (site level with ``colluders`` assumed), as the next round's budget check counts
         it. The entries' own totals were counted with the settings of their time; after a
         change they differ."""
-        record = epsilon(self.history, delta, accountant=accountant) if self.entries else 0.0
+        record = (
+            epsilon(self.counted(colluders), delta, accountant=accountant) if self.entries else 0.0
+        )
         site = site_epsilon(counted_multipliers(self.site_entries, colluders), delta, accountant)
         return record, site
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
 import msgspec
+from fedgate_common.messages import SecAggParams
 
 if TYPE_CHECKING:  # imported where used: dp-accounting takes ~2 s to import
     from dp_accounting.dp_event import DpEvent
@@ -56,6 +57,17 @@ class RecordPrivacySettings(msgspec.Struct, frozen=True, kw_only=True):
     accountant: Accountant = DEFAULT_ACCOUNTANT
 
 
+class PooledSource(msgspec.Struct, frozen=True, kw_only=True):
+    """What a pooled round's noise multiplier was computed from (the round's parameters,
+    the model's dimension, η·C/B and the colluders assumed), so that it can be computed
+    again when more colluders are assumed later."""
+
+    params: SecAggParams
+    dimension: int
+    record_bound: float
+    assumed_colluders: int
+
+
 class RoundSpend(msgspec.Struct, frozen=True, kw_only=True):
     """What one round of DP-SGD adds to the accountant's history.
 
@@ -70,6 +82,7 @@ class RoundSpend(msgspec.Struct, frozen=True, kw_only=True):
     sample_rate: float
     steps: int
     own_share_noise_multiplier: float | None = None
+    pooled: PooledSource | None = None
 
     @property
     def own_share_only(self) -> RoundSpend:
@@ -77,7 +90,10 @@ class RoundSpend(msgspec.Struct, frozen=True, kw_only=True):
         if self.own_share_noise_multiplier is None:
             return self
         return msgspec.structs.replace(
-            self, noise_multiplier=self.own_share_noise_multiplier, own_share_noise_multiplier=None
+            self,
+            noise_multiplier=self.own_share_noise_multiplier,
+            own_share_noise_multiplier=None,
+            pooled=None,
         )
 
 

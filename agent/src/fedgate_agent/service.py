@@ -118,7 +118,13 @@ from fedgate_agent.scoring import (
     predictions_topic,
     window_ending_at,
 )
-from fedgate_agent.site_privacy import SiteBudget, SiteLedgerEntry, plan_site_round
+from fedgate_agent.site_privacy import (
+    NEGLIGIBLE_NOISE,
+    SiteBudget,
+    SiteLedgerEntry,
+    effective_multiplier,
+    plan_site_round,
+)
 from fedgate_agent.state import (
     ScoringStatus,
     read_pinned_peers,
@@ -407,12 +413,13 @@ class AgentService:
         )
         return self._within_budget(settings, ledger, spend)
 
-    @staticmethod
     def _within_budget(
-        settings: RecordPrivacySettings, ledger: PrivacyLedger, spend: RoundSpend
+        self, settings: RecordPrivacySettings, ledger: PrivacyLedger, spend: RoundSpend
     ) -> RoundSpend:
-        """``spend``, or :class:`PrivacyBudgetExhausted` when it takes ε past the budget."""
-        after = epsilon([*ledger.history, spend], settings.delta, accountant=settings.accountant)
+        """``spend``, or :class:`PrivacyBudgetExhausted` when it takes ε past the budget
+        (pooled rounds counted with the colluders assumed now)."""
+        history = ledger.counted(self.config.secagg.assumed_colluders)
+        after = epsilon([*history, spend], settings.delta, accountant=settings.accountant)
         if after > settings.target_epsilon:
             raise PrivacyBudgetExhausted(
                 f"round {spend.round} would take record-level ε from "
@@ -465,7 +472,9 @@ class AgentService:
             spend=actual,
             epsilon_round=epsilon([actual], settings.delta, accountant=settings.accountant),
             epsilon_total=epsilon(
-                [*ledger.history, actual], settings.delta, accountant=settings.accountant
+                [*ledger.counted(self.config.secagg.assumed_colluders), actual],
+                settings.delta,
+                accountant=settings.accountant,
             ),
             delta=settings.delta,
             max_grad_norm=settings.max_grad_norm,
@@ -489,14 +498,33 @@ class AgentService:
         )
 
     def _plan_site_round(self, work: TrainForRound) -> None:
-        """Refuse a noisy round past this agent's own site-level budget (no-op without
-        site-level noise, when the ledger is not even read, and with pooled record-level
-        noise, which counts the round at record level); read-only."""
-        if not _noisy(work) or self._pooled:
+        """Refuse a noisy round past this agent's own site-level budget (no-op when it is
+        not counted at site level, :meth:`_counted_at_site_level`: the ledger is not even
+        read); read-only."""
+        if not self._counted_at_site_level(work):
             return
         with self._ledger_lock:
             ledger = self._read_ledger()
         self._site_entry(ledger, work)
+
+    def _counted_at_site_level(self, work: TrainForRound) -> bool:
+        """Whether a round's noise is counted against ``privacy.site_max_epsilon``: every
+        noisy round with local record-level noise; with pooled noise only a round whose
+        site-level multiplier is not negligible (its coordinator runs site-level DP too).
+        Pooled-only shares are sized for one window; one round of them alone would cost a
+        site-level ε past any budget, so they carry no site-level guarantee to count."""
+        secagg = work.start.secagg
+        if secagg is None or secagg.noise is None:
+            return False
+        if not self._pooled:
+            return True
+        multiplier = effective_multiplier(
+            secagg,
+            secagg.noise,
+            parameter_count(work.model.spec),
+            self.config.secagg.assumed_colluders,
+        )
+        return multiplier >= NEGLIGIBLE_NOISE
 
     def _site_entry(self, ledger: PrivacyLedger, work: TrainForRound) -> SiteLedgerEntry | None:
         secagg = work.start.secagg
@@ -514,7 +542,7 @@ class AgentService:
     def _book_site_round(self, work: TrainForRound) -> None:
         """Add a noisy round to privacy.json before its masked input leaves (planned again
         from the ledger as it is now; refused past the budget)."""
-        if not _noisy(work) or self._pooled:
+        if not self._counted_at_site_level(work):
             return
         with self._ledger_lock:
             ledger = self._read_ledger()
@@ -1053,8 +1081,3 @@ def _what_failed(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_what_failed(inner) for inner in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
-
-
-def _noisy(work: TrainForRound) -> bool:
-    """Whether the round carries site-level noise (and so is counted by this agent)."""
-    return work.start.secagg is not None and work.start.secagg.noise is not None

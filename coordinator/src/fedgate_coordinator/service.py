@@ -760,6 +760,10 @@ class CoordinatorService:
         )
         if warning:
             log_event(log, logging.WARNING, warning, **self._fields(agents=agents))
+        if self.config.privacy.pooled and agents > 0:
+            # Size round 1's pooled noise now: a budget no noise can meet is a ConfigError
+            # at start (exit 3), not a crash at the first round.
+            self._secure_params(agents, spec, 1)
 
     def _clip_norm(self) -> float:
         """The configured clip norm, or with adaptive clipping the one the last measured

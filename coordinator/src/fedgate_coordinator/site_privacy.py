@@ -30,6 +30,8 @@ SITE_LEVEL_MODES = ("on", "off")
 RECORD_LEVEL_MODES = ("off", "pooled")
 # The PLD's loss grid for sizing pooled record-level noise (as the agents' accountant).
 _PLD_DISCRETISATION = 1e-3
+MIN_POOLED_SIGMA = 0.3  # the least pooled record-level σ sized for (see pooled_record_sigma)
+_MAX_POOLED_SIGMA = 1e4
 
 USEFUL_NOISE_RATIO = 1.0
 """Warn when the noise norm in a round's mean update exceeds this many clip norms."""
@@ -93,9 +95,17 @@ def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
 def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """The noise multiplier, relative to one window, that keeps ``rounds`` Poisson-sampled
     Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta`` (dp-accounting's PLD
-    accountant and calibration; the σ returned never overshoots)."""
+    accountant and calibration; the σ returned never overshoots).
+
+    Searched in [:data:`MIN_POOLED_SIGMA`, 1e4]: a budget that needs less noise gets the
+    lower end (more noise than it needs; below it the PLD grows slow), one that needs more
+    is a :class:`ConfigError`.
+    """
     import dp_accounting
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    def accountant() -> PLDAccountant:
+        return PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION)
 
     def event(sigma: float) -> dp_accounting.DpEvent:
         step = dp_accounting.PoissonSampledDpEvent(
@@ -103,13 +113,26 @@ def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds
         )
         return dp_accounting.SelfComposedDpEvent(step, rounds)
 
+    def spent(sigma: float) -> float:
+        counted = accountant()
+        counted.compose(event(sigma))
+        return float(counted.get_epsilon(delta))
+
+    if spent(MIN_POOLED_SIGMA) <= epsilon:
+        return MIN_POOLED_SIGMA
+    if spent(_MAX_POOLED_SIGMA) > epsilon:
+        raise ConfigError(
+            f"no noise multiplier up to {_MAX_POOLED_SIGMA:g} keeps {rounds} rounds at sampling "
+            f"rate {sample_rate:g} within record-level ε = {epsilon}: raise "
+            "privacy.record_epsilon or plan fewer rounds"
+        )
     return float(
         dp_accounting.calibrate_dp_mechanism(
-            lambda: PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION),
+            accountant,
             event,
             epsilon,
             delta,
-            dp_accounting.ExplicitBracketInterval(0.3, 1e4),
+            dp_accounting.ExplicitBracketInterval(MIN_POOLED_SIGMA, _MAX_POOLED_SIGMA),
             tol=1e-4,
         )
     )
