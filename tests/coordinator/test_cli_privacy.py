@@ -239,6 +239,12 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "target_epsilon": TARGET,
         "planned_rounds": 20,
         "noise_multiplier": NOISE_MULTIPLIER,
+        # Pooled record-level noise is off: its settings, and no σ sized.
+        "record_level": "off",
+        "record_epsilon": 3.0,
+        "record_clip_norm": 1.0,
+        "record_sample_rate": 0.7,
+        "record_noise_multiplier": None,
     }
     two = epsilon([EFFECTIVE] * 2, DELTA)
     assert data["rounds_recorded"] == 2
