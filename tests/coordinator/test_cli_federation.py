@@ -366,3 +366,28 @@ def test_a_cloud_added_in_version_2_joins_with_the_chain(
     assert shown["signatures"]["checked"] is False  # version 1 is not kept here
     assert newcomer.run_json("show", v2, "--previous", v1)["signatures"]["count"] == 3
     assert clouds[0].run_json("install", v2)["version"] == 2
+
+
+def test_server_momentum_is_written_only_when_it_is_set(
+    clouds: list[Coordinator], tmp_path: Path
+) -> None:
+    """Without --server-momentum (or with 0) the manifest has no such field, so releases
+    that do not know it still read it; with it, the field is digested and signed, and
+    --next keeps or replaces it."""
+    for name, extra in (("plain", ()), ("zero", ("--server-momentum", "0"))):
+        plain = tmp_path / f"{name}.json"
+        write_v1(clouds[0], clouds[1:], plain, *extra)
+        assert b"server_momentum" not in plain.read_bytes()
+        assert decode_manifest_file(plain.read_bytes()).manifest.momentum == 0.0
+    moving = tmp_path / "moving.json"
+    write_v1(clouds[0], clouds[1:], moving, "--server-momentum", "0.8")
+    manifest = decode_manifest_file(moving.read_bytes()).manifest
+    assert manifest.momentum == 0.8
+    sign_all(clouds, moving)
+    kept = tmp_path / "kept.json"
+    assert clouds[0].run("init", "--next", moving, "--out", kept).exit_code == 0
+    assert decode_manifest_file(kept.read_bytes()).manifest.momentum == 0.8
+    dropped = tmp_path / "dropped.json"
+    result = clouds[0].run("init", "--next", moving, "--server-momentum", "0", "--out", dropped)
+    assert result.exit_code == 0, result.output
+    assert b"server_momentum" not in dropped.read_bytes()

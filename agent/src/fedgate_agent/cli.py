@@ -625,7 +625,8 @@ def privacy(config_path: Path, as_json: bool) -> None:
         if settings.record_noise == "pooled"
         else "noise added on this gateway"
     )
-    click.echo(f"record-level DP  {settings.record_level} ({UNIT}; {noise_where})")
+    where = f"; {noise_where}" if settings.record_level == "on" else ""
+    click.echo(f"record-level DP  {settings.record_level} ({UNIT}{where})")
     if cfg.reproducible_noise:
         click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")

@@ -334,7 +334,7 @@ class FederationNode:
             faults=faults_tolerated(len(self.clouds)),
         )
         base_weights = as_float32(base.decode_weights())
-        beta = self.manifest.server_momentum
+        beta = self.manifest.momentum
         if beta and base.parent_digest:
             parent = self.store.get_model(base.parent_digest)
             if parent is None:

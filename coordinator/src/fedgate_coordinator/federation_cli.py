@@ -231,7 +231,7 @@ def manifest_summary(
         "faults_tolerated": faults(manifest) if count else None,
         "tolerance": tolerance_text(count) if count else "no cloud",
         "rule": manifest.consensus.rule,
-        "server_momentum": manifest.server_momentum,
+        "server_momentum": manifest.momentum,
         "consensus": msgspec.to_builtins(manifest.consensus),
         "model_spec": msgspec.to_builtins(manifest.model_spec),
         "genesis_seed": manifest.genesis_seed,
@@ -261,10 +261,8 @@ def _echo_summary(signed: SignedManifest, status: SignatureStatus | None) -> Non
         f"  rule:       {params.rule} (cloud weight cap {params.cloud_weight_cap}, "
         f"max update norm {params.max_update_norm:g})"
     )
-    if manifest.server_momentum:
-        click.echo(
-            f"  momentum:   {manifest.server_momentum:g} (heavy-ball, on the decided models)"
-        )
+    if manifest.momentum:
+        click.echo(f"  momentum:   {manifest.momentum:g} (heavy-ball, on the decided models)")
     click.echo(
         f"  timeouts:   propose {params.timeout_propose_s:g}s, prevote "
         f"{params.timeout_prevote_s:g}s, precommit {params.timeout_precommit_s:g}s, "
@@ -536,7 +534,7 @@ def init_manifest(
             genesis_digest=genesis_digest,
             created_at=_utc_now(),
             genesis_source="seed" if genesis_weights_path is None else "weights",
-            server_momentum=server_momentum or 0.0,
+            server_momentum=server_momentum or None,  # 0: left out of the manifest
         )
         approvers = manifest
     else:
@@ -559,7 +557,7 @@ def init_manifest(
             consensus=msgspec.structs.replace(current.consensus, **params_changes),
             created_at=_utc_now(),
             server_momentum=(
-                current.server_momentum if server_momentum is None else server_momentum
+                current.server_momentum if server_momentum is None else server_momentum or None
             ),
         )
         if own_entry is not None and own_entry.public_key != own_key:

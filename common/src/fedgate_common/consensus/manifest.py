@@ -164,8 +164,8 @@ class Manifest(
     coordinator is given as a file, whose training started from the seed's weights.
     ``created_at`` is ISO 8601 in UTC. ``server_momentum`` β adds heavy-ball momentum to
     every decided model: w_h = w_{h−1} + Δ_h + β·(w_{h−1} − w_{h−2}) (no term at height 1);
-    0, the default, is left out of the encoding, so manifests without it keep their
-    digests.
+    ``None``, the default (no momentum), is left out of the encoding, so manifests without
+    it keep their digests and releases without the field can still read them.
     """
 
     deployment: str
@@ -178,7 +178,12 @@ class Manifest(
     genesis_digest: str
     created_at: str
     genesis_source: GenesisSource = "seed"
-    server_momentum: float = 0.0
+    server_momentum: float | None = None
+
+    @property
+    def momentum(self) -> float:
+        """β of ``server_momentum``; 0 without it."""
+        return self.server_momentum or 0.0
 
     def cloud_ids(self) -> tuple[str, ...]:
         return tuple(entry.cloud for entry in self.clouds)
@@ -319,8 +324,8 @@ def manifest_problems(manifest: Manifest) -> list[str]:
             f"version {manifest.version}: previous_digest must be the 64-hex-digit digest "
             f"of version {manifest.version - 1}"
         )
-    if not (math.isfinite(manifest.server_momentum) and 0 <= manifest.server_momentum < 1):
-        problems.append(f"server_momentum {manifest.server_momentum}: use a number in [0, 1)")
+    if not (math.isfinite(manifest.momentum) and 0 <= manifest.momentum < 1):
+        problems.append(f"server_momentum {manifest.momentum}: use a number in [0, 1)")
     if not manifest.clouds:
         problems.append("the manifest lists no cloud")
     seen_ids: set[str] = set()
