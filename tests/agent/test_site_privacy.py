@@ -287,6 +287,9 @@ async def test_noise_too_small_to_count_is_refused_at_once(
     with pytest.raises(SiteBudgetExhausted) as refused:
         plan_site_round([], round=1, base_digest="ab", params=params, spec=SPEC, budget=budget)
     assert refused.value.next_round == float("inf")
+    # The likeliest cause of tiny update noise, a coordinator sizing it for pooled
+    # record-level DP (which has no count word), is named.
+    assert ("privacy.record_noise = pooled" in str(refused.value)) == (count_noise == 0)
     service = AgentService(config=_agent(tmp_path), identity=nacl.signing.SigningKey.generate())
     await service.begin_round(_work(1, params))
     assert service.rejected["site_privacy_budget_exhausted"] == 1

@@ -150,7 +150,16 @@ def plan_site_round(
             f"round {round} (site-level noise multiplier {noise.noise_multiplier:g}, "
             f"{multiplier:.4g} effective) would take this agent's site-level ε from "
             f"{spent:.3f} to {after:.3f}, past privacy.site_max_epsilon = "
-            f"{budget.max_epsilon} (δ = {budget.delta}); it sends no more noisy inputs",
+            f"{budget.max_epsilon} (δ = {budget.delta}); it sends no more noisy inputs"
+            + (
+                "; noise this small is what a coordinator with privacy.record_level = pooled "
+                "announces (sized for one training window): to join its rounds set "
+                "privacy.record_noise = pooled and privacy.record_level = on"
+                if multiplier < NEGLIGIBLE_NOISE
+                and not params.count_within_clip  # pooled coordinators refuse adaptive clipping
+                and not math.isinf(spent)
+                else ""
+            ),
             spent=spent,
             next_round=after,
         )
