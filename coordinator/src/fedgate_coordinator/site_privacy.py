@@ -153,23 +153,32 @@ def pooled_noise_multiplier(
         settings.planned_rounds,
     )
 
-    def carried(z: float) -> float:
-        return record_noise_multiplier(encoding_for(z), dimension, record_bound)
+    def carries(z: float) -> bool:
+        return record_noise_multiplier(encoding_for(z), dimension, record_bound) >= target
 
-    low, high = 1e-9, 1e-6
-    while carried(high) < target:
+    return _smallest_z(
+        carries,
+        low=1e-9,
+        high=1e-6,
+        failure=f"no noise multiplier up to 1e4 carries record-level σ {target:.3f}: lower "
+        "the learning rate or privacy.record_clip_norm, or raise the batch size",
+    )
+
+
+def _smallest_z(passes: Callable[[float], bool], *, low: float, high: float, failure: str) -> float:
+    """The smallest z (to 0.1 %) with ``passes(z)``, for a test that passes from some z on:
+    doubling ``high`` until it passes (:class:`ConfigError` ``failure`` past 1e4), then
+    bisecting geometrically between the last z that failed and the first that passed."""
+    while not passes(high):
         low, high = high, high * 2
         if high > 1e4:
-            raise ConfigError(
-                f"no noise multiplier up to 1e4 carries record-level σ {target:.3f}: lower "
-                "the learning rate or privacy.record_clip_norm, or raise the batch size"
-            )
+            raise ConfigError(failure)
     while high / low > 1.001:
         middle = math.sqrt(low * high)
-        if carried(middle) < target:
-            low = middle
-        else:
+        if passes(middle):
             high = middle
+        else:
+            low = middle
     return high
 
 
@@ -201,26 +210,19 @@ def plan_noise_multiplier(
     if settings.noise_multiplier > 0:
         return settings.noise_multiplier
 
-    def spent(z: float) -> float:
+    def within(z: float) -> bool:
         effective = effective_noise_multiplier(encoding_for(z), dimension)
-        return epsilon([effective] * settings.planned_rounds, settings.delta)
+        spent = epsilon([effective] * settings.planned_rounds, settings.delta)
+        return spent <= settings.target_epsilon
 
-    low, high = 1e-3, 1.0
-    while spent(high) > settings.target_epsilon:
-        low, high = high, high * 2
-        if high > 1e4:
-            raise ConfigError(
-                f"no noise multiplier up to 1e4 keeps {settings.planned_rounds} rounds "
-                f"within ε = {settings.target_epsilon}: raise privacy.target_epsilon, plan "
-                "fewer rounds, or (with adaptive clipping) raise secagg.clip_count_noise"
-            )
-    while high / low > 1.001:
-        middle = math.sqrt(low * high)
-        if spent(middle) > settings.target_epsilon:
-            low = middle
-        else:
-            high = middle
-    return high
+    return _smallest_z(
+        within,
+        low=1e-3,
+        high=1.0,
+        failure=f"no noise multiplier up to 1e4 keeps {settings.planned_rounds} rounds "
+        f"within ε = {settings.target_epsilon}: raise privacy.target_epsilon, plan "
+        "fewer rounds, or (with adaptive clipping) raise secagg.clip_count_noise",
+    )
 
 
 def noise_to_signal(noise_multiplier: float, dimension: int, inputs: int) -> float:
