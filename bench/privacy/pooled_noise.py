@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="heavy-ball momentum across rounds (w += step + β·(w − w_prev)); the optimizer "
         "inside a round starts afresh, so with one step a round this is the only momentum",
     )
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=1.0,
+        help="per-window clip norm C (the noise is σ·C; the step moves by at most lr·C)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     quiet_opacus()
@@ -99,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         local_epochs=args.local_epochs,
         batch_size=DEMO_SITES * args.site_batch,
     )
-    dp = RecordDp(args.epsilon, max_grad_norm=1.0)
+    dp = RecordDp(args.epsilon, max_grad_norm=args.clip)
     settings = dp.settings(args.rounds)
     rate = sample_rate(len(union), plan.batch_size)
     steps = steps_per_round(len(union), plan.batch_size, plan.local_epochs)

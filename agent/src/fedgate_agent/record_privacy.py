@@ -17,27 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import msgspec
+from fedgate_common import pld_accounting
 from fedgate_common.messages import SecAggParams
-
-if TYPE_CHECKING:  # imported where used: dp-accounting takes ~2 s to import
-    from dp_accounting.dp_event import DpEvent
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: dict[str, str] = {
-    "pld": "pld (dp_accounting.pld.PLDAccountant)",
+    "pld": pld_accounting.NAME,
     "rdp": "rdp (opacus.accountants.RDPAccountant)",
 }
 DEFAULT_ACCOUNTANT: Accountant = "pld"
 RECORD_NOISE_MODES = ("local", "pooled")  # privacy.record_noise (privacy.md §3.7)
 SAMPLING = "poisson"
-# The PLD's loss grid. 1e-3 gives the same σ as 1e-4 to four digits on the demo's plan, at
-# a tenth of the time (a σ search takes ~0.5 s instead of ~3 s); the estimate stays
-# pessimistic either way.
-PLD_DISCRETISATION = 1e-3
 UNIT = "record (one training window)"
 # What the agent says when record-level DP runs with ``training.seed`` set (privacy.md §5).
 SEEDED_DP_WARNING = (
@@ -145,32 +138,6 @@ def _rdp_epsilon(steps: dict[tuple[float, float], int], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def _pld_event(steps: dict[tuple[float, float], int]) -> DpEvent:
-    import dp_accounting
-
-    return dp_accounting.ComposedDpEvent(
-        [
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)),
-                n,
-            )
-            for (sigma, rate), n in steps.items()
-        ]
-    )
-
-
-def _pld_accountant() -> PLDAccountant:
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-
-    return PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
-
-
-def _pld_epsilon(steps: dict[tuple[float, float], int], delta: float) -> float:
-    accountant = _pld_accountant()
-    accountant.compose(_pld_event(steps))
-    return float(accountant.get_epsilon(delta))
-
-
 def epsilon(history: Sequence[RoundSpend], delta: float, *, accountant: Accountant) -> float:
     """ε at ``delta`` after every round in ``history`` (0 for an empty history; infinite
     when a round added no noise)."""
@@ -180,7 +147,7 @@ def epsilon(history: Sequence[RoundSpend], delta: float, *, accountant: Accounta
     if any(sigma <= 0 for sigma, _ in steps):
         return math.inf
     if accountant == "pld":
-        return _pld_epsilon(steps, delta)
+        return pld_accounting.epsilon(steps, delta)
     return _rdp_epsilon(steps, delta)
 
 
@@ -201,47 +168,15 @@ def _rdp_noise_multiplier(target: float, delta: float, rate: float, steps: int) 
 
 
 _MAX_NOISE_MULTIPLIER = 1e6
+_MIN_NOISE_MULTIPLIER = 1e-3
 
 
 def _pld_noise_multiplier(target: float, delta: float, rate: float, steps: int) -> float:
-    """dp-accounting's calibration (Brent's method, then a check that the σ it returns
-    does not overshoot ``target``), bracketed by doubling or halving from σ = 1.
-
-    Small σ make the PLD large and slow (σ = 0.5 at q = 0.38 over 80 steps takes 2 s, σ =
-    0.13 more), so the bracket is found from σ = 1 outwards and never goes below half the
-    answer. Starting from the RDP σ instead cost 8-18 s of Opacus's own search for the
-    demo's plan, which made a busy gateway's first round miss its stage deadline.
-    """
-    from dp_accounting.mechanism_calibration import (
-        ExplicitBracketInterval,
-        calibrate_dp_mechanism,
-    )
-
-    def spent(sigma: float) -> float:
-        return _pld_epsilon({(sigma, rate): steps}, delta)
-
-    sigma = 1.0
-    if spent(sigma) > target:
-        while spent(2 * sigma) > target:
-            sigma *= 2
-            if sigma > _MAX_NOISE_MULTIPLIER:
-                raise ValueError(
-                    f"no noise multiplier up to {_MAX_NOISE_MULTIPLIER:g} keeps ε within {target}"
-                )
-        lower, upper = sigma, 2 * sigma
-    else:
-        while sigma / 2 > 1e-3 and spent(sigma / 2) <= target:
-            sigma /= 2
-        lower, upper = sigma / 2, sigma
-    return float(
-        calibrate_dp_mechanism(
-            _pld_accountant,
-            lambda sigma: _pld_event({(sigma, rate): steps}),
-            target,
-            delta,
-            ExplicitBracketInterval(lower, upper),
-            tol=1e-3,
-        )
+    """The PLD search shared with the coordinators (:func:`pld_accounting.noise_multiplier`;
+    starting from the RDP σ instead cost 8-18 s of Opacus's own search for the demo's plan,
+    which made a busy gateway's first round miss its stage deadline)."""
+    return pld_accounting.noise_multiplier(
+        target, delta, rate, steps, floor=_MIN_NOISE_MULTIPLIER, ceiling=_MAX_NOISE_MULTIPLIER
     )
 
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import msgspec
+from fedgate_common import pld_accounting
 from fedgate_common.messages import SecAggParams
 from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.encoding import EncodingParams
@@ -28,8 +29,6 @@ UNIT = "site (one agent's whole contribution to a round)"
 SAMPLING = "none (agents are chosen, not sampled: no amplification)"
 SITE_LEVEL_MODES = ("on", "off")
 RECORD_LEVEL_MODES = ("off", "pooled")
-# The PLD's loss grid for sizing pooled record-level noise (as the agents' accountant).
-_PLD_DISCRETISATION = 1e-3
 MIN_POOLED_SIGMA = 0.3  # the least pooled record-level σ sized for (see pooled_record_sigma)
 _MAX_POOLED_SIGMA = 1e4
 
@@ -94,48 +93,24 @@ def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
 @functools.lru_cache(maxsize=32)
 def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """The noise multiplier, relative to one window, that keeps ``rounds`` Poisson-sampled
-    Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta`` (dp-accounting's PLD
-    accountant and calibration; the σ returned never overshoots).
+    Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta``: the agents' own PLD
+    search (:func:`fedgate_common.pld_accounting.noise_multiplier`; the σ returned never
+    overshoots), so an agent counts a round sized here as the coordinator does.
 
     Searched in [:data:`MIN_POOLED_SIGMA`, 1e4]: a budget that needs less noise gets the
     lower end (more noise than it needs; below it the PLD grows slow), one that needs more
     is a :class:`ConfigError`.
     """
-    import dp_accounting
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
-
-    def accountant() -> PLDAccountant:
-        return PLDAccountant(value_discretization_interval=_PLD_DISCRETISATION)
-
-    def event(sigma: float) -> dp_accounting.DpEvent:
-        step = dp_accounting.PoissonSampledDpEvent(
-            sample_rate, dp_accounting.GaussianDpEvent(sigma)
+    try:
+        return pld_accounting.noise_multiplier(
+            epsilon, delta, sample_rate, rounds, floor=MIN_POOLED_SIGMA, ceiling=_MAX_POOLED_SIGMA
         )
-        return dp_accounting.SelfComposedDpEvent(step, rounds)
-
-    def spent(sigma: float) -> float:
-        counted = accountant()
-        counted.compose(event(sigma))
-        return float(counted.get_epsilon(delta))
-
-    if spent(MIN_POOLED_SIGMA) <= epsilon:
-        return MIN_POOLED_SIGMA
-    if spent(_MAX_POOLED_SIGMA) > epsilon:
+    except pld_accounting.NoNoiseFits:
         raise ConfigError(
             f"no noise multiplier up to {_MAX_POOLED_SIGMA:g} keeps {rounds} rounds at sampling "
             f"rate {sample_rate:g} within record-level ε = {epsilon}: raise "
             "privacy.record_epsilon or plan fewer rounds"
-        )
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            accountant,
-            event,
-            epsilon,
-            delta,
-            dp_accounting.ExplicitBracketInterval(MIN_POOLED_SIGMA, _MAX_POOLED_SIGMA),
-            tol=1e-4,
-        )
-    )
+        ) from None
 
 
 def pooled_noise_multiplier(
