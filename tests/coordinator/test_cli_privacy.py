@@ -28,8 +28,11 @@ from fedgate_coordinator.site_privacy import (
     UNIT,
     SitePrivacySettings,
     epsilon,
+    pooled_epsilon,
+    pooled_record_sigma,
 )
 from fedgate_coordinator.store import (
+    POOLED_UNIT,
     RECORD_UNIT,
     SITE_UNIT,
     ModelRecord,
@@ -229,7 +232,19 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "rows",
         "record_level",
     ]
-    assert data["record_level"] == {"agents": [], "rows": []}
+    assert data["record_level"] == {
+        "agents": [],
+        "rows": [],
+        # Pooled noise off and nothing booked: no count of it at all.
+        "pooled": {
+            "rounds_recorded": 0,
+            "epsilon_spent": None,
+            "target_epsilon": 3.0,
+            "budget_left": None,
+            "sample_rate": 0.7,
+            "rows": [],
+        },
+    }
     assert data["settings"] == {
         "site_level": "on",
         "unit": UNIT,
@@ -538,3 +553,68 @@ def test_privacy_help_has_an_example_and_exit_codes() -> None:
     assert "fedgate-coordinator privacy --json" in result.output
     assert "Exit codes: 0 shown, 3 config missing or invalid, 4 store error." in result.output
     assert "privacy" in CliRunner().invoke(main, ["--help"]).output
+
+
+@on_disk_stores
+def test_privacy_shows_the_coordinators_count_of_pooled_noise(
+    coordinator: Coordinator,
+) -> None:
+    """Pooled record-level noise: the σ per window each released round carried, and ε of a
+    window of a site in every round, as serve counts it (its budget check reads the same)."""
+    config = load_config(coordinator.state_dir)
+    pooled_config = msgspec.structs.replace(
+        config,
+        privacy=SitePrivacySettings(
+            record_level="pooled", record_epsilon=3.0, record_sample_rate=0.5, planned_rounds=4
+        ),
+        secagg=msgspec.structs.replace(config.secagg, word_bits=32),
+        rounds=msgspec.structs.replace(config.rounds, local_epochs=1),
+    )
+    assert validate(pooled_config) == []
+    write_config(coordinator.state_dir, pooled_config)
+    settings = pooled_config.privacy
+    sigma = pooled_record_sigma(3.0, 1e-5, 0.5, 4)
+    with Store.open(coordinator.database_url) as store:
+        _run_rounds(store, 2, ledger=False)
+        for round in (1, 2):
+            store.record_privacy(
+                PrivacyLedgerEntry(
+                    round=round,
+                    unit=POOLED_UNIT,
+                    accountant="pld (dp_accounting.pld.PLDAccountant), poisson q=0.5",
+                    delta=1e-5,
+                    noise_multiplier=0.25,
+                    effective_noise_multiplier=sigma,
+                    clip_norm=1.0,
+                    count_noise=0.0,
+                    min_inputs=2,
+                    inputs=3,
+                    epsilon_round=pooled_epsilon(settings, [sigma]),
+                    epsilon_total=pooled_epsilon(settings, [sigma] * round),
+                    target_epsilon=3.0,
+                )
+            )
+
+    result = coordinator.run("privacy")
+
+    assert result.exit_code == 0, result.output
+    pooled = result.output.split("record level      pooled in each secure sum")[1]
+    spent = pooled_epsilon(settings, [sigma, sigma])
+    assert 1.5 < spent < 3.0  # half the planned rounds: about half the budget, not more
+    assert (
+        f"ε spent           {spent:.4f} of 3 by this coordinator's count (2 rounds released; "
+        f"a site in every one), budget left {3.0 - spent:.4f}"
+    ) in pooled.splitlines()
+    header, rows = _table(pooled)
+    assert header.split()[:3] == ["round", "inputs", "noise"]
+    assert [row[:4] for row in rows] == [
+        ["1", "3", "0.2500", _f(sigma)],
+        ["2", "3", "0.2500", _f(sigma)],
+    ]
+    assert rows[1][-1] == _f(spent)
+    data = json.loads(coordinator.run("privacy", "--json").stdout)["record_level"]["pooled"]
+    assert data["epsilon_spent"] == pytest.approx(spent)
+    assert data["budget_left"] == pytest.approx(3.0 - spent)
+    assert [(r["round"], r["unit"]) for r in data["rows"]] == [(1, "pooled"), (2, "pooled")]
+    assert data["target_epsilon"] == 3.0
+    assert data["sample_rate"] == 0.5

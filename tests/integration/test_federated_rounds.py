@@ -170,11 +170,11 @@ def noisy_federation(
     return configs
 
 
-def serve_two_rounds(
-    coord: Path, configs: list[Path], deployment: str, logs_dir: Path
+def serve_rounds(
+    coord: Path, configs: list[Path], deployment: str, logs_dir: Path, rounds: int = 2
 ) -> list[dict[str, Any]]:
-    """`fedgate-agent run` for each config, `fedgate-coordinator serve --rounds 2` until it
-    ends (exit 0), then each agent's `status --json` while it still runs; agents stopped."""
+    """`fedgate-agent run` for each config, `fedgate-coordinator serve --rounds ROUNDS` until
+    it ends (exit 0), then each agent's `status --json` while it still runs; agents stopped."""
     logs = [(logs_dir / f"agent-{i}.log").open("wb") for i in range(len(configs))]
     agents = [
         subprocess.Popen(
@@ -186,7 +186,10 @@ def serve_two_rounds(
     ]
     try:
         served = subprocess.run(
-            [str(BIN / "fedgate-coordinator"), "--state-dir", str(coord), "serve", "--rounds", "2"],
+            [
+                str(BIN / "fedgate-coordinator"),
+                *("--state-dir", str(coord), "serve", "--rounds", str(rounds)),
+            ],
             capture_output=True,
             text=True,
             timeout=240,
@@ -248,7 +251,7 @@ def test_two_agents_complete_two_rounds(tmp_path: Path) -> None:
         )
         configs.append(config)
 
-    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
+    statuses = serve_rounds(coord, configs, deployment, tmp_path)
 
     assert all(s["federation"]["pinned"] for s in statuses)
     assert statuses[0]["federation"]["clouds"] == ["c1"]
@@ -314,7 +317,7 @@ def test_agents_stop_at_their_own_site_level_budget(tmp_path: Path) -> None:
         {"privacy.site_max_epsilon": "5"},
     )
 
-    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
+    statuses = serve_rounds(coord, configs, deployment, tmp_path)
 
     rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
     assert [(r["round"], r["status"]) for r in rounds][-1] == (1, "completed")
@@ -363,7 +366,8 @@ def test_pooled_record_level_noise_over_two_rounds(tmp_path: Path) -> None:
         },
     )
 
-    statuses = serve_two_rounds(coord, configs, deployment, tmp_path)
+    # Three rounds asked for; the budget holds two, so serve stops after them.
+    statuses = serve_rounds(coord, configs, deployment, tmp_path, rounds=3)
 
     rounds = as_json("fedgate-coordinator", "--state-dir", str(coord), "rounds")
     assert sorted((r["round"], r["status"]) for r in rounds) == [(1, "completed"), (2, "completed")]
@@ -373,6 +377,17 @@ def test_pooled_record_level_noise_over_two_rounds(tmp_path: Path) -> None:
     # The shares carry no site-level guarantee worth booking: the rounds stay unrecorded.
     assert coordinator["rows"] == []
     assert coordinator["unrecorded_rounds"] == 2
+    # The coordinator's own count: both rounds, at least the σ it sized, within ε 3.
+    pooled = coordinator["record_level"]["pooled"]
+    assert [r["round"] for r in pooled["rows"]] == [1, 2]
+    assert all(r["effective_noise_multiplier"] >= sigma for r in pooled["rows"])
+    assert 2.5 < pooled["epsilon_spent"] <= 3.0
+    assert pooled["budget_left"] == pytest.approx(3.0 - pooled["epsilon_spent"])
+    events = as_json("fedgate-coordinator", "--state-dir", str(coord), "events")
+    stops = [e for e in events if e["kind"] == "privacy_budget_spent"]
+    assert [(e["round"], e["detail"].split(":")[0]) for e in stops] == [
+        (3, "record-level (noise pooled) privacy budget")
+    ]
     assert {a["agent"] for a in coordinator["record_level"]["agents"]} == {"gw-1", "gw-2"}
     for config, status in zip(configs, statuses, strict=True):
         assert status["rejected"] == {}, status

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiomqtt
 import nacl.signing
 import numpy as np
+import numpy.typing as npt
 import pytest
 from fedgate_common.arrays import encode_array
 from fedgate_common.keys import public_key_text
@@ -38,8 +39,13 @@ from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.service import CoordinatorService
-from fedgate_coordinator.site_privacy import SitePrivacySettings, epsilon
-from fedgate_coordinator.store import Store
+from fedgate_coordinator.site_privacy import (
+    SitePrivacySettings,
+    epsilon,
+    pooled_epsilon,
+    pooled_record_sigma,
+)
+from fedgate_coordinator.store import POOLED_UNIT, Store
 
 from tests.federation_support import one_cloud
 from tests.integration.secagg_agent import SimulatedAgent
@@ -183,6 +189,54 @@ async def test_twenty_agents_thirty_percent_dropped_equal_the_in_process_sum(
         store.close()
 
 
+async def _two_rounds_then_a_stop(
+    config: CoordinatorConfig, agents: list[SimulatedAgent], tmp_path: Path
+) -> tuple[Store, str]:
+    """``agents`` enrolled and answering over the broker; ``serve`` asked for three rounds
+    completes two and stops at a budget (one ``privacy_budget_spent`` event), and a
+    restarted coordinator on the same store starts none. The store (closed, on disk) and
+    the first run's reason for stopping."""
+    assert validate(config) == []
+    store = Store.open(config.database_url)
+    for agent in agents:
+        store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
+    try:
+        readiness = [asyncio.Event() for _ in agents]
+        tasks = [asyncio.create_task(a.run(r)) for a, r in zip(agents, readiness, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
+        federation = one_cloud(config, tmp_path)
+        service = CoordinatorService(config=config, store=store, **federation)
+        summary = await asyncio.wait_for(service.run(max_rounds=3), 120)
+        assert summary.rounds_completed == 2, summary
+        assert store.event_counts().get("privacy_budget_spent") == 1
+
+        restarted = CoordinatorService(config=config, store=store, **federation)
+        again = await asyncio.wait_for(restarted.run(max_rounds=1), 30)
+        assert again.rounds_completed == 0
+        assert again.stopped.split(":")[0] == summary.stopped.split(":")[0]
+        assert len(store.list_rounds()) == 2
+        await cancel_until_done(tasks)
+    finally:
+        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+            await client.publish(model_topic(config.deployment, CLOUD), b"", qos=1, retain=True)
+        store.close()
+    return Store.open(config.database_url), summary.stopped
+
+
+def _agents(deployment: str, updates: list[npt.NDArray[np.float64]]) -> list[SimulatedAgent]:
+    return [
+        SimulatedAgent(
+            agent_id=f"gw-{index}",
+            deployment=deployment,
+            key=nacl.signing.SigningKey.generate(),
+            update=update,
+            num_samples=100 + index,
+            cloud=CLOUD,
+        )
+        for index, update in enumerate(updates)
+    ]
+
+
 async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: Path) -> None:
     """Six agents, site-level DP planned for two rounds, adaptive clipping: two rounds
     release noisy sums, each booked in privacy_ledger; the third is never started, and a
@@ -205,34 +259,15 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
         privacy=SitePrivacySettings(site_level="on", target_epsilon=8.0, planned_rounds=2),
         model=SPEC,
     )
-    assert validate(config) == []
     rng = np.random.default_rng(12)
     dimension = parameter_count(SPEC)
-    agents = [
-        SimulatedAgent(
-            agent_id=f"gw-{index}",
-            deployment=deployment,
-            key=nacl.signing.SigningKey.generate(),
-            update=rng.normal(0, 0.02 if index < 4 else 1.0, dimension),  # 4 within C = 1
-            num_samples=100 + index,
-            cloud=CLOUD,
-        )
-        for index in range(6)
-    ]
-    store = Store.open(config.database_url)
-    for agent in agents:
-        store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
-    try:
-        readiness = [asyncio.Event() for _ in agents]
-        tasks = [asyncio.create_task(a.run(r)) for a, r in zip(agents, readiness, strict=True)]
-        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
-        federation = one_cloud(config, tmp_path)
-        service = CoordinatorService(config=config, store=store, **federation)
-        summary = await asyncio.wait_for(service.run(max_rounds=3), 120)
-        assert summary.rounds_completed == 2, summary
-        assert "privacy budget" in summary.stopped
-        assert store.event_counts().get("privacy_budget_spent") == 1
+    # 4 within C = 1
+    updates = [rng.normal(0, 0.02 if index < 4 else 1.0, dimension) for index in range(6)]
 
+    store, stopped = await _two_rounds_then_a_stop(config, _agents(deployment, updates), tmp_path)
+
+    with store:
+        assert stopped.startswith("site-level privacy budget")
         ledger = store.privacy_ledger(unit="site")
         assert [e.round for e in ledger] == [1, 2]
         assert all(e.inputs == 6 and e.min_inputs == 4 for e in ledger)
@@ -250,13 +285,44 @@ async def test_site_level_dp_rounds_are_booked_and_stop_at_the_budget(tmp_path: 
             config.secagg.next_clip_norm(1.0, first.within_clip)
         )
 
-        restarted = CoordinatorService(config=config, store=store, **federation)
-        again = await asyncio.wait_for(restarted.run(max_rounds=1), 30)
-        assert again.rounds_completed == 0
-        assert "privacy budget" in again.stopped
-        assert len(store.list_rounds()) == 2
-        await cancel_until_done(tasks)
-    finally:
-        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
-            await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)
-        store.close()
+
+async def test_pooled_record_level_rounds_are_booked_and_stop_at_the_budget(
+    tmp_path: Path,
+) -> None:
+    """Pooled record-level noise planned for two rounds of ε 3 (no site-level DP): each
+    released round is booked as unit ``pooled`` with the σ per window it carried, the
+    third would pass the record-level budget so it is never started, and a restarted
+    coordinator on the same store does not start one either."""
+    deployment = f"pooled-{secrets.token_hex(4)}"
+    config = CoordinatorConfig(
+        deployment=deployment,
+        cloud=CLOUD,
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        broker=BROKER,
+        rounds=RoundSettings(
+            min_participants=4, update_timeout_s=4.0, local_epochs=1, batch_size=100
+        ),
+        secagg=SecAggSettings(stage_timeout_s=10.0, weight_cap=500, clip_norm=1.0, word_bits=32),
+        privacy=SitePrivacySettings(
+            record_level="pooled", record_epsilon=3.0, record_sample_rate=0.5, planned_rounds=2
+        ),
+        model=SPEC,
+    )
+    rng = np.random.default_rng(13)
+    updates = [rng.normal(0, 0.02, parameter_count(SPEC)) for _ in range(5)]
+
+    store, stopped = await _two_rounds_then_a_stop(config, _agents(deployment, updates), tmp_path)
+
+    with store:
+        assert stopped.startswith("record-level (noise pooled) privacy budget")
+        assert store.privacy_ledger(unit="site") == []  # no site-level guarantee to book
+        booked = store.privacy_ledger(unit=POOLED_UNIT)
+        assert [(e.round, e.inputs, e.agent) for e in booked] == [(1, 5, ""), (2, 5, "")]
+        target = pooled_record_sigma(3.0, 1e-5, 0.5, 2)
+        sigmas = [e.effective_noise_multiplier for e in booked]
+        assert all(target <= sigma <= target * 1.01 for sigma in sigmas)
+        assert booked[1].epsilon_total == pytest.approx(pooled_epsilon(config.privacy, sigmas))
+        assert 0 < booked[0].epsilon_total < booked[1].epsilon_total <= 3.0
+        assert booked[0].epsilon_round == pytest.approx(booked[0].epsilon_total)
+        assert all(e.target_epsilon == 3.0 for e in booked)
+        assert all(e.clip_norm == 1.0 for e in booked)

@@ -98,10 +98,12 @@ from fedgate_coordinator.site_privacy import (
     SAMPLING,
     UNIT,
     federation_size_warning,
+    pooled_epsilon,
     pooled_record_sigma,
 )
 from fedgate_coordinator.site_privacy import epsilon as site_epsilon
 from fedgate_coordinator.store import (
+    POOLED_UNIT,
     RECORD_UNIT,
     SITE_UNIT,
     PrivacyLedgerEntry,
@@ -737,6 +739,27 @@ def _privacy_summary(
     }
 
 
+def _pooled_summary(config: CoordinatorConfig, rows: list[PrivacyLedgerEntry]) -> dict[str, Any]:
+    """Pooled record-level noise as this coordinator counts it: ε of one window of a site
+    that took part in every round it released (at the configured sampling rate, the
+    agents' PLD accountant); ``None`` (no count) while pooled noise is off and nothing was
+    booked."""
+    settings = config.privacy
+    spent: float | None = None
+    if rows:
+        spent = pooled_epsilon(settings, [e.effective_noise_multiplier for e in rows])
+    elif settings.pooled:
+        spent = 0.0
+    return {
+        "rounds_recorded": len(rows),
+        "epsilon_spent": spent,
+        "target_epsilon": settings.record_epsilon,
+        "budget_left": None if spent is None else settings.record_epsilon - spent,
+        "sample_rate": settings.record_sample_rate,
+        "rows": rows,
+    }
+
+
 SITE_LEVEL_OFF = (
     "site-level DP is off: no site-level guarantee; "
     "record-level ε is kept by each agent: fedgate-agent privacy"
@@ -1114,6 +1137,11 @@ def privacy(obj: Context, as_json: bool) -> None:
     of its whole run at its δ, its target, σ and clip). The coordinator cannot check these
     numbers; each agent's own ledger is `fedgate-agent privacy`.
 
+    Record level with the noise pooled in the secure sums ([privacy] record_level =
+    "pooled"): the σ per window each released round carried and ε of a window of a site
+    that took part in every one, as this coordinator counts it; serve stops scheduling
+    when the next round would pass record_epsilon.
+
     \b
     Example:
       fedgate-coordinator --state-dir /var/lib/fedgate-coordinator privacy
@@ -1126,6 +1154,7 @@ def privacy(obj: Context, as_json: bool) -> None:
     with obj.store(config, read_only=True) as store:
         ledger = store.privacy_ledger(SITE_UNIT)
         reports = store.privacy_ledger(RECORD_UNIT)
+        pooled = _pooled_summary(config, store.privacy_ledger(POOLED_UNIT))
         completed = [r.round for r in store.list_rounds() if r.status == "completed"]
         active = sum(1 for a in store.list_agents() if a.status == "active")
     summary = _privacy_summary(config, ledger, completed)
@@ -1137,24 +1166,64 @@ def privacy(obj: Context, as_json: bool) -> None:
                 **summary,
                 "warning": warning,
                 "rows": ledger,
-                "record_level": {"agents": agents, "rows": reports},
+                "record_level": {"agents": agents, "rows": reports, "pooled": pooled},
             }
         )
         return
     _echo_site_level(config, summary, ledger, warning)
     sigma = summary["settings"]["record_noise_multiplier"]
-    if sigma is not None:
-        settings = config.privacy
+    if sigma is not None or pooled["rows"]:
+        _echo_pooled(config, sigma, pooled)
+    if agents:
         click.echo("")
+        _echo_record_level(agents)
+
+
+POOLED_COLUMNS = [
+    "round",
+    "inputs",
+    "noise multiplier",
+    "σ per window",
+    "ε this round",
+    "ε total",
+]
+
+
+def _echo_pooled(config: CoordinatorConfig, sigma: float | None, pooled: dict[str, Any]) -> None:
+    settings = config.privacy
+    click.echo("")
+    if sigma is not None:
         click.echo(
             f"record level      pooled in each secure sum (privacy.md 3.7): σ {sigma:.4f} per "
             f"window, sized for ε {settings.record_epsilon:g} at δ {settings.delta:g} over "
             f"{settings.planned_rounds} rounds at sampling rate {settings.record_sample_rate:g}, "
             f"clip {settings.record_clip_norm:g}; each agent counts its own ε (below)"
         )
-    if agents:
-        click.echo("")
-        _echo_record_level(agents)
+    spent, left = pooled["epsilon_spent"], pooled["budget_left"]
+    if spent is not None:
+        click.echo(
+            f"ε spent           {spent:.4f} of {pooled['target_epsilon']:g} by this "
+            f"coordinator's count ({pooled['rounds_recorded']} rounds released; a site in "
+            f"every one), budget left {left:.4f}" + (" (over budget)" if left < 0 else "")
+        )
+    rows: list[PrivacyLedgerEntry] = pooled["rows"]
+    if rows:
+        click.echo(
+            format_table(
+                POOLED_COLUMNS,
+                [
+                    [
+                        e.round,
+                        e.inputs,
+                        e.noise_multiplier,
+                        e.effective_noise_multiplier,
+                        e.epsilon_round,
+                        e.epsilon_total,
+                    ]
+                    for e in rows
+                ],
+            )
+        )
 
 
 RECORD_LEVEL_COLUMNS = [

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import nacl.signing
 import numpy as np
+from fedgate_common import pld_accounting
 from fedgate_common.arrays import encode_arrays
 from fedgate_common.consensus.manifest import Manifest, SignedManifest
 from fedgate_common.consensus.quorum import tolerance_text
@@ -72,13 +73,18 @@ from fedgate_coordinator.rounds import (
 from fedgate_coordinator.secure_rounds import input_bound_violation, mean_delta
 from fedgate_coordinator.site_privacy import (
     ACCOUNTANT,
+    BudgetCheck,
     check_budget,
+    check_pooled_budget,
     epsilon,
     federation_size_warning,
+    pooled_epsilon,
+    pooled_round_sigma,
     round_effective_multiplier,
     round_params,
 )
 from fedgate_coordinator.store import (
+    POOLED_UNIT,
     RECORD_UNIT,
     ModelRecord,
     ParticipantRecord,
@@ -631,16 +637,8 @@ class CoordinatorService:
         selected = await self._selected_agents()
         secure = self.config.secagg.aggregation == "secagg"
         params = self._secure_params(len(selected), head.decode_spec(), number) if secure else None
-        # The site-level budget; pooled record-level noise alone is the agents' to count.
-        if params is not None and params.noise is not None and self.config.privacy.enabled:
-            budget = check_budget(
-                self.config.privacy,
-                self._released_multipliers(),
-                round_effective_multiplier(params, parameter_count(head.decode_spec())),
-            )
-            if not budget.allows_next:
-                self._stop_for_budget(number, budget.spent, budget.after)
-                return None
+        if params is not None and not self._within_budgets(number, params, head.decode_spec()):
+            return None
         self.store.begin_round(
             round=number,
             base_digest=head.digest,
@@ -732,11 +730,38 @@ class CoordinatorService:
         self._bytes_down_per_agent = start_bytes
         return result
 
+    def _within_budgets(self, number: int, params: SecAggParams, spec: ModelSpec) -> bool:
+        """Would round ``number`` with ``params`` keep the site-level budget, and with pooled
+        record-level noise the record-level one? If not, stop scheduling (and say why)."""
+        privacy = self.config.privacy
+        if params.noise is None:
+            return True
+        dimension = parameter_count(spec)
+        checks = []
+        if privacy.enabled:
+            site = check_budget(
+                privacy, self._released_multipliers(), round_effective_multiplier(params, dimension)
+            )
+            checks.append(("site-level", site))
+        if privacy.pooled:
+            sigma = pooled_round_sigma(params, dimension, self._record_bound(number))
+            checks.append(
+                ("record-level (noise pooled)", check_pooled_budget(privacy, self._pooled(), sigma))
+            )
+        for level, budget in checks:
+            if not budget.allows_next:
+                self._stop_for_budget(number, level, budget)
+                return False
+        return True
+
+    def _record_bound(self, number: int) -> float:
+        """η·C/B of round ``number``'s plan: how far one window moves a pooled update."""
+        plan = self.config.rounds.plan_for(number)
+        return plan.learning_rate * self.config.privacy.record_clip_norm / plan.batch_size
+
     def _secure_params(self, selected: int, spec: ModelSpec, number: int) -> SecAggParams:
         """This round's SecAgg parameters: adaptive clip norm, site-level noise, and the
         noise pooled record-level DP needs for round ``number``'s plan."""
-        plan = self.config.rounds.plan_for(number)
-        record_bound = plan.learning_rate * self.config.privacy.record_clip_norm / plan.batch_size
         return round_params(
             self.config.secagg,
             self.config.privacy,
@@ -744,7 +769,7 @@ class CoordinatorService:
             min_participants=self.config.rounds.min_participants,
             clip_norm=self._clip_norm(),
             dimension=parameter_count(spec),
-            record_bound=record_bound,
+            record_bound=self._record_bound(number),
         )
 
     def _warn_if_too_small(self, spec: ModelSpec) -> None:
@@ -779,11 +804,14 @@ class CoordinatorService:
     def _released_multipliers(self) -> list[float]:
         return [e.effective_noise_multiplier for e in self.store.privacy_ledger(unit="site")]
 
-    def _stop_for_budget(self, number: int, spent: float, after: float) -> None:
-        target = self.config.privacy.target_epsilon
+    def _pooled(self) -> list[float]:
+        """σ per window of every pooled round this cloud released."""
+        return [e.effective_noise_multiplier for e in self.store.privacy_ledger(POOLED_UNIT)]
+
+    def _stop_for_budget(self, number: int, level: str, budget: BudgetCheck) -> None:
         detail = (
-            f"site-level privacy budget: ε spent {spent:.3f}, round {number} would reach "
-            f"{after:.3f} > target {target}"
+            f"{level} privacy budget: ε spent {budget.spent:.3f}, round {number} would reach "
+            f"{budget.after:.3f} > target {budget.target:g}"
         )
         self.summary.stopped = detail
         self.store.record_event("privacy_budget_spent", round=number, detail=detail)
@@ -791,7 +819,12 @@ class CoordinatorService:
             log,
             logging.WARNING,
             "privacy budget spent; no more rounds",
-            **self._fields(round=number, epsilon_spent=round(spent, 4), target=target),
+            **self._fields(
+                round=number,
+                budget=level,
+                epsilon_spent=round(budget.spent, 4),
+                target=budget.target,
+            ),
         )
 
     def _record_release(self, number: int, params: SecAggParams, outcome: Unmasked) -> None:
@@ -804,11 +837,13 @@ class CoordinatorService:
             within_clip=None if within is None else within / max(inputs, 1),
         )
         noise = params.noise
+        dimension = outcome.decoded.weighted_sum.size
+        if noise is not None and self.config.privacy.pooled:
+            self._record_pooled_release(number, params, inputs, dimension)
         if noise is None or not self.config.privacy.enabled:
             # Pooled record-level noise alone gives no site-level guarantee worth booking:
-            # the round counts as unrecorded, as one without noise (the agents count it).
+            # the round counts as unrecorded at site level, as one without noise.
             return
-        dimension = outcome.decoded.weighted_sum.size
         effective = round_effective_multiplier(params, dimension)
         released = self._released_multipliers()
         privacy = self.config.privacy
@@ -827,6 +862,32 @@ class CoordinatorService:
                 epsilon_round=epsilon([effective], privacy.delta),
                 epsilon_total=epsilon([*released, effective], privacy.delta),
                 target_epsilon=privacy.target_epsilon,
+            )
+        )
+
+    def _record_pooled_release(
+        self, number: int, params: SecAggParams, inputs: int, dimension: int
+    ) -> None:
+        """Book what a released pooled round cost one window of a site that took part."""
+        assert params.noise is not None
+        privacy = self.config.privacy
+        sigma = pooled_round_sigma(params, dimension, self._record_bound(number))
+        released = self._pooled()
+        self.store.record_privacy(
+            PrivacyLedgerEntry(
+                round=number,
+                unit=POOLED_UNIT,
+                accountant=f"{pld_accounting.NAME}, poisson q={privacy.record_sample_rate:g}",
+                delta=privacy.delta,
+                noise_multiplier=params.noise.noise_multiplier,
+                effective_noise_multiplier=sigma,
+                clip_norm=privacy.record_clip_norm,
+                count_noise=0.0,
+                min_inputs=params.noise.min_inputs,
+                inputs=inputs,
+                epsilon_round=pooled_epsilon(privacy, [sigma]),
+                epsilon_total=pooled_epsilon(privacy, [*released, sigma]),
+                target_epsilon=privacy.record_epsilon,
             )
         )
 

@@ -236,6 +236,36 @@ def check_budget(
     )
 
 
+def pooled_epsilon(settings: SitePrivacySettings, sigmas: Sequence[float]) -> float:
+    """ε at ``settings.delta`` of one window of a site that took part in every round with
+    these pooled σ (one step each at ``record_sample_rate``; the agents' PLD accountant)."""
+    history: dict[tuple[float, float], int] = {}
+    for sigma in sigmas:
+        key = (sigma, settings.record_sample_rate)
+        history[key] = history.get(key, 0) + 1
+    return pld_accounting.epsilon(history, settings.delta)
+
+
+def pooled_round_sigma(params: SecAggParams, dimension: int, record_bound: float) -> float:
+    """The σ per window a pooled round with ``params`` carries (0 without noise)."""
+    if params.noise is None:
+        return 0.0
+    return record_noise_multiplier(encoding_params(params), dimension, record_bound)
+
+
+def check_pooled_budget(
+    settings: SitePrivacySettings, released: Sequence[float], next_sigma: float
+) -> BudgetCheck:
+    """Would one more round pooling ``next_sigma`` per window keep a site that took part in
+    every released round within ``record_epsilon``? (The agents count their own rounds and
+    refuse past their budgets; this is what stops the coordinator's schedule.)"""
+    return BudgetCheck(
+        spent=pooled_epsilon(settings, released),
+        after=pooled_epsilon(settings, [*released, next_sigma]),
+        target=settings.record_epsilon,
+    )
+
+
 def round_params(
     secagg: SecAggSettings,
     privacy: SitePrivacySettings,

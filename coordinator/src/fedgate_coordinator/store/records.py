@@ -22,6 +22,7 @@ __all__ = [
     "CONSENSUS_STEPS",
     "NIL_VALUE",
     "PLAINTEXT_STAGE",
+    "POOLED_UNIT",
     "RECORD_UNIT",
     "SECAGG_STAGES",
     "SITE_UNIT",
@@ -55,6 +56,11 @@ SITE_UNIT = "site"
 RECORD_UNIT = "record"
 """Unit of privacy of record-level DP: one training window; rows are per agent, as the
 agents report them (:mod:`fedgate_coordinator.record_privacy_reports`)."""
+
+POOLED_UNIT = "pooled"
+"""Unit of privacy of record-level DP with the noise pooled in the secure sums (privacy.md
+section 3.7): one training window, as the coordinator counts it for a site that took part
+in every round it released, at the configured sampling rate; ``agent`` empty."""
 
 CONSENSUS_STEPS = ("proposal", "prevote", "precommit")
 """The signed messages of cross-cloud consensus, in protocol order (DESIGN.md section 5)."""
@@ -267,7 +273,10 @@ class PrivacyLedgerEntry:
     site-level DP, with ``agent`` empty (the federation's spend), or :data:`RECORD_UNIT` for
     what ``agent`` reported of its record-level DP-SGD (then ``noise_multiplier`` and
     ``effective_noise_multiplier`` are its σ, ``clip_norm`` its per-window clip, and
-    ``count_noise``, ``min_inputs`` and ``inputs`` are 0: they do not apply).
+    ``count_noise``, ``min_inputs`` and ``inputs`` are 0: they do not apply), or
+    :data:`POOLED_UNIT` for the coordinator's own count of pooled record-level noise (then
+    ``effective_noise_multiplier`` is the σ per window the released sum carried,
+    ``clip_norm`` the per-window clip and ``target_epsilon`` the record-level budget).
 
     ``accountant`` names how ε was computed; ``delta`` is the δ every ε here is stated at.
     ``noise_multiplier`` is the configured z, ``effective_noise_multiplier`` the one the
