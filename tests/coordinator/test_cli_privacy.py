@@ -618,3 +618,12 @@ def test_privacy_shows_the_coordinators_count_of_pooled_noise(
     assert [(r["round"], r["unit"]) for r in data["rows"]] == [(1, "pooled"), (2, "pooled")]
     assert data["target_epsilon"] == 3.0
     assert data["sample_rate"] == 0.5
+    status = coordinator.run("status")
+    assert status.exit_code == 0, status.output
+    assert (
+        f"           record-level, noise pooled: ε {spent:.4f} of 3 by this coordinator's "
+        "count (2 rounds released)"
+    ) in status.output.splitlines()
+    summary = json.loads(coordinator.run("status", "--json").stdout)["pooled_privacy"]
+    assert summary["epsilon_spent"] == pytest.approx(spent)
+    assert "rows" not in summary

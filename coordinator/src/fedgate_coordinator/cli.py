@@ -807,6 +807,11 @@ def _status_data(obj: Context) -> dict[str, Any]:
                 config, ledger, [r.round for r in rounds if r.status == "completed"]
             ),
             "record_level_privacy": _record_level_agents(store.privacy_ledger(RECORD_UNIT)),
+            "pooled_privacy": {
+                k: v
+                for k, v in _pooled_summary(config, store.privacy_ledger(POOLED_UNIT)).items()
+                if k != "rows"
+            },
             "rejected_messages": {
                 k: v
                 for k, v in store.event_counts().items()
@@ -939,6 +944,13 @@ def status(obj: Context, as_json: bool) -> None:
         click.echo(
             f"           record-level: ε reported by {len(reporting)} agent(s); largest "
             f"{top['epsilon_total']:.4f} of {top['target_epsilon']:g} ({top['agent']})"
+        )
+    pooled = data["pooled_privacy"]
+    if pooled["epsilon_spent"] is not None:
+        click.echo(
+            f"           record-level, noise pooled: ε {pooled['epsilon_spent']:.4f} of "
+            f"{pooled['target_epsilon']:g} by this coordinator's count "
+            f"({pooled['rounds_recorded']} rounds released)"
         )
     consensus = data["consensus"]
     click.echo(f"federation {consensus['tolerance']}")
