@@ -255,6 +255,7 @@ class Setup:
     # "local" (each agent noises its own DP-SGD steps) or "pooled" (the secure sum's shares)
     record_noise: str = "local"
     record_sample_rate: float = 0.0  # pooled: the largest rate a site samples its windows at
+    min_participants: int = 0  # per cloud; 0: max(2, its agents - 2)
 
     @property
     def pooled(self) -> bool:
@@ -294,7 +295,7 @@ def init_coordinator(cloud: Cloud, agents: int, setup: Setup) -> None:
         "--broker-port",
         str(cloud.broker.port),
         "--min-participants",
-        str(max(2, agents - 2)),
+        str(setup.min_participants or max(2, agents - 2)),
         "--update-timeout",
         "120",
         "--model-spec",
@@ -785,6 +786,14 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--site-epsilon", type=float, default=8.0, help="site-level ε budget")
     parser.add_argument(
+        "--min-participants",
+        type=int,
+        default=0,
+        help="inputs a cloud's round needs (its coordinator's rounds.min_participants); "
+        "default: all its agents but 2, at least 2. Noise shares are sized for it: all of a "
+        "cloud's agents tolerates no dropout and needs the least noise",
+    )
+    parser.add_argument(
         "--genesis",
         choices=("pretrained", "random"),
         default="pretrained",
@@ -840,6 +849,11 @@ def parse_arguments() -> argparse.Namespace:
         parser.error(
             f"--sites {args.sites} leaves a cloud with fewer than 2 agents: secure "
             "aggregation needs a Shamir threshold of at least 2"
+        )
+    if args.min_participants and not 2 <= args.min_participants <= args.sites // args.clouds:
+        parser.error(
+            f"--min-participants {args.min_participants}: use 2 to {args.sites // args.clouds} "
+            "(the fewest agents a cloud has)"
         )
     if args.rounds is None:
         pooled = args.dp == "record" and args.record_noise == "pooled"
@@ -915,6 +929,7 @@ def main() -> int:
             record_sample_rate=max(
                 min(1.0, POOLED_ROUNDS.batch_size / len(data)) for data in split.sites
             ),
+            min_participants=args.min_participants,
         )
         sites = demo_sites(args.sites, clouds, out)
         # The CLIs take seconds to start (imports), so independent steps run side by side.
@@ -1061,6 +1076,8 @@ def main() -> int:
         "genesis": args.genesis,
         "genesis_weights": str(setup.genesis_weights) if setup.genesis_weights else None,
         "sites": args.sites,
+        # --min-participants, or None: each cloud's agents but 2, at least 2
+        "min_participants": setup.min_participants or None,
         "rounds_requested": args.rounds,
         "heights_decided": len(rows),
         "final_model": final_digest,
