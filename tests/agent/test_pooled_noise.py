@@ -27,6 +27,7 @@ from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.site_privacy import (
     MIN_POOLED_SIGMA,
     SitePrivacySettings,
+    pooled_epsilon,
     pooled_record_sigma,
     round_params,
 )
@@ -280,3 +281,20 @@ def test_a_pooled_agent_counts_site_level_noise_when_the_round_has_some(
     pooled._book_site_round(_work(1, both))
     pooled._book_site_round(_work(2, pooled_only))
     assert [e.round for e in read_ledger(pooled.config.state_path).site_entries] == [1]
+
+
+def test_the_coordinators_count_is_the_agents_for_a_site_in_every_round() -> None:
+    """A site sampling at the coordinator's rate and taking part in every round counts
+    what the coordinator books: the same accountant on the same grid, σ by σ (here a
+    decaying learning rate's, a different σ each round)."""
+    settings = SitePrivacySettings(record_level="pooled", record_sample_rate=0.6)
+    sigmas = [5.0 * 1.03**round for round in range(8)]
+    history = [
+        RoundSpend(round=round + 1, noise_multiplier=sigma, sample_rate=0.6, steps=1)
+        for round, sigma in enumerate(sigmas)
+    ]
+
+    agent = epsilon(history, settings.delta, accountant="pld")
+
+    assert pooled_epsilon(settings, sigmas) == pytest.approx(agent, rel=1e-6)
+    assert 0 < agent < settings.record_epsilon * 2

@@ -627,3 +627,11 @@ def test_privacy_shows_the_coordinators_count_of_pooled_noise(
     summary = json.loads(coordinator.run("status", "--json").stdout)["pooled_privacy"]
     assert summary["epsilon_spent"] == pytest.approx(spent)
     assert "rows" not in summary
+    # A higher sampling rate configured since: the booked rounds are counted again at it.
+    faster = msgspec.structs.replace(
+        pooled_config, privacy=msgspec.structs.replace(settings, record_sample_rate=0.8)
+    )
+    write_config(coordinator.state_dir, faster)
+    again = json.loads(coordinator.run("privacy", "--json").stdout)["record_level"]["pooled"]
+    assert again["epsilon_spent"] == pytest.approx(pooled_epsilon(faster.privacy, [sigma] * 2))
+    assert again["epsilon_spent"] > spent + 0.1

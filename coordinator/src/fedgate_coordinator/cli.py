@@ -98,6 +98,7 @@ from fedgate_coordinator.site_privacy import (
     SAMPLING,
     UNIT,
     federation_size_warning,
+    pooled_accountant,
     pooled_epsilon,
     pooled_record_sigma,
 )
@@ -743,10 +744,17 @@ def _pooled_summary(config: CoordinatorConfig, rows: list[PrivacyLedgerEntry]) -
     """Pooled record-level noise as this coordinator counts it: ε of one window of a site
     that took part in every round it released (at the configured sampling rate, the
     agents' PLD accountant); ``None`` (no count) while pooled noise is off and nothing was
-    booked."""
+    booked. The last row's ``epsilon_total`` is that count when it was counted with
+    today's δ and sampling rate (one PLD composition per distinct σ otherwise)."""
     settings = config.privacy
     spent: float | None = None
-    if rows:
+    if (
+        rows
+        and rows[-1].delta == settings.delta
+        and rows[-1].accountant == pooled_accountant(settings)
+    ):
+        spent = rows[-1].epsilon_total
+    elif rows:
         spent = pooled_epsilon(settings, [e.effective_noise_multiplier for e in rows])
     elif settings.pooled:
         spent = 0.0

@@ -78,6 +78,8 @@ from fedgate_coordinator.site_privacy import (
     check_pooled_budget,
     epsilon,
     federation_size_warning,
+    pooled_accountant,
+    pooled_count,
     pooled_epsilon,
     pooled_round_sigma,
     round_effective_multiplier,
@@ -198,6 +200,9 @@ class CoordinatorService:
         self._bytes_up: dict[str, int] = {}
         self._bytes_down_per_agent = 0
         self._agent_keys: dict[str, nacl.signing.VerifyKey] = {}
+        # Pooled record-level noise: the running count of the released rounds, read from
+        # the store at first use and grown as rounds are booked (privacy.md 3.7).
+        self._pooled_running: pld_accounting.Running | None = None
         self.rate_limiter = RateLimiter(config.rate_limit)
         self.summary = ServeSummary(rate_limited=self.rate_limiter.dropped)
         self._state_dir = state_dir
@@ -737,20 +742,18 @@ class CoordinatorService:
         if params.noise is None:
             return True
         dimension = parameter_count(spec)
-        checks = []
         if privacy.enabled:
             site = check_budget(
                 privacy, self._released_multipliers(), round_effective_multiplier(params, dimension)
             )
-            checks.append(("site-level", site))
+            if not site.allows_next:
+                self._stop_for_budget(number, "site-level", site)
+                return False
         if privacy.pooled:
             sigma = pooled_round_sigma(params, dimension, self._record_bound(number))
-            checks.append(
-                ("record-level (noise pooled)", check_pooled_budget(privacy, self._pooled(), sigma))
-            )
-        for level, budget in checks:
-            if not budget.allows_next:
-                self._stop_for_budget(number, level, budget)
+            record = check_pooled_budget(privacy, self._pooled(), sigma)
+            if not record.allows_next:
+                self._stop_for_budget(number, "record-level (noise pooled)", record)
                 return False
         return True
 
@@ -804,9 +807,12 @@ class CoordinatorService:
     def _released_multipliers(self) -> list[float]:
         return [e.effective_noise_multiplier for e in self.store.privacy_ledger(unit="site")]
 
-    def _pooled(self) -> list[float]:
-        """σ per window of every pooled round this cloud released."""
-        return [e.effective_noise_multiplier for e in self.store.privacy_ledger(POOLED_UNIT)]
+    def _pooled(self) -> pld_accounting.Running:
+        """The running count of every pooled round this cloud released."""
+        if self._pooled_running is None:
+            sigmas = [e.effective_noise_multiplier for e in self.store.privacy_ledger(POOLED_UNIT)]
+            self._pooled_running = pooled_count(self.config.privacy, sigmas)
+        return self._pooled_running
 
     def _stop_for_budget(self, number: int, level: str, budget: BudgetCheck) -> None:
         detail = (
@@ -838,12 +844,19 @@ class CoordinatorService:
         )
         noise = params.noise
         dimension = outcome.decoded.weighted_sum.size
+        if noise is not None and self.config.privacy.enabled:
+            self._record_site_release(number, params, inputs, dimension)
+        # Pooled record-level noise alone gives no site-level guarantee worth booking: such
+        # a round counts as unrecorded at site level, as one without noise.
         if noise is not None and self.config.privacy.pooled:
             self._record_pooled_release(number, params, inputs, dimension)
-        if noise is None or not self.config.privacy.enabled:
-            # Pooled record-level noise alone gives no site-level guarantee worth booking:
-            # the round counts as unrecorded at site level, as one without noise.
-            return
+
+    def _record_site_release(
+        self, number: int, params: SecAggParams, inputs: int, dimension: int
+    ) -> None:
+        """Book what a released round cost at site level (its effective multiplier)."""
+        noise = params.noise
+        assert noise is not None
         effective = round_effective_multiplier(params, dimension)
         released = self._released_multipliers()
         privacy = self.config.privacy
@@ -872,12 +885,12 @@ class CoordinatorService:
         assert params.noise is not None
         privacy = self.config.privacy
         sigma = pooled_round_sigma(params, dimension, self._record_bound(number))
-        released = self._pooled()
+        grown = self._pooled().plus(sigma, privacy.record_sample_rate)
         self.store.record_privacy(
             PrivacyLedgerEntry(
                 round=number,
                 unit=POOLED_UNIT,
-                accountant=f"{pld_accounting.NAME}, poisson q={privacy.record_sample_rate:g}",
+                accountant=pooled_accountant(privacy),
                 delta=privacy.delta,
                 noise_multiplier=params.noise.noise_multiplier,
                 effective_noise_multiplier=sigma,
@@ -886,10 +899,11 @@ class CoordinatorService:
                 min_inputs=params.noise.min_inputs,
                 inputs=inputs,
                 epsilon_round=pooled_epsilon(privacy, [sigma]),
-                epsilon_total=pooled_epsilon(privacy, [*released, sigma]),
+                epsilon_total=grown.epsilon(),
                 target_epsilon=privacy.record_epsilon,
             )
         )
+        self._pooled_running = grown  # booked: the count grows
 
     async def _secure_round(
         self,

@@ -10,6 +10,7 @@ coordinator chooses the agents, so selection is not random in the accountant's s
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -93,9 +94,10 @@ def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
 @functools.lru_cache(maxsize=32)
 def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """The noise multiplier, relative to one window, that keeps ``rounds`` Poisson-sampled
-    Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta``: the agents' own PLD
-    search (:func:`fedgate_common.pld_accounting.noise_multiplier`; the σ returned never
-    overshoots), so an agent counts a round sized here as the coordinator does.
+    Gaussian steps at ``sample_rate`` within ``epsilon`` at ``delta``, by the PLD
+    arithmetic the agents count with (:func:`fedgate_common.pld_accounting.noise_multiplier`;
+    the σ returned never overshoots): an agent that samples at ``sample_rate``, clips to
+    ``record_clip_norm`` and assumes no colluders counts such a round as planned.
 
     Searched in [:data:`MIN_POOLED_SIGMA`, 1e4]: a budget that needs less noise gets the
     lower end (more noise than it needs; below it the PLD grows slow), one that needs more
@@ -236,14 +238,26 @@ def check_budget(
     )
 
 
+def pooled_accountant(settings: SitePrivacySettings) -> str:
+    """How a pooled ledger row's ε was counted (the ``accountant`` column): the agents'
+    PLD accountant at the configured sampling rate."""
+    return f"{pld_accounting.NAME}, poisson q={settings.record_sample_rate:g}"
+
+
+def pooled_count(settings: SitePrivacySettings, sigmas: Sequence[float]) -> pld_accounting.Running:
+    """The running count of one window of a site that took part in every round with these
+    pooled σ (one step each at ``record_sample_rate``), to grow round by round; runs of
+    equal σ are composed as one self-composed step."""
+    count = pld_accounting.Running(settings.delta)
+    for sigma, run in itertools.groupby(sigmas):
+        count.compose(sigma, settings.record_sample_rate, sum(1 for _ in run))
+    return count
+
+
 def pooled_epsilon(settings: SitePrivacySettings, sigmas: Sequence[float]) -> float:
     """ε at ``settings.delta`` of one window of a site that took part in every round with
-    these pooled σ (one step each at ``record_sample_rate``; the agents' PLD accountant)."""
-    history: dict[tuple[float, float], int] = {}
-    for sigma in sigmas:
-        key = (sigma, settings.record_sample_rate)
-        history[key] = history.get(key, 0) + 1
-    return pld_accounting.epsilon(history, settings.delta)
+    these pooled σ (:func:`pooled_count`)."""
+    return pooled_count(settings, sigmas).epsilon()
 
 
 def pooled_round_sigma(params: SecAggParams, dimension: int, record_bound: float) -> float:
@@ -254,14 +268,15 @@ def pooled_round_sigma(params: SecAggParams, dimension: int, record_bound: float
 
 
 def check_pooled_budget(
-    settings: SitePrivacySettings, released: Sequence[float], next_sigma: float
+    settings: SitePrivacySettings, released: pld_accounting.Running, next_sigma: float
 ) -> BudgetCheck:
     """Would one more round pooling ``next_sigma`` per window keep a site that took part in
-    every released round within ``record_epsilon``? (The agents count their own rounds and
-    refuse past their budgets; this is what stops the coordinator's schedule.)"""
+    every released round (``released``) within ``record_epsilon``? (The agents count their
+    own rounds and refuse past their budgets; this is what stops the coordinator's
+    schedule.)"""
     return BudgetCheck(
-        spent=pooled_epsilon(settings, released),
-        after=pooled_epsilon(settings, [*released, next_sigma]),
+        spent=released.epsilon(),
+        after=released.plus(next_sigma, settings.record_sample_rate).epsilon(),
         target=settings.record_epsilon,
     )
 
