@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.model import build_model, weights_of
-from fedgate_agent.pooled_noise import pooled_round, record_bound
+from fedgate_agent.pooled_noise import pooled_round
 from fedgate_agent.privacy_ledger import LedgerEntry, PrivacyLedger, read_ledger
 from fedgate_agent.private_training import train_locally_private
 from fedgate_agent.record_privacy import RoundSpend, epsilon
@@ -21,7 +21,7 @@ from fedgate_agent.training import LocalDataset
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import record_noise_multiplier
+from fedgate_common.secagg.site_dp import record_bound, record_noise_multiplier
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.secure_rounds import SecAggSettings
 from fedgate_coordinator.site_privacy import (

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import msgspec
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import record_noise_multiplier
+from fedgate_common.secagg.site_dp import record_bound, record_noise_multiplier
 
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.record_privacy import PooledSource, RoundSpend, sample_rate
@@ -77,11 +77,6 @@ def counted_history(history: Sequence[RoundSpend], colluders: int) -> list[Round
             )
         counted.append(spend)
     return counted
-
-
-def record_bound(plan: TrainingPlan, max_grad_norm: float) -> float:
-    """How far one window moves the update of a pooled step: η·C/B."""
-    return plan.learning_rate * max_grad_norm / plan.batch_size
 
 
 def pooled_round(

@@ -46,6 +46,7 @@ from fedgate_common.messages import (
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
 from fedgate_common.secagg.graph import effective_degree
+from fedgate_common.secagg.site_dp import record_bound
 from fedgate_common.tasks import BackgroundTasks
 from fedgate_common.topics import agent_inbound_filter, model_topic, round_topic
 
@@ -759,8 +760,9 @@ class CoordinatorService:
 
     def _record_bound(self, number: int) -> float:
         """η·C/B of round ``number``'s plan: how far one window moves a pooled update."""
-        plan = self.config.rounds.plan_for(number)
-        return plan.learning_rate * self.config.privacy.record_clip_norm / plan.batch_size
+        return record_bound(
+            self.config.rounds.plan_for(number), self.config.privacy.record_clip_norm
+        )
 
     def _secure_params(self, selected: int, spec: ModelSpec, number: int) -> SecAggParams:
         """This round's SecAgg parameters: adaptive clip norm, site-level noise, and the

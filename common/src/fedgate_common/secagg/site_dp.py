@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import sys
 
+from fedgate_common.messages import TrainingPlan
 from fedgate_common.secagg.distributed_noise import sum_of_shares_tau
 from fedgate_common.secagg.encoding import EncodingParams
 
@@ -66,6 +67,13 @@ def round_rho(params: EncodingParams, dimension: int) -> float:
         )
         rho += 1 / (2 * params.count_noise**2) + count_tau * 2 * params.count_unit
     return rho if math.isfinite(rho) else math.inf
+
+
+def record_bound(plan: TrainingPlan, clip_norm: float) -> float:
+    """How far one record moves the update of a pooled step (one SGD step of the plan's
+    learning rate η over the clipped gradients' sum divided by its batch size B, each clipped
+    to ``clip_norm`` C): η·C/B. Agents and coordinators size and count pooled noise by it."""
+    return plan.learning_rate * clip_norm / plan.batch_size
 
 
 def record_sensitivity(params: EncodingParams, dimension: int, record_bound: float) -> float:
