@@ -26,7 +26,13 @@ from fedgate_common.secagg.encoding import (
 from fedgate_common.secagg.graph import default_degree, default_threshold, effective_degree
 from fedgate_common.secagg.local_round import run_local_round
 from fedgate_common.secagg.participant import check_params, encoding_params
-from fedgate_common.secagg.site_dp import effective_noise_multiplier, round_rho
+from fedgate_common.secagg.site_dp import (
+    effective_noise_multiplier,
+    pooled_sum_noise_multiplier,
+    record_noise_multiplier,
+    round_rho,
+    without_colluders,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -217,3 +223,33 @@ def test_noise_too_small_to_square_counts_as_none_instead_of_failing(
     params = noisy_params(6, z=z, min_inputs=4, count=count_noise > 0, count_noise=count_noise)
     assert math.isinf(round_rho(encoding_params(params), DIMENSION))
     assert effective_noise_multiplier(encoding_params(params), DIMENSION) == 0.0
+
+
+def test_colluders_withholding_shares_leave_the_square_root_of_the_honest_share() -> None:
+    """Shares sized for 4 inputs: 1 colluder leaves √(3/4) of the noise (and of the count's),
+    4 or more leave none; the pooled σ per window follows and is 0 without noise."""
+    params = EncodingParams(
+        word_bits=32,
+        clip_norm=CLIP,
+        weight_cap=1,
+        max_inputs=8,
+        noise_multiplier=2.0,
+        count_noise=1.0,
+        min_inputs=4,
+    )
+    assert without_colluders(params, 0) is params
+    one = without_colluders(params, 1)
+    assert one.noise_multiplier == pytest.approx(2.0 * math.sqrt(3 / 4))
+    assert one.count_noise == pytest.approx(math.sqrt(3 / 4))
+    assert (one.min_inputs, one.clip_norm) == (4, CLIP)
+    assert without_colluders(params, 4).noise_multiplier == 0.0
+    assert without_colluders(params, 9).noise_multiplier == 0.0
+
+    bound = 0.01
+    full = pooled_sum_noise_multiplier(params, DIMENSION, bound)
+    assert full == record_noise_multiplier(params, DIMENSION, bound) > 0
+    fewer = pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=1)
+    assert fewer == pytest.approx(full * math.sqrt(3 / 4), rel=1e-3)
+    assert pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=4) == 0.0
+    silent = msgspec.structs.replace(params, noise_multiplier=0.0, count_noise=0.0)
+    assert pooled_sum_noise_multiplier(silent, DIMENSION, bound) == 0.0

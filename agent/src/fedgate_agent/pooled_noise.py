@@ -26,11 +26,11 @@ from collections.abc import Sequence
 import msgspec
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import record_bound, record_noise_multiplier
+from fedgate_common.secagg.site_dp import pooled_sum_noise_multiplier, record_bound
 
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.record_privacy import PooledSource, RoundSpend, sample_rate
-from fedgate_agent.site_privacy import NEGLIGIBLE_NOISE, without_colluders
+from fedgate_agent.site_privacy import NEGLIGIBLE_NOISE
 
 
 class PooledRound(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,11 +54,7 @@ def _sum_noise_multiplier(
     params: SecAggParams, dimension: int, bound: float, colluders: int
 ) -> float:
     """The sum's noise per window with ``colluders`` shares withheld (0: none left)."""
-    noise = params.noise
-    if noise is None:
-        return 0.0
-    reduced = encoding_params(without_colluders(params, noise, colluders))
-    return record_noise_multiplier(reduced, dimension, bound)
+    return pooled_sum_noise_multiplier(encoding_params(params), dimension, bound, colluders)
 
 
 def counted_history(history: Sequence[RoundSpend], colluders: int) -> list[RoundSpend]:

@@ -520,7 +520,6 @@ class AgentService:
             return True
         multiplier = effective_multiplier(
             secagg,
-            secagg.noise,
             parameter_count(work.model.spec),
             self.config.secagg.assumed_colluders,
         )

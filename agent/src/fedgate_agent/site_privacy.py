@@ -24,10 +24,10 @@ import math
 from collections.abc import Sequence
 
 import msgspec
-from fedgate_common.messages import SecAggParams, SiteNoise
+from fedgate_common.messages import SecAggParams
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import effective_noise_multiplier
+from fedgate_common.secagg.site_dp import effective_noise_multiplier, without_colluders
 
 from fedgate_agent.errors import SiteBudgetExhausted
 from fedgate_agent.record_privacy import Accountant, RoundSpend, accountant_name, epsilon
@@ -72,15 +72,13 @@ class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     dimension: int = 0
 
 
-def effective_multiplier(
-    params: SecAggParams, noise: SiteNoise, dimension: int, colluders: int
-) -> float:
+def effective_multiplier(params: SecAggParams, dimension: int, colluders: int) -> float:
     """The Gaussian-equivalent multiplier of a round, as the coordinator computes it, with
     the shares of ``colluders`` left out; a number that cannot be computed counts as no
     noise."""
     try:
         return effective_noise_multiplier(
-            encoding_params(without_colluders(params, noise, colluders)), dimension
+            without_colluders(encoding_params(params), colluders), dimension
         )
     except (ArithmeticError, ValueError):
         return 0.0
@@ -97,7 +95,7 @@ def counted_multipliers(entries: Sequence[SiteLedgerEntry], colluders: int) -> l
         if colluders > entry.assumed_colluders:
             params = entry.params
             if params is not None and params.noise is not None and entry.dimension:
-                z = min(z, effective_multiplier(params, params.noise, entry.dimension, colluders))
+                z = min(z, effective_multiplier(params, entry.dimension, colluders))
             else:
                 m = max(entry.min_inputs, 1)
                 z *= math.sqrt(max(m - colluders, 0) / max(m - entry.assumed_colluders, 1))
@@ -141,7 +139,7 @@ def plan_site_round(
     if noise is None:
         return None
     dimension = parameter_count(spec)
-    multiplier = effective_multiplier(params, noise, dimension, budget.assumed_colluders)
+    multiplier = effective_multiplier(params, dimension, budget.assumed_colluders)
     history = counted_multipliers(booked, budget.assumed_colluders)
     after = site_epsilon([*history, multiplier], budget.delta, budget.accountant)
     if after > budget.max_epsilon:
@@ -177,22 +175,3 @@ def plan_site_round(
         params=params,
         dimension=dimension,
     )
-
-
-def without_colluders(params: SecAggParams, noise: SiteNoise, colluders: int) -> SecAggParams:
-    """``params`` with the noise that survives ``colluders`` withholding their shares.
-
-    The shares are sized so that ``min_inputs`` of them add up to the announced noise; with
-    c of the survivors colluding, at least ``min_inputs − c`` honest shares remain, so the
-    noise (and the count's) is at least √((min_inputs − c) / min_inputs) of the announced
-    (none at all when c ≥ min_inputs).
-    """
-    if colluders <= 0:
-        return params
-    kept = math.sqrt(max(noise.min_inputs - colluders, 0) / max(noise.min_inputs, 1))
-    scaled = msgspec.structs.replace(
-        noise,
-        noise_multiplier=noise.noise_multiplier * kept,
-        count_noise=noise.count_noise * kept,
-    )
-    return msgspec.structs.replace(params, noise=scaled)

@@ -20,7 +20,11 @@ from fedgate_common.messages import SecAggParams
 from fedgate_common.secagg.aggregator import fewest_inputs
 from fedgate_common.secagg.encoding import EncodingParams
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import effective_noise_multiplier, record_noise_multiplier
+from fedgate_common.secagg.site_dp import (
+    effective_noise_multiplier,
+    pooled_sum_noise_multiplier,
+    record_noise_multiplier,
+)
 
 from fedgate_coordinator.errors import ConfigError
 from fedgate_coordinator.secure_rounds import SecAggSettings, with_site_noise
@@ -262,9 +266,7 @@ def pooled_epsilon(settings: SitePrivacySettings, sigmas: Sequence[float]) -> fl
 
 def pooled_round_sigma(params: SecAggParams, dimension: int, record_bound: float) -> float:
     """The σ per window a pooled round with ``params`` carries (0 without noise)."""
-    if params.noise is None:
-        return 0.0
-    return record_noise_multiplier(encoding_params(params), dimension, record_bound)
+    return pooled_sum_noise_multiplier(encoding_params(params), dimension, record_bound)
 
 
 def check_pooled_budget(

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 import sys
 
+import msgspec
+
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.secagg.distributed_noise import sum_of_shares_tau
 from fedgate_common.secagg.encoding import EncodingParams
@@ -98,6 +100,35 @@ def record_noise_multiplier(params: EncodingParams, dimension: int, record_bound
         return 0.0
     rho = _update_rho(params, dimension, record_sensitivity(params, dimension, record_bound))
     return 0.0 if not math.isfinite(rho) or rho <= 0 else 1 / math.sqrt(2 * rho)
+
+
+def pooled_sum_noise_multiplier(
+    params: EncodingParams, dimension: int, record_bound: float, colluders: int = 0
+) -> float:
+    """The σ per window a pooled round's sum carries with ``colluders`` shares withheld (0
+    without noise, or with none left): what the coordinator books (no colluders) and what
+    an agent counts (``secagg.assumed_colluders``; its own share alone at ``min_inputs`` − 1)."""
+    if params.noise_multiplier <= 0:
+        return 0.0
+    return record_noise_multiplier(without_colluders(params, colluders), dimension, record_bound)
+
+
+def without_colluders(params: EncodingParams, colluders: int) -> EncodingParams:
+    """``params`` with the noise that survives ``colluders`` withholding their shares.
+
+    The shares are sized so that ``min_inputs`` of them add up to the announced noise; with
+    c of the survivors colluding, at least ``min_inputs − c`` honest shares remain, so the
+    noise (and the count's) is at least √((min_inputs − c) / min_inputs) of the announced
+    (none at all when c ≥ min_inputs).
+    """
+    if colluders <= 0:
+        return params
+    kept = math.sqrt(max(params.min_inputs - colluders, 0) / max(params.min_inputs, 1))
+    return msgspec.structs.replace(
+        params,
+        noise_multiplier=params.noise_multiplier * kept,
+        count_noise=params.count_noise * kept,
+    )
 
 
 def effective_noise_multiplier(params: EncodingParams, dimension: int) -> float:
