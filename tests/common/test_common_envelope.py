@@ -116,6 +116,7 @@ def _secagg_payloads() -> list[Payload]:
         AdvertiseKeys(
             round=4,
             base_digest="cd" * 32,
+            start_digest=b"\x05" * 32,
             share_key=b"\x03" * 32,
             mask_key=b"\x04" * 32,
             seed_commitment=digest,

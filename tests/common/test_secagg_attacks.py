@@ -31,6 +31,7 @@ from fedgate_common.errors import (
     ProtocolError,
     ReplayedMessage,
     ShareRejected,
+    StartMismatch,
     ThresholdTooLow,
     TooFewNeighbours,
     WrongRound,
@@ -53,7 +54,7 @@ from fedgate_common.messages import (
     UnmaskRequest,
 )
 from fedgate_common.secagg.aggregator import Aggregator
-from fedgate_common.secagg.context import sha256
+from fedgate_common.secagg.context import sha256, start_digest
 from fedgate_common.secagg.graph import (
     default_degree,
     default_threshold,
@@ -134,10 +135,11 @@ class Colluder:
         self.mask_key = X25519PrivateKey.from_private_bytes(rng.randbytes(32))
         self.seed = rng.randbytes(32)
 
-    def advertise(self, round: int) -> AdvertiseKeys:
+    def advertise(self, start: RoundStart) -> AdvertiseKeys:
         return AdvertiseKeys(
-            round=round,
+            round=start.round,
             base_digest=BASE_DIGEST,
+            start_digest=start_digest(start),
             share_key=public_bytes(self.share_key),
             mask_key=public_bytes(self.mask_key),
             seed_commitment=sha256(self.seed),
@@ -218,6 +220,7 @@ class HonestRound:
             cloud=CLOUD,
             round=number,
             base_digest=BASE_DIGEST,
+            start_digest=start_digest(self.start),
             base_certificate=CERTIFICATE,
             selected=self.ids,
             params=self.params,
@@ -259,7 +262,7 @@ class HonestRound:
         for agent in self.honest:
             self.send(agent, self.participants[agent].advertise_keys())
         for agent, colluder in self.colluders.items():
-            self.send(agent, colluder.advertise(self.number))
+            self.send(agent, colluder.advertise(self.start))
         roster = self.aggregator.close_keys()
         assert isinstance(roster, KeyRoster)
         return roster
@@ -483,6 +486,41 @@ def own_keys_replaced_by_stale_signed_keys() -> Outcomes:
     return [attempt(round.participants[victim].on_roster, replace_entry(roster, stale))]
 
 
+def start_equivocated() -> Outcomes:
+    """The coordinator sends agent-00 one start and the others another (here a step a
+    thousand times smaller: their updates, and with pooled noise their noise shares, all but
+    vanish, and agent-00's input is left under its own share). agent-00 signs keys for its
+    start, the others for theirs; the roster mixing them is refused by both sides."""
+    round = HonestRound(10)
+    roster = round.keys()
+    victim = "agent-00"
+    own_start = msgspec.structs.replace(
+        round.start, plan=msgspec.structs.replace(round.start.plan, learning_rate=1e-4)
+    )
+    equivocated = Participant(
+        agent_id=victim,
+        deployment=DEPLOYMENT,
+        cloud=CLOUD,
+        start=own_start,
+        base_certificate=CERTIFICATE,
+        pinned_identities={},
+        min_threshold=2,
+        random_bytes=seeded(f"{victim}/equivocated"),
+    )
+    own_entry = RosterEntry(
+        agent_id=victim,
+        identity_key=bytes(identity(victim).verify_key),
+        keys_envelope=round.seal(victim, equivocated.advertise_keys()),
+    )
+    mixed = replace_entry(roster, own_entry)
+    # Control: the other agents take the roster their start was answered under.
+    assert isinstance(round.twin("agent-05").on_roster(roster), ShareBundle)
+    return [
+        attempt(equivocated.on_roster, mixed),
+        attempt(round.participants["agent-05"].on_roster, mixed),
+    ]
+
+
 def previous_rounds_keys_replayed() -> Outcomes:
     """agent-04's validly signed keys of round 1 put into round 2's roster."""
     first, second = HonestRound(10, number=1), HonestRound(10, number=2)
@@ -701,7 +739,7 @@ def colluder_copies_victims_keys() -> Outcomes:
         assert isinstance(roster, KeyRoster)
         victim_keys = keys_of(roster.entries[2])
         copied = msgspec.structs.replace(
-            colluder.advertise(1), **{field: getattr(victim_keys, field)}
+            colluder.advertise(round.start), **{field: getattr(victim_keys, field)}
         )
         forged = msgspec.structs.replace(roster, entries=(*roster.entries, colluder.entry(copied)))
         outcomes.append(attempt(round.participants["agent-00"].on_roster, forged))
@@ -792,6 +830,7 @@ ATTACKS = [
     Attack("own-keys-by-coordinator", KeySubstituted, own_keys_replaced_by_coordinator),
     Attack("own-keys-stale-signed", KeySubstituted, own_keys_replaced_by_stale_signed_keys),
     Attack("previous-rounds-keys", KeySignatureInvalid, previous_rounds_keys_replayed),
+    Attack("start-equivocated", StartMismatch, start_equivocated),
     Attack("survivor-and-dropped", ConflictingUnmaskRequest, survivor_also_listed_as_dropped),
     Attack("share-from-non-neighbour", ShareRejected, share_from_a_non_neighbour),
     Attack("delivery-below-t", TooFewNeighbours, delivery_below_threshold),
@@ -929,7 +968,7 @@ def test_the_aggregator_refuses_a_low_order_key_at_intake(field: str) -> None:
     it is refused as malformed, against that agent, and the round goes on without it."""
     honest = HonestRound(6, colluders=("agent-05",))
     colluder = honest.colluders["agent-05"]
-    bad = msgspec.structs.replace(colluder.advertise(honest.number), **{field: LOW_ORDER_KEY})
+    bad = msgspec.structs.replace(colluder.advertise(honest.start), **{field: LOW_ORDER_KEY})
     with pytest.raises(ProtocolError, match="unusable X25519") as refused:
         honest.send("agent-05", bad)
     assert refused.value.kind == "malformed"
@@ -943,7 +982,7 @@ def test_a_roster_with_a_low_order_key_is_refused_before_anything_is_sealed(fiel
     honest = HonestRound(6, colluders=("agent-05",))
     roster = honest.keys()
     colluder = honest.colluders["agent-05"]
-    bad = msgspec.structs.replace(colluder.advertise(honest.number), **{field: LOW_ORDER_KEY})
+    bad = msgspec.structs.replace(colluder.advertise(honest.start), **{field: LOW_ORDER_KEY})
     entries = tuple(
         colluder.entry(bad) if entry.agent_id == "agent-05" else entry for entry in roster.entries
     )
@@ -978,3 +1017,22 @@ def test_a_reveal_naming_one_owner_twice_is_refused() -> None:
     result = honest.aggregator.close_reveals()
     assert result.__class__.__name__ == "Unmasked", result
     assert len(confirmations) == len(check.survivors)
+
+
+def test_the_aggregator_refuses_keys_answering_another_start() -> None:
+    """An agent that answers another start of the round (an older release's start, or one
+    this coordinator did not send) is refused at intake, against that agent: the honest
+    agents would refuse a roster holding it, and the round goes on without it."""
+    honest = HonestRound(6, colluders=("agent-05",))
+    colluder = honest.colluders["agent-05"]
+    other = msgspec.structs.replace(honest.start, update_timeout_s=61.0)
+    with pytest.raises(ProtocolError, match="another start") as refused:
+        honest.send("agent-05", colluder.advertise(other))
+    assert refused.value.kind == "malformed"
+    assert refused.value.sender == "agent-05"
+    honest.send("agent-05", colluder.advertise(honest.start))  # the same keys, the right start
+    for agent in honest.honest:
+        honest.send(agent, honest.participants[agent].advertise_keys())
+    roster = honest.aggregator.close_keys()
+    assert isinstance(roster, KeyRoster)
+    assert [entry.agent_id for entry in roster.entries] == list(honest.ids)

@@ -311,6 +311,7 @@ def test_close_dispatches_to_the_open_stage_and_refuses_after_the_end() -> None:
         cloud="c",
         round=1,
         base_digest="base",
+        start_digest=bytes(32),
         base_certificate=b"cert",
         selected=agent_ids(3),
         params=make_params(3, 16),

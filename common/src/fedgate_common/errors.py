@@ -20,6 +20,7 @@ Tree::
      │         ├── DuplicateKeys            two roster entries share an id or a key
      │         ├── KeySignatureInvalid      a roster entry is unsigned or wrongly signed
      │         ├── KeySubstituted           an identity or round key differs from the known one
+     │         ├── StartMismatch            a roster member answered another start of the round
      │         ├── TooFewNeighbours         fewer holders than the threshold
      │         ├── ConflictingUnmaskRequest an agent listed as survivor and as dropped
      │         └── ConsistencyCheckFailed   fewer than t signatures on this agent's survivor set
@@ -127,6 +128,13 @@ class KeySignatureInvalid(SecAggRefusal):
 
 class KeySubstituted(SecAggRefusal):
     kind = "key_substitution"
+
+
+class StartMismatch(SecAggRefusal):
+    """A roster member's keys answer another :class:`RoundStart` than this agent's: the
+    coordinator sent agents of one sum different plans or noise parameters."""
+
+    kind = "start_mismatch"
 
 
 class TooFewNeighbours(SecAggRefusal):

@@ -86,10 +86,14 @@ class AdvertiseKeys(
 ):
     """Agent → coordinator: fresh X25519 public keys for this round, signed by the
     envelope. ``seed_commitment`` = SHA-256 of the agent's self-mask seed, checked when
-    the seed is reconstructed."""
+    the seed is reconstructed. ``start_digest`` names the :class:`RoundStart` the agent
+    answers (:func:`fedgate_common.secagg.context.start_digest`): agents refuse a roster
+    whose members answered another start, so a coordinator cannot give two agents of one
+    sum different plans or noise."""
 
     round: int
     base_digest: str
+    start_digest: bytes
     share_key: bytes
     mask_key: bytes
     seed_commitment: bytes

@@ -41,10 +41,12 @@ from fedgate_common.messages import (
     ModelUpdate,
     Payload,
     RoundEnd,
+    RoundStart,
     SecAggParams,
 )
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.aggregator import STAGE_ORDER, Aborted, Aggregator, Unmasked
+from fedgate_common.secagg.context import start_digest
 from fedgate_common.secagg.graph import effective_degree
 from fedgate_common.secagg.site_dp import record_bound
 from fedgate_common.tasks import BackgroundTasks
@@ -660,15 +662,14 @@ class CoordinatorService:
         start_topic = self._round_topic(number, "start")
         closed = False
         try:
-            start = self._seal(
-                round_start(
-                    round=number,
-                    base_digest=head.digest,
-                    selected=selected,
-                    settings=self.config.rounds,
-                    secagg=params,
-                )
+            announced = round_start(
+                round=number,
+                base_digest=head.digest,
+                selected=selected,
+                settings=self.config.rounds,
+                secagg=params,
             )
+            start = self._seal(announced)
             await self.link.publish(start_topic, start, retain=True)
             log_event(
                 log,
@@ -685,7 +686,7 @@ class CoordinatorService:
             if params is None:
                 result = await self._plaintext_round(number, head, selected, len(start))
             else:
-                result = await self._secure_round(number, head, selected, len(start), params)
+                result = await self._secure_round(head, announced, len(start))
             closed = True
             await self.link.publish(start_topic, b"", retain=True)
             return result
@@ -908,14 +909,11 @@ class CoordinatorService:
         self._pooled_running = grown  # booked: the count grows
 
     async def _secure_round(
-        self,
-        number: int,
-        head: ModelRecord,
-        selected: list[str],
-        start_bytes: int,
-        params: SecAggParams,
+        self, head: ModelRecord, announced: RoundStart, start_bytes: int
     ) -> RoundResult:
         """Drive the five SecAgg+ stages; only the decoded sum leaves the aggregator."""
+        number, selected, params = announced.round, list(announced.selected), announced.secagg
+        assert params is not None  # a secure round's start carries its parameters
         spec = head.decode_spec()
         head_message = open_envelope(self._global_model_message(head))
         payload = decode_payload(head_message)
@@ -926,6 +924,7 @@ class CoordinatorService:
             cloud=self.config.cloud,
             round=number,
             base_digest=head.digest,
+            start_digest=start_digest(announced),
             base_certificate=certificate,
             selected=selected,
             params=params,

@@ -114,6 +114,7 @@ class Aggregator:
         cloud: str,
         round: int,
         base_digest: str,
+        start_digest: bytes,
         base_certificate: bytes,
         selected: Sequence[str],
         params: SecAggParams,
@@ -125,6 +126,7 @@ class Aggregator:
         self.cloud = cloud
         self.round = round
         self.base_digest = base_digest
+        self.start_digest = start_digest
         self._certificate = base_certificate
         self.selected = tuple(sorted(selected))
         self.params = params
@@ -238,6 +240,12 @@ class Aggregator:
     def _add_keys(self, sender: str, keys: AdvertiseKeys, raw: bytes, identity: bytes) -> None:
         if keys.base_digest != self.base_digest:
             raise MalformedMessage("keys for another base model", sender=sender)
+        if keys.start_digest != self.start_digest:
+            raise MalformedMessage(
+                "keys answer another start of this round (an agent that answers an older "
+                "release's start, or a start it was not sent)",
+                sender=sender,
+            )
         if len(keys.share_key) != 32 or len(keys.mask_key) != 32 or len(keys.seed_commitment) != 32:
             raise MalformedMessage("round keys must be 32 bytes each", sender=sender)
         check_x25519_public_key(keys.share_key, sender=sender, what="share key")

@@ -6,6 +6,10 @@ import hashlib
 
 import msgspec
 
+from fedgate_common.messages import RoundStart
+
+_START_PURPOSE = b"fedgate-secagg-start-v1"
+
 
 class RoundContext(msgspec.Struct, frozen=True, kw_only=True):
     """One round of one cloud, fixed once the key roster is known.
@@ -33,3 +37,10 @@ def sha256(*parts: bytes) -> bytes:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.digest()
+
+
+def start_digest(start: RoundStart) -> bytes:
+    """What binds an agent's round keys to the round start it answers: H over the msgpack
+    encoding of the whole :class:`RoundStart` (plan, selection, secure-aggregation and
+    noise parameters), so two agents that were sent different starts never share a roster."""
+    return sha256(_START_PURPOSE, msgspec.msgpack.encode(start))

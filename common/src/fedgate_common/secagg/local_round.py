@@ -30,6 +30,7 @@ from fedgate_common.messages import (
     UnmaskRequest,
 )
 from fedgate_common.secagg.aggregator import Aborted, Aggregator, Unmasked
+from fedgate_common.secagg.context import start_digest
 from fedgate_common.secagg.keystream import Words
 from fedgate_common.secagg.participant import Participant, encoding_params
 
@@ -84,6 +85,7 @@ def run_local_round(
         cloud=cloud,
         round=round,
         base_digest="base",
+        start_digest=start_digest(start),
         base_certificate=base_certificate,
         selected=ids,
         params=params,

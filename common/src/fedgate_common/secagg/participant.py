@@ -52,7 +52,7 @@ from fedgate_common.messages import (
     UnmaskRequest,
 )
 from fedgate_common.secagg.confirmations import confirmed_by
-from fedgate_common.secagg.context import RoundContext, sha256
+from fedgate_common.secagg.context import RoundContext, sha256, start_digest
 from fedgate_common.secagg.encoding import EncodingParams, encode_update
 from fedgate_common.secagg.graph import (
     consistency_quorum,
@@ -198,6 +198,7 @@ class Participant:
         self.deployment = deployment
         self.cloud = cloud
         self.start = start
+        self._start_digest = start_digest(start)
         self.params: SecAggParams = start.secagg
         self.round = start.round
         self._certificate = base_certificate
@@ -237,6 +238,7 @@ class Participant:
         return AdvertiseKeys(
             round=self.round,
             base_digest=self.start.base_digest,
+            start_digest=self._start_digest,
             share_key=public_bytes(self._share_key),
             mask_key=public_bytes(self._mask_key),
             seed_commitment=sha256(self._seed),
@@ -252,6 +254,7 @@ class Participant:
             deployment=self.deployment,
             cloud=self.cloud,
             base_digest=self.start.base_digest,
+            start_digest=self._start_digest,
             selected=self.start.selected,
             pinned_identities=self._pinned,
             limits=self._limits,

@@ -19,6 +19,7 @@ from fedgate_common.errors import (
     KeySubstituted,
     MalformedMessage,
     ProtocolError,
+    StartMismatch,
 )
 from fedgate_common.limits import DEFAULT_LIMITS, Limits
 from fedgate_common.messages import AdvertiseKeys, KeyRoster, RosterEntry
@@ -88,6 +89,7 @@ def verify_roster(
     deployment: str,
     cloud: str,
     base_digest: str,
+    start_digest: bytes,
     selected: tuple[str, ...],
     pinned_identities: Mapping[str, bytes],
     limits: Limits = DEFAULT_LIMITS,
@@ -95,7 +97,9 @@ def verify_roster(
     """Check every entry's signature and binding; return the roster an agent may use.
 
     ``pinned_identities`` holds identity keys seen before; a roster that changes one is
-    refused (:class:`KeySubstituted`).
+    refused (:class:`KeySubstituted`). Every entry must answer the round start this agent
+    answers (``start_digest``), else :class:`StartMismatch`: each agent counts the sum's
+    noise from its own start, assuming every other input was made under the same one.
     """
     ids = [entry.agent_id for entry in roster.entries]
     if len(set(ids)) != len(ids):
@@ -117,6 +121,12 @@ def verify_roster(
         advertised = keys[entry.agent_id][1]
         if advertised.base_digest != base_digest:
             raise MalformedMessage(f"keys of {entry.agent_id!r} are for another base model")
+        if advertised.start_digest != start_digest:
+            raise StartMismatch(
+                f"keys of {entry.agent_id!r} answer another start of round {roster.round} "
+                "(its training plan, selection or secure-aggregation parameters differ from "
+                "this agent's)"
+            )
         # Refused here, before anything is sealed to them or masked with them: a roster with
         # a key no exchange can use would fail this agent halfway through the round.
         for key, what in ((advertised.share_key, "share key"), (advertised.mask_key, "mask key")):
