@@ -371,6 +371,29 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert "privacy.json" in broken.output
 
 
+@pytest.mark.parametrize("name", ["privacy.json", "status.json"])
+def test_a_state_file_that_cannot_be_read_is_exit_4_not_a_traceback(
+    tmp_path: Path, name: str
+) -> None:
+    """privacy.json or status.json that the file system will not read (here a directory in
+    its place; a file of another owner fails the same way): `privacy` (and, for status.json,
+    `status`) say which file and what to do, exit 4 (the documented code), and print no
+    traceback. (`status` shows an unusable ledger as a line of its output.)"""
+    config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
+    (config.state_path / name).mkdir(parents=True)
+    config_file = tmp_path / "agent.toml"
+    write_config(config_file, config)
+    commands = [["privacy"], ["privacy", "--json"]]
+    if name == "status.json":
+        commands += [["status"], ["status", "--json"]]
+    for command in commands:
+        result = CliRunner().invoke(agent_main, [*command, "--config", str(config_file)])
+        assert result.exit_code == 4, (command, result.output)
+        assert f"{name} cannot be read" in result.output
+        assert "service user" in result.output
+        assert "Traceback" not in result.output
+
+
 def test_privacy_before_the_first_private_round(tmp_path: Path) -> None:
     config = _private_agent(tmp_path, PrivacyConfig(record_level="on"), windows=64)
     shown = _privacy_command(tmp_path, config)

@@ -77,7 +77,6 @@ from fedgate_agent.install_cli import install_service
 from fedgate_agent.predict_cli import predict_command
 from fedgate_agent.pretrain_cli import pretrain_command
 from fedgate_agent.privacy_ledger import (
-    LEDGER_FILE,
     LedgerUnreadable,
     check_not_behind,
     read_ledger,
@@ -867,9 +866,6 @@ def _privacy_spent_now(cfg: AgentConfig, state: AgentStatus, data: dict[str, Any
         check_not_behind(ledger, state, cfg.state_path)
     except LedgerUnreadable as exc:  # the agent refuses every round that needs it
         data["privacy_ledger_error"] = str(exc)
-        return
-    except OSError as exc:
-        data["privacy_ledger_error"] = f"cannot read {cfg.state_path / LEDGER_FILE}: {exc}"
         return
     record, site = ledger.spent(
         cfg.privacy.delta, as_accountant(cfg.privacy.accountant), cfg.secagg.assumed_colluders

@@ -17,6 +17,7 @@ from fedgate_agent.config import DEFAULT_CONFIG_PATH
 from fedgate_agent.errors import ConfigError, IdentityExists, LocalDataError
 from fedgate_agent.ingest.errors import IngestError
 from fedgate_agent.privacy_ledger import LedgerUnreadable
+from fedgate_agent.state import StatusUnreadable
 
 __all__ = ["EXIT_CODES_HELP", "ExitCode", "config_option", "echo_json", "fail", "guard"]
 
@@ -35,8 +36,8 @@ class ExitCode(IntEnum):
 EXIT_CODES_HELP = """\b
 Exit codes:
   0 success            1 unexpected failure     2 bad command line
-  3 config invalid     4 data, buffer, import or privacy ledger unusable, or
-                         another agent runs on state_dir (run)
+  3 config invalid     4 data, buffer, import, status or privacy ledger unusable,
+                         or another agent runs on state_dir (run)
   5 identity key exists (init) or output file exists (pretrain: use --force)
   6 federation manifest invalid
   7 no exported model yet (predict)"""
@@ -48,7 +49,13 @@ def guard(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (LocalDataError, LedgerUnreadable, IngestError, AlreadyRunning) as exc:
+        except (
+            LocalDataError,
+            LedgerUnreadable,
+            StatusUnreadable,
+            IngestError,
+            AlreadyRunning,
+        ) as exc:
             fail(str(exc), ExitCode.DATA)
         except IdentityExists as exc:
             fail(str(exc), ExitCode.CONFLICT)

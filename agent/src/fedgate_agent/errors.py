@@ -14,6 +14,7 @@ Tree::
           ├── PrivacyBudgetExhausted  the next round would spend more than the ε budget
           │    └── SiteBudgetExhausted  … more than this agent's own site-level budget
           ├── LedgerUnreadable   privacy.json cannot be read (fedgate_agent.privacy_ledger)
+          ├── StatusUnreadable   status.json may not be read (fedgate_agent.state)
           ├── LedgerUnwritable   a round cannot be booked in privacy.json (same module)
           └── PretrainingRefused simulated runs or settings unusable for pre-training
                                  (fedgate_agent.pretraining)

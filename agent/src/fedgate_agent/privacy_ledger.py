@@ -120,6 +120,11 @@ def read_ledger(state_dir: Path) -> PrivacyLedger:
         return msgspec.json.decode(path.read_bytes(), type=PrivacyLedger)
     except FileNotFoundError:
         return PrivacyLedger()
+    except OSError as exc:  # not ours to read (run as the service user), or not a file
+        raise LedgerUnreadable(
+            f"{path} cannot be read ({exc.strerror or exc}): run this as the agent's service "
+            "user, or fix the file's owner and mode. Training stays off while it cannot be read"
+        ) from None
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise LedgerUnreadable(
             f"{path} is unreadable ({exc}); restore it from a backup. Training stays off: "

@@ -149,6 +149,15 @@ def round_seed(seed: int | None, round: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + round) % 2**63
 
 
+def weights_norm(model: GlobalModel) -> float:
+    """The L2 norm of a model's weights, as float32 holds them (what a pooled step rounds)."""
+    squares = (
+        float(np.sum(np.square(np.asarray(a, dtype=np.float32), dtype=np.float64)))
+        for a in decode_arrays(model.weights).values()
+    )
+    return math.sqrt(math.fsum(squares))
+
+
 class AgentService:
     def __init__(self, *, config: AgentConfig, identity: nacl.signing.SigningKey) -> None:
         self.config = config
@@ -388,6 +397,7 @@ class AgentService:
                 max_grad_norm=settings.max_grad_norm,
                 dimension=parameter_count(work.model.spec),
                 assumed_colluders=self.config.secagg.assumed_colluders,
+                weights_norm=weights_norm(work.model),
             ).spend(work.start.round)
             return self._within_budget(settings, ledger, spend)
         rate = sample_rate(len(dataset), plan.batch_size)

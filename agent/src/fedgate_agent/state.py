@@ -121,12 +121,23 @@ class AgentStatus(msgspec.Struct, kw_only=True):
     scoring: ScoringStatus = msgspec.field(default_factory=ScoringStatus)
 
 
+class StatusUnreadable(AgentError):
+    """``status.json`` exists but the file system will not let it be read."""
+
+    kind = "status_unreadable"
+
+
 def read_status(state_dir: Path) -> AgentStatus:
     path = state_dir / STATUS_FILE
     try:
         return msgspec.json.decode(path.read_bytes(), type=AgentStatus)
     except FileNotFoundError:
         return AgentStatus()
+    except OSError as exc:  # a damaged file is rewritten (below); one we may not read is not
+        raise StatusUnreadable(
+            f"{path} cannot be read ({exc.strerror or exc}): run this as the agent's service "
+            "user, or fix the file's owner and mode"
+        ) from None
     except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8
         return AgentStatus(last_error=f"{path} is unreadable; it will be rewritten")
 
