@@ -516,6 +516,8 @@ def test_set_value_keeps_file_mode(tmp_path: Path) -> None:
         ("privacy.report_epsilon", "yes", "privacy.report_epsilon = 'yes' is not"),
         ("privacy.record_level", "1", "privacy.record_level = '1' is not"),
         ("privacy.accountant", "prv", "privacy.accountant = 'prv' is not"),
+        # record_level is off in MINIMAL: pooled noise would be a setting that does nothing
+        ("privacy.record_noise", "pooled", 'set privacy.record_level = "on" first'),
     ],
 )
 def test_set_invalid_value_leaves_file_unchanged(

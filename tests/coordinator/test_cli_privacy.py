@@ -228,6 +228,7 @@ def test_privacy_json_is_settings_and_rows(private: Coordinator) -> None:
         "epsilon_spent_recorded",
         "budget_left",
         "unrecorded_rounds",
+        "record_warning",
         "warning",
         "rows",
         "record_level",
@@ -435,6 +436,45 @@ def test_privacy_warns_when_the_federation_is_too_small(coordinator: Coordinator
     assert "with 6 sites" in result.output
     data = json.loads(coordinator.run("privacy", "--json").output)
     assert data["warning"].startswith("the federation is too small")
+    status = coordinator.run("status")
+    assert status.exit_code == 0, status.output
+    assert "warning: the federation is too small for site-level DP" in status.output
+    shown = json.loads(coordinator.run("status", "--json").stdout)
+    assert shown["privacy"]["warning"] == data["warning"]
+
+
+@on_disk_stores
+def test_a_pooled_budget_no_noise_meets_is_a_warning_in_the_read_only_views(
+    coordinator: Coordinator,
+) -> None:
+    """record_epsilon 0.01 over 1,000 rounds at sampling rate 1: no σ up to 10⁴ fits. serve
+    refuses to start with it (exit 3); privacy and status show it and what to change, and
+    exit 0, as they do for the site-level warning."""
+    config = load_config(coordinator.state_dir)
+    write_config(
+        coordinator.state_dir,
+        msgspec.structs.replace(
+            config,
+            privacy=SitePrivacySettings(
+                record_level="pooled",
+                record_epsilon=0.01,
+                record_sample_rate=1.0,
+                planned_rounds=1000,
+            ),
+            secagg=msgspec.structs.replace(config.secagg, word_bits=32),
+            rounds=msgspec.structs.replace(config.rounds, local_epochs=1),
+        ),
+    )
+    shown = coordinator.run("privacy")
+    assert shown.exit_code == 0, shown.output
+    assert "warning: no noise multiplier up to 10000 keeps 1000 rounds" in shown.output
+    assert "privacy.record_sample_rate" in shown.output
+    data = json.loads(coordinator.run("privacy", "--json").stdout)
+    assert data["settings"]["record_noise_multiplier"] is None
+    assert data["record_warning"].startswith("no noise multiplier up to 10000")
+    status = coordinator.run("status")
+    assert status.exit_code == 0, status.output
+    assert "warning: no noise multiplier up to 10000" in status.output
 
 
 @on_disk_stores

@@ -788,6 +788,16 @@ def _key_problems(config: AgentConfig, *, require_complete: bool) -> list[tuple[
     if privacy.record_noise not in RECORD_NOISE_MODES:
         key = "privacy.record_noise"
         problems.append((key, f"{key} = {privacy.record_noise!r} is not {_ALLOWED[key]}"))
+    elif privacy.record_noise == "pooled" and privacy.record_level == "off":
+        key = "privacy.record_noise"
+        problems.append(
+            (
+                key,
+                f'{key} = "pooled" with privacy.record_level = "off": this agent would train '
+                "without record-level DP and the setting would do nothing; set "
+                'privacy.record_level = "on" first, or privacy.record_noise = "local"',
+            )
+        )
     if privacy.accountant not in ACCOUNTANTS:
         key = "privacy.accountant"
         problems.append((key, f"{key} = {privacy.accountant!r} is not {_ALLOWED[key]}"))

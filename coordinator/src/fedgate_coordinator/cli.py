@@ -698,9 +698,22 @@ def _privacy_summary(
     at the δ of its time); with no entry it is 0 while site-level DP is on and ``None`` (no
     guarantee at all) while it is off, and so is ``budget_left``. ``unrecorded_rounds``
     counts completed rounds without a ledger entry: they released a model with no
-    site-level guarantee.
+    site-level guarantee. ``record_warning`` says why a pooled σ cannot be planned (serve
+    refuses to start then; these read-only views show it and go on), else "".
     """
     settings = config.privacy
+    record_sigma: float | None = None
+    record_warning = ""
+    if settings.pooled:
+        try:
+            record_sigma = pooled_record_sigma(
+                settings.record_epsilon,
+                settings.delta,
+                settings.record_sample_rate,
+                settings.planned_rounds,
+            )
+        except ConfigError as exc:
+            record_warning = f"{exc} (serve refuses to start with it)"
     recorded = {entry.round for entry in ledger}
     spent: float | None = None
     if ledger:
@@ -721,22 +734,14 @@ def _privacy_summary(
             "record_epsilon": settings.record_epsilon,
             "record_clip_norm": settings.record_clip_norm,
             "record_sample_rate": settings.record_sample_rate,
-            "record_noise_multiplier": (
-                pooled_record_sigma(
-                    settings.record_epsilon,
-                    settings.delta,
-                    settings.record_sample_rate,
-                    settings.planned_rounds,
-                )
-                if settings.pooled
-                else None
-            ),
+            "record_noise_multiplier": record_sigma,
         },
         "rounds_recorded": len(ledger),
         "epsilon_spent": spent,
         "epsilon_spent_recorded": ledger[-1].epsilon_total if ledger else None,
         "budget_left": None if spent is None else settings.target_epsilon - spent,
         "unrecorded_rounds": sum(1 for number in completed if number not in recorded),
+        "record_warning": record_warning,
     }
 
 
@@ -811,9 +816,15 @@ def _status_data(obj: Context) -> dict[str, Any]:
             "last_round": None if last is None else msgspec.to_builtins(last),
             "agents_enrolled": sum(1 for a in agents if a.status == "active"),
             "aggregation": _aggregation_summary(config, sum(a.status == "active" for a in agents)),
-            "privacy": _privacy_summary(
-                config, ledger, [r.round for r in rounds if r.status == "completed"]
-            ),
+            "privacy": {
+                **_privacy_summary(
+                    config, ledger, [r.round for r in rounds if r.status == "completed"]
+                ),
+                # as `privacy --json` has it: the small-federation warning, "" if none
+                "warning": _federation_size_warning(
+                    config, sum(a.status == "active" for a in agents)
+                ),
+            },
             "record_level_privacy": _record_level_agents(store.privacy_ledger(RECORD_UNIT)),
             "pooled_privacy": {
                 k: v
@@ -946,6 +957,8 @@ def status(obj: Context, as_json: bool) -> None:
     else:
         click.echo("secagg     off: updates travel in plaintext")
     click.echo(f"privacy    {_privacy_line(data['privacy'])}")
+    if data["privacy"]["warning"]:
+        click.echo(f"           warning: {data['privacy']['warning']}")
     reporting = data["record_level_privacy"]
     if reporting:
         top = max(reporting, key=lambda a: a["epsilon_total"])
@@ -953,6 +966,8 @@ def status(obj: Context, as_json: bool) -> None:
             f"           record-level: ε reported by {len(reporting)} agent(s); largest "
             f"{top['epsilon_total']:.4f} of {top['target_epsilon']:g} ({top['agent']})"
         )
+    if data["privacy"]["record_warning"]:
+        click.echo(f"           warning: {data['privacy']['record_warning']}")
     pooled = data["pooled_privacy"]
     if pooled["epsilon_spent"] is not None:
         click.echo(
@@ -1192,8 +1207,10 @@ def privacy(obj: Context, as_json: bool) -> None:
         return
     _echo_site_level(config, summary, ledger, warning)
     sigma = summary["settings"]["record_noise_multiplier"]
-    if sigma is not None or pooled["rows"]:
+    if sigma is not None or pooled["rows"] or summary["record_warning"]:
         _echo_pooled(config, sigma, pooled)
+    if summary["record_warning"]:
+        click.echo(f"warning: {summary['record_warning']}")
     if agents:
         click.echo("")
         _echo_record_level(agents)

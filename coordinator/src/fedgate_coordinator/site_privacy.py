@@ -115,7 +115,8 @@ def pooled_record_sigma(epsilon: float, delta: float, sample_rate: float, rounds
         raise ConfigError(
             f"no noise multiplier up to {_MAX_POOLED_SIGMA:g} keeps {rounds} rounds at sampling "
             f"rate {sample_rate:g} within record-level ε = {epsilon}: raise "
-            "privacy.record_epsilon or plan fewer rounds"
+            "privacy.record_epsilon, plan fewer rounds (privacy.planned_rounds) or sample "
+            "fewer windows a step (privacy.record_sample_rate, with the agents' batch_size)"
         ) from None
 
 
