@@ -4,10 +4,12 @@ writes) are refused when the configuration is read, with exit code 3."""
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import msgspec
 import pytest
+import tomli_w
 from click.testing import CliRunner
 from fedgate_coordinator.cli import ExitCode, main
 from fedgate_coordinator.config import CoordinatorConfig, validate, write_config
@@ -72,3 +74,36 @@ def test_a_state_dir_that_is_or_lies_under_a_file_exits_config(
     result = CliRunner().invoke(main, ["--state-dir", str(state_dir), *command])
     assert result.exit_code == ExitCode.CONFIG, result.output
     assert f"{regular} is not a directory" in result.output
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        # An agent's key copied over: named, with the coordinator's own.
+        (
+            "record_noise",
+            "pooled",
+            "unknown key 'privacy.record_noise'; this is an agent's key, the coordinator's "
+            'is privacy.record_level = "pooled"',
+        ),
+        ("record_levle", "pooled", "did you mean 'privacy.record_level'?"),
+        ("target_epsilon", "8", "privacy.target_epsilon = '8': use a number (write it without"),
+        ("planned_rounds", 2.5, "privacy.planned_rounds = 2.5: use a whole number"),
+        ("delta", 0.5, "privacy.delta=0.5: use (0, 0.01]"),
+        ("record_sample_rate", math.nan, "privacy.record_sample_rate=nan: use (0, 1]"),
+    ],
+)
+def test_privacy_mistakes_in_coordinator_toml_name_the_key_and_the_fix(
+    tmp_path: Path, key: str, value: object, fragment: str
+) -> None:
+    """What an operator sees for a [privacy] key typed by hand: the key, its value and what
+    to write (exit 3), not msgspec's JSON path."""
+    write_config(tmp_path, BASE)
+    path = tmp_path / "coordinator.toml"
+    raw = tomllib.loads(path.read_text())
+    raw["privacy"][key] = value
+    path.write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(main, ["--state-dir", str(tmp_path), "privacy"])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert fragment in result.output
+    assert "$." not in result.output

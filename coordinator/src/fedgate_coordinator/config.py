@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -220,12 +221,66 @@ def load_config(state_dir: Path) -> CoordinatorConfig:
     load_credentials_into(raw, credential_names(raw), os.environ, exists=os.path.isfile)
     try:
         config = msgspec.convert(raw, CoordinatorConfig)
-    except (msgspec.ValidationError, FedgateError) as exc:
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {explain_shape_error(str(exc), raw)}") from None
+    except FedgateError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     problems = validate(config)
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems), problems=problems)
     return config
+
+
+_UNKNOWN_KEY = re.compile(r"Object contains unknown field `(?P<name>[^`]*)` - at `\$(?P<at>[^`]*)`")
+_WRONG_TYPE = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)` - at `\$(?P<at>[^`]*)`")
+_TYPE_WORDS = {"float": "a number", "int": "a whole number", "str": "a quoted string"}
+# Keys of the agent's [privacy] an operator may copy here, and the coordinator's own.
+_AGENT_KEYS = {
+    "record_noise": 'record_level = "pooled" (the agents set record_noise)',
+    "max_grad_norm": "record_clip_norm (the agents' privacy.max_grad_norm)",
+}
+
+
+def _struct_at(parts: list[str]) -> type[msgspec.Struct] | None:
+    """The struct type of the table at ``parts`` in coordinator.toml (None: not a struct)."""
+    struct: type[msgspec.Struct] = CoordinatorConfig
+    for part in parts:
+        field = {f.name: f for f in msgspec.structs.fields(struct)}.get(part)
+        annotation = None if field is None else field.type
+        if not (isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)):
+            return None
+        struct = annotation
+    return struct
+
+
+def explain_shape_error(message: str, raw: Mapping[str, Any]) -> str:
+    """msgspec's complaint about coordinator.toml, as the key to fix and how: an unknown
+    key with the closest known one, a value of the wrong type with the value."""
+    unknown = _UNKNOWN_KEY.fullmatch(message)
+    if unknown is not None:
+        parts = [p for p in unknown["at"].split(".") if p]
+        name = unknown["name"]
+        key = ".".join([*parts, name])
+        struct = _struct_at(parts)
+        known = [f.name for f in msgspec.structs.fields(struct)] if struct is not None else []
+        if name in _AGENT_KEYS and parts == ["privacy"]:
+            hint = f"; this is an agent's key, the coordinator's is privacy.{_AGENT_KEYS[name]}"
+        else:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join([*parts, close[0]])!r}?" if close else ""
+        where = f"[{'.'.join(parts)}]" if parts else "the top level"
+        listing = f" (keys in {where}: {', '.join(known)})" if known else ""
+        return f"unknown key {key!r}{hint}{listing}"
+    wrong = _WRONG_TYPE.fullmatch(message)
+    if wrong is not None:
+        parts = [p for p in wrong["at"].split(".") if p]
+        value: Any = raw
+        for part in parts:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        want = _TYPE_WORDS.get(wrong["want"], wrong["want"])
+        unquote = " (write it without quotes)" if isinstance(value, str) else ""
+        return f"{'.'.join(parts)} = {value!r}: use {want}{unquote}"
+    return message
 
 
 def config_as_dict(config: CoordinatorConfig) -> dict[str, Any]:

@@ -76,22 +76,39 @@ def site_privacy_problems(settings: SitePrivacySettings) -> list[str]:
     problems = []
     if settings.site_level not in SITE_LEVEL_MODES:
         problems.append(f"privacy.site_level={settings.site_level!r}: use on or off")
-    if not 0 < settings.target_epsilon <= 100:
-        problems.append("privacy.target_epsilon must be in (0, 100]")
-    if not 0 < settings.delta <= 0.01:
-        problems.append("privacy.delta must be in (0, 0.01]")
-    if not 1 <= settings.planned_rounds <= 100_000:
-        problems.append("privacy.planned_rounds must be 1..100000")
-    if not 0 <= settings.noise_multiplier <= 1000:
-        problems.append("privacy.noise_multiplier must be 0 (from the target) or in (0, 1000]")
     if settings.record_level not in RECORD_LEVEL_MODES:
         problems.append(f"privacy.record_level={settings.record_level!r}: use off or pooled")
-    if not 0 < settings.record_epsilon <= 100:
-        problems.append("privacy.record_epsilon must be in (0, 100]")
-    if not 0 < settings.record_clip_norm <= 1000:
-        problems.append("privacy.record_clip_norm must be in (0, 1000]")
-    if not 0 < settings.record_sample_rate <= 1:
-        problems.append("privacy.record_sample_rate must be in (0, 1]")
+    for key, value, allowed, ok in (
+        ("target_epsilon", settings.target_epsilon, "(0, 100]", 0 < settings.target_epsilon <= 100),
+        ("delta", settings.delta, "(0, 0.01]", 0 < settings.delta <= 0.01),
+        (
+            "planned_rounds",
+            settings.planned_rounds,
+            "1..100000",
+            1 <= settings.planned_rounds <= 100_000,
+        ),
+        (
+            "noise_multiplier",
+            settings.noise_multiplier,
+            "0 (from the target) or (0, 1000]",
+            0 <= settings.noise_multiplier <= 1000,
+        ),
+        ("record_epsilon", settings.record_epsilon, "(0, 100]", 0 < settings.record_epsilon <= 100),
+        (
+            "record_clip_norm",
+            settings.record_clip_norm,
+            "(0, 1000]",
+            0 < settings.record_clip_norm <= 1000,
+        ),
+        (
+            "record_sample_rate",
+            settings.record_sample_rate,
+            "(0, 1]",
+            0 < settings.record_sample_rate <= 1,
+        ),
+    ):
+        if not ok:  # NaN fails every comparison, so it lands here too
+            problems.append(f"privacy.{key}={value!r}: use {allowed}")
     return problems
 
 
