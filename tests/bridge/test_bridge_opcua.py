@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 from asyncua import ua
+from asyncua.client.ua_client import UASocketProtocol
 from asyncua.common.node import Node
 from asyncua.server.server import Server
 from fedgate_bridge.bridge import Bridge
-from fedgate_bridge.config import load_config
-from fedgate_bridge.opcua_source import numeric_value, reading_timestamp
+from fedgate_bridge.config import OpcuaNode, OpcuaSourceConfig, load_config
+from fedgate_bridge.counters import SourceCounters
+from fedgate_bridge.opcua_source import OpcuaReader, numeric_value, reading_timestamp
+from fedgate_bridge.outbox import AsyncOutbox
 
 from tests.bridge.bridge_support import (
     FAST,
@@ -149,6 +152,49 @@ async def test_subscribe_and_poll_modes_publish_and_survive_a_server_restart(
         assert counters.errors >= 2  # MISSING node, lost connection
         assert counters.reads >= 3
     assert sum(len(v) for v in received.values()) == bridge.publisher_counters.acked
+
+
+@pytest.mark.parametrize("mode", ["poll", "subscribe"])
+async def test_a_stop_that_meets_an_answered_request_ends_only_that_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A cancel() of a source's task that lands in the loop turn its request is answered in
+    (as the bridge's stop, or an enclosing group's abort, can): asyncua's wait_for2 raises a
+    CancelledError subclass. The source ends cancelled, and a sibling in the same task group
+    (the publisher, other sources) is not taken down with it. The timing is forced by
+    cancelling from inside the client's answer delivery, against a real server."""
+    port = free_port()
+    answered = UASocketProtocol._call_callback
+    source: list[asyncio.Task[None]] = []
+    counters = SourceCounters(name=f"ua-{mode}", kind="opcua")
+
+    def call_callback(protocol: UASocketProtocol, request_id: int, body: object) -> None:
+        answered(protocol, request_id, body)  # type: ignore[arg-type]
+        ready = counters.reads >= 3 if mode == "poll" else counters.connected
+        if source and ready and not source[0].done() and source[0].cancelling() == 0:
+            source[0].cancel()
+
+    monkeypatch.setattr(UASocketProtocol, "_call_callback", call_callback)
+    outbox = await AsyncOutbox.open(tmp_path / "outbox.db", max_messages=1000, policy="drop_oldest")
+    config = OpcuaSourceConfig(
+        name=f"ua-{mode}",
+        endpoint=f"opc.tcp://127.0.0.1:{port}/",
+        mode=mode,
+        poll_interval_s=0.1,
+        nodes=(OpcuaNode(tag="XMEAS_1", node_id="ns=2;s=XMEAS_1"),),
+    )
+    reader = OpcuaReader(
+        config=config, topic_prefix="plant/test", outbox=outbox, counters=counters, backoff=FAST
+    )
+    try:
+        async with opcua_server(port), asyncio.timeout(30), asyncio.TaskGroup() as group:
+            source.append(group.create_task(reader.run(), name=f"source ua-{mode}"))
+            sibling = group.create_task(asyncio.sleep(1.0, result="publisher still running"))
+    finally:
+        await outbox.aclose()
+    assert source[0].cancelled()
+    assert sibling.result() == "publisher still running"
+    assert counters.connected is False
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,29 @@ async def test_finish_then_cancel_ends_the_work_before_the_cancellation_goes_thr
     # Not cancelled: the work's result comes back.
     release.set()
     assert await finish_then_cancel(store_and_count()) == 2
+
+
+class _CancelledWithResult(asyncio.CancelledError):
+    """Like wait_for2's CancelledWithResultError, which asyncua raises when a cancellation
+    meets a request that has just been answered."""
+
+
+async def test_a_cancelled_error_subclass_out_of_the_body_is_a_cancellation() -> None:
+    """Python 3.11's TaskGroup takes only CancelledError itself for a cancellation; a
+    subclass out of the body would come out as a BaseExceptionGroup, an error that ends
+    every enclosing group. Out of BackgroundTasks it is a cancellation: the task ends
+    cancelled, its background tasks stopped, and a sibling in an enclosing group lives on."""
+    inner: list[asyncio.Task[None]] = []
+
+    async def body() -> None:
+        async with BackgroundTasks() as tasks:
+            inner.append(tasks.create_task(asyncio.sleep(3600)))
+            await asyncio.sleep(0)
+            raise _CancelledWithResult("answered", False)
+
+    async with asyncio.TaskGroup() as group:
+        source = group.create_task(body())
+        sibling = group.create_task(asyncio.sleep(0.05, result="still here"))
+    assert source.cancelled()
+    assert inner[0].cancelled()
+    assert sibling.result() == "still here"

@@ -114,6 +114,19 @@ class BackgroundTasks:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if (
+            exc is not None
+            and type(exc) is not asyncio.CancelledError
+            and (isinstance(exc, asyncio.CancelledError))
+        ):
+            # A subclass (wait_for2's CancelledWithResultError: asyncua raises it when a
+            # cancellation meets a request that has just finished). Python 3.11's TaskGroup
+            # knows a cancellation only as ``type is CancelledError`` and would wrap this one
+            # in a BaseExceptionGroup: an error, which ends every enclosing group (a bridge
+            # whose source was being stopped lost its publisher and other sources).
+            cancelled = asyncio.CancelledError(*exc.args)
+            cancelled.__cause__ = exc
+            exc_type, exc = asyncio.CancelledError, cancelled
         try:
             await cancel_until_done(self._tasks)
         finally:
