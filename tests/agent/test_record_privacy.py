@@ -355,7 +355,11 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     assert data["accountant"] == ACCOUNTANTS["pld"]
     assert [r["accountant"] for r in data["rounds"]] == [ACCOUNTANTS["pld"]] * 2
     assert data["sampling"] == "poisson"
+    assert data["budget_left"] == pytest.approx(data["budget_epsilon"] - data["spent_epsilon"])
+    assert data["state"] == "budget exhausted"  # status.json: it refuses rounds now
+    assert data["warnings"] == []
     text = _privacy_command(tmp_path, config)
+    assert "the agent refuses further rounds (budget exhausted)" in text.output
     assert text.exit_code == 0, text.output
     steps = steps_per_round(200, 16, 2)
     assert ledger.sized_for is not None

@@ -572,6 +572,22 @@ def privacy(config_path: Path, as_json: bool) -> None:
     # the ledger has no entry for them, and their updates no record-level guarantee.
     trained = recorded.rounds_trained
     without_dp = trained - len(ledger.entries) if ledger.entries else 0
+    fewest = min((e.num_samples for e in ledger.entries), default=0)
+    warnings = []
+    if cfg.reproducible_noise:
+        warnings.append(SEEDED_DP_WARNING)
+    if fewest and settings.delta >= 1 / fewest:
+        warnings.append(
+            f"δ {settings.delta:g} is not below 1/n for this site's {fewest} windows: a "
+            "mechanism that publishes one random window in the clear meets it; choose δ well "
+            "below 1/n"
+        )
+    if without_dp > 0:
+        warnings.append(
+            f"{without_dp} round(s) trained without record-level DP ({trained} trained, "
+            f"{len(ledger.entries)} in the ledger): those updates have no record-level "
+            "guarantee, whatever ε says"
+        )
     data = {
         "record_level": settings.record_level,
         "record_noise": settings.record_noise,
@@ -584,6 +600,11 @@ def privacy(config_path: Path, as_json: bool) -> None:
         "spent_epsilon": spent,
         "spent_epsilon_recorded": ledger.epsilon_total,
         "spent_epsilon_own_share_only": own_share,
+        "budget_left": settings.target_epsilon - spent,
+        # What the agent last recorded (status.json): "on", "budget exhausted" (it refuses
+        # rounds), or "off".
+        "state": recorded.privacy,
+        "warnings": warnings,
         "clip_norm": settings.max_grad_norm,
         "noise_multiplier": ledger.noise_multiplier,
         "planned_rounds": settings.planned_rounds,
@@ -629,10 +650,16 @@ def privacy(config_path: Path, as_json: bool) -> None:
     if cfg.reproducible_noise:
         click.echo(f"warning          {SEEDED_DP_WARNING}")
     click.echo(f"accountant       {accountant}, {SAMPLING} sampling")
+    over = " rounds" if settings.record_noise != "pooled" else " rounds (not used: pooled)"
     click.echo(
         f"budget           ε {settings.target_epsilon} at δ {settings.delta} over "
-        f"{settings.planned_rounds} rounds; spent ε {spent:.4f}"
+        f"{settings.planned_rounds}{over}; spent ε {spent:.4f}"
         + (" (over budget)" if spent > settings.target_epsilon else "")
+        + (
+            "; the agent refuses further rounds (budget exhausted)"
+            if recorded.privacy == "budget exhausted"
+            else ""
+        )
     )
     if own_share is not None:
         click.echo(
@@ -640,19 +667,9 @@ def privacy(config_path: Path, as_json: bool) -> None:
             f"colluded with the coordinator: ε {own_share:.4f} (this agent's own noise "
             "share alone; privacy.md 3.7)"
         )
-    fewest = min((e.num_samples for e in ledger.entries), default=0)
-    if fewest and settings.delta >= 1 / fewest:
-        click.echo(
-            f"warning          δ {settings.delta:g} is not below 1/n for this site's {fewest} "
-            "windows: a mechanism that publishes one random window in the clear meets it; "
-            "choose δ well below 1/n"
-        )
-    if without_dp > 0:
-        click.echo(
-            f"warning          {without_dp} round(s) trained without record-level DP "
-            f"({trained} trained, {len(ledger.entries)} in the ledger): those updates have "
-            "no record-level guarantee, whatever ε says"
-        )
+    for warning in warnings:
+        if warning != SEEDED_DP_WARNING:  # shown at the top
+            click.echo(f"warning          {warning}")
     if recounted:
         click.echo(
             "                 (the rounds below were counted at another δ or by another "
