@@ -1234,7 +1234,8 @@ def _echo_pooled(config: CoordinatorConfig, sigma: float | None, pooled: dict[st
             f"record level      pooled in each secure sum (privacy.md 3.7): σ {sigma:.4f} per "
             f"window, sized for ε {settings.record_epsilon:g} at δ {settings.delta:g} over "
             f"{settings.planned_rounds} rounds at sampling rate {settings.record_sample_rate:g}, "
-            f"clip {settings.record_clip_norm:g}; each agent counts its own ε (below)"
+            f"clip {settings.record_clip_norm:g}; each agent counts its own ε as well "
+            "(fedgate-agent privacy)"
         )
     spent, left = pooled["epsilon_spent"], pooled["budget_left"]
     if spent is not None:
@@ -1347,7 +1348,12 @@ def _echo_site_level(
 ) -> None:
     settings = config.privacy
     if not settings.enabled and not ledger:
-        click.echo(SITE_LEVEL_OFF)
+        click.echo(
+            "site-level DP is off: no site-level guarantee; record-level ε with the noise "
+            "pooled is counted below, and by each agent: fedgate-agent privacy"
+            if settings.pooled
+            else SITE_LEVEL_OFF
+        )
         return
     spent = summary["epsilon_spent"]
     left = summary["budget_left"]
