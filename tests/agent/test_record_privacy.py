@@ -346,6 +346,11 @@ def test_budget_is_refused_after_a_restart_and_the_ledger_survives(tmp_path: Pat
     status = _status_command(tmp_path, raised)
     assert "of 2.0 spent" in status
     assert "agent.toml says 3.0: restart to apply" in status
+    # δ changed in agent.toml: ε is counted at the new δ, and the line says the running
+    # agent still checks with its own.
+    moved = msgspec.structs.replace(config, privacy=msgspec.structs.replace(privacy, delta=1e-6))
+    status = _status_command(tmp_path, moved)
+    assert "(δ 1e-06; agent.toml says δ 1e-06 (it runs with 1e-05): restart to apply)" in status
 
     shown = _privacy_command(tmp_path, config, "--json")
     assert shown.exit_code == 0, shown.output

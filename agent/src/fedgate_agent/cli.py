@@ -959,12 +959,13 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo(f"traffic    up {state.bytes_up} B, down {state.bytes_down} B")
     if state.privacy != "off":
         # The budget the agent runs with (status.json); agent.toml's applies at the next start.
-        pending = (
-            f"; agent.toml says {cfg.privacy.target_epsilon}: restart to apply"
-            if state.privacy_budget is not None
-            and cfg.privacy.target_epsilon != state.privacy_budget
-            else ""
-        )
+        changed = []
+        if state.privacy_budget is not None and cfg.privacy.target_epsilon != state.privacy_budget:
+            changed.append(str(cfg.privacy.target_epsilon))
+        if state.privacy_delta is not None and cfg.privacy.delta != state.privacy_delta:
+            # ε above is counted at agent.toml's δ already; the running agent checks its own
+            changed.append(f"δ {cfg.privacy.delta:g} (it runs with {state.privacy_delta:g})")
+        pending = f"; agent.toml says {', '.join(changed)}: restart to apply" if changed else ""
         click.echo(
             f"privacy    record-level DP {state.privacy}: ε {data['privacy_epsilon'] or 0:.4f} "
             f"of {state.privacy_budget} spent (δ {data['privacy_delta']}{pending})"
