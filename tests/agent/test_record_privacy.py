@@ -475,7 +475,10 @@ def test_switching_the_accountant_recounts_the_whole_history(tmp_path: Path) -> 
     assert data["spent_epsilon"] == pytest.approx(at_new_delta)
     assert data["spent_epsilon_recorded"] == pytest.approx(ledger.epsilon_total)
     status = _status_command(tmp_path, tighter)
-    assert f"record-level DP on: ε {at_new_delta:.4f} of 3.0 spent (δ 1e-09)" in status
+    assert (
+        f"record-level DP on: ε {at_new_delta:.4f} of 3.0 spent (δ 1e-09; agent.toml says "
+        "δ 1e-09 (it runs with 1e-05): restart to apply)"
+    ) in status
 
 
 def test_privacy_warns_when_a_training_seed_makes_the_noise_reproducible(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from fedgate_common.secagg.site_dp import (
     pooled_sum_noise_multiplier,
     record_noise_multiplier,
     round_rho,
-    without_colluders,
+    surviving_share,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -226,30 +226,28 @@ def test_noise_too_small_to_square_counts_as_none_instead_of_failing(
 
 
 def test_colluders_withholding_shares_leave_the_square_root_of_the_honest_share() -> None:
-    """Shares sized for 4 inputs: 1 colluder leaves √(3/4) of the noise (and of the count's),
-    4 or more leave none; the pooled σ per window follows and is 0 without noise."""
-    params = EncodingParams(
-        word_bits=32,
-        clip_norm=CLIP,
-        weight_cap=1,
-        max_inputs=8,
-        noise_multiplier=2.0,
-        count_noise=1.0,
-        min_inputs=4,
-    )
-    assert without_colluders(params, 0) is params
-    one = without_colluders(params, 1)
-    assert one.noise_multiplier == pytest.approx(2.0 * math.sqrt(3 / 4))
-    assert one.count_noise == pytest.approx(math.sqrt(3 / 4))
-    assert (one.min_inputs, one.clip_norm) == (4, CLIP)
-    assert without_colluders(params, 4).noise_multiplier == 0.0
-    assert without_colluders(params, 9).noise_multiplier == 0.0
-
+    """Shares sized for 4 inputs: 1 colluder leaves √(3/4) of the noise, 4 or more leave
+    none, and the pooled σ per window scales by exactly that: every input was encoded at the
+    announced noise (its level), so withholding shares never makes the sum's σ larger, also
+    with 16-bit words and a large z, where the level depends on z most."""
+    assert surviving_share(4, 0) == 1.0
+    assert surviving_share(4, 1) == pytest.approx(math.sqrt(3 / 4))
+    assert surviving_share(4, 4) == surviving_share(4, 9) == 0.0
     bound = 0.01
-    full = pooled_sum_noise_multiplier(params, DIMENSION, bound)
-    assert full == record_noise_multiplier(params, DIMENSION, bound) > 0
-    fewer = pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=1)
-    assert fewer == pytest.approx(full * math.sqrt(3 / 4), rel=1e-3)
-    assert pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=4) == 0.0
-    silent = msgspec.structs.replace(params, noise_multiplier=0.0, count_noise=0.0)
+    for word_bits, z in ((32, 2.0), (16, 5.0), (16, 50.0)):
+        params = EncodingParams(
+            word_bits=word_bits,
+            clip_norm=CLIP,
+            weight_cap=1,
+            max_inputs=8,
+            noise_multiplier=z,
+            min_inputs=4,
+        )
+        full = pooled_sum_noise_multiplier(params, DIMENSION, bound)
+        assert full == record_noise_multiplier(params, DIMENSION, bound) > 0
+        fewer = pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=1)
+        assert fewer == pytest.approx(full * math.sqrt(3 / 4))
+        assert fewer < full
+        assert pooled_sum_noise_multiplier(params, DIMENSION, bound, colluders=4) == 0.0
+    silent = msgspec.structs.replace(params, noise_multiplier=0.0)
     assert pooled_sum_noise_multiplier(silent, DIMENSION, bound) == 0.0

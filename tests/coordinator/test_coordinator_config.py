@@ -107,3 +107,14 @@ def test_privacy_mistakes_in_coordinator_toml_name_the_key_and_the_fix(
     assert result.exit_code == ExitCode.CONFIG, result.output
     assert fragment in result.output
     assert "$." not in result.output
+
+
+def test_a_misspelt_table_gets_the_closest_known_one(tmp_path: Path) -> None:
+    write_config(tmp_path, BASE)
+    path = tmp_path / "coordinator.toml"
+    raw = tomllib.loads(path.read_text())
+    raw["secgg"] = raw.pop("secagg")
+    path.write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(main, ["--state-dir", str(tmp_path), "status"])
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert "unknown key 'secgg'; did you mean 'secagg'? (keys in the top level:" in result.output

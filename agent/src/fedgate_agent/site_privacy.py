@@ -27,7 +27,7 @@ import msgspec
 from fedgate_common.messages import SecAggParams
 from fedgate_common.model_spec import ModelSpec, parameter_count
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import effective_noise_multiplier, without_colluders
+from fedgate_common.secagg.site_dp import effective_noise_multiplier, surviving_share
 
 from fedgate_agent.errors import SiteBudgetExhausted
 from fedgate_agent.record_privacy import Accountant, RoundSpend, accountant_name, epsilon
@@ -74,12 +74,13 @@ class SiteLedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 def effective_multiplier(params: SecAggParams, dimension: int, colluders: int) -> float:
     """The Gaussian-equivalent multiplier of a round, as the coordinator computes it, with
-    the shares of ``colluders`` left out; a number that cannot be computed counts as no
-    noise."""
+    the shares of ``colluders`` left out (both noises, the update's and the count's, keep
+    :func:`surviving_share` of their std, so the multiplier does too); a number that cannot
+    be computed counts as no noise."""
+    noise = params.noise
+    kept = surviving_share(noise.min_inputs if noise else 1, colluders)
     try:
-        return effective_noise_multiplier(
-            without_colluders(encoding_params(params), colluders), dimension
-        )
+        return kept * effective_noise_multiplier(encoding_params(params), dimension)
     except (ArithmeticError, ValueError):
         return 0.0
 

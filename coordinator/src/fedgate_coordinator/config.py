@@ -231,7 +231,9 @@ def load_config(state_dir: Path) -> CoordinatorConfig:
     return config
 
 
-_UNKNOWN_KEY = re.compile(r"Object contains unknown field `(?P<name>[^`]*)` - at `\$(?P<at>[^`]*)`")
+_UNKNOWN_KEY = re.compile(
+    r"Object contains unknown field `(?P<name>[^`]*)`(?: - at `\$(?P<at>[^`]*)`)?"
+)
 _WRONG_TYPE = re.compile(r"Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)` - at `\$(?P<at>[^`]*)`")
 _TYPE_WORDS = {"float": "a number", "int": "a whole number", "str": "a quoted string"}
 # Keys of the agent's [privacy] an operator may copy here, and the coordinator's own.
@@ -258,7 +260,7 @@ def explain_shape_error(message: str, raw: Mapping[str, Any]) -> str:
     key with the closest known one, a value of the wrong type with the value."""
     unknown = _UNKNOWN_KEY.fullmatch(message)
     if unknown is not None:
-        parts = [p for p in unknown["at"].split(".") if p]
+        parts = [p for p in (unknown["at"] or "").split(".") if p]
         name = unknown["name"]
         key = ".".join([*parts, name])
         struct = _struct_at(parts)

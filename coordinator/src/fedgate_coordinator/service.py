@@ -662,14 +662,19 @@ class CoordinatorService:
         start_topic = self._round_topic(number, "start")
         closed = False
         try:
-            announced = round_start(
-                round=number,
-                base_digest=head.digest,
-                selected=selected,
-                settings=self.config.rounds,
-                secagg=params,
+            start = self._seal(
+                round_start(
+                    round=number,
+                    base_digest=head.digest,
+                    selected=selected,
+                    settings=self.config.rounds,
+                    secagg=params,
+                )
             )
-            start = self._seal(announced)
+            # The start as the agents decode it, for the digest their keys name: a value
+            # built here as an int where the struct says float would hash differently.
+            announced = decode_payload(open_envelope(start))
+            assert isinstance(announced, RoundStart)
             await self.link.publish(start_topic, start, retain=True)
             log_event(
                 log,

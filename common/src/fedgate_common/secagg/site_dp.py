@@ -27,8 +27,6 @@ from __future__ import annotations
 import math
 import sys
 
-import msgspec
-
 from fedgate_common.messages import TrainingPlan
 from fedgate_common.secagg.distributed_noise import sum_of_shares_tau
 from fedgate_common.secagg.encoding import EncodingParams
@@ -129,25 +127,20 @@ def pooled_sum_noise_multiplier(
     an agent counts (``secagg.assumed_colluders``; its own share alone at ``min_inputs`` − 1)."""
     if params.noise_multiplier <= 0:
         return 0.0
-    return record_noise_multiplier(without_colluders(params, colluders), dimension, record_bound)
-
-
-def without_colluders(params: EncodingParams, colluders: int) -> EncodingParams:
-    """``params`` with the noise that survives ``colluders`` withholding their shares.
-
-    The shares are sized so that ``min_inputs`` of them add up to the announced noise; with
-    c of the survivors colluding, at least ``min_inputs − c`` honest shares remain, so the
-    noise (and the count's) is at least √((min_inputs − c) / min_inputs) of the announced
-    (none at all when c ≥ min_inputs).
-    """
-    if colluders <= 0:
-        return params
-    kept = math.sqrt(max(params.min_inputs - colluders, 0) / max(params.min_inputs, 1))
-    return msgspec.structs.replace(
-        params,
-        noise_multiplier=params.noise_multiplier * kept,
-        count_noise=params.count_noise * kept,
+    return surviving_share(params.min_inputs, colluders) * record_noise_multiplier(
+        params, dimension, record_bound
     )
+
+
+def surviving_share(min_inputs: int, colluders: int) -> float:
+    """The part of a round's noise (its standard deviation) that ``colluders`` withholding
+    their shares leave: the shares are sized so that ``min_inputs`` of them add up to the
+    announced noise, so at least ``min_inputs − c`` honest ones remain, √((m − c) / m) of
+    it (none when c ≥ m). Multipliers scale by it; the encoding (its level and scale) does
+    not change, since every input was encoded at the announced noise."""
+    if colluders <= 0:
+        return 1.0
+    return math.sqrt(max(min_inputs - colluders, 0) / max(min_inputs, 1))
 
 
 def effective_noise_multiplier(params: EncodingParams, dimension: int) -> float:
