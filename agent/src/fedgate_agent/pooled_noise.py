@@ -26,12 +26,7 @@ from collections.abc import Sequence
 import msgspec
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import (
-    ROUNDING_SLACK,
-    float32_rounding_bound,
-    pooled_sum_noise_multiplier,
-    record_bound,
-)
+from fedgate_common.secagg.site_dp import pooled_sum_noise_multiplier, record_bound
 
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.record_privacy import PooledSource, RoundSpend, sample_rate
@@ -88,12 +83,10 @@ def pooled_round(
     max_grad_norm: float,
     dimension: int,
     assumed_colluders: int,
-    weights_norm: float,
 ) -> PooledRound:
     """The record-level cost of a pooled round; :class:`PlanRejected` when the round
     cannot carry it (no secure sum with noise, more than one local epoch, adaptive
-    clipping's count word, a step so small against ``weights_norm`` (the base model's L2
-    norm) that float32 rounding could pass the bound's slack, or noise too small to count)."""
+    clipping's count word, or noise too small to count)."""
     if params is None or params.noise is None:
         raise PlanRejected(
             "privacy.record_noise = pooled needs secure rounds with distributed noise "
@@ -109,17 +102,6 @@ def pooled_round(
         raise PlanRejected(
             "privacy.record_noise = pooled refuses adaptive clipping's within-clip count: "
             "one window can flip it"
-        )
-    step = plan.learning_rate * max_grad_norm / plan.batch_size
-    rounding = float32_rounding_bound(
-        plan, max_grad_norm, weights_norm=weights_norm, windows=windows, dimension=dimension
-    )
-    if not rounding <= ROUNDING_SLACK * step:
-        raise PlanRejected(
-            f"privacy.record_noise = pooled: one window moves this step by η·C/B = {step:.3g}, "
-            f"and float32 rounding of weights of norm {weights_norm:.3g} can move it by up to "
-            f"{rounding:.3g}, more than the {ROUNDING_SLACK:.0%} the noise is sized for; the "
-            "plan's learning rate is too small for these weights"
         )
     bound = record_bound(plan, max_grad_norm)
     sums = _sum_noise_multiplier(params, dimension, bound, assumed_colluders)

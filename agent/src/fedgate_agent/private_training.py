@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from fedgate_common.messages import TrainingPlan
 from opacus import GradSampleModule
@@ -48,6 +49,10 @@ class PrivateTrainResult:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    # With ``one_step``: the step −η·g (g the clipped gradients' sum over B), per state-dict
+    # name, in float64, computed from the gradient rather than as (stepped − base) weights,
+    # whose float32 rounding depends on the weights (privacy.md §3.7). None otherwise.
+    step: dict[str, npt.NDArray[np.float64]] | None = None
 
 
 class CsprngPoissonSampler(UniformWithReplacementSampler):  # type: ignore[misc]
@@ -196,6 +201,7 @@ def train_locally_private(
     was_training = model.training
     private_model.train()
     steps, loss_sum, seen = 0, 0.0, 0
+    step: dict[str, npt.NDArray[np.float64]] | None = None
     with warnings.catch_warnings():
         # Opacus's per-window gradient hooks sit on every layer, so torch warns on each
         # process's first backward that the first layer's input needs no gradient. It is
@@ -214,6 +220,8 @@ def train_locally_private(
                     loss = loss_fn(private_model(x), y)
                     loss.backward()
                     optimizer.step()
+                    if one_step:  # the first SGD step moves each weight by −η·grad exactly
+                        step = _exact_step(model, plan.learning_rate)
                     if len(y):
                         loss_sum += float(loss.detach()) * len(y)
                         seen += len(y)
@@ -229,4 +237,23 @@ def train_locally_private(
         noise_multiplier=noise_multiplier,
         sample_rate=rate,
         steps=steps,
+        step=step,
     )
+
+
+def _exact_step(model: nn.Module, learning_rate: float) -> dict[str, npt.NDArray[np.float64]]:
+    """−η·grad of every state-dict entry (0 for buffers and frozen weights), in float64.
+
+    After the first step of a fresh SGD optimizer (no weight decay; momentum's buffer starts
+    as the gradient, so it changes nothing yet) the weights moved by exactly this, before
+    float32 rounded them."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    step = {}
+    for name, tensor in model.state_dict().items():
+        grad = grads.get(name)
+        step[name] = (
+            np.zeros(tuple(tensor.shape), dtype=np.float64)
+            if grad is None
+            else grad.detach().cpu().numpy().astype(np.float64) * -learning_rate
+        )
+    return step

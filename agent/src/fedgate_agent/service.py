@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import msgspec
@@ -147,15 +147,6 @@ def round_seed(seed: int | None, round: int) -> int | None:
     seeded agent is reproducible yet does not replay the same batches (and, with DP, the
     same noise) every round. ``None`` (production) stays ``None``: fresh OS randomness."""
     return None if seed is None else (seed * 1_000_003 + round) % 2**63
-
-
-def weights_norm(model: GlobalModel) -> float:
-    """The L2 norm of a model's weights, as float32 holds them (what a pooled step rounds)."""
-    squares = (
-        float(np.sum(np.square(np.asarray(a, dtype=np.float32), dtype=np.float64)))
-        for a in decode_arrays(model.weights).values()
-    )
-    return math.sqrt(math.fsum(squares))
 
 
 class AgentService:
@@ -397,7 +388,6 @@ class AgentService:
                 max_grad_norm=settings.max_grad_norm,
                 dimension=parameter_count(work.model.spec),
                 assumed_colluders=self.config.secagg.assumed_colluders,
-                weights_norm=weights_norm(work.model),
             ).spend(work.start.round)
             return self._within_budget(settings, ledger, spend)
         rate = sample_rate(len(dataset), plan.batch_size)
@@ -728,10 +718,16 @@ class AgentService:
             )
             report = self._record_spend(spend, private)
             result = private.result
+            exact = private.step
         else:
             result = train_locally(net, self._local_dataset(model_msg), work.start.plan, seed=seed)
+            exact = None
         trained = weights_of(net)
-        delta = {name: trained[name] - base[name] for name in base}
+        # Pooled noise: the step itself, not (stepped − base) weights, whose float32 rounding
+        # depends on the weights and would move the update by more than one window may.
+        delta: dict[str, npt.NDArray[np.floating[Any]]] = (
+            dict(exact) if exact is not None else {n: trained[n] - base[n] for n in base}
+        )
         if not math.isfinite(result.mean_loss) or not all(
             np.isfinite(d).all() for d in delta.values()
         ):
@@ -778,8 +774,9 @@ class AgentService:
             if self.secure is None or self.secure.round != number:
                 self._save_status("idle")
                 return  # the round was left (refusal or its end) while training
+            # float64 as it came (the pooled step), float32 otherwise: encoding starts from it
             delta = {
-                name: np.asarray(value, dtype=np.float32)
+                name: np.asarray(value, dtype=np.float64)
                 for name, value in decode_arrays(update.delta).items()
             }
             self._masked_update = (

@@ -69,8 +69,8 @@ def round_rho(params: EncodingParams, dimension: int) -> float:
     return rho if math.isfinite(rho) else math.inf
 
 
-# The share of a pooled step's bound set aside for float32 rounding (record_bound): agents
-# refuse a step whose rounding could move the update by more (float32_rounding_bound).
+# The share of a pooled step's bound set aside for float32 rounding of the clipped
+# gradients' sum (record_bound); the step itself is computed exactly (privacy.md §3.7).
 ROUNDING_SLACK = 0.01
 
 
@@ -78,21 +78,8 @@ def record_bound(plan: TrainingPlan, clip_norm: float) -> float:
     """How far one record moves the update of a pooled step (one SGD step of the plan's
     learning rate η over the clipped gradients' sum divided by its batch size B, each clipped
     to ``clip_norm`` C): η·C/B, plus :data:`ROUNDING_SLACK` of it for the float32 rounding
-    of the stepped weights and of the update. Agents and coordinators size and count pooled
-    noise by it."""
+    of the gradients' sum. Agents and coordinators size and count pooled noise by it."""
     return plan.learning_rate * clip_norm / plan.batch_size * (1 + ROUNDING_SLACK)
-
-
-def float32_rounding_bound(
-    plan: TrainingPlan, clip_norm: float, *, weights_norm: float, windows: int, dimension: int
-) -> float:
-    """How far, in L2, float32 rounding can make the updates of two neighbouring datasets
-    differ beyond η·C/B: the stepped weights w − u and the update are each rounded to half
-    an ulp, and an ulp of x is at most 2⁻²³·|x| (2⁻¹⁴⁹ below the normal range), with
-    ‖u‖ ≤ η·C·n/B over n windows. Twice that, for the two datasets:
-    2⁻²²·(‖w‖ + η·C·n/B) + √d·2⁻¹⁴⁸."""
-    step = plan.learning_rate * clip_norm * windows / plan.batch_size
-    return 2.0**-22 * (weights_norm + step) + math.sqrt(dimension) * 2.0**-148
 
 
 def record_sensitivity(params: EncodingParams, dimension: int, record_bound: float) -> float:
