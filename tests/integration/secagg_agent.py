@@ -36,7 +36,8 @@ from fedgate_common.topics import (
 @dataclass
 class SimulatedAgent:
     """Answers every stage of each round it is selected for. ``drop_after_shares``: the
-    gateway loses power after sending its shares. ``flood_from_round``: from that round on,
+    gateway loses power after sending its shares; ``drop_after_masked``: after sending its
+    masked input. ``flood_from_round``: from that round on,
     after each protocol message it sends ``flood_factor`` more on the same topic (replays of
     that message and junk bytes, alternately), from a second connection."""
 
@@ -49,6 +50,7 @@ class SimulatedAgent:
     host: str = "127.0.0.1"
     port: int = 1883
     drop_after_shares: bool = False
+    drop_after_masked: bool = False
     flood_from_round: int | None = None
     flood_factor: int = 0
     encoded: Words | None = None
@@ -135,6 +137,8 @@ class SimulatedAgent:
             self.participant.on_delivery(payload)
             assert self.encoded is not None
             await self.send(client, self.participant.mask_input(self.encoded))
+            if self.drop_after_masked:
+                return False
         elif isinstance(payload, SurvivorCheck):
             await self.send(client, self.participant.on_check(payload))
         elif isinstance(payload, UnmaskRequest):

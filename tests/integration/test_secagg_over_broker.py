@@ -326,3 +326,55 @@ async def test_pooled_record_level_rounds_are_booked_and_stop_at_the_budget(
         assert booked[0].epsilon_round == pytest.approx(booked[0].epsilon_total)
         assert all(e.target_epsilon == 3.0 for e in booked)
         assert all(e.clip_norm == 1.0 for e in booked)
+
+
+async def test_a_pooled_round_that_aborts_after_masked_inputs_is_booked_as_the_agents_count_it(
+    tmp_path: Path,
+) -> None:
+    """Six agents, four needed; three lose power right after sending their masked inputs, so
+    round 1 aborts before anything is unmasked. Its agents counted it when their inputs left
+    (they cannot know the sum was never released), so the coordinator books it too, with the
+    six inputs that arrived: its count stops when theirs does. Round 2 aborts at the keys
+    stage (three agents left): no input left anyone, nothing is booked."""
+    deployment = f"pooled-abort-{secrets.token_hex(4)}"
+    config = CoordinatorConfig(
+        deployment=deployment,
+        cloud=CLOUD,
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        broker=BROKER,
+        rounds=RoundSettings(
+            min_participants=4, update_timeout_s=4.0, local_epochs=1, batch_size=100
+        ),
+        secagg=SecAggSettings(stage_timeout_s=4.0, weight_cap=500, clip_norm=1.0, word_bits=32),
+        privacy=SitePrivacySettings(
+            record_level="pooled", record_epsilon=3.0, record_sample_rate=0.5, planned_rounds=4
+        ),
+        model=SPEC,
+    )
+    assert validate(config) == []
+    rng = np.random.default_rng(17)
+    agents = _agents(deployment, [rng.normal(0, 0.02, parameter_count(SPEC)) for _ in range(6)])
+    for agent in agents[:3]:
+        agent.drop_after_masked = True
+    store = Store.open(config.database_url)
+    for agent in agents:
+        store.enroll_agent(agent.agent_id, public_key_text(agent.key.verify_key))
+    try:
+        readiness = [asyncio.Event() for _ in agents]
+        tasks = [asyncio.create_task(a.run(r)) for a, r in zip(agents, readiness, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readiness)), 20)
+        service = CoordinatorService(config=config, store=store, **one_cloud(config, tmp_path))
+        summary = await asyncio.wait_for(service.run(max_rounds=2), 120)
+        assert (summary.rounds_completed, summary.rounds_aborted) == (0, 2)
+        assert [agent.sent.count("masked") for agent in agents] == [1] * 6
+        booked = store.privacy_ledger(unit=POOLED_UNIT)
+        assert [(e.round, e.inputs) for e in booked] == [(1, 6)]
+        assert booked[0].epsilon_total == pytest.approx(
+            pooled_epsilon(config.privacy, [booked[0].effective_noise_multiplier])
+        )
+        assert booked[0].effective_noise_multiplier >= pooled_record_sigma(3.0, 1e-5, 0.5, 4)
+        await cancel_until_done(tasks)
+    finally:
+        async with aiomqtt.Client(BROKER.host, BROKER.port) as client:
+            await client.publish(model_topic(deployment, CLOUD), b"", qos=1, retain=True)
+        store.close()
