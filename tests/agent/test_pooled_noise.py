@@ -344,3 +344,48 @@ def test_the_pooled_update_is_the_step_itself_whatever_the_weights() -> None:
     doubled, _ = pooled(2 * plan.learning_rate)
     for name in step:
         assert np.array_equal(doubled[name], 2 * step[name])
+
+
+def test_a_pooled_round_is_booked_when_its_masked_input_leaves_not_after_training(
+    tmp_path: Path,
+) -> None:
+    """With pooled noise the update carries no noise of its own, so training books nothing:
+    a round that ends before the masked input leaves (at the keys or shares stage) released
+    nothing of this site's windows. The spend waits for _send_masked, which books it before
+    the input is published (and fails closed without it)."""
+    from fedgate_agent.config import PrivacyConfig
+    from fedgate_agent.round_logic import TrainForRound
+    from fedgate_common.messages import RoundStart
+
+    from tests.agent.test_record_privacy import _model, _private_agent
+
+    config = _private_agent(
+        tmp_path, PrivacyConfig(record_level="on", record_noise="pooled"), windows=140
+    )
+    service = AgentService(config=config, identity=nacl.signing.SigningKey.generate())
+    model = _model()
+    work = TrainForRound(
+        RoundStart(
+            round=1,
+            base_digest=model.digest,
+            selected=("gw-1", "gw-2", "gw-3"),
+            plan=PLAN,
+            update_timeout_s=60.0,
+            min_participants=2,
+            secagg=_params(),
+        ),
+        model,
+        b"certificate",
+    )
+    service._pending_spend = service._privacy_spend(work)
+    assert service._pending_spend is not None
+    update = service._train(work)
+    assert update.record_privacy is None  # no report yet: nothing is booked
+    assert read_ledger(config.state_path).entries == []
+    assert service._unbooked is not None
+    spend, trained = service._unbooked
+    assert (spend.round, trained.steps) == (1, 1)
+    # What _send_masked does before publishing: book it, and the report goes with it.
+    report = service._record_spend(spend, trained)
+    assert report is not None
+    assert [e.spend.round for e in read_ledger(config.state_path).entries] == [1]

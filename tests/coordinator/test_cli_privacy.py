@@ -642,7 +642,7 @@ def test_privacy_shows_the_coordinators_count_of_pooled_noise(
     spent = pooled_epsilon(settings, [sigma, sigma])
     assert 1.5 < spent < 3.0  # half the planned rounds: about half the budget, not more
     assert (
-        f"ε spent           {spent:.4f} of 3 by this coordinator's count (2 rounds released; "
+        f"ε spent           {spent:.4f} of 3 by this coordinator's count (2 rounds booked; "
         f"a site in every one), budget left {3.0 - spent:.4f}"
     ) in pooled.splitlines()
     header, rows = _table(pooled)
@@ -662,7 +662,7 @@ def test_privacy_shows_the_coordinators_count_of_pooled_noise(
     assert status.exit_code == 0, status.output
     assert (
         f"           record-level, noise pooled: ε {spent:.4f} of 3 by this coordinator's "
-        "count (2 rounds released)"
+        "count (2 rounds booked)"
     ) in status.output.splitlines()
     summary = json.loads(coordinator.run("status", "--json").stdout)["pooled_privacy"]
     assert summary["epsilon_spent"] == pytest.approx(spent)

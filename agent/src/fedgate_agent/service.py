@@ -189,6 +189,9 @@ class AgentService:
         self._masked_update: (
             tuple[npt.NDArray[np.float64], int, RecordPrivacyReport | None] | None
         ) = None
+        # Pooled noise: the round's record-level spend, booked when its masked input leaves
+        # (_send_masked) rather than after training; set by _train (a worker thread).
+        self._unbooked: tuple[RoundSpend, PrivateTrainResult] | None = None
         self._training: asyncio.Task[None] | None = None
         self._stopping_cleanly = False
         # privacy.json is read, checked and rewritten in worker threads: one at a time.
@@ -659,6 +662,7 @@ class AgentService:
             return
         self._masked_update = None  # taken: a second caller while this one books finds none
         flat, num_samples, report = pending
+        unbooked, self._unbooked = self._unbooked, None
         work = self._secure_work
         try:
             # Masked first: a round whose masks cannot be made (a peer's unusable key) is
@@ -667,6 +671,12 @@ class AgentService:
             if work is None or work.start.round != participant.round:
                 # Fail closed: a masked input leaves only after its round is booked.
                 raise LedgerUnwritable(f"round {participant.round} has no start to book it by")
+            if self._pooled:
+                if unbooked is None or unbooked[0].round != participant.round:
+                    raise LedgerUnwritable(
+                        f"round {participant.round}: its pooled record-level spend is missing"
+                    )
+                report = await asyncio.to_thread(self._record_spend, *unbooked)
             await asyncio.to_thread(self._book_site_round, work)
         except FedgateError as exc:  # past the budget after all, the ledger is gone, or no mask
             self.secure = None
@@ -716,7 +726,13 @@ class AgentService:
                 seed=seed,
                 one_step=self._pooled,
             )
-            report = self._record_spend(spend, private)
+            if self._pooled:
+                # Booked when the masked input leaves (_send_masked): the update carries no
+                # noise of its own, and a round that ends before (keys or shares stage)
+                # released nothing of it. Local noise is booked now, before the update exists.
+                self._unbooked = (spend, private)
+            else:
+                report = self._record_spend(spend, private)
             result = private.result
             exact = private.step
         else:

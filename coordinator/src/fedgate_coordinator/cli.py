@@ -973,7 +973,7 @@ def status(obj: Context, as_json: bool) -> None:
         click.echo(
             f"           record-level, noise pooled: ε {pooled['epsilon_spent']:.4f} of "
             f"{pooled['target_epsilon']:g} by this coordinator's count "
-            f"({pooled['rounds_recorded']} rounds released)"
+            f"({pooled['rounds_recorded']} rounds booked)"
         )
     consensus = data["consensus"]
     click.echo(f"federation {consensus['tolerance']}")
@@ -1173,7 +1173,8 @@ def privacy(obj: Context, as_json: bool) -> None:
     numbers; each agent's own ledger is `fedgate-agent privacy`.
 
     Record level with the noise pooled in the secure sums ([privacy] record_level =
-    "pooled"): the σ per window each released round carried and ε of a window of a site
+    "pooled"): the σ per window each booked round carried (released, or aborted after
+    masked inputs arrived) and ε of a window of a site
     that took part in every one, as this coordinator counts it; serve stops scheduling
     when the next round would pass record_epsilon.
 
@@ -1241,7 +1242,7 @@ def _echo_pooled(config: CoordinatorConfig, sigma: float | None, pooled: dict[st
     if spent is not None:
         click.echo(
             f"ε spent           {spent:.4f} of {pooled['target_epsilon']:g} by this "
-            f"coordinator's count ({pooled['rounds_recorded']} rounds released; a site in "
+            f"coordinator's count ({pooled['rounds_recorded']} rounds booked; a site in "
             f"every one), budget left {left:.4f}" + (" (over budget)" if left < 0 else "")
         )
     rows: list[PrivacyLedgerEntry] = pooled["rows"]
