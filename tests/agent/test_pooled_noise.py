@@ -141,6 +141,7 @@ def test_an_agent_counts_the_sum_and_its_own_share() -> None:
         ("two epochs", "one step a round"),
         ("count word", "within-clip count"),
         ("tiny noise", "too little to count"),
+        ("huge batch", "at most 10000 windows a step"),
     ],
 )
 def test_rounds_that_cannot_carry_pooled_noise_are_refused(change: str, message: str) -> None:
@@ -156,6 +157,8 @@ def test_rounds_that_cannot_carry_pooled_noise_are_refused(change: str, message:
         plan = msgspec.structs.replace(PLAN, local_epochs=2)
     elif change == "count word":
         params = msgspec.structs.replace(announced, count_within_clip=True)
+    elif change == "huge batch":
+        plan = msgspec.structs.replace(PLAN, batch_size=10_001)
     else:
         noise = msgspec.structs.replace(announced.noise, noise_multiplier=1e-9)
         params = msgspec.structs.replace(announced, noise=noise)

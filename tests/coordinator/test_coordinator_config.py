@@ -15,6 +15,8 @@ from fedgate_coordinator.cli import ExitCode, main
 from fedgate_coordinator.config import CoordinatorConfig, validate, write_config
 from fedgate_coordinator.mqtt_link import MqttSettings
 from fedgate_coordinator.rounds import RoundSettings
+from fedgate_coordinator.secure_rounds import SecAggSettings
+from fedgate_coordinator.site_privacy import SitePrivacySettings
 
 BASE = CoordinatorConfig(deployment="plant-a", cloud="cloud-1", database_url="sqlite:///c.db")
 
@@ -118,3 +120,24 @@ def test_a_misspelt_table_gets_the_closest_known_one(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--state-dir", str(tmp_path), "status"])
     assert result.exit_code == ExitCode.CONFIG, result.output
     assert "unknown key 'secgg'; did you mean 'secagg'? (keys in the top level:" in result.output
+
+
+def test_pooled_noise_takes_at_most_ten_thousand_windows_a_step() -> None:
+    """The 1 % slack for the float32 sum of clipped gradients holds to about 12,000 windows
+    a step: a pooled plan asking for more is a configuration problem (the agents refuse it
+    too, privacy.md 3.7)."""
+    pooled = msgspec.structs.replace(
+        BASE,
+        privacy=SitePrivacySettings(record_level="pooled"),
+        secagg=SecAggSettings(word_bits=32),
+        rounds=RoundSettings(local_epochs=1, batch_size=10_000),
+    )
+    assert validate(pooled) == []
+    larger = msgspec.structs.replace(
+        pooled, rounds=RoundSettings(local_epochs=1, batch_size=10_001)
+    )
+    assert validate(larger) == [
+        "rounds.batch_size=10001: privacy.record_level=pooled takes at most 10000 windows a "
+        "step (the agents refuse more: the float32 sum of the clipped gradients could round "
+        "by more than the noise allows for)"
+    ]

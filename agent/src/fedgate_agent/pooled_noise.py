@@ -26,7 +26,11 @@ from collections.abc import Sequence
 import msgspec
 from fedgate_common.messages import SecAggParams, TrainingPlan
 from fedgate_common.secagg.participant import encoding_params
-from fedgate_common.secagg.site_dp import pooled_sum_noise_multiplier, record_bound
+from fedgate_common.secagg.site_dp import (
+    MAX_POOLED_BATCH,
+    pooled_sum_noise_multiplier,
+    record_bound,
+)
 
 from fedgate_agent.errors import PlanRejected
 from fedgate_agent.record_privacy import PooledSource, RoundSpend, sample_rate
@@ -97,6 +101,12 @@ def pooled_round(
         raise PlanRejected(
             f"privacy.record_noise = pooled takes one step a round; the plan asks for "
             f"{plan.local_epochs} local epochs"
+        )
+    if plan.batch_size > MAX_POOLED_BATCH:
+        raise PlanRejected(
+            f"privacy.record_noise = pooled takes at most {MAX_POOLED_BATCH} windows a step "
+            f"(the float32 sum of more clipped gradients can round by more than the 1 % the "
+            f"noise is sized for); the plan asks for {plan.batch_size}"
         )
     if params.count_within_clip:
         raise PlanRejected(

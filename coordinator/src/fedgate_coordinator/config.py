@@ -19,6 +19,7 @@ from fedgate_common.hosts import host_problem
 from fedgate_common.identifiers import validate_identifier
 from fedgate_common.model_spec import DEFAULT_MODEL, ModelSpec
 from fedgate_common.mqtt_tls import client_tls_context
+from fedgate_common.secagg.site_dp import MAX_POOLED_BATCH
 from fedgate_common.service_units import SettingPath, load_credentials_into
 from fedgate_common.topics import FEDERATION
 
@@ -172,6 +173,12 @@ def _pooled_problems(config: CoordinatorConfig) -> list[str]:
     if config.rounds.local_epochs != 1:
         problems.append(
             "privacy.record_level=pooled takes one step a round: set rounds.local_epochs = 1"
+        )
+    if config.rounds.batch_size > MAX_POOLED_BATCH:
+        problems.append(
+            f"rounds.batch_size={config.rounds.batch_size}: privacy.record_level=pooled takes "
+            f"at most {MAX_POOLED_BATCH} windows a step (the agents refuse more: the float32 "
+            "sum of the clipped gradients could round by more than the noise allows for)"
         )
     return problems
 

@@ -72,6 +72,9 @@ def round_rho(params: EncodingParams, dimension: int) -> float:
 # The share of a pooled step's bound set aside for float32 rounding of the clipped
 # gradients' sum (record_bound); the step itself is computed exactly (privacy.md §3.7).
 ROUNDING_SLACK = 0.01
+# The largest batch a pooled step may have: the sum's rounding, about 2⁻²⁴·log₂B of a sum
+# of up to B·C, stays below the slack's C/100 up to about 12,000 windows.
+MAX_POOLED_BATCH = 10_000
 
 
 def record_bound(plan: TrainingPlan, clip_norm: float) -> float:
