@@ -842,14 +842,10 @@ class CoordinatorService:
         )
 
     def _record_release(self, number: int, params: SecAggParams, outcome: Unmasked) -> None:
-        """Book a released sum: its clip-norm measurement and its privacy cost."""
+        """Book a released sum: its privacy cost, then its clip-norm measurement (which the
+        next round's clip follows: never from a sum whose cost is not booked)."""
         inputs = len(outcome.survivors)
         within = outcome.decoded.within_clip
-        self.store.set_round_clip(
-            number,
-            clip_norm=params.clip_norm,
-            within_clip=None if within is None else within / max(inputs, 1),
-        )
         noise = params.noise
         dimension = outcome.decoded.weighted_sum.size
         if noise is not None and self.config.privacy.enabled:
@@ -858,6 +854,11 @@ class CoordinatorService:
         # a round counts as unrecorded at site level, as one without noise.
         if noise is not None and self.config.privacy.pooled:
             self._record_pooled_release(number, params, inputs, dimension)
+        self.store.set_round_clip(
+            number,
+            clip_norm=params.clip_norm,
+            within_clip=None if within is None else within / max(inputs, 1),
+        )
 
     def _record_site_release(
         self, number: int, params: SecAggParams, inputs: int, dimension: int
@@ -969,6 +970,10 @@ class CoordinatorService:
                     "secure round failed",
                     **self._fields(round=number, stage=stage, error=str(exc)),
                 )
+            if isinstance(produced, Unmasked):
+                # The coordinator has seen the sum: booked before anything else is written
+                # or sent; a ledger that cannot take it stops serve (outside the try above).
+                self._record_release(number, params, produced)
             sent = 0
             if isinstance(produced, Unmasked | Aborted):
                 outcome = produced
@@ -1026,7 +1031,6 @@ class CoordinatorService:
             return RoundAborted(
                 round=number, reason=f"{reason} (stage {where})", contributions=contributions
             )
-        self._record_release(number, params, outcome)  # the coordinator has seen the sum
         bound = input_bound_violation(outcome, params)
         if bound:
             return RoundAborted(round=number, reason=bound, contributions=contributions)
