@@ -738,11 +738,12 @@ class AgentService:
         else:
             result = train_locally(net, self._local_dataset(model_msg), work.start.plan, seed=seed)
             exact = None
-        trained = weights_of(net)
         # Pooled noise: the step itself, not (stepped − base) weights, whose float32 rounding
         # depends on the weights and would move the update by more than one window may.
         delta: dict[str, npt.NDArray[np.floating[Any]]] = (
-            dict(exact) if exact is not None else {n: trained[n] - base[n] for n in base}
+            dict(exact)
+            if exact is not None
+            else {name: value - base[name] for name, value in weights_of(net).items()}
         )
         if not math.isfinite(result.mean_loss) or not all(
             np.isfinite(d).all() for d in delta.values()

@@ -114,11 +114,7 @@ class BackgroundTasks:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if (
-            exc is not None
-            and type(exc) is not asyncio.CancelledError
-            and (isinstance(exc, asyncio.CancelledError))
-        ):
+        if isinstance(exc, asyncio.CancelledError) and type(exc) is not asyncio.CancelledError:
             # A subclass (wait_for2's CancelledWithResultError: asyncua raises it when a
             # cancellation meets a request that has just finished). Python 3.11's TaskGroup
             # knows a cancellation only as ``type is CancelledError`` and would wrap this one

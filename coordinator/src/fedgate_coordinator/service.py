@@ -887,19 +887,11 @@ class CoordinatorService:
             )
         )
 
-    def _record_unreleased_pooled(
-        self, number: int, params: SecAggParams, inputs: int, dimension: int
-    ) -> None:
-        """A pooled round that aborted after masked inputs arrived released nothing, but its
-        agents counted it when their inputs left (they cannot know it was never unmasked):
-        it is booked as they count it, so that this coordinator stops when they do."""
-        if params.noise is not None and self.config.privacy.pooled:
-            self._record_pooled_release(number, params, inputs, dimension)
-
     def _record_pooled_release(
         self, number: int, params: SecAggParams, inputs: int, dimension: int
     ) -> None:
-        """Book what a released pooled round cost one window of a site that took part."""
+        """Book what a pooled round cost one window of a site that took part: one released,
+        or one aborted after masked inputs arrived (its agents booked it)."""
         assert params.noise is not None
         privacy = self.config.privacy
         sigma = pooled_round_sigma(params, dimension, self._record_bound(number))
@@ -1012,8 +1004,12 @@ class CoordinatorService:
             if outcome is not None:
                 break
         masked = aggregator.records.get("masked")
-        if isinstance(outcome, Aborted) and masked is not None and masked.received:
-            self._record_unreleased_pooled(number, params, masked.received, parameter_count(spec))
+        pooled = self.config.privacy.pooled and params.noise is not None
+        if pooled and isinstance(outcome, Aborted) and masked is not None and masked.received:
+            # Nothing was released, but the agents booked the round when their masked
+            # inputs left (they cannot know it was never unmasked): counted as they count
+            # it, so that this coordinator stops when they do.
+            self._record_pooled_release(number, params, masked.received, parameter_count(spec))
         survivors = outcome.survivors if isinstance(outcome, Unmasked) else ()
         self._bytes_down_per_agent = max(down.values(), default=0)
         contributions = tuple(
